@@ -1,0 +1,6 @@
+"""kspike: recurrent spiking neural networks (LIF, ALIF/LSNN) for TensorFlow 2 / Keras 3."""
+__version__ = "0.1.0"
+
+from kspike import dynamics, surrogates
+from kspike.cells import ALIF, LIF, split_outputs
+from kspike.layers import LeakyReadout

@@ -1,0 +1,2 @@
+"""Learning rules: BPTT, e-prop, S-TLLR, STDP, rate-based backpropagation."""
+from kspike.learning.base import LearningRule, RuleResult

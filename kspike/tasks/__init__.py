@@ -1,0 +1,1 @@
+"""Benchmark tasks as tf.data pipelines (nothing is downloaded)."""
