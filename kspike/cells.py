@@ -146,8 +146,16 @@ class _SpikingCell(keras.layers.Layer):
     @property
     def state_dtype(self):
         """dtype of the states: float32 under 16-bit mixed precision, else the compute dtype."""
-        dtype = keras.backend.standardize_dtype(self.compute_dtype)
+        dtype = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
         return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+    @property
+    def compute_dtype(self):
+        """The state dtype: ``keras.layers.RNN`` casts the initial states to the cell's
+        ``compute_dtype`` and its while-loop needs the states to keep one dtype, so under
+        mixed precision the cell reports float32 here. The matmuls and the output still use
+        the policy's 16-bit compute dtype (``dtype_policy.compute_dtype``)."""
+        return self.state_dtype
 
     @property
     def state_names(self):
@@ -182,6 +190,11 @@ class _SpikingCell(keras.layers.Layer):
 
     # ----------------------------------------------------------------- weights
     def build(self, input_shape):
+        if len(input_shape) != 2:
+            # An RNN layer builds its cell with the shape of one step, (batch, features).
+            raise ValueError(f"{type(self).__name__} expects step inputs of shape (batch, "
+                             "features), i.e. sequences of shape (batch, time, features) in "
+                             f"an RNN layer; received step shape {tuple(input_shape)}.")
         input_dim = input_shape[-1]
         if input_dim is None:
             raise ValueError(f"{type(self).__name__} needs a known input feature size, "
@@ -288,10 +301,14 @@ class _SpikingCell(keras.layers.Layer):
         dtype = self.state_dtype
         state = self.pack_state([tf.cast(s, dtype) for s in states])
         x = tf.convert_to_tensor(inputs)
+        if x.shape.rank != 2:
+            raise ValueError(f"{type(self).__name__} expects step inputs of shape (batch, "
+                             f"{self.input_dim}) (sequences (batch, time, {self.input_dim}) "
+                             f"in an RNN layer), received shape {tuple(x.shape)}.")
         if x.shape[-1] is not None and x.shape[-1] != self.input_dim:
             raise ValueError(f"{type(self).__name__} was built for {self.input_dim} input "
                              f"features, received inputs of shape {tuple(x.shape)}.")
-        compute = keras.backend.standardize_dtype(self.compute_dtype)
+        compute = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
         w_in, w_rec, bias = self.effective_kernels(compute)
         current = tf.matmul(tf.cast(x, compute), w_in)
         if w_rec is not None:
