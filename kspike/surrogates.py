@@ -266,10 +266,12 @@ def get(identifier=None, /, **params):
     cls = _REGISTRY[key]
     if name is not None and _REGISTRY.get(str(name).lower()) is not cls:
         raise ValueError(f"Conflicting surrogate names: {identifier!r} and name={name!r}.")
-    try:
-        return cls(**params)
-    except TypeError:
-        allowed = ["dampening", "sharpness"] + (["tail"] if cls is NTail else [])
+    allowed = ["dampening", "sharpness"] + (["tail"] if cls is NTail else [])
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        # Checked here rather than by catching TypeError, so a bad parameter value keeps its
+        # own message.
         raise ValueError(f"Surrogate {cls.name!r} accepts parameters {allowed}, "
-                         f"received {sorted(params)}.") from None
+                         f"received unknown {unknown}.")
+    return cls(**params)
 
