@@ -1,2 +1,3 @@
 """Learning rules: BPTT, e-prop, S-TLLR, STDP, rate-based backpropagation."""
 from kspike.learning.base import LearningRule, RuleResult
+from kspike.learning.stdp import STDP
