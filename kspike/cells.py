@@ -319,7 +319,8 @@ class _SpikingCell(keras.layers.Layer):
         new_state, A = dynamics.neuron_step(current, state, self.parameters(dtype))
         output = new_state.z
         if self.output_mode == "all":
-            A = tf.broadcast_to(tf.cast(A, dtype), tf.shape(new_state.v))
+            # convert_to_tensor, not cast: a Python float thr (LIF) would pass through float32.
+            A = tf.broadcast_to(tf.convert_to_tensor(A, dtype=dtype), tf.shape(new_state.v))
             output = tf.concat([new_state.z, new_state.v, A], axis=-1)
         return tf.cast(output, compute), self.unpack_state(new_state)
 
