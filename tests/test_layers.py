@@ -1,0 +1,96 @@
+"""LeakyReadout and leaky_filter against NumPy (REFERENCE.md section 1, leaky readout)."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import kspike
+from kspike.layers import leaky_filter
+
+
+def numpy_readout(z, w_out, b_out, tau, dt, zhat0=None):
+    """zhat_t = kappa zhat_{t-1} + (1 - kappa) z_t ; y_t = zhat_t W_out + b_out, in float64."""
+    kappa = np.exp(-dt / tau)
+    zhat = np.zeros((z.shape[0], z.shape[2])) if zhat0 is None else zhat0
+    ys = []
+    for t in range(z.shape[1]):
+        zhat = kappa * zhat + (1 - kappa) * z[:, t]
+        ys.append(zhat @ w_out + (0 if b_out is None else b_out))
+    return np.stack(ys, 1)
+
+
+def _readout(units, tau, dt=1.0, use_bias=True, n_in=4):
+    layer = kspike.LeakyReadout(units, tau=tau, dt=dt, use_bias=use_bias,
+                                bias_initializer=keras.initializers.RandomNormal(seed=1), seed=2)
+    layer.build((None, None, n_in))
+    return layer
+
+
+@pytest.mark.parametrize("steps", [1, 300, 2048, 2500])
+def test_matches_numpy(steps):
+    # steps <= 2048 use the (T, T) Toeplitz matmul, longer sequences the scan.
+    rng = np.random.default_rng(steps)
+    n_in = 6 if steps <= 300 else 2
+    z = (rng.uniform(size=(2, steps, n_in)) < 0.2).astype("float32")
+    layer = _readout(3, tau=15.0, dt=0.7, n_in=n_in)
+    y = layer(z).numpy()
+    assert y.shape == (2, steps, 3)
+    want = numpy_readout(z, layer.kernel.numpy().astype(np.float64),
+                         layer.bias.numpy().astype(np.float64), 15.0, 0.7)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float64_exact_and_no_bias():
+    keras.config.set_dtype_policy("float64")
+    rng = np.random.default_rng(1)
+    z = rng.uniform(size=(3, 50, 4))
+    layer = _readout(2, tau=5.0, use_bias=False)
+    assert layer.bias is None
+    want = numpy_readout(z, layer.kernel.numpy(), None, 5.0, 1.0)
+    np.testing.assert_allclose(layer(z).numpy(), want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("steps", [40, 2100])
+def test_leaky_filter_initial_state(steps):
+    keras.config.set_dtype_policy("float64")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, steps, 3))
+    initial = rng.normal(size=(2, 3))
+    kappa = 0.9
+    want = numpy_readout(x, np.eye(3), None, -1.0 / np.log(kappa), 1.0, zhat0=initial)
+    got = leaky_filter(tf.constant(x), kappa, initial=tf.constant(initial)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_step_equals_sequence_call():
+    rng = np.random.default_rng(3)
+    z = (rng.uniform(size=(2, 30, 4)) < 0.3).astype("float32")
+    layer = _readout(5, tau=8.0)
+    y = layer(z).numpy()
+    zhat = tf.zeros((2, 5))
+    for t in range(30):
+        y_t, zhat = layer.step(tf.constant(z[:, t]), zhat)
+        np.testing.assert_allclose(y_t.numpy(), y[:, t], rtol=1e-5, atol=1e-6)
+
+
+def test_config_round_trip_and_keras_file(tmp_path):
+    layer = kspike.LeakyReadout(3, tau=12.0, dt=0.5, use_bias=False, seed=4,
+                                kernel_regularizer="l2")
+    rebuilt = kspike.LeakyReadout.from_config(layer.get_config())
+    assert rebuilt.get_config() == layer.get_config()
+    assert rebuilt.kappa == pytest.approx(np.exp(-0.5 / 12.0), rel=1e-15)
+    model = keras.Sequential([keras.Input((10, 4)), layer])
+    path = tmp_path / "readout.keras"
+    model.save(path)
+    z = np.random.default_rng(5).uniform(size=(2, 10, 4)).astype("float32")
+    np.testing.assert_array_equal(keras.saving.load_model(path)(z).numpy(), model(z).numpy())
+
+
+def test_bad_arguments_and_inputs():
+    for kwargs, name in [(dict(units=0), "units"), (dict(units=1, tau=0.0), "tau"),
+                         (dict(units=1, tau=float("nan")), "tau"),
+                         (dict(units=1, dt=-1.0), "dt"), (dict(units=2.5), "units")]:
+        with pytest.raises(ValueError, match=name):
+            kspike.LeakyReadout(**kwargs)
+    with pytest.raises(ValueError, match=r"\(batch, time, features\)"):
+        kspike.LeakyReadout(2)(np.zeros((3, 4), "float32"))
