@@ -1,3 +1,4 @@
 """Learning rules: BPTT, e-prop, S-TLLR, STDP, rate-based backpropagation."""
 from kspike.learning.base import LearningRule, RuleResult
 from kspike.learning.stdp import STDP
+from kspike.learning.ratebp import RateBP
