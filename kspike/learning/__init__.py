@@ -1,4 +1,5 @@
 """Learning rules: BPTT, e-prop, S-TLLR, STDP, rate-based backpropagation."""
 from kspike.learning.base import LearningRule, RuleResult
+from kspike.learning.bptt import BPTT
 from kspike.learning.stdp import STDP
 from kspike.learning.ratebp import RateBP

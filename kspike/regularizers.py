@@ -1,0 +1,440 @@
+"""Activity regularisers of spiking layers, and the probe that records their activity.
+
+Two pieces live here:
+
+* ``record_activity(model, x)`` runs ``model`` once and returns its predictions together with the
+  spike sequences (and, for cells built with ``output="all"``, the membrane potentials and
+  thresholds) of every kspike spiking layer of the model, all from the SAME forward pass. It is
+  the one mechanism the Trainer, the learning rules (BPTT, e-prop, S-TLLR) and ``model.fit``
+  regularisation use to see inside a model.
+* ``FiringRateRegularizer`` (LSNN form) and ``VoltageRegularizer``: callables on the list of
+  ``LayerActivity`` records that ``record_activity`` returns. In ``model.fit`` they act through
+  ``with_regularization(model, regularizers)``, which adds their terms with ``add_loss``.
+
+A spiking layer is a ``keras.layers.RNN`` or ``kspike.SpikingRNN`` (anything with a ``.cell``)
+whose ``.cell`` is a ``kspike.LIF`` or ``kspike.ALIF``. The probe works on functional and
+``Sequential`` models (it reads the layers' outputs from the model's graph); the spiking layers
+must sit at the top level of the model and return whole sequences (``return_sequences=True``).
+"""
+import weakref
+from typing import List, NamedTuple, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["LayerActivity", "spiking_layers", "activity_probe", "record_activity",
+           "FiringRateRegularizer", "VoltageRegularizer", "ActivityPenalty",
+           "with_regularization", "mean_firing_rates", "total_penalty"]
+
+
+class LayerActivity(NamedTuple):
+    """What one spiking layer did during a forward pass.
+
+    Attributes:
+        name: the layer's name.
+        spikes: z, (B, T, n) float32 tensor of 0/1, or None when the layer returns only its last
+            step (``return_sequences=False``).
+        voltage: v, (B, T, n) float32, or None unless the cell has ``output="all"``.
+        threshold: A (adaptive threshold), (B, T, n) float32, or None unless ``output="all"``.
+        dt: the cell's time step in ms.
+        layer: the Keras layer itself.
+    """
+    name: str
+    spikes: Optional[tf.Tensor]
+    voltage: Optional[tf.Tensor]
+    threshold: Optional[tf.Tensor]
+    dt: float
+    layer: object
+
+
+def _is_spiking_layer(layer):
+    from kspike.cells import _SpikingCell
+    return isinstance(getattr(layer, "cell", None), _SpikingCell)
+
+
+def spiking_layers(model):
+    """The top-level kspike spiking layers of ``model``, in graph order.
+
+    Raises:
+        ValueError: if a spiking layer is nested inside a sub-model (its outputs are not in
+            ``model``'s graph, so no probe can read them in the same forward pass).
+    """
+    layers = [layer for layer in getattr(model, "layers", []) if _is_spiking_layer(layer)]
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.Model):
+            nested = [sub.name for sub in layer._flatten_layers(include_self=False)
+                      if _is_spiking_layer(sub)]
+            if nested:
+                raise ValueError(
+                    f"Spiking layers {nested} sit inside the nested model '{layer.name}' of "
+                    f"'{model.name}'. kspike reads spike sequences from the top-level graph: "
+                    "build one functional model over all layers (e.g. call the nested model's "
+                    "layers directly).")
+    return layers
+
+
+class _Probe:
+    """A functional model sharing ``model``'s layers that also outputs the spiking layers'
+    sequences. Holds the per-layer facts needed to turn raw outputs into LayerActivity."""
+
+    def __init__(self, model):
+        self.layers = spiking_layers(model)
+        if not self.layers:
+            self.model = None
+            return
+        inputs = getattr(model, "inputs", None)
+        if not inputs:
+            raise ValueError(
+                f"Cannot record the spikes of model '{model.name}' ({type(model).__name__}): "
+                "kspike needs a functional or Sequential model with a known input "
+                "(build it from keras.Input(...)).")
+        outputs = getattr(model, "_outputs_struct", None)
+        if outputs is None:
+            outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+        records = []
+        for layer in self.layers:
+            try:
+                out = layer.output
+            except (AttributeError, ValueError) as error:
+                raise ValueError(
+                    f"Cannot read the output of spiking layer '{layer.name}' of model "
+                    f"'{model.name}': it must be called exactly once in the model's graph "
+                    f"({error}).") from None
+            if isinstance(out, (list, tuple)):  # return_state=True: [sequence, *states]
+                out = out[0]
+            records.append(out)
+        self.sequences = [len(r.shape) == 3 for r in records]
+        self.modes = [layer.cell.output_mode for layer in self.layers]
+        inputs = inputs[0] if len(inputs) == 1 else inputs
+        self.inputs, self.outputs, self.records = inputs, outputs, records
+        self.model = keras.Model(inputs, [outputs, records], name=f"{model.name}_activity_probe")
+
+    def activities(self, records):
+        result = []
+        for layer, raw, sequence, mode in zip(self.layers, records, self.sequences, self.modes):
+            spikes = voltage = threshold = None
+            if sequence:
+                raw = tf.cast(raw, tf.float32)
+                if mode == "all":
+                    units = layer.cell.units
+                    spikes = raw[..., :units]
+                    voltage = raw[..., units:2 * units]
+                    threshold = raw[..., 2 * units:]
+                else:
+                    spikes = raw
+            result.append(LayerActivity(layer.name, spikes, voltage, threshold,
+                                        float(layer.cell.dt), layer))
+        return result
+
+
+_PROBES = weakref.WeakKeyDictionary()
+
+
+def activity_probe(model):
+    """The (cached) probe of ``model``; build it outside ``tf.function`` when possible."""
+    probe = _PROBES.get(model)
+    if probe is None:
+        probe = _Probe(model)
+        _PROBES[model] = probe
+    return probe
+
+
+def record_activity(model, x, training=None):
+    """Run ``model`` on ``x`` once; return its predictions and every spiking layer's activity.
+
+    Args:
+        model: a functional or Sequential Keras model whose spiking layers are top-level.
+        x: model inputs, e.g. (B, T, n_in).
+        training: forwarded to the layers.
+
+    Returns:
+        (predictions, activities): the model's output (as ``model(x)`` returns it) and a list of
+        ``LayerActivity``, one per spiking layer in graph order (empty for a model without
+        spiking layers, which then runs as ``model(x)``).
+
+    Example:
+
+    >>> y, activity = kspike.regularizers.record_activity(model, x)
+    >>> rates_hz = [1000 * tf.reduce_mean(a.spikes) / a.dt for a in activity]
+    """
+    probe = activity_probe(model)
+    if probe.model is None:
+        return model(x, training=training), []
+    predictions, records = probe.model(x, training=training)
+    return predictions, probe.activities(records)
+
+
+def mean_firing_rates(activities):
+    """{layer name: mean firing rate in Hz} (float32 scalars) of the layers with spike
+    sequences: 1000 * mean(z) / dt with dt in ms."""
+    return {a.name: 1000.0 * tf.reduce_mean(a.spikes) / a.dt
+            for a in activities if a.spikes is not None}
+
+
+def _select(activities, names, what, field):
+    chosen = [a for a in activities if names is None or a.name in names]
+    if names is not None:
+        missing = sorted(set(names) - {a.name for a in activities})
+        if missing:
+            raise ValueError(f"{what}: `layers` names {missing} are not spiking layers of the "
+                             f"model (found {[a.name for a in activities]}).")
+    for a in chosen:
+        if getattr(a, field) is None:
+            if field == "spikes":
+                hint = "build it with return_sequences=True"
+            else:
+                hint = "build its cell with output='all' (split with kspike.split_outputs)"
+            raise ValueError(f"{what} needs the {field} sequence of layer '{a.name}': {hint}.")
+    return chosen
+
+
+def _check_number(name, value, positive=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number, received {value!r} of type "
+                        f"{type(value).__name__}.")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, received {value!r}.")
+    return value
+
+
+def _check_layers(layers):
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not layers or not all(isinstance(n, str) for n in layers):
+        raise TypeError(f"`layers` must be None or a list of layer names, received {layers!r}.")
+    return layers
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class FiringRateRegularizer:
+    """Firing-rate regulariser in the LSNN form.
+
+    For each spiking layer with neurons j::
+
+        rate_j  = mean over batch and time of z_j(t) / dt        (spikes per ms; dt of the cell)
+        penalty = strength * sum_j (rate_j - target) ** 2
+
+    summed over the selected layers. With dt = 1 ms, ``target=0.01`` is 10 Hz (LSNN's
+    ``reg_rate / 1000``).
+
+    Contract (what it receives): a list of ``LayerActivity`` from ``record_activity``; it reads
+    ``spikes`` (B, T, n) and ``dt`` of each layer. A learning rule that does not backpropagate
+    through time (e-prop) uses the same quantities through ``spike_gradient``: the partial
+    derivative of the penalty with respect to every spike, 2 strength (rate_j - target) / (B T dt).
+
+    Args:
+        target: desired mean rate per neuron in spikes per ms (kHz; 0.01 = 10 Hz), >= 0.
+        strength: weight of the penalty, >= 0.
+        layers: None for every spiking layer, or a list of layer names.
+
+    Example:
+
+    >>> reg = kspike.FiringRateRegularizer(target=0.01, strength=0.1)
+    >>> trainer = kspike.Trainer(model, "adam", loss, regularizers=[reg])
+    >>> fit_model = kspike.regularizers.with_regularization(model, [reg])   # for model.fit
+    """
+
+    def __init__(self, target=0.01, strength=0.1, layers=None):
+        self.target = _check_number("target", target)
+        self.strength = _check_number("strength", strength)
+        self.layers = _check_layers(layers)
+
+    def layer_penalty(self, spikes, dt):
+        """Penalty of one layer: spikes (B, T, n), dt in ms -> float32 scalar."""
+        rate = tf.reduce_mean(tf.cast(spikes, tf.float32), axis=(0, 1)) / float(dt)
+        return self.strength * tf.reduce_sum(tf.square(rate - self.target))
+
+    def spike_gradient(self, spikes, dt):
+        """d penalty / d z_j(b, t) = 2 strength (rate_j - target) / (B T dt), shape (B, T, n)."""
+        spikes = tf.cast(spikes, tf.float32)
+        count = tf.cast(tf.shape(spikes)[0] * tf.shape(spikes)[1], tf.float32)
+        rate = tf.reduce_mean(spikes, axis=(0, 1)) / float(dt)
+        grad = 2.0 * self.strength * (rate - self.target) / (count * float(dt))
+        return tf.broadcast_to(grad, tf.shape(spikes))
+
+    def __call__(self, activities):
+        """List of ``LayerActivity`` -> float32 scalar penalty."""
+        chosen = _select(activities, self.layers, "FiringRateRegularizer", "spikes")
+        return tf.add_n([tf.constant(0.0)] + [self.layer_penalty(a.spikes, a.dt)
+                                              for a in chosen])
+
+    def get_config(self):
+        return {"target": self.target, "strength": self.strength, "layers": self.layers}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return (f"kspike.FiringRateRegularizer(target={self.target}, strength={self.strength}, "
+                f"layers={self.layers})")
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class VoltageRegularizer:
+    """Keeps membrane potentials in a band around the threshold.
+
+    With u = (v - A) / A, the normalised distance to the (adaptive) threshold that the spike
+    function sees (spike when u > 0; a reset brings u down by about 1)::
+
+        penalty = strength * sum_layers mean_{b,t} sum_j [relu(u - upper)^2 + relu(lower - u)^2]
+
+    It discourages silent neurons far below threshold (u < lower) and runaway depolarisation
+    (u > upper) without touching neurons working in the band.
+
+    Contract (what it receives): a list of ``LayerActivity``; it reads ``voltage`` and
+    ``threshold`` (B, T, n), so the spiking layers must have cells built with
+    ``output="all"``. ``voltage_gradient`` gives the partial derivative of the penalty with
+    respect to v at fixed A, for rules that do not backpropagate through time.
+
+    Args:
+        strength: weight of the penalty, >= 0.
+        lower: lower edge of the band in units of the threshold (u), default -1.
+        upper: upper edge of the band (u), default 1; must be > lower.
+        layers: None for every spiking layer, or a list of layer names.
+    """
+
+    def __init__(self, strength=1e-3, lower=-1.0, upper=1.0, layers=None):
+        self.strength = _check_number("strength", strength)
+        for name, value in (("lower", lower), ("upper", upper)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                                 np.floating)):
+                raise TypeError(f"`{name}` must be a number, received {value!r}.")
+        if not float(lower) < float(upper):
+            raise ValueError(f"`lower` must be < `upper`, received lower={lower!r}, "
+                             f"upper={upper!r}.")
+        self.lower = float(lower)
+        self.upper = float(upper)
+        self.layers = _check_layers(layers)
+
+    def _normalised(self, voltage, threshold):
+        voltage = tf.cast(voltage, tf.float32)
+        threshold = tf.cast(threshold, tf.float32)
+        return (voltage - threshold) / threshold
+
+    def layer_penalty(self, voltage, threshold):
+        """Penalty of one layer: voltage and threshold (B, T, n) -> float32 scalar."""
+        u = self._normalised(voltage, threshold)
+        excess = tf.square(tf.nn.relu(u - self.upper)) + tf.square(tf.nn.relu(self.lower - u))
+        return self.strength * tf.reduce_mean(tf.reduce_sum(excess, axis=-1))
+
+    def voltage_gradient(self, voltage, threshold):
+        """d penalty / d v at fixed A, shape (B, T, n)."""
+        u = self._normalised(voltage, threshold)
+        count = tf.cast(tf.shape(u)[0] * tf.shape(u)[1], tf.float32)
+        du = 2.0 * tf.nn.relu(u - self.upper) - 2.0 * tf.nn.relu(self.lower - u)
+        return self.strength * du / (count * tf.cast(threshold, tf.float32))
+
+    def __call__(self, activities):
+        """List of ``LayerActivity`` -> float32 scalar penalty."""
+        chosen = _select(activities, self.layers, "VoltageRegularizer", "voltage")
+        return tf.add_n([tf.constant(0.0)] + [self.layer_penalty(a.voltage, a.threshold)
+                                              for a in chosen])
+
+    def get_config(self):
+        return {"strength": self.strength, "lower": self.lower, "upper": self.upper,
+                "layers": self.layers}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return (f"kspike.VoltageRegularizer(strength={self.strength}, lower={self.lower}, "
+                f"upper={self.upper}, layers={self.layers})")
+
+
+def _check_regularizers(regularizers):
+    if regularizers is None:
+        return []
+    if callable(regularizers) and not isinstance(regularizers, (list, tuple)):
+        regularizers = [regularizers]
+    regularizers = list(regularizers)
+    for reg in regularizers:
+        if not callable(reg):
+            raise TypeError("`regularizers` must be a list of kspike regularisers (callables "
+                            f"on a list of LayerActivity), received {reg!r}.")
+    return regularizers
+
+
+def total_penalty(regularizers, activities):
+    """Sum of every regulariser's term (float32 scalar; 0 without regularisers)."""
+    terms = [tf.cast(reg(activities), tf.float32) for reg in regularizers]
+    return tf.add_n(terms) if terms else tf.constant(0.0)
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class ActivityPenalty(keras.layers.Layer):
+    """Passes a model's outputs through unchanged and ``add_loss``-es activity penalties.
+
+    Built by ``with_regularization``; its inputs are ``[outputs, raw spiking-layer outputs]``.
+    """
+
+    def __init__(self, regularizers=(), layer_specs=(), **kwargs):
+        super().__init__(**kwargs)
+        self.regularizers = _check_regularizers(
+            [keras.saving.deserialize_keras_object(r) if isinstance(r, dict) else r
+             for r in regularizers])
+        # (name, dt, output mode, units, sequence) of each recorded layer.
+        self.layer_specs = [tuple(s) for s in layer_specs]
+
+    def call(self, inputs):
+        outputs, records = inputs
+        activities = []
+        for (name, dt, mode, units, sequence), raw in zip(self.layer_specs, records):
+            spikes = voltage = threshold = None
+            if sequence:
+                raw = tf.cast(raw, tf.float32)
+                if mode == "all":
+                    spikes, voltage = raw[..., :units], raw[..., units:2 * units]
+                    threshold = raw[..., 2 * units:]
+                else:
+                    spikes = raw
+            activities.append(LayerActivity(name, spikes, voltage, threshold, dt, None))
+        self.add_loss(total_penalty(self.regularizers, activities))
+        return outputs
+
+    def get_config(self):
+        return {**super().get_config(),
+                "regularizers": [keras.saving.serialize_keras_object(r)
+                                 for r in self.regularizers],
+                "layer_specs": [list(s) for s in self.layer_specs]}
+
+
+def with_regularization(model, regularizers):
+    """A model for ``model.fit`` that adds the regularisers' terms to the loss.
+
+    The returned functional model shares every layer and weight with ``model`` and returns the
+    same outputs; during its forward pass an ``ActivityPenalty`` layer receives the spiking
+    layers' sequences and calls ``add_loss``, so ``model.fit``/``evaluate`` include the
+    penalty exactly as the Trainer does.
+
+    Args:
+        model: functional or Sequential model whose spiking layers are top-level.
+        regularizers: list of kspike regularisers (``FiringRateRegularizer``, ...).
+
+    Returns:
+        keras.Model to ``compile`` and ``fit``.
+
+    Example:
+
+    >>> fit_model = kspike.regularizers.with_regularization(
+    ...     model, [kspike.FiringRateRegularizer(target=0.01, strength=0.1)])
+    >>> fit_model.compile("adam", "sparse_categorical_crossentropy")
+    >>> fit_model.fit(x, y)            # trains the weights of ``model``
+    """
+    regularizers = _check_regularizers(regularizers)
+    probe = activity_probe(model)
+    if probe.model is None:
+        raise ValueError(f"Model '{model.name}' has no kspike spiking layer to regularise.")
+    specs = [(layer.name, float(layer.cell.dt), layer.cell.output_mode, layer.cell.units, seq)
+             for layer, seq in zip(probe.layers, probe.sequences)]
+    penalised = ActivityPenalty(regularizers, specs, name=f"{model.name}_activity_penalty")(
+        [probe.outputs, probe.records])
+    return keras.Model(probe.inputs, penalised, name=f"{model.name}_regularized")
