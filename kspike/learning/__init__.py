@@ -2,4 +2,5 @@
 from kspike.learning.base import LearningRule, RuleResult
 from kspike.learning.bptt import BPTT
 from kspike.learning.stdp import STDP
+from kspike.learning.eprop import EProp
 from kspike.learning.ratebp import RateBP

@@ -1,0 +1,348 @@
+"""Machinery shared by the rules that run forward in time (e-prop, S-TLLR).
+
+Both rules accept the same model shape: a chain ``Input -> spiking RNN layer(s) -> LeakyReadout``
+(Sequential or functional), where every spiking layer is a ``keras.layers.RNN`` or
+``kspike.SpikingRNN`` over a kspike cell with ``return_sequences=True``. This module parses and
+checks such a model, runs its inference pass in a ``tf.while_loop`` that keeps only the readout
+output (memory independent of T apart from the (B, T, n_out) outputs), turns the user's loss into
+per-step output errors dE/dy_t, and maps gradients of the effective kernels back onto
+``model.trainable_variables``.
+"""
+from typing import List, NamedTuple, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kspike import dynamics
+from kspike.cells import _SpikingCell
+from kspike.layers import LeakyReadout
+
+
+class LayerPlan(NamedTuple):
+    """One spiking layer of a supported chain."""
+    layer: object
+    cell: object
+    n_in: int
+    units: int
+    n_plain: int          # neurons with beta = 0, always the first ones (kspike convention)
+    adaptive: bool        # the cell carries a threshold-adaptation state b
+
+
+class ChainPlan(NamedTuple):
+    """A checked model: spiking layers in order, then the leaky readout."""
+    layers: List[LayerPlan]
+    readout: object
+    dtype: str
+
+
+class LayerWeights(NamedTuple):
+    """Effective weights of one spiking layer as tensors (W_rec and bias may be None)."""
+    input_kernel: tf.Tensor
+    recurrent_kernel: Optional[tf.Tensor]
+    bias: Optional[tf.Tensor]
+    params: object
+
+
+def _is_spiking_layer(layer):
+    return isinstance(getattr(layer, "cell", None), _SpikingCell)
+
+
+SUPPORTED = ("Input -> one or more keras.layers.RNN / kspike.SpikingRNN layers over kspike LIF/ALIF "
+             "cells (return_sequences=True, output='spikes', not stateful, not go_backwards) -> "
+             "kspike.LeakyReadout")
+
+
+def check_chain(model, rule_name):
+    """Return the ``ChainPlan`` of ``model`` or raise ValueError naming what is unsupported."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{rule_name} needs a keras.Model, received {model!r} of type "
+                        f"{type(model).__name__}.")
+    prefix = (f"{rule_name} supports models of the form {SUPPORTED}; it never falls back to "
+              f"BPTT silently.")
+    if not model.built:
+        raise ValueError(f"{prefix} The model {model.name!r} is not built: call it once on a "
+                         "batch or give it a keras.Input.")
+    inputs = getattr(model, "inputs", None)
+    outputs = getattr(model, "outputs", None)
+    if inputs is not None and len(inputs) != 1 or outputs is not None and len(outputs) != 1:
+        raise ValueError(f"{prefix} Model {model.name!r} has {len(inputs)} inputs and "
+                         f"{len(outputs)} outputs; exactly one of each is supported.")
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    if len(layers) < 2:
+        raise ValueError(f"{prefix} Model {model.name!r} has layers "
+                         f"{[l.name for l in layers]}.")
+    if not isinstance(model, keras.Sequential):
+        previous = inputs[0]
+        for layer in layers:
+            nodes = [n for n in layer._inbound_nodes
+                     if any(t is previous for t in n.input_tensors)]
+            if len(layer._inbound_nodes) != 1 or not nodes or len(nodes[0].input_tensors) != 1:
+                raise ValueError(f"{prefix} Layer {layer.name!r} of model {model.name!r} is not "
+                                 "fed by exactly the previous layer of a chain.")
+            previous = layer.output
+    *spiking, readout = layers
+    if not isinstance(readout, LeakyReadout):
+        raise ValueError(f"{prefix} The last layer of model {model.name!r} is {readout.name!r} "
+                         f"({type(readout).__name__}), not a kspike.LeakyReadout.")
+    plans = []
+    dtype = None
+    for layer in spiking:
+        if not _is_spiking_layer(layer):
+            raise ValueError(f"{prefix} Layer {layer.name!r} ({type(layer).__name__}) is not a "
+                             "recurrent layer over a kspike cell.")
+        problems = []
+        if not getattr(layer, "return_sequences", False):
+            problems.append("return_sequences=False")
+        for flag in ("return_state", "stateful", "go_backwards"):
+            if getattr(layer, flag, False):
+                problems.append(f"{flag}=True")
+        cell = layer.cell
+        if cell.output_mode != "spikes":
+            problems.append(f"cell output={cell.output_mode!r}")
+        if problems:
+            raise ValueError(f"{prefix} Layer {layer.name!r} has {', '.join(problems)}.")
+        beta = cell.beta_vector
+        n_plain = int(np.sum(beta == 0.0))
+        if np.any(beta[:n_plain] != 0.0):
+            raise ValueError(f"{prefix} Layer {layer.name!r} must have its non-adaptive neurons "
+                             "first (kspike's n_adaptive convention).")
+        plans.append(LayerPlan(layer=layer, cell=cell, n_in=cell.input_dim, units=cell.units,
+                               n_plain=n_plain, adaptive=bool(cell._adaptive)))
+        dtype = dtype or cell.state_dtype
+    for before, after in zip(plans[:-1], plans[1:]):
+        if after.n_in != before.units:
+            raise ValueError(f"{prefix} Layer {after.layer.name!r} expects {after.n_in} inputs "
+                             f"but follows {before.layer.name!r} with {before.units} units.")
+    return ChainPlan(layers=plans, readout=readout, dtype=dtype)
+
+
+def layer_weights(plan, dtype):
+    """Effective weights (tensors) of every spiking layer; call under the tape that maps
+    gradients back (``variable_gradients``)."""
+    weights = []
+    for layer in plan.layers:
+        w_in, w_rec, bias = layer.cell.effective_kernels(dtype)
+        weights.append(LayerWeights(w_in, w_rec, bias, layer.cell.parameters(dtype)))
+    return weights
+
+
+def readout_weights(plan, dtype):
+    readout = plan.readout
+    kernel = tf.cast(readout.kernel, dtype)
+    bias = None if readout.bias is None else tf.cast(readout.bias, dtype)
+    return kernel, bias
+
+
+def presynaptic(inputs, z_previous, weights):
+    """p_t = [input_t, z_{t-1} (if recurrent), 1 (if bias)], (B, P): the presynaptic factor of
+    dv_t/dW for the stacked kernel [W_in; W_rec; bias] (P, n)."""
+    parts = [inputs]
+    if weights.recurrent_kernel is not None:
+        parts.append(z_previous)
+    if weights.bias is not None:
+        parts.append(tf.ones_like(inputs[:, :1]))
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+
+def presynaptic_size(layer, weights):
+    return (layer.n_in + (layer.units if weights.recurrent_kernel is not None else 0)
+            + (1 if weights.bias is not None else 0))
+
+
+def layer_step(inputs, state, weights):
+    """One kspike step of a layer (kspike.dynamics), returns (new_state, A, allowed)."""
+    allowed = dynamics.refractory_allowed(state.r, weights.params)
+    current = dynamics.input_current(inputs, state.z, weights.input_kernel,
+                                     weights.recurrent_kernel, weights.bias)
+    new_state, A = dynamics.neuron_step(current, state, weights.params)
+    return new_state, A, allowed
+
+
+def initial_states(plan, batch_size):
+    return [layer.cell.pack_state(layer.cell.get_initial_state(batch_size))
+            for layer in plan.layers]
+
+
+def flat_state(plan, states):
+    out = []
+    for layer, state in zip(plan.layers, states):
+        out.extend(layer.cell.unpack_state(state))
+    return out
+
+
+def nested_state(plan, flat):
+    states, i = [], 0
+    for layer in plan.layers:
+        k = len(layer.cell.state_names)
+        states.append(layer.cell.pack_state(list(flat[i:i + k])))
+        i += k
+    return states
+
+
+def time_major(x, dtype):
+    """(B, T, n) -> TensorArray of T (B, n) slices (read per step: faster than indexing)."""
+    x = tf.cast(x, dtype)
+    steps = tf.shape(x)[1]
+    return tf.TensorArray(dtype, size=steps).unstack(tf.transpose(x, (1, 0, 2))), steps
+
+
+def inference_pass(plan, weights, readout, x):
+    """Runs the chain forward, keeping only the readout output and spike counts.
+
+    Returns:
+        (y, counts): y (B, T, n_out) readout sequence; counts, per layer, the number of spikes of
+        each neuron summed over batch and time, (n,).
+    """
+    dtype = plan.dtype
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    xs, steps = time_major(x, dtype)
+    batch = tf.shape(x)[0]
+    states = initial_states(plan, batch)
+    zhat = tf.zeros((batch, plan.layers[-1].units), dtype)
+    counts = [tf.zeros((layer.units,), dtype) for layer in plan.layers]
+    ys = tf.TensorArray(dtype, size=steps)
+
+    def body(t, flat, zhat, counts, ys):
+        states = nested_state(plan, flat)
+        inputs = xs.read(t)
+        new_states, new_counts = [], []
+        for state, w, count in zip(states, weights, counts):
+            state, _, _ = layer_step(inputs, state, w)
+            inputs = state.z
+            new_states.append(state)
+            new_counts.append(count + tf.reduce_sum(inputs, axis=0))
+        zhat = kappa * zhat + (1.0 - kappa) * inputs
+        y = tf.matmul(zhat, kernel)
+        if bias is not None:
+            y = y + bias
+        return t + 1, flat_state(plan, new_states), zhat, new_counts, ys.write(t, y)
+
+    _, _, _, counts, ys = tf.while_loop(
+        lambda t, *_: t < steps, body, (0, flat_state(plan, states), zhat, counts, ys))
+    y = tf.transpose(ys.stack(), (1, 0, 2))
+    return y, counts
+
+
+def output_errors(loss, y_true, y, sample_weight):
+    """(loss value, dE/dy (B, T, n_out)) of ``loss(y_true, y, sample_weight)``."""
+    with tf.GradientTape() as tape:
+        tape.watch(y)
+        if sample_weight is None:
+            value = loss(y_true, y)
+        else:
+            value = loss(y_true, y, sample_weight=sample_weight)
+        value = tf.cast(value, y.dtype)
+    error = tape.gradient(value, y)
+    if error is None:
+        raise ValueError(f"The loss {loss!r} does not depend on the model output: no learning "
+                         "signal can be formed.")
+    return value, error
+
+
+def backward_filter(error, kappa):
+    """Etilde_t = sum_{t' >= t} (1 - kappa) kappa^(t' - t) error_{t'}, (B, T, n) -> (B, T, n).
+
+    The readout filter moved onto the learning signal: sum_t L_t ebar_t = sum_t Ltilde_t e_t."""
+    seq = tf.transpose(error, (1, 0, 2))
+    out = tf.scan(lambda carry, e: kappa * carry + (1.0 - kappa) * e, seq,
+                  initializer=tf.zeros_like(seq[0]), reverse=True)
+    return tf.transpose(out, (1, 0, 2))
+
+
+def regularizer_signals(regularizers, plan, counts, batch, steps, dtype):
+    """Loss terms of firing-rate regularisers and their local learning signals.
+
+    A kspike firing-rate regulariser depends on the spikes only through each neuron's mean over
+    batch and time, so dR/dz_j(t) = (1 / (B T)) dR/d(mean_j), the same for every sample and step.
+
+    Returns:
+        (total regulariser value, list per layer of (n,) signals or None).
+    """
+    total = tf.constant(0.0, dtype)
+    signals = [None] * len(plan.layers)
+    if not regularizers:
+        return total, signals
+    scale = tf.cast(batch * steps, dtype)
+    means = [c / scale for c in counts]
+    for regularizer in regularizers:
+        value, grads = regularizer_value_and_gradient(regularizer, plan, means)
+        total = total + tf.cast(value, dtype)
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            g = tf.cast(g, dtype) / scale
+            signals[i] = g if signals[i] is None else signals[i] + g
+    return total, signals
+
+
+def check_regularizers(regularizers, rule_name):
+    """Only regularisers that see spikes through per-neuron means over batch and time have a
+    local gradient these rules can form; anything else gets a clear error."""
+    from kspike.regularizers import FiringRateRegularizer
+    regularizers = tuple(regularizers or ())
+    for regularizer in regularizers:
+        if not isinstance(regularizer, FiringRateRegularizer):
+            raise ValueError(f"{rule_name} supports kspike.FiringRateRegularizer (a function of "
+                             "each neuron's mean rate, whose local gradient it computes); "
+                             f"received {regularizer!r}. Use BPTT for other regularisers.")
+    return regularizers
+
+
+def regularizer_value_and_gradient(regularizer, plan, means):
+    """Value of a firing-rate regulariser on every layer's mean spikes per step and its gradient
+    with respect to those means, each (n,).
+
+    The regulariser (contract of ``kspike.regularizers``: a callable on ``LayerActivity``
+    records) is called on sequences of one sample and one step holding each neuron's mean spike
+    count per step; since it averages spikes over batch and time this is its exact value.
+    """
+    from kspike.regularizers import LayerActivity
+    spikes = [tf.reshape(tf.cast(m, tf.float32), (1, 1, -1)) for m in means]
+    with tf.GradientTape() as tape:
+        tape.watch(spikes)
+        activities = [LayerActivity(layer.layer.name, s, None, None, float(layer.cell.dt),
+                                    layer.layer) for layer, s in zip(plan.layers, spikes)]
+        value = regularizer(activities)
+    grads = tape.gradient(value, spikes)
+    return value, [None if g is None else tf.reshape(g, (-1,)) for g in grads]
+
+
+def variable_gradients(tape, model, targets, grads):
+    """Maps gradients of effective tensors (kernels built from variables under ``tape``) onto
+    ``model.trainable_variables`` (handles casts, masks and rewired kernels)."""
+    pairs = [(t, g) for t, g in zip(targets, grads) if t is not None and g is not None]
+    variables = model.trainable_variables
+    out = tape.gradient([t for t, _ in pairs], variables,
+                        output_gradients=[tf.cast(g, t.dtype) for t, g in pairs])
+    return [None if g is None else tf.cast(g, v.dtype) for g, v in zip(out, variables)]
+
+
+def split_stacked(grad, layer, weights):
+    """(P, n) gradient of [W_in; W_rec; bias] -> (grad W_in, grad W_rec or None, grad bias or None)."""
+    n_in = layer.n_in
+    g_in = grad[:n_in]
+    offset = n_in
+    g_rec = g_bias = None
+    if weights.recurrent_kernel is not None:
+        g_rec = grad[offset:offset + layer.units]
+        offset += layer.units
+    if weights.bias is not None:
+        g_bias = grad[offset]
+    return g_in, g_rec, g_bias
+
+
+def random_feedback(seed, shapes, dtype):
+    """Fixed random feedback matrices (n_out, n_l), entries N(0, 1 / n_l) like the readout's
+    N(0, 1) / sqrt(fan_in) initialisation, drawn with NumPy from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype) for shape in shapes]
+
+
+def model_weight_losses(model):
+    """Sum of the Keras weight-regularisation losses of the model (computed from variables)."""
+    losses = model.losses
+    if not losses:
+        return None
+    return tf.add_n([tf.cast(l, tf.float32) for l in losses])
