@@ -7,3 +7,4 @@ from kspike.layers import LeakyReadout
 from kspike import learning, regularizers
 from kspike.regularizers import FiringRateRegularizer, VoltageRegularizer
 from kspike.training import Trainer
+from kspike.engine import SpikingRNN

@@ -1,0 +1,373 @@
+"""``kspike.SpikingRNN``: a drop-in for ``keras.layers.RNN`` specialised for kspike cells.
+
+``keras.layers.RNN(cell)`` calls the cell once per time step and lets TensorFlow differentiate
+the whole loop: T small input products, the surrogate expressions in every step and every
+intermediate kept for the backward pass. ``SpikingRNN`` computes the same outputs and the same
+gradients (up to float rounding; spikes are identical) with:
+
+- the input projection x_t W_in of all T steps as one matmul before the loop;
+- per step only the recurrent product z_{t-1} W_rec and ``kspike.dynamics.neuron_step``, whose
+  spike function is the plain Heaviside in the forward pass (the surrogate is exactly zero
+  there, see ``kspike.surrogates``);
+- a hand-written backward recurrence (``kspike.dynamics.neuron_step_vjp``) inside one
+  ``tf.custom_gradient`` around the whole sequence, storing per step only v_t, A_t (ALIF) and
+  the 0/1 refractory mask; the spikes are the layer's own output;
+- the weight gradients dW_in = sum_t x_t^T dI_t and dW_rec = sum_t z_{t-1}^T dI_t as two
+  matmuls over all time steps after the backward loop.
+
+Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
+``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
+
+Export: ``tf.custom_gradient`` does not survive ``tf.saved_model`` for gradients. A model with
+``SpikingRNN`` exports and serves fine for inference (``kspike.export`` steps the cell with
+``cell.call``), but taking gradients through the reloaded SavedModel is not supported; train the
+Keras model (or reload the ``.keras`` file) instead.
+"""
+import keras
+import tensorflow as tf
+
+from kspike import dynamics, surrogates
+from kspike.cells import _SpikingCell
+
+__all__ = ["SpikingRNN"]
+
+
+class _Heaviside:
+    """The forward value of every kspike spike function (their surrogate term is exactly 0)."""
+
+    def __call__(self, x):
+        return surrogates.heaviside(x)
+
+
+def _is_specialised(cell):
+    return (isinstance(cell, _SpikingCell)
+            and type(cell).call is _SpikingCell.call
+            and type(cell).pack_state is _SpikingCell.pack_state
+            and type(cell).unpack_state is _SpikingCell.unpack_state)
+
+
+def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
+    """Forward loop over a whole sequence, with a hand-written gradient.
+
+    Args:
+        cell: the kspike cell (its parameters; the weights arrive as tensors so that gradients
+            reach whatever they are computed from, e.g. DEEP R magnitudes).
+        x: (T, B, n_in) time-major inputs in the matmul (compute) dtype.
+        w_in: (n_in, n), w_rec: (n, n) or None, both in the compute dtype; bias: (n,) in the
+            state dtype, or None.
+        states: list of (B, n) initial states in the state dtype, Keras order.
+        mask: (T, B, 1) 0/1 in the state dtype, or None.
+        output_all: also return the v_t and A_t sequences.
+
+    Returns:
+        (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
+        state dtype, the values of every step before masking; final_states in Keras order.
+    """
+    state_dtype = states[0].dtype
+    compute_dtype = x.dtype
+    params = cell.parameters(state_dtype)
+    # The surrogate term of every kspike spike function is exactly 0 in the forward pass, so
+    # the loop runs the plain Heaviside and the backward pass applies psi itself.
+    forward_params = params._replace(spike_function=_Heaviside())
+    adaptive = cell._adaptive
+    refractory = params.n_refractory > 0
+    n = cell.units
+    has_rec = w_rec is not None
+    has_bias = bias is not None
+    masked = mask is not None
+
+    inputs = [x, w_in]
+    if has_rec:
+        inputs.append(w_rec)
+    if has_bias:
+        inputs.append(bias)
+    n_weights = len(inputs)
+    inputs.extend(states)
+    if masked:
+        inputs.append(mask)
+
+    @tf.custom_gradient
+    def run(*args):
+        x, w_in = args[0], args[1]
+        w_rec = args[2] if has_rec else None
+        bias = args[2 + int(has_rec)] if has_bias else None
+        initial = list(args[n_weights:n_weights + len(states)])
+        mask = args[-1] if masked else None
+        initial_state = cell.pack_state(initial)
+        steps = tf.shape(x)[0]
+        batch = tf.shape(x)[1]
+        # The input projection of every step as one matmul.
+        projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in),
+                               (steps, batch, n))
+        projected_ta = tf.TensorArray(compute_dtype, size=steps).unstack(projected)
+        if masked:
+            mask_ta = tf.TensorArray(state_dtype, size=steps).unstack(mask)
+
+        def new_ta(dtype, size=steps):
+            return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape([None, n]))
+
+        # z_ta[t] is the z state entering step t (z_ta[0] = z_0): one buffer serves the
+        # output sequence, z_{t-1} of the backward pass and dW_rec.
+        tas = {"z": new_ta(state_dtype, steps + 1).write(0, initial_state.z),
+               "v": new_ta(state_dtype)}
+        if adaptive:
+            tas["A"] = new_ta(state_dtype)
+        if refractory:
+            tas["allowed"] = new_ta(tf.bool)
+        if masked:
+            tas["raw_z"] = new_ta(state_dtype)
+
+        def body(t, state_list, tas):
+            state = cell.pack_state(list(state_list))
+            current = projected_ta.read(t)
+            if has_rec:
+                current = current + tf.matmul(tf.cast(state.z, compute_dtype), w_rec)
+            current = tf.cast(current, state_dtype)
+            if has_bias:
+                current = current + bias
+            new_state, A = dynamics.neuron_step(current, state, forward_params)
+            tas = dict(tas)
+            tas["v"] = tas["v"].write(t, new_state.v)
+            if adaptive:
+                tas["A"] = tas["A"].write(t, A)
+            if refractory:
+                tas["allowed"] = tas["allowed"].write(
+                    t, dynamics.refractory_allowed(state.r, params))
+            if masked:
+                tas["raw_z"] = tas["raw_z"].write(t, new_state.z)
+                m = mask_ta.read(t) > 0.5
+                new_state = dynamics.NeuronState(*[
+                    None if new is None else tf.where(m, new, old)
+                    for new, old in zip(new_state, state)])
+            tas["z"] = tas["z"].write(t + 1, new_state.z)
+            return t + 1, tuple(cell.unpack_state(new_state)), tas
+
+        _, final, tas = tf.while_loop(
+            lambda t, *_: t < steps, body, (tf.constant(0), tuple(initial), tas))
+        final_states = list(final)
+        z_states = tas["z"].stack()                                   # (T + 1, B, n)
+        z_seq = tas["raw_z"].stack() if masked else z_states[1:]
+        outputs = [z_seq]
+        if output_all:
+            v_seq = tas["v"].stack()
+            if adaptive:
+                A_seq = tas["A"].stack()
+            else:
+                A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, state_dtype))
+            outputs += [v_seq, A_seq]
+
+        def grad_fn(*grads):
+            n_out = len(outputs)
+            out_grads = [tf.zeros_like(o) if g is None else g
+                         for g, o in zip(grads[:n_out], outputs)]
+            g_final = cell.pack_state([tf.zeros_like(s) if g is None else g
+                                       for g, s in zip(grads[n_out:], final_states)])
+
+            def unstack(tensor):
+                return tf.TensorArray(state_dtype, size=steps).unstack(tensor)
+
+            gz_out_ta = unstack(out_grads[0])
+            if output_all:
+                gv_out_ta = unstack(out_grads[1])
+                gA_out_ta = unstack(out_grads[2]) if adaptive else None
+            if masked:
+                mask_read = unstack(mask)
+
+            def back_body(t, gv, gb, gz, g_current_ta):
+                # gv, gb, gz: gradients with respect to the state after step t.
+                v = tas["v"].read(t)
+                A = tas["A"].read(t) if adaptive else params.thr
+                z_previous = tas["z"].read(t)
+                allowed = tas["allowed"].read(t) if refractory else None
+                if masked:
+                    m = mask_read.read(t)
+                    keep = 1.0 - m
+                    gv_new, gz_new = m * gv, m * gz
+                    gb_new = m * gb if adaptive else None
+                else:
+                    gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
+                gz_new = gz_new + gz_out_ta.read(t)
+                gA_out = None
+                if output_all:
+                    gv_new = gv_new + gv_out_ta.read(t)
+                    if adaptive:
+                        gA_out = gA_out_ta.read(t)
+                g_current, gv_prev, gb_prev, gz_prev = dynamics.neuron_step_vjp(
+                    gz_new, gv_new, gb_new, gA_out, v, A, z_previous, params, allowed)
+                if has_rec:
+                    g_rec = tf.matmul(tf.cast(g_current, compute_dtype), w_rec,
+                                      transpose_b=True)
+                    gz_prev = gz_prev + tf.cast(g_rec, state_dtype)
+                if masked:
+                    gv_prev = gv_prev + keep * gv
+                    gz_prev = gz_prev + keep * gz
+                    if adaptive:
+                        gb_prev = gb_prev + keep * gb
+                if not adaptive:
+                    gb_prev = gb
+                return t - 1, gv_prev, gb_prev, gz_prev, g_current_ta.write(t, g_current)
+
+            gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
+            _, gv0, gb0, gz0, g_current_ta = tf.while_loop(
+                lambda t, *_: t >= 0, back_body,
+                (steps - 1, g_final.v, gb_final, g_final.z,
+                 tf.TensorArray(state_dtype, size=steps)))
+            g_current = g_current_ta.stack()                           # (T, B, n)
+            g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
+            x_flat = tf.reshape(x, (-1, x.shape[-1]))
+            # Weight gradients as matmuls over all T steps at once.
+            result = [tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x)),
+                      tf.matmul(x_flat, g_matmul, transpose_a=True)]
+            if has_rec:
+                z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
+                result.append(tf.matmul(z_previous_flat, g_matmul, transpose_a=True))
+            if has_bias:
+                result.append(tf.reduce_sum(g_current, axis=(0, 1)))
+            # The refractory counter carries a gradient only to itself: r_t = r_{t-1} - 1
+            # until it reaches 0 or the neuron spikes, so with a refractory period the chain
+            # over the T' unmasked steps is unbroken exactly when r_0 >= T' (the neuron is then
+            # refractory throughout and cannot spike); without one, r is constant.
+            g_r = g_final.r
+            if refractory:
+                if masked:
+                    active_steps = tf.reduce_sum(mask, axis=0)
+                else:
+                    active_steps = tf.cast(steps, state_dtype)
+                g_r = g_r * tf.cast(initial_state.r >= active_steps, state_dtype)
+            result += cell.unpack_state(dynamics.NeuronState(
+                v=gv0, b=gb0 if adaptive else None, z=gz0, r=g_r))
+            if masked:
+                result.append(tf.zeros_like(mask))
+            return result
+
+        return tuple(outputs) + tuple(final_states), grad_fn
+
+    results = run(*inputs)
+    n_out = 3 if output_all else 1
+    return list(results[:n_out]), list(results[n_out:])
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class SpikingRNN(keras.layers.RNN):
+    """Recurrent layer for kspike cells: ``keras.layers.RNN`` outputs and gradients, faster.
+
+    Same constructor, call signature, outputs and behaviour as ``keras.layers.RNN`` (see its
+    documentation for ``return_sequences``, ``return_state``, ``go_backwards``, ``stateful``,
+    ``zero_output_for_mask``, ``initial_state`` and ``mask``). For a ``kspike.LIF`` or
+    ``kspike.ALIF`` cell (every option: refractoriness, LIF/ALIF mixes, any surrogate, no
+    recurrence, bias, ``output="all"``, DEEP R kernels) it runs a specialised loop with a
+    hand-written backward pass (see ``kspike.engine``): the outputs equal those of
+    ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to inputs,
+    weights and initial states agree to float rounding. Any other cell, or ``unroll=True``,
+    runs the generic ``keras.layers.RNN`` loop.
+
+    Args:
+        cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
+        return_sequences: return the whole output sequence (B, T, output_size) instead of
+            the last output (B, output_size).
+        return_state: also return the final states (a list of (B, units) tensors).
+        go_backwards: process the sequence in reverse order (outputs in processing order).
+        stateful: keep the final states of a batch as initial states of the next one.
+        unroll: use the generic, unrolled ``keras.layers.RNN`` loop.
+        zero_output_for_mask: output zeros (rather than the previous output) at masked steps.
+
+    Call arguments:
+        sequences: (B, T, n_in) inputs; one time step is ``cell.dt`` ms.
+        initial_state: optional list of (B, units) tensors in ``cell.state_names`` order.
+        mask: optional (B, T) boolean mask; masked steps keep the states unchanged.
+        training: passed for API compatibility (spiking cells behave the same).
+
+    Gradients use ``tf.custom_gradient``: a SavedModel of a model with this layer serves
+    inference, but gradients through the reloaded SavedModel are not available.
+
+    Example:
+
+    >>> import keras, kspike
+    >>> cell = kspike.ALIF(256, n_adaptive=128, n_refractory=5)
+    >>> model = keras.Sequential([keras.Input((784, 80)),
+    ...                           kspike.SpikingRNN(cell, return_sequences=True),
+    ...                           kspike.LeakyReadout(10)])
+    """
+
+    def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,
+                 stateful=False, unroll=False, zero_output_for_mask=False, **kwargs):
+        for name, value in (("return_sequences", return_sequences),
+                            ("return_state", return_state), ("go_backwards", go_backwards),
+                            ("stateful", stateful), ("unroll", unroll),
+                            ("zero_output_for_mask", zero_output_for_mask)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be True or False, received {value!r} of type "
+                                f"{type(value).__name__}.")
+        if isinstance(cell, (list, tuple)):
+            raise TypeError("kspike.SpikingRNN takes one cell, received a list of "
+                            f"{len(cell)} cells; stack SpikingRNN layers instead.")
+        super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
+                         go_backwards=go_backwards, stateful=stateful, unroll=unroll,
+                         zero_output_for_mask=zero_output_for_mask, **kwargs)
+
+    @property
+    def specialised(self):
+        """True when the fast kspike loop runs (a kspike cell and ``unroll=False``)."""
+        return _is_specialised(self.cell) and not self.unroll
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if not self.specialised:
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        cell = self.cell
+        sequences = tf.convert_to_tensor(sequences)
+        if sequences.shape.rank != 3:
+            raise ValueError(f"SpikingRNN expects inputs of shape (batch, time, features), "
+                             f"received shape {tuple(sequences.shape)}.")
+        if sequences.shape[-1] is not None and sequences.shape[-1] != cell.input_dim:
+            raise ValueError(f"SpikingRNN: the cell was built for {cell.input_dim} input "
+                             f"features, received inputs of shape {tuple(sequences.shape)}.")
+        states = list(initial_state) if isinstance(initial_state, (list, tuple)) \
+            else [initial_state]
+        cell._check_states(states)
+        state_dtype = cell.state_dtype
+        compute_dtype = keras.backend.standardize_dtype(cell.dtype_policy.compute_dtype)
+        states = [tf.cast(s, state_dtype) for s in states]
+        w_in, w_rec, bias = cell.effective_kernels(compute_dtype)
+        w_in = tf.convert_to_tensor(w_in)
+        if w_rec is not None:
+            w_rec = tf.convert_to_tensor(w_rec)
+        if bias is not None:
+            bias = tf.cast(bias, state_dtype)
+        x = tf.transpose(tf.cast(sequences, compute_dtype), (1, 0, 2))   # (T, B, n_in)
+        if mask is not None:
+            mask = tf.convert_to_tensor(mask)
+            if mask.shape.rank == 3:
+                mask = mask[..., 0]
+            mask = tf.transpose(tf.cast(mask, state_dtype), (1, 0))[..., None]   # (T, B, 1)
+        if self.go_backwards:
+            x = tf.reverse(x, [0])
+            if mask is not None:
+                mask = tf.reverse(mask, [0])
+        output_all = cell.output_mode == "all"
+        raw, final_states = _sequence_loop(cell, x, w_in, w_rec, bias, states, mask,
+                                           output_all)
+        outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)      # (T, B, out)
+        if mask is not None:
+            outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)
+        outputs = tf.cast(outputs, compute_dtype)
+        last_output = outputs[-1]
+        if self.return_sequences:
+            outputs = tf.transpose(outputs, (1, 0, 2))
+        else:
+            outputs = last_output[:, None]
+        return last_output, outputs, final_states
+
+
+def _mask_outputs(outputs, mask, zero_output_for_mask):
+    """Outputs at masked steps as ``keras.layers.RNN``: zeros, or the last unmasked output
+    (zeros before the first one). outputs (T, B, F), mask (T, B, 1) 0/1."""
+    if zero_output_for_mask:
+        return outputs * tf.cast(mask, outputs.dtype)
+    steps = tf.shape(mask)[0]
+    index = tf.range(steps)[:, None]
+    unmasked = mask[..., 0] > 0.5
+    last = tf.scan(tf.maximum, tf.where(unmasked, index, -1))               # (T, B)
+    gathered = tf.gather(tf.transpose(outputs, (1, 0, 2)), tf.transpose(tf.maximum(last, 0)),
+                         batch_dims=1)                                      # (B, T, F)
+    gathered = tf.transpose(gathered, (1, 0, 2))
+    return gathered * tf.cast(last >= 0, outputs.dtype)[..., None]
