@@ -178,3 +178,117 @@ def neuron_step_vjp(grad_z, grad_v, grad_b, grad_A, v, A, z_previous, params, al
     grad_b_previous = params.rho * grad_b_total
     grad_z_previous = (1.0 - params.rho) * grad_b_total - A * grad_v_total
     return grad_current, grad_v_previous, grad_b_previous, grad_z_previous
+
+
+# ------------------------------------------------------------------ e-prop partial derivatives
+# REFERENCE.md section 4, derived for the kspike step above. The hidden state is h = (v, b); the
+# spike z_t = z(h_t) is a function of it. As in e-prop, z_{t-1} counts as a constant where it
+# enters the recurrent input I_t and the reset factor of v_t, but not where it enters b_t.
+
+
+class SpikeDerivatives(NamedTuple):
+    """Partial derivatives of the spike z_t of ``neuron_step`` with respect to its state at t.
+
+    Attributes:
+        dz_dv: dz_t / dv_t = psi_t / A_t, (B, n) (0 while refractory).
+        dz_db: dz_t / db_t = -psi_t beta v_t / A_t^2, (B, n); None for a LIF layer.
+    """
+    dz_dv: tf.Tensor
+    dz_db: Optional[tf.Tensor]
+
+
+class StateJacobian(NamedTuple):
+    """Diagonal Jacobian dh_t / dh_{t-1} of e-prop for h = (v, b), each entry (B, n).
+
+    Attributes:
+        v_v: dv_t / dv_{t-1} (the float alpha for a LIF layer).
+        v_b: dv_t / db_{t-1} (None for LIF).
+        b_v: db_t / dv_{t-1} (None for LIF).
+        b_b: db_t / db_{t-1} (None for LIF).
+    """
+    v_v: object
+    v_b: Optional[tf.Tensor]
+    b_v: Optional[tf.Tensor]
+    b_b: Optional[tf.Tensor]
+
+
+def spike_derivatives(state, A, params, allowed=None):
+    """dz_t / dv_t and dz_t / db_t of one ``neuron_step`` (z_t = H((v_t - A_t) / A_t)).
+
+    Args:
+        state: the ``NeuronState`` at t returned by ``neuron_step``.
+        A: A_t returned by ``neuron_step`` ((B, n) tensor, or the float thr for LIF).
+        params: ``NeuronParameters``.
+        allowed: ``refractory_allowed(r_{t-1})`` (the mask used at step t) or None.
+
+    Returns:
+        ``SpikeDerivatives``; with psi_t = ``spike_pseudo_derivative``::
+
+            dz_t/dv_t = psi_t / A_t        dz_t/db_t = -psi_t beta v_t / A_t^2
+    """
+    psi = spike_pseudo_derivative(state.v, A, params, allowed)
+    dz_dv = psi / A
+    if state.b is None or params.beta is None:
+        return SpikeDerivatives(dz_dv=dz_dv, dz_db=None)
+    return SpikeDerivatives(dz_dv=dz_dv, dz_db=-psi * params.beta * state.v / (A * A))
+
+
+def eprop_state_jacobian(z_previous, previous_derivatives, params):
+    """Hidden-state Jacobian dh_t / dh_{t-1} of e-prop for the kspike step.
+
+    z_{t-1} = z(v_{t-1}, b_{t-1}) is differentiated where it enters b_t and held constant where it
+    enters I_t and the reset term -A_t z_{t-1} (the reset still depends on b_t through A_t)::
+
+        db_t/db_{t-1} = rho + (1 - rho) dz_{t-1}/db_{t-1}
+        db_t/dv_{t-1} = (1 - rho) dz_{t-1}/dv_{t-1}
+        dv_t/dv_{t-1} = alpha - beta z_{t-1} db_t/dv_{t-1}
+        dv_t/db_{t-1} = -beta z_{t-1} db_t/db_{t-1}
+
+    For LIF (beta = 0 or no b) this is dv_t/dv_{t-1} = alpha only.
+
+    Args:
+        z_previous: z_{t-1}, (B, n).
+        previous_derivatives: ``SpikeDerivatives`` of step t-1 (zeros before the first step).
+        params: ``NeuronParameters``.
+
+    Returns:
+        ``StateJacobian`` with (B, n) entries (v_v the float alpha for LIF).
+    """
+    if previous_derivatives.dz_db is None or params.beta is None:
+        return StateJacobian(v_v=params.alpha, v_b=None, b_v=None, b_b=None)
+    b_v = (1.0 - params.rho) * previous_derivatives.dz_dv
+    b_b = params.rho + (1.0 - params.rho) * previous_derivatives.dz_db
+    beta_z = params.beta * z_previous
+    return StateJacobian(v_v=params.alpha - beta_z * b_v, v_b=-beta_z * b_b, b_v=b_v, b_b=b_b)
+
+
+def eprop_eligibility_step(eps_v, eps_b, presynaptic, jacobian, params):
+    """One step of e-prop's eligibility vector eps_t = (eps^v, eps^b) of synapses i -> j.
+
+        eps^v_t = dv_t/dv_{t-1} eps^v_{t-1} + dv_t/db_{t-1} eps^b_{t-1} + (1 - alpha) p_i(t)
+        eps^b_t = db_t/dv_{t-1} eps^v_{t-1} + db_t/db_{t-1} eps^b_{t-1}
+
+    where (1 - alpha) p_i(t) = dv_t / dW_ji with p_i(t) = x_i(t) (input weights), z_i(t-1)
+    (recurrent weights) or 1 (bias). Shapes broadcast: e.g. eps (B, P, n), presynaptic (B, P, 1)
+    and jacobian entries (B, 1, n); eps_b and the adaptive entries are None for LIF.
+
+    Returns:
+        (eps_v, eps_b) at t.
+    """
+    new_v = jacobian.v_v * eps_v + (1.0 - params.alpha) * presynaptic
+    if eps_b is None or jacobian.b_b is None:
+        return new_v, None
+    new_v = new_v + jacobian.v_b * eps_b
+    new_b = jacobian.b_v * eps_v + jacobian.b_b * eps_b
+    return new_v, new_b
+
+
+def eligibility_trace(eps_v, eps_b, derivatives):
+    """e-prop's eligibility trace e_ji(t) = dz_t/dv_t eps^v_ji(t) + dz_t/db_t eps^b_ji(t).
+
+    ``derivatives`` entries must broadcast against eps (e.g. (B, 1, n) against (B, P, n)).
+    """
+    e = derivatives.dz_dv * eps_v
+    if eps_b is not None and derivatives.dz_db is not None:
+        e = e + derivatives.dz_db * eps_b
+    return e
