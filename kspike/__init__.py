@@ -7,4 +7,8 @@ from kspike.layers import LeakyReadout
 from kspike import learning, regularizers
 from kspike.regularizers import FiringRateRegularizer, VoltageRegularizer
 from kspike.training import Trainer
+from kspike import rewiring
+from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
+from kspike import tasks
+from kspike import export
