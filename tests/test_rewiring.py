@@ -523,3 +523,49 @@ def test_mirrored_strategy_replicas_agree():
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REPLICAS_AGREE" in proc.stdout
+
+
+# --------------------------------------------------------------------------- training loops
+
+
+def test_trainer_with_deepr_keeps_budget_logs_it_and_resumes(tmp_path):
+    x, y = data(batch=16)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+
+    def make(directory):
+        model = small_model(units=8, connectivity=0.3, seed=4, layer=kspike.SpikingRNN)
+        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, temperature=0.02, seed=0)
+        return model, opt, kspike.Trainer(model, opt, keras.losses.MeanSquaredError(),
+                                          verbose=0, checkpoint_dir=directory)
+
+    model, opt, trainer = make(str(tmp_path / "a"))
+    total = rewiring.active_connections(model)
+    history = trainer.fit(ds, epochs=3)
+    assert int(opt.iterations.numpy()) == 12 and int(opt.rewired_connections.numpy()) > 0
+    assert rewiring.active_connections(model) == total
+    assert history.history["active_connections"] == [total] * 3
+
+    # Two epochs, then a fresh process-like restart resuming for the third: same result.
+    resumed, opt2, trainer2 = make(str(tmp_path / "b"))
+    trainer2.fit(ds, epochs=2)
+    resumed, opt2, trainer2 = make(str(tmp_path / "b"))
+    trainer2.fit(ds, epochs=3)
+    assert int(opt2.iterations.numpy()) == 12
+    for (a, b, c), (d, e, f) in zip(state(model), state(resumed)):
+        np.testing.assert_allclose(a, d, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(b, e)
+        np.testing.assert_array_equal(c, f)
+
+
+def test_mixed_precision_model_fit_with_deepr():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = small_model(units=8, connectivity=0.3, seed=4)
+    x, y = data()
+    model.compile(optimizer=kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, seed=0),
+                  loss="mse")
+    kernel = rewiring.rewired_kernels(model)[0]
+    assert kernel.magnitude.dtype == "float32" and kernel.mask.dtype == "float32"
+    total = rewiring.active_connections(model)
+    model.fit(x, y, batch_size=4, epochs=3, verbose=0)
+    assert rewiring.active_connections(model) == total
+    assert int(model.optimizer.iterations.numpy()) == 6
