@@ -10,3 +10,4 @@ from kspike.training import Trainer
 from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
+from kspike import export
