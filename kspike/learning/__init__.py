@@ -4,3 +4,4 @@ from kspike.learning.bptt import BPTT
 from kspike.learning.stdp import STDP
 from kspike.learning.eprop import EProp
 from kspike.learning.ratebp import RateBP
+from kspike.learning.stllr import STLLR

@@ -71,7 +71,7 @@ class _FeedbackRule(LearningRule, tf.Module):
             def fn(x, y, sample_weight):
                 return self._compute(plan, model, x, y, loss, sample_weight, regularizers,
                                      training)
-            fn = tf.function(fn, reduce_retracing=True)
+            fn = tf.function(fn, reduce_retracing=True, autograph=False)
             self._compiled.functions[key] = fn
         return fn(x, y, sample_weight)
 
@@ -194,6 +194,7 @@ class EProp(_FeedbackRule):
         return matrices
 
     # ------------------------------------------------------------------ the rule
+    @tf.autograph.experimental.do_not_convert
     def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
         dtype = plan.dtype
         with tf.GradientTape(persistent=True) as tape:

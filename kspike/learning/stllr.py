@@ -1,0 +1,233 @@
+"""S-TLLR (Apolinario & Roy, TMLR 2025): a local, STDP-inspired rule with memory O(n).
+
+REFERENCE.md section 5. For every input, recurrent and bias weight of the spiking layers::
+
+    trace_pre(t)  = lambda_pre  trace_pre(t-1)  + p_t            p = x_t, z_{t-1} or 1 (bias)
+    trace_post(t) = lambda_post trace_post(t-1) + psi_t
+    dW(t) = L_t (x) [ alpha_post trace_post(t-1) (x) p_t + alpha_pre psi_t (x) trace_pre(t) ]
+
+summed over the batch and the (last k) steps. The network runs with kspike's own step
+(``kspike.dynamics``); the traces are (B, n_pre) and (B, n): memory does not depend on T.
+"""
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kspike import dynamics
+from kspike.learning import _online
+from kspike.learning.base import RuleResult
+from kspike.learning.eprop import _FeedbackRule
+
+__all__ = ["STLLR", "stllr_secondary_activation"]
+
+_FEEDBACKS = ("bp", "dfa")
+
+
+def stllr_secondary_activation(x):
+    """S-TLLR's default secondary activation psi = 1 / (100 |x| + 1)^2 of the distance to
+    threshold x (dimensionless), same shape as ``x``."""
+    d = 100.0 * tf.abs(x) + 1.0
+    return 1.0 / (d * d)
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class STLLR(_FeedbackRule):
+    """S-TLLR: STDP-like eligibility (pre and post traces) times an instantaneous learning signal.
+
+    Args:
+        factors: (lambda_post, lambda_pre, alpha_post, alpha_pre); the paper's CLI default
+            (0.2, 0.75, -1.0, 1.0). The lambdas are trace decays per step in [0, 1].
+        last_steps: None to update the spiking layers at every step, or k >= 1 to accumulate
+            their updates only in the final k steps (the paper's "delay-ls"). Traces run over
+            the whole sequence either way; the readout always learns from its exact local
+            gradient.
+        feedback: "bp": L_t is the gradient of the instantaneous loss at step t backpropagated
+            through the layers but not through time (readout: (1 - kappa) dE/dy_t W_out^T;
+            lower layers through W_in^T, (1 - alpha) and the cell's pseudo-derivative);
+            "dfa": L_t = dE/dy_t B_l with a fixed random matrix B_l per spiking layer (seeded,
+            N(0, 1/n_l), held in ``rule.feedback_weights``).
+        secondary_activation: psi as a function of the normalised distance to threshold
+            x_t = (v_t - A_t) / A_t that kspike's spike function sees (for a unit threshold
+            this is S-TLLR's u - thr). None: the paper's 1 / (100 |x| + 1)^2
+            (``stllr_secondary_activation``); "surrogate": the cell's own pseudo-derivative;
+            or a callable x -> psi. psi is 0 while a neuron is refractory.
+        seed: seed of the DFA matrices (None: from NumPy's global generator).
+
+    dE/dy_t for every step comes from the user's loss on the whole output sequence (a first
+    inference pass keeps only the (B, T, n_out) outputs), so any per-step or window loss works;
+    a ``kspike.FiringRateRegularizer`` adds its per-spike gradient to L_t.
+
+    Supported models: as ``kspike.learning.EProp`` (Input -> kspike spiking RNN layer(s) with
+    return_sequences=True -> kspike.LeakyReadout); anything else raises ValueError.
+
+    Example:
+
+    >>> rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), last_steps=56)
+    >>> trainer = kspike.Trainer(model, keras.optimizers.Adam(1e-3), loss, rule=rule)
+    """
+
+    name = "stllr"
+
+    def __init__(self, factors=(0.2, 0.75, -1.0, 1.0), last_steps=None, feedback="bp",
+                 secondary_activation=None, seed=None):
+        super().__init__(seed)
+        try:
+            factors = tuple(float(f) for f in factors)
+        except (TypeError, ValueError):
+            raise TypeError("`factors` must be 4 numbers (lambda_post, lambda_pre, alpha_post, "
+                            f"alpha_pre), received {factors!r}.") from None
+        if len(factors) != 4 or not all(math.isfinite(f) for f in factors):
+            raise ValueError("`factors` must be 4 finite numbers (lambda_post, lambda_pre, "
+                             f"alpha_post, alpha_pre), received {factors!r}.")
+        if not (0.0 <= factors[0] <= 1.0 and 0.0 <= factors[1] <= 1.0):
+            raise ValueError("The trace decays lambda_post, lambda_pre (`factors[0]`, "
+                             f"`factors[1]`) must be in [0, 1], received {factors!r}.")
+        self.factors = factors
+        if last_steps is not None:
+            if (isinstance(last_steps, bool) or not isinstance(last_steps, (int, np.integer))
+                    or last_steps < 1):
+                raise ValueError(f"`last_steps` must be None or an integer >= 1, received "
+                                 f"{last_steps!r}.")
+            last_steps = int(last_steps)
+        self.last_steps = last_steps
+        if feedback not in _FEEDBACKS:
+            raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")
+        self.feedback = feedback
+        if not (secondary_activation is None or secondary_activation == "surrogate"
+                or callable(secondary_activation)):
+            raise ValueError("`secondary_activation` must be None (the paper's 1/(100|x|+1)^2),"
+                             " 'surrogate' or a callable x -> psi, received "
+                             f"{secondary_activation!r}.")
+        self.secondary_activation = secondary_activation
+
+    def get_config(self):
+        return {"factors": self.factors, "last_steps": self.last_steps,
+                "feedback": self.feedback, "secondary_activation": self.secondary_activation,
+                "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def _psi(self, state, A, params, allowed):
+        if self.secondary_activation == "surrogate":
+            return dynamics.spike_pseudo_derivative(state.v, A, params, allowed)
+        fn = self.secondary_activation or stllr_secondary_activation
+        psi = tf.cast(fn((state.v - A) / A), state.v.dtype)
+        if allowed is not None:
+            psi = psi * tf.cast(allowed, psi.dtype)
+        return psi
+
+    @tf.autograph.experimental.do_not_convert
+    def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
+        dtype = plan.dtype
+        with tf.GradientTape(persistent=True) as tape:
+            weights = _online.layer_weights(plan, dtype)
+            readout = _online.readout_weights(plan, dtype)
+            weight_loss = _online.model_weight_losses(model)
+        feedback = None
+        if self.feedback == "dfa":
+            shapes = [(plan.readout.units, layer.units) for layer in plan.layers]
+            feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
+        x = tf.cast(x, dtype)
+        predictions, counts = _online.inference_pass(plan, weights, readout, x)
+        task_loss, error = _online.output_errors(loss, y, predictions, sample_weight)
+        batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+        reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts, batch,
+                                                            steps, dtype)
+        grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, error,
+                                               reg_signals)
+        targets, values = [], []
+        for w, g in zip(weights, grads):
+            targets.extend([w.input_kernel, w.recurrent_kernel, w.bias])
+            values.extend(g)
+        targets.extend(readout)
+        values.extend([readout_grad, tf.reduce_sum(error, axis=(0, 1))])
+        gradients = _online.variable_gradients(tape, model, targets, values)
+        total = task_loss + reg_loss
+        if weight_loss is not None:
+            extra = tape.gradient(weight_loss, model.trainable_variables)
+            gradients = [g if e is None else (tf.cast(e, v.dtype) if g is None else g + e)
+                         for g, e, v in zip(gradients, extra, model.trainable_variables)]
+            total = total + tf.cast(weight_loss, dtype)
+        del tape
+        rates = {f"firing_rate/{layer.layer.name}":
+                 tf.reduce_mean(c) / tf.cast(batch * steps, dtype) * (1000.0 / layer.cell.dt)
+                 for layer, c in zip(plan.layers, counts)}
+        return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
+
+    def _trace_pass(self, plan, weights, readout, feedback, x, error, reg_signals):
+        dtype = plan.dtype
+        kappa = plan.readout.kappa
+        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
+        xs, steps = _online.time_major(x, dtype)
+        errors = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(error, (1, 0, 2)))
+        batch = tf.shape(x)[0]
+        first_update = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
+        sizes = [_online.presynaptic_size(layer, w) for layer, w in zip(plan.layers, weights)]
+        carried = []
+        for layer, size in zip(plan.layers, sizes):
+            carried.append({"trace_pre": tf.zeros((batch, size), dtype),
+                            "trace_post": tf.zeros((batch, layer.units), dtype),
+                            "grad": tf.zeros((size, layer.units), dtype)})
+        zhat = tf.zeros((batch, plan.layers[-1].units), dtype)
+        readout_grad = tf.zeros((plan.layers[-1].units, plan.readout.units), dtype)
+        w_out = readout[0]
+
+        def body(t, flat, carried, zhat, readout_grad):
+            states = _online.nested_state(plan, flat)
+            inputs = xs.read(t)
+            err_t = errors.read(t)
+            steps_out = []
+            for layer, w, state in zip(plan.layers, weights, states):
+                p = _online.presynaptic(inputs, state.z, w)
+                new_state, A, allowed = _online.layer_step(inputs, state, w)
+                steps_out.append((p, new_state, A, allowed))
+                inputs = new_state.z
+            zhat = kappa * zhat + (1.0 - kappa) * inputs
+            readout_grad = readout_grad + tf.matmul(zhat, err_t, transpose_a=True)
+            # Learning signals, top layer first.
+            signals = [None] * len(plan.layers)
+            if self.feedback == "dfa":
+                for i in range(len(plan.layers)):
+                    signals[i] = tf.matmul(err_t, feedback[i])
+            else:
+                signal = (1.0 - kappa) * tf.matmul(err_t, w_out, transpose_b=True)
+                for i in reversed(range(len(plan.layers))):
+                    if reg_signals[i] is not None:
+                        signal = signal + reg_signals[i]
+                    signals[i] = signal
+                    if i:
+                        _, state_i, A_i, allowed_i = steps_out[i]
+                        params = weights[i].params
+                        dz_dv = dynamics.spike_pseudo_derivative(state_i.v, A_i, params,
+                                                                 allowed_i) / A_i
+                        signal = tf.matmul((1.0 - params.alpha) * dz_dv * signal,
+                                           weights[i].input_kernel, transpose_b=True)
+            if self.feedback == "dfa":
+                signals = [s if r is None else s + r for s, r in zip(signals, reg_signals)]
+            active = tf.cast(t >= first_update, dtype)
+            new_carried = []
+            for i, (layer, w, c) in enumerate(zip(plan.layers, weights, carried)):
+                p, new_state, A, allowed = steps_out[i]
+                psi = self._psi(new_state, A, w.params, allowed)
+                trace_pre = lambda_pre * c["trace_pre"] + p
+                learning = active * signals[i]
+                update = (tf.matmul(p, alpha_post * c["trace_post"] * learning, transpose_a=True)
+                          + tf.matmul(trace_pre, alpha_pre * psi * learning, transpose_a=True))
+                new_carried.append({"trace_pre": trace_pre,
+                                    "trace_post": lambda_post * c["trace_post"] + psi,
+                                    "grad": c["grad"] + update})
+            new_states = [s[1] for s in steps_out]
+            return (t + 1, _online.flat_state(plan, new_states), new_carried, zhat,
+                    readout_grad)
+
+        states = _online.initial_states(plan, batch)
+        _, _, carried, _, readout_grad = tf.while_loop(
+            lambda t, *_: t < steps, body,
+            (0, _online.flat_state(plan, states), carried, zhat, readout_grad))
+        grads = [_online.split_stacked(c["grad"], layer, w)
+                 for c, layer, w in zip(carried, plan.layers, weights)]
+        return grads, readout_grad
