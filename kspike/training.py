@@ -310,6 +310,8 @@ class Trainer:
         self._writers = None
         self._last_saved_step = None
         self._restored = False
+        # Values of the most recent step (not epoch means): loss, metrics so far, rates.
+        self.last_step_logs = {}
         self._rewired = self._has_rewired_kernels()
 
     # ------------------------------------------------------------------ set-up
@@ -735,8 +737,15 @@ class Trainer:
                     if logs.pop("finite") < 0.5 or not math.isfinite(logs["loss"]):
                         self._non_finite(logs)
                     self.step += 1
+                    self.last_step_logs = dict(logs, step=self.step)
                     batch_index += 1
-                    self._position = batch_index
+                    # Roll over to the next epoch before a checkpoint, so a resumed run never
+                    # has to skip a whole finished epoch of data.
+                    epoch_done = steps_per_epoch is not None and batch_index >= steps_per_epoch
+                    if epoch_done:
+                        self.epoch, self._position = epoch + 1, 0
+                    else:
+                        self._position = batch_index
                     last_loss = logs["loss"]
                     count += 1
                     for key, value in logs.items():
@@ -754,15 +763,17 @@ class Trainer:
                         self._write_scalars("train", scalars, self.step)
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                         self._save(last_loss)
+                    if epoch_done:
+                        finished = True
+                        break
                     if proxy.stop_training:
                         break
                 epoch_logs = {k: v / count for k, v in sums.items()} if count else {}
                 active = self._active_connections()
                 if active is not None:
                     epoch_logs["active_connections"] = active
-                if finished:
-                    self.epoch += 1
-                    self._position = 0
+                if finished and self.epoch == epoch:
+                    self.epoch, self._position = epoch + 1, 0
                 if (validation_data is not None and finished
                         and self.epoch % validation_freq == 0):
                     val = self.evaluate(validation_data, steps=validation_steps, verbose=0)
