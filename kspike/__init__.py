@@ -11,3 +11,4 @@ from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
 from kspike import export
+from kspike import init
