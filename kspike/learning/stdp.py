@@ -432,6 +432,14 @@ class STDP(LearningRule):
         self._records = []
         self._state = {}
 
+    @property
+    def traces(self):
+        """Current traces of the streaming API: dict with "pre" (presynaptic, input kernel),
+        "post" and, for recurrent cells, "pre_recurrent"; each (B, ...) float64, or None
+        before the first ``step``/``weight_change``."""
+        return {"pre": self._state.get("pre"), "post": self._state.get("post"),
+                "pre_recurrent": self._state.get("pre_rec")}
+
     def record(self, pre, post):
         """Record one step (B, ...) or a sequence (B, T, ...) of pre- and postsynaptic spikes.
 
