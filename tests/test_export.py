@@ -29,6 +29,11 @@ def _lsnn(steps=30, n_in=5, rnn=keras.layers.RNN, output="spikes"):
     ])
 
 
+def _tiny(steps=10, n_in=5):
+    return keras.Sequential([keras.Input((steps, n_in)),
+                             keras.layers.RNN(kspike.LIF(3, seed=8), return_sequences=True)])
+
+
 def _stream(loaded, x):
     states = loaded.initial_state(tf.constant(x.shape[0]))
     outputs = []
@@ -115,8 +120,8 @@ def test_keras_lstm_and_spiking_rnn(tmp_path):
 
 
 def test_gradients_through_reloaded_model(tmp_path):
-    x = tf.constant(_spikes(2, 30, 5, seed=4))
-    model = _lsnn()
+    x = tf.constant(_spikes(2, 15, 5, seed=4))
+    model = _lsnn(steps=15)
     loaded = _save_load(model, tmp_path / "grad")
 
     def input_gradient(fn):
@@ -136,7 +141,7 @@ def test_gradients_through_reloaded_model(tmp_path):
         tape.watch(x0)
         y_t, states = loaded.step(x0, states)
         loss = tf.reduce_sum(y_t ** 2)
-        for t in range(1, 30):
+        for t in range(1, 15):
             y_t, states = loaded.step(x[:, t], states)
             loss += tf.reduce_sum(y_t ** 2)
     grad = tape.gradient(loss, x0).numpy()
@@ -146,8 +151,8 @@ def test_gradients_through_reloaded_model(tmp_path):
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_export(tmp_path, policy):
     keras.config.set_dtype_policy(policy)
-    x = _spikes(2, 20, 5, seed=5)
-    model = _lsnn(steps=20)
+    x = _spikes(2, 12, 5, seed=5)
+    model = _lsnn(steps=12)
     loaded = export.load(export.saved_model(model, tmp_path / policy))
     assert [spec.dtype for spec in loaded.state_specs[:7]] == [tf.float32] * 7
     live = tf.cast(model(x), "float32").numpy()
@@ -155,14 +160,14 @@ def test_mixed_precision_export(tmp_path, policy):
     assert np.all(np.isfinite(served))
     np.testing.assert_allclose(served, live, rtol=0, atol=1e-6)
     states = loaded.initial_state(2)
-    for t in range(20):
+    for t in range(12):
         y_t, states = loaded.step(x[:, t], states)
     assert np.all(np.isfinite(tf.cast(y_t, "float32").numpy()))
     assert states[0].dtype == tf.float32
 
 
 def test_loaded_model_argument_checks(tmp_path):
-    model = _lsnn(steps=10)
+    model = _lsnn(steps=3)
     path = export.saved_model(model, tmp_path / "checked")
     loaded = export.load(path)
     states = loaded.initial_state(3)
@@ -232,7 +237,7 @@ def test_unsupported_models_are_refused(tmp_path):
 
 
 def test_directory_safety(tmp_path):
-    model = _lsnn(steps=10)
+    model = _tiny()
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -270,8 +275,8 @@ def test_available_from_package():
 
 
 def test_spiking_rnn_gradients_through_reloaded_model(tmp_path):
-    x = tf.constant(_spikes(2, 25, 5, seed=6))
-    model = _lsnn(steps=25, rnn=kspike.SpikingRNN)
+    x = tf.constant(_spikes(2, 15, 5, seed=6))
+    model = _lsnn(steps=15, rnn=kspike.SpikingRNN)
     loaded = _save_load(model, tmp_path / "spiking_rnn")
     np.testing.assert_allclose(loaded.serve(x).numpy(), model(x).numpy(), rtol=0, atol=1e-6)
     grads = []
