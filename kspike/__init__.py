@@ -10,5 +10,6 @@ from kspike.training import Trainer
 from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
+from kspike import tasks
 from kspike import export
 from kspike import init

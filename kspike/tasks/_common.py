@@ -1,0 +1,133 @@
+"""Argument checks and small helpers shared by the task pipelines."""
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["window_logits"]
+
+
+def check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be a positive integer, received {value!r} of type "
+                        f"{type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, received {value!r}.")
+    return int(value)
+
+
+def check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number > 0, received {value!r} of type "
+                        f"{type(value).__name__}.")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0, received {value!r}.")
+    return float(value)
+
+
+def check_probability(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a probability in [0, 1], received {value!r}.")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be a probability in [0, 1], received {value!r}.")
+    return float(value)
+
+
+def check_seed(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise TypeError(f"`seed` must be a non-negative integer or None, received {value!r}.")
+    return int(value)
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {tuple(choices)}, received {value!r}.")
+    return value
+
+
+def window_logits(outputs, steps):
+    """Average a readout sequence over its last ``steps`` time steps.
+
+    This is how the classification tasks (sequential MNIST, evidence accumulation) turn the
+    output of a ``kspike.LeakyReadout`` into one prediction per sample.
+
+    Args:
+        outputs: (B, T, n_classes) readout sequence.
+        steps: number of final steps to average (int, 1 <= steps <= T).
+
+    Returns:
+        (B, n_classes) logits.
+    """
+    steps = check_positive_int("steps", steps)
+    outputs = tf.convert_to_tensor(outputs)
+    if outputs.shape.rank != 3:
+        raise ValueError("`outputs` must be a readout sequence of shape (batch, time, classes), "
+                         f"received shape {tuple(outputs.shape)}.")
+    if outputs.shape[1] is not None and outputs.shape[1] < steps:
+        raise ValueError(f"`steps`={steps} exceeds the sequence length {outputs.shape[1]} of "
+                         "`outputs`.")
+    return tf.reduce_mean(outputs[:, -steps:, :], axis=1)
+
+
+def base_seed(seed):
+    """The integer all batches of a generated task derive from (fresh entropy for None)."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % (2 ** 31 - 1))
+    return int(seed)
+
+
+def generated_dataset(make_batch, base, n_batches):
+    """A dataset of generated batches, batch i built by ``make_batch(seed_pair)`` where
+    ``seed_pair`` is the int64 (2,) tensor (base, i).
+
+    Batch i depends only on (base, i): iterating the dataset twice gives the same batches, and
+    batches are generated in parallel without Python generator state (which would also block the
+    interpreter at exit while an iterator is alive).
+    """
+    indices = (tf.data.Dataset.counter() if n_batches is None
+               else tf.data.Dataset.range(n_batches))
+    base = tf.constant(base, tf.int64)
+    dataset = indices.map(lambda i: make_batch(tf.stack([base, tf.cast(i, tf.int64)])),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(2)
+
+
+def poisson_spikes(seed_pair, rates):
+    """0/1 float32 spikes with per-entry probability ``rates`` (the spike probability per step),
+    drawn with a stateless generator seeded by ``seed_pair``."""
+    uniform = tf.random.stateless_uniform(tf.shape(rates), seed=seed_pair, dtype=tf.float32)
+    return tf.cast(uniform < rates, tf.float32)
+
+
+def numpy_rng(seed_pair):
+    """The NumPy generator of batch (base, i), used for the discrete structure of a trial."""
+    return np.random.default_rng([int(s) for s in np.asarray(seed_pair)])
+
+
+def neuron_groups(n_inputs, n_groups):
+    """Group index of each input neuron, (n_inputs,) int32: consecutive blocks with the sizes of
+    ``numpy.array_split(range(n_inputs), n_groups)`` (the grouping of LSNN and e-prop)."""
+    return np.concatenate([np.full(len(chunk), g, np.int32) for g, chunk in
+                           enumerate(np.array_split(np.arange(n_inputs), n_groups))])
+
+
+def bernoulli_positions(rng, n_trials, p):
+    """Sorted positions of the successes among ``n_trials`` independent Bernoulli(p) trials.
+
+    Drawn as cumulative sums of geometric gaps, which costs O(number of spikes) instead of one
+    uniform per trial: for sparse Poisson inputs that is most of the generation time saved.
+    """
+    n_trials = int(n_trials)
+    if n_trials <= 0 or p <= 0.0:
+        return np.zeros(0, np.int64)
+    if p >= 1.0:
+        return np.arange(n_trials, dtype=np.int64)
+    expected = n_trials * p
+    chunk = int(expected + 8.0 * np.sqrt(expected) + 16)
+    positions = np.cumsum(rng.geometric(p, size=chunk)) - 1
+    while positions[-1] < n_trials - 1:
+        more = np.cumsum(rng.geometric(p, size=chunk)) + positions[-1]
+        positions = np.concatenate([positions, more])
+    return positions[positions < n_trials]
