@@ -46,6 +46,7 @@ import shutil
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 __all__ = ["saved_model", "load", "LoadedModel", "StreamingModel", "ExportError",
@@ -400,8 +401,10 @@ class LoadedModel:
 
     def initial_state(self, batch_size):
         """Zero states for a batch of ``batch_size`` (int >= 1): a list of (B, size)."""
-        if isinstance(batch_size, tf.Tensor):
-            batch_size = int(batch_size.numpy())
+        if isinstance(batch_size, tf.Tensor) and batch_size.shape.rank == 0:
+            batch_size = batch_size.numpy()
+        if isinstance(batch_size, np.integer):
+            batch_size = int(batch_size)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, received {batch_size!r}.")
         return self.raw.initial_state(tf.constant(batch_size, tf.int32))
