@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Learning checks of the local rules (e-prop, S-TLLR) on kspike's benchmark tasks.
+
+    python bin/learn_local_rules.py evidence      # e-prop, evidence accumulation (target < 7% error)
+    python bin/learn_local_rules.py store-recall  # e-prop, store-recall (target < 5% recall error)
+    python bin/learn_local_rules.py smnist --mnist-path /path/to/mnist.npz   # S-TLLR, sMNIST
+
+Each run trains with ``rule.compute`` inside one ``tf.function`` train step and Adam, prints a
+progress line every ``--log-every`` iterations (loss, error on the batch, firing rate, seconds per
+iteration) and a final summary; ``--json`` appends the curve to a file. ``--rule`` picks another
+rule (bptt, eprop, stllr) for comparison. ``--quick`` runs a seconds-long smoke version.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kspike  # noqa: E402
+import kspike.learning  # noqa: E402
+import kspike.regularizers  # noqa: E402
+from kspike import tasks  # noqa: E402
+
+
+def make_rule(name, feedback, seed, last_steps=None):
+    if name == "eprop":
+        return kspike.learning.EProp(feedback=feedback or "symmetric", seed=seed)
+    if name == "stllr":
+        return kspike.learning.STLLR(feedback=feedback or "bp", last_steps=last_steps,
+                                     seed=seed)
+    if name == "bptt":
+        return kspike.learning.BPTT()
+    raise SystemExit(f"unknown --rule {name!r} (bptt, eprop, stllr)")
+
+
+def build(n_in, n_regular, n_adaptive, n_out, tau_adaptation, beta, thr, n_refractory, tau_out,
+          seed):
+    cell = kspike.ALIF(n_regular + n_adaptive, n_adaptive=n_adaptive, tau=20.0,
+                       tau_adaptation=tau_adaptation, beta=beta, thr=thr,
+                       n_refractory=n_refractory, seed=seed)
+    return keras.Sequential([keras.Input((None, n_in)),
+                             kspike.SpikingRNN(cell, return_sequences=True),
+                             kspike.LeakyReadout(n_out, tau=tau_out, seed=seed + 7)])
+
+
+def setup(args):
+    """(dataset, model, loss, error_fn, rule) of the chosen task."""
+    if args.task == "evidence":
+        recall = 150
+        ds = tasks.evidence_accumulation(batch_size=args.batch_size, seed=args.seed,
+                                         delay_ms=1050.0 if not args.quick else 150.0)
+        model = build(40, 50, 50, 2, 2000.0, args.beta, args.thr, 5, 20.0, args.seed)
+        xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        def loss(y, y_pred, sample_weight=None):
+            return xent(y, tasks.evidence_logits(y_pred, recall))
+
+        def error(y, y_pred, sample_weight=None):
+            predicted = tf.argmax(tasks.evidence_logits(y_pred, recall), -1, output_type=tf.int32)
+            return tf.reduce_mean(tf.cast(tf.not_equal(predicted, y), tf.float32))
+        rule = make_rule(args.rule or "eprop", args.feedback, args.seed)
+    elif args.task == "store-recall":
+        character_ms = 200.0 if not args.quick else 20.0
+        ds = tasks.store_recall(batch_size=args.batch_size, seed=args.seed,
+                                character_ms=character_ms)
+        model = build(100, 0, args.units, 2, 1200.0, args.beta, args.thr, 2, 20.0, args.seed)
+        xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        def loss(y, y_pred, sample_weight=None):
+            return xent(y, y_pred, sample_weight=sample_weight)
+
+        def error(y, y_pred, sample_weight=None):
+            return tasks.recall_error(y, y_pred, sample_weight, int(character_ms))
+        rule = make_rule(args.rule or "eprop", args.feedback, args.seed)
+    else:
+        if args.quick:
+            rng = np.random.default_rng(0)
+            ds = tasks.sequential_mnist(batch_size=args.batch_size,
+                                        images=rng.integers(0, 256, (64, 28, 28)),
+                                        labels=rng.integers(0, 10, 64)).repeat()
+        else:
+            ds = tasks.sequential_mnist(batch_size=args.batch_size, path=args.mnist_path,
+                                        seed=args.seed).repeat()
+        model = build(80, 120, 100, 10, 700.0, 1.8, 0.01, 5, 20.0, args.seed)
+        xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+        def loss(y, y_pred, sample_weight=None):
+            return xent(y, tasks.mnist_logits(y_pred))
+
+        def error(y, y_pred, sample_weight=None):
+            predicted = tf.argmax(tasks.mnist_logits(y_pred), -1, output_type=tf.int32)
+            return tf.reduce_mean(tf.cast(tf.not_equal(predicted, y), tf.float32))
+        rule = make_rule(args.rule or "stllr", args.feedback, args.seed,
+                         last_steps=args.last_steps)
+    return ds, model, loss, error, rule
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["evidence", "store-recall", "smnist"])
+    parser.add_argument("--rule", choices=["bptt", "eprop", "stllr"], default=None,
+                        help="default: eprop (evidence, store-recall), stllr (smnist)")
+    parser.add_argument("--feedback", default=None, help="feedback of the rule")
+    parser.add_argument("--iterations", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
+    parser.add_argument("--units", type=int, default=100, help="store-recall: ALIF neurons")
+    parser.add_argument("--thr", type=float, default=0.01)
+    parser.add_argument("--beta", type=float, default=1.8)
+    parser.add_argument("--rate-target", type=float, default=0.01,
+                        help="firing-rate regulariser target in spikes/ms (0.01 = 10 Hz)")
+    parser.add_argument("--rate-strength", type=float, default=1.0)
+    parser.add_argument("--last-steps", type=int, default=None, help="S-TLLR last_steps")
+    parser.add_argument("--mnist-path", default="/work/shared/data/mnist.npz")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--stop-below", type=float, default=None,
+                        help="stop once the error averaged over the last 10 iterations is below")
+    parser.add_argument("--json", default=None, help="append the run's record to this file")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iterations = min(args.iterations, 3)
+        args.batch_size = min(args.batch_size, 4)
+    keras.utils.set_random_seed(args.seed)
+    ds, model, loss, error_fn, rule = setup(args)
+    optimizer = keras.optimizers.Adam(args.learning_rate)
+    regularizers = [kspike.regularizers.FiringRateRegularizer(target=args.rate_target,
+                                                              strength=args.rate_strength)]
+
+    @tf.function(reduce_retracing=True)
+    def train_step(x, y, sample_weight):
+        result = rule.compute(model, x, y, loss, sample_weight=sample_weight,
+                              regularizers=regularizers)
+        optimizer.apply(result.gradients, model.trainable_variables)
+        rate = tf.add_n([v for k, v in result.logs.items() if k.startswith("firing_rate")]) \
+            if result.logs else tf.constant(0.0)
+        return result.loss, error_fn(y, result.predictions, sample_weight), rate
+
+    print(f"task={args.task} rule={rule!r} iterations={args.iterations} "
+          f"batch={args.batch_size}", flush=True)
+    history = []
+    start = time.time()
+    last, last_it = start, 0
+    for it, batch in enumerate(ds.take(args.iterations)):
+        x, y = batch[0], batch[1]
+        sample_weight = batch[2] if len(batch) > 2 else None
+        value, err, rate = train_step(x, y, sample_weight)
+        history.append((float(value), float(err)))
+        if (it + 1) % args.log_every == 0 or it == 0 or it + 1 == args.iterations:
+            now = time.time()
+            recent = np.mean([h[1] for h in history[-10:]])
+            print(f"it {it + 1:5d}  loss {float(value):.4f}  error {float(err):.3f}  "
+                  f"error(last 10) {recent:.3f}  rate {float(rate):.1f} Hz  "
+                  f"{(now - last) / (it + 1 - last_it):.2f} s/it", flush=True)
+            last, last_it = now, it + 1
+        if args.stop_below is not None and len(history) >= 10 and \
+                np.mean([h[1] for h in history[-10:]]) < args.stop_below:
+            print(f"stopping: error(last 10) below {args.stop_below} at iteration {it + 1}")
+            break
+    elapsed = time.time() - start
+    errors = [h[1] for h in history]
+    best = min(np.mean(errors[i:i + 10]) for i in range(max(1, len(errors) - 9)))
+    print(f"done: {len(history)} iterations in {elapsed:.0f} s; final error(last 10) "
+          f"{np.mean(errors[-10:]):.3f}; best error(10-iteration window) {best:.3f}", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"task": args.task, "rule": repr(rule), "args": vars(args),
+                                "history": history, "seconds": elapsed}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
