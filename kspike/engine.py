@@ -39,11 +39,131 @@ class _Heaviside:
         return surrogates.heaviside(x)
 
 
+def _tape_may_record():
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # a TensorFlow without this internal: always keep the fast backward
+        return True
+    return bool(record.could_possibly_record())
+
+
 def _is_specialised(cell):
     return (isinstance(cell, _SpikingCell)
             and type(cell).call is _SpikingCell.call
             and type(cell).pack_state is _SpikingCell.pack_state
             and type(cell).unpack_state is _SpikingCell.unpack_state)
+
+
+def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_backward):
+    """The forward loop: one input matmul, then per step z_{t-1} W_rec and ``neuron_step``.
+
+    Args:
+        cell: the kspike cell (its state layout).
+        params: ``NeuronParameters`` to step with (their spike function is used as is).
+        x: (T, B, n_in) in the compute dtype; w_in (n_in, n), w_rec (n, n) or None in the
+            compute dtype; bias (n,) in the state dtype or None.
+        initial: list of (B, n) initial states (state dtype, Keras order).
+        mask: (T, B, 1) 0/1 in the state dtype, or None.
+        output_all: also collect v_t and A_t.
+        for_backward: also keep v_t, A_t and the refractory masks for the backward pass.
+
+    Returns:
+        (tas, final_states): TensorArrays "z" (size T + 1, the z state entering each step and
+        the last one), "v", "A" (ALIF), "allowed" (with refractoriness), "raw_z" (the unmasked
+        spikes, with a mask), and the final states in Keras order.
+    """
+    state_dtype = initial[0].dtype
+    compute_dtype = x.dtype
+    n = cell.units
+    adaptive = cell._adaptive
+    refractory = params.n_refractory > 0
+    masked = mask is not None
+    keep_v = for_backward or output_all
+    keep_A = adaptive and (for_backward or output_all)
+    keep_allowed = refractory and for_backward
+    steps = tf.shape(x)[0]
+    batch = tf.shape(x)[1]
+    # The input projection of every step as one matmul.
+    projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in),
+                           (steps, batch, n))
+    projected_ta = tf.TensorArray(compute_dtype, size=steps).unstack(projected)
+    if masked:
+        mask_ta = tf.TensorArray(state_dtype, size=steps).unstack(mask)
+
+    def new_ta(dtype, size=steps):
+        return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape([None, n]))
+
+    # tas["z"][t] is the z state entering step t (tas["z"][0] = z_0): one buffer serves the
+    # output sequence, z_{t-1} of the backward pass and dW_rec.
+    tas = {"z": new_ta(state_dtype, steps + 1).write(0, cell.pack_state(initial).z)}
+    if keep_v:
+        tas["v"] = new_ta(state_dtype)
+    if keep_A:
+        tas["A"] = new_ta(state_dtype)
+    if keep_allowed:
+        tas["allowed"] = new_ta(tf.bool)
+    if masked:
+        tas["raw_z"] = new_ta(state_dtype)
+
+    def body(t, state_list, tas):
+        state = cell.pack_state(list(state_list))
+        current = projected_ta.read(t)
+        if w_rec is not None:
+            current = current + tf.matmul(tf.cast(state.z, compute_dtype), w_rec)
+        current = tf.cast(current, state_dtype)
+        if bias is not None:
+            current = current + bias
+        new_state, A = dynamics.neuron_step(current, state, params)
+        tas = dict(tas)
+        if keep_v:
+            tas["v"] = tas["v"].write(t, new_state.v)
+        if keep_A:
+            tas["A"] = tas["A"].write(t, A)
+        if keep_allowed:
+            tas["allowed"] = tas["allowed"].write(
+                t, dynamics.refractory_allowed(state.r, params))
+        if masked:
+            tas["raw_z"] = tas["raw_z"].write(t, new_state.z)
+            m = mask_ta.read(t) > 0.5
+            new_state = dynamics.NeuronState(*[
+                None if new is None else tf.where(m, new, old)
+                for new, old in zip(new_state, state)])
+        tas["z"] = tas["z"].write(t + 1, new_state.z)
+        return t + 1, tuple(cell.unpack_state(new_state)), tas
+
+    _, final, tas = tf.while_loop(
+        lambda t, *_: t < steps, body, (tf.constant(0), tuple(initial), tas))
+    return tas, list(final)
+
+
+def _raw_outputs(cell, params, tas, masked, output_all):
+    """[z] or [z, v, A] sequences (T, B, n) from the forward TensorArrays, and the stacked z
+    states (T + 1, B, n)."""
+    z_states = tas["z"].stack()
+    z_seq = tas["raw_z"].stack() if masked else z_states[1:]
+    outputs = [z_seq]
+    if output_all:
+        v_seq = tas["v"].stack()
+        if cell._adaptive:
+            A_seq = tas["A"].stack()
+        else:
+            A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, v_seq.dtype))
+        outputs += [v_seq, A_seq]
+    return outputs, z_states
+
+
+def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
+    """The forward loop with the cell's own spike function, differentiated by TensorFlow.
+
+    Used when no gradient tape is recording (inference, export): no buffers are kept for a
+    backward pass, and if the traced function is differentiated later anyway, autodiff of
+    these very steps gives the gradients of ``keras.layers.RNN``.
+    """
+    params = cell.parameters(states[0].dtype)
+    tas, final_states = _forward(cell, params, x, w_in, w_rec, bias, states, mask, output_all,
+                                 for_backward=False)
+    outputs, _ = _raw_outputs(cell, params, tas, mask is not None, output_all)
+    return outputs, final_states
 
 
 def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
@@ -95,66 +215,9 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
         mask = args[-1] if masked else None
         initial_state = cell.pack_state(initial)
         steps = tf.shape(x)[0]
-        batch = tf.shape(x)[1]
-        # The input projection of every step as one matmul.
-        projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in),
-                               (steps, batch, n))
-        projected_ta = tf.TensorArray(compute_dtype, size=steps).unstack(projected)
-        if masked:
-            mask_ta = tf.TensorArray(state_dtype, size=steps).unstack(mask)
-
-        def new_ta(dtype, size=steps):
-            return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape([None, n]))
-
-        # z_ta[t] is the z state entering step t (z_ta[0] = z_0): one buffer serves the
-        # output sequence, z_{t-1} of the backward pass and dW_rec.
-        tas = {"z": new_ta(state_dtype, steps + 1).write(0, initial_state.z),
-               "v": new_ta(state_dtype)}
-        if adaptive:
-            tas["A"] = new_ta(state_dtype)
-        if refractory:
-            tas["allowed"] = new_ta(tf.bool)
-        if masked:
-            tas["raw_z"] = new_ta(state_dtype)
-
-        def body(t, state_list, tas):
-            state = cell.pack_state(list(state_list))
-            current = projected_ta.read(t)
-            if has_rec:
-                current = current + tf.matmul(tf.cast(state.z, compute_dtype), w_rec)
-            current = tf.cast(current, state_dtype)
-            if has_bias:
-                current = current + bias
-            new_state, A = dynamics.neuron_step(current, state, forward_params)
-            tas = dict(tas)
-            tas["v"] = tas["v"].write(t, new_state.v)
-            if adaptive:
-                tas["A"] = tas["A"].write(t, A)
-            if refractory:
-                tas["allowed"] = tas["allowed"].write(
-                    t, dynamics.refractory_allowed(state.r, params))
-            if masked:
-                tas["raw_z"] = tas["raw_z"].write(t, new_state.z)
-                m = mask_ta.read(t) > 0.5
-                new_state = dynamics.NeuronState(*[
-                    None if new is None else tf.where(m, new, old)
-                    for new, old in zip(new_state, state)])
-            tas["z"] = tas["z"].write(t + 1, new_state.z)
-            return t + 1, tuple(cell.unpack_state(new_state)), tas
-
-        _, final, tas = tf.while_loop(
-            lambda t, *_: t < steps, body, (tf.constant(0), tuple(initial), tas))
-        final_states = list(final)
-        z_states = tas["z"].stack()                                   # (T + 1, B, n)
-        z_seq = tas["raw_z"].stack() if masked else z_states[1:]
-        outputs = [z_seq]
-        if output_all:
-            v_seq = tas["v"].stack()
-            if adaptive:
-                A_seq = tas["A"].stack()
-            else:
-                A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, state_dtype))
-            outputs += [v_seq, A_seq]
+        tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial, mask,
+                                     output_all, for_backward=True)
+        outputs, z_states = _raw_outputs(cell, params, tas, masked, output_all)
 
         def grad_fn(*grads):
             n_out = len(outputs)
@@ -344,8 +407,11 @@ class SpikingRNN(keras.layers.RNN):
             if mask is not None:
                 mask = tf.reverse(mask, [0])
         output_all = cell.output_mode == "all"
-        raw, final_states = _sequence_loop(cell, x, w_in, w_rec, bias, states, mask,
-                                           output_all)
+        # The hand-written backward pass pays off only under a gradient tape; otherwise
+        # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
+        # differentiable by TensorFlow if its traced graph is differentiated later.
+        loop = _sequence_loop if _tape_may_record() else _plain_loop
+        raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all)
         outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)      # (T, B, out)
         if mask is not None:
             outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)

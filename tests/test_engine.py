@@ -382,3 +382,63 @@ def test_bad_arguments_raise_clear_errors():
         layer(_inputs(steps=4, features=N_IN + 1))
     with pytest.raises(ValueError, match=r"\(batch, features\)|\(batch, time, features\)"):
         kspike.SpikingRNN(kspike.LIF(3))(np.zeros((2, 5), "float32"))
+
+
+# ----------------------------------------------------------------------------- paths, export
+def test_backward_path_only_under_a_tape(monkeypatch):
+    from kspike import engine
+    calls = []
+    for name in ("_sequence_loop", "_plain_loop"):
+        original = getattr(engine, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(engine, name, counted)
+    layer = kspike.SpikingRNN(kspike.LIF(4, thr=0.05))
+    x = _inputs(steps=5)
+    layer(x)
+    with tf.GradientTape():
+        layer(x)
+    assert calls == ["_plain_loop", "_sequence_loop"]
+
+
+def test_graph_traced_without_tape_is_differentiated_correctly():
+    # A function traced outside any tape runs the plain loop; differentiating it afterwards
+    # (the function called under an eager tape) must still give the generic gradients.
+    x = _inputs(scale=1.5)
+    generic, fast = _pair(CELLS["alif_mix_refractory_ntail"], x.shape, return_sequences=True)
+    results = []
+    for layer in (generic, fast):
+        f = tf.function(lambda v, layer=layer: layer(v))
+        x_var = tf.Variable(x)
+        f(x_var)                                        # traced here, no tape
+        with tf.GradientTape() as tape:
+            y = f(x_var)
+            loss = tf.reduce_sum(y * np.linspace(-1, 1, y.shape[-1]).astype("float32"))
+        results.append((y.numpy(), tape.gradient(loss, [x_var] + layer.trainable_variables)))
+    (y_g, g_g), (y_f, g_f) = results
+    assert y_g.mean() > 0.02
+    np.testing.assert_array_equal(y_f, y_g)
+    for a, b in zip(g_g, g_f):
+        _assert_close(a.numpy(), b.numpy(), what="late gradient")
+
+
+def test_export_serve_and_step(tmp_path):
+    export = pytest.importorskip("kspike.export")
+    x = _inputs(batch=2, scale=1.5)
+    model = keras.Sequential([keras.Input((None, N_IN)),
+                              kspike.SpikingRNN(CELLS["alif_mix_refractory_ntail"](),
+                                                return_sequences=True),
+                              kspike.LeakyReadout(2)])
+    expected = model(x).numpy()
+    directory = export.saved_model(model, tmp_path / "exported")
+    loaded = tf.saved_model.load(directory)
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected, rtol=1e-5,
+                               atol=1e-6)
+    states = loaded.initial_state(tf.constant(2))
+    steps = []
+    for t in range(T):
+        y_t, states = loaded.step(tf.constant(x[:, t]), states)
+        steps.append(y_t.numpy())
+    np.testing.assert_allclose(np.stack(steps, 1), expected, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Benchmark of ``kspike.SpikingRNN`` against ``keras.layers.RNN(same cell)``, ``keras.layers.LSTM``
+and the dense-matmul bound, all measured in the same run.
+
+One BPTT training step (forward, backward, Adam update) of
+``[recurrent layer -> kspike.LeakyReadout(10)]`` with a softmax cross-entropy on the readout
+averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half adaptive
+(n_refractory=5), for T in (100, 400, 784, 1568) and units in (256, 1024).
+
+- Step time: median of ``--repeats`` (>= 5) timed steps after two warm-up steps; the variants of
+  one configuration are timed in interleaved rounds so that a change of machine load hits them
+  alike. Ratios are printed against the keras.layers.RNN step and against the matmul bound.
+- Matmul bound: the dense products alone, timed in the same process: forward x W_in (one
+  matmul) and T recurrent products z W_rec in a loop; backward T products g W_rec^T in a loop,
+  g W_in^T, and the two weight gradients x^T g and z^T g.
+- Memory: a fresh subprocess per (variant, units, T) traces and warms up the training step,
+  resets the resident-set high-water mark (``/proc/self/clear_refs``), runs one more step and
+  reads the mark (``VmHWM``); glibc is told to return freed buffers at once
+  (``MALLOC_MMAP_THRESHOLD_``) so the resident set follows the live tensors (the TF CPU
+  allocator has no queryable statistics). "peak MB" is the high-water mark minus the resident
+  set before the step, i.e. what one training step allocates on top of weights and data; "MB
+  per step" is the slope of that peak between T and a short run (T=50) of the same model.
+- Streaming: the 1-sample latency of ``loaded.step(x_t, states)`` of a model exported with
+  ``kspike.export.saved_model`` (median over the steps of a 400-step stream).
+
+Usage:
+    bin/bench_engine.py                   # the full table (takes several minutes)
+    bin/bench_engine.py --quick           # T in (100, 784), 256 units, 5 repeats, no LSTM memory
+    bin/bench_engine.py --json out.json   # also write the figures as JSON
+
+Figures depend on the machine and on its load: compare the ratios, which are measured in the
+same run, rather than absolute times across runs.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+VARIANTS = ("spiking_rnn", "keras_rnn", "lstm")
+MEMORY_BASELINE_STEPS = 50
+
+
+def _status_mb(field):
+    """VmRSS (resident set) or VmHWM (its high-water mark) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss():
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _build(variant, units, steps, n_inputs, batch, seed=0):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import kspike
+
+    keras.utils.set_random_seed(seed)
+    if variant == "lstm":
+        recurrent = keras.layers.LSTM(units, return_sequences=True)
+    else:
+        cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
+        layer_class = kspike.SpikingRNN if variant == "spiking_rnn" else keras.layers.RNN
+        recurrent = layer_class(cell, return_sequences=True)
+    model = keras.Sequential([keras.Input((steps, n_inputs)), recurrent,
+                              kspike.LeakyReadout(10)])
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    rng = np.random.default_rng(seed)
+    # Sparse binary input spikes (about 5 % per step), as in threshold-crossing sMNIST.
+    x = tf.constant((rng.uniform(size=(batch, steps, n_inputs)) < 0.05).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, batch))
+    cue = min(56, steps)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = loss_fn(y, tf.reduce_mean(out[:, -cue:], axis=1))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return lambda: train_step(x, y).numpy()
+
+
+def _matmul_bound(units, steps, n_inputs, batch, seed=0):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    # An orthogonal recurrent matrix keeps the chained products at unit scale (no overflow,
+    # no denormals) so the loop times the products only.
+    q, _ = np.linalg.qr(rng.normal(size=(units, units)))
+    w_rec = tf.constant(q.astype("float32"))
+    w_in = tf.constant(rng.normal(size=(n_inputs, units)).astype("float32"))
+    x = tf.constant(rng.uniform(size=(steps * batch, n_inputs)).astype("float32"))
+    z0 = tf.constant(rng.normal(size=(batch, units)).astype("float32"))
+
+    @tf.function
+    def bound():
+        projected = tf.matmul(x, w_in)
+
+        def forward(t, z):
+            return t + 1, tf.matmul(z, w_rec)
+
+        def backward(t, g):
+            return t + 1, tf.matmul(g, w_rec, transpose_b=True)
+
+        _, z = tf.while_loop(lambda t, _: t < steps, forward, (0, z0))
+        _, g = tf.while_loop(lambda t, _: t < steps, backward, (0, z))
+        grad_x = tf.matmul(projected, w_in, transpose_b=True)
+        grad_w_in = tf.matmul(x, projected, transpose_a=True)
+        grad_w_rec = tf.matmul(projected, projected, transpose_a=True)
+        return (tf.reduce_sum(g) + tf.reduce_sum(grad_x) + tf.reduce_sum(grad_w_in)
+                + tf.reduce_sum(grad_w_rec))
+
+    return lambda: bound().numpy()
+
+
+def _time_interleaved(functions, repeats, warmup=2):
+    import numpy as np
+
+    for f in functions.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, f in functions.items():
+            start = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def _memory_child(variant, units, steps, n_inputs, batch):
+    """Run in a fresh process: print the RSS before a training step and its peak during the
+    step (MB) as JSON. The first two steps trace and warm up; the third is measured."""
+    step = _build(variant, units, steps, n_inputs, batch)
+    step()
+    step()
+    _reset_peak_rss()
+    baseline = _status_mb("VmRSS")
+    step()
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": _status_mb("VmHWM")}))
+
+
+def _memory(variant, units, steps, n_inputs, batch):
+    command = [sys.executable, os.path.abspath(__file__), "--memory-child", variant,
+               str(units), str(steps), str(n_inputs), str(batch)]
+    # A fixed mmap threshold makes glibc return freed buffers to the system at once, so the
+    # resident set follows the live tensors instead of the allocator's cache.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory measurement of {variant} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _streaming_latency(units, n_inputs, steps=400):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import kspike
+
+    model = keras.Sequential([
+        keras.Input((None, n_inputs)),
+        kspike.SpikingRNN(kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=0),
+                          return_sequences=True),
+        kspike.LeakyReadout(10)])
+    directory = os.path.join(tempfile.mkdtemp(prefix="kspike_bench_"), "model")
+    kspike.export.saved_model(model, directory)
+    loaded = tf.saved_model.load(directory)
+    rng = np.random.default_rng(0)
+    xs = tf.constant((rng.uniform(size=(steps, 1, n_inputs)) < 0.05).astype("float32"))
+    states = loaded.initial_state(tf.constant(1))
+    for t in range(20):
+        _, states = loaded.step(xs[t], states)
+    latencies = []
+    for t in range(steps):
+        start = time.perf_counter()
+        y, states = loaded.step(xs[t], states)
+        latencies.append(time.perf_counter() - start)
+    y.numpy()
+    return float(np.median(latencies))
+
+
+def _format_table(rows):
+    header = ("units", "T", "variant", "step s", "x matmul bound", "speed-up vs RNN",
+              "peak MB", "MB/step")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        def fmt(value, spec):
+            return "-" if value is None else format(value, spec)
+        lines.append(" | ".join([str(r["units"]), str(r["steps"]), r["variant"],
+                                 fmt(r["step_s"], ".3f"), fmt(r["x_bound"], ".2f"),
+                                 fmt(r["speedup_vs_keras_rnn"], ".2f"),
+                                 fmt(r.get("peak_mb"), ".0f"), fmt(r.get("mb_per_step"), ".3f")]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="T in (100, 784), 256 units, no LSTM memory runs")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="sequence lengths T (default 100 400 784 1568)")
+    parser.add_argument("--units", type=int, nargs="+", default=None,
+                        help="numbers of neurons (default 256 1024)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--inputs", type=int, default=80)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps (>= 5)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
+    parser.add_argument("--no-streaming", action="store_true",
+                        help="skip the exported step latency")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_child:
+        variant, units, steps, n_inputs, batch = args.memory_child
+        _memory_child(variant, int(units), int(steps), int(n_inputs), int(batch))
+        return 0
+    if args.repeats < 5:
+        parser.error(f"--repeats must be >= 5 (median of at least 5), received {args.repeats}")
+    steps_list = args.steps or ([100, 784] if args.quick else [100, 400, 784, 1568])
+    units_list = args.units or ([256] if args.quick else [256, 1024])
+
+    import tensorflow as tf
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}; B={args.batch}, {args.inputs} inputs, ALIF (half "
+          "adaptive, n_refractory=5) + LeakyReadout(10); note: figures taken on a shared, "
+          "loaded machine are noisy, compare the ratios", flush=True)
+    rows = []
+    for units in units_list:
+        for steps in steps_list:
+            functions = {"matmul_bound": _matmul_bound(units, steps, args.inputs, args.batch)}
+            for variant in args.variants:
+                functions[variant] = _build(variant, units, steps, args.inputs, args.batch)
+            print(f"units={units} T={steps}: timing {list(functions)} ...", flush=True)
+            times = _time_interleaved(functions, args.repeats)
+            bound = times["matmul_bound"]
+            reference = times.get("keras_rnn")
+            for variant in ["matmul_bound"] + list(args.variants):
+                row = {"units": units, "steps": steps, "variant": variant,
+                       "step_s": times[variant], "x_bound": times[variant] / bound,
+                       "speedup_vs_keras_rnn": (reference / times[variant]
+                                                if reference else None)}
+                if variant != "matmul_bound" and not args.no_memory and not (
+                        args.quick and variant == "lstm"):
+                    print(f"  memory of {variant} ...", flush=True)
+                    long = _memory(variant, units, steps, args.inputs, args.batch)
+                    short = _memory(variant, units, MEMORY_BASELINE_STEPS, args.inputs,
+                                    args.batch)
+                    row["peak_mb"] = long["peak_mb"] - long["baseline_mb"]
+                    if steps > MEMORY_BASELINE_STEPS:
+                        row["mb_per_step"] = (
+                            (row["peak_mb"] - (short["peak_mb"] - short["baseline_mb"]))
+                            / (steps - MEMORY_BASELINE_STEPS))
+                rows.append(row)
+                print("  " + _format_table([row]).splitlines()[-1], flush=True)
+            del functions
+    result = {"batch": args.batch, "inputs": args.inputs, "rows": rows,
+              "load_average": os.getloadavg()[0]}
+    if not args.no_streaming:
+        latency = _streaming_latency(256, args.inputs)
+        result["streaming_step_ms"] = latency * 1e3
+    print()
+    print(_format_table(rows))
+    if "streaming_step_ms" in result:
+        print(f"\nexported step(), batch 1, 256 ALIF + readout: "
+              f"{result['streaming_step_ms']:.3f} ms per time step (median)")
+    print()
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
