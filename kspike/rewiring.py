@@ -28,8 +28,8 @@ Example:
 ...                           kspike.LeakyReadout(10)])
 >>> model.compile(optimizer=kspike.DeepR(keras.optimizers.Adam(1e-2), l1=1e-2, seed=0),
 ...               loss="mse")
->>> kspike.rewiring.active_connections(model)    # constant during training
-10560
+>>> kspike.rewiring.active_connections(model)    # int(80*100*0.12) + int(100*100*0.12)
+2160
 """
 import math
 from typing import List, NamedTuple

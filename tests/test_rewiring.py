@@ -144,8 +144,7 @@ def test_gradient_of_magnitude_is_sign_times_weight_gradient_on_all_entries():
     with tf.GradientTape() as tape:
         loss = tf.reduce_mean((model(x) - y) ** 2)
     grads = tape.gradient(loss, [k.magnitude for k in kernels])
-    # Same network with the effective weights as plain tensors: dE/dW on every entry.
-    w_in, w_rec, _ = [tf.constant(w) for w in cell.effective_kernels("float32")[:2]] + [None]
+    # Same network with the effective weights in dense variables: dE/dW on every entry.
     dense = rewiring.to_dense(model)
     dense_cell = cell_of(dense)
     with tf.GradientTape() as tape:
@@ -161,7 +160,7 @@ def test_gradient_of_magnitude_is_sign_times_weight_gradient_on_all_entries():
         np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-5, atol=1e-8)
         # Dormant entries do receive a gradient (for the optimizer's moments).
         assert np.any(np.asarray(g)[k.mask.numpy() == 0] != 0)
-    assert w_in.shape == (5, 8) and w_rec.shape == (8, 8)
+    assert [tuple(w.shape) for w in cell.effective_kernels("float32")[:2]] == [(5, 8), (8, 8)]
 
 
 # --------------------------------------------------------------------------- the step
@@ -508,11 +507,28 @@ _MIRRORED = textwrap.dedent("""
     model.fit(x, y, batch_size=8, epochs=4, verbose=0)
     assert rewiring.active_connections(model) == total, "budget"
     assert int(opt.rewired_connections.numpy()) > 0, "no rewiring happened"
-    for k in rewiring.rewired_kernels(model):
-        for var in (k.magnitude, k.mask, k.sign):
-            copies = [v.numpy() for v in var.value.values]
-            assert len(copies) == 2
-            assert np.array_equal(copies[0], copies[1]), var.path
+    def agree(model):
+        for k in rewiring.rewired_kernels(model):
+            for var in (k.magnitude, k.mask, k.sign):
+                copies = [v.numpy() for v in var.value.values]
+                assert len(copies) == 2 and np.array_equal(copies[0], copies[1]), var.path
+
+    agree(model)
+    # The same through kspike.Trainer with the strategy.
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((8, 5)),
+            kspike.SpikingRNN(kspike.ALIF(10, connectivity=0.3, seed=2, thr=0.05),
+                              return_sequences=True),
+            kspike.LeakyReadout(2, seed=0)])
+        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, temperature=0.05, seed=3)
+    total = rewiring.active_connections(model)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    kspike.Trainer(model, opt, keras.losses.MeanSquaredError(), strategy=strategy,
+                   verbose=0).fit(ds, epochs=4)
+    assert rewiring.active_connections(model) == total, "budget (Trainer)"
+    assert int(opt.rewired_connections.numpy()) > 0, "no rewiring happened (Trainer)"
+    agree(model)
     print("REPLICAS_AGREE", total)
 """)
 
