@@ -11,5 +11,6 @@ from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
 from kspike import tasks
+from kspike import plotting
 from kspike import export
 from kspike import init

@@ -1,0 +1,266 @@
+"""Figures of spiking activity: rasters, voltages, thresholds, outputs, learning curves.
+
+matplotlib is imported only when a function here is called (``pip install matplotlib``); kspike
+itself does not need it. Every function takes NumPy arrays (or tensors) of one sample, time first:
+spikes (T, n), voltages (T, n), thresholds (T, n), outputs (T, n_out); times are shown in ms.
+
+Example:
+
+>>> fig = kspike.plotting.activity_figure(inputs=x[0], spikes=z[0], thresholds=A[0],
+...                                       outputs=softmax[0], n_regular=120)
+>>> kspike.plotting.save_figure(fig, "results/smnist")   # results/smnist.png and .pdf
+"""
+import os
+
+import numpy as np
+
+__all__ = ["raster", "voltage", "thresholds", "output_traces", "learning_curve",
+           "activity_figure", "save_figure"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
+            # Figures are written to files: a headless backend never needs a display.
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("kspike.plotting needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def _array(name, value, ndim=2):
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim != ndim:
+        shape = "(T, n)" if ndim == 2 else "(T,)"
+        raise ValueError(f"`{name}` must have shape {shape} (one sample, time first), received "
+                         f"an array of shape {array.shape}.")
+    return array
+
+
+def _check_dt(dt):
+    if isinstance(dt, bool) or not isinstance(dt, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(dt) or dt <= 0:
+        raise ValueError(f"`dt` must be a time step in ms > 0, received {dt!r}.")
+    return float(dt)
+
+
+def _select(n, max_neurons):
+    if max_neurons is None or n <= max_neurons:
+        return np.arange(n)
+    return np.linspace(0, n - 1, int(max_neurons)).astype(int)
+
+
+def raster(ax, spikes, dt=1.0, max_neurons=None, color="black", marker_size=2.0, label=None):
+    """Raster plot of spikes (T, n) on ``ax``: a dot at (t * dt ms, neuron index) per spike.
+
+    ``max_neurons`` keeps at most that many neurons, evenly spread over the layer. Returns ax.
+    """
+    spikes = _array("spikes", spikes)
+    dt = _check_dt(dt)
+    chosen = _select(spikes.shape[1], max_neurons)
+    steps, rows = np.nonzero(spikes[:, chosen] > 0)
+    ax.scatter(steps * dt, rows, s=marker_size, c=color, marker="|" if marker_size > 3 else ".",
+               linewidths=0.5, label=label)
+    ax.set_xlim(0, spikes.shape[0] * dt)
+    ax.set_ylim(-0.5, len(chosen) - 0.5)
+    if label:
+        ax.set_ylabel(label)
+    return ax
+
+
+def _traces(ax, name, values, dt, neurons, ylabel, **style):
+    values = _array(name, values)
+    dt = _check_dt(dt)
+    if neurons is None:
+        neurons = _select(values.shape[1], 8)
+    neurons = np.asarray(neurons, int)
+    if neurons.size and (neurons.min() < 0 or neurons.max() >= values.shape[1]):
+        raise ValueError(f"`neurons` must index the {values.shape[1]} neurons of `{name}`, "
+                         f"received {neurons.tolist()}.")
+    time = np.arange(values.shape[0]) * dt
+    for j in neurons:
+        ax.plot(time, values[:, j], linewidth=0.8, **style)
+    ax.set_xlim(0, values.shape[0] * dt)
+    ax.set_ylabel(ylabel)
+    return ax
+
+
+def voltage(ax, v, dt=1.0, neurons=None, threshold=None):
+    """Membrane potentials v (T, n) of selected ``neurons`` (default up to 8) over time (ms);
+    ``threshold`` (a float or (T, n) adaptive thresholds) is drawn dashed. Returns ax."""
+    _traces(ax, "v", v, dt, neurons, "voltage")
+    if threshold is not None:
+        if np.ndim(threshold) == 0:
+            ax.axhline(float(threshold), color="gray", linestyle="--", linewidth=0.8)
+        else:
+            chosen = _select(np.shape(threshold)[1], 8) if neurons is None else neurons
+            _traces(ax, "threshold", threshold, dt, chosen, "voltage", linestyle="--",
+                    color="gray")
+    return ax
+
+
+def thresholds(ax, A, dt=1.0, neurons=None):
+    """Adaptive thresholds A (T, n) of selected ``neurons`` (default up to 8) over time (ms).
+    Returns ax."""
+    return _traces(ax, "A", A, dt, neurons, "threshold")
+
+
+def output_traces(ax, y, dt=1.0, labels=None, targets=None):
+    """Output traces y (T, n_out) (e.g. softmax probabilities) over time (ms), one line per
+    output; ``targets`` (T,) integer classes (-1 where undefined) are drawn as the probability 1
+    line of the target class. Returns ax."""
+    y = _array("y", y)
+    dt = _check_dt(dt)
+    time = np.arange(y.shape[0]) * dt
+    cmap = _pyplot().get_cmap("tab10")
+    for k in range(y.shape[1]):
+        ax.plot(time, y[:, k], linewidth=1.0, color=cmap(k % 10),
+                label=None if labels is None else str(labels[k]))
+    if targets is not None:
+        targets = _array("targets", targets, ndim=1)
+        if len(targets) != y.shape[0]:
+            raise ValueError(f"`targets` must have one entry per step ({y.shape[0]}), received "
+                             f"{len(targets)}.")
+        for k in range(y.shape[1]):
+            on = np.where(targets == k, 1.05, np.nan)
+            ax.plot(time, on, linewidth=3.0, color=cmap(k % 10), alpha=0.6)
+    ax.set_xlim(0, y.shape[0] * dt)
+    ax.set_ylabel("output")
+    if labels is not None:
+        ax.legend(fontsize=6, ncol=min(len(labels), 10), loc="upper left", frameon=False)
+    return ax
+
+
+def learning_curve(history, keys=None, ax=None, steps=None, xlabel="iteration", log=False):
+    """Learning curves from a history (a ``keras.callbacks.History`` or a dict of lists).
+
+    Args:
+        history: ``History`` or ``{"loss": [...], "val_accuracy": [...]}``.
+        keys: entries to draw (default all).
+        ax: axes to draw on (default a new figure).
+        steps: x values (default 1, 2, ...); a dict gives x values per key.
+        xlabel: label of the x axis.
+        log: logarithmic y axis.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    plt = _pyplot()
+    values = getattr(history, "history", history)
+    if not isinstance(values, dict):
+        raise TypeError("`history` must be a keras History or a dict of lists, received "
+                        f"{type(history).__name__}.")
+    keys = list(values) if keys is None else list(keys)
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise ValueError(f"`keys` {missing} are not in the history (it has {sorted(values)}).")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3))
+    else:
+        fig = ax.figure
+    for key in keys:
+        y = np.asarray(values[key], np.float64)
+        x = steps.get(key) if isinstance(steps, dict) else steps
+        x = np.arange(1, len(y) + 1) if x is None else np.asarray(x)
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} x values for {len(y)} values of {key!r}.")
+        ax.plot(x, y, label=key, linewidth=1.2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=None, dt=1.0,
+                    output_labels=None, targets=None, max_neurons=100, title=None):
+    """The LSNN figure of one sample: input raster, LIF raster, ALIF raster, thresholds of the
+    ALIF neurons and outputs over time.
+
+    Args:
+        inputs: (T, n_in) input spikes (drawn as a raster) or analog inputs (drawn as lines
+            when they are not 0/1).
+        spikes: (T, n) spikes of the recurrent layer.
+        thresholds: optional (T, n) adaptive thresholds A_t; the adaptive neurons' ones are drawn.
+        outputs: optional (T, n_out) outputs (e.g. softmax probabilities).
+        n_regular: number of LIF neurons first in the layer (LSNN layout); None for one raster.
+        dt: time step in ms.
+        output_labels: names of the outputs for the legend.
+        targets: optional (T,) target class per step (-1 where undefined).
+        max_neurons: most neurons shown per raster.
+        title: figure title.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    plt = _pyplot()
+    inputs = _array("inputs", inputs)
+    spikes = _array("spikes", spikes)
+    dt = _check_dt(dt)
+    if inputs.shape[0] != spikes.shape[0]:
+        raise ValueError(f"`inputs` ({inputs.shape[0]} steps) and `spikes` ({spikes.shape[0]} "
+                         "steps) must have the same length.")
+    if n_regular is not None and not 0 <= int(n_regular) <= spikes.shape[1]:
+        raise ValueError(f"`n_regular` must be in 0..{spikes.shape[1]}, received {n_regular!r}.")
+    groups = [("input", inputs)]
+    if n_regular is None or n_regular in (0, spikes.shape[1]):
+        groups.append(("spikes", spikes))
+    else:
+        groups += [("LIF", spikes[:, :n_regular]), ("ALIF", spikes[:, n_regular:])]
+    n_panels = len(groups) + (thresholds is not None) + (outputs is not None)
+    fig, axes = plt.subplots(n_panels, 1, sharex=True, figsize=(7, 1.5 * n_panels + 0.5))
+    axes = np.atleast_1d(axes)
+    for ax, (name, data) in zip(axes, groups):
+        if name == "input" and not np.all(np.isin(data, (0.0, 1.0))):
+            _traces(ax, "inputs", data, dt, _select(data.shape[1], 8), "input")
+        else:
+            raster(ax, data, dt=dt, max_neurons=max_neurons, label=name)
+    k = len(groups)
+    if thresholds is not None:
+        A = _array("thresholds", thresholds)
+        start = 0 if n_regular is None else int(n_regular)
+        chosen = start + _select(A.shape[1] - start, 8) if A.shape[1] > start else None
+        _traces(axes[k], "thresholds", A, dt, chosen, "threshold")
+        k += 1
+    if outputs is not None:
+        output_traces(axes[k], outputs, dt=dt, labels=output_labels, targets=targets)
+    axes[-1].set_xlabel("time (ms)")
+    for ax in axes:
+        ax.spines["top"].set_visible(False)
+        ax.spines["right"].set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path, formats=("png", "pdf"), dpi=150, overwrite=False):
+    """Save ``fig`` as ``path.png`` and ``path.pdf`` (``formats``) and close it.
+
+    Existing files are never replaced unless ``overwrite=True``: a FileExistsError names the
+    file. Returns the list of written paths.
+    """
+    plt = _pyplot()
+    path = os.fspath(path)
+    stem, extension = os.path.splitext(path)
+    if extension.lstrip(".") in ("png", "pdf", "svg"):
+        path = stem
+    targets = [f"{path}.{fmt}" for fmt in formats]
+    if not overwrite:
+        for target in targets:
+            if os.path.exists(target):
+                raise FileExistsError(f"{target!r} exists; kspike does not overwrite figures "
+                                      "(choose another path or pass overwrite=True).")
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    for target in targets:
+        fig.savefig(target, dpi=dpi)
+    plt.close(fig)
+    return targets
