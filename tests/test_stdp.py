@@ -212,6 +212,16 @@ def test_gradient_mode_and_direct_mode(rng):
     assert_relative(dense.kernel.numpy() - w0, 0.1 * expected, rtol=1e-5)
 
 
+def test_compute_traced_first_inside_tf_function(rng):
+    inputs = keras.Input((6, 4))
+    first = keras.layers.RNN(kspike.LIF(5, recurrent=False, thr=0.02), return_sequences=True)
+    model = keras.Model(inputs, keras.layers.Dense(2)(first(inputs)))
+    rule = STDP(synapse=first, scale=0.1)
+    x = spikes(rng, (2, 6, 4), p=0.5)
+    grads = tf.function(lambda: rule.compute(model, x, None, None).gradients)()
+    assert sum(g is not None for g in grads) == 1
+
+
 def test_dense_in_a_model_compute_without_loss(rng):
     """Dense followed by spiking neurons inside a Keras model; only STDP gets a gradient."""
     inputs = keras.Input((15, 6))
@@ -252,10 +262,10 @@ def test_mixed_model_stdp_first_layer_adam_rest(rng):
     x = (rng.random((32, T, n_in)) < rates[:, None, :]).astype(np.float32)
     y = labels.astype(np.int32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    rule = STDP(tau_pre=2.0, tau_post=10.0, scale=1e-3, synapse=first)
+    rule = STDP(tau_pre=2.0, tau_post=10.0, scale=1e-3, synapse=first.cell)
     # One batch: the STDP kernel gets exactly -scale * dW, the others BPTT gradients.
     result = rule.compute(model, x, y, loss)
-    post = keras.Model(model.inputs, first.output)(x).numpy()
+    post = keras.Model(model.inputs[0], first.output)(x).numpy()
     expected, _, _ = np_stdp_dense(first.cell.input_kernel.numpy().astype(np.float64), x, post,
                                    2.0, 10.0)
     grads = dict(zip([v.path for v in model.trainable_variables], result.gradients))

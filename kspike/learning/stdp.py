@@ -483,13 +483,25 @@ class STDP(LearningRule):
         return [(dw, var) for var, dw in changes]
 
     # ------------------------------------------------------------------ model API
+    def check_model(self, model):
+        """Build the probe reading the synapse's activity (raises ValueError if impossible)."""
+        self._probe(model)
+
     def _probe(self, model):
         syn = self._need_synapse()
         key = id(model)
         if key not in self._probes:
+            layer = syn.layer
+            if syn.kind == "cell" and layer is syn.cell:
+                # a bare cell: read the activity of the sequence layer that runs it
+                wrappers = [l for l in model.layers if getattr(l, "cell", None) is syn.cell]
+                if len(wrappers) != 1:
+                    raise ValueError(f"The cell {syn.cell.name!r} is run by {len(wrappers)} "
+                                     "layers of the model; pass the RNN layer as `synapse`.")
+                layer = wrappers[0]
             try:
-                pre = syn.layer.input
-                post = (syn.layer if syn.kind == "cell" else syn.neurons).output
+                pre = layer.input
+                post = (layer if syn.kind == "cell" else syn.neurons).output
                 inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
                 probe = keras.Model(inputs, [pre, post] + list(tf.nest.flatten(model.outputs)))
             except (AttributeError, ValueError) as error:
