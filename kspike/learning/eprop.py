@@ -305,7 +305,7 @@ class EProp(_FeedbackRule):
                         e = eps[:, :, None] * dz_dv[:, None, :]
                         ebar = kappa * lv["ebar_plain"] + (1.0 - kappa) * e
                         lv["ebar_plain"] = ebar
-                        g = tf.einsum("bpj,bj->pj", ebar, learning[:, :n0])
+                        g = tf.reduce_sum(ebar * learning[:, None, :n0], axis=0)
                         if reg is not None:
                             g = g + tf.matmul(eps, reg[:n0] * dz_dv, transpose_a=True)
                     else:
@@ -334,13 +334,13 @@ class EProp(_FeedbackRule):
                     if online:
                         ebar = kappa * lv["ebar_a"] + (1.0 - kappa) * e
                         lv["ebar_a"] = ebar
-                        g = tf.einsum("bpj,bj->pj", ebar, post)
+                        g = tf.reduce_sum(ebar * post[:, None, :], axis=0)
                         if reg is not None:
-                            g = g + tf.einsum("bpj,j->pj", e, reg[n0:])
+                            g = g + reg[n0:] * tf.reduce_sum(e, axis=0)
                     else:
                         if reg is not None:
                             post = post + reg[n0:]
-                        g = tf.einsum("bpj,bj->pj", e, post)
+                        g = tf.reduce_sum(e * post[:, None, :], axis=0)
                     grad = g if grad_plain is None else tf.concat([grad_plain, g], axis=1)
                 else:
                     grad = grad_plain
