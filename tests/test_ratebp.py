@@ -105,6 +105,58 @@ def test_rate_gradient_equals_analytic_when_rates_are_linear(rng):
                                rtol=1e-5, atol=1e-7)
 
 
+def np_alif_statistics(x, w_in, thr, beta, alpha, rho, gamma, n_refractory):
+    """Independent ALIF simulation with refractoriness: rbar and elig (psi / A_t, masked)."""
+    B, T, _ = x.shape
+    n = w_in.shape[1]
+    v, b, z, r = (np.zeros((B, n)) for _ in range(4))
+    kappa, z_sum, elig_sum = np.zeros((B, n)), np.zeros((B, n)), np.zeros((B, n))
+    for t in range(T):
+        current = x[:, t] @ w_in
+        b = rho * b + (1 - rho) * z
+        A = thr + beta * b
+        v = alpha * v + (1 - alpha) * current - A * z
+        scaled = (v - A) / A
+        allowed = (r == 0).astype(np.float64)
+        z_new = (scaled > 0).astype(np.float64) * allowed
+        psi = gamma * np.maximum(0.0, 1.0 - np.abs(scaled)) * allowed
+        r = np.where(z_new > 0.5, float(n_refractory), np.maximum(r - 1.0, 0.0))
+        z = z_new
+        kappa = 1.0 + alpha * kappa
+        elig_sum += psi / A * (1 - alpha) * kappa
+        z_sum += z
+    return z_sum / T, elig_sum / T
+
+
+def test_alif_with_refractoriness_matches_numpy(rng):
+    T, n_in = 50, 5
+    inputs = keras.Input((T, n_in))
+    layer = keras.layers.RNN(kspike.ALIF(6, n_adaptive=3, thr=0.02, beta=1.5,
+                                         tau_adaptation=30.0, n_refractory=2, recurrent=False,
+                                         input_initializer=keras.initializers.RandomUniform(
+                                             -0.05, 0.1, seed=0)), return_sequences=True)
+    dense = keras.layers.Dense(2, use_bias=False)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(dense(layer(inputs))))
+    x = (rng.random((3, T, n_in)) < 0.5).astype(np.float32)
+    weights = rng.normal(size=(3, 2))
+
+    def linear_loss(y_true, y_pred, sample_weight=None):
+        return tf.reduce_sum(y_pred * tf.cast(y_true, y_pred.dtype))
+
+    result = RateBP().compute(model, x, weights.astype(np.float32), linear_loss)
+    beta = np.r_[np.zeros(3), np.full(3, 1.5)]
+    w_in = layer.cell.input_kernel.numpy().astype(np.float64)
+    rbar, elig = np_alif_statistics(x.astype(np.float64), w_in, 0.02, beta, np.exp(-1 / 20.0),
+                                    np.exp(-1 / 30.0), 0.3, 2)
+    assert 0.05 < rbar.mean() < 0.95 and 0 < rbar[:, :3].mean() and 0 < rbar[:, 3:].mean()
+    wd = dense.kernel.numpy().astype(np.float64)
+    np.testing.assert_allclose(result.predictions.numpy(), rbar @ wd, rtol=1e-5, atol=1e-7)
+    grads = dict(zip([v.path for v in model.trainable_variables], result.gradients))
+    expected = x.mean(1).T @ (elig * (weights @ wd.T))
+    np.testing.assert_allclose(grads[layer.cell.input_kernel.path].numpy(), expected,
+                               rtol=1e-4, atol=1e-7)
+
+
 def _peak_rss_growth_kib(fn):
     def hwm():
         with open("/proc/self/status") as f:
