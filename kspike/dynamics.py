@@ -131,7 +131,10 @@ def spike_pseudo_derivative(v, A, params, allowed=None):
     """
     psi = params.spike_function.pseudo_derivative((v - A) / A)
     if allowed is not None:
-        psi = psi * tf.cast(allowed, psi.dtype)
+        if allowed.dtype == tf.bool:
+            psi = tf.where(allowed, psi, tf.constant(0.0, psi.dtype))
+        else:
+            psi = psi * tf.cast(allowed, psi.dtype)
     return psi
 
 
@@ -165,16 +168,18 @@ def neuron_step_vjp(grad_z, grad_v, grad_b, grad_A, v, A, z_previous, params, al
         (grad_current, grad_v_previous, grad_b_previous, grad_z_previous): each (B, n);
         grad_b_previous is None for a LIF layer (``params.beta`` None or grad_b None).
     """
-    grad_x = grad_z * spike_pseudo_derivative(v, A, params, allowed)
-    grad_v_total = grad_v + grad_x / A
+    # dL/dx_t / A_t appears in both dL/dv_t and dL/dA_t: computed once.
+    grad_x_over_A = grad_z * spike_pseudo_derivative(v, A, params, allowed) / A
+    grad_v_total = grad_v + grad_x_over_A
     grad_current = (1.0 - params.alpha) * grad_v_total
     grad_v_previous = params.alpha * grad_v_total
     if grad_b is None or params.beta is None:
         return grad_current, grad_v_previous, None, -A * grad_v_total
-    grad_A_total = -(grad_x * v / (A * A)) - grad_v_total * z_previous
+    # minus dL/dA_t: psi v / A^2 dL/dz_t + z_{t-1} dL/dv_t.
+    minus_grad_A = grad_x_over_A * (v / A) + grad_v_total * z_previous
     if grad_A is not None:
-        grad_A_total = grad_A_total + grad_A
-    grad_b_total = grad_b + params.beta * grad_A_total
+        minus_grad_A = minus_grad_A - grad_A
+    grad_b_total = grad_b - params.beta * minus_grad_A
     grad_b_previous = params.rho * grad_b_total
     grad_z_previous = (1.0 - params.rho) * grad_b_total - A * grad_v_total
     return grad_current, grad_v_previous, grad_b_previous, grad_z_previous

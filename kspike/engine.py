@@ -136,10 +136,12 @@ def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_
     return tas, list(final)
 
 
-def _raw_outputs(cell, params, tas, masked, output_all):
-    """[z] or [z, v, A] sequences (T, B, n) from the forward TensorArrays, and the stacked z
-    states (T + 1, B, n)."""
+def _raw_outputs(cell, params, tas, masked, output_all, sequences=True):
+    """[z] or [z, v, A] sequences (T, B, n) from the forward TensorArrays ([] when
+    ``sequences`` is False), and the stacked z states (T + 1, B, n)."""
     z_states = tas["z"].stack()
+    if not sequences:
+        return [], z_states
     z_seq = tas["raw_z"].stack() if masked else z_states[1:]
     outputs = [z_seq]
     if output_all:
@@ -152,7 +154,7 @@ def _raw_outputs(cell, params, tas, masked, output_all):
     return outputs, z_states
 
 
-def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
+def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True):
     """The forward loop with the cell's own spike function, differentiated by TensorFlow.
 
     Used when no gradient tape is recording (inference, export): no buffers are kept for a
@@ -162,11 +164,11 @@ def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
     params = cell.parameters(states[0].dtype)
     tas, final_states = _forward(cell, params, x, w_in, w_rec, bias, states, mask, output_all,
                                  for_backward=False)
-    outputs, _ = _raw_outputs(cell, params, tas, mask is not None, output_all)
+    outputs, _ = _raw_outputs(cell, params, tas, mask is not None, output_all, sequences)
     return outputs, final_states
 
 
-def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
+def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True):
     """Forward loop over a whole sequence, with a hand-written gradient.
 
     Args:
@@ -178,10 +180,13 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
         states: list of (B, n) initial states in the state dtype, Keras order.
         mask: (T, B, 1) 0/1 in the state dtype, or None.
         output_all: also return the v_t and A_t sequences.
+        sequences: return the per-step outputs (else only the final states, and the backward
+            pass skips the per-step output gradients).
 
     Returns:
         (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
-        state dtype, the values of every step before masking; final_states in Keras order.
+        state dtype, the values of every step before masking ([] without ``sequences``);
+        final_states in Keras order.
     """
     state_dtype = states[0].dtype
     compute_dtype = x.dtype
@@ -217,7 +222,7 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
         steps = tf.shape(x)[0]
         tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial, mask,
                                      output_all, for_backward=True)
-        outputs, z_states = _raw_outputs(cell, params, tas, masked, output_all)
+        outputs, z_states = _raw_outputs(cell, params, tas, masked, output_all, sequences)
 
         def grad_fn(*grads):
             n_out = len(outputs)
@@ -229,8 +234,9 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
             def unstack(tensor):
                 return tf.TensorArray(state_dtype, size=steps).unstack(tensor)
 
-            gz_out_ta = unstack(out_grads[0])
-            if output_all:
+            if sequences:
+                gz_out_ta = unstack(out_grads[0])
+            if sequences and output_all:
                 gv_out_ta = unstack(out_grads[1])
                 gA_out_ta = unstack(out_grads[2]) if adaptive else None
             if masked:
@@ -249,9 +255,10 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
                     gb_new = m * gb if adaptive else None
                 else:
                     gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
-                gz_new = gz_new + gz_out_ta.read(t)
                 gA_out = None
-                if output_all:
+                if sequences:
+                    gz_new = gz_new + gz_out_ta.read(t)
+                if sequences and output_all:
                     gv_new = gv_new + gv_out_ta.read(t)
                     if adaptive:
                         gA_out = gA_out_ta.read(t)
@@ -306,7 +313,7 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all):
         return tuple(outputs) + tuple(final_states), grad_fn
 
     results = run(*inputs)
-    n_out = 3 if output_all else 1
+    n_out = (3 if output_all else 1) if sequences else 0
     return list(results[:n_out]), list(results[n_out:])
 
 
@@ -411,7 +418,20 @@ class SpikingRNN(keras.layers.RNN):
         # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
         # differentiable by TensorFlow if its traced graph is differentiated later.
         loop = _sequence_loop if _tape_may_record() else _plain_loop
-        raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all)
+        # Without return_sequences (and mask) the last output is read from the final states,
+        # so no per-step output (nor its gradient) is materialised.
+        sequences = self.return_sequences or mask is not None
+        raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all,
+                                 sequences)
+        if not sequences:
+            final = cell.pack_state(final_states)
+            last_output = final.z
+            if output_all:
+                A = dynamics.threshold(final.b, cell.parameters(state_dtype))
+                A = tf.broadcast_to(tf.cast(A, state_dtype), tf.shape(final.v))
+                last_output = tf.concat([final.z, final.v, A], axis=-1)
+            last_output = tf.cast(last_output, compute_dtype)
+            return last_output, last_output[:, None], final_states
         outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)      # (T, B, out)
         if mask is not None:
             outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)

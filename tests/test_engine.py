@@ -149,6 +149,12 @@ def test_last_output_only_eager():
              compiled=False)
 
 
+@pytest.mark.parametrize("name", ["lif_all_outputs_multi_gaussian",
+                                  "alif_all_outputs_bias_gaussian"])
+def test_last_output_from_final_states(name):
+    _compare(CELLS[name], dict(return_sequences=False, return_state=True), initial=True)
+
+
 def test_refractory_counter_gradient_reaches_initial_state():
     out, grads = _compare(CELLS["alif_mix_refractory_ntail"],
                           dict(return_sequences=True, return_state=True), initial=True,
@@ -226,8 +232,6 @@ def test_tensor_kernels_gradients_reach_magnitudes():
 
 
 def test_rewired_cell_with_connectivity():
-    rewiring = pytest.importorskip("kspike.rewiring")
-    del rewiring
     _compare(lambda: kspike.ALIF(UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0,
                                  connectivity=0.5, seed=3),
              dict(return_sequences=True), initial=True, x=_inputs(scale=2.0))
@@ -425,7 +429,7 @@ def test_graph_traced_without_tape_is_differentiated_correctly():
 
 
 def test_export_serve_and_step(tmp_path):
-    export = pytest.importorskip("kspike.export")
+    from kspike import export
     x = _inputs(batch=2, scale=1.5)
     model = keras.Sequential([keras.Input((None, N_IN)),
                               kspike.SpikingRNN(CELLS["alif_mix_refractory_ntail"](),
