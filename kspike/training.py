@@ -181,17 +181,6 @@ def _describe(value):
         return repr(value)[:100]
 
 
-def _relaxed_spec(value):
-    """TensorSpec with an unknown batch size, so partial batches do not retrace."""
-    def spec(t):
-        t = tf.convert_to_tensor(t)
-        shape = t.shape.as_list()
-        if shape:
-            shape[0] = None
-        return tf.TensorSpec(shape, t.dtype)
-    return tf.nest.map_structure(spec, value)
-
-
 def _float(value):
     return float(np.asarray(value))
 
@@ -305,7 +294,8 @@ class Trainer:
         self._position = 0
         self._train_function = None
         self._eval_function = None
-        # How often the train and evaluate steps were traced (1 each in a healthy run).
+        # How often the train and evaluate steps were traced: 1 each when every batch has the
+        # same shape, 2 with a partial last batch, whatever the number of steps.
         self.trace_counts = {"train": 0, "evaluate": 0}
         self._writers = None
         self._last_saved_step = None
@@ -412,10 +402,11 @@ class Trainer:
             # its share of the batch, so 1/replicas makes the sum the global-batch gradient.
             pairs = [(g / replicas, v) for g, v in pairs]
         loss = tf.cast(result.loss, tf.float32)
-        checks = [tf.reduce_all(tf.math.is_finite(loss))]
-        checks += [tf.reduce_all(tf.math.is_finite(tf.cast(g, tf.float32)))
-                   for g, _ in pairs if not isinstance(g, tf.IndexedSlices)]
-        finite = tf.reduce_all(tf.stack(checks))
+        # One sum per gradient: NaN or inf anywhere makes its sum non-finite (a sum above
+        # 3e38 counts as non-finite too, which such a gradient is in practice).
+        sums = [tf.reduce_sum(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g,
+                                      tf.float32)) for g, _ in pairs]
+        finite = tf.reduce_all(tf.math.is_finite(tf.stack([tf.reshape(loss, [])] + sums)))
         self._apply_if_finite(pairs, finite)
         for metric in self.metrics:
             metric.update_state(y, result.predictions, sample_weight=sample_weight)
@@ -471,7 +462,7 @@ class Trainer:
         logs.update(firing_rate_logs(activities))
         return logs
 
-    def _make_function(self, kind, replica_fn, spec):
+    def _make_function(self, kind, replica_fn):
         def step(batch):
             # Counts traces (Python runs only while tracing): tests assert one trace per fit.
             self.trace_counts[kind] += 1
@@ -485,8 +476,9 @@ class Trainer:
             for metric in self.metrics:
                 logs[metric.name] = tf.cast(metric.result(), tf.float32)
             return logs
-        if self.strategy is None:
-            return tf.function(step, input_signature=[spec])
+        # Traced for the shapes of the first batch (fully known shapes run measurably faster
+        # than a signature with an unknown batch size); a batch of another shape (the last,
+        # partial one) makes one more, shape-generic trace that every later shape reuses.
         return tf.function(step, reduce_retracing=True)
 
     def _prepare(self, batch):
@@ -509,11 +501,9 @@ class Trainer:
             except ValueError:
                 if self.regularizers:
                     raise
-        spec = _relaxed_spec(tuple(t for t in (batch if isinstance(batch, (list, tuple))
-                                              else (batch,))))
         if self._train_function is None:
-            self._train_function = self._make_function("train", self._replica_train, spec)
-            self._eval_function = self._make_function("evaluate", self._replica_eval, spec)
+            self._train_function = self._make_function("train", self._replica_train)
+            self._eval_function = self._make_function("evaluate", self._replica_eval)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_object(self):

@@ -94,14 +94,20 @@ def test_loss_decreases_on_delayed_cue():
     assert all(r > 1.0 for r in history.history["firing_rate"]), history.history["firing_rate"]
 
 
-def test_one_trace_for_partial_batches_and_evaluate():
+def test_no_retracing_per_batch():
     model = make_model()
     trainer = Trainer(model, "adam", LOSS, metrics=["accuracy"], verbose=0)
-    ds = dataset(20, 8)  # batches of 8, 8, 4
-    trainer.fit(ds, epochs=2, validation_data=ds)
-    trainer.evaluate(ds)
-    assert trainer.step == 6
+    trainer.fit(dataset(32, 8), epochs=2, validation_data=dataset(16, 8))
+    trainer.evaluate(dataset(24, 8))
+    assert trainer.step == 8
     assert trainer.trace_counts == {"train": 1, "evaluate": 1}
+    # A partial last batch (8, 8, 4) adds one shape-generic trace, reused by every later
+    # batch of any size.
+    ragged = dataset(20, 8)
+    trainer.fit(ragged, epochs=5, validation_data=ragged)
+    trainer.fit(dataset(15, 5), epochs=6)
+    assert trainer.step == 8 + 3 * 3 + 3
+    assert trainer.trace_counts == {"train": 2, "evaluate": 2}
 
 
 def test_evaluate_matches_manual_mean():
