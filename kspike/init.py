@@ -54,13 +54,15 @@ With these values the paper predicts dampening ~0.2 and sharpness ~1 for its set
 import math
 from typing import NamedTuple
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from kspike import surrogates
 
 __all__ = ["StabilizationReport", "recurrent_mean", "recurrent_variance", "dampening",
-           "sharpness", "squared_pseudo_derivative_mean", "stabilize", "stabilize_stack"]
+           "sharpness", "squared_pseudo_derivative_mean", "stabilize", "stabilize_stack",
+           "StabilizingRecurrent"]
 
 
 def _number(name, value, positive=False, allow_zero=True):
@@ -217,6 +219,67 @@ def sharpness(surrogate, dampening_factor, alpha, thr, n_rec, recurrent_second_m
         else:
             high = mid
     return math.exp(0.5 * (low + high))
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class StabilizingRecurrent(keras.initializers.Initializer):
+    """Recurrent-kernel initialiser: N(mu_rec, var_rec) of conditions I and II, zero diagonal.
+
+    Use it as ``recurrent_initializer`` of a cell with the same tau, thr and dt; n_rec is read
+    from the kernel's shape. (``stabilize`` additionally fixes the sample moments exactly and
+    sets the surrogate of conditions III-IV.)
+
+    Args:
+        tau: membrane time constant in ms. thr: threshold. dt: time step in ms.
+        n_in: input features of the cell.
+        input_mean, input_var: statistics of each input feature per time step.
+        input_weight_var: Var(W_in); default 1 / n_in (kspike's N(0, 1) / sqrt(fan_in)).
+        seed: integer seed.
+
+    Example:
+
+    >>> init = kspike.init.StabilizingRecurrent(tau=20.0, thr=0.03, n_in=40, input_mean=0.1,
+    ...                                         input_var=0.09)
+    >>> cell = kspike.LIF(100, thr=0.03, recurrent_initializer=init)
+    """
+
+    def __init__(self, tau=20.0, thr=0.03, dt=1.0, n_in=1, input_mean=0.0, input_var=1.0,
+                 input_weight_var=None, seed=None):
+        self.tau = _number("tau", tau, positive=True, allow_zero=False)
+        self.thr = _number("thr", thr, positive=True, allow_zero=False)
+        self.dt = _number("dt", dt, positive=True, allow_zero=False)
+        if isinstance(n_in, bool) or not isinstance(n_in, (int, np.integer)) or n_in < 1:
+            raise ValueError(f"`n_in` must be an integer >= 1, received {n_in!r}.")
+        self.n_in = int(n_in)
+        self.input_mean = _number("input_mean", input_mean)
+        self.input_var = _number("input_var", input_var, positive=True)
+        self.input_weight_var = (1.0 / self.n_in if input_weight_var is None else
+                                 _number("input_weight_var", input_weight_var, positive=True))
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"`seed` must be an integer or None, received {seed!r}.")
+        self.seed = seed
+
+    def moments(self, n_rec):
+        """(mean, variance) of conditions I and II for ``n_rec`` neurons."""
+        alpha = math.exp(-self.dt / self.tau)
+        mu = recurrent_mean(n_rec, alpha, self.thr)
+        return mu, recurrent_variance(n_rec, self.n_in, self.input_mean, self.input_var,
+                                      self.input_weight_var, mu)
+
+    def __call__(self, shape, dtype=None):
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"StabilizingRecurrent initialises square (n, n) kernels, "
+                             f"received shape {tuple(shape)}.")
+        mu, var = self.moments(int(shape[0]))
+        dtype = dtype or "float32"
+        w = keras.random.normal(shape, mean=mu, stddev=math.sqrt(var), dtype=dtype,
+                                seed=self.seed)
+        return w * tf.cast(1.0 - tf.eye(shape[0]), w.dtype)
+
+    def get_config(self):
+        return {"tau": self.tau, "thr": self.thr, "dt": self.dt, "n_in": self.n_in,
+                "input_mean": self.input_mean, "input_var": self.input_var,
+                "input_weight_var": self.input_weight_var, "seed": self.seed}
 
 
 class StabilizationReport(NamedTuple):

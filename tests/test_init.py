@@ -115,6 +115,29 @@ def test_deep_stack_keeps_firing_where_default_goes_silent():
     assert stable[-1] > 0.1, stable
 
 
+def test_stabilizing_recurrent_initializer_moments_and_config():
+    initializer = init.StabilizingRecurrent(tau=20.0, thr=0.03, n_in=40, input_mean=0.2,
+                                            input_var=0.16, seed=2)
+    n = 300
+    alpha = math.exp(-1.0 / 20.0)
+    mu = (3 - 2 * alpha) * 0.03 / ((1 - alpha) * (n - 1))
+    var = (0.16 + 0.04) * (1.0 / 40) * 40 / (n - 1) - mu ** 2 / 2
+    assert initializer.moments(n) == pytest.approx((mu, var), rel=1e-12)
+    cell = kspike.LIF(n, thr=0.03, recurrent_initializer=initializer)
+    keras.layers.RNN(cell).build((None, None, 40))
+    w = cell.recurrent_kernel.numpy().astype(np.float64)
+    off = w[~np.eye(n, dtype=bool)]
+    assert np.all(np.diag(w) == 0)
+    assert abs(off.mean() - mu) < 4 * math.sqrt(var / off.size)
+    assert off.var() == pytest.approx(var, rel=0.02)
+    clone = init.StabilizingRecurrent.from_config(initializer.get_config())
+    assert clone.get_config() == initializer.get_config()
+    restored = kspike.LIF.from_config(cell.get_config())
+    assert isinstance(restored.recurrent_initializer, init.StabilizingRecurrent)
+    with pytest.raises(ValueError, match="square"):
+        initializer((3, 4))
+
+
 def test_errors_are_clear():
     cell = kspike.LIF(10)
     with pytest.raises(ValueError, match="not built"):
