@@ -1,9 +1,10 @@
 """Benchmark tasks as tf.data pipelines (nothing is downloaded)."""
-from kspike.tasks._common import window_logits
+from kspike.tasks._common import window_accuracy, window_cross_entropy, window_logits
 from kspike.tasks.evidence import evidence_accumulation, evidence_logits
 from kspike.tasks.shd import shd
 from kspike.tasks.smnist import mnist_logits, sequential_mnist, threshold_crossing_encoding
-from kspike.tasks.store_recall import recall_error, store_recall
+from kspike.tasks.store_recall import RecallError, recall_error, store_recall
 
 __all__ = ["sequential_mnist", "store_recall", "evidence_accumulation", "shd", "mnist_logits",
-           "evidence_logits", "recall_error", "threshold_crossing_encoding", "window_logits"]
+           "evidence_logits", "recall_error", "threshold_crossing_encoding", "window_logits",
+           "window_cross_entropy", "window_accuracy", "RecallError"]

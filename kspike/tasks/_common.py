@@ -131,3 +131,36 @@ def bernoulli_positions(rng, n_trials, p):
         more = np.cumsum(rng.geometric(p, size=chunk)) + positions[-1]
         positions = np.concatenate([positions, more])
     return positions[positions < n_trials]
+
+
+def window_cross_entropy(steps, name="window_cross_entropy"):
+    """Keras loss: sparse softmax cross-entropy of the logits averaged over the last ``steps``
+    steps of the readout y_pred (B, T, n_classes), against labels y_true (B,).
+
+    The loss of sequential MNIST (steps = 56) and evidence accumulation (steps = 150); usable
+    with ``model.fit``, ``kspike.Trainer`` and every learning rule (e-prop differentiates it with
+    respect to each step's output)."""
+    import keras
+    steps = check_positive_int("steps", steps)
+
+    class WindowCrossEntropy(keras.losses.Loss):
+        def call(self, y_true, y_pred):
+            logits = window_logits(y_pred, steps)
+            labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+
+    return WindowCrossEntropy(name=name)
+
+
+def window_accuracy(steps, name="accuracy"):
+    """Keras metric: accuracy of the class with the largest logit averaged over the last
+    ``steps`` steps of the readout (B, T, n_classes), against labels (B,)."""
+    import keras
+    steps = check_positive_int("steps", steps)
+
+    def window_accuracy(y_true, y_pred):
+        predicted = tf.argmax(window_logits(y_pred, steps), axis=-1, output_type=tf.int32)
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        return tf.cast(tf.equal(predicted, labels), tf.float32)
+
+    return keras.metrics.MeanMetricWrapper(window_accuracy, name=name)

@@ -17,6 +17,7 @@ is the bit shown with the last store; loss and error count recall characters onl
 The 100 input neurons form 4 groups of 25 (value 0, value 1, store, recall); the neurons of an
 active group fire Poisson spikes at ``input_rate`` (50 Hz), the others are silent.
 """
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -24,7 +25,7 @@ from kspike.tasks._common import (base_seed, check_positive_float, check_positiv
                                   bernoulli_positions, check_probability, check_seed,
                                   generated_dataset, numpy_rng)
 
-__all__ = ["store_recall", "generate_store_recall", "recall_error", "STORE",
+__all__ = ["store_recall", "generate_store_recall", "recall_error", "RecallError", "STORE",
            "RECALL"]
 
 STORE = 2    # symbol codes: 0 and 1 are the bits
@@ -227,12 +228,51 @@ def recall_error(y_true, y_pred, sample_weight, character_steps):
     y_pred = tf.convert_to_tensor(y_pred)
     if y_pred.shape.rank != 3:
         raise ValueError(f"`y_pred` must be (batch, time, 2), received {tuple(y_pred.shape)}.")
+    wrong, count = _recall_counts(y_true, y_pred, sample_weight, character_steps)
+    return tf.math.divide_no_nan(wrong, count)
+
+
+def _recall_counts(y_true, y_pred, sample_weight, character_steps):
+    y_pred = tf.convert_to_tensor(y_pred)
     batch, steps = tf.shape(y_pred)[0], tf.shape(y_pred)[1]
     per_character = tf.reduce_mean(
         tf.reshape(y_pred, (batch, steps // character_steps, character_steps, -1)), axis=2)
     predicted = tf.argmax(per_character, axis=-1, output_type=tf.int32)
     target = tf.cast(y_true, tf.int32)[:, ::character_steps]
-    is_recall = tf.cast(sample_weight, tf.float32)[:, ::character_steps] > 0
+    mask = tf.cast(tf.cast(sample_weight, tf.float32)[:, ::character_steps] > 0, tf.float32)
     wrong = tf.cast(tf.not_equal(predicted, target), tf.float32)
-    mask = tf.cast(is_recall, tf.float32)
-    return tf.math.divide_no_nan(tf.reduce_sum(wrong * mask), tf.reduce_sum(mask))
+    return tf.reduce_sum(wrong * mask), tf.reduce_sum(mask)
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class RecallError(keras.metrics.Metric):
+    """Keras metric of LSNN's recall error over all batches seen: wrong recall characters /
+    recall characters (see ``recall_error``); pass the recall mask as ``sample_weight``.
+
+    Args:
+        character_steps: steps per character (character_ms / dt).
+        name: metric name.
+    """
+
+    def __init__(self, character_steps, name="recall_error", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.character_steps = check_positive_int("character_steps", character_steps)
+        self.wrong = self.add_variable(shape=(), initializer="zeros", name="wrong")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is None:
+            raise ValueError("RecallError needs the recall mask as `sample_weight`.")
+        wrong, count = _recall_counts(y_true, y_pred, sample_weight, self.character_steps)
+        self.wrong.assign_add(wrong)
+        self.count.assign_add(count)
+
+    def result(self):
+        return tf.math.divide_no_nan(self.wrong, self.count)
+
+    def reset_state(self):
+        self.wrong.assign(0.0)
+        self.count.assign(0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "character_steps": self.character_steps}

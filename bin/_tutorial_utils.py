@@ -1,0 +1,101 @@
+"""Pieces shared by the kspike tutorial scripts: output folders, rules, activity probes."""
+import datetime
+import json
+import os
+import sys
+
+import numpy as np
+
+RULES = ("bptt", "eprop", "stllr")
+
+
+def quiet_tensorflow():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def add_common_arguments(parser, default_rule="bptt"):
+    parser.add_argument("--rule", choices=RULES, default=default_rule,
+                        help="learning rule: BPTT, e-prop or S-TLLR (default %(default)s)")
+    parser.add_argument("--output-dir", default=None,
+                        help="folder for figures and logs (default: a new folder under "
+                             "./results/); an existing non-empty folder is never overwritten: "
+                             "a new sub-folder is made in it")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds-long smoke run on synthetic data (no files needed)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def output_directory(requested, name):
+    """A fresh folder for this run's results; existing results are never overwritten."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    if requested is None:
+        base = os.path.join("results", name, stamp)
+    elif os.path.isdir(requested) and os.listdir(requested):
+        base = os.path.join(requested, f"run-{stamp}")
+    elif os.path.exists(requested) and not os.path.isdir(requested):
+        sys.exit(f"--output-dir {requested!r} is a file, not a folder.")
+    else:
+        base = requested
+    path, k = base, 1
+    while os.path.exists(path) and os.listdir(path):
+        k += 1
+        path = f"{base}-{k}"
+    os.makedirs(path, exist_ok=True)
+    print(f"Results go to {path}", flush=True)
+    return path
+
+
+def make_rule(name, **stllr_kwargs):
+    """The kspike learning rule called ``name``; a clear exit if it is not available."""
+    try:
+        from kspike import learning
+        cls = {"bptt": "BPTT", "eprop": "EProp", "stllr": "STLLR"}[name]
+        rule_class = getattr(learning, cls)
+    except (ImportError, AttributeError) as error:
+        sys.exit(f"--rule {name}: kspike.learning.{cls} is not available in this kspike "
+                 f"installation ({error}). Use --rule bptt.")
+    if name == "stllr":
+        return rule_class(**stllr_kwargs)
+    return rule_class()
+
+
+def save_json(path, data):
+    with open(path, "x") as f:           # "x": never replace an existing file
+        json.dump(data, f, indent=2, default=float)
+
+
+class ActivityProbe:
+    """Runs a trained ``Input -> SpikingRNN -> LeakyReadout`` model on a batch and returns the
+    spikes, voltages and thresholds of the spiking layer and the readout, for figures.
+
+    A twin of the recurrent layer is built with ``output="all"`` and the trained weights, so the
+    model used for training stays in its fastest form.
+    """
+
+    def __init__(self, model):
+        import keras
+        import kspike
+        layers = [layer for layer in model.layers
+                  if not isinstance(layer, keras.layers.InputLayer)]
+        self.rnn, self.readout = layers[0], layers[-1]
+        cell = self.rnn.cell
+        config = cell.get_config()
+        config["output"] = "all"
+        twin_cell = type(cell).from_config(config)
+        self.twin = kspike.SpikingRNN(twin_cell, return_sequences=True)
+        self.twin.build((None, None, cell.input_dim))
+        self.twin.set_weights(self.rnn.get_weights())
+        self.units = cell.units
+
+    def __call__(self, x):
+        import kspike
+        all_outputs = self.twin(x)
+        z, v, A = kspike.split_outputs(all_outputs)
+        y = self.readout(z)
+        return {"z": np.asarray(z), "v": np.asarray(v), "A": np.asarray(A),
+                "y": np.asarray(y)}
+
+
+def softmax(y):
+    e = np.exp(y - y.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
