@@ -238,8 +238,10 @@ def test_dense_in_a_model_compute_without_loss(rng):
     expected, _, _ = np_stdp_dense(dense.kernel.numpy().astype(np.float64), x, post, 2.0, 3.0)
     grads = dict(zip([v.path for v in model.trainable_variables], result.gradients))
     assert_relative(grads[dense.kernel.path], -expected)
+    w0 = dense.kernel.numpy().astype(np.float64)
     applied = rule.update(model, x)
-    assert len(applied) == 1
+    assert len(applied) == 1 and applied[0][1] is dense.kernel
+    assert_relative(dense.kernel.numpy() - w0, expected, rtol=1e-5)
 
 
 def _mixed_model(T, n_in):

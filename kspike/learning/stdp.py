@@ -26,7 +26,9 @@ with TensorFlow's padding rule) followed by spiking neurons, either wrapped in
 cells (bare or inside ``keras.layers.RNN`` / ``kspike.SpikingRNN``). The recurrent kernel's
 presynaptic spikes at step t are the layer's own spikes z_{t-1}; its diagonal change is 0.
 Not supported (a clear error is raised): Conv2D with dilation > 1 or groups > 1, other layer
-types, and cells with sparse rewired kernels (``connectivity``/``dale``).
+types, and cells with sparse rewired kernels (``connectivity``/``dale``). kspike has no
+weight-free spiking layer for (B, T, H, W, C) maps: for Conv2D the postsynaptic spikes are
+whatever the ``neurons`` layer outputs, or are passed to ``record`` directly.
 """
 import math
 
@@ -528,7 +530,7 @@ class STDP(LearningRule):
         """One batch: STDP kernels get -scale * dW as gradient, the rest backpropagation.
 
         With ``loss=None`` only the STDP kernels get a gradient (the others None) and the
-        returned loss is 0. Regularisers are not applied to the STDP kernels.
+        returned loss is 0. ``regularizers`` must be empty (a ValueError says so otherwise).
         """
         if regularizers:
             raise ValueError("STDP.compute does not take regularizers (STDP kernels follow "
