@@ -362,6 +362,9 @@ def _variables_of(obj):
             out.extend(_variables_of(item))
         return out
     if isinstance(obj, keras.layers.Layer):
+        if not obj.built:
+            raise ValueError(f"{type(obj).__name__} {obj.name!r} is not built yet, so it has no "
+                             "connections to count: call it on data (or build it) first.")
         return list(obj.weights)
     if isinstance(obj, keras.Variable) or isinstance(obj, tf.Variable):
         return [obj]
