@@ -391,3 +391,60 @@ def test_functional_chain_and_argument_errors():
     rule = EProp(feedback="random", seed=4, online=True)
     assert EProp.from_config(rule.get_config()).get_config() == rule.get_config()
     assert "feedback='random'" in repr(rule)
+
+
+def test_rewired_kernels_and_feed_forward_layer():
+    """Gradients reach DEEP R magnitudes through the effective kernel: d/dtheta = S * dE/dW on
+    active entries (chain rule), checked against a dense twin with the same effective weights;
+    a recurrent=False layer has input weights only."""
+    batch, steps, n_in, n_out = 3, 30, 5, 2
+    x = inputs(batch, steps, n_in, 0.4, "float32", seed=9)
+    y = tf.constant(np.random.default_rng(9).standard_normal((batch, steps, n_out)), tf.float32)
+    loss = keras.losses.MeanSquaredError()
+    sparse = build_model([kspike.LIF(6, thr=0.03, recurrent=False, seed=1),
+                          kspike.ALIF(6, n_adaptive=3, thr=0.03, connectivity=0.5, seed=2)],
+                         n_in, steps, n_out)
+    dense = build_model([kspike.LIF(6, thr=0.03, recurrent=False, seed=1),
+                         kspike.ALIF(6, n_adaptive=3, thr=0.03, seed=2)], n_in, steps, n_out)
+    cell = sparse.layers[1].cell
+    w_in, w_rec, _ = cell.effective_kernels("float32")
+    dense.layers[0].cell.input_kernel.assign(sparse.layers[0].cell.input_kernel)
+    dense.layers[1].cell.input_kernel.assign(w_in)
+    dense.layers[1].cell.recurrent_kernel.assign(w_rec)
+    dense.layers[2].set_weights(sparse.layers[2].get_weights())
+    got = {id(v): g for v, g in zip(sparse.trainable_variables,
+                                    EProp().gradients(sparse, x, y, loss))}
+    ref = {id(v): g for v, g in zip(dense.trainable_variables,
+                                    EProp().gradients(dense, x, y, loss))}
+    assert len(sparse.layers[0].trainable_variables) == 1      # recurrent=False: W_in only
+    assert got[id(sparse.layers[0].trainable_variables[0])] is not None
+    dense_cell = dense.layers[1].cell
+    for kind, dense_variable in (("input", dense_cell.input_kernel),
+                                 ("recurrent", dense_cell.recurrent_kernel)):
+        rewired = cell._rewired[kind]
+        mask, sign = rewired.mask.numpy(), rewired.sign.numpy()
+        want = ref[id(dense_variable)].numpy() * sign * mask
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(got[id(rewired.magnitude)].numpy() * mask, want, rtol=1e-5,
+                                   atol=1e-6 * np.abs(want).max())
+
+
+def test_in_trainer_with_adaptive_feedback_and_regularizer():
+    steps, n_in = 30, 4
+    model = build_model([kspike.LIF(12, thr=0.03, seed=0)], n_in, steps, 1)
+    rng = np.random.default_rng(0)
+    x = (rng.random((16, steps, n_in)) < 0.3).astype("float32")
+    target = np.sin(np.linspace(0, 6, steps))[None, :, None].repeat(16, 0).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices((x, target)).batch(8).repeat()
+    rule = EProp(feedback="adaptive", seed=2)
+    trainer = kspike.Trainer(model, keras.optimizers.Adam(0.02),
+                             keras.losses.MeanSquaredError(), rule=rule,
+                             regularizers=[kspike.regularizers.FiringRateRegularizer(0.02, 0.1)])
+    history = trainer.fit(ds, steps=12, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert any(k.startswith("firing_rate") for k in history.history)
+    fresh = EProp(feedback="adaptive", seed=2)
+    fresh.compute(model, tf.constant(x[:8]), tf.constant(target[:8]),
+                  keras.losses.MeanSquaredError(), training=False)
+    assert np.abs(fresh.feedback_weights[0].numpy()
+                  - rule.feedback_weights[0].numpy()).max() > 1e-4
