@@ -423,3 +423,41 @@ def test_shd_errors(tmp_path, rng):
         tasks.shd(tmp_path, split="validation")
     with pytest.raises(ValueError, match="`dt`"):
         tasks.shd(tmp_path, dt=0)
+
+
+# ----------------------------------------------------------------------------- losses, metrics
+def test_window_loss_and_accuracy_match_numpy(rng):
+    y_pred = rng.normal(size=(4, 30, 3)).astype(np.float32)
+    labels = np.array([0, 2, 1, 2])
+    logits = y_pred[:, -7:].mean(axis=1).astype(np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -log_softmax[np.arange(4), labels].mean()
+    loss = tasks.window_cross_entropy(7)(labels, y_pred)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    metric = tasks.window_accuracy(7)
+    metric.update_state(labels, y_pred)
+    assert float(metric.result()) == pytest.approx((logits.argmax(-1) == labels).mean())
+
+
+def test_recall_loss_and_metric_match_numpy(rng):
+    steps = 5
+    symbols = np.array([[2, 1, 3, 0, 2, 0, 3], [0, 2, 1, 1, 3, 1, 0]])
+    targets = np.array([[0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0]])
+    y = np.repeat(targets, steps, axis=1)
+    mask = np.repeat(symbols == 3, steps, axis=1).astype(np.float32)
+    y_pred = rng.normal(size=(2, 7 * steps, 2)).astype(np.float32)
+    logits = y_pred.reshape(2, 7, steps, 2).mean(axis=2).astype(np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_softmax, targets[..., None], axis=-1)[..., 0]
+    expected = ce[symbols == 3].mean()
+    loss = tasks.RecallCrossEntropy(steps)(y, y_pred, sample_weight=mask)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="recall mask"):
+        tasks.RecallCrossEntropy(steps)(y, y_pred)
+    metric = tasks.RecallError(steps)
+    metric.update_state(y[:1], y_pred[:1], sample_weight=mask[:1])
+    metric.update_state(y[1:], y_pred[1:], sample_weight=mask[1:])
+    wrong = (logits.argmax(-1) != targets)[symbols == 3]
+    assert float(metric.result()) == pytest.approx(wrong.mean())
+    rebuilt = tasks.RecallError.from_config(metric.get_config())
+    assert rebuilt.character_steps == steps

@@ -25,7 +25,8 @@ from kspike.tasks._common import (base_seed, check_positive_float, check_positiv
                                   bernoulli_positions, check_probability, check_seed,
                                   generated_dataset, numpy_rng)
 
-__all__ = ["store_recall", "generate_store_recall", "recall_error", "RecallError", "STORE",
+__all__ = ["store_recall", "generate_store_recall", "recall_error", "RecallError",
+           "RecallCrossEntropy", "STORE",
            "RECALL"]
 
 STORE = 2    # symbol codes: 0 and 1 are the bits
@@ -276,3 +277,43 @@ class RecallError(keras.metrics.Metric):
 
     def get_config(self):
         return {**super().get_config(), "character_steps": self.character_steps}
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class RecallCrossEntropy(keras.losses.Loss):
+    """LSNN's store-recall loss: softmax cross-entropy of the readout averaged over each recall
+    character, averaged over the recall characters of the batch.
+
+    Call with ``(y_true (B, T), y_pred (B, T, 2), sample_weight=recall mask (B, T))`` as yielded
+    by ``store_recall``; returns a scalar. (A per-step cross-entropy with the mask as
+    ``sample_weight`` also works, but Keras then divides by all B * T steps.)
+
+    Args:
+        character_steps: steps per character (character_ms / dt).
+    """
+
+    def __init__(self, character_steps, name="recall_cross_entropy", **kwargs):
+        kwargs.pop("reduction", None)
+        super().__init__(name=name, reduction="none", **kwargs)
+        self.character_steps = check_positive_int("character_steps", character_steps)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is None:
+            raise ValueError("RecallCrossEntropy needs the recall mask as `sample_weight`.")
+        y_pred = tf.convert_to_tensor(y_pred)
+        s = self.character_steps
+        batch, steps = tf.shape(y_pred)[0], tf.shape(y_pred)[1]
+        logits = tf.reduce_mean(tf.reshape(y_pred, (batch, steps // s, s, -1)), axis=2)
+        labels = tf.cast(y_true, tf.int32)[:, ::s]
+        mask = tf.cast(tf.cast(sample_weight, tf.float32)[:, ::s] > 0, logits.dtype)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        return tf.math.divide_no_nan(tf.reduce_sum(ce * mask), tf.reduce_sum(mask))
+
+    def call(self, y_true, y_pred):
+        raise NotImplementedError("RecallCrossEntropy is called with the recall mask: "
+                                  "loss(y_true, y_pred, sample_weight=mask).")
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("reduction", None)
+        return {**config, "character_steps": self.character_steps}
