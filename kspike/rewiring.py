@@ -211,12 +211,23 @@ def rewiring_step(magnitudes, masks, learning_rate, l1=0.0, temperature=0.0, all
     Returns:
         ``RewiringResult``.
     """
+    l1 = _check_non_negative("l1", l1)
+    temperature = _check_non_negative("temperature", temperature)
     magnitudes = [tf.convert_to_tensor(m) for m in magnitudes]
+    if not magnitudes:
+        raise ValueError("`magnitudes` must hold at least one kernel, received an empty list.")
     dtype = magnitudes[0].dtype
     masks = [tf.cast(m, dtype) for m in masks]
     shapes = [tuple(m.shape) for m in magnitudes]
     if allowed is None:
         allowed = [None] * len(magnitudes)
+    if len(masks) != len(magnitudes) or len(allowed) != len(magnitudes):
+        raise ValueError(f"`magnitudes`, `masks` and `allowed` must have the same length, "
+                         f"received {len(magnitudes)}, {len(masks)} and {len(allowed)}.")
+    for theta, mask in zip(magnitudes, masks):
+        if theta.shape != mask.shape:
+            raise ValueError(f"Each mask must have the shape of its magnitude, received "
+                             f"{tuple(mask.shape)} for {tuple(theta.shape)}.")
     if ((noise is None and temperature > 0) or keys is None) and seed is None:
         raise ValueError("rewiring_step needs `seed` unless `noise` and `keys` are given.")
     if noise is None and temperature > 0:

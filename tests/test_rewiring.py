@@ -191,6 +191,18 @@ def test_rewiring_step_matches_numpy(l1, temperature, lr):
     assert np.all(np.diag(result.masks[1].numpy()) == 0)
 
 
+def test_rewiring_step_rejects_bad_input():
+    theta, mask = np.ones((2, 3), "float32"), np.ones((2, 3), "float32")
+    with pytest.raises(ValueError, match="`l1`"):
+        rewiring.rewiring_step([theta], [mask], 0.1, l1=-1.0, seed=[0, 0])
+    with pytest.raises(ValueError, match="same length"):
+        rewiring.rewiring_step([theta], [mask, mask], 0.1, seed=[0, 0])
+    with pytest.raises(ValueError, match="shape"):
+        rewiring.rewiring_step([theta], [mask.T], 0.1, seed=[0, 0])
+    with pytest.raises(ValueError, match="`seed`"):
+        rewiring.rewiring_step([theta], [mask], 0.1)
+
+
 def test_deepr_sgd_step_matches_numpy_reference():
     model = small_model(units=8, connectivity=0.3, seed=6)
     x, y = data()
