@@ -208,7 +208,8 @@ def test_store_recall_dataset_spikes_follow_groups():
     x, y, mask = (v.numpy() for v in batches[0])
     assert x.shape == (6, 480, 20) and x.dtype == np.float32
     assert y.dtype == np.int32 and mask.dtype == np.float32
-    rng = common.numpy_rng(np.array([11, 0]))
+    first_draw = next(iter(tf.data.Dataset.random(seed=11, rerandomize_each_iteration=True)))
+    rng = common.numpy_rng(np.array([11, int(first_draw)]))
     structure = sr.generate_store_recall(rng, **{k: v for k, v in kwargs.items()})
     np.testing.assert_array_equal(y, structure["y"])
     np.testing.assert_array_equal(mask, structure["mask"])
@@ -226,6 +227,11 @@ def test_store_recall_dataset_spikes_follow_groups():
             np.testing.assert_array_equal(u.numpy(), v.numpy())
     other = next(iter(tasks.store_recall(seed=12, n_batches=1, **kwargs)))
     assert not np.array_equal(other[0].numpy(), x)
+    # Iterating again (a new epoch) draws new batches, unless asked to repeat them.
+    second_pass = next(iter(ds))
+    assert not np.array_equal(second_pass[0].numpy(), x)
+    fixed = tasks.store_recall(seed=11, n_batches=1, rerandomize_each_iteration=False, **kwargs)
+    np.testing.assert_array_equal(next(iter(fixed))[0].numpy(), next(iter(fixed))[0].numpy())
 
 
 def test_bernoulli_positions_are_bernoulli():
@@ -300,7 +306,8 @@ def test_evidence_dataset_spikes_and_seed():
     ds = tasks.evidence_accumulation(batch_size=8, seed=4, n_batches=1)
     x, y = next(iter(ds))
     assert x.shape == (8, 2250, 40) and x.dtype == tf.float32 and y.dtype == tf.int32
-    structure = ev.generate_evidence_accumulation(common.numpy_rng(np.array([4, 0])),
+    first_draw = next(iter(tf.data.Dataset.random(seed=4, rerandomize_each_iteration=True)))
+    structure = ev.generate_evidence_accumulation(common.numpy_rng(np.array([4, int(first_draw)])),
                                                   batch_size=8)
     np.testing.assert_array_equal(y.numpy(), structure["y"])
     rates = structure["group_rates"][:, :, np.repeat(np.arange(4), 10)]
@@ -434,6 +441,13 @@ def test_window_loss_and_accuracy_match_numpy(rng):
     expected = -log_softmax[np.arange(4), labels].mean()
     loss = tasks.window_cross_entropy(7)(labels, y_pred)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    window = y_pred[:, -7:].astype(np.float64)
+    per_step = window - np.log(np.exp(window).sum(-1, keepdims=True))
+    expected = -np.mean([per_step[b, :, labels[b]].mean() for b in range(4)])
+    loss = tasks.window_cross_entropy(7, average="loss")(labels, y_pred)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="`average`"):
+        tasks.window_cross_entropy(7, average="mean")
     metric = tasks.window_accuracy(7)
     metric.update_state(labels, y_pred)
     assert float(metric.result()) == pytest.approx((logits.argmax(-1) == labels).mean())

@@ -78,19 +78,25 @@ def base_seed(seed):
     return int(seed)
 
 
-def generated_dataset(make_batch, base, n_batches):
-    """A dataset of generated batches, batch i built by ``make_batch(seed_pair)`` where
-    ``seed_pair`` is the int64 (2,) tensor (base, i).
+def generated_dataset(make_batch, base, n_batches, rerandomize_each_iteration=True):
+    """A dataset of generated batches, each built by ``make_batch(seed_pair)`` from an int64 (2,)
+    tensor ``seed_pair = (base, r_i)``, where r_i is the i-th draw of
+    ``tf.data.Dataset.random(seed=base)``.
 
-    Batch i depends only on (base, i): iterating the dataset twice gives the same batches, and
-    batches are generated in parallel without Python generator state (which would also block the
-    interpreter at exit while an iterator is alive).
+    A batch depends only on its seed pair: two datasets with the same ``base`` give the same
+    batches. With ``rerandomize_each_iteration`` every new iteration over the dataset (e.g.
+    every epoch of a training loop that calls ``iter`` again) draws new batches, reproducibly;
+    without, every iteration repeats the same batches (a fixed validation set). There is no
+    Python generator state, so batches are built in parallel and nothing blocks the interpreter
+    at exit.
     """
-    indices = (tf.data.Dataset.counter() if n_batches is None
-               else tf.data.Dataset.range(n_batches))
+    draws = tf.data.Dataset.random(seed=base,
+                                   rerandomize_each_iteration=rerandomize_each_iteration)
+    if n_batches is not None:
+        draws = draws.take(n_batches)
     base = tf.constant(base, tf.int64)
-    dataset = indices.map(lambda i: make_batch(tf.stack([base, tf.cast(i, tf.int64)])),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = draws.map(lambda r: make_batch(tf.stack([base, r])),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(2)
 
 
@@ -133,21 +139,34 @@ def bernoulli_positions(rng, n_trials, p):
     return positions[positions < n_trials]
 
 
-def window_cross_entropy(steps, name="window_cross_entropy"):
-    """Keras loss: sparse softmax cross-entropy of the logits averaged over the last ``steps``
-    steps of the readout y_pred (B, T, n_classes), against labels y_true (B,).
+def window_cross_entropy(steps, average="logits", name="window_cross_entropy"):
+    """Keras loss of a class read from the last ``steps`` steps of the readout y_pred
+    (B, T, n_classes), against labels y_true (B,).
 
-    The loss of sequential MNIST (steps = 56) and evidence accumulation (steps = 150); usable
-    with ``model.fit``, ``kspike.Trainer`` and every learning rule (e-prop differentiates it with
-    respect to each step's output)."""
+    Args:
+        steps: number of final steps (sequential MNIST: 56; evidence accumulation: 150).
+        average: "logits" takes the softmax cross-entropy of the logits averaged over the
+            window (LSNN's sequential MNIST); "loss" averages the per-step cross-entropies over
+            the window (e-prop's evidence accumulation).
+        name: loss name.
+
+    Usable with ``model.fit``, ``kspike.Trainer`` and every learning rule (e-prop
+    differentiates it with respect to each step's output)."""
     import keras
     steps = check_positive_int("steps", steps)
+    check_choice("average", average, ("logits", "loss"))
 
     class WindowCrossEntropy(keras.losses.Loss):
         def call(self, y_true, y_pred):
-            logits = window_logits(y_pred, steps)
             labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+            if average == "logits":
+                logits = window_logits(y_pred, steps)
+                return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
+                                                                      logits=logits)
+            window = tf.convert_to_tensor(y_pred)[:, -steps:, :]
+            tiled = tf.tile(labels[:, None], [1, steps])
+            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tiled, logits=window), axis=1)
 
     return WindowCrossEntropy(name=name)
 

@@ -66,13 +66,14 @@ def generate_evidence_accumulation(rng, batch_size=64, n_cues=7, cue_ms=100.0,
 
 def evidence_accumulation(batch_size=64, seed=None, n_cues=7, cue_ms=100.0, cue_spacing_ms=150.0,
                           delay_ms=1050.0, recall_ms=150.0, n_inputs=40, input_rate=40.0,
-                          noise_rate=10.0, minority_probability=0.3, dt=1.0, n_batches=None):
+                          noise_rate=10.0, minority_probability=0.3, dt=1.0, n_batches=None,
+                          rerandomize_each_iteration=True):
     """e-prop's evidence accumulation task as a ``tf.data.Dataset`` generated on the fly.
 
     Args:
         batch_size: trials per batch B.
-        seed: integer seed; the same seed gives the same batches on every iteration of the
-            dataset. None draws fresh randomness.
+        seed: integer seed; two datasets with the same seed give the same batches. None draws
+            fresh randomness.
         n_cues: number of cues (odd, so a majority exists; e-prop: 7).
         cue_ms: duration of a cue in ms (100).
         cue_spacing_ms: onset-to-onset interval of cues in ms (150); the trial starts with
@@ -85,6 +86,9 @@ def evidence_accumulation(batch_size=64, seed=None, n_cues=7, cue_ms=100.0, cue_
         minority_probability: per-cue probability of the minority side (0.3).
         dt: time step in ms.
         n_batches: number of batches (None: endless).
+        rerandomize_each_iteration: True draws new batches each time the dataset is iterated
+            again (each epoch), reproducibly for a given seed; False repeats the same batches
+            (a fixed validation set).
 
     Returns:
         ``tf.data.Dataset`` of (x float32 (B, T, n_inputs), y int32 (B,)) with
@@ -137,7 +141,8 @@ def evidence_accumulation(batch_size=64, seed=None, n_cues=7, cue_ms=100.0, cue_
         x = poisson_spikes(seed_pair, tf.gather(group_rates, neuron_group, axis=2))
         return x, y
 
-    return generated_dataset(make_batch, base_seed(seed), n_batches)
+    return generated_dataset(make_batch, base_seed(seed), n_batches,
+                             bool(rerandomize_each_iteration))
 
 
 def evidence_logits(outputs, recall_steps=150):

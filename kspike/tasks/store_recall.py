@@ -140,15 +140,15 @@ def spike_indices(rng, groups, character_steps, n_inputs, p_spike):
 
 def store_recall(batch_size=128, n_characters=12, character_ms=200, seed=None, n_inputs=100,
                  input_rate=50.0, signal_probability=1.0 / 7.0, flip_probability=0.5, dt=1.0,
-                 n_batches=None):
+                 n_batches=None, rerandomize_each_iteration=True):
     """LSNN's store-recall task as a ``tf.data.Dataset`` generated on the fly.
 
     Args:
         batch_size: sequences per batch B.
         n_characters: characters per sequence (LSNN: 12).
         character_ms: duration of a character in ms (LSNN: 200).
-        seed: integer seed; the same seed gives the same batches on every iteration of the
-            dataset. None draws fresh randomness.
+        seed: integer seed; two datasets with the same seed give the same batches. None draws
+            fresh randomness.
         n_inputs: input neurons (>= 4), split in 4 groups (value 0, value 1, store, recall).
         input_rate: Poisson rate of an active group in Hz (LSNN: 50).
         signal_probability: probability that a character is the next store/recall signal
@@ -156,6 +156,9 @@ def store_recall(batch_size=128, n_characters=12, character_ms=200, seed=None, n
         flip_probability: probability that the bit after a store is flipped (a distractor).
         dt: time step in ms.
         n_batches: number of batches (None: endless).
+        rerandomize_each_iteration: True draws new batches each time the dataset is iterated
+            again (each epoch), reproducibly for a given seed; False repeats the same batches
+            (a fixed validation set).
 
     Returns:
         ``tf.data.Dataset`` of (x, y, sample_weight): x (B, T, n_inputs) float32 spikes,
@@ -209,7 +212,8 @@ def store_recall(batch_size=128, n_characters=12, character_ms=200, seed=None, n
         x = tf.scatter_nd(spikes[:, None], tf.ones_like(spikes, tf.float32), [size])
         return tf.reshape(x, (batch_size, steps, n_inputs)), y, mask
 
-    return generated_dataset(make_batch, base_seed(seed), n_batches)
+    return generated_dataset(make_batch, base_seed(seed), n_batches,
+                             bool(rerandomize_each_iteration))
 
 
 def recall_error(y_true, y_pred, sample_weight, character_steps):
