@@ -212,13 +212,18 @@ class Trainer:
         seed: integer: ``fit`` calls ``keras.utils.set_random_seed(seed)`` before training
             (a resumed run then restores the random generators from its checkpoint).
         log_every: write per-step TensorBoard scalars every this many steps (int > 0).
+        skip_on_resume: when resuming in the middle of an epoch, skip the batches that epoch
+            had consumed (an exact continuation for datasets that repeat their order). False
+            starts the epoch's data afresh: faster for long streams such as an infinite
+            synthetic task, where skipping means regenerating every consumed batch.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
 
     Checkpoints hold the model's and the optimizer's variables, the step, epoch and position in
     the epoch, and the states of TensorFlow's and Keras' global random generators. On resume the
     data of the interrupted epoch is skipped up to the saved position, so a dataset that gives
     the same order each time it is iterated (unshuffled, or shuffled with a fixed seed and
-    ``reshuffle_each_iteration=False``) continues exactly where it stopped.
+    ``reshuffle_each_iteration=False``) continues exactly where it stopped. NumPy's and
+    Python's random states and tf.data's internal shuffle buffers are not saved.
 
     Example:
 
@@ -233,7 +238,7 @@ class Trainer:
     def __init__(self, model, optimizer="adam", loss=None, rule=None, regularizers=None,
                  metrics=None, checkpoint_dir=None, log_dir=None, strategy=None,
                  checkpoint_every=None, keep_checkpoints=2, seed=None, log_every=1,
-                 verbose=1):
+                 skip_on_resume=True, verbose=1):
         if not isinstance(model, keras.Model):
             raise TypeError(f"`model` must be a keras.Model, received {type(model).__name__}.")
         if not model.built or not model.variables:
@@ -257,6 +262,13 @@ class Trainer:
         if not hasattr(self.optimizer, "apply_gradients"):
             raise TypeError("`optimizer` must be a Keras optimizer (or a name such as 'adam'), "
                             f"received {optimizer!r}.")
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Learning rules return unscaled gradients, which a LossScaleOptimizer would divide
+            # by its scale. kspike cells keep their states in float32 under mixed precision.
+            raise ValueError("`optimizer` is a LossScaleOptimizer, which kspike.Trainer does not "
+                             "support: pass the inner optimizer "
+                             f"({type(self.optimizer.inner_optimizer).__name__}); under "
+                             "'mixed_bfloat16' no loss scaling is needed.")
         if loss is None:
             raise ValueError("`loss` is required, e.g. "
                              "keras.losses.SparseCategoricalCrossentropy(from_logits=True).")
@@ -289,6 +301,11 @@ class Trainer:
         if verbose not in (0, 1, 2):
             raise ValueError(f"`verbose` must be 0, 1 or 2, received {verbose!r}.")
         self.verbose = verbose
+        if not isinstance(skip_on_resume, (bool, np.bool_)):
+            raise TypeError(f"`skip_on_resume` must be True or False, received "
+                            f"{skip_on_resume!r}.")
+        self.skip_on_resume = bool(skip_on_resume)
+        self._open_epoch = None
         self.step = 0
         self.epoch = 0
         self._position = 0
@@ -407,7 +424,7 @@ class Trainer:
         sums = [tf.reduce_sum(tf.cast(g.values if isinstance(g, tf.IndexedSlices) else g,
                                       tf.float32)) for g, _ in pairs]
         finite = tf.reduce_all(tf.math.is_finite(tf.stack([tf.reshape(loss, [])] + sums)))
-        self._apply_if_finite(pairs, finite)
+        finite = self._apply_if_finite(pairs, finite)
         for metric in self.metrics:
             metric.update_state(y, result.predictions, sample_weight=sample_weight)
         logs = {"loss": loss}
@@ -416,6 +433,8 @@ class Trainer:
         return logs
 
     def _apply_if_finite(self, pairs, finite):
+        """Applies the gradients only if every replica's loss and gradients are finite;
+        returns that decision."""
         gradients = [g for g, _ in pairs]
         variables = [v for _, v in pairs]
 
@@ -424,7 +443,7 @@ class Trainer:
 
         if self.strategy is None:
             tf.cond(finite, lambda: (apply(), tf.constant(True))[1], lambda: tf.constant(False))
-            return
+            return finite
         context = tf.distribute.get_replica_context()
         failures = context.all_reduce(tf.distribute.ReduceOp.SUM,
                                       1.0 - tf.cast(finite, tf.float32))
@@ -444,6 +463,7 @@ class Trainer:
             tf.cond(flag, apply_all, lambda: tf.constant(False))
 
         context.merge_call(cross_replica, args=(gradients, finite))
+        return finite
 
     def _replica_eval(self, x, y, sample_weight):
         try:
@@ -578,6 +598,16 @@ class Trainer:
             next(iterator, None)
         return iterator
 
+    def _open_iterator(self, data, epoch):
+        """Iterator of the current epoch at the saved position: the still-open iterator of a
+        previous fit call, or a new one that skips the batches consumed before a resume."""
+        if self._open_epoch is not None:
+            previous, open_epoch, position, iterator = self._open_epoch
+            self._open_epoch = None
+            if previous is data and open_epoch == epoch and position == self._position:
+                return iterator
+        return self._iterate(data, self._position if self.skip_on_resume else 0)
+
     @staticmethod
     def _cardinality(data):
         if isinstance(data, tf.data.Dataset):
@@ -708,7 +738,7 @@ class Trainer:
                 for metric in self.metrics:
                     metric.reset_state()
                 sums, count = {}, 0
-                iterator = self._iterate(train_ds, self._position)
+                iterator = self._open_iterator(train_ds, epoch)
                 batch_index = self._position
                 finished = False
                 while True:
@@ -758,6 +788,9 @@ class Trainer:
                         break
                     if proxy.stop_training:
                         break
+                # An epoch cut short by `steps` goes on from here in the next fit call.
+                self._open_epoch = (None if finished else
+                                    (train_ds, self.epoch, self._position, iterator))
                 epoch_logs = {k: v / count for k, v in sums.items()} if count else {}
                 active = self._active_connections()
                 if active is not None:

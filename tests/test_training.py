@@ -127,6 +127,15 @@ def test_evaluate_matches_manual_mean():
     np.testing.assert_allclose(result["accuracy"], correct / 24, rtol=1e-6)
 
 
+def test_fit_on_a_list_of_numpy_batches():
+    x, y = delayed_cue(32)
+    batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, 32, 8)]
+    trainer = Trainer(make_model(), "adam", LOSS, metrics=["accuracy"], verbose=0)
+    history = trainer.fit(batches, epochs=2)
+    assert trainer.step == 8 and len(history.history["loss"]) == 2
+    assert trainer.trace_counts["train"] == 1
+
+
 def test_seeded_runs_are_identical():
     def run():
         keras.utils.set_random_seed(3)
@@ -342,6 +351,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(before, now.numpy())  # the bad update was not applied
 
 
+def test_continuing_an_epoch_in_process_and_skip_on_resume(tmp_path):
+    x, y = delayed_cue(48)
+    x[40] = np.nan  # only the third batch of 16 is bad
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    ckpt = tmp_path / "ckpt"
+    trainer = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0)
+    trainer.fit(ds, steps=2)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        trainer.fit(ds, steps=3)  # the open epoch goes on with its third batch
+    # Resuming from the checkpoint of step 2 skips the two consumed batches by default ...
+    skipping = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        skipping.fit(ds, steps=3)
+    # ... or restarts the epoch's data at its first batch.
+    fresh = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, skip_on_resume=False,
+                    verbose=0)
+    fresh.fit(ds, steps=3)
+    assert fresh.step == 3 and np.isfinite(fresh.last_step_logs["loss"])
+
+
 _MIRRORED_SCRIPT = textwrap.dedent("""
     import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
@@ -412,6 +441,8 @@ def test_clear_errors(tmp_path):
         Trainer(model, "adam", "no_such_loss")
     with pytest.raises(TypeError, match="`rule` must be a kspike.learning.LearningRule"):
         Trainer(model, "adam", LOSS, rule="bptt")
+    with pytest.raises(ValueError, match="LossScaleOptimizer.*Adam"):
+        Trainer(model, keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), LOSS)
     with pytest.raises(ValueError, match="`checkpoint_every` must be an integer >= 1"):
         Trainer(model, "adam", LOSS, checkpoint_every=0)
     with pytest.raises(ValueError, match="strategy.scope"):
