@@ -481,6 +481,17 @@ def test_dense_export_gives_identical_outputs(tmp_path):
         rewiring.active_connections("not a model")
 
 
+def test_saved_model_export_of_a_rewired_model(tmp_path):
+    model = small_model(units=8, connectivity=0.3, dale=0.8, seed=5)
+    x, y = data()
+    model.compile(optimizer=kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, seed=0),
+                  loss="mse")
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    loaded = tf.saved_model.load(kspike.export.saved_model(model, str(tmp_path / "sm")))
+    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), model(x).numpy(),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_spiking_rnn_engine_and_keras_rnn_agree_on_a_rewired_cell():
     keras_model = small_model(units=8, connectivity=0.3, seed=3)
     engine_model = small_model(units=8, connectivity=0.3, seed=3, layer=kspike.SpikingRNN)
