@@ -15,13 +15,19 @@ gradients (up to float rounding; spikes are identical) with:
 - the weight gradients dW_in = sum_t x_t^T dI_t and dW_rec = sum_t z_{t-1}^T dI_t as two
   matmuls over all time steps after the backward loop.
 
+The hand-written backward pass is used when a gradient tape may record (training). Otherwise
+(inference, ``model.predict``, SavedModel export) the same loop runs with the cell's own spike
+function and keeps no buffers; TensorFlow can still differentiate it, with the gradients of
+``keras.layers.RNN``, should the traced function be differentiated later.
+
 Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
-Export: ``tf.custom_gradient`` does not survive ``tf.saved_model`` for gradients. A model with
-``SpikingRNN`` exports and serves fine for inference (``kspike.export`` steps the cell with
-``cell.call``), but taking gradients through the reloaded SavedModel is not supported; train the
-Keras model (or reload the ``.keras`` file) instead.
+Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
+is why the export path (traced without a tape) is the plain loop: a model with ``SpikingRNN``
+exported by ``kspike.export.saved_model`` serves whole sequences, streams with ``step`` (the
+cell's own ``call``) and gives gradients through the reloaded ``serve`` like the Keras model
+(autodiff of the plain loop, i.e. without the speed-up of the hand-written backward pass).
 """
 import keras
 import tensorflow as tf
@@ -347,8 +353,10 @@ class SpikingRNN(keras.layers.RNN):
         mask: optional (B, T) boolean mask; masked steps keep the states unchanged.
         training: passed for API compatibility (spiking cells behave the same).
 
-    Gradients use ``tf.custom_gradient``: a SavedModel of a model with this layer serves
-    inference, but gradients through the reloaded SavedModel are not available.
+    Under a gradient tape the backward pass is a hand-written ``tf.custom_gradient`` around
+    the whole sequence; without one (inference, export) the plain loop runs, so a SavedModel
+    written by ``kspike.export`` serves and streams, and TensorFlow differentiates its
+    ``serve`` function by autodiff (correct gradients, generic speed).
 
     Example:
 
