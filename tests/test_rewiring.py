@@ -317,6 +317,7 @@ def test_dale_law_per_presynaptic_neuron_after_training():
     model.compile(optimizer=kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.05,
                                          temperature=0.05, seed=2), loss="mse")
     model.fit(x, y, batch_size=4, epochs=10, verbose=0)
+    assert int(model.optimizer.rewired_connections.numpy()) > 0    # connections did move
     for w in cell_of(model).effective_kernels("float32")[:2]:
         w = w.numpy()
         assert np.all((w >= 0).all(axis=1) | (w <= 0).all(axis=1))   # one sign per row
