@@ -4,9 +4,11 @@
 Trains one ALIF layer (LSNN sMNIST shape: 80 inputs, 256 neurons, T = 784 steps, B = 64) with a
 leaky readout, once with dense kernels and Adam, once with ``connectivity=0.12`` and
 ``kspike.DeepR(Adam)``, and prints the median time of a training step of each (forward,
-backward and optimizer update) and their ratio, in wall-clock and in process CPU time. Runs of the two models alternate so
-that a change of machine load affects both alike; only the ratios are meaningful on a shared
-machine.
+backward and optimizer update) and their ratio, in wall-clock and in process CPU time. Runs
+of the two models alternate so that a change of machine load affects both alike; only the
+ratios are meaningful on a shared machine. ``--layer keras`` measures ``keras.layers.RNN``,
+which recomputes the effective weights at every time step (the default ``kspike.SpikingRNN``
+does it once per sequence).
 
     python bin/bench_rewiring.py            # the setting (takes a few minutes)
     python bin/bench_rewiring.py --quick    # small shapes, seconds
