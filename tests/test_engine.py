@@ -456,3 +456,27 @@ def test_export_serve_and_step(tmp_path):
         grads.append(tape.gradient(loss, x_var).numpy())
     assert np.abs(grads[1]).max() > 0
     _assert_close(grads[1], grads[0], what="gradient through the SavedModel")
+
+
+def test_model_fit_matches_generic_training_step():
+    # One SGD step of model.fit moves the weights exactly as with keras.layers.RNN.
+    x = _inputs(batch=4, scale=1.5)
+    y = np.array([0, 1, 1, 0])
+    models = []
+    for layer_class in (keras.layers.RNN, kspike.SpikingRNN):
+        model = keras.Sequential([keras.Input((T, N_IN)),
+                                  layer_class(CELLS["alif_mix_refractory_ntail"](),
+                                              return_sequences=True),
+                                  kspike.LeakyReadout(2, seed=0),
+                                  keras.layers.GlobalAveragePooling1D()])
+        model.compile(optimizer=keras.optimizers.SGD(0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    before = [w.copy() for w in models[0].get_weights()]
+    for model in models:
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    moved = [np.abs(a - b).max() for a, b in zip(models[0].get_weights(), before)]
+    assert max(moved) > 1e-4
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
