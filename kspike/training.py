@@ -509,9 +509,12 @@ class Trainer:
                              f"{tuple(x.shape)}.")
         if self.metrics is None:
             with self._scope():
-                predictions = self.model.compute_output_spec(
-                    tf.nest.map_structure(lambda t: keras.KerasTensor(tuple(t.shape), t.dtype),
-                                          x))
+                try:
+                    predictions = self.model.compute_output_spec(
+                        tf.nest.map_structure(
+                            lambda t: keras.KerasTensor(tuple(t.shape), t.dtype), x))
+                except Exception:  # noqa: BLE001 - e.g. a subclassed model: run one sample
+                    predictions = self.model(tf.nest.map_structure(lambda t: t[:1], x))
                 self.metrics = self._resolve_metrics(tf.convert_to_tensor(y),
                                                      tf.nest.flatten(predictions)[0])
                 if not getattr(self.optimizer, "built", True):

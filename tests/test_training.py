@@ -396,6 +396,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
                           verbose=0)
         history = trainer.fit(t.dataset(64, 16), epochs=2)
         results[name] = {{"history": history.history, "replicas": 2 if strategy else 1,
+                         "evaluate": trainer.evaluate(t.dataset(32, 16, seed=1)),
                          "traces": trainer.trace_counts["train"],
                          "weights": [w.numpy().tolist() for w in model.trainable_variables]}}
     print(json.dumps(results))
@@ -413,6 +414,8 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
     assert mirrored["replicas"] == 2 and mirrored["traces"] == 1
     for key in ("loss", "accuracy", "firing_rate"):
         np.testing.assert_allclose(mirrored["history"][key], single["history"][key], rtol=1e-5)
+    for key in ("loss", "accuracy", "firing_rate"):
+        np.testing.assert_allclose(mirrored["evaluate"][key], single["evaluate"][key], rtol=1e-5)
     for a, b in zip(single["weights"], mirrored["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
     # The run trained: weights moved away from the initial ones by much more than the tolerance.
