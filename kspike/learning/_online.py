@@ -181,13 +181,15 @@ def nested_state(plan, flat):
 
 
 def time_major(x, dtype):
-    """(B, T, n) -> TensorArray of T (B, n) slices (read per step: faster than indexing)."""
+    """(B, T, n) -> (TensorArray of T (B, n) slices, T). Read per step (faster than indexing);
+    readable many times, so both passes of a rule share one copy of the inputs."""
     x = tf.cast(x, dtype)
     steps = tf.shape(x)[1]
-    return tf.TensorArray(dtype, size=steps).unstack(tf.transpose(x, (1, 0, 2))), steps
+    array = tf.TensorArray(dtype, size=steps, clear_after_read=False)
+    return array.unstack(tf.transpose(x, (1, 0, 2))), steps
 
 
-def inference_pass(plan, weights, readout, x):
+def inference_pass(plan, weights, readout, x, sequence=None):
     """Runs the chain forward, keeping only the readout output and spike counts.
 
     Returns:
@@ -197,7 +199,7 @@ def inference_pass(plan, weights, readout, x):
     dtype = plan.dtype
     kernel, bias = readout
     kappa = plan.readout.kappa
-    xs, steps = time_major(x, dtype)
+    xs, steps = sequence or time_major(x, dtype)
     batch = tf.shape(x)[0]
     states = initial_states(plan, batch)
     zhat = tf.zeros((batch, plan.layers[-1].units), dtype)

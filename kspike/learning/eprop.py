@@ -203,13 +203,14 @@ class EProp(_FeedbackRule):
             weight_loss = _online.model_weight_losses(model)
         feedback = self._feedback_matrices(plan, readout[0])
         x = tf.cast(x, dtype)
-        predictions, counts = _online.inference_pass(plan, weights, readout, x)
+        sequence = _online.time_major(x, dtype)
+        predictions, counts = _online.inference_pass(plan, weights, readout, x, sequence)
         task_loss, error = _online.output_errors(loss, y, predictions, sample_weight)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts, batch,
                                                             steps, dtype)
         grads, readout_grads, feedback_grads = self._trace_pass(
-            plan, weights, readout, feedback, x, error, reg_signals)
+            plan, weights, readout, feedback, x, sequence, error, reg_signals)
         targets, values = [], []
         for w, g in zip(weights, grads):
             targets.extend([w.input_kernel, w.recurrent_kernel, w.bias])
@@ -235,7 +236,7 @@ class EProp(_FeedbackRule):
                  for layer, c in zip(plan.layers, counts)}
         return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
 
-    def _trace_pass(self, plan, weights, readout, feedback, x, error, reg_signals):
+    def _trace_pass(self, plan, weights, readout, feedback, x, sequence, error, reg_signals):
         """Second pass: the network again, with eligibility traces, accumulating gradients.
 
         Returns (per layer (g_in, g_rec, g_bias), readout kernel gradient, per feedback variable
@@ -244,7 +245,7 @@ class EProp(_FeedbackRule):
         dtype = plan.dtype
         kappa = plan.readout.kappa
         online = self.online
-        xs, steps = _online.time_major(x, dtype)
+        xs, steps = sequence
         signal = error if online else _online.backward_filter(error, kappa)
         signals = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(signal, (1, 0, 2)))
         batch = tf.shape(x)[0]

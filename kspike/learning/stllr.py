@@ -132,12 +132,13 @@ class STLLR(_FeedbackRule):
             shapes = [(plan.readout.units, layer.units) for layer in plan.layers]
             feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
         x = tf.cast(x, dtype)
-        predictions, counts = _online.inference_pass(plan, weights, readout, x)
+        sequence = _online.time_major(x, dtype)
+        predictions, counts = _online.inference_pass(plan, weights, readout, x, sequence)
         task_loss, error = _online.output_errors(loss, y, predictions, sample_weight)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts, batch,
                                                             steps, dtype)
-        grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, error,
+        grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence, error,
                                                reg_signals)
         targets, values = [], []
         for w, g in zip(weights, grads):
@@ -158,11 +159,11 @@ class STLLR(_FeedbackRule):
                  for layer, c in zip(plan.layers, counts)}
         return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
 
-    def _trace_pass(self, plan, weights, readout, feedback, x, error, reg_signals):
+    def _trace_pass(self, plan, weights, readout, feedback, x, sequence, error, reg_signals):
         dtype = plan.dtype
         kappa = plan.readout.kappa
         lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
-        xs, steps = _online.time_major(x, dtype)
+        xs, steps = sequence
         errors = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(error, (1, 0, 2)))
         batch = tf.shape(x)[0]
         first_update = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
