@@ -4,7 +4,7 @@ import tensorflow as tf
 from kspike import regularizers as _regularizers
 from kspike.learning.base import LearningRule, RuleResult
 
-__all__ = ["BPTT", "model_losses"]
+__all__ = ["BPTT", "model_losses", "firing_rate_logs"]
 
 
 def model_losses(model):
@@ -14,15 +14,15 @@ def model_losses(model):
 
 
 def firing_rate_logs(activities):
-    """{"firing_rate": mean rate in Hz over all spiking neurons, "firing_rate_<layer>": ...}."""
+    """{"firing_rate": mean rate in Hz over all spiking neurons, "firing_rate_<layer>": rate of
+    each layer in Hz}, from the ``LayerActivity`` list of ``record_activity`` ({} if none)."""
     rates = _regularizers.mean_firing_rates(activities)
     if not rates:
         return {}
     sizes = {a.name: a.spikes.shape[-1] for a in activities if a.spikes is not None}
     total = sum(sizes.values())
     logs = {"firing_rate": tf.add_n([rates[n] * (sizes[n] / total) for n in rates])}
-    if len(rates) > 1:
-        logs.update({f"firing_rate_{n}": r for n, r in rates.items()})
+    logs.update({f"firing_rate_{n}": r for n, r in rates.items()})
     return logs
 
 
@@ -34,8 +34,9 @@ class BPTT(LearningRule):
     plus the model's own Keras losses (weight regularisers). Spikes pass gradients through
     their surrogate pseudo-derivative, including through the reset and the recurrent spikes.
 
-    Logs: ``firing_rate`` (Hz, mean over every spiking neuron) and, for models with several
-    spiking layers, ``firing_rate_<layer>``; ``regularization`` when regularisers are given.
+    Logs: ``firing_rate`` (Hz, mean over every spiking neuron), ``firing_rate_<layer>`` per
+    spiking layer, and ``regularization`` when regularisers are given. Other rules can log the
+    same with ``kspike.learning.bptt.firing_rate_logs(activities)``.
 
     Example:
 
