@@ -7,7 +7,8 @@ alike; the script prints median milliseconds per step and the ratio Trainer / ba
 
     python bin/bench_trainer.py --units 100 --time-steps 100 --batch 32 --steps 20 --repeats 15
 
-On a loaded machine the minimum over blocks is the steadier figure; both are printed.
+Wall and CPU time per step are printed, each as the median and the minimum over blocks; on a
+loaded machine the CPU-time figures are the steadier ones.
 """
 import argparse
 import os
@@ -40,15 +41,21 @@ def data(args):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch).cache().repeat()
 
 
+def clocks():
+    """(wall time, CPU time of this process) in seconds. CPU time is the steadier figure when
+    other processes load the machine."""
+    return np.array([time.perf_counter(), time.process_time()])
+
+
 class StepTimer(keras.callbacks.Callback):
-    """Wall time from the first batch's start to the last batch's end inside fit."""
+    """Clocks from the first batch's start to the last batch's end inside fit."""
 
     def on_train_batch_begin(self, batch, logs=None):
         if not hasattr(self, "start"):
-            self.start = time.perf_counter()
+            self.start = clocks()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.end = time.perf_counter()
+        self.end = clocks()
 
 
 def main():
@@ -83,12 +90,12 @@ def main():
     bare_iterator = iter(ds)
 
     def bare_block(n):
-        start = time.perf_counter()
+        start = clocks()
         for _ in range(n):
             x, y = next(bare_iterator)
             loss = bare_step(x, y)
         float(loss)
-        return (time.perf_counter() - start) / n
+        return (clocks() - start) / n
 
     trainer = kspike.Trainer(model, keras.optimizers.Adam(1e-3), loss_fn,
                              metrics=["accuracy"] if args.metrics else None,
@@ -107,16 +114,16 @@ def main():
     for repeat in range(args.repeats):
         bare_times.append(bare_block(args.steps))
         trainer_times.append(trainer_block(args.steps))
-        print(f"block {repeat + 1}: bare {1000 * bare_times[-1]:.2f} ms/step, "
-              f"Trainer {1000 * trainer_times[-1]:.2f} ms/step", flush=True)
-    bare, fit = statistics.median(bare_times), statistics.median(trainer_times)
-    print(f"median bare step    {1000 * bare:.2f} ms")
-    print(f"median Trainer step {1000 * fit:.2f} ms")
-    print(f"Trainer / bare (medians) = {fit / bare:.3f}  (overhead {100 * (fit / bare - 1):+.1f}%)")
-    low_bare, low_fit = min(bare_times), min(trainer_times)
-    print(f"Trainer / bare (minima)  = {low_fit / low_bare:.3f}  "
-          f"(overhead {100 * (low_fit / low_bare - 1):+.1f}%; {1000 * low_bare:.2f} vs "
-          f"{1000 * low_fit:.2f} ms)")
+        print(f"block {repeat + 1}: bare {1000 * bare_times[-1][0]:.2f} ms/step "
+              f"(CPU {1000 * bare_times[-1][1]:.2f}), Trainer {1000 * trainer_times[-1][0]:.2f} "
+              f"ms/step (CPU {1000 * trainer_times[-1][1]:.2f})", flush=True)
+    for column, clock in enumerate(("wall", "CPU")):
+        bare = [t[column] for t in bare_times]
+        fit = [t[column] for t in trainer_times]
+        for name, reduce in (("median", statistics.median), ("minimum", min)):
+            b, f = reduce(bare), reduce(fit)
+            print(f"{clock:4s} {name:7s}: bare {1000 * b:7.2f} ms/step, Trainer {1000 * f:7.2f} "
+                  f"ms/step, Trainer / bare = {f / b:.3f} (overhead {100 * (f / b - 1):+.1f}%)")
     print(f"traces: {trainer.trace_counts}")
 
 
