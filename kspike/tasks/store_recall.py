@@ -8,6 +8,8 @@ store, so stores and recalls alternate (LSNN uses 1 / (1 + expected delay 6) = 1
 is kept only if it is valid (otherwise it is drawn again): it holds at least one store, one
 recall and one bit; every store is followed by a bit (not by a signal, not at the end); the last
 signal is a recall.
+(LSNN-official's generator carries the store/recall state over from a rejected draw into the next
+attempt; here every attempt starts from the recalled state, as the rule above states.)
 
 During a store character the value channel of the bit to remember fires together with the store
 channel (the bit shown is the one of the following character). With probability ``flip_probability``
