@@ -5,8 +5,8 @@ Two encodings are offered:
 - ``"threshold_crossing"`` (LSNN): the 784 pixels of an image, in reading order and scaled to
   [0, 1] (k / 255), are one 784-step signal y. 40 thresholds ``linspace(0, 1, 40)`` are each watched
   by an onset channel (a spike at step t when y[t] < thr <= y[t+1]) and an offset channel (a
-  spike at step t when y[t] >= thr > y[t+1]); the last threshold (1.0) can only be touched, so it has
-  one channel that spikes at every step where y[t] == 1. That gives 39 * 2 + 1 = 79 channels,
+  spike at step t when y[t] >= thr > y[t+1]); the last threshold (1.0) can only be touched, so
+  it has one channel that spikes at every step where y[t] == 1. That gives 39 * 2 + 1 = 79 channels,
   ordered (onset thr_0, offset thr_0, onset thr_1, ..., touch). Channel 79 is the cue: silent
   during the image and active at every step of the ``cue_steps`` (56) steps appended after it.
   Sequences are 784 + 56 = 840 steps of 80 channels. As in LSNN, a crossing between steps t and
