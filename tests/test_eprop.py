@@ -180,7 +180,8 @@ def test_symmetric_eprop_equals_autodiff_with_stop_gradient(kind, task, online):
     assert float(tf.reduce_sum(spikes[0])) > 10, "the test network must spike"
     np.testing.assert_allclose(result.predictions.numpy(), prediction.numpy(), atol=1e-12)
     np.testing.assert_allclose(float(result.loss), float(value), rtol=1e-12)
-    assert_gradients_match(model, result.gradients, want, RTOL64)
+    error = assert_gradients_match(model, result.gradients, want, RTOL64)
+    print(f"{kind}/{task}/online={online}: float64 max relative error {error:.2e}")
 
 
 def test_window_averaged_classification():
