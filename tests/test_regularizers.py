@@ -221,3 +221,18 @@ def test_bptt_gradients_include_the_regulariser():
     # With the regulariser the gradient differs from the task-only gradient.
     plain = kspike.learning.BPTT().gradients(model, x, y, loss)
     assert not np.allclose(plain[0].numpy(), result.gradients[0].numpy())
+
+
+def test_regularized_model_saves_and_reloads(tmp_path):
+    inp = keras.Input((12, 5))
+    z = keras.layers.RNN(kspike.ALIF(8, thr=0.05, seed=1), return_sequences=True)(inp)
+    model = keras.Model(inp, kspike.LeakyReadout(3, seed=2)(z))
+    fit_model = R.with_regularization(model, [kspike.FiringRateRegularizer(0.01, 0.2)])
+    x = _inputs()
+    out = fit_model(x)
+    penalty = float(fit_model.losses[0])
+    path = tmp_path / "regularized.keras"
+    fit_model.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(again(x).numpy(), out.numpy())
+    np.testing.assert_allclose(float(again.losses[0]), penalty, rtol=1e-6)

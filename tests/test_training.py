@@ -393,19 +393,25 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
             model = t.make_model()
             optimizer = keras.optimizers.Adam(1e-2)
         trainer = Trainer(model, optimizer, t.LOSS, metrics=["accuracy"], strategy=strategy,
-                          verbose=0)
+                          checkpoint_dir=os.path.join({tmp!r}, name), verbose=0)
         history = trainer.fit(t.dataset(64, 16), epochs=2)
         results[name] = {{"history": history.history, "replicas": 2 if strategy else 1,
                          "evaluate": trainer.evaluate(t.dataset(32, 16, seed=1)),
                          "traces": trainer.trace_counts["train"],
                          "weights": [w.numpy().tolist() for w in model.trainable_variables]}}
+    # A checkpoint written under the strategy restores on a single device.
+    restored = t.make_model(seed=11)
+    Trainer(restored, keras.optimizers.Adam(1e-2), t.LOSS, verbose=0,
+            checkpoint_dir=os.path.join({tmp!r}, "mirrored")).fit(t.dataset(64, 16), epochs=2)
+    results["restored"] = [w.numpy().tolist() for w in restored.trainable_variables]
     print(json.dumps(results))
 """)
 
 
 def test_mirrored_strategy_matches_single_device(tmp_path):
     script = tmp_path / "mirrored_run.py"
-    script.write_text(_MIRRORED_SCRIPT.format(tests=os.path.dirname(__file__)))
+    script.write_text(_MIRRORED_SCRIPT.format(tests=os.path.dirname(__file__),
+                                              tmp=str(tmp_path)))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -418,6 +424,8 @@ def test_mirrored_strategy_matches_single_device(tmp_path):
         np.testing.assert_allclose(mirrored["evaluate"][key], single["evaluate"][key], rtol=1e-5)
     for a, b in zip(single["weights"], mirrored["weights"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6)
+    for a, b in zip(results["restored"], mirrored["weights"]):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
     # The run trained: weights moved away from the initial ones by much more than the tolerance.
     initial = [w.numpy() for w in make_model().trainable_variables]
     assert max(np.abs(np.array(a) - b).max() for a, b in zip(single["weights"], initial)) > 1e-2
