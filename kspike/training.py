@@ -540,14 +540,34 @@ class Trainer:
             pass
         return tf.train.Checkpoint(**objects)
 
+    def _is_chief(self):
+        """False on the non-chief workers of a multi-worker strategy (they take part in
+        saving, as tf.distribute requires, but write to a scratch directory)."""
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        task_type = getattr(resolver, "task_type", None)
+        if not task_type:
+            return True
+        if task_type == "chief":
+            return True
+        has_chief = "chief" in resolver.cluster_spec().as_dict()
+        return task_type == "worker" and not has_chief and resolver.task_id == 0
+
     def _save(self, loss=None):
         if self.checkpoint_dir is None or self._last_saved_step == self.step:
             return None
         metadata = {"step": self.step, "epoch": self.epoch, "position": self._position,
                     "loss": loss, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "model": self.model.name}
-        path = _CheckpointWriter(self.checkpoint_dir, self.keep_checkpoints).save(
-            self._checkpoint_object(), self.step, metadata)
+        if self._is_chief():
+            path = _CheckpointWriter(self.checkpoint_dir, self.keep_checkpoints).save(
+                self._checkpoint_object(), self.step, metadata)
+        else:
+            scratch = tempfile.mkdtemp(prefix="kspike-worker-")
+            try:
+                path = _CheckpointWriter(scratch, 1).save(self._checkpoint_object(), self.step,
+                                                          metadata)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
         self._last_saved_step = self.step
         return path
 
@@ -637,7 +657,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def _writer(self, name):
-        if self.log_dir is None:
+        if self.log_dir is None or not self._is_chief():
             return None
         if self._writers is None:
             self._writers = {}

@@ -477,3 +477,27 @@ def test_clear_errors(tmp_path):
     Trainer(small, "adam", LOSS, checkpoint_dir=other, verbose=0).fit(dataset(16, 8), steps=1)
     with pytest.raises(ValueError, match=r"ckpt-0000000001.*does not match"):
         Trainer(make_model(), "adam", LOSS, checkpoint_dir=other, verbose=0).fit(dataset(16, 8))
+
+
+def test_only_the_chief_writes_checkpoints_and_logs(tmp_path):
+    from types import SimpleNamespace
+    trainer = Trainer(make_model(), "adam", LOSS, checkpoint_dir=tmp_path / "ckpt",
+                      log_dir=tmp_path / "logs", verbose=0)
+    assert trainer._is_chief()
+    trainer._prepare(next(iter(dataset(16, 8))))
+
+    def as_task(cluster, task_type, task_id):
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+        trainer.strategy = SimpleNamespace(cluster_resolver=resolver)
+        return trainer._is_chief()
+
+    workers = {"worker": ["a:1", "b:1"]}
+    assert as_task(workers, "worker", 0) and not as_task(workers, "worker", 1)
+    with_chief = {"chief": ["c:1"], "worker": ["a:1", "b:1"]}
+    assert as_task(with_chief, "chief", 0) and not as_task(with_chief, "worker", 0)
+    # A non-chief worker takes part in saving but leaves checkpoint_dir and log_dir alone.
+    trainer.step = 1
+    trainer._save()
+    assert trainer._writer("train") is None
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
