@@ -528,13 +528,13 @@ _MIRRORED = textwrap.dedent("""
             keras.layers.RNN(kspike.ALIF(10, connectivity=0.3, seed=1, thr=0.05),
                              return_sequences=True),
             kspike.LeakyReadout(2, seed=0)])
-        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, temperature=0.05, seed=3)
+        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=1.0, temperature=0.05, seed=3)
         model.compile(optimizer=opt, loss="mse", jit_compile=False)
     total = rewiring.active_connections(model)
     rng = np.random.default_rng(0)
     x = (rng.random((16, 8, 5)) < 0.3).astype("float32")
     y = rng.standard_normal((16, 8, 2)).astype("float32")
-    model.fit(x, y, batch_size=8, epochs=4, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     assert rewiring.active_connections(model) == total, "budget"
     assert int(opt.rewired_connections.numpy()) > 0, "no rewiring happened"
     def agree(model):
@@ -551,11 +551,11 @@ _MIRRORED = textwrap.dedent("""
             kspike.SpikingRNN(kspike.ALIF(10, connectivity=0.3, seed=2, thr=0.05),
                               return_sequences=True),
             kspike.LeakyReadout(2, seed=0)])
-        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=0.1, temperature=0.05, seed=3)
+        opt = kspike.DeepR(keras.optimizers.Adam(0.05), l1=1.0, temperature=0.05, seed=3)
     total = rewiring.active_connections(model)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     kspike.Trainer(model, opt, keras.losses.MeanSquaredError(), strategy=strategy,
-                   verbose=0).fit(ds, epochs=4)
+                   verbose=0).fit(ds, epochs=2)
     assert rewiring.active_connections(model) == total, "budget (Trainer)"
     assert int(opt.rewired_connections.numpy()) > 0, "no rewiring happened (Trainer)"
     agree(model)
@@ -566,7 +566,7 @@ _MIRRORED = textwrap.dedent("""
 def test_mirrored_strategy_replicas_agree():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=1200)   # generous: shared, loaded CI machines
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "REPLICAS_AGREE" in proc.stdout
 
