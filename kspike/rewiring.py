@@ -434,7 +434,10 @@ class DeepR(keras.optimizers.Optimizer):
     kernels together, so the TOTAL number of active connections never changes.
 
     The random draws are stateless, seeded from (seed, iteration): replicas of a distribution
-    strategy draw the same numbers, and a restored model continues the same sequence.
+    strategy draw the same numbers, and a restored model continues the same sequence. Under
+    mixed precision Keras wraps DeepR in its ``LossScaleOptimizer``, so a step skipped for
+    non-finite gradients skips the rewiring too. Gradient accumulation of the wrapped optimizer
+    is refused (rewiring follows every applied update).
 
     Args:
         optimizer: the Keras optimizer to wrap (instance or identifier such as "adam"), e.g.
