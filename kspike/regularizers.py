@@ -17,7 +17,7 @@ whose ``.cell`` is a ``kspike.LIF`` or ``kspike.ALIF``. The probe works on funct
 must sit at the top level of the model and return whole sequences (``return_sequences=True``).
 """
 import weakref
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import keras
 import numpy as np

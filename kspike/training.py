@@ -204,7 +204,9 @@ class Trainer:
         log_dir: TensorBoard directory (None: no logs); scalars go to ``log_dir/train`` (per
             step) and ``log_dir/validation`` (per epoch).
         strategy: a ``tf.distribute.Strategy`` (MirroredStrategy, MultiWorkerMirroredStrategy);
-            each global batch is split across the replicas.
+            each global batch is split across the replicas, and regularisers see each
+            replica's share of the batch. In a multi-worker run only the chief writes to
+            ``checkpoint_dir`` and ``log_dir``.
         checkpoint_every: save every this many steps (int > 0); None saves at the end of each
             epoch. A checkpoint is always written when ``fit`` ends.
         keep_checkpoints: number of checkpoints kept (int >= 1); older kspike checkpoints in
