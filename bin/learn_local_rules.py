@@ -28,12 +28,12 @@ import kspike.regularizers  # noqa: E402
 from kspike import tasks  # noqa: E402
 
 
-def make_rule(name, feedback, seed, last_steps=None):
+def make_rule(name, feedback, seed, last_steps=None, secondary_activation=None):
     if name == "eprop":
         return kspike.learning.EProp(feedback=feedback or "symmetric", seed=seed)
     if name == "stllr":
         return kspike.learning.STLLR(feedback=feedback or "bp", last_steps=last_steps,
-                                     seed=seed)
+                                     secondary_activation=secondary_activation, seed=seed)
     if name == "bptt":
         return kspike.learning.BPTT()
     raise SystemExit(f"unknown --rule {name!r} (bptt, eprop, stllr)")
@@ -97,7 +97,8 @@ def setup(args):
             predicted = tf.argmax(tasks.mnist_logits(y_pred), -1, output_type=tf.int32)
             return tf.reduce_mean(tf.cast(tf.not_equal(predicted, y), tf.float32))
         rule = make_rule(args.rule or "stllr", args.feedback, args.seed,
-                         last_steps=args.last_steps)
+                         last_steps=args.last_steps,
+                         secondary_activation=args.secondary_activation)
     return ds, model, loss, error, rule
 
 
@@ -118,6 +119,8 @@ def main(argv=None):
                         help="firing-rate regulariser target in spikes/ms (0.01 = 10 Hz)")
     parser.add_argument("--rate-strength", type=float, default=1.0)
     parser.add_argument("--last-steps", type=int, default=None, help="S-TLLR last_steps")
+    parser.add_argument("--secondary-activation", choices=["surrogate"], default=None,
+                        help="S-TLLR psi: the cell's pseudo-derivative instead of the paper's")
     parser.add_argument("--mnist-path", default="/work/shared/data/mnist.npz")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10)
