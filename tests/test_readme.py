@@ -1,0 +1,38 @@
+"""The README's example runs as written, and its set-up commands are the ones CI runs."""
+import os
+import re
+import subprocess
+
+import numpy as np
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_example_trains_saves_and_exports(tmp_path, monkeypatch):
+    section = _readme().split("## Example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md example", "exec"), namespace)
+    model, x = namespace["model"], namespace["x"]
+    assert (tmp_path / "alif.keras").is_file()
+    loaded = tf.saved_model.load(str(tmp_path / "alif_savedmodel"))
+    np.testing.assert_allclose(loaded.serve(tf.constant(x[:4])), model(x[:4]), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_ci_runs_the_readme_commands():
+    script = os.path.join(ROOT, ".ci", "run")
+    out = subprocess.run(
+        ["bash", "-c", f'source <(sed -n "/^readme_command()/,/^}}/p" "{script}"); '
+                       'cd "$0"; readme_command "<!-- ci:install -->"; '
+                       'readme_command "<!-- ci:test -->"', ROOT],
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("python -m pip install -e")
+    assert out[1] == "python -m pytest -q"
