@@ -146,6 +146,18 @@ class _UnscaledLoss:
         return value
 
 
+class _FunctionLoss(keras.losses.Loss):
+    """A plain ``loss(y_true, y_pred)`` function as a Keras loss (per-sample values are
+    averaged over the batch, sample weights applied by Keras)."""
+
+    def __init__(self, fn, name=None):
+        super().__init__(name=name or getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
 class _CallbackModel:
     """What Keras callbacks see as ``self.model``: the model, with the Trainer's optimizer and
     a ``stop_training`` flag, without modifying the user's model object."""
@@ -347,9 +359,9 @@ class Trainer:
                 raise ValueError(f"`loss` {loss!r} is not a Keras loss name ({error}).") from None
             if isinstance(fn, keras.losses.Loss):
                 return fn
-            return keras.losses.LossFunctionWrapper(fn, name=loss)
+            return _FunctionLoss(fn, name=loss)
         if callable(loss):
-            return keras.losses.LossFunctionWrapper(loss)
+            return _FunctionLoss(loss)
         raise TypeError(f"`loss` must be a Keras loss, a loss name or a callable, received "
                         f"{loss!r}.")
 
@@ -534,6 +546,9 @@ class Trainer:
     def _checkpoint_object(self):
         objects = {"model": self.model, "optimizer": self.optimizer,
                    "tf_rng": tf.random.get_global_generator()}
+        if isinstance(self.rule, tf.Module):
+            # Rules with state of their own (e.g. e-prop's adaptive feedback matrices).
+            objects["rule"] = self.rule
         try:
             from keras.src.random import seed_generator
             generator = seed_generator.global_seed_generator()

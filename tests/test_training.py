@@ -501,3 +501,48 @@ def test_only_the_chief_writes_checkpoints_and_logs(tmp_path):
     trainer._save()
     assert trainer._writer("train") is None
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+def test_loss_as_a_plain_function_or_a_name():
+    """A callable loss(y_true, y_pred) and a Keras loss name work like the Loss object."""
+    ds = dataset(16, 8)
+    reference = Trainer(make_model(), "adam", LOSS, verbose=0).evaluate(ds)["loss"]
+
+    def my_loss(y_true, y_pred):
+        return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+    by_function = Trainer(make_model(), "adam", my_loss, verbose=0).evaluate(ds)["loss"]
+    np.testing.assert_allclose(by_function, reference, rtol=1e-6)
+    probabilities = keras.Sequential([make_model(), keras.layers.Softmax()])
+    by_name = Trainer(probabilities, "adam", "sparse_categorical_crossentropy",
+                      verbose=0).evaluate(ds)["loss"]
+    np.testing.assert_allclose(by_name, reference, rtol=1e-5)
+
+
+def test_resume_restores_the_adaptive_feedback_of_eprop(tmp_path):
+    """The rule's own state (e-prop's trained feedback matrices) is checkpointed too: an
+    interrupted and resumed run ends with the same feedback as an uninterrupted one."""
+    x, y = delayed_cue(16)
+    onehot = np.eye(2, dtype="float32")[y][:, None, :].repeat(T, axis=1)
+    ds = tf.data.Dataset.from_tensor_slices((x, onehot)).batch(8)
+
+    def build(directory):
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((T, N_IN)),
+                                  keras.layers.RNN(kspike.ALIF(12, thr=0.05, seed=1),
+                                                   return_sequences=True),
+                                  kspike.LeakyReadout(2, seed=2)])
+        rule = kspike.learning.EProp(feedback="adaptive", seed=0)
+        return Trainer(model, keras.optimizers.Adam(1e-2), keras.losses.MeanSquaredError(),
+                       rule=rule, checkpoint_dir=str(directory), verbose=0), rule
+
+    straight, straight_rule = build(tmp_path / "straight")
+    straight.fit(ds, steps=4)
+    first, _ = build(tmp_path / "resumed")
+    first.fit(ds, steps=2)
+    resumed, resumed_rule = build(tmp_path / "resumed")
+    resumed.fit(ds, steps=4)
+    assert resumed.step == 4
+    assert len(resumed_rule.feedback_weights) == len(straight_rule.feedback_weights) == 1
+    np.testing.assert_allclose(resumed_rule.feedback_weights[0].numpy(),
+                               straight_rule.feedback_weights[0].numpy(), rtol=1e-5, atol=1e-7)
