@@ -163,7 +163,9 @@ def squared_pseudo_derivative_mean(spike_function, voltage_range=(-1.0, 1.0), po
                          f"{voltage_range!r}.")
     x = np.linspace(low, high, int(points))
     psi = np.asarray(spike_function.pseudo_derivative(tf.constant(x, tf.float64)), np.float64)
-    return float(np.trapezoid(psi * psi, x) / (high - low))
+    # np.trapezoid is NumPy >= 2; NumPy 1.x (TensorFlow 2.16) only has np.trapz.
+    trapezoid = getattr(np, "trapezoid", None) or np.trapz
+    return float(trapezoid(psi * psi, x) / (high - low))
 
 
 def _family(spike_function, gamma, s):
