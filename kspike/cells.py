@@ -244,7 +244,9 @@ class _SpikingCell(keras.layers.Layer):
         if self.recurrent:
             w_rec = tf.cast(self.recurrent_kernel, dtype)
             if "recurrent" not in self._rewired:
-                w_rec = w_rec * tf.cast(1.0 - tf.eye(self.units), dtype)
+                # A NumPy constant: inside keras.layers.RNN this runs every time step, and a
+                # constant costs nothing there while tf.eye would be rebuilt each step.
+                w_rec = w_rec * tf.constant(1.0 - np.eye(self.units), dtype=dtype)
         bias = None if self.bias is None else tf.cast(self.bias, dtype)
         return w_in, w_rec, bias
 
