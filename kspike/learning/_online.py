@@ -321,6 +321,34 @@ def variable_gradients(tape, model, targets, grads):
     return [None if g is None else tf.cast(g, v.dtype) for g, v in zip(out, variables)]
 
 
+def model_gradients(tape, model, weights, layer_grads, readout, readout_grad, error, loss,
+                    weight_loss, dtype):
+    """Gradients of a local rule aligned with ``model.trainable_variables``, and the total loss.
+
+    Args:
+        tape: the tape under which the effective kernels were built.
+        weights: per-layer effective weights (``layer_weights``); layer_grads: per layer, the
+            gradients of (W_in, W_rec, bias).
+        readout: (kernel, bias) of the readout; readout_grad: gradient of its kernel; error:
+            (B, T, n_out) output error whose sum over batch and time is the bias gradient.
+        loss: task plus regulariser loss (scalar); weight_loss: the model's weight penalties
+            (Keras kernel regularisers) or None, differentiated by the tape.
+    """
+    targets, values = [], []
+    for w, g in zip(weights, layer_grads):
+        targets.extend([w.input_kernel, w.recurrent_kernel, w.bias])
+        values.extend(g)
+    targets.extend(readout)
+    values.extend([readout_grad, tf.reduce_sum(error, axis=(0, 1))])
+    gradients = variable_gradients(tape, model, targets, values)
+    if weight_loss is not None:
+        extra = tape.gradient(weight_loss, model.trainable_variables)
+        gradients = [g if e is None else (tf.cast(e, v.dtype) if g is None else g + e)
+                     for g, e, v in zip(gradients, extra, model.trainable_variables)]
+        loss = loss + tf.cast(weight_loss, dtype)
+    return gradients, loss
+
+
 def split_stacked(grad, layer, weights):
     """(P, n) gradient of [W_in; W_rec; bias] -> (grad W_in, grad W_rec or None, grad bias or None)."""
     n_in = layer.n_in

@@ -211,19 +211,9 @@ class EProp(_FeedbackRule):
                                                             steps, dtype)
         grads, readout_grads, feedback_grads = self._trace_pass(
             plan, weights, readout, feedback, x, sequence, error, reg_signals)
-        targets, values = [], []
-        for w, g in zip(weights, grads):
-            targets.extend([w.input_kernel, w.recurrent_kernel, w.bias])
-            values.extend(g)
-        targets.extend(readout)
-        values.extend([readout_grads, tf.reduce_sum(error, axis=(0, 1))])
-        gradients = _online.variable_gradients(tape, model, targets, values)
-        total = task_loss + reg_loss
-        if weight_loss is not None:
-            extra = tape.gradient(weight_loss, model.trainable_variables)
-            gradients = [g if e is None else (tf.cast(e, v.dtype) if g is None else g + e)
-                         for g, e, v in zip(gradients, extra, model.trainable_variables)]
-            total = total + tf.cast(weight_loss, dtype)
+        gradients, total = _online.model_gradients(tape, model, weights, grads, readout,
+                                                   readout_grads, error, task_loss + reg_loss,
+                                                   weight_loss, dtype)
         del tape
         if self.feedback == "adaptive" and training:
             updates = [g + self.weight_decay * tf.cast(v, dtype)
