@@ -113,6 +113,19 @@ class _SpikingCell(keras.layers.Layer):
                 raise ValueError("`dale` must be in (0, 1) (the fraction of excitatory "
                                  f"presynaptic neurons), received {dale!r}.")
         self.dale = dale
+        if connectivity is not None or dale is not None:
+            # Rewired/sign-constrained kernels are initialised by kspike.rewiring (magnitudes
+            # |N(0, 1)| / sqrt(n_in) on the active entries) and kept by DEEP R, so these
+            # arguments would be silently ignored.
+            for name, value in (("input_initializer", input_initializer),
+                                ("recurrent_initializer", recurrent_initializer),
+                                ("input_constraint", input_constraint),
+                                ("recurrent_constraint", recurrent_constraint)):
+                if value is not None:
+                    raise ValueError(f"`{name}` cannot be used with connectivity="
+                                     f"{connectivity!r} / dale={dale!r}: rewired kernels are "
+                                     f"initialised and constrained by kspike.rewiring; received "
+                                     f"{name}={value!r}.")
         if output not in _OUTPUTS:
             raise ValueError(f"`output` must be one of {_OUTPUTS}, received {output!r}.")
         self.output_mode = output
@@ -352,6 +365,10 @@ class _SpikingCell(keras.layers.Layer):
             "recurrent_constraint": constraints.serialize(self.recurrent_constraint),
             "bias_constraint": constraints.serialize(self.bias_constraint),
         }
+        if self.connectivity is not None or self.dale is not None:
+            for name in ("input_initializer", "recurrent_initializer", "input_constraint",
+                         "recurrent_constraint"):
+                config[name] = None
         base = super().get_config()
         base.pop("autocast", None)
         return {**base, **config}

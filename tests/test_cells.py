@@ -517,3 +517,16 @@ def test_bad_inputs():
         model.predict(np.zeros((2, 3, 7), "float32"), verbose=0)
     with pytest.raises(ValueError, match="known input feature size"):
         kspike.LIF(3).build((None, None))
+
+
+def test_rewired_cells_refuse_kernel_initializers_and_keep_their_config():
+    """Initialisers/constraints of kernels that DEEP R owns would be ignored: say so."""
+    for name in ("input_initializer", "recurrent_initializer", "input_constraint",
+                 "recurrent_constraint"):
+        with pytest.raises(ValueError, match=name):
+            kspike.ALIF(8, connectivity=0.5, **{name: "zeros" if "init" in name else "non_neg"})
+        with pytest.raises(ValueError, match=name):
+            kspike.LIF(8, dale=0.8, **{name: "zeros" if "init" in name else "non_neg"})
+    cell = kspike.ALIF(8, connectivity=0.5, dale=0.8, seed=3)
+    clone = kspike.ALIF.from_config(cell.get_config())
+    assert clone.get_config() == cell.get_config()
