@@ -45,6 +45,18 @@ def output_directory(requested, name):
     return path
 
 
+def spiking_model(cell, n_inputs, n_outputs, name, seed, layer_name="lsnn", **readout_kwargs):
+    """The tutorials' network: Input (B, T, n_inputs) -> kspike.SpikingRNN(cell) named
+    ``layer_name`` -> kspike.LeakyReadout(n_outputs) named "readout" (B, T, n_outputs)."""
+    import keras
+    import kspike
+    inputs = keras.Input((None, n_inputs))
+    spikes = kspike.SpikingRNN(cell, return_sequences=True, name=layer_name)(inputs)
+    outputs = kspike.LeakyReadout(n_outputs, seed=seed + 2, name="readout",
+                                  **readout_kwargs)(spikes)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def make_rule(name, **stllr_kwargs):
     """The kspike learning rule called ``name``; a clear exit if it is not available."""
     try:

@@ -62,18 +62,14 @@ def parse_args(argv=None):
 
 
 def build_model(args):
-    import keras
     import kspike
     alpha = math.exp(-1.0 / 20.0)
     cell = kspike.ALIF(args.n_regular + args.n_adaptive, n_adaptive=args.n_adaptive, tau=20.0,
                        tau_adaptation=args.tau_adaptation, beta=args.beta,
                        thr=args.thr_eprop * (1.0 - alpha), n_refractory=args.n_refractory,
                        dampening_factor=0.3, seed=args.seed)
-    inputs = keras.Input((None, 40))
-    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn")(inputs)
-    outputs = kspike.LeakyReadout(2, tau=20.0, use_bias=False, seed=args.seed + 2,
-                                  name="readout")(spikes)
-    return keras.Model(inputs, outputs, name="evidence_lsnn")
+    return utils.spiking_model(cell, 40, 2, "evidence_lsnn", args.seed, tau=20.0,
+                               use_bias=False)
 
 
 def main(argv=None):

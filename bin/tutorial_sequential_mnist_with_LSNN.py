@@ -82,7 +82,6 @@ def synthetic_mnist(rng, n):
 
 
 def build_model(args):
-    import keras
     import kspike
     sparse = args.connectivity > 0
     cell = kspike.ALIF(args.n_regular + args.n_adaptive, n_adaptive=args.n_adaptive, tau=20.0,
@@ -90,10 +89,7 @@ def build_model(args):
                        n_refractory=args.n_refractory, dampening_factor=0.3,
                        connectivity=args.connectivity if sparse else None,
                        dale=args.excitatory if sparse else None, seed=args.seed)
-    inputs = keras.Input((None, 80))
-    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn")(inputs)
-    outputs = kspike.LeakyReadout(10, tau=20.0, seed=args.seed + 2, name="readout")(spikes)
-    return keras.Model(inputs, outputs, name="smnist_lsnn")
+    return utils.spiking_model(cell, 80, 10, "smnist_lsnn", args.seed, tau=20.0)
 
 
 def main(argv=None):

@@ -75,16 +75,12 @@ def write_synthetic_shd(folder, rng, n_train=16, n_test=8):
 
 
 def build_model(args):
-    import keras
     import kspike
     cell = kspike.ALIF(args.n_regular + args.n_adaptive, n_adaptive=args.n_adaptive,
                        tau=args.tau, tau_adaptation=args.tau_adaptation, beta=args.beta,
                        thr=args.thr, dt=args.dt, dampening_factor=0.3, seed=args.seed)
-    inputs = keras.Input((None, 700))
-    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="alif")(inputs)
-    outputs = kspike.LeakyReadout(20, tau=args.tau_out, dt=args.dt, seed=args.seed + 2,
-                                  name="readout")(spikes)
-    return keras.Model(inputs, outputs, name="shd_alif")
+    return utils.spiking_model(cell, 700, 20, "shd_alif", args.seed, layer_name="alif",
+                               tau=args.tau_out, dt=args.dt)
 
 
 def main(argv=None):

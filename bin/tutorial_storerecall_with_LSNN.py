@@ -81,15 +81,11 @@ class StopOnRecallError:
 
 
 def build_model(args):
-    import keras
     import kspike
     cell = kspike.ALIF(args.n_regular + args.n_adaptive, n_adaptive=args.n_adaptive, tau=20.0,
                        tau_adaptation=args.tau_adaptation, beta=args.beta, thr=args.thr,
                        n_refractory=args.n_refractory, dampening_factor=0.3, seed=args.seed)
-    inputs = keras.Input((None, 100))
-    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn")(inputs)
-    outputs = kspike.LeakyReadout(2, tau=20.0, seed=args.seed + 2, name="readout")(spikes)
-    return keras.Model(inputs, outputs, name="storerecall_lsnn")
+    return utils.spiking_model(cell, 100, 2, "storerecall_lsnn", args.seed, tau=20.0)
 
 
 def main(argv=None):
