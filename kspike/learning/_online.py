@@ -321,6 +321,20 @@ def variable_gradients(tape, model, targets, grads):
     return [None if g is None else tf.cast(g, v.dtype) for g, v in zip(out, variables)]
 
 
+def watched_weights(plan, model):
+    """Effective layer and readout weights and the model's weight penalty, built under a
+    persistent tape so ``model_gradients`` can map gradients back onto the variables.
+
+    Returns:
+        (tape, weights, readout, weight_loss); the caller deletes the tape when done.
+    """
+    with tf.GradientTape(persistent=True) as tape:
+        weights = layer_weights(plan, plan.dtype)
+        readout = readout_weights(plan, plan.dtype)
+        weight_loss = model_weight_losses(model)
+    return tape, weights, readout, weight_loss
+
+
 def model_gradients(tape, model, weights, layer_grads, readout, readout_grad, error, loss,
                     weight_loss, dtype):
     """Gradients of a local rule aligned with ``model.trainable_variables``, and the total loss.

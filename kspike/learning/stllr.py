@@ -123,10 +123,7 @@ class STLLR(_FeedbackRule):
     @tf.autograph.experimental.do_not_convert
     def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
         dtype = plan.dtype
-        with tf.GradientTape(persistent=True) as tape:
-            weights = _online.layer_weights(plan, dtype)
-            readout = _online.readout_weights(plan, dtype)
-            weight_loss = _online.model_weight_losses(model)
+        tape, weights, readout, weight_loss = _online.watched_weights(plan, model)
         feedback = None
         if self.feedback == "dfa":
             shapes = [(plan.readout.units, layer.units) for layer in plan.layers]
