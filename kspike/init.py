@@ -1,16 +1,19 @@
 """Stabilising initialisation of Herranz-Celotti & Rouat, "Stabilizing Spiking Neuron Training"
-(REFERENCE.md section 8), in kspike's convention.
+(arXiv 2202.00282; REFERENCE.md section 8), in kspike's convention.
 
 kspike's step is v_t = alpha v_{t-1} + (1 - alpha) (x_t W_in + z_{t-1} W_rec) - thr z_{t-1} with
 z_t = H((v_t - thr) / thr) (LIF, and ALIF at initialisation where b = 0), so the spike's
 derivative with respect to the voltage is psi(x) / thr. The paper writes the step without the
-(1 - alpha) factor; its weights are (1 - alpha) times kspike's. The four conditions, as read
-here:
+(1 - alpha) factor, y_t = alpha y_{t-1} + W_in x_t + W_rec z_{t-1} - thr z_{t-1}, and its
+pseudo-derivative on v - thr instead of (v - thr) / thr: its weights are (1 - alpha) times
+kspike's, its dampening and sharpness are kspike's divided by thr (``StabilizationReport``
+gives both). The voltages are the same. S+_j and S-_j below are the sums of the positive and of
+the negative entries of column j of W_rec (the recurrent inputs of neuron j, diagonal excluded),
+in kspike units; <.> is the average over the columns.
 
-I. Mean recurrent weight: the voltage stays at threshold on average when neurons fire with
-   probability 1/2 (a neuron sitting at threshold) and the input has zero mean:
-   thr = alpha thr + (1 - alpha) (n_rec - 1) mu / 2 - thr / 2, i.e. in the paper's units
-   mu = (3 - 2 alpha) thr / (n_rec - 1), and in kspike's units
+I. Mean recurrent weight: the mean voltage sits at threshold when neurons fire with probability
+   1/2 and the input has zero mean: thr = alpha thr + (1 - alpha) (n_rec - 1) mu / 2 - thr / 2,
+   i.e. in the paper's units mu = (3 - 2 alpha) thr / (n_rec - 1), and in kspike's units
 
        mu_rec = (3 - 2 alpha) thr / ((1 - alpha) (n_rec - 1)).
 
@@ -19,32 +22,50 @@ II. Recurrent variance: the recurrent current's second-moment term matches the i
        var_rec = (input_var + input_mean^2) Var(W_in) n_in / (n_rec - 1) - mu_rec^2 / 2
 
    (unchanged by the (1 - alpha) convention since both kernels scale alike; clipped at 0).
+   A layer fed by a spiking layer uses input_mean = 1/2, input_var = 1/4.
 
-III. Dampening: with S+_j and S-_j the sums of the positive and negative entries of column j of
-   W_rec (the inputs of neuron j), the voltage Jacobian dv_t / dv_{t-1} has entries
-   alpha delta_jk + ((1 - alpha) W_rec[k, j] - thr delta_jk) psi_k / thr. Condition I gives W_rec
-   a positive mean, which makes the synchronous mode (every neuron at the same pseudo-derivative
-   value) the least stable direction: with every psi at its peak gamma, a uniform perturbation
-   is multiplied per step by alpha + gamma c, c = (1 - alpha) (<S+> + <S->) / thr - 1, where
-   <.> averages over the columns (the mean-field value of the Jacobian's outlier eigenvalue).
-   The dampening is the largest gamma keeping that factor in [-1, 1]:
+III. Dampening (as the paper's public code, github.com/LuCeHe/stable_spike, computes it). In
+   the paper's units the dampening (peak of dz/dv) is
+   gamma = (1 - alpha) |S-| / (S+ (|S-| + thr)), i.e. gamma S+ (|S-| + thr) = (1 - alpha) |S-|:
+   gamma times the largest stationary voltage a neuron reaches when all its excitatory inputs
+   fire every step, S+ / (1 - alpha), equals |S-| / (|S-| + thr). In kspike's units (weights
+   divided by 1 - alpha, dampening multiplied by thr):
 
-       gamma = (1 - alpha) / c if c > 0, else (1 + alpha) / |c|.
+       gamma = thr (1 - alpha) |<S->| / (<S+> ((1 - alpha) |<S->| + thr)).
 
-   Under condition I exactly, c = 2 (1 - alpha) and gamma = 1/2; other recurrent kernels move
-   it. (A worst case over single neurons instead of the column average would give dampenings
-   near 1 - alpha, far below the paper's values, so the average is used.)
+   ``dampening(..., per_neuron=True)`` gives the value of each column instead of the one of the
+   averaged sums; the two differ by the spread of the column sums (about 1.5 % for 128 neurons
+   with Glorot-uniform weights). The condition needs excitatory and inhibitory recurrent
+   weights (no S+: unbounded; no S-: zero dampening).
 
-IV. Sharpness: the expected squared norm of a Jacobian row equals 1 (gradients neither explode
-   nor vanish through time):
+IV. Sharpness: the expected squared norm of a row of the voltage Jacobian
+   dv_t / dv_{t-1} = alpha 1 + ((1 - alpha) W_rec - thr 1) diag(psi / thr) equals 1:
 
        -1 + alpha^2 + ((n_rec - 1) (1 - alpha)^2 E[W_rec^2] + thr^2) E_s,2 = 0,
-       E_s,2 = mean over x in ``voltage_range`` of (psi_s(x) / thr)^2,
+       E_s,2 = E[(psi_s(x) / thr)^2],
 
-   x = (v - thr) / thr the normalised voltage (default range [-1, 1], i.e. v from 0 to 2 thr),
-   solved for the sharpness s at the dampening of condition III.
+   solved for the sharpness s at the dampening of condition III. The expectation is over the
+   voltage taken uniform, for each neuron j, between the extremes the inputs allow (spiking
+   inputs in [0, 1], see ``voltage_bounds``; the range of the paper's public code):
 
-With these values the paper predicts dampening ~0.2 and sharpness ~1 for its settings. Example:
+       v_max_j = S+_j + S+in_j + bias_j,   v_min_j = S-_j + S-in_j + bias_j - thr / (1 - alpha)
+
+   (S+in_j, S-in_j: the same sums over column j of W_in), i.e. the paper's
+   [(S- + S-in - thr) / (1 - alpha), (S+ + S+in) / (1 - alpha)] in its units, and averaged
+   over the neurons. For typical kernels the dampening of III is too small for any sharpness
+   to bring the gradient norm up to 1 (E_s,2 <= gamma^2 / thr^2); ``stabilize`` then keeps the
+   sharpness closest to the condition within ``sharpness_bounds`` (the widest pseudo-derivative)
+   and warns, as a bounded search does.
+
+Values: with the settings of the paper's public code for sequential MNIST (128 recurrent
+neurons, Glorot-uniform W_rec, thr = 0.01, tau = 0.1 ms at dt = 1 ms so alpha ~ 0) condition III
+gives a dampening of 0.205 on average over draws in the paper's units (0.00205 in kspike's;
+0.204 when the unused diagonal entries are summed too, as that code does), the 0.204 the paper
+predicts; with 256 neurons (the SHD setting of that code) the same formula gives 0.144. With
+these Glorot weights (n_rec - 1) E[W_rec^2] = 1 - 1/n_rec, so condition IV has no solution for
+alpha ~ 0 even at dampening 1.
+
+Example:
 
 >>> cell = kspike.LIF(100)
 >>> layer = keras.layers.RNN(cell, return_sequences=True); layer.build((None, None, 40))
@@ -52,6 +73,7 @@ With these values the paper predicts dampening ~0.2 and sharpness ~1 for its set
 >>> print(report)
 """
 import math
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -61,8 +83,8 @@ import tensorflow as tf
 from kspike import surrogates
 
 __all__ = ["StabilizationReport", "recurrent_mean", "recurrent_variance", "dampening",
-           "sharpness", "squared_pseudo_derivative_mean", "stabilize", "stabilize_stack",
-           "StabilizingRecurrent"]
+           "sharpness", "squared_pseudo_derivative_mean", "voltage_bounds", "stabilize",
+           "stabilize_stack", "StabilizingRecurrent"]
 
 
 def _number(name, value, positive=False, allow_zero=True):
@@ -127,45 +149,119 @@ def recurrent_variance(n_rec, n_in, input_mean, input_var, input_weight_var, mea
     return max(value, 0.0)
 
 
-def dampening(recurrent_kernel, alpha, thr):
-    """Condition III: the largest dampening gamma keeping the synchronous mode of the voltage
-    Jacobian within [-1, 1] (see the module docstring).
+def _column_sums(kernel, name, square):
+    w = np.asarray(kernel, np.float64)
+    if square:
+        if w.ndim != 2 or w.shape[0] != w.shape[1]:
+            raise ValueError(f"`{name}` must be square (n, n), received shape {w.shape}.")
+        w = w * (1.0 - np.eye(w.shape[0]))
+    elif w.ndim != 2:
+        raise ValueError(f"`{name}` must be a matrix (n_in, n), received shape {w.shape}.")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"`{name}` has non-finite entries.")
+    return np.where(w > 0, w, 0.0).sum(axis=0), np.where(w < 0, w, 0.0).sum(axis=0)
+
+
+def dampening(recurrent_kernel, alpha, thr, per_neuron=False):
+    """Condition III: the dampening (kspike units, peak of psi over x = (v - thr) / thr)
+
+        gamma = thr (1 - alpha) |<S->| / (<S+> ((1 - alpha) |<S->| + thr)),
+
+    i.e. the paper's gamma S+ (|S-| + thr) = (1 - alpha) |S-| in its units (module docstring).
 
     Args:
-        recurrent_kernel: W_rec (n, n) (rows presynaptic, columns postsynaptic), array or tensor.
+        recurrent_kernel: W_rec (n, n) (rows presynaptic, columns postsynaptic), array or tensor,
+            kspike units; the diagonal is ignored (kspike cells keep it at 0).
         alpha: membrane decay in [0, 1). thr: threshold (> 0).
+        per_neuron: return the (n,) values of the columns (S+_j, S-_j each) instead of the value
+            of the column-averaged sums; a column without positive entries gives inf.
 
     Returns:
-        (gamma, S_plus, S_minus): the dampening and the column sums (n,) of the positive and of
-        the negative entries (diagonal excluded).
+        (gamma, S_plus, S_minus): the dampening (a float, or (n,) with ``per_neuron``) and the
+        column sums (n,) of the positive and of the negative entries (S_minus <= 0).
+
+    Raises:
+        ValueError: no excitatory weights (the condition does not bound gamma) or no inhibitory
+            weights (it gives gamma = 0).
     """
     alpha = _alpha(alpha)
     thr = _number("thr", thr, positive=True, allow_zero=False)
-    w = np.asarray(recurrent_kernel, np.float64)
-    if w.ndim != 2 or w.shape[0] != w.shape[1]:
-        raise ValueError(f"`recurrent_kernel` must be square (n, n), received shape {w.shape}.")
-    w = w * (1.0 - np.eye(w.shape[0]))
-    s_plus = np.where(w > 0, w, 0.0).sum(axis=0)
-    s_minus = np.where(w < 0, w, 0.0).sum(axis=0)
-    c = (1.0 - alpha) * (np.mean(s_plus) + np.mean(s_minus)) / thr - 1.0
-    if c == 0.0:
-        raise ValueError("Condition III does not bound the dampening for this recurrent kernel "
-                         "(the synchronous mode is alpha whatever gamma).")
-    gamma = (1.0 - alpha) / c if c > 0 else (1.0 + alpha) / -c
-    return float(gamma), s_plus, s_minus
+    s_plus, s_minus = _column_sums(recurrent_kernel, "recurrent_kernel", square=True)
+    plus, minus = (s_plus, -s_minus) if per_neuron else (np.mean(s_plus), -np.mean(s_minus))
+    if np.all(plus == 0.0):
+        raise ValueError("Condition III does not bound the dampening: the recurrent kernel has "
+                         "no positive (excitatory) entries.")
+    if np.all(minus == 0.0):
+        raise ValueError("Condition III gives a zero dampening: the recurrent kernel has no "
+                         "negative (inhibitory) entries; draw W_rec with a variance (condition "
+                         "II) or set the dampening yourself.")
+    with np.errstate(divide="ignore"):
+        gamma = thr * (1.0 - alpha) * minus / (plus * ((1.0 - alpha) * minus + thr))
+    return (gamma if per_neuron else float(gamma)), s_plus, s_minus
+
+
+def voltage_bounds(recurrent_kernel, input_kernel, alpha, thr, bias=None):
+    """Per-neuron voltage range of condition IV, as normalised voltages x = (v - thr) / thr.
+
+    The stationary extremes of v when every input and recurrent spike (values in [0, 1]) with a
+    positive weight fires at every step, or every one with a negative weight does and the neuron
+    itself too: v_max_j = S+_j + S+in_j + bias_j and v_min_j = S-_j + S-in_j + bias_j
+    - thr / (1 - alpha) (kspike units; S+in_j, S-in_j the sums over column j of W_in).
+
+    Args:
+        recurrent_kernel: W_rec (n, n), or None for a layer without recurrence.
+        input_kernel: W_in (n_in, n).
+        alpha: membrane decay in [0, 1). thr: threshold (> 0).
+        bias: (n,) or None.
+
+    Returns:
+        (n, 2) array of [x_min_j, x_max_j].
+    """
+    alpha = _alpha(alpha)
+    thr = _number("thr", thr, positive=True, allow_zero=False)
+    in_plus, in_minus = _column_sums(input_kernel, "input_kernel", square=False)
+    rec_plus = rec_minus = 0.0
+    if recurrent_kernel is not None:
+        rec_plus, rec_minus = _column_sums(recurrent_kernel, "recurrent_kernel", square=True)
+        if np.shape(rec_plus) != np.shape(in_plus):
+            raise ValueError(f"`recurrent_kernel` has {np.size(rec_plus)} columns but "
+                             f"`input_kernel` has {np.size(in_plus)}.")
+    offset = 0.0 if bias is None else np.asarray(bias, np.float64).reshape(-1)
+    v_max = rec_plus + in_plus + offset
+    v_min = rec_minus + in_minus + offset - thr / (1.0 - alpha)
+    return np.stack([(v_min - thr) / thr, (v_max - thr) / thr], axis=-1)
+
+
+def _ranges(voltage_range):
+    ranges = np.asarray(voltage_range, np.float64)
+    if ranges.ndim == 1:
+        ranges = ranges[None]
+    if (ranges.ndim != 2 or ranges.shape[1] != 2 or ranges.shape[0] == 0
+            or not np.all(np.isfinite(ranges)) or np.any(ranges[:, 0] >= ranges[:, 1])):
+        raise ValueError(f"`voltage_range` must be (low, high) with low < high, or an (n, 2) "
+                         f"array of such rows, received {voltage_range!r}.")
+    return ranges
 
 
 def squared_pseudo_derivative_mean(spike_function, voltage_range=(-1.0, 1.0), points=20001):
-    """mean over x in ``voltage_range`` of psi(x)^2 (trapezoid rule on ``points`` points)."""
-    low, high = (float(v) for v in voltage_range)
-    if not low < high:
-        raise ValueError(f"`voltage_range` must be (low, high) with low < high, received "
-                         f"{voltage_range!r}.")
-    x = np.linspace(low, high, int(points))
+    """Mean of psi(x)^2 over x uniform in ``voltage_range``: a (low, high) pair, or an (n, 2)
+    array of per-neuron ranges whose means are averaged.
+
+    One cumulative trapezoid integral on ``points`` nodes spaced as sinh (dense where psi
+    varies, |s x| small; sparse in the tails), read at the ends of each range.
+    """
+    ranges = _ranges(voltage_range)
+    low, high = ranges[:, 0].min(), ranges[:, 1].max()
+    s = float(spike_function.sharpness)
+    u = np.linspace(np.arcsinh(s * low), np.arcsinh(s * high), int(points))
+    x = np.sinh(u) / s
+    x[0], x[-1] = low, high
     psi = np.asarray(spike_function.pseudo_derivative(tf.constant(x, tf.float64)), np.float64)
-    # np.trapezoid is NumPy >= 2; NumPy 1.x (TensorFlow 2.16) only has np.trapz.
-    trapezoid = getattr(np, "trapezoid", None) or np.trapz
-    return float(trapezoid(psi * psi, x) / (high - low))
+    square = psi * psi
+    integral = np.concatenate([[0.0], np.cumsum(0.5 * (square[1:] + square[:-1]) * np.diff(x))])
+    means = ((np.interp(ranges[:, 1], x, integral) - np.interp(ranges[:, 0], x, integral))
+             / (ranges[:, 1] - ranges[:, 0]))
+    return float(np.mean(means))
 
 
 def _family(spike_function, gamma, s):
@@ -174,53 +270,82 @@ def _family(spike_function, gamma, s):
     return surrogates.get(config)
 
 
-def sharpness(surrogate, dampening_factor, alpha, thr, n_rec, recurrent_second_moment,
-              voltage_range=(-1.0, 1.0)):
-    """Condition IV: the sharpness s solving
-    -1 + alpha^2 + ((n_rec - 1)(1 - alpha)^2 E[W_rec^2] + thr^2) E_s,2 = 0.
-
-    Args:
-        surrogate: a name or ``SpikeFunction`` (its family and tail are kept).
-        dampening_factor: gamma (e.g. from condition III).
-        alpha, thr, n_rec: the cell's decay, threshold and size.
-        recurrent_second_moment: E[W_rec^2] over the off-diagonal entries (kspike units).
-        voltage_range: range of the normalised voltage x = (v - thr) / thr for E_s,2.
-
-    Raises:
-        ValueError: no sharpness satisfies the condition (the message says which way).
-    """
+def _solve_sharpness(surrogate, dampening_factor, alpha, thr, n_rec, recurrent_second_moment,
+                     voltage_range, sharpness_bounds):
+    """(s, residual, solved): the root of condition IV in ``sharpness_bounds``, or the bound
+    with the smallest |residual| when there is none."""
     alpha = _alpha(alpha)
     thr = _number("thr", thr, positive=True, allow_zero=False)
     gamma = _number("dampening_factor", dampening_factor, positive=True, allow_zero=False)
     n_rec = _n_rec(n_rec)
     m2 = _number("recurrent_second_moment", recurrent_second_moment, positive=True)
+    ranges = _ranges(voltage_range)
+    try:
+        s_low, s_high = (float(b) for b in sharpness_bounds)
+    except (TypeError, ValueError):
+        raise ValueError(f"`sharpness_bounds` must be (low, high), received "
+                         f"{sharpness_bounds!r}.") from None
+    if not 0.0 < s_low < s_high < math.inf:
+        raise ValueError(f"`sharpness_bounds` must be (low, high) with 0 < low < high, received "
+                         f"{sharpness_bounds!r}.")
     base = surrogates.get(surrogate) if not isinstance(
         surrogate, surrogates.SpikeFunction) else surrogate
     coefficient = (n_rec - 1) * (1.0 - alpha) ** 2 * m2 + thr ** 2
 
     def residual(log_s):
         f = _family(base, gamma, math.exp(log_s))
-        es2 = squared_pseudo_derivative_mean(f, voltage_range) / thr ** 2
+        es2 = squared_pseudo_derivative_mean(f, ranges) / thr ** 2
         return -1.0 + alpha ** 2 + coefficient * es2
 
-    low, high = math.log(1e-3), math.log(1e3)
+    low, high = math.log(s_low), math.log(s_high)
     r_low, r_high = residual(low), residual(high)
-    if r_low < 0:
-        raise ValueError(
-            f"Condition IV has no solution: even the widest {base.name!r} pseudo-derivative "
-            f"with dampening {gamma:.4g} leaves the gradient norm below 1 (residual "
-            f"{r_low:.3g}); increase the dampening or the recurrent weights.")
+    if r_low < 0:       # E_s,2 only decreases as s grows: the widest psi is the closest
+        return s_low, r_low, False
     if r_high > 0:
-        raise ValueError(f"Condition IV has no solution: even the sharpest {base.name!r} "
-                         f"pseudo-derivative leaves the gradient norm above 1 (residual "
-                         f"{r_high:.3g}); lower the dampening.")
-    for _ in range(80):       # bisection on log s; E_s,2 decreases as s grows
+        return s_high, r_high, False
+    for _ in range(80):       # bisection on log s
         mid = 0.5 * (low + high)
         if residual(mid) > 0:
             low = mid
         else:
             high = mid
-    return math.exp(0.5 * (low + high))
+    s = math.exp(0.5 * (low + high))
+    return s, residual(math.log(s)), True
+
+
+def sharpness(surrogate, dampening_factor, alpha, thr, n_rec, recurrent_second_moment,
+              voltage_range=(-1.0, 1.0), sharpness_bounds=(1e-3, 1e3)):
+    """Condition IV: the sharpness s solving
+    -1 + alpha^2 + ((n_rec - 1)(1 - alpha)^2 E[W_rec^2] + thr^2) E_s,2 = 0.
+
+    Args:
+        surrogate: a name or ``SpikeFunction`` (its family and tail are kept).
+        dampening_factor: gamma (kspike units, e.g. from condition III).
+        alpha, thr, n_rec: the cell's decay, threshold and size.
+        recurrent_second_moment: E[W_rec^2] over the off-diagonal entries (kspike units).
+        voltage_range: normalised voltages x = (v - thr) / thr over which E_s,2 averages: a
+            (low, high) pair or the (n, 2) per-neuron ranges of ``voltage_bounds`` (the
+            paper's range).
+        sharpness_bounds: (low, high) interval searched for s.
+
+    Raises:
+        ValueError: no sharpness in ``sharpness_bounds`` satisfies the condition (the message
+            says which way).
+    """
+    s, r, solved = _solve_sharpness(surrogate, dampening_factor, alpha, thr, n_rec,
+                                    recurrent_second_moment, voltage_range, sharpness_bounds)
+    if solved:
+        return s
+    name = surrogate if isinstance(surrogate, str) else getattr(surrogate, "name", surrogate)
+    if r < 0:
+        raise ValueError(
+            f"Condition IV has no solution: even the widest {name!r} pseudo-derivative "
+            f"(sharpness {s:.3g}) with dampening {float(dampening_factor):.4g} leaves the "
+            f"gradient norm below 1 (residual {r:.3g}); increase the dampening or the recurrent "
+            "weights.")
+    raise ValueError(f"Condition IV has no solution: even the sharpest {name!r} "
+                     f"pseudo-derivative (sharpness {s:.3g}) leaves the gradient norm above 1 "
+                     f"(residual {r:.3g}); lower the dampening.")
 
 
 @keras.saving.register_keras_serializable(package="kspike")
@@ -285,7 +410,13 @@ class StabilizingRecurrent(keras.initializers.Initializer):
 
 
 class StabilizationReport(NamedTuple):
-    """Values chosen by ``stabilize`` (kspike units)."""
+    """Values chosen by ``stabilize`` (kspike units).
+
+    ``condition_iv_residual`` is -1 + alpha^2 + (...) E_s,2 at the chosen sharpness: 0 when
+    condition IV holds, negative when even the widest pseudo-derivative leaves the gradient
+    norm below 1. ``paper_dampening`` and ``paper_sharpness`` give the surrogate in the paper's
+    units (written on v - thr instead of (v - thr) / thr: kspike's values divided by thr).
+    """
     recurrent_mean: float
     recurrent_var: float
     recurrent_second_moment: float
@@ -296,17 +427,32 @@ class StabilizationReport(NamedTuple):
     n_rec: int
     n_in: int
     input_weight_var: float
+    condition_iv_residual: float = 0.0
+
+    @property
+    def paper_dampening(self):
+        """Peak of dz/dv (1 / voltage unit): ``dampening / thr``."""
+        return self.dampening / self.thr
+
+    @property
+    def paper_sharpness(self):
+        """Sharpness on v - thr: ``sharpness / thr``."""
+        return self.sharpness / self.thr
 
     def __str__(self):
+        met = ("" if self.condition_iv_residual == 0.0 else
+               f" [condition IV unmet, residual {self.condition_iv_residual:.3g}]")
         return ("kspike.init.stabilize: condition I mean(W_rec) = {:.5g}, condition II "
-                "var(W_rec) = {:.5g}, condition III dampening = {:.4g}, condition IV sharpness "
-                "= {:.4g} (alpha = {:.4g}, thr = {:.4g}, n_rec = {}, n_in = {}, Var(W_in) = "
-                "{:.4g})").format(self.recurrent_mean, self.recurrent_var, self.dampening,
-                                  self.sharpness, self.alpha, self.thr, self.n_rec, self.n_in,
-                                  self.input_weight_var)
+                "var(W_rec) = {:.5g}, condition III dampening = {:.4g} ({:.4g} on v - thr), "
+                "condition IV sharpness = {:.4g} ({:.4g} on v - thr){} (alpha = {:.4g}, thr = "
+                "{:.4g}, n_rec = {}, n_in = {}, Var(W_in) = {:.4g})").format(
+                    self.recurrent_mean, self.recurrent_var, self.dampening,
+                    self.paper_dampening, self.sharpness, self.paper_sharpness, met, self.alpha,
+                    self.thr, self.n_rec, self.n_in, self.input_weight_var)
 
 
-def stabilize(cell, input_mean, input_var, voltage_range=(-1.0, 1.0), seed=None, verbose=False):
+def stabilize(cell, input_mean, input_var, voltage_range=None, seed=None, verbose=False,
+              sharpness_bounds=(1e-3, 1e3)):
     """Apply conditions I-IV to a built recurrent kspike cell before training.
 
     Draws the recurrent kernel with mean (I) and variance (II) exactly (the off-diagonal sample
@@ -320,15 +466,22 @@ def stabilize(cell, input_mean, input_var, voltage_range=(-1.0, 1.0), seed=None,
     neurons fire. In a stack, a layer fed by a stabilised layer sees spikes of probability 1/2
     per step (``stabilize_stack`` passes input_mean=0.5, input_var=0.25 to those layers).
 
+    When no sharpness in ``sharpness_bounds`` satisfies condition IV (typical at the dampening
+    of III, see the module docstring), the bound closest to it is kept, a ``UserWarning`` says
+    so and the report's ``condition_iv_residual`` is nonzero.
+
     Args:
         cell: a built ``kspike.LIF``/``kspike.ALIF`` with ``recurrent=True`` and dense kernels
             (build it by calling its layer once or ``layer.build(input_shape)``).
         input_mean: mean of each input feature per time step (spike probability per step for
             spiking inputs).
         input_var: variance of each input feature per time step (>= 0).
-        voltage_range: normalised-voltage range of condition IV.
+        voltage_range: normalised voltages x = (v - thr) / thr over which condition IV
+            averages; None (default) for the paper's per-neuron range (``voltage_bounds`` of
+            the new kernels, inputs in [0, 1]), or a (low, high) pair.
         seed: seed of the recurrent draw.
         verbose: print the report.
+        sharpness_bounds: (low, high) interval searched for the sharpness (kspike units).
 
     Returns:
         ``StabilizationReport`` of the values chosen.
@@ -349,6 +502,8 @@ def stabilize(cell, input_mean, input_var, voltage_range=(-1.0, 1.0), seed=None,
         raise ValueError("stabilize does not support sparse rewired kernels (connectivity/dale).")
     input_mean = _number("input_mean", input_mean)
     input_var = _number("input_var", input_var, positive=True)
+    if voltage_range is not None:
+        voltage_range = _ranges(voltage_range)
     n_rec, n_in, alpha, thr = cell.units, cell.input_dim, cell.alpha, cell.thr
     w_in = cell.input_kernel.numpy().astype(np.float64)
     input_weight_var = float(np.var(w_in))
@@ -360,23 +515,35 @@ def stabilize(cell, input_mean, input_var, voltage_range=(-1.0, 1.0), seed=None,
     sample = (sample - sample.mean()) / sample.std()
     w = np.zeros((n_rec, n_rec))
     w[off] = mu + math.sqrt(var) * sample
-    cell.recurrent_kernel.assign(w.astype(cell.recurrent_kernel.dtype))
-    gamma, _, _ = dampening(w, alpha, thr)
+    gamma, _, _ = dampening(w, alpha, thr)      # before any assignment: may raise
+    if voltage_range is None:
+        bias = None if cell.bias is None else cell.bias.numpy()
+        voltage_range = voltage_bounds(w, w_in, alpha, thr, bias)
     second = float(np.mean(w[off] ** 2))
-    s = sharpness(cell.spike_function, gamma, alpha, thr, n_rec, second, voltage_range)
+    s, residual, solved = _solve_sharpness(cell.spike_function, gamma, alpha, thr, n_rec, second,
+                                           voltage_range, sharpness_bounds)
+    if not solved:
+        warnings.warn(
+            f"kspike.init.stabilize: condition IV cannot be met for {cell.name!r} at the "
+            f"condition III dampening {gamma:.4g}: the gradient norm stays "
+            f"{'below' if residual < 0 else 'above'} 1 for every sharpness in "
+            f"{tuple(sharpness_bounds)}; kept the closest, {s:.4g} (residual {residual:.3g}).",
+            UserWarning, stacklevel=2)
+    cell.recurrent_kernel.assign(w.astype(cell.recurrent_kernel.dtype))
     cell.spike_function = _family(cell.spike_function, gamma, s)
     cell.dampening_factor = gamma
     report = StabilizationReport(recurrent_mean=mu, recurrent_var=var,
                                  recurrent_second_moment=second, dampening=gamma, sharpness=s,
                                  alpha=alpha, thr=thr, n_rec=n_rec, n_in=n_in,
-                                 input_weight_var=input_weight_var)
+                                 input_weight_var=input_weight_var,
+                                 condition_iv_residual=0.0 if solved else residual)
     if verbose:
         print(report)
     return report
 
 
-def stabilize_stack(cells, input_mean, input_var, voltage_range=(-1.0, 1.0), seed=None,
-                    verbose=False):
+def stabilize_stack(cells, input_mean, input_var, voltage_range=None, seed=None, verbose=False,
+                    sharpness_bounds=(1e-3, 1e3)):
     """``stabilize`` every cell of a stack of recurrent layers, first to last.
 
     The first cell gets the statistics of the network input; each following cell gets those of
@@ -385,6 +552,7 @@ def stabilize_stack(cells, input_mean, input_var, voltage_range=(-1.0, 1.0), see
     Args:
         cells: built kspike cells or RNN layers wrapping them, input side first.
         input_mean, input_var: statistics of the network input per feature and step.
+        voltage_range, verbose, sharpness_bounds: as in ``stabilize``.
         seed: seed of the first draw (cell i uses seed + i); None for fresh randomness.
 
     Returns:
@@ -394,6 +562,7 @@ def stabilize_stack(cells, input_mean, input_var, voltage_range=(-1.0, 1.0), see
     mean, var = input_mean, input_var
     for i, cell in enumerate(cells):
         reports.append(stabilize(cell, mean, var, voltage_range=voltage_range,
-                                 seed=None if seed is None else seed + i, verbose=verbose))
+                                 seed=None if seed is None else seed + i, verbose=verbose,
+                                 sharpness_bounds=sharpness_bounds))
         mean, var = 0.5, 0.25
     return reports
