@@ -174,7 +174,8 @@ def dampening(recurrent_kernel, alpha, thr, per_neuron=False):
             kspike units; the diagonal is ignored (kspike cells keep it at 0).
         alpha: membrane decay in [0, 1). thr: threshold (> 0).
         per_neuron: return the (n,) values of the columns (S+_j, S-_j each) instead of the value
-            of the column-averaged sums; a column without positive entries gives inf.
+            of the column-averaged sums; a column without positive entries gives inf, one
+            without negative entries 0.
 
     Returns:
         (gamma, S_plus, S_minus): the dampening (a float, or (n,) with ``per_neuron``) and the
@@ -204,8 +205,8 @@ def voltage_bounds(recurrent_kernel, input_kernel, alpha, thr, bias=None):
     """Per-neuron voltage range of condition IV, as normalised voltages x = (v - thr) / thr.
 
     The stationary extremes of v when every input and recurrent spike (values in [0, 1]) with a
-    positive weight fires at every step, or every one with a negative weight does and the neuron
-    itself too: v_max_j = S+_j + S+in_j + bias_j and v_min_j = S-_j + S-in_j + bias_j
+    positive weight fires at every step and the neuron itself stays silent, or every one with a
+    negative weight fires and the neuron itself too: v_max_j = S+_j + S+in_j + bias_j and v_min_j = S-_j + S-in_j + bias_j
     - thr / (1 - alpha) (kspike units; S+in_j, S-in_j the sums over column j of W_in).
 
     Args:
