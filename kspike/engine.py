@@ -142,25 +142,38 @@ def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_
     return tas, list(final)
 
 
-def _raw_outputs(cell, params, tas, masked, output_all, sequences=True):
-    """[z] or [z, v, A] sequences (T, B, n) from the forward TensorArrays ([] when
+def _stacked(tas, names):
+    """The TensorArrays ``names`` (those present) of ``_forward`` stacked to (T(+1), B, n)."""
+    return {name: tas[name].stack() for name in names if name in tas}
+
+
+def _raw_outputs(cell, params, stacked, masked, output_all, sequences=True):
+    """[z] or [z, v, A] sequences (T, B, n) from the stacked forward buffers ([] when
     ``sequences`` is False), and the stacked z states (T + 1, B, n)."""
-    z_states = tas["z"].stack()
+    z_states = stacked["z"]
     if not sequences:
         return [], z_states
-    z_seq = tas["raw_z"].stack() if masked else z_states[1:]
+    z_seq = stacked["raw_z"] if masked else z_states[1:]
     outputs = [z_seq]
     if output_all:
-        v_seq = tas["v"].stack()
+        v_seq = stacked["v"]
         if cell._adaptive:
-            A_seq = tas["A"].stack()
+            A_seq = stacked["A"]
         else:
             A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, v_seq.dtype))
         outputs += [v_seq, A_seq]
     return outputs, z_states
 
 
-def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True):
+def _compiled(fn, jit_compile):
+    """``fn`` itself, or ``fn`` compiled by XLA as one cluster (``jit_compile=True``)."""
+    if not jit_compile:
+        return fn
+    return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
+                jit_compile=False):
     """The forward loop with the cell's own spike function, differentiated by TensorFlow.
 
     Used when no gradient tape is recording (inference, export): no buffers are kept for a
@@ -168,13 +181,21 @@ def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=
     these very steps gives the gradients of ``keras.layers.RNN``.
     """
     params = cell.parameters(states[0].dtype)
-    tas, final_states = _forward(cell, params, x, w_in, w_rec, bias, states, mask, output_all,
-                                 for_backward=False)
-    outputs, _ = _raw_outputs(cell, params, tas, mask is not None, output_all, sequences)
-    return outputs, final_states
+    masked = mask is not None
+    names = ("z", "raw_z", "v", "A") if sequences else ("z",)
+
+    def forward(x, w_in, w_rec, bias, states, mask):
+        tas, final_states = _forward(cell, params, x, w_in, w_rec, bias, states, mask,
+                                     output_all, for_backward=False)
+        return _stacked(tas, names), final_states
+
+    stacked, final_states = _compiled(forward, jit_compile)(x, w_in, w_rec, bias, states, mask)
+    outputs, _ = _raw_outputs(cell, params, stacked, masked, output_all, sequences)
+    return outputs, list(final_states)
 
 
-def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True):
+def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
+                   jit_compile=False):
     """Forward loop over a whole sequence, with a hand-written gradient.
 
     Args:
@@ -188,6 +209,7 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         output_all: also return the v_t and A_t sequences.
         sequences: return the per-step outputs (else only the final states, and the backward
             pass skips the per-step output gradients).
+        jit_compile: compile the forward loop and the backward loop each with XLA.
 
     Returns:
         (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
@@ -206,6 +228,9 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
     has_rec = w_rec is not None
     has_bias = bias is not None
     masked = mask is not None
+    # Buffers the backward pass reads per step, and those that form the outputs.
+    step_names = ["v", "z"] + (["A"] if adaptive else []) + (["allowed"] if refractory else [])
+    output_names = ["z", "raw_z", "v", "A"] if sequences else ["z"]
 
     inputs = [x, w_in]
     if has_rec:
@@ -217,6 +242,69 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
     if masked:
         inputs.append(mask)
 
+    def backward_loop(reads, out_grad_tas, mask_read, g_final_v, gb_final, g_final_z, w_rec_t,
+                      steps):
+        """The backward recurrence from the last step to the first.
+
+        ``reads``: TensorArrays of the forward buffers ``step_names``; ``out_grad_tas``:
+        TensorArrays of dL/dz_t (and dL/dv_t, dL/dA_t with ``output="all"``) or Nones.
+
+        Returns (dL/dI_t stacked (T, B, n), dL/dv_0, dL/db_0, dL/dz_0).
+        """
+        gz_out_ta, gv_out_ta, gA_out_ta = out_grad_tas
+
+        def back_body(t, gv, gb, gz, g_current_ta):
+            # gv, gb, gz: gradients with respect to the state after step t.
+            v = reads["v"].read(t)
+            A = reads["A"].read(t) if adaptive else params.thr
+            z_previous = reads["z"].read(t)
+            allowed = reads["allowed"].read(t) if refractory else None
+            if masked:
+                m = mask_read.read(t)
+                keep = 1.0 - m
+                gv_new, gz_new = m * gv, m * gz
+                gb_new = m * gb if adaptive else None
+            else:
+                gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
+            gA_out = None
+            if gz_out_ta is not None:
+                gz_new = gz_new + gz_out_ta.read(t)
+            if gv_out_ta is not None:
+                gv_new = gv_new + gv_out_ta.read(t)
+            if gA_out_ta is not None:
+                gA_out = gA_out_ta.read(t)
+            g_current, gv_prev, gb_prev, gz_prev = dynamics.neuron_step_vjp(
+                gz_new, gv_new, gb_new, gA_out, v, A, z_previous, params, allowed)
+            if has_rec:
+                g_rec = tf.matmul(tf.cast(g_current, compute_dtype), w_rec_t)
+                gz_prev = gz_prev + tf.cast(g_rec, state_dtype)
+            if masked:
+                gv_prev = gv_prev + keep * gv
+                gz_prev = gz_prev + keep * gz
+                if adaptive:
+                    gb_prev = gb_prev + keep * gb
+            if not adaptive:
+                gb_prev = gb
+            return t - 1, gv_prev, gb_prev, gz_prev, g_current_ta.write(t, g_current)
+
+        _, gv0, gb0, gz0, g_current_ta = tf.while_loop(
+            lambda t, *_: t >= 0, back_body,
+            (steps - 1, g_final_v, gb_final, g_final_z,
+             tf.TensorArray(state_dtype, size=steps)))
+        return g_current_ta.stack(), gv0, gb0, gz0
+
+    def unstack(tensor, dtype=state_dtype):
+        return tf.TensorArray(dtype, size=tf.shape(tensor)[0]).unstack(tensor)
+
+    def compiled_backward(stacked, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t):
+        # Inside the XLA cluster the TensorArrays are slices of the stacked buffers.
+        reads = {name: unstack(stacked[name], stacked[name].dtype) for name in step_names}
+        out_grad_tas = [None if g is None else unstack(g) for g in out_grads]
+        mask_read = unstack(mask) if mask is not None else None
+        steps = tf.shape(stacked["v"])[0]
+        return backward_loop(reads, out_grad_tas, mask_read, g_final_v, gb_final, g_final_z,
+                             w_rec_t, steps)
+
     @tf.custom_gradient
     def run(*args):
         x, w_in = args[0], args[1]
@@ -226,9 +314,21 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         mask = args[-1] if masked else None
         initial_state = cell.pack_state(initial)
         steps = tf.shape(x)[0]
-        tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial, mask,
-                                     output_all, for_backward=True)
-        outputs, z_states = _raw_outputs(cell, params, tas, masked, output_all, sequences)
+        if jit_compile:
+            def forward(x, w_in, w_rec, bias, initial, mask):
+                tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias,
+                                             initial, mask, output_all, for_backward=True)
+                return _stacked(tas, set(step_names + output_names)), final_states
+
+            tas = None
+            stacked, final_states = _compiled(forward, True)(x, w_in, w_rec, bias, initial,
+                                                             mask)
+            final_states = list(final_states)
+        else:
+            tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial,
+                                         mask, output_all, for_backward=True)
+            stacked = _stacked(tas, output_names)
+        outputs, z_states = _raw_outputs(cell, params, stacked, masked, output_all, sequences)
 
         def grad_fn(*grads):
             n_out = len(outputs)
@@ -236,59 +336,23 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
                          for g, o in zip(grads[:n_out], outputs)]
             g_final = cell.pack_state([tf.zeros_like(s) if g is None else g
                                        for g, s in zip(grads[n_out:], final_states)])
-
-            def unstack(tensor):
-                return tf.TensorArray(state_dtype, size=steps).unstack(tensor)
-
-            if sequences:
-                gz_out_ta = unstack(out_grads[0])
-            if sequences and output_all:
-                gv_out_ta = unstack(out_grads[1])
-                gA_out_ta = unstack(out_grads[2]) if adaptive else None
-            if masked:
-                mask_read = unstack(mask)
-
-            def back_body(t, gv, gb, gz, g_current_ta):
-                # gv, gb, gz: gradients with respect to the state after step t.
-                v = tas["v"].read(t)
-                A = tas["A"].read(t) if adaptive else params.thr
-                z_previous = tas["z"].read(t)
-                allowed = tas["allowed"].read(t) if refractory else None
-                if masked:
-                    m = mask_read.read(t)
-                    keep = 1.0 - m
-                    gv_new, gz_new = m * gv, m * gz
-                    gb_new = m * gb if adaptive else None
-                else:
-                    gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
-                gA_out = None
-                if sequences:
-                    gz_new = gz_new + gz_out_ta.read(t)
-                if sequences and output_all:
-                    gv_new = gv_new + gv_out_ta.read(t)
-                    if adaptive:
-                        gA_out = gA_out_ta.read(t)
-                g_current, gv_prev, gb_prev, gz_prev = dynamics.neuron_step_vjp(
-                    gz_new, gv_new, gb_new, gA_out, v, A, z_previous, params, allowed)
-                if has_rec:
-                    g_rec = tf.matmul(tf.cast(g_current, compute_dtype), w_rec,
-                                      transpose_b=True)
-                    gz_prev = gz_prev + tf.cast(g_rec, state_dtype)
-                if masked:
-                    gv_prev = gv_prev + keep * gv
-                    gz_prev = gz_prev + keep * gz
-                    if adaptive:
-                        gb_prev = gb_prev + keep * gb
-                if not adaptive:
-                    gb_prev = gb
-                return t - 1, gv_prev, gb_prev, gz_prev, g_current_ta.write(t, g_current)
-
+            # dL/dz_t, dL/dv_t, dL/dA_t of the per-step outputs (None where there are none).
+            out_grads = (out_grads + [None, None, None])[:3]
+            if not adaptive:
+                out_grads[2] = None
+            # W_rec^T once: a transposed operand makes every per-step product slower.
+            w_rec_t = tf.transpose(w_rec) if has_rec else None
             gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
-            _, gv0, gb0, gz0, g_current_ta = tf.while_loop(
-                lambda t, *_: t >= 0, back_body,
-                (steps - 1, g_final.v, gb_final, g_final.z,
-                 tf.TensorArray(state_dtype, size=steps)))
-            g_current = g_current_ta.stack()                           # (T, B, n)
+            if jit_compile:
+                g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
+                    {name: stacked[name] for name in step_names}, out_grads, mask,
+                    g_final.v, gb_final, g_final.z, w_rec_t)
+            else:
+                out_grad_tas = [None if g is None else unstack(g) for g in out_grads]
+                mask_read = unstack(mask) if masked else None
+                g_current, gv0, gb0, gz0 = backward_loop(
+                    tas, out_grad_tas, mask_read, g_final.v, gb_final, g_final.z, w_rec_t,
+                    steps)
             g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
             x_flat = tf.reshape(x, (-1, x.shape[-1]))
             # Weight gradients as matmuls over all T steps at once.
@@ -346,6 +410,13 @@ class SpikingRNN(keras.layers.RNN):
         stateful: keep the final states of a batch as initial states of the next one.
         unroll: use the generic, unrolled ``keras.layers.RNN`` loop.
         zero_output_for_mask: output zeros (rather than the previous output) at masked steps.
+        jit_compile: compile the forward loop and the hand-written backward loop with XLA
+            (each as one cluster; the rest of the model is untouched). On the 2-core CPU of
+            ``bin/bench_engine.py`` this makes a training step ~1.3-1.7x faster. XLA rounds
+            differently, so a few spikes near threshold can differ from the default loop
+            (and from ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a
+            whole ``keras.layers.RNN`` training step (which XLA differentiates itself and
+            which was ~15x slower on CPU), only kspike's own loops are compiled here.
 
     Call arguments:
         sequences: (B, T, n_in) inputs; one time step is ``cell.dt`` ms.
@@ -368,8 +439,10 @@ class SpikingRNN(keras.layers.RNN):
     """
 
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,
-                 stateful=False, unroll=False, zero_output_for_mask=False, **kwargs):
+                 stateful=False, unroll=False, zero_output_for_mask=False, jit_compile=False,
+                 **kwargs):
         for name, value in (("return_sequences", return_sequences),
+                            ("jit_compile", jit_compile),
                             ("return_state", return_state), ("go_backwards", go_backwards),
                             ("stateful", stateful), ("unroll", unroll),
                             ("zero_output_for_mask", zero_output_for_mask)):
@@ -382,6 +455,12 @@ class SpikingRNN(keras.layers.RNN):
         super().__init__(cell, return_sequences=return_sequences, return_state=return_state,
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask, **kwargs)
+        self.jit_compile = jit_compile
+
+    def get_config(self):
+        config = super().get_config()
+        config["jit_compile"] = self.jit_compile
+        return config
 
     @property
     def specialised(self):
@@ -430,7 +509,7 @@ class SpikingRNN(keras.layers.RNN):
         # so no per-step output (nor its gradient) is materialised.
         sequences = self.return_sequences or mask is not None
         raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all,
-                                 sequences)
+                                 sequences, jit_compile=self.jit_compile)
         if not sequences:
             final = cell.pack_state(final_states)
             last_output = final.z

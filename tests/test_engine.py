@@ -37,9 +37,9 @@ def _initial_states(cell, seed=1, batch=B, big_refractory=False):
     return [tf.constant(states[name], tf.float32) for name in cell.state_names]
 
 
-def _pair(make_cell, x_shape, **layer_kwargs):
+def _pair(make_cell, x_shape, fast_kwargs=None, **layer_kwargs):
     generic = keras.layers.RNN(make_cell(), **layer_kwargs)
-    fast = kspike.SpikingRNN(make_cell(), **layer_kwargs)
+    fast = kspike.SpikingRNN(make_cell(), **layer_kwargs, **(fast_kwargs or {}))
     generic.build(x_shape)
     fast.build(x_shape)
     assert len(generic.weights) == len(fast.weights)
@@ -92,10 +92,11 @@ def _assert_close(reference, value, rtol=2e-5, atol=1e-6, what=""):
 
 
 def _compare(make_cell, layer_kwargs=None, initial=False, mask=None, compiled=True,
-             x=None, big_refractory=False, rtol=2e-5, min_rate=0.02):
+             x=None, big_refractory=False, rtol=2e-5, min_rate=0.02, fast_kwargs=None,
+             out_atol=1e-6):
     layer_kwargs = dict(layer_kwargs or {})
     x = _inputs() if x is None else x
-    generic, fast = _pair(make_cell, x.shape, **layer_kwargs)
+    generic, fast = _pair(make_cell, x.shape, fast_kwargs, **layer_kwargs)
     assert fast.specialised
     init = _initial_states(fast.cell, batch=x.shape[0], big_refractory=big_refractory) \
         if initial else None
@@ -105,10 +106,12 @@ def _compare(make_cell, layer_kwargs=None, initial=False, mask=None, compiled=Tr
     units = fast.cell.units
     spikes = out_g[0][..., :units]
     assert min_rate <= spikes.mean() <= 0.6, f"uninformative firing rate {spikes.mean()}"
-    for a, b in zip(out_g, out_f):
+    for i, (a, b) in enumerate(zip(out_g, out_f)):
         assert a.shape == b.shape
-        np.testing.assert_array_equal(a[..., :units], b[..., :units])   # spikes identical
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        if i == 0 or out_atol <= 1e-6:
+            # spikes identical (and, in the default loop, the final states bit for bit)
+            np.testing.assert_array_equal(a[..., :units], b[..., :units])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=out_atol)
     names = ["inputs"] + [w.path for w in fast.trainable_variables] + \
         [f"initial {s}" for s in (fast.cell.state_names if initial else ())]
     assert len(grad_g) == len(grad_f) == len(names)
@@ -141,6 +144,26 @@ CELLS = {
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_sequences_states_and_gradients_equal_generic(name):
     _compare(CELLS[name], dict(return_sequences=True, return_state=True), initial=True)
+
+
+@pytest.mark.parametrize("name", ["alif_mix_refractory_ntail", "alif_all_outputs_bias_gaussian",
+                                  "lif_refractory_bias_norec"])
+def test_jit_compile_equals_generic(name):
+    # XLA may round differently; on these short sequences no spike sits close enough to the
+    # threshold to flip, so spikes are identical and values agree to float32 rounding.
+    _compare(CELLS[name], dict(return_sequences=True, return_state=True), initial=True,
+             fast_kwargs=dict(jit_compile=True), rtol=1e-4, out_atol=1e-5)
+
+
+def test_jit_compile_with_mask_and_without_sequences():
+    mask = np.ones((B, T), bool)
+    mask[0, 5:9] = False
+    mask[2, 15:] = False
+    _compare(CELLS["alif_mix_refractory_ntail"], dict(return_sequences=True), initial=True,
+             mask=tf.constant(mask), fast_kwargs=dict(jit_compile=True), rtol=1e-4,
+             out_atol=1e-5)
+    _compare(CELLS["alif_all_outputs_bias_gaussian"], dict(return_state=True), initial=True,
+             fast_kwargs=dict(jit_compile=True), rtol=1e-4, out_atol=1e-5)
 
 
 def test_last_output_only_eager():
@@ -352,7 +375,11 @@ def test_keras_file_round_trip(tmp_path):
     assert isinstance(layer, kspike.SpikingRNN) and layer.specialised
     assert layer.cell.get_config() == model.layers[0].cell.get_config()
     assert layer.get_config()["return_sequences"] is True
+    assert layer.jit_compile is False
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    compiled = kspike.SpikingRNN.from_config(
+        dict(model.layers[0].get_config(), jit_compile=True))
+    assert compiled.jit_compile is True and compiled.get_config()["jit_compile"] is True
 
 
 def test_fallback_for_other_cells_and_unroll():
@@ -378,6 +405,8 @@ def test_fallback_for_other_cells_and_unroll():
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(TypeError, match="return_sequences"):
         kspike.SpikingRNN(kspike.LIF(3), return_sequences="yes")
+    with pytest.raises(TypeError, match="jit_compile"):
+        kspike.SpikingRNN(kspike.LIF(3), jit_compile=1)
     with pytest.raises(TypeError, match="one cell"):
         kspike.SpikingRNN([kspike.LIF(3), kspike.LIF(3)])
     layer = kspike.SpikingRNN(kspike.LIF(3))
