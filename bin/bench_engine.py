@@ -7,6 +7,10 @@ One BPTT training step (forward, backward, Adam update) of
 averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half adaptive
 (n_refractory=5), for T in (100, 400, 784, 1568) and units in (256, 1024).
 
+- Variants: ``spiking_rnn`` (kspike.SpikingRNN), ``spiking_rnn_xla`` (SpikingRNN(jit_compile=True):
+  its forward and backward loops compiled by XLA), ``spiking_rnn_xla_step`` (optional: the whole
+  training step of SpikingRNN under ``tf.function(jit_compile=True)``), ``keras_rnn``
+  (keras.layers.RNN(same cell)), ``lstm`` (keras.layers.LSTM(units)).
 - Step time: median of ``--repeats`` (>= 5) timed steps after two warm-up steps; the variants of
   one configuration are timed in interleaved rounds so that a change of machine load hits them
   alike. Ratios are printed against the keras.layers.RNN step and against the matmul bound.
@@ -43,7 +47,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-VARIANTS = ("spiking_rnn", "keras_rnn", "lstm")
+VARIANTS = ("spiking_rnn", "spiking_rnn_xla", "spiking_rnn_xla_step", "keras_rnn", "lstm")
+DEFAULT_VARIANTS = ("spiking_rnn", "spiking_rnn_xla", "keras_rnn", "lstm")
 MEMORY_BASELINE_STEPS = 50
 
 
@@ -74,8 +79,11 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
         recurrent = keras.layers.LSTM(units, return_sequences=True)
     else:
         cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
-        layer_class = kspike.SpikingRNN if variant == "spiking_rnn" else keras.layers.RNN
-        recurrent = layer_class(cell, return_sequences=True)
+        if variant == "keras_rnn":
+            recurrent = keras.layers.RNN(cell, return_sequences=True)
+        else:
+            recurrent = kspike.SpikingRNN(cell, return_sequences=True,
+                                          jit_compile=variant == "spiking_rnn_xla")
     model = keras.Sequential([keras.Input((steps, n_inputs)), recurrent,
                               kspike.LeakyReadout(10)])
     optimizer = keras.optimizers.Adam(1e-3)
@@ -86,7 +94,7 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     y = tf.constant(rng.integers(0, 10, batch))
     cue = min(56, steps)
 
-    @tf.function
+    @tf.function(jit_compile=variant == "spiking_rnn_xla_step")
     def train_step(x, y):
         with tf.GradientTape() as tape:
             out = model(x, training=True)
@@ -107,6 +115,7 @@ def _matmul_bound(units, steps, n_inputs, batch, seed=0):
     # no denormals) so the loop times the products only.
     q, _ = np.linalg.qr(rng.normal(size=(units, units)))
     w_rec = tf.constant(q.astype("float32"))
+    w_rec_t = tf.constant(q.T.astype("float32"))
     w_in = tf.constant(rng.normal(size=(n_inputs, units)).astype("float32"))
     x = tf.constant(rng.uniform(size=(steps * batch, n_inputs)).astype("float32"))
     z0 = tf.constant(rng.normal(size=(batch, units)).astype("float32"))
@@ -119,7 +128,7 @@ def _matmul_bound(units, steps, n_inputs, batch, seed=0):
             return t + 1, tf.matmul(z, w_rec)
 
         def backward(t, g):
-            return t + 1, tf.matmul(g, w_rec, transpose_b=True)
+            return t + 1, tf.matmul(g, w_rec_t)
 
         _, z = tf.while_loop(lambda t, _: t < steps, forward, (0, z0))
         _, g = tf.while_loop(lambda t, _: t < steps, backward, (0, z))
@@ -243,7 +252,13 @@ def main(argv=None):
                         help="sequence lengths T (default 100 400 784 1568)")
     parser.add_argument("--units", type=int, nargs="+", default=None,
                         help="numbers of neurons (default 256 1024)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        choices=VARIANTS,
+                        help="spiking_rnn: kspike.SpikingRNN; spiking_rnn_xla: SpikingRNN("
+                             "jit_compile=True) (its loops compiled by XLA); "
+                             "spiking_rnn_xla_step: the whole training step of SpikingRNN "
+                             "compiled by XLA (tf.function(jit_compile=True)); keras_rnn: "
+                             "keras.layers.RNN(same cell); lstm: keras.layers.LSTM(units)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--inputs", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (>= 5)")

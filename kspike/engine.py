@@ -20,6 +20,12 @@ The hand-written backward pass is used when a gradient tape may record (training
 function and keeps no buffers; TensorFlow can still differentiate it, with the gradients of
 ``keras.layers.RNN``, should the traced function be differentiated later.
 
+``SpikingRNN(..., jit_compile=True)`` compiles the forward loop and the backward loop each as
+one XLA cluster (the element-wise updates of a step fuse into a few kernels). It is not the
+default: XLA rounds differently, so a spike sitting within float rounding of its threshold may
+flip, and the layer then no longer reproduces ``keras.layers.RNN`` bit for bit. Its speed-up is
+measured by ``bin/bench_engine.py`` (variant ``spiking_rnn_xla``).
+
 Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
