@@ -27,7 +27,9 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
   set before the step, i.e. what one training step allocates on top of weights and data; "MB
   per step" is the slope of that peak between T and a short run (T=50) of the same model.
 - Streaming: the 1-sample latency of ``loaded.step(x_t, states)`` of a model exported with
-  ``kspike.export.saved_model`` (median over the steps of a 400-step stream).
+  ``kspike.export.saved_model`` (median over the steps of a 400-step stream), in a fresh process
+  with TensorFlow's default thread pools and in one with one inter-op thread (a tiny per-step
+  graph runs faster without cross-thread scheduling).
 
 Usage:
     bin/bench_engine.py                   # the full table (takes several minutes)
@@ -217,7 +219,9 @@ def _streaming_latency(units, n_inputs, steps=400):
     kspike.export.saved_model(model, directory)
     loaded = tf.saved_model.load(directory)
     rng = np.random.default_rng(0)
-    xs = tf.constant((rng.uniform(size=(steps, 1, n_inputs)) < 0.05).astype("float32"))
+    # One tensor per step, made before timing (slicing is not part of the model's step).
+    xs = [tf.constant(x) for x in
+          (rng.uniform(size=(steps, 1, n_inputs)) < 0.05).astype("float32")]
     states = loaded.initial_state(tf.constant(1))
     for t in range(20):
         _, states = loaded.step(xs[t], states)
@@ -267,7 +271,17 @@ def main(argv=None):
                         help="skip the exported step latency")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--streaming-child", nargs=2, type=int, default=None,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+
+    if args.streaming_child:
+        inter_op, n_inputs = args.streaming_child
+        if inter_op:
+            import tensorflow as tf
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+        print(_streaming_latency(256, n_inputs))
+        return 0
 
     if args.memory_child:
         variant, units, steps, n_inputs, batch = args.memory_child
@@ -315,13 +329,19 @@ def main(argv=None):
     result = {"batch": args.batch, "inputs": args.inputs, "rows": rows,
               "load_average": os.getloadavg()[0]}
     if not args.no_streaming:
-        latency = _streaming_latency(256, args.inputs)
-        result["streaming_step_ms"] = latency * 1e3
+        # Each in a fresh process: TensorFlow's thread pools are fixed once it has started.
+        for key, inter_op in (("streaming_step_ms", 0), ("streaming_step_ms_inter_op_1", 1)):
+            output = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--streaming-child", str(inter_op),
+                 str(args.inputs)], check=True, capture_output=True, text=True).stdout
+            result[key] = float(output.strip().splitlines()[-1]) * 1e3
     print()
     print(_format_table(rows))
     if "streaming_step_ms" in result:
         print(f"\nexported step(), batch 1, 256 ALIF + readout: "
-              f"{result['streaming_step_ms']:.3f} ms per time step (median)")
+              f"{result['streaming_step_ms']:.3f} ms per time step (median); with "
+              "tf.config.threading.set_inter_op_parallelism_threads(1): "
+              f"{result['streaming_step_ms_inter_op_1']:.3f} ms")
     print()
     print(json.dumps(result))
     if args.json:
