@@ -171,6 +171,10 @@ def _raw_outputs(cell, params, stacked, masked, output_all, sequences=True):
     return outputs, z_states
 
 
+def _stop_gradient(tensor):
+    return None if tensor is None else tf.stop_gradient(tensor)
+
+
 def _compiled(fn, jit_compile):
     """``fn`` itself, or ``fn`` compiled by XLA as one cluster (``jit_compile=True``)."""
     if not jit_compile:
@@ -327,8 +331,10 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
                 return _stacked(tas, set(step_names + output_names)), final_states
 
             tas = None
-            stacked, final_states = _compiled(forward, True)(x, w_in, w_rec, bias, initial,
-                                                             mask)
+            # The gradient is grad_fn's: stop_gradient keeps an eager tape from recording the
+            # compiled call (it would ask XLA for a differentiable while loop, which fails).
+            stacked, final_states = _compiled(forward, True)(*tf.nest.map_structure(
+                _stop_gradient, (x, w_in, w_rec, bias, initial, mask)))
             final_states = list(final_states)
         else:
             tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial,
@@ -351,8 +357,9 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
             if jit_compile:
                 g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
-                    {name: stacked[name] for name in step_names}, out_grads, mask,
-                    g_final.v, gb_final, g_final.z, w_rec_t)
+                    *tf.nest.map_structure(_stop_gradient, (
+                        {name: stacked[name] for name in step_names}, out_grads, mask,
+                        g_final.v, gb_final, g_final.z, w_rec_t)))
             else:
                 out_grad_tas = [None if g is None else unstack(g) for g in out_grads]
                 mask_read = unstack(mask) if masked else None

@@ -457,12 +457,14 @@ def test_graph_traced_without_tape_is_differentiated_correctly():
         _assert_close(a.numpy(), b.numpy(), what="late gradient")
 
 
-def test_export_serve_and_step(tmp_path):
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_export_serve_and_step(tmp_path, jit_compile):
     from kspike import export
     x = _inputs(batch=2, scale=1.5)
     model = keras.Sequential([keras.Input((None, N_IN)),
                               kspike.SpikingRNN(CELLS["alif_mix_refractory_ntail"](),
-                                                return_sequences=True),
+                                                return_sequences=True,
+                                                jit_compile=jit_compile),
                               kspike.LeakyReadout(2)])
     expected = model(x).numpy()
     directory = export.saved_model(model, tmp_path / "exported")
