@@ -344,10 +344,12 @@ def test_stateful_continues_and_resets():
     np.testing.assert_array_equal(both, whole(x).numpy())
 
 
-def test_mixed_precision():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_mixed_precision(jit_compile):
     keras.config.set_dtype_policy("mixed_float16")
     x = _inputs(scale=1.5)
-    generic, fast = _pair(CELLS["alif_mix_refractory_ntail"], x.shape, return_sequences=True,
+    generic, fast = _pair(CELLS["alif_mix_refractory_ntail"], x.shape,
+                          dict(jit_compile=jit_compile), return_sequences=True,
                           return_state=True)
     out_g, grad_g = _outputs_and_grads(generic, x)
     out_f, grad_f = _outputs_and_grads(fast, x)
