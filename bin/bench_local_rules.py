@@ -2,6 +2,7 @@
 """Memory and time of one gradient computation: BPTT vs e-prop vs S-TLLR at growing T.
 
     python bin/bench_local_rules.py            # T = 300, 1000, 3000
+    python bin/bench_local_rules.py --rules bptt eprop eprop1p   # e-prop: two passes vs one
     python bin/bench_local_rules.py --quick    # T = 50, 100, 200, tiny batch, one repeat
 
 Every (rule, T) configuration runs in a fresh subprocess so that its memory is its own. Memory is
@@ -10,7 +11,9 @@ does not): VmRSS just before the first gradient call (TensorFlow, model and data
 the resident-set high-water mark, after all calls. "peak" is VmHWM; "extra" is VmHWM minus that
 baseline, i.e. what computing gradients adds. Time is the median over ``--repeats`` calls after one
 warm-up call (tracing), divided by T: milliseconds per time step. Each rule's gradient function is
-wrapped in one ``tf.function``. The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
+wrapped in one ``tf.function``. Rules: "bptt", "eprop" (two passes: outputs, then traces),
+"eprop1p" (e-prop in a single pass, ``EProp(single_pass=True)``: network, readout, per-step error
+and traces in one loop), "stllr". The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
 100 neurons (50 LIF + 50 ALIF, kspike.SpikingRNN), a 2-unit LeakyReadout, MSE on a random target.
 
 The machine may be shared: compare the ratios printed (each rule against BPTT at the same T, each
@@ -52,6 +55,7 @@ def worker(rule_name, steps, batch, units, repeats):
     y = tf.constant(rng.standard_normal((batch, steps, n_out)).astype("float32"))
     loss = keras.losses.MeanSquaredError()
     rule = {"bptt": kspike.learning.BPTT, "eprop": kspike.learning.EProp,
+            "eprop1p": lambda: kspike.learning.EProp(single_pass=True),
             "stllr": kspike.learning.STLLR}[rule_name]()
 
     @tf.function
@@ -79,7 +83,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--rules", nargs="+", default=["bptt", "eprop", "stllr"],
-                        choices=["bptt", "eprop", "stllr"])
+                        choices=["bptt", "eprop", "eprop1p", "stllr"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--units", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,7 +119,7 @@ def main(argv=None):
     print()
     print(f"B={batch}, 40 inputs, {args.units} neurons (half ALIF), {repeats} timed calls; "
           "machine possibly loaded: read the ratios")
-    header = (f"{'rule':6s} {'T':>5s} {'ms/step':>8s} {'x BPTT':>7s} {'peak MB':>8s} "
+    header = (f"{'rule':8s} {'T':>5s} {'ms/step':>8s} {'x BPTT':>7s} {'peak MB':>8s} "
               f"{'extra MB':>9s} {'peak/peak(T0)':>14s} {'extra/extra(T0)':>16s}")
     print(header)
     print("-" * len(header))
@@ -124,7 +128,7 @@ def main(argv=None):
         bptt = by.get(("bptt", r["T"]))
         speed = f"{r['ms_per_step'] / bptt['ms_per_step']:7.2f}" if bptt else f"{'-':>7s}"
         extra_ratio = r["extra_mb"] / max(first["extra_mb"], 1e-9)
-        print(f"{r['rule']:6s} {r['T']:5d} {r['ms_per_step']:8.3f} {speed} {r['peak_mb']:8.1f} "
+        print(f"{r['rule']:8s} {r['T']:5d} {r['ms_per_step']:8.3f} {speed} {r['peak_mb']:8.1f} "
               f"{r['extra_mb']:9.1f} {r['peak_mb'] / first['peak_mb']:14.3f} "
               f"{extra_ratio:16.2f}")
     if args.json:

@@ -18,6 +18,9 @@ from kspike import dynamics
 from kspike.cells import _SpikingCell
 from kspike.layers import LeakyReadout
 
+# Keras 3 keeps the wrapper of its function losses (MeanSquaredError, ...) out of its public API.
+from keras.src.losses.losses import LossFunctionWrapper as _LossFunctionWrapper
+
 
 class LayerPlan(NamedTuple):
     """One spiking layer of a supported chain."""
@@ -336,7 +339,7 @@ def watched_weights(plan, model):
 
 
 def model_gradients(tape, model, weights, layer_grads, readout, readout_grad, error, loss,
-                    weight_loss, dtype):
+                    weight_loss, dtype, readout_bias_grad=None):
     """Gradients of a local rule aligned with ``model.trainable_variables``, and the total loss.
 
     Args:
@@ -344,7 +347,8 @@ def model_gradients(tape, model, weights, layer_grads, readout, readout_grad, er
         weights: per-layer effective weights (``layer_weights``); layer_grads: per layer, the
             gradients of (W_in, W_rec, bias).
         readout: (kernel, bias) of the readout; readout_grad: gradient of its kernel; error:
-            (B, T, n_out) output error whose sum over batch and time is the bias gradient.
+            (B, T, n_out) output error whose sum over batch and time is the bias gradient
+            (or None when ``readout_bias_grad``, that sum (n_out,), is given).
         loss: task plus regulariser loss (scalar); weight_loss: the model's weight penalties
             (Keras kernel regularisers) or None, differentiated by the tape.
     """
@@ -353,7 +357,9 @@ def model_gradients(tape, model, weights, layer_grads, readout, readout_grad, er
         targets.extend([w.input_kernel, w.recurrent_kernel, w.bias])
         values.extend(g)
     targets.extend(readout)
-    values.extend([readout_grad, tf.reduce_sum(error, axis=(0, 1))])
+    if readout_bias_grad is None:
+        readout_bias_grad = tf.reduce_sum(error, axis=(0, 1))
+    values.extend([readout_grad, readout_bias_grad])
     gradients = variable_gradients(tape, model, targets, values)
     if weight_loss is not None:
         extra = tape.gradient(weight_loss, model.trainable_variables)
@@ -390,3 +396,155 @@ def model_weight_losses(model):
     if not losses:
         return None
     return tf.add_n([tf.cast(l, tf.float32) for l in losses])
+
+
+# ---------------------------------------------------------------------- per-step losses
+def _per_step_functions():
+    return {keras.losses.mean_squared_error: "mean squared error",
+            keras.losses.categorical_crossentropy: "categorical cross-entropy",
+            keras.losses.sparse_categorical_crossentropy: "sparse categorical cross-entropy",
+            keras.losses.binary_crossentropy: "binary cross-entropy"}
+
+
+PER_STEP_LOSSES = ("keras.losses.MeanSquaredError", "keras.losses.CategoricalCrossentropy",
+                   "keras.losses.SparseCategoricalCrossentropy (ignore_class=None)",
+                   "keras.losses.BinaryCrossentropy", "or their names (e.g. 'mse')")
+
+
+def resolve_loss(loss):
+    """A loss name -> the Keras loss object it names (a function name is wrapped with Keras'
+    default reduction, as ``kspike.Trainer`` does); anything else is returned unchanged."""
+    if not isinstance(loss, str):
+        return loss
+    try:
+        resolved = keras.losses.get(loss)
+    except ValueError as error:
+        raise ValueError(f"`loss` {loss!r} is not a Keras loss name ({error}).") from None
+    if not isinstance(resolved, keras.losses.Loss):
+        resolved = _LossFunctionWrapper(resolved, name=loss)
+    return resolved
+
+
+def _unwrap_loss(loss):
+    """The Keras loss inside kspike.Trainer's wrappers, its elementwise function and kwargs."""
+    from kspike.training import _FunctionLoss, _UnscaledLoss
+    if isinstance(loss, _UnscaledLoss):
+        loss = loss.loss
+    if type(loss) is _FunctionLoss:
+        return loss, loss.fn, {}
+    if isinstance(loss, _LossFunctionWrapper) and (
+            type(loss).call is _LossFunctionWrapper.call):
+        return loss, loss.fn, dict(loss._fn_kwargs)
+    return loss, None, None
+
+
+def per_step_reason(loss, y_true, sample_weight, steps):
+    """Why ``loss(y_true, y, sample_weight)`` is not a sum over steps of terms that depend only on
+    y_t and the target at t (None if it is).
+
+    Such a loss is one of ``PER_STEP_LOSSES`` with a scalar reduction, an elementwise reduction
+    over the last axis only, targets with the time axis of the outputs (B, T, n_out), or (B, T)
+    or (B, T, 1) class indices for the sparse cross-entropy, and no sample weight or one of shape
+    (B, T) or (B, T, 1). (Keras does not broadcast a (B,) weight over the steps of (B, T)
+    losses, and a (B, T) target against (B, T, n_out) outputs is reshaped by Keras in ways that
+    depend on n_out and T: neither is taken.)
+    """
+    inner, fn, kwargs = _unwrap_loss(loss)
+    functions = _per_step_functions()
+    if fn not in functions:
+        return (f"the loss {loss!r} is not a per-step loss kspike recognises (one of "
+                f"{', '.join(PER_STEP_LOSSES)}): a custom or window-averaged loss couples the "
+                "steps")
+    if kwargs.get("axis", -1) not in (-1, 2):
+        return f"its {functions[fn]} reduces over axis={kwargs['axis']}, not the last axis"
+    if kwargs.get("ignore_class") is not None:
+        return ("ignore_class re-weights the mean by the number of valid entries of the whole "
+                "sequence")
+    reduction = getattr(inner, "reduction", "sum_over_batch_size")
+    if reduction not in ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight"):
+        return f"its reduction {reduction!r} does not give a scalar"
+    shape = getattr(y_true, "shape", None)
+    sparse = fn is keras.losses.sparse_categorical_crossentropy
+    if shape is None or len(shape) < 2:
+        return (f"the targets of shape {None if shape is None else tuple(shape)} carry no time "
+                "axis (per-step targets are (batch, time, ...))")
+    if not (len(shape) == 3 and (not sparse or shape[-1] in (1, None))
+            or sparse and len(shape) == 2):
+        expected = ("(batch, time) or (batch, time, 1) class indices" if sparse
+                    else "(batch, time, n_out) like the outputs")
+        return f"the targets of shape {tuple(shape)} are not {expected}"
+    if shape[1] is not None and steps is not None and shape[1] != steps:
+        return (f"the targets of shape {tuple(shape)} do not have the {steps} time steps of the "
+                "inputs on axis 1")
+    if sample_weight is not None:
+        w_shape = getattr(sample_weight, "shape", None)
+        rank = None if w_shape is None else len(w_shape)
+        if rank not in (2, 3) or rank == 3 and w_shape[-1] != 1:
+            return (f"its sample_weight of shape {None if w_shape is None else tuple(w_shape)} is "
+                    "not (batch, time) or (batch, time, 1)")
+        if w_shape[1] is not None and steps is not None and w_shape[1] != steps:
+            return (f"its sample_weight of shape {tuple(w_shape)} does not have the {steps} time "
+                    "steps of the inputs on axis 1")
+    return None
+
+
+class PerStepLoss:
+    """A per-step loss (``per_step_reason`` is None) evaluated one step at a time.
+
+    ``step(t, y_t)`` returns the term of step t and its gradient dE/dy_t (B, n_out), where the
+    terms sum over t to ``loss(y_true, y, sample_weight)``: the user's loss is called on the
+    one-step slices (B, 1, ...) of the targets, outputs and weights, and its value rescaled from
+    the slice's reduction to the whole sequence's. Keras' reductions: "sum" adds the weighted
+    terms; "sum_over_batch_size" (and "mean") divides their sum by the number of loss entries,
+    B*T for the sequence against B for a slice (with or without sample weights): factor 1/T;
+    "mean_with_sample_weight" divides by the sum of the weights: factor sum(w_t) / sum(w).
+    Build it inside the traced function (it holds TensorArrays).
+    """
+
+    def __init__(self, loss, y_true, sample_weight, steps, dtype):
+        inner, _, _ = _unwrap_loss(loss)
+        self.loss = loss
+        self.dtype = dtype
+        y_true = tf.convert_to_tensor(y_true)
+        # Static shapes were checked by per_step_reason; this catches unknown ones.
+        check = tf.debugging.assert_equal(
+            tf.shape(y_true)[1], steps,
+            message="the targets must have the time steps of the inputs on axis 1")
+        if check is not None:
+            with tf.control_dependencies([check]):
+                y_true = tf.identity(y_true)
+        perm = [1, 0] + list(range(2, len(y_true.shape)))
+        self.targets = tf.TensorArray(y_true.dtype, size=steps).unstack(
+            tf.transpose(y_true, perm))
+        reduction = getattr(inner, "reduction", "sum_over_batch_size")
+        inv_steps = 1.0 / tf.cast(steps, dtype)
+        self.weights = self.total_weight = None
+        if sample_weight is not None:
+            w = tf.cast(sample_weight, dtype)
+            if len(w.shape) == 3:
+                w = tf.squeeze(w, axis=-1)
+            self.weights = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(w))
+            if reduction == "mean_with_sample_weight":
+                self.total_weight = tf.reduce_sum(w)
+        self.factor = tf.constant(1.0, dtype) if reduction == "sum" else inv_steps
+
+    def step(self, t, y_t):
+        """(term of step t, dE/dy_t (B, n_out)) for the output y_t (B, n_out)."""
+        target = self.targets.read(t)[:, None]
+        weight = None if self.weights is None else self.weights.read(t)[:, None]
+        with tf.GradientTape() as tape:
+            tape.watch(y_t)
+            if weight is None:
+                value = self.loss(target, y_t[:, None])
+            else:
+                value = self.loss(target, y_t[:, None], sample_weight=weight)
+            value = tf.cast(value, self.dtype)
+            if self.total_weight is not None:
+                value = value * tf.math.divide_no_nan(tf.reduce_sum(weight), self.total_weight)
+            else:
+                value = value * self.factor
+        error = tape.gradient(value, y_t)
+        if error is None:
+            raise ValueError(f"The loss {self.loss!r} does not depend on the model output: no "
+                             "learning signal can be formed.")
+        return value, error
