@@ -250,6 +250,8 @@ def test_losses_that_are_not_per_step():
     _compare(auto.gradients, EProp().compute(model, x, labels, window_loss).gradients, 1e-7)
     assert EProp(single_pass="auto").uses_single_pass(model, x, sequence, xent)
     assert not EProp().uses_single_pass(model, x, sequence, xent)
+    with pytest.raises(ValueError, match="'cross_entropy_of_sorts' is not a Keras loss name"):
+        EProp(single_pass=True).compute(model, x, sequence, "cross_entropy_of_sorts")
 
 
 def test_single_pass_argument_and_config():
