@@ -1,6 +1,4 @@
 """Sequence layers around spiking cells: the leaky readout of LSNN."""
-import math
-
 import keras
 import numpy as np
 import tensorflow as tf

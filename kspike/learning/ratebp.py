@@ -34,8 +34,6 @@ Supported models: chains (``keras.Sequential`` or a functional chain) of ``keras
 ``output="spikes"``, dense kernels), ``keras.layers.Dense`` without activation,
 ``kspike.LeakyReadout`` and ``keras.layers.GlobalAveragePooling1D``.
 """
-import math
-
 import keras
 import tensorflow as tf
 
