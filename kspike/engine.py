@@ -26,6 +26,10 @@ default: XLA rounds differently, so a spike sitting within float rounding of its
 flip, and the layer then no longer reproduces ``keras.layers.RNN`` bit for bit. Its speed-up is
 measured by ``bin/bench_engine.py`` (variant ``spiking_rnn_xla``).
 
+Spike sparsity is not exploited: gathering the rows of W_rec of the neurons that spiked (or a
+``tf.SparseTensor`` product) was measured slower than the dense product on CPU at every spike
+rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``).
+
 Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
