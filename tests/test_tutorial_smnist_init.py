@@ -1,0 +1,74 @@
+"""LSNN's sign-constrained initialisation used by bin/tutorial_sequential_mnist_with_LSNN.py."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tutorial():
+    path = os.path.join(ROOT, "bin", "tutorial_sequential_mnist_with_LSNN.py")
+    spec = importlib.util.spec_from_file_location("tutorial_smnist", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _signs(n, excitatory, seed):
+    sign = -np.ones(n)
+    sign[np.random.default_rng(seed).permutation(n)[:excitatory]] = 1.0
+    return sign
+
+
+def test_square_matrix_is_balanced_per_neuron_with_unit_spectral_radius(tutorial):
+    sign = _signs(40, 30, 0)
+    theta = tutorial.balanced_magnitudes(sign, 40, np.random.default_rng(1))
+    assert theta.shape == (40, 40)
+    assert (theta > 0).all()
+    w = sign[:, None] * theta
+    # Every postsynaptic neuron receives as much excitation as inhibition.
+    np.testing.assert_allclose(w.sum(axis=0), 0.0, atol=1e-10)
+    assert abs(np.max(np.abs(np.linalg.eigvals(w))) - 1.0) < 1e-9
+    # Inhibitory rows were scaled up to balance the 3:1 excitatory majority.
+    assert theta[sign < 0].mean() > 2.0 * theta[sign > 0].mean()
+
+
+def test_rectangular_matrices_take_columns_of_the_balanced_square(tutorial):
+    sign = _signs(12, 9, 2)
+    wide = tutorial.balanced_magnitudes(sign, 30, np.random.default_rng(3))
+    narrow = tutorial.balanced_magnitudes(sign, 5, np.random.default_rng(3))
+    square = tutorial.balanced_magnitudes(sign, 12, np.random.default_rng(3))
+    assert wide.shape == (12, 30) and narrow.shape == (12, 5)
+    np.testing.assert_array_equal(narrow, square[:, :5])
+    np.testing.assert_allclose((sign[:, None] * wide).sum(axis=0), 0.0, atol=1e-10)
+    # Each wide column is one of the square's columns.
+    for k in range(30):
+        assert np.min(np.abs(square - wide[:, k:k + 1]).sum(axis=0)) < 1e-12
+
+
+def test_one_sign_only_skips_balancing(tutorial):
+    theta = tutorial.balanced_magnitudes(np.ones(6), 6, np.random.default_rng(4))
+    assert (theta > 0).all()
+    assert abs(np.max(np.abs(np.linalg.eigvals(theta))) - 1.0) < 1e-9
+
+
+def test_model_uses_balanced_sparse_kernels_and_lsnn_sign_order(tutorial):
+    import kspike
+    args = tutorial.parse_args(["--quick"])
+    model = tutorial.build_model(args)
+    cell = model.get_layer("lsnn").cell
+    readout = model.get_layer("readout")
+    recurrent = cell._rewired["recurrent"]
+    n = cell.units
+    row = recurrent.sign.numpy()[:, 0]
+    n_inhibitory = int(np.sum(row < 0))
+    np.testing.assert_array_equal(row, np.r_[-np.ones(n_inhibitory), np.ones(n - n_inhibitory)])
+    np.testing.assert_array_equal(readout._sparse_kernel.sign.numpy()[:, 0], row)
+    counts = kspike.rewiring.active_connections_per_matrix(model)
+    assert counts[readout._sparse_kernel.path] == int(n * 10 * args.connectivity)
+    for kernel in list(cell._rewired.values()) + [readout._sparse_kernel]:
+        theta, mask = kernel.magnitude.numpy(), kernel.mask.numpy()
+        assert (theta[mask == 0] == 0).all() and (theta[mask > 0] > 0).all()
