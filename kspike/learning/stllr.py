@@ -62,6 +62,18 @@ class STLLR(_FeedbackRule):
     Supported models: as ``kspike.learning.EProp`` (Input -> kspike spiking RNN layer(s) with
     return_sequences=True -> kspike.LeakyReadout); anything else raises ValueError.
 
+    Scale of the updates: the spiking layers' updates are much smaller than BPTT's gradient
+    (no propagation through time, and the paper's psi is ~1e-4 one threshold away from
+    threshold). On the sequential-MNIST LSNN network (thr 0.01, class read from the 56 cue
+    steps, ``last_steps=56``) their norms are ~1e-6 (input) and ~1e-11 (recurrent) against
+    ~3e-2 and ~4e-2 for BPTT: per entry far below Adam's epsilon (1e-7), so those weights hardly
+    move, while a constant shrinkage such as ``kspike.DeepR``'s ``lr * l1`` per step still
+    applies and prunes them (activity then dies within a few hundred steps). Use dense kernels
+    or ``DeepR(l1=0)`` with this rule. The paper's recurrent (SHD) setting is
+    ``factors=(0.5, 1.0, 1.0, 1.0)``, ``last_steps=90``, Adam 2e-4; (0.2, 0.75, -1, 1) is its
+    command-line default. ``secondary_activation="surrogate"`` gives updates closer to the BPTT
+    gradient on small problems (cosine > 0.5) than the paper's narrow psi.
+
     Example:
 
     >>> rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), last_steps=56)
