@@ -11,12 +11,16 @@ As in LSNN's tutorial: the sparse kernels start from LSNN's excitation/inhibitio
 magnitudes (``balanced_magnitudes``; kspike's generic abs(N(0,1))/sqrt(n_in) with 75% excitatory
 rows drives the network to ~90 Hz at the start instead of ~17 Hz), the first 25% of the recurrent
 neurons (LIF neurons) are the inhibitory ones, and the readout is sparse and rewired with the
-recurrent neurons' signs. Not reproduced (kspike's neuron equations, REFERENCE.md section 1):
-LSNN's random synaptic delays of 1-10 ms (``n_delay=10``) and its one-step lag of the spike
-behind the voltage.
+recurrent neurons' signs. One deliberate difference: the cue channel is always excitatory
+(``--cue-sign``); LSNN draws its sign like any input channel, and with seed 0 (whose random draw
+makes the cue inhibitory) test accuracy was 19% after 100 iterations and 33% after 200, against
+47% and 59% with an excitatory cue. Not reproduced (kspike's neuron
+equations, REFERENCE.md section 1): LSNN's random synaptic delays of 1-10 ms (``n_delay=10``)
+and its one-step lag of the spike behind the voltage.
 
 LSNN's reference curve: ~40% test accuracy after 100 iterations, ~60% after 200, >90% after
-20-30k, up to 96% after 36k.
+20-30k, up to 96% after 36k. This script with its defaults (seed 0): 47% after 100 iterations,
+59% after 200 (57.6% on the whole test set), ~6 min of training on a 2-core CPU.
 
     python bin/tutorial_sequential_mnist_with_LSNN.py --mnist-path mnist.npz --iterations 200
     python bin/tutorial_sequential_mnist_with_LSNN.py --quick          # smoke test, no files
@@ -64,6 +68,10 @@ def parse_args(argv=None):
     parser.add_argument("--sign-order", choices=("lsnn", "random"), default="lsnn",
                         help="which recurrent neurons are inhibitory: the first ones, i.e. LIF "
                              "neurons (LSNN), or randomly chosen ones")
+    parser.add_argument("--cue-sign", choices=("excitatory", "random"), default="excitatory",
+                        help="sign of the cue channel's synapses under Dale's law: excitatory, "
+                             "or drawn like the other channels (LSNN: random, excitatory with "
+                             "probability 0.75; an inhibitory cue slows learning ~2x)")
     parser.add_argument("--dampening-factor", type=float, default=0.3,
                         help="peak of the triangular pseudo-derivative")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
@@ -216,6 +224,15 @@ def build_model(args):
             n_excitatory = int(np.sum(recurrent_sign.numpy()[:, 0] > 0))
             row = np.where(np.arange(n) < n - n_excitatory, -1.0, 1.0)
             recurrent_sign.assign(np.repeat(row[:, None], n, axis=1).astype("float32"))
+        input_sign = cell._rewired["input"].sign
+        row = input_sign.numpy()[:, 0].copy()
+        cue = row.size - 1      # the cue is the last input channel
+        if args.cue_sign == "excitatory" and row[cue] < 0:
+            # Swap with a randomly chosen excitatory channel (the excitatory count is kept): an
+            # inhibitory cue cannot drive the network during the readout window.
+            other = np.random.default_rng(args.seed + 4).choice(np.flatnonzero(row > 0))
+            row[cue], row[other] = row[other], row[cue]
+            input_sign.assign(np.repeat(row[:, None], n, axis=1).astype("float32"))
         if args.sparse_readout:
             # The readout's presynaptic neurons are the recurrent neurons: same signs.
             readout._sparse_kernel.sign.assign(recurrent_sign.numpy()[:, :10])

@@ -67,6 +67,14 @@ def test_model_uses_balanced_sparse_kernels_and_lsnn_sign_order(tutorial):
     n_inhibitory = int(np.sum(row < 0))
     np.testing.assert_array_equal(row, np.r_[-np.ones(n_inhibitory), np.ones(n - n_inhibitory)])
     np.testing.assert_array_equal(readout._sparse_kernel.sign.numpy()[:, 0], row)
+    for cue_sign in ("excitatory", "random"):
+        for seed in range(4):
+            other = tutorial.parse_args(["--quick", "--seed", str(seed), "--cue-sign", cue_sign])
+            input_row = tutorial.build_model(other).get_layer("lsnn").cell._rewired[
+                "input"].sign.numpy()[:, 0]
+            assert int(np.sum(input_row > 0)) == 60          # round(0.75 * 80) kept
+            if cue_sign == "excitatory":
+                assert input_row[-1] == 1.0                  # the cue is the last channel
     counts = kspike.rewiring.active_connections_per_matrix(model)
     assert counts[readout._sparse_kernel.path] == int(n * 10 * args.connectivity)
     for kernel in list(cell._rewired.values()) + [readout._sparse_kernel]:
