@@ -20,7 +20,8 @@ and its one-step lag of the spike behind the voltage.
 
 LSNN's reference curve: ~40% test accuracy after 100 iterations, ~60% after 200, >90% after
 20-30k, up to 96% after 36k. This script with its defaults (seed 0): 47% after 100 iterations,
-59% after 200 (57.6% on the whole test set), ~6 min of training on a 2-core CPU.
+59% after 200 (57.6% on the whole test set), ~6 min of training on a 2-core CPU; seeds 1 and 2:
+41% and 45% after 100, 45% and 53% after 200.
 
     python bin/tutorial_sequential_mnist_with_LSNN.py --mnist-path mnist.npz --iterations 200
     python bin/tutorial_sequential_mnist_with_LSNN.py --quick          # smoke test, no files
