@@ -69,7 +69,7 @@ def build_model(args):
                        thr=args.thr_eprop * (1.0 - alpha), n_refractory=args.n_refractory,
                        dampening_factor=0.3, seed=args.seed)
     return utils.spiking_model(cell, 40, 2, "evidence_lsnn", args.seed, tau=20.0,
-                               use_bias=False)
+                               use_bias=False, jit_compile=args.xla)
 
 
 def main(argv=None):

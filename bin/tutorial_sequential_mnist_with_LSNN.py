@@ -207,7 +207,8 @@ def build_model(args):
                        connectivity=args.connectivity if sparse else None,
                        dale=args.excitatory if sparse else None, seed=args.seed)
     inputs = keras.Input((None, 80))
-    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn")(inputs)
+    spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn",
+                               jit_compile=args.xla)(inputs)
     if sparse and args.sparse_readout:
         readout = sparse_readout_class()(10, connectivity=args.connectivity,
                                          dale=args.excitatory, tau=20.0, seed=args.seed + 2,

@@ -80,7 +80,7 @@ def build_model(args):
                        tau=args.tau, tau_adaptation=args.tau_adaptation, beta=args.beta,
                        thr=args.thr, dt=args.dt, dampening_factor=0.3, seed=args.seed)
     return utils.spiking_model(cell, 700, 20, "shd_alif", args.seed, layer_name="alif",
-                               tau=args.tau_out, dt=args.dt)
+                               tau=args.tau_out, dt=args.dt, jit_compile=args.xla)
 
 
 def main(argv=None):

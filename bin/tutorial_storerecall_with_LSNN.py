@@ -85,7 +85,8 @@ def build_model(args):
     cell = kspike.ALIF(args.n_regular + args.n_adaptive, n_adaptive=args.n_adaptive, tau=20.0,
                        tau_adaptation=args.tau_adaptation, beta=args.beta, thr=args.thr,
                        n_refractory=args.n_refractory, dampening_factor=0.3, seed=args.seed)
-    return utils.spiking_model(cell, 100, 2, "storerecall_lsnn", args.seed, tau=20.0)
+    return utils.spiking_model(cell, 100, 2, "storerecall_lsnn", args.seed, tau=20.0,
+                               jit_compile=args.xla)
 
 
 def main(argv=None):

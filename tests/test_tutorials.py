@@ -18,7 +18,7 @@ RUNS = {
                     ["storerecall_activity", "learning_curve"]),
     "evidence": ("tutorial_evidence_accumulation.py", ["--rule", "eprop"],
                  ["evidence_activity", "learning_curve"]),
-    "shd": ("tutorial_shd.py", [], ["shd_activity", "learning_curve"]),
+    "shd": ("tutorial_shd.py", ["--xla"], ["shd_activity", "learning_curve"]),
 }
 
 
