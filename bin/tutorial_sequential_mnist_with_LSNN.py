@@ -78,7 +78,9 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--lr-decay", type=float, default=0.8)
     parser.add_argument("--lr-decay-every", type=int, default=2500)
-    parser.add_argument("--l1", type=float, default=1e-2, help="DEEP R l1 term")
+    parser.add_argument("--l1", type=float, default=None,
+                        help="DEEP R l1 term (default 1e-2; 0 with --rule stllr, whose updates "
+                             "are too small to hold connections against the shrinkage)")
     parser.add_argument("--reg", type=float, default=0.1, help="firing-rate regulariser strength")
     parser.add_argument("--reg-rate", type=float, default=10.0, help="target rate in Hz")
     parser.add_argument("--readout-window", type=int, default=28,
@@ -272,7 +274,8 @@ def main(argv=None):
         staircase=True)
     optimizer = keras.optimizers.Adam(schedule)
     if args.connectivity > 0:
-        optimizer = kspike.DeepR(optimizer, l1=args.l1, temperature=0.0, seed=args.seed)
+        l1 = args.l1 if args.l1 is not None else (0.0 if args.rule == "stllr" else 1e-2)
+        optimizer = kspike.DeepR(optimizer, l1=l1, temperature=0.0, seed=args.seed)
     rule = utils.make_rule(args.rule, last_steps=args.readout_window)
     trainer = kspike.Trainer(
         model, optimizer, tasks.window_cross_entropy(args.readout_window), rule=rule,
