@@ -28,8 +28,9 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
   per step" is the slope of that peak between T and a short run (T=50) of the same model.
 - Streaming: the 1-sample latency of ``loaded.step(x_t, states)`` of a model exported with
   ``kspike.export.saved_model`` (median over the steps of a 400-step stream), in a fresh process
-  with TensorFlow's default thread pools and in one with one inter-op thread (a tiny per-step
-  graph runs faster without cross-thread scheduling).
+  with TensorFlow's default thread pools, in one with one inter-op thread (a tiny per-step
+  graph runs faster without cross-thread scheduling), and with the step compiled by XLA
+  (``kspike.export.saved_model(..., jit_compile=True)``).
 
 Usage:
     bin/bench_engine.py                   # the full table (takes several minutes)
@@ -203,7 +204,7 @@ def _memory(variant, units, steps, n_inputs, batch):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _streaming_latency(units, n_inputs, steps=400):
+def _streaming_latency(units, n_inputs, steps=400, jit_compile=False):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -216,7 +217,7 @@ def _streaming_latency(units, n_inputs, steps=400):
                           return_sequences=True),
         kspike.LeakyReadout(10)])
     directory = os.path.join(tempfile.mkdtemp(prefix="kspike_bench_"), "model")
-    kspike.export.saved_model(model, directory)
+    kspike.export.saved_model(model, directory, jit_compile=jit_compile)
     loaded = tf.saved_model.load(directory)
     rng = np.random.default_rng(0)
     # One tensor per step, made before timing (slicing is not part of the model's step).
@@ -271,16 +272,16 @@ def main(argv=None):
                         help="skip the exported step latency")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--streaming-child", nargs=2, type=int, default=None,
+    parser.add_argument("--streaming-child", nargs=3, type=int, default=None,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.streaming_child:
-        inter_op, n_inputs = args.streaming_child
+        inter_op, n_inputs, jit = args.streaming_child
         if inter_op:
             import tensorflow as tf
             tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-        print(_streaming_latency(256, n_inputs))
+        print(_streaming_latency(256, n_inputs, jit_compile=bool(jit)))
         return 0
 
     if args.memory_child:
@@ -330,10 +331,12 @@ def main(argv=None):
               "load_average": os.getloadavg()[0]}
     if not args.no_streaming:
         # Each in a fresh process: TensorFlow's thread pools are fixed once it has started.
-        for key, inter_op in (("streaming_step_ms", 0), ("streaming_step_ms_inter_op_1", 1)):
+        for key, inter_op, jit in (("streaming_step_ms", 0, 0),
+                                   ("streaming_step_ms_inter_op_1", 1, 0),
+                                   ("streaming_step_ms_xla", 0, 1)):
             output = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--streaming-child", str(inter_op),
-                 str(args.inputs)], check=True, capture_output=True, text=True).stdout
+                 str(args.inputs), str(jit)], check=True, capture_output=True, text=True).stdout
             result[key] = float(output.strip().splitlines()[-1]) * 1e3
     print()
     print(_format_table(rows))
@@ -341,7 +344,8 @@ def main(argv=None):
         print(f"\nexported step(), batch 1, 256 ALIF + readout: "
               f"{result['streaming_step_ms']:.3f} ms per time step (median); with "
               "tf.config.threading.set_inter_op_parallelism_threads(1): "
-              f"{result['streaming_step_ms_inter_op_1']:.3f} ms")
+              f"{result['streaming_step_ms_inter_op_1']:.3f} ms; step compiled by XLA "
+              f"(saved_model(..., jit_compile=True)): {result['streaming_step_ms_xla']:.3f} ms")
     print()
     print(json.dumps(result))
     if args.json:

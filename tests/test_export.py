@@ -49,6 +49,24 @@ def _save_load(model, directory):
     return tf.saved_model.load(path)
 
 
+def test_xla_compiled_step_streams_like_serve(tmp_path):
+    x = _spikes(3, 30, 5)
+    model = _lsnn()
+    path = export.saved_model(model, tmp_path / "lsnn_xla", jit_compile=True)
+    loaded = tf.saved_model.load(path)
+    live = model(x).numpy()
+    streamed, _ = _stream(loaded, x)
+    # XLA may round differently; on this short stream no spike flips.
+    np.testing.assert_allclose(streamed, live, rtol=1e-5, atol=1e-5)
+    checked = export.load(path)
+    states = checked.initial_state(3)
+    with pytest.raises(ValueError, match="states"):
+        checked.step(x[:2, 0], states)
+    with pytest.raises(TypeError, match="jit_compile"):
+        export.saved_model(model, tmp_path / "other", jit_compile="yes")
+    assert not os.path.exists(tmp_path / "other")
+
+
 def test_serve_and_step_reproduce_the_model(tmp_path):
     x = _spikes(3, 30, 5)
     model = _lsnn()
