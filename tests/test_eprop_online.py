@@ -17,6 +17,7 @@ import kspike.learning
 import kspike.regularizers
 from kspike.learning import EProp
 
+from test_eprop import _cells as single_layer_cells
 from test_eprop import (build_model, flat_reference, inputs, reference_forward,
                         reference_variables)
 
@@ -25,19 +26,10 @@ RTOL32 = 1e-5
 
 
 def _cells(kind):
-    init = dict(bias_initializer=keras.initializers.RandomNormal(0.0, 0.1, seed=5))
-    if kind == "lif":
-        return [kspike.LIF(7, thr=0.03, n_refractory=2, seed=1)]
-    if kind == "alif":
-        return [kspike.ALIF(6, thr=0.03, beta=1.0, tau_adaptation=30.0, seed=1, use_bias=True,
-                            **init)]
-    if kind == "mixed":
-        return [kspike.ALIF(7, n_adaptive=4, thr=0.03, beta=0.8, tau_adaptation=40.0,
-                            n_refractory=3, seed=1, use_bias=True, **init)]
     if kind == "stacked":
         return [kspike.LIF(6, thr=0.03, n_refractory=1, seed=1),
                 kspike.ALIF(5, n_adaptive=2, thr=0.03, beta=1.0, tau_adaptation=30.0, seed=2)]
-    raise AssertionError(kind)
+    return single_layer_cells(kind)
 
 
 def _recall_mask(batch, steps, last=10):
