@@ -244,7 +244,8 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
     masked = mask is not None
     # Buffers the backward pass reads per step, and those that form the outputs.
     step_names = ["v", "z"] + (["A"] if adaptive else []) + (["allowed"] if refractory else [])
-    output_names = ["z", "raw_z", "v", "A"] if sequences else ["z"]
+    output_names = ((["z", "raw_z"] + (["v", "A"] if output_all else [])) if sequences
+                    else ["z"])
 
     inputs = [x, w_in]
     if has_rec:
