@@ -7,7 +7,9 @@ One BPTT training step (forward, backward, Adam update) of
 averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half adaptive
 (n_refractory=5), for T in (100, 400, 784, 1568) and units in (256, 1024).
 
-- Variants: ``spiking_rnn`` (kspike.SpikingRNN), ``spiking_rnn_xla`` (SpikingRNN(jit_compile=True):
+- Variants: ``spiking_rnn`` (kspike.SpikingRNN: its native C++ loops where they compile, see
+  ``kspike.native``), ``spiking_rnn_tf`` (SpikingRNN(native=False): its TensorFlow loops),
+  ``spiking_rnn_xla`` (SpikingRNN(jit_compile=True):
   its forward and backward loops compiled by XLA), ``spiking_rnn_xla_step`` (optional: the whole
   training step of SpikingRNN under ``tf.function(jit_compile=True)``), ``keras_rnn``
   (keras.layers.RNN(same cell)), ``lstm`` (keras.layers.LSTM(units)).
@@ -50,8 +52,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-VARIANTS = ("spiking_rnn", "spiking_rnn_xla", "spiking_rnn_xla_step", "keras_rnn", "lstm")
-DEFAULT_VARIANTS = ("spiking_rnn", "spiking_rnn_xla", "keras_rnn", "lstm")
+VARIANTS = ("spiking_rnn", "spiking_rnn_tf", "spiking_rnn_xla", "spiking_rnn_xla_step",
+            "keras_rnn", "lstm")
+DEFAULT_VARIANTS = ("spiking_rnn", "spiking_rnn_tf", "spiking_rnn_xla", "keras_rnn", "lstm")
 MEMORY_BASELINE_STEPS = 50
 
 
@@ -86,7 +89,8 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
             recurrent = keras.layers.RNN(cell, return_sequences=True)
         else:
             recurrent = kspike.SpikingRNN(cell, return_sequences=True,
-                                          jit_compile=variant == "spiking_rnn_xla")
+                                          jit_compile=variant == "spiking_rnn_xla",
+                                          native=False if variant == "spiking_rnn_tf" else "auto")
     model = keras.Sequential([keras.Input((steps, n_inputs)), recurrent,
                               kspike.LeakyReadout(10)])
     optimizer = keras.optimizers.Adam(1e-3)

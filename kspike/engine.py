@@ -39,10 +39,13 @@ exported by ``kspike.export.saved_model`` serves whole sequences, streams with `
 cell's own ``call``) and gives gradients through the reloaded ``serve`` like the Keras model
 (autodiff of the plain loop, i.e. without the speed-up of the hand-written backward pass).
 """
+import math
+
 import keras
 import tensorflow as tf
 
 from kspike import dynamics, surrogates
+from kspike import native as native_module
 from kspike.cells import _SpikingCell
 
 __all__ = ["SpikingRNN"]
@@ -186,6 +189,49 @@ def _compiled(fn, jit_compile):
     return tf.function(fn, jit_compile=True, autograph=False)
 
 
+_NATIVE_SURROGATES = {cls.name: cls for cls in (
+    surrogates.Rectangular, surrogates.Triangular, surrogates.Exponential, surrogates.Gaussian,
+    surrogates.Sigmoid, surrogates.FastSigmoid, surrogates.NTail, surrogates.Cauchy,
+    surrogates.MultiGaussian)}
+
+
+def _native_surrogate_attrs(spike_function):
+    """Attributes of the native backward op for a catalogue spike function, or None when the
+    function is not one the C++ loop knows (a user subclass keeps the TensorFlow loop)."""
+    cls = _NATIVE_SURROGATES.get(getattr(spike_function, "name", None))
+    if cls is None or type(spike_function) is not cls:
+        return None
+    attrs = dict(surrogate=cls.name, dampening=spike_function.dampening,
+                 sharpness=spike_function.sharpness,
+                 tail=getattr(spike_function, "tail", 2.0), multi_gaussian=[])
+    if cls is surrogates.MultiGaussian:
+        # The constants of MultiGaussian.pseudo_derivative, formed in double precision as there.
+        f = spike_function
+        sigma = 0.5 / f.sharpness
+        wide = f.scale * sigma
+        peak = f._bracket(0.0, math.exp)
+        attrs["multi_gaussian"] = [f.dampening / peak, sigma, wide,
+                                   sigma * math.sqrt(2.0 * math.pi),
+                                   wide * math.sqrt(2.0 * math.pi), 1.0 + f.height, f.height]
+    return attrs
+
+
+def native_applies(cell, state_dtype, compute_dtype, masked, jit_compile=False):
+    """True when the native C++ loops can run this layer: a float32 kspike cell (states and
+    matmuls) with a catalogue surrogate, no mask and no XLA. The answer does not say whether
+    the loops are compiled (see ``kspike.native.available``)."""
+    return (tf.as_dtype(state_dtype) == tf.float32 and tf.as_dtype(compute_dtype) == tf.float32
+            and not masked and not jit_compile
+            and _native_surrogate_attrs(cell.spike_function) is not None)
+
+
+def _neuron_attrs(cell, params):
+    refractory = int(params.n_refractory)
+    return dict(alpha=float(params.alpha), one_minus_alpha=1.0 - float(params.alpha),
+                rho=float(params.rho), one_minus_rho=1.0 - float(params.rho),
+                thr=float(params.thr), n_refractory=refractory, adaptive=bool(cell._adaptive))
+
+
 def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
                 jit_compile=False):
     """The forward loop with the cell's own spike function, differentiated by TensorFlow.
@@ -208,8 +254,58 @@ def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=
     return outputs, list(final_states)
 
 
+def _native_forward(ops, cell, params, x, w_in, w_rec, bias, initial):
+    """The forward loop as one native op (``kspike/native/spiking_ops.cc``).
+
+    Same arguments as ``_forward`` (float32, no mask). Returns the stacked buffers "z"
+    (T + 1, B, n), "v", "A" (ALIF) and "allowed" (uint8, with refractoriness), and the final
+    states in Keras order.
+    """
+    n = cell.units
+    steps, batch = tf.shape(x)[0], tf.shape(x)[1]
+    projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in), (steps, batch, n))
+    state = cell.pack_state(initial)
+    empty = tf.zeros((0,), tf.float32)
+    adaptive = cell._adaptive
+    beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else empty
+    z, v, A, allowed, v_final, b_final, r_final = ops.kspike_spiking_forward(
+        projected=projected, w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+        bias=bias if bias is not None else empty, beta=beta, v0=state.v,
+        b0=state.b if adaptive else tf.zeros((0, n)), z0=state.z, r0=state.r,
+        recurrent=w_rec is not None, has_bias=bias is not None, **_neuron_attrs(cell, params))
+    stacked = {"z": z, "v": v}
+    if adaptive:
+        stacked["A"] = A
+    if params.n_refractory > 0:
+        stacked["allowed"] = allowed
+    final = dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z[-1],
+                                 r=r_final)
+    return stacked, cell.unpack_state(final)
+
+
+def _native_backward(ops, cell, params, stacked, out_grads, g_final, w_rec):
+    """The backward recurrence as one native op: returns (dL/dI_t (T, B, n), dL/dv_0,
+    dL/db_0 (None for LIF), dL/dz_0, dL/dW_rec (None without recurrence))."""
+    n = cell.units
+    adaptive = cell._adaptive
+    batch = tf.shape(stacked["v"])[1]
+    none_seq = tf.zeros((0, batch, n))
+    gz_out, gv_out, gA_out = [none_seq if g is None else g for g in out_grads]
+    beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))
+    g_current, gv0, gb0, gz0, g_w_rec = ops.kspike_spiking_backward(
+        z=stacked["z"], v=stacked["v"], threshold=stacked.get("A", none_seq),
+        allowed=stacked.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
+        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)), beta=beta,
+        grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
+        grad_b_final=g_final.b if adaptive else tf.zeros((0, n)), grad_z_final=g_final.z,
+        recurrent=w_rec is not None, has_bias=False, **_neuron_attrs(cell, params),
+        **_native_surrogate_attrs(params.spike_function))
+    return (g_current, gv0, gb0 if adaptive else None, gz0,
+            g_w_rec if w_rec is not None else None)
+
+
 def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
-                   jit_compile=False):
+                   jit_compile=False, native=None):
     """Forward loop over a whole sequence, with a hand-written gradient.
 
     Args:
@@ -224,6 +320,8 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         sequences: return the per-step outputs (else only the final states, and the backward
             pass skips the per-step output gradients).
         jit_compile: compile the forward loop and the backward loop each with XLA.
+        native: the ``kspike.native`` op module to run both loops in C++ (float32, no mask,
+            no XLA, a catalogue surrogate: see ``native_applies``), or None.
 
     Returns:
         (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
@@ -329,13 +427,16 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         mask = args[-1] if masked else None
         initial_state = cell.pack_state(initial)
         steps = tf.shape(x)[0]
-        if jit_compile:
+        tas = None
+        if native is not None:
+            stacked, final_states = _native_forward(native, cell, params, x, w_in, w_rec, bias,
+                                                    initial)
+        elif jit_compile:
             def forward(x, w_in, w_rec, bias, initial, mask):
                 tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias,
                                              initial, mask, output_all, for_backward=True)
                 return _stacked(tas, set(step_names + output_names)), final_states
 
-            tas = None
             # The gradient is grad_fn's: stop_gradient keeps an eager tape from recording the
             # compiled call (it would ask XLA for a differentiable while loop, which fails).
             stacked, final_states = _compiled(forward, True)(*tf.nest.map_structure(
@@ -358,9 +459,13 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             if not adaptive:
                 out_grads[2] = None
             # W_rec^T once: a transposed operand makes every per-step product slower.
-            w_rec_t = tf.transpose(w_rec) if has_rec else None
+            w_rec_t = tf.transpose(w_rec) if has_rec and native is None else None
             gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
-            if jit_compile:
+            g_w_rec = None
+            if native is not None:
+                g_current, gv0, gb0, gz0, g_w_rec = _native_backward(
+                    native, cell, params, stacked, out_grads, g_final, w_rec)
+            elif jit_compile:
                 g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
                     *tf.nest.map_structure(_stop_gradient, (
                         {name: stacked[name] for name in step_names}, out_grads, mask,
@@ -377,8 +482,10 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             result = [tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x)),
                       tf.matmul(x_flat, g_matmul, transpose_a=True)]
             if has_rec:
-                z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
-                result.append(tf.matmul(z_previous_flat, g_matmul, transpose_a=True))
+                if g_w_rec is None:
+                    z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
+                    g_w_rec = tf.matmul(z_previous_flat, g_matmul, transpose_a=True)
+                result.append(g_w_rec)
             if has_bias:
                 result.append(tf.reduce_sum(g_current, axis=(0, 1)))
             # The refractory counter carries a gradient only to itself: r_t = r_{t-1} - 1
@@ -435,6 +542,12 @@ class SpikingRNN(keras.layers.RNN):
             (and from ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a
             whole ``keras.layers.RNN`` training step (which XLA differentiates itself and
             which was ~15x slower on CPU), only kspike's own loops are compiled here.
+        native: run the training loops in C++ (``kspike.native``, compiled on first use):
+            "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
+            a catalogue surrogate) and compile, else the TensorFlow loop; True to require
+            them (a clear error where they cannot run); False for the TensorFlow loop only.
+            Both give the same spikes and gradients to float32 rounding (the native loop
+            sums the recurrent products over the neurons that spiked, in another order).
 
     Call arguments:
         sequences: (B, T, n_in) inputs; one time step is ``cell.dt`` ms.
@@ -458,7 +571,7 @@ class SpikingRNN(keras.layers.RNN):
 
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,
                  stateful=False, unroll=False, zero_output_for_mask=False, jit_compile=False,
-                 **kwargs):
+                 native="auto", **kwargs):
         for name, value in (("return_sequences", return_sequences),
                             ("jit_compile", jit_compile),
                             ("return_state", return_state), ("go_backwards", go_backwards),
@@ -467,6 +580,8 @@ class SpikingRNN(keras.layers.RNN):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be True or False, received {value!r} of type "
                                 f"{type(value).__name__}.")
+        if not isinstance(native, bool) and not (isinstance(native, str) and native == "auto"):
+            raise ValueError(f"`native` must be 'auto', True or False, received {native!r}.")
         if isinstance(cell, (list, tuple)):
             raise TypeError("kspike.SpikingRNN takes one cell, received a list of "
                             f"{len(cell)} cells; stack SpikingRNN layers instead.")
@@ -474,11 +589,29 @@ class SpikingRNN(keras.layers.RNN):
                          go_backwards=go_backwards, stateful=stateful, unroll=unroll,
                          zero_output_for_mask=zero_output_for_mask, **kwargs)
         self.jit_compile = jit_compile
+        self.native = native
 
     def get_config(self):
         config = super().get_config()
         config["jit_compile"] = self.jit_compile
+        config["native"] = self.native
         return config
+
+    def _native_ops(self, state_dtype, compute_dtype, masked):
+        """The native op module when this call runs the C++ loops, else None."""
+        if self.native is False:
+            return None
+        applies = native_applies(self.cell, state_dtype, compute_dtype, masked,
+                                 self.jit_compile)
+        ops = native_module.load() if applies else None
+        if self.native is True and ops is None:
+            reason = ("the native loops did not load (see the warning above, or KSPIKE_NATIVE)"
+                      if applies else "they run float32 layers without a mask or XLA, with a "
+                      "catalogue surrogate")
+            raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
+                             f"call: {reason}. Use native='auto' to fall back to the "
+                             f"TensorFlow loop.")
+        return ops
 
     @property
     def specialised(self):
@@ -522,12 +655,17 @@ class SpikingRNN(keras.layers.RNN):
         # The hand-written backward pass pays off only under a gradient tape; otherwise
         # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
         # differentiable by TensorFlow if its traced graph is differentiated later.
-        loop = _sequence_loop if _tape_may_record() else _plain_loop
         # Without return_sequences (and mask) the last output is read from the final states,
         # so no per-step output (nor its gradient) is materialised.
         sequences = self.return_sequences or mask is not None
-        raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all,
-                                 sequences, jit_compile=self.jit_compile)
+        if _tape_may_record():
+            raw, final_states = _sequence_loop(
+                cell, x, w_in, w_rec, bias, states, mask, output_all, sequences,
+                jit_compile=self.jit_compile,
+                native=self._native_ops(state_dtype, compute_dtype, mask is not None))
+        else:
+            raw, final_states = _plain_loop(cell, x, w_in, w_rec, bias, states, mask,
+                                            output_all, sequences, jit_compile=self.jit_compile)
         if not sequences:
             final = cell.pack_state(final_states)
             last_output = final.z

@@ -1,0 +1,114 @@
+"""Native (C++) time loops of ``kspike.SpikingRNN``, compiled on first use.
+
+``spiking_ops.cc`` holds two TensorFlow ops that run the whole sequence of one LIF/ALIF layer
+(forward, and the hand-written backward recurrence with dW_rec) without a TensorFlow op per
+element-wise update. They are compiled against the installed TensorFlow the first time they
+are needed (about 30-60 s with g++) and cached, keyed by the source, the TensorFlow version,
+the compiler flags and the CPU, in ``$KSPIKE_CACHE_DIR`` (default ``~/.cache/kspike``).
+
+Nothing else depends on them: without a C++ compiler, on a TensorFlow whose headers do not
+compile, or with ``KSPIKE_NATIVE=0`` in the environment, ``load()`` returns None (warning once
+with the reason, except when disabled on purpose) and ``kspike.SpikingRNN`` runs its
+TensorFlow loop, which gives the same results.
+"""
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+
+__all__ = ["load", "available", "cache_dir", "SOURCE"]
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spiking_ops.cc")
+
+_lock = threading.Lock()
+_state = {"loaded": False, "module": None, "error": None}
+
+
+def cache_dir():
+    """Directory of compiled libraries: ``$KSPIKE_CACHE_DIR`` or ``~/.cache/kspike``."""
+    root = os.environ.get("KSPIKE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "kspike")
+    return os.path.join(root, "native")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_command(tf, output):
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    arch = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    if arch and any(f in _cpu_flags().split() for f in ("avx512_fp16", "avx512fp16")):
+        # TensorFlow's bundled Eigen does not compile with AVX512-FP16 enabled.
+        arch.append("-mno-avx512fp16")
+    # -ffp-contract=off: no fused multiply-adds, so element-wise updates round as in TensorFlow.
+    return ([compiler, "-O3", *arch, "-ffp-contract=off", "-fPIC", "-shared", "-w", SOURCE,
+             "-o", output] + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
+
+
+def _build(tf):
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    probe = _compiler_command(tf, "OUT")
+    key = hashlib.sha256(b"\0".join([source, tf.__version__.encode(), " ".join(probe).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    directory = cache_dir()
+    library = os.path.join(directory, f"spiking_ops_{key}.so")
+    if not os.path.exists(library):
+        os.makedirs(directory, exist_ok=True)
+        # Compile to a private name, then rename: concurrent processes never load a partial file.
+        handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(handle)
+        try:
+            result = subprocess.run(_compiler_command(tf, partial), capture_output=True,
+                                    text=True, timeout=600)
+            if result.returncode != 0:
+                raise RuntimeError("compiling spiking_ops.cc failed:\n" + result.stderr[-2000:])
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return tf.load_op_library(library)
+
+
+def load():
+    """The compiled op module (``KspikeSpikingForward``, ``KspikeSpikingBackward``), or None.
+
+    Compiles on the first call of a process when no cached library fits; later calls return
+    the same module at once. Set ``KSPIKE_NATIVE=0`` to never use the native loops.
+    """
+    if os.environ.get("KSPIKE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if _state["loaded"]:
+        return _state["module"]
+    with _lock:
+        if not _state["loaded"]:
+            import tensorflow as tf
+            try:
+                _state["module"] = _build(tf)
+            except Exception as error:  # any failure means: use the TensorFlow loop
+                _state["error"] = f"{type(error).__name__}: {error}"
+                warnings.warn("kspike: the native SpikingRNN loops are unavailable "
+                              f"({_state['error']}); using the TensorFlow loop (same results, "
+                              "slower). Set KSPIKE_NATIVE=0 to silence this.", RuntimeWarning,
+                              stacklevel=2)
+            _state["loaded"] = True
+    return _state["module"]
+
+
+def available():
+    """True when the native loops load (compiling them if needed)."""
+    return load() is not None

@@ -1,0 +1,193 @@
+"""kspike.native: the C++ time loops of SpikingRNN against the TensorFlow loops and Keras.
+
+Every case runs the same layer three ways: ``SpikingRNN(native=True)``,
+``SpikingRNN(native=False)`` (kspike's TensorFlow loop) and ``keras.layers.RNN`` (TensorFlow's
+autodiff of the cell), and compares spikes (identical), voltages and thresholds, final states
+and the gradients with respect to inputs, weights and initial states.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import kspike
+from kspike import native, surrogates
+
+from test_engine import _assert_close, _initial_states, _inputs, _outputs_and_grads
+
+HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
+# 17 rows: two shards of unequal size on a 2-thread pool (the batch split must not matter).
+B, T, N_IN, UNITS = 17, 40, 6, 12
+
+
+def test_native_loops_compile_where_a_compiler_exists():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine: the TensorFlow loop is used")
+    assert native.available(), native._state["error"]
+
+
+def _three_layers(make_cell, x_shape, **layer_kwargs):
+    layers = [keras.layers.RNN(make_cell(), **layer_kwargs),
+              kspike.SpikingRNN(make_cell(), native=False, **layer_kwargs),
+              kspike.SpikingRNN(make_cell(), native=True, **layer_kwargs)]
+    for layer in layers:
+        layer.build(x_shape)
+    for layer in layers[1:]:
+        for source, target in zip(layers[0].weights, layer.weights):
+            target.assign(source)
+    return layers
+
+
+def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_rate=0.02):
+    if not native.available():
+        pytest.skip("native loops unavailable (no compiler)")
+    layer_kwargs = {"return_sequences": True, "return_state": True, **(layer_kwargs or {})}
+    x = _inputs(batch=B, steps=T, features=N_IN) if x is None else x
+    generic, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
+    init = _initial_states(generic.cell, batch=x.shape[0]) if initial else None
+    results = [_outputs_and_grads(layer, x, init) for layer in (generic, tf_loop, native_loop)]
+    (out_g, grad_g), (out_t, grad_t), (out_n, grad_n) = results
+    units = generic.cell.units
+    rate = out_g[0][..., :units].mean()
+    assert min_rate <= rate <= 0.6, f"uninformative firing rate {rate}"
+    for reference in (out_g, out_t):
+        for a, b in zip(reference, out_n):
+            np.testing.assert_array_equal(a[..., :units], b[..., :units])   # spikes
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    # The element-wise updates round as TensorFlow's: voltages and states bit for bit.
+    for a, b in zip(out_t, out_n):
+        np.testing.assert_array_equal(a, b)
+    names = ["inputs"] + [w.path for w in native_loop.trainable_variables] + \
+        [f"initial {s}" for s in (generic.cell.state_names if initial else ())]
+    assert len(grad_g) == len(grad_t) == len(grad_n) == len(names)
+    for name, a, t, b in zip(names, grad_g, grad_t, grad_n):
+        _assert_close(a, b, rtol=rtol, what=f"{name} (vs keras.layers.RNN)")
+        _assert_close(t, b, rtol=rtol, what=f"{name} (vs the TensorFlow loop)")
+    return out_n, grad_n
+
+
+CELLS = {
+    "lif": lambda: kspike.LIF(UNITS, thr=0.05, seed=3),
+    "lif_refractory_bias": lambda: kspike.LIF(
+        UNITS, thr=0.05, n_refractory=2, use_bias=True,
+        bias_initializer=keras.initializers.RandomUniform(0.0, 0.05, seed=2), seed=3),
+    "lif_feedforward": lambda: kspike.LIF(UNITS, thr=0.05, recurrent=False, seed=3),
+    "alif": lambda: kspike.ALIF(UNITS, thr=0.05, beta=1.8, tau_adaptation=30.0, seed=3),
+    "alif_mix_refractory": lambda: kspike.ALIF(
+        UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0, n_refractory=3, seed=3),
+    "alif_all_outputs_bias": lambda: kspike.ALIF(
+        UNITS, n_adaptive=6, thr=0.05, tau_adaptation=30.0, n_refractory=1, use_bias=True,
+        output="all", seed=3),
+    "lif_all_outputs": lambda: kspike.LIF(UNITS, thr=0.05, output="all", seed=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_cell_options_equal_tensorflow_loop_and_keras(name):
+    _check(CELLS[name])
+
+
+SURROGATES = [("rectangular", {}), ("triangular", {}), ("exponential", {}), ("gaussian", {}),
+              ("sigmoid", {}), ("fast_sigmoid", {}), ("ntail", {"tail": 2.5}),
+              ("cauchy", {}), ("multi_gaussian", {})]
+
+
+@pytest.mark.parametrize("name,extra", SURROGATES, ids=[s[0] for s in SURROGATES])
+def test_every_catalogue_surrogate_with_parameters(name, extra):
+    spike_function = surrogates.get(name, dampening=0.45, sharpness=0.7, **extra)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=7, thr=0.05, tau_adaptation=30.0,
+                               n_refractory=2, surrogate=spike_function, output="all",
+                               seed=3))
+
+
+def test_last_output_only_and_go_backwards():
+    _check(CELLS["alif_mix_refractory"], dict(return_sequences=False))
+    _check(CELLS["alif_all_outputs_bias"], dict(go_backwards=True))
+
+
+def test_dense_initial_spikes_and_single_row():
+    # z_0 need not be 0/1 (a user's initial state): the spike-sparse products still hold.
+    if not native.available():
+        pytest.skip("native loops unavailable (no compiler)")
+    x = _inputs(batch=1, steps=T, features=N_IN)
+    generic, _, native_loop = _three_layers(CELLS["alif"], x.shape, return_sequences=True)
+    rng = np.random.default_rng(5)
+    init = [tf.constant(rng.uniform(0.0, 1.0, (1, UNITS)).astype("float32"))
+            for _ in generic.cell.state_names]
+    init[-1] = tf.zeros((1, UNITS))                  # refractory counters
+    (out_g, grad_g), (out_n, grad_n) = [_outputs_and_grads(layer, x, init)
+                                        for layer in (generic, native_loop)]
+    np.testing.assert_array_equal(out_g[0], out_n[0])
+    for a, b in zip(grad_g, grad_n):
+        _assert_close(a, b, what="gradient")
+
+
+def test_auto_falls_back_where_native_cannot_run():
+    if not native.available():
+        pytest.skip("native loops unavailable (no compiler)")
+    cell = kspike.ALIF(UNITS, thr=0.05, seed=3)
+    layer = kspike.SpikingRNN(cell, return_sequences=True)
+    layer.build((B, T, N_IN))
+    assert layer._native_ops("float32", "float32", masked=False) is not None
+    assert layer._native_ops("float32", "float32", masked=True) is None
+    assert layer._native_ops("float64", "float64", masked=False) is None
+    assert layer._native_ops("float32", "float16", masked=False) is None
+
+    class Custom(surrogates.Triangular):
+        def pseudo_derivative(self, x):
+            return 2.0 * super().pseudo_derivative(x)
+
+    custom = kspike.SpikingRNN(kspike.ALIF(UNITS, surrogate=Custom()), return_sequences=True)
+    custom.build((B, T, N_IN))
+    assert custom._native_ops("float32", "float32", masked=False) is None
+
+
+def test_native_true_refuses_clearly_where_it_cannot_run():
+    layer = kspike.SpikingRNN(kspike.ALIF(UNITS, thr=0.05), return_sequences=True,
+                              native=True)
+    x = tf.constant(_inputs(batch=2, steps=5, features=N_IN))
+    mask = tf.ones((2, 5), bool)
+    with pytest.raises(ValueError, match="native=True"):
+        with tf.GradientTape():
+            layer(x, mask=mask)
+    with pytest.raises(ValueError, match="`native` must be 'auto', True or False"):
+        kspike.SpikingRNN(kspike.ALIF(UNITS), native="yes")
+    with pytest.raises(ValueError, match="`native`"):
+        kspike.SpikingRNN(kspike.ALIF(UNITS), native=1)
+
+
+def test_config_round_trip_keeps_native():
+    layer = kspike.SpikingRNN(kspike.LIF(UNITS), native=False, return_sequences=True)
+    clone = kspike.SpikingRNN.from_config(layer.get_config())
+    assert clone.native is False
+    assert kspike.SpikingRNN(kspike.LIF(UNITS)).get_config()["native"] == "auto"
+
+
+def test_disabled_by_environment_variable():
+    code = ("import kspike.native as n, sys; sys.exit(0 if n.load() is None else 3)")
+    env = dict(os.environ, KSPIKE_NATIVE="0")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    # A machine whose compiler fails: one clear warning, then the TensorFlow loop.
+    monkeypatch.setattr(native, "_state", {"loaded": False, "module": None, "error": None})
+    monkeypatch.setenv("KSPIKE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="native SpikingRNN loops are unavailable"):
+        assert native.load() is None
+    assert native.load() is None          # decided once per process
+    layer = kspike.SpikingRNN(kspike.LIF(UNITS, thr=0.05, seed=3), return_sequences=True)
+    x = tf.constant(_inputs(batch=2, steps=8, features=N_IN))
+    layer.build(x.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x))
+    grads = tape.gradient(loss, layer.trainable_variables)
+    assert all(g is not None for g in grads)
