@@ -255,53 +255,65 @@ def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=
 
 
 def _native_forward(ops, cell, params, x, w_in, w_rec, bias, initial):
-    """The forward loop as one native op (``kspike/native/spiking_ops.cc``).
+    """The forward loop as one native op (``kspike/native/spiking_ops.cc``), batch-major.
 
-    Same arguments as ``_forward`` (float32, no mask). Returns the stacked buffers "z"
-    (T + 1, B, n), "v", "A" (ALIF) and "allowed" (uint8, with refractoriness), and the final
-    states in Keras order.
+    Args as ``_forward`` except ``x``: (B, T, n_in) (float32, no mask). Returns the buffers
+    "z" (B, T, n) (the spikes z_1 .. z_T), "z0" (B, n), "v", "A" (ALIF) and "allowed" (uint8,
+    with refractoriness), all (B, T, n), and the final states in Keras order.
     """
     n = cell.units
-    steps, batch = tf.shape(x)[0], tf.shape(x)[1]
-    projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in), (steps, batch, n))
     state = cell.pack_state(initial)
     empty = tf.zeros((0,), tf.float32)
     adaptive = cell._adaptive
     beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else empty
-    z, v, A, allowed, v_final, b_final, r_final = ops.kspike_spiking_forward(
-        projected=projected, w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+    z, v, A, allowed, v_final, b_final, z_final, r_final = ops.kspike_spiking_forward(
+        x=x, w_in=w_in, w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
         bias=bias if bias is not None else empty, beta=beta, v0=state.v,
         b0=state.b if adaptive else tf.zeros((0, n)), z0=state.z, r0=state.r,
         recurrent=w_rec is not None, has_bias=bias is not None, **_neuron_attrs(cell, params))
-    stacked = {"z": z, "v": v}
+    buffers = {"z": z, "z0": state.z, "x": x, "v": v}
     if adaptive:
-        stacked["A"] = A
+        buffers["A"] = A
     if params.n_refractory > 0:
-        stacked["allowed"] = allowed
-    final = dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z[-1],
+        buffers["allowed"] = allowed
+    final = dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z_final,
                                  r=r_final)
-    return stacked, cell.unpack_state(final)
+    return buffers, cell.unpack_state(final)
 
 
-def _native_backward(ops, cell, params, stacked, out_grads, g_final, w_rec):
-    """The backward recurrence as one native op: returns (dL/dI_t (T, B, n), dL/dv_0,
-    dL/db_0 (None for LIF), dL/dz_0, dL/dW_rec (None without recurrence))."""
+def _native_outputs(cell, params, buffers, output_all, sequences):
+    """[z] or [z, v, A] sequences (B, T, n) from ``_native_forward``'s buffers."""
+    if not sequences:
+        return []
+    outputs = [buffers["z"]]
+    if output_all:
+        v = buffers["v"]
+        A = buffers["A"] if cell._adaptive else tf.fill(tf.shape(v), tf.cast(params.thr,
+                                                                              v.dtype))
+        outputs += [v, A]
+    return outputs
+
+
+def _native_backward(ops, cell, params, buffers, out_grads, g_final, w_rec):
+    """The backward recurrence as one native op, batch-major: returns (dL/dI_t (B, T, n),
+    dL/dv_0, dL/db_0 (None for LIF), dL/dz_0, dL/dW_rec (None without recurrence), dL/dW_in)."""
     n = cell.units
     adaptive = cell._adaptive
-    batch = tf.shape(stacked["v"])[1]
-    none_seq = tf.zeros((0, batch, n))
+    batch = tf.shape(buffers["v"])[0]
+    none_seq = tf.zeros((batch, 0, n))
     gz_out, gv_out, gA_out = [none_seq if g is None else g for g in out_grads]
     beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))
-    g_current, gv0, gb0, gz0, g_w_rec = ops.kspike_spiking_backward(
-        z=stacked["z"], v=stacked["v"], threshold=stacked.get("A", none_seq),
-        allowed=stacked.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
+    g_current, gv0, gb0, gz0, g_w_rec, g_w_in = ops.kspike_spiking_backward(
+        z=buffers["z"], z0=buffers["z0"], x=buffers["x"], v=buffers["v"],
+        threshold=buffers.get("A", none_seq),
+        allowed=buffers.get("allowed", tf.zeros((batch, 0, n), tf.uint8)),
         w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)), beta=beta,
         grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
         grad_b_final=g_final.b if adaptive else tf.zeros((0, n)), grad_z_final=g_final.z,
         recurrent=w_rec is not None, has_bias=False, **_neuron_attrs(cell, params),
         **_native_surrogate_attrs(params.spike_function))
     return (g_current, gv0, gb0 if adaptive else None, gz0,
-            g_w_rec if w_rec is not None else None)
+            g_w_rec if w_rec is not None else None, g_w_in)
 
 
 def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
@@ -321,7 +333,8 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             pass skips the per-step output gradients).
         jit_compile: compile the forward loop and the backward loop each with XLA.
         native: the ``kspike.native`` op module to run both loops in C++ (float32, no mask,
-            no XLA, a catalogue surrogate: see ``native_applies``), or None.
+            no XLA, a catalogue surrogate: see ``native_applies``), or None. The native
+            loops are batch-major: ``x`` is then (B, T, n_in) and the outputs (B, T, n).
 
     Returns:
         (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
@@ -426,7 +439,7 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         initial = list(args[n_weights:n_weights + len(states)])
         mask = args[-1] if masked else None
         initial_state = cell.pack_state(initial)
-        steps = tf.shape(x)[0]
+        steps = tf.shape(x)[1] if native is not None else tf.shape(x)[0]
         tas = None
         if native is not None:
             stacked, final_states = _native_forward(native, cell, params, x, w_in, w_rec, bias,
@@ -446,7 +459,12 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial,
                                          mask, output_all, for_backward=True)
             stacked = _stacked(tas, output_names)
-        outputs, z_states = _raw_outputs(cell, params, stacked, masked, output_all, sequences)
+        if native is not None:
+            outputs, z_states = _native_outputs(cell, params, stacked, output_all,
+                                                sequences), None
+        else:
+            outputs, z_states = _raw_outputs(cell, params, stacked, masked, output_all,
+                                             sequences)
 
         def grad_fn(*grads):
             n_out = len(outputs)
@@ -461,9 +479,9 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             # W_rec^T once: a transposed operand makes every per-step product slower.
             w_rec_t = tf.transpose(w_rec) if has_rec and native is None else None
             gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
-            g_w_rec = None
+            g_w_rec = g_w_in = None
             if native is not None:
-                g_current, gv0, gb0, gz0, g_w_rec = _native_backward(
+                g_current, gv0, gb0, gz0, g_w_rec, g_w_in = _native_backward(
                     native, cell, params, stacked, out_grads, g_final, w_rec)
             elif jit_compile:
                 g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
@@ -479,8 +497,10 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
             x_flat = tf.reshape(x, (-1, x.shape[-1]))
             # Weight gradients as matmuls over all T steps at once.
+            if g_w_in is None:
+                g_w_in = tf.matmul(x_flat, g_matmul, transpose_a=True)
             result = [tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x)),
-                      tf.matmul(x_flat, g_matmul, transpose_a=True)]
+                      g_w_in]
             if has_rec:
                 if g_w_rec is None:
                     z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
@@ -641,31 +661,39 @@ class SpikingRNN(keras.layers.RNN):
             w_rec = tf.convert_to_tensor(w_rec)
         if bias is not None:
             bias = tf.cast(bias, state_dtype)
-        x = tf.transpose(tf.cast(sequences, compute_dtype), (1, 0, 2))   # (T, B, n_in)
-        if mask is not None:
-            mask = tf.convert_to_tensor(mask)
-            if mask.shape.rank == 3:
-                mask = mask[..., 0]
-            mask = tf.transpose(tf.cast(mask, state_dtype), (1, 0))[..., None]   # (T, B, 1)
-        if self.go_backwards:
-            x = tf.reverse(x, [0])
-            if mask is not None:
-                mask = tf.reverse(mask, [0])
         output_all = cell.output_mode == "all"
-        # The hand-written backward pass pays off only under a gradient tape; otherwise
-        # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
-        # differentiable by TensorFlow if its traced graph is differentiated later.
+        sequences_in = sequences
         # Without return_sequences (and mask) the last output is read from the final states,
         # so no per-step output (nor its gradient) is materialised.
         sequences = self.return_sequences or mask is not None
-        if _tape_may_record():
-            raw, final_states = _sequence_loop(
-                cell, x, w_in, w_rec, bias, states, mask, output_all, sequences,
-                jit_compile=self.jit_compile,
-                native=self._native_ops(state_dtype, compute_dtype, mask is not None))
+        # The hand-written backward pass pays off only under a gradient tape; otherwise
+        # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
+        # differentiable by TensorFlow if its traced graph is differentiated later.
+        native = self._native_ops(state_dtype, compute_dtype, mask is not None) \
+            if _tape_may_record() else None
+        if native is not None:
+            # The native loops are batch-major, like Keras' inputs and outputs.
+            x = tf.cast(sequences_in, compute_dtype)
+            if self.go_backwards:
+                x = tf.reverse(x, [1])
+            raw, final_states = _sequence_loop(cell, x, w_in, w_rec, bias, states, None,
+                                               output_all, sequences, native=native)
+            time_axis = 1
         else:
-            raw, final_states = _plain_loop(cell, x, w_in, w_rec, bias, states, mask,
-                                            output_all, sequences, jit_compile=self.jit_compile)
+            x = tf.transpose(tf.cast(sequences_in, compute_dtype), (1, 0, 2))   # (T, B, n_in)
+            if mask is not None:
+                mask = tf.convert_to_tensor(mask)
+                if mask.shape.rank == 3:
+                    mask = mask[..., 0]
+                mask = tf.transpose(tf.cast(mask, state_dtype), (1, 0))[..., None]   # (T, B, 1)
+            if self.go_backwards:
+                x = tf.reverse(x, [0])
+                if mask is not None:
+                    mask = tf.reverse(mask, [0])
+            loop = _sequence_loop if _tape_may_record() else _plain_loop
+            raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all,
+                                     sequences, jit_compile=self.jit_compile)
+            time_axis = 0
         if not sequences:
             final = cell.pack_state(final_states)
             last_output = final.z
@@ -676,6 +704,12 @@ class SpikingRNN(keras.layers.RNN):
             last_output = tf.cast(last_output, compute_dtype)
             return last_output, last_output[:, None], final_states
         outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)      # (T, B, out)
+        if time_axis == 1:                                                  # (B, T, out)
+            outputs = tf.cast(outputs, compute_dtype)
+            last_output = outputs[:, -1]
+            if not self.return_sequences:
+                outputs = last_output[:, None]
+            return last_output, outputs, final_states
         if mask is not None:
             outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)
         outputs = tf.cast(outputs, compute_dtype)

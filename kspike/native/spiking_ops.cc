@@ -14,18 +14,28 @@
 // - z_{t-1} W_rec is summed over the rows of W_rec of the neurons that spiked (z is 0/1 and
 //   sparse, so this costs B * spikes * n instead of B * n * n);
 // - dW_rec = sum_t z_{t-1}^T dI_t is accumulated the same way inside the backward loop;
-// - the only dense per-step product, dI_t W_rec^T, is an Eigen GEMM;
+// - the only dense per-step product, dI_t W_rec^T, is a register-blocked AVX-512 kernel over a
+//   W_rec^T packed once per call (Eigen's GEMM where AVX-512 is missing);
 // - the batch is split into one shard per intra-op thread, each running the whole recurrence
-//   for its rows (rows are independent), so the threads never wait on each other per step.
+//   for its rows (rows are independent), so the threads never wait on each other per step;
+// - sequences are batch-major (B, T, n), the layout of Keras' inputs and outputs, so no
+//   transposes are needed around the loops.
 
 #define EIGEN_USE_THREADS
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <string>
 #include <vector>
 
 #include "Eigen/Core"
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -43,6 +53,7 @@ using tensorflow::errors::InvalidArgument;
 using tensorflow::shape_inference::InferenceContext;
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using StridedRows = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
 // ------------------------------------------------------------------ surrogate pseudo-derivatives
 // psi(x) of kspike/surrogates.py, written with the same float32 operations in the same order.
@@ -153,7 +164,44 @@ static void ReadNeuronAttrs(OpKernelConstruction* ctx, NeuronAttrs* a) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("has_bias", &a->has_bias));
 }
 
+// Large outputs are fresh memory: every 4 KiB page faults on first touch, which costs more than
+// the arithmetic of the loops. Asking for transparent huge pages (where the kernel offers them
+// on request) makes that one fault per 2 MiB.
+static void AdviseHugePages(Tensor* tensor) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = tensor->TotalBytes();
+  if (bytes < (int64_t{8} << 20)) return;
+  const uintptr_t huge = uintptr_t{2} << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor->data());
+  const uintptr_t first = (begin + huge - 1) & ~(huge - 1);
+  const uintptr_t last = (begin + bytes) & ~(huge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)tensor;
+#endif
+}
+
 // Runs fn(first_row, last_row, shard) over shards of the batch, one per intra-op thread.
+// Denormals flushed to zero while a shard runs, as TensorFlow's own CPU kernels do: a gradient
+// that decays through many steps would otherwise slow every product by microcode assists.
+class FlushDenormals {
+ public:
+  FlushDenormals() {
+#if defined(__SSE__)
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040);   // FTZ | DAZ
+#endif
+  }
+  ~FlushDenormals() {
+#if defined(__SSE__)
+    _mm_setcsr(saved_);
+#endif
+  }
+
+ private:
+  unsigned saved_ = 0;
+};
+
 template <typename Fn>
 static void ForEachShard(OpKernelContext* ctx, int64_t batch, int64_t min_rows, Fn fn) {
   auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
@@ -162,77 +210,242 @@ static void ForEachShard(OpKernelContext* ctx, int64_t batch, int64_t min_rows, 
   const int64_t per = (batch + shards - 1) / std::max<int64_t>(1, shards);
   shards = per > 0 ? (batch + per - 1) / per : 1;
   if (shards <= 1) {
+    FlushDenormals flush;
     fn(0, batch, 0);
     return;
   }
   // A cost far above the sharding threshold makes every unit its own block.
   workers->ParallelFor(shards, /*cost_per_unit=*/int64_t{1} << 40,
                        [&](int64_t begin, int64_t end) {
+                         FlushDenormals flush;
                          for (int64_t s = begin; s < end; ++s) {
                            fn(s * per, std::min(batch, (s + 1) * per), s);
                          }
                        });
 }
 
-// ------------------------------------------------------------------ forward
-// One neuron_step of `rows` x n neurons (kspike/dynamics.py), templated so the loop has no
-// branches and vectorises.
-template <bool ADAPTIVE, bool REFRACTORY>
-static void ForwardNeuronsT(const NeuronAttrs& a, int64_t rows, int64_t n,
-                            const float* __restrict current, const float* __restrict beta,
-                            const float* __restrict z_prev, float* __restrict v,
-                            float* __restrict b, float* __restrict r, float* __restrict v_store,
-                            float* __restrict a_store, uint8_t* __restrict allowed_store,
-                            float* __restrict z_new) {
-  const float n_refractory = static_cast<float>(a.n_refractory);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t e = i * n + k;
-      const float zp = z_prev[e];
-      float A = a.thr;
-      if (ADAPTIVE) {
-        b[e] = a.rho * b[e] + a.one_minus_rho * zp;
-        A = a.thr + beta[k] * b[e];
-        a_store[e] = A;
+// ------------------------------------------------------------------ spike-sparse helpers
+// Indices and values of the nonzero entries of z[0..m) (0/1 spikes, sparse inputs, or any
+// initial state); returns their count.
+static inline int64_t Nonzeros(const float* __restrict z, int64_t m, int32_t* __restrict index,
+                               float* __restrict value) {
+  int64_t count = 0;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
+  for (; j + 16 <= m; j += 16) {
+    unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(z + j), zero, _CMP_NEQ_UQ);
+    while (mask) {
+      const int bit = __builtin_ctz(mask);
+      index[count] = static_cast<int32_t>(j + bit);
+      value[count++] = z[j + bit];
+      mask &= mask - 1;
+    }
+  }
+#endif
+  for (; j < m; ++j) {
+    if (z[j] != 0.0f) {
+      index[count] = static_cast<int32_t>(j);
+      value[count++] = z[j];
+    }
+  }
+  return count;
+}
+
+// out[0..n) = sum_c value[c] * M[index[c]][0..n) (M row-major with n columns): the product of
+// a sparse row vector with M, summed in registers 64 columns at a time.
+static void GatherRows(const int32_t* __restrict index, const float* __restrict value,
+                       int64_t count, const float* __restrict M, int64_t n,
+                       float* __restrict out) {
+  constexpr int64_t kChunk = 64;
+  int64_t k0 = 0;
+  for (; k0 + kChunk <= n; k0 += kChunk) {
+    float acc[kChunk] = {};
+    for (int64_t c = 0; c < count; ++c) {
+      const float* row = M + index[c] * n + k0;
+      const float zc = value[c];
+      if (zc == 1.0f) {
+        for (int64_t k = 0; k < kChunk; ++k) acc[k] += row[k];
+      } else {
+        for (int64_t k = 0; k < kChunk; ++k) acc[k] += zc * row[k];
       }
-      const float ve = (a.alpha * v[e] + a.one_minus_alpha * current[e]) - A * zp;
-      v[e] = ve;
-      v_store[e] = ve;
-      float z = ((ve - A) / A) > 0.0f ? 1.0f : 0.0f;
-      if (REFRACTORY) {
-        const float re = r[e];
-        const bool may_spike = re == 0.0f;
-        allowed_store[e] = may_spike ? 1 : 0;
-        z = may_spike ? z : 0.0f;
-        r[e] = z > 0.5f ? n_refractory : std::max(re - 1.0f, 0.0f);
-      }
-      z_new[e] = z;
+    }
+    for (int64_t k = 0; k < kChunk; ++k) out[k0 + k] = acc[k];
+  }
+  for (int64_t k = k0; k < n; ++k) {
+    float acc = 0.0f;
+    for (int64_t c = 0; c < count; ++c) acc += value[c] * M[index[c] * n + k];
+    out[k] = acc;
+  }
+}
+
+// M[index[c]][0..n) += value[c] * g[0..n) for every c: the outer product of a sparse column
+// vector with g, added to M.
+static void ScatterRows(const int32_t* __restrict index, const float* __restrict value,
+                        int64_t count, const float* __restrict g, float* __restrict M,
+                        int64_t n) {
+  for (int64_t c = 0; c < count; ++c) {
+    float* __restrict row = M + index[c] * n;
+    const float zc = value[c];
+    if (zc == 1.0f) {
+      for (int64_t k = 0; k < n; ++k) row[k] += g[k];
+    } else {
+      for (int64_t k = 0; k < n; ++k) row[k] += zc * g[k];
     }
   }
 }
 
-static void ForwardNeurons(const NeuronAttrs& a, int64_t rows, int64_t n, const float* current,
-                           const float* beta, const float* z_prev, float* v, float* b, float* r,
-                           float* v_store, float* a_store, uint8_t* allowed_store,
-                           float* z_new) {
-  const bool refractory = a.n_refractory > 0;
-  if (a.adaptive && refractory) {
-    ForwardNeuronsT<true, true>(a, rows, n, current, beta, z_prev, v, b, r, v_store, a_store,
-                                allowed_store, z_new);
-  } else if (a.adaptive) {
-    ForwardNeuronsT<true, false>(a, rows, n, current, beta, z_prev, v, b, r, v_store, a_store,
-                                 allowed_store, z_new);
-  } else if (refractory) {
-    ForwardNeuronsT<false, true>(a, rows, n, current, beta, z_prev, v, b, r, v_store, a_store,
-                                 allowed_store, z_new);
-  } else {
-    ForwardNeuronsT<false, false>(a, rows, n, current, beta, z_prev, v, b, r, v_store, a_store,
-                                  allowed_store, z_new);
+// Prefetches the `bytes` bytes at p into the cache (rows of one step of a batch-major sequence
+// are 4n bytes apart from the next step's, so the hardware prefetcher misses them).
+static inline void Prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+static inline void PrefetchForWrite(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 3);
+}
+
+// ------------------------------------------------------------------ small dense products
+// out (rows x N, row stride out_stride) = A (rows x K, row stride a_stride) x B (K x N,
+// row-major). Used per step for dI_t W_rec^T (B = W_rec^T, packed once per call) and for
+// x_t W_in with dense inputs.
+#if defined(__AVX512F__)
+// One MR x 32 tile of out; FULL: all 32 columns exist (plain loads), else the masks say which.
+template <int MR, bool FULL>
+static inline void GemmTile(const float* __restrict a, int64_t a_stride,
+                            const float* __restrict b, int64_t K, int64_t N, int64_t j0,
+                            __mmask16 mask0, __mmask16 mask1, float* __restrict out,
+                            int64_t out_stride) {
+  __m512 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) {
+    acc0[r] = _mm512_setzero_ps();
+    acc1[r] = _mm512_setzero_ps();
+  }
+  const float* w = b + j0;
+  for (int64_t k = 0; k < K; ++k, w += N) {
+    const __m512 w0 = FULL ? _mm512_loadu_ps(w) : _mm512_maskz_loadu_ps(mask0, w);
+    const __m512 w1 = FULL ? _mm512_loadu_ps(w + 16) : _mm512_maskz_loadu_ps(mask1, w + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ak = _mm512_set1_ps(a[r * a_stride + k]);
+      acc0[r] = _mm512_fmadd_ps(ak, w0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(ak, w1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (FULL) {
+      _mm512_storeu_ps(out + r * out_stride + j0, acc0[r]);
+      _mm512_storeu_ps(out + r * out_stride + j0 + 16, acc1[r]);
+    } else {
+      _mm512_mask_storeu_ps(out + r * out_stride + j0, mask0, acc0[r]);
+      _mm512_mask_storeu_ps(out + r * out_stride + j0 + 16, mask1, acc1[r]);
+    }
   }
 }
 
+template <int MR>
+static void GemmRows(const float* a, int64_t a_stride, const float* b, int64_t K, int64_t N,
+                     float* out, int64_t out_stride) {
+  int64_t j0 = 0;
+  for (; j0 + 32 <= N; j0 += 32) {
+    GemmTile<MR, true>(a, a_stride, b, K, N, j0, 0xFFFF, 0xFFFF, out, out_stride);
+  }
+  if (j0 < N) {
+    const int64_t left = N - j0;
+    const __mmask16 mask0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 mask1 = left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
+    GemmTile<MR, false>(a, a_stride, b, K, N, j0, mask0, mask1, out, out_stride);
+  }
+}
+#endif
+
+static void Gemm(const float* a, int64_t a_stride, int64_t rows, const float* b, int64_t K,
+                 int64_t N, float* out, int64_t out_stride) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) {
+    GemmRows<8>(a + i * a_stride, a_stride, b, K, N, out + i * out_stride, out_stride);
+  }
+  const float* ai = a + i * a_stride;
+  float* oi = out + i * out_stride;
+  switch (rows - i) {
+    case 7: GemmRows<7>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 6: GemmRows<6>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 5: GemmRows<5>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 4: GemmRows<4>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 3: GemmRows<3>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 2: GemmRows<2>(ai, a_stride, b, K, N, oi, out_stride); break;
+    case 1: GemmRows<1>(ai, a_stride, b, K, N, oi, out_stride); break;
+    default: break;
+  }
+#else
+  Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>> a_m(a, rows, K,
+                                                           Eigen::OuterStride<>(a_stride));
+  Eigen::Map<const RowMatrix> b_m(b, K, N);
+  Eigen::Map<RowMatrix, 0, Eigen::OuterStride<>> out_m(out, rows, N,
+                                                       Eigen::OuterStride<>(out_stride));
+  out_m.noalias() = a_m * b_m;
+#endif
+}
+
+// Inputs at or below this fraction of nonzeros are projected (x_t W_in) and differentiated
+// (dW_in) by adding the rows of the active inputs; denser inputs use dense products.
+constexpr double kSparseInputDensity = 0.25;
+
+static double Density(const float* x, int64_t count) {
+  int64_t nonzero = 0;
+  for (int64_t e = 0; e < count; ++e) nonzero += x[e] != 0.0f;
+  return count > 0 ? static_cast<double>(nonzero) / static_cast<double>(count) : 0.0;
+}
+
+// ------------------------------------------------------------------ forward
+// One neuron_step of n neurons of one batch row (kspike/dynamics.py), templated so the loop
+// has no branches and vectorises.
+template <bool ADAPTIVE, bool REFRACTORY>
+static void ForwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __restrict current,
+                            const float* __restrict beta, const float* __restrict z_prev,
+                            float* __restrict v, float* __restrict b, float* __restrict r,
+                            float* __restrict v_store, float* __restrict a_store,
+                            uint8_t* __restrict allowed_store, float* __restrict z_new) {
+  const float n_refractory = static_cast<float>(a.n_refractory);
+  for (int64_t k = 0; k < n; ++k) {
+    const float zp = z_prev[k];
+    float A = a.thr;
+    if (ADAPTIVE) {
+      b[k] = a.rho * b[k] + a.one_minus_rho * zp;
+      A = a.thr + beta[k] * b[k];
+      a_store[k] = A;
+    }
+    const float ve = (a.alpha * v[k] + a.one_minus_alpha * current[k]) - A * zp;
+    v[k] = ve;
+    v_store[k] = ve;
+    float z = ((ve - A) / A) > 0.0f ? 1.0f : 0.0f;
+    if (REFRACTORY) {
+      const float re = r[k];
+      const bool may_spike = re == 0.0f;
+      allowed_store[k] = may_spike ? 1 : 0;
+      z = may_spike ? z : 0.0f;
+      r[k] = z > 0.5f ? n_refractory : std::max(re - 1.0f, 0.0f);
+    }
+    z_new[k] = z;
+  }
+}
+
+using ForwardFn = void (*)(const NeuronAttrs&, int64_t, const float*, const float*,
+                           const float*, float*, float*, float*, float*, float*, uint8_t*,
+                           float*);
+
+static ForwardFn SelectForward(const NeuronAttrs& a) {
+  const bool refractory = a.n_refractory > 0;
+  if (a.adaptive) return refractory ? ForwardNeuronsT<true, true> : ForwardNeuronsT<true, false>;
+  return refractory ? ForwardNeuronsT<false, true> : ForwardNeuronsT<false, false>;
+}
+
 REGISTER_OP("KspikeSpikingForward")
-    .Input("projected: float")    // (T, B, n): x_t W_in for every step
+    .Input("x: float")            // (B, T, n_in) inputs
+    .Input("w_in: float")         // (n_in, n)
     .Input("w_rec: float")        // (n, n), or (0, 0) without recurrence
     .Input("bias: float")         // (n,), or (0,)
     .Input("beta: float")         // (n,) adaptation strength per neuron, or (0,) for LIF
@@ -249,30 +462,30 @@ REGISTER_OP("KspikeSpikingForward")
     .Attr("adaptive: bool")
     .Attr("recurrent: bool")
     .Attr("has_bias: bool")
-    .Output("z: float")           // (T + 1, B, n): z_0 .. z_T
-    .Output("v: float")           // (T, B, n): v_1 .. v_T
-    .Output("threshold: float")   // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
-    .Output("allowed: uint8")     // (T, B, n): 1 where the neuron could spike, (0, B, n) without
-                                  // a refractory period
-    .Output("v_final: float")
-    .Output("b_final: float")
-    .Output("r_final: float")
+    .Output("z: float")           // (B, T, n): z_1 .. z_T
+    .Output("v: float")           // (B, T, n): v_1 .. v_T
+    .Output("threshold: float")   // (B, T, n): A_1 .. A_T, (B, 0, n) for LIF
+    .Output("allowed: uint8")     // (B, T, n): 1 where the neuron could spike, (B, 0, n)
+                                  // without a refractory period
+    .Output("v_final: float")     // (B, n)
+    .Output("b_final: float")     // (B, n) or (0, n)
+    .Output("z_final: float")     // (B, n)
+    .Output("r_final: float")     // (B, n)
     .SetShapeFn([](InferenceContext* c) {
-      auto projected = c->input(0);
-      auto steps = c->Dim(projected, 0), batch = c->Dim(projected, 1), n = c->Dim(projected, 2);
-      tensorflow::shape_inference::DimensionHandle steps_plus_one;
-      TF_RETURN_IF_ERROR(c->Add(steps, 1, &steps_plus_one));
+      auto x = c->input(0);
+      auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(1), 1);
       bool adaptive;
       int n_refractory;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("n_refractory", &n_refractory));
-      c->set_output(0, c->MakeShape({steps_plus_one, batch, n}));
-      c->set_output(1, c->MakeShape({steps, batch, n}));
-      c->set_output(2, c->MakeShape({adaptive ? steps : c->MakeDim(0), batch, n}));
-      c->set_output(3, c->MakeShape({n_refractory > 0 ? steps : c->MakeDim(0), batch, n}));
+      c->set_output(0, c->MakeShape({batch, steps, n}));
+      c->set_output(1, c->MakeShape({batch, steps, n}));
+      c->set_output(2, c->MakeShape({batch, adaptive ? steps : c->MakeDim(0), n}));
+      c->set_output(3, c->MakeShape({batch, n_refractory > 0 ? steps : c->MakeDim(0), n}));
       c->set_output(4, c->MakeShape({batch, n}));
       c->set_output(5, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(6, c->MakeShape({batch, n}));
+      c->set_output(7, c->MakeShape({batch, n}));
       return tensorflow::OkStatus();
     });
 
@@ -283,12 +496,16 @@ class SpikingForwardOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& projected = ctx->input(0);
-    const Tensor& w_rec = ctx->input(1);
-    const Tensor& bias = ctx->input(2);
-    const Tensor& beta = ctx->input(3);
-    OP_REQUIRES(ctx, projected.dims() == 3, InvalidArgument("projected must be (T, B, n)"));
-    const int64_t T = projected.dim_size(0), B = projected.dim_size(1), n = projected.dim_size(2);
+    const Tensor& x = ctx->input(0);
+    const Tensor& w_in = ctx->input(1);
+    const Tensor& w_rec = ctx->input(2);
+    const Tensor& bias = ctx->input(3);
+    const Tensor& beta = ctx->input(4);
+    OP_REQUIRES(ctx, x.dims() == 3, InvalidArgument("x must be (B, T, n_in)"));
+    const int64_t B = x.dim_size(0), T = x.dim_size(1), n_in = x.dim_size(2);
+    OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
+                InvalidArgument("w_in must be (n_in, n)"));
+    const int64_t n = w_in.dim_size(1);
     if (a_.recurrent) {
       OP_REQUIRES(ctx, w_rec.dims() == 2 && w_rec.dim_size(0) == n && w_rec.dim_size(1) == n,
                   InvalidArgument("w_rec must be (n, n)"));
@@ -299,88 +516,101 @@ class SpikingForwardOp : public OpKernel {
     if (a_.adaptive) {
       OP_REQUIRES(ctx, beta.NumElements() == n, InvalidArgument("beta must be (n,)"));
     }
-    for (int i = 4; i < 8; ++i) {
-      if (i == 5 && !a_.adaptive) continue;
+    for (int i = 5; i < 9; ++i) {
+      if (i == 6 && !a_.adaptive) continue;
       OP_REQUIRES(ctx, ctx->input(i).dims() == 2 && ctx->input(i).dim_size(0) == B &&
                            ctx->input(i).dim_size(1) == n,
                   InvalidArgument("states must be (B, n)"));
     }
     const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *v_final, *b_final, *r_final;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T + 1, B, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? T : 0, B, n}),
+    Tensor *z_out, *v_out, *a_out, *allowed_out, *v_final, *b_final, *z_final, *r_final;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &z_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, T, n}), &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({B, a_.adaptive ? T : 0, n}),
                                              &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({refractory ? T : 0, B, n}),
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, refractory ? T : 0, n}),
                                              &allowed_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({B, n}), &v_final));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({a_.adaptive ? B : 0, n}),
                                              &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, n}), &r_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, n}), &z_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &r_final));
+    for (Tensor* sequence : {z_out, v_out, a_out, allowed_out}) AdviseHugePages(sequence);
 
-    const float* P = projected.flat<float>().data();
+    const float* X = x.flat<float>().data();
+    const float* W_in = w_in.flat<float>().data();
     const float* W = a_.recurrent ? w_rec.flat<float>().data() : nullptr;
     const float* bias_p = a_.has_bias ? bias.flat<float>().data() : nullptr;
     const float* beta_p = a_.adaptive ? beta.flat<float>().data() : nullptr;
-    const float* v0 = ctx->input(4).flat<float>().data();
-    const float* b0 = a_.adaptive ? ctx->input(5).flat<float>().data() : nullptr;
-    const float* z0 = ctx->input(6).flat<float>().data();
-    const float* r0 = ctx->input(7).flat<float>().data();
+    const float* v0 = ctx->input(5).flat<float>().data();
+    const float* b0 = a_.adaptive ? ctx->input(6).flat<float>().data() : nullptr;
+    const float* z0 = ctx->input(7).flat<float>().data();
+    const float* r0 = ctx->input(8).flat<float>().data();
+    const bool sparse_inputs = Density(X, B * T * n_in) <= kSparseInputDensity;
     float* Z = z_out->flat<float>().data();
     float* V = v_out->flat<float>().data();
     float* Aseq = a_.adaptive ? a_out->flat<float>().data() : nullptr;
     uint8_t* allowed = refractory ? allowed_out->flat<uint8_t>().data() : nullptr;
     float* vf = v_final->flat<float>().data();
     float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
+    float* zf = z_final->flat<float>().data();
     float* rf = r_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const int64_t Bn = B * n;
+    const ForwardFn step = SelectForward(a);
 
-    std::copy(z0, z0 + Bn, Z);
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
       std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
       std::vector<float> b;
       if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
-      std::vector<float> current(rows * n);
+      std::vector<float> current(n), projected(rows * n);
+      std::vector<int32_t> index(std::max(n, n_in));
+      std::vector<float> value(std::max(n, n_in));
       for (int64_t t = 0; t < T; ++t) {
-        const float* z_prev = Z + t * Bn + first * n;
-        float* z_new = Z + (t + 1) * Bn + first * n;
-        const float* proj = P + t * Bn + first * n;
+        if (!sparse_inputs) {
+          // x_t W_in for the shard's rows as one small product.
+          Gemm(X + (first * T + t) * n_in, T * n_in, rows, W_in, n_in, n, projected.data(), n);
+        }
         for (int64_t i = 0; i < rows; ++i) {
-          float* cur = current.data() + i * n;
-          const float* zp = z_prev + i * n;
+          const int64_t row = first + i;
+          const int64_t at = (row * T + t) * n;         // element (row, t, 0)
+          const float* x_t = X + (row * T + t) * n_in;
+          float* proj = projected.data() + i * n;
+          if (sparse_inputs) {
+            const int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
+            GatherRows(index.data(), value.data(), count, W_in, n, proj);
+          }
+          if (t + 1 < T) {
+            const int64_t after = at + n, bytes = n * sizeof(float);
+            Prefetch(x_t + n_in, n_in * sizeof(float));
+            PrefetchForWrite(Z + after, bytes);
+            PrefetchForWrite(V + after, bytes);
+            if (a.adaptive) PrefetchForWrite(Aseq + after, bytes);
+          }
+          const float* z_prev = t == 0 ? z0 + row * n : Z + at - n;
+          float* cur = current.data();
           if (W != nullptr) {
-            std::fill(cur, cur + n, 0.0f);
-            for (int64_t j = 0; j < n; ++j) {
-              const float zj = zp[j];
-              if (zj == 0.0f) continue;
-              const float* wj = W + j * n;
-              if (zj == 1.0f) {
-                for (int64_t k = 0; k < n; ++k) cur[k] += wj[k];
-              } else {
-                for (int64_t k = 0; k < n; ++k) cur[k] += zj * wj[k];
-              }
-            }
-            const float* pr = proj + i * n;
-            for (int64_t k = 0; k < n; ++k) cur[k] = pr[k] + cur[k];
+            const int64_t count = Nonzeros(z_prev, n, index.data(), value.data());
+            GatherRows(index.data(), value.data(), count, W, n, cur);
+            for (int64_t k = 0; k < n; ++k) cur[k] = proj[k] + cur[k];
           } else {
-            std::copy(proj + i * n, proj + (i + 1) * n, cur);
+            std::copy(proj, proj + n, cur);
           }
           if (bias_p != nullptr) {
             for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
           }
+          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
+               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, V + at,
+               a.adaptive ? Aseq + at : nullptr, refractory ? allowed + at : nullptr, Z + at);
         }
-        float* v_store = V + t * Bn + first * n;
-        float* a_store = a.adaptive ? Aseq + t * Bn + first * n : nullptr;
-        uint8_t* allowed_store = refractory ? allowed + t * Bn + first * n : nullptr;
-        ForwardNeurons(a, rows, n, current.data(), beta_p, z_prev, v.data(),
-                       a.adaptive ? b.data() : nullptr, r.data(), v_store, a_store,
-                       allowed_store, z_new);
       }
       std::copy(v.begin(), v.end(), vf + first * n);
       std::copy(r.begin(), r.end(), rf + first * n);
       if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
+      for (int64_t row = first; row < last; ++row) {
+        const float* z_last = T == 0 ? z0 + row * n : Z + (row * T + T - 1) * n;
+        std::copy(z_last, z_last + n, zf + row * n);
+      }
     });
   }
 
@@ -391,64 +621,56 @@ class SpikingForwardOp : public OpKernel {
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), SpikingForwardOp);
 
 // ------------------------------------------------------------------ backward
-// neuron_step_vjp of `rows` x n neurons (kspike/dynamics.py), given psi_t (0 where refractory)
-// and dL/dz_t, dL/dv_t (outputs already added), dL/db_t. Writes dL/dI_t and the gradients
-// with respect to the previous state (v, b in place; z without the recurrent product).
+// neuron_step_vjp of n neurons of one batch row (kspike/dynamics.py), given psi_t (0 where
+// refractory) and dL/dz_t, dL/dv_t (outputs already added), dL/db_t. Writes dL/dI_t and the
+// gradients with respect to the previous state (v, b in place; z without the recurrent
+// product).
 template <bool ADAPTIVE, bool HAS_GA>
-static void BackwardNeuronsT(const NeuronAttrs& a, int64_t rows, int64_t n,
-                             const float* __restrict psi, const float* __restrict v,
-                             const float* __restrict A_seq, const float* __restrict z_prev,
-                             const float* __restrict beta, const float* __restrict grad_a_out,
-                             const float* __restrict gz, float* __restrict gv,
-                             float* __restrict gb, float* __restrict grad_current,
-                             float* __restrict gz_prev) {
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t k = 0; k < n; ++k) {
-      const int64_t e = i * n + k;
-      const float A = ADAPTIVE ? A_seq[e] : a.thr;
-      const float gxa = gz[e] * psi[e] / A;
-      const float gvt = gv[e] + gxa;
-      grad_current[e] = a.one_minus_alpha * gvt;
-      gv[e] = a.alpha * gvt;
-      if (ADAPTIVE) {
-        float mga = gxa * (v[e] / A) + gvt * z_prev[e];
-        if (HAS_GA) mga = mga - grad_a_out[e];
-        const float gbt = gb[e] - beta[k] * mga;
-        gb[e] = a.rho * gbt;
-        gz_prev[e] = a.one_minus_rho * gbt - A * gvt;
-      } else {
-        gz_prev[e] = -A * gvt;
-      }
+static void BackwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __restrict psi,
+                             const float* __restrict v, const float* __restrict A_seq,
+                             const float* __restrict z_prev, const float* __restrict beta,
+                             const float* __restrict grad_a_out, const float* __restrict gz,
+                             float* __restrict gv, float* __restrict gb,
+                             float* __restrict grad_current, float* __restrict gz_prev) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float A = ADAPTIVE ? A_seq[k] : a.thr;
+    const float gxa = gz[k] * psi[k] / A;
+    const float gvt = gv[k] + gxa;
+    grad_current[k] = a.one_minus_alpha * gvt;
+    gv[k] = a.alpha * gvt;
+    if (ADAPTIVE) {
+      float mga = gxa * (v[k] / A) + gvt * z_prev[k];
+      if (HAS_GA) mga = mga - grad_a_out[k];
+      const float gbt = gb[k] - beta[k] * mga;
+      gb[k] = a.rho * gbt;
+      gz_prev[k] = a.one_minus_rho * gbt - A * gvt;
+    } else {
+      gz_prev[k] = -A * gvt;
     }
   }
 }
 
-static void BackwardNeurons(const NeuronAttrs& a, int64_t rows, int64_t n, const float* psi,
-                            const float* v, const float* A_seq, const float* z_prev,
-                            const float* beta, const float* grad_a_out, const float* gz,
-                            float* gv, float* gb, float* grad_current, float* gz_prev) {
-  if (a.adaptive && grad_a_out != nullptr) {
-    BackwardNeuronsT<true, true>(a, rows, n, psi, v, A_seq, z_prev, beta, grad_a_out, gz, gv,
-                                 gb, grad_current, gz_prev);
-  } else if (a.adaptive) {
-    BackwardNeuronsT<true, false>(a, rows, n, psi, v, A_seq, z_prev, beta, grad_a_out, gz, gv,
-                                  gb, grad_current, gz_prev);
-  } else {
-    BackwardNeuronsT<false, false>(a, rows, n, psi, v, A_seq, z_prev, beta, grad_a_out, gz,
-                                   gv, gb, grad_current, gz_prev);
-  }
+using BackwardFn = void (*)(const NeuronAttrs&, int64_t, const float*, const float*,
+                            const float*, const float*, const float*, const float*,
+                            const float*, float*, float*, float*, float*);
+
+static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
+  if (!a.adaptive) return BackwardNeuronsT<false, false>;
+  return has_ga ? BackwardNeuronsT<true, true> : BackwardNeuronsT<true, false>;
 }
 
 REGISTER_OP("KspikeSpikingBackward")
-    .Input("z: float")            // (T + 1, B, n) from the forward op
-    .Input("v: float")            // (T, B, n)
-    .Input("threshold: float")    // (T, B, n) or (0, B, n) for LIF
-    .Input("allowed: uint8")      // (T, B, n) or (0, B, n) without refractoriness
+    .Input("z: float")            // (B, T, n) spikes from the forward op
+    .Input("z0: float")           // (B, n) initial z state
+    .Input("x: float")            // (B, T, n_in) inputs (for dW_in)
+    .Input("v: float")            // (B, T, n)
+    .Input("threshold: float")    // (B, T, n) or (B, 0, n) for LIF
+    .Input("allowed: uint8")      // (B, T, n) or (B, 0, n) without refractoriness
     .Input("w_rec: float")        // (n, n) or (0, 0)
     .Input("beta: float")         // (n,) or (0,)
-    .Input("grad_z_out: float")   // (T, B, n) dL/dz_t of the outputs, or (0, B, n)
-    .Input("grad_v_out: float")   // (T, B, n) dL/dv_t of the outputs, or (0, B, n)
-    .Input("grad_a_out: float")   // (T, B, n) dL/dA_t of the outputs, or (0, B, n)
+    .Input("grad_z_out: float")   // (B, T, n) dL/dz_t of the outputs, or (B, 0, n)
+    .Input("grad_v_out: float")   // (B, T, n) dL/dv_t of the outputs, or (B, 0, n)
+    .Input("grad_a_out: float")   // (B, T, n) dL/dA_t of the outputs, or (B, 0, n)
     .Input("grad_v_final: float") // (B, n)
     .Input("grad_b_final: float") // (B, n) or (0, n)
     .Input("grad_z_final: float") // (B, n)
@@ -466,22 +688,24 @@ REGISTER_OP("KspikeSpikingBackward")
     .Attr("sharpness: float")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
-    .Output("grad_current: float")   // (T, B, n) dL/dI_t
+    .Output("grad_current: float")   // (B, T, n) dL/dI_t
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
     .Output("grad_z0: float")        // (B, n)
     .Output("grad_w_rec: float")     // (n, n) or (0, 0)
+    .Output("grad_w_in: float")      // (n_in, n)
     .SetShapeFn([](InferenceContext* c) {
-      auto v = c->input(1);
-      auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
+      auto v = c->input(3);
+      auto batch = c->Dim(v, 0), steps = c->Dim(v, 1), n = c->Dim(v, 2);
       bool adaptive, recurrent;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
-      c->set_output(0, c->MakeShape({steps, batch, n}));
+      c->set_output(0, c->MakeShape({batch, steps, n}));
       c->set_output(1, c->MakeShape({batch, n}));
       c->set_output(2, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(3, c->MakeShape({batch, n}));
       c->set_output(4, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
+      c->set_output(5, c->MakeShape({c->Dim(c->input(2), 2), n}));
       return tensorflow::OkStatus();
     });
 
@@ -512,112 +736,153 @@ class SpikingBackwardOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& z_seq = ctx->input(0);
-    const Tensor& v_seq = ctx->input(1);
-    const int64_t T = v_seq.dim_size(0), B = v_seq.dim_size(1), n = v_seq.dim_size(2);
+    const Tensor& x = ctx->input(2);
+    const Tensor& v_seq = ctx->input(3);
+    OP_REQUIRES(ctx, v_seq.dims() == 3, InvalidArgument("v must be (B, T, n)"));
+    const int64_t B = v_seq.dim_size(0), T = v_seq.dim_size(1), n = v_seq.dim_size(2);
+    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(0) == B && x.dim_size(1) == T,
+                InvalidArgument("x must be (B, T, n_in)"));
+    const int64_t n_in = x.dim_size(2);
     const bool refractory = a_.n_refractory > 0;
-    OP_REQUIRES(ctx, z_seq.dim_size(0) == T + 1, InvalidArgument("z must be (T + 1, B, n)"));
-    const bool has_gz = ctx->input(6).dim_size(0) == T && T > 0;
-    const bool has_gv = ctx->input(7).dim_size(0) == T && T > 0;
-    const bool has_ga = a_.adaptive && ctx->input(8).dim_size(0) == T && T > 0;
-    Tensor *g_current, *gv0_t, *gb0_t, *gz0_t, *gw_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, B, n}), &g_current));
+    OP_REQUIRES(ctx, z_seq.shape() == v_seq.shape(), InvalidArgument("z must be (B, T, n)"));
+    const bool has_gz = T > 0 && ctx->input(8).dim_size(1) == T;
+    const bool has_gv = T > 0 && ctx->input(9).dim_size(1) == T;
+    const bool has_ga = a_.adaptive && T > 0 && ctx->input(10).dim_size(1) == T;
+    Tensor *g_current, *gv0_t, *gb0_t, *gz0_t, *gw_t, *gw_in_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &g_current));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, n}), &gv0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, n}), &gz0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             4, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({n_in, n}), &gw_in_t));
+    AdviseHugePages(g_current);
 
     const float* Z = z_seq.flat<float>().data();
+    const float* z0 = ctx->input(1).flat<float>().data();
+    const float* X = x.flat<float>().data();
     const float* V = v_seq.flat<float>().data();
-    const float* Aseq = a_.adaptive ? ctx->input(2).flat<float>().data() : nullptr;
-    const uint8_t* allowed = refractory ? ctx->input(3).flat<uint8_t>().data() : nullptr;
-    const float* W = a_.recurrent ? ctx->input(4).flat<float>().data() : nullptr;
-    const float* beta_p = a_.adaptive ? ctx->input(5).flat<float>().data() : nullptr;
-    const float* GZ = has_gz ? ctx->input(6).flat<float>().data() : nullptr;
-    const float* GV = has_gv ? ctx->input(7).flat<float>().data() : nullptr;
-    const float* GA = has_ga ? ctx->input(8).flat<float>().data() : nullptr;
-    const float* gv_final = ctx->input(9).flat<float>().data();
-    const float* gb_final = a_.adaptive ? ctx->input(10).flat<float>().data() : nullptr;
-    const float* gz_final = ctx->input(11).flat<float>().data();
+    const float* Aseq = a_.adaptive ? ctx->input(4).flat<float>().data() : nullptr;
+    const uint8_t* allowed = refractory ? ctx->input(5).flat<uint8_t>().data() : nullptr;
+    const float* W = a_.recurrent ? ctx->input(6).flat<float>().data() : nullptr;
+    const float* beta_p = a_.adaptive ? ctx->input(7).flat<float>().data() : nullptr;
+    const float* GZ = has_gz ? ctx->input(8).flat<float>().data() : nullptr;
+    const float* GV = has_gv ? ctx->input(9).flat<float>().data() : nullptr;
+    const float* GA = has_ga ? ctx->input(10).flat<float>().data() : nullptr;
+    const float* gv_final = ctx->input(11).flat<float>().data();
+    const float* gb_final = a_.adaptive ? ctx->input(12).flat<float>().data() : nullptr;
+    const float* gz_final = ctx->input(13).flat<float>().data();
     float* GI = g_current->flat<float>().data();
     float* gv0 = gv0_t->flat<float>().data();
     float* gb0 = a_.adaptive ? gb0_t->flat<float>().data() : nullptr;
     float* gz0 = gz0_t->flat<float>().data();
+    const bool sparse_inputs = Density(X, B * T * n_in) <= kSparseInputDensity;
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
-    const int64_t Bn = B * n;
+    const BackwardFn step = SelectBackward(a, has_ga);
 
-    // One dW_rec buffer per shard, summed at the end.
+    // W_rec^T, packed once for the per-step products.
+    std::vector<float> wt;
+    if (a.recurrent) {
+      wt.resize(n * n);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t k = 0; k < n; ++k) wt[k * n + j] = W[j * n + k];
+    }
+    // One dW_rec and one dW_in buffer per shard, summed at the end.
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
+    std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t shard) {
       const int64_t rows = last - first;
       std::vector<float> gv(gv_final + first * n, gv_final + last * n);
       std::vector<float> gz(gz_final + first * n, gz_final + last * n);
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
-      std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(rows * n);
-      std::vector<float>* gw = nullptr;
+      std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(n);
+      std::vector<int32_t> index(std::max(n, n_in));
+      std::vector<float> value(std::max(n, n_in));
+      float* gw = nullptr;
       if (a.recurrent) {
-        gw = &gw_shards[shard];
-        gw->assign(n * n, 0.0f);
+        gw_shards[shard].assign(n * n, 0.0f);
+        gw = gw_shards[shard].data();
       }
+      gw_in_shards[shard].assign(n_in * n, 0.0f);
+      float* gw_in = gw_in_shards[shard].data();
+      const int64_t row_stride = T * n;
       for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t offset = t * Bn + first * n;
-        const float* vt = V + offset;
-        const float* At = a.adaptive ? Aseq + offset : nullptr;
-        const float* zp = Z + offset;   // z_{t-1} of step t
-        const uint8_t* al = refractory ? allowed + offset : nullptr;
-        float* gi = GI + offset;
-        const int64_t count = rows * n;
-        if (has_gz) {
-          const float* gzo = GZ + offset;
-          for (int64_t e = 0; e < count; ++e) gz[e] = gz[e] + gzo[e];
-        }
-        if (has_gv) {
-          const float* gvo = GV + offset;
-          for (int64_t e = 0; e < count; ++e) gv[e] = gv[e] + gvo[e];
-        }
-        if (a.adaptive) {
-          PsiDispatch<true>(sp, vt, At, a.thr, count, psi.data());
-        } else {
-          PsiDispatch<false>(sp, vt, nullptr, a.thr, count, psi.data());
-        }
-        if (refractory) {
-          for (int64_t e = 0; e < count; ++e) psi[e] = al[e] ? psi[e] : 0.0f;
-        }
-        BackwardNeurons(a, rows, n, psi.data(), vt, At, zp, beta_p,
-                        has_ga ? GA + offset : nullptr, gz.data(), gv.data(),
-                        a.adaptive ? gb.data() : nullptr, gi, gz_prev.data());
-        if (a.recurrent) {
-          // dL/dz_{t-1} += dI_t W_rec^T, and dW_rec += z_{t-1}^T dI_t over the spikes only.
-          Eigen::Map<const RowMatrix> gi_m(gi, rows, n);
-          Eigen::Map<const RowMatrix> w_m(W, n, n);
-          Eigen::Map<RowMatrix> rec_m(g_rec.data(), rows, n);
-          rec_m.noalias() = gi_m * w_m.transpose();
-          for (int64_t e = 0; e < rows * n; ++e) gz_prev[e] = gz_prev[e] + g_rec[e];
-          float* gwd = gw->data();
-          for (int64_t i = 0; i < rows; ++i) {
-            const float* zrow = zp + i * n;
-            const float* girow = gi + i * n;
-            for (int64_t j = 0; j < n; ++j) {
-              const float zj = zrow[j];
-              if (zj == 0.0f) continue;
-              float* row = gwd + j * n;
-              if (zj == 1.0f) {
-                for (int64_t k = 0; k < n; ++k) row[k] += girow[k];
-              } else {
-                for (int64_t k = 0; k < n; ++k) row[k] += zj * girow[k];
-              }
-            }
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = first + i;
+          const int64_t at = (row * T + t) * n;
+          if (t > 0) {
+            const int64_t before = at - n, bytes = n * sizeof(float);
+            Prefetch(V + before, bytes);
+            if (a.adaptive) Prefetch(Aseq + before, bytes);
+            if (refractory) Prefetch(allowed + before, n);
+            if (has_gz) Prefetch(GZ + before, bytes);
+            if (t > 1) Prefetch(Z + before - n, bytes);
+            PrefetchForWrite(GI + before, bytes);
           }
+          const float* vt = V + at;
+          const float* At = a.adaptive ? Aseq + at : nullptr;
+          const float* zp = t == 0 ? z0 + row * n : Z + at - n;   // z_{t-1} of step t
+          float* gzi = gz.data() + i * n;
+          float* gvi = gv.data() + i * n;
+          if (has_gz) {
+            const float* gzo = GZ + at;
+            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
+          }
+          if (has_gv) {
+            const float* gvo = GV + at;
+            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
+          }
+          if (a.adaptive) {
+            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
+          } else {
+            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
+          }
+          if (refractory) {
+            const uint8_t* al = allowed + at;
+            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
+          }
+          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + at : nullptr, gzi, gvi,
+               a.adaptive ? gb.data() + i * n : nullptr, GI + at, gz_prev.data() + i * n);
+          const float* gi = GI + at;
+          if (a.recurrent) {
+            // dW_rec += z_{t-1}^T dI_t, over the spikes only.
+            const int64_t count = Nonzeros(zp, n, index.data(), value.data());
+            ScatterRows(index.data(), value.data(), count, gi, gw, n);
+          }
+          if (sparse_inputs) {
+            // dW_in += x_t^T dI_t, over the active inputs only.
+            const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
+                                           value.data());
+            ScatterRows(index.data(), value.data(), count, gi, gw_in, n);
+          }
+        }
+        if (a.recurrent) {
+          // dL/dz_{t-1} += dI_t W_rec^T for the shard's rows.
+          Gemm(GI + (first * T + t) * n, row_stride, rows, wt.data(), n, n, g_rec.data(), n);
+          for (int64_t e = 0; e < rows * n; ++e) gz_prev[e] = gz_prev[e] + g_rec[e];
         }
         gz.swap(gz_prev);
       }
       std::copy(gv.begin(), gv.end(), gv0 + first * n);
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
+      if (!sparse_inputs && rows > 0 && T > 0) {
+        // dW_in = X^T dI over the shard's rows and all steps, one product.
+        Eigen::Map<const RowMatrix> x_m(X + first * T * n_in, rows * T, n_in);
+        Eigen::Map<const RowMatrix> gi_m(GI + first * T * n, rows * T, n);
+        Eigen::Map<RowMatrix> out_m(gw_in, n_in, n);
+        out_m.noalias() = x_m.transpose() * gi_m;
+      }
     });
+    float* gw_in_out = gw_in_t->flat<float>().data();
+    std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
+    for (auto& shard : gw_in_shards) {
+      if (shard.empty()) continue;
+      for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += shard[k];
+    }
     if (a.recurrent) {
       float* gw_out = gw_t->flat<float>().data();
       std::fill(gw_out, gw_out + n * n, 0.0f);
