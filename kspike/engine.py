@@ -255,23 +255,32 @@ def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=
 
 
 def _native_forward(ops, cell, params, x, w_in, w_rec, bias, initial):
-    """The forward loop as one native op (``kspike/native/spiking_ops.cc``), batch-major.
+    """The forward loop as one native op (``kspike/native/spiking_ops.cc``).
 
-    Args as ``_forward`` except ``x``: (B, T, n_in) (float32, no mask). Returns the buffers
-    "z" (B, T, n) (the spikes z_1 .. z_T), "z0" (B, n), "v", "A" (ALIF) and "allowed" (uint8,
-    with refractoriness), all (B, T, n), and the final states in Keras order.
+    Args as ``_forward`` except ``x``: (B, T, n_in), batch-major (float32, no mask). Returns
+    the buffers of the backward pass and the final states in Keras order. Buffers: "z"
+    (B, T, n), the spikes z_1 .. z_T (the layer's output); time-major "v", "A" (ALIF),
+    "allowed" (uint8, with refractoriness), each (T, B, n), and "spike_bits" (T, B, n / 64)
+    (the spikes packed for the backward pass); "z0" (B, n), "x" and "sparse_inputs" (a
+    boolean scalar: at most a quarter of the inputs are nonzero, so x_t W_in and dW_in add
+    the rows of the active inputs instead of dense products).
     """
     n = cell.units
     state = cell.pack_state(initial)
     empty = tf.zeros((0,), tf.float32)
     adaptive = cell._adaptive
     beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else empty
-    z, v, A, allowed, v_final, b_final, z_final, r_final = ops.kspike_spiking_forward(
-        x=x, w_in=w_in, w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
-        bias=bias if bias is not None else empty, beta=beta, v0=state.v,
-        b0=state.b if adaptive else tf.zeros((0, n)), z0=state.z, r0=state.r,
-        recurrent=w_rec is not None, has_bias=bias is not None, **_neuron_attrs(cell, params))
-    buffers = {"z": z, "z0": state.z, "x": x, "v": v}
+    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+    z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final = \
+        ops.kspike_spiking_forward(
+            x=x, sparse_inputs=sparse_inputs, w_in=w_in,
+            w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+            bias=bias if bias is not None else empty, beta=beta, v0=state.v,
+            b0=state.b if adaptive else tf.zeros((0, n)), z0=state.z, r0=state.r,
+            recurrent=w_rec is not None, has_bias=bias is not None,
+            **_neuron_attrs(cell, params))
+    buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
+               "spike_bits": spike_bits}
     if adaptive:
         buffers["A"] = A
     if params.n_refractory > 0:
@@ -287,33 +296,49 @@ def _native_outputs(cell, params, buffers, output_all, sequences):
         return []
     outputs = [buffers["z"]]
     if output_all:
-        v = buffers["v"]
-        A = buffers["A"] if cell._adaptive else tf.fill(tf.shape(v), tf.cast(params.thr,
-                                                                              v.dtype))
+        v = tf.transpose(buffers["v"], (1, 0, 2))
+        A = tf.transpose(buffers["A"], (1, 0, 2)) if cell._adaptive else \
+            tf.fill(tf.shape(v), tf.cast(params.thr, v.dtype))
         outputs += [v, A]
     return outputs
 
 
-def _native_backward(ops, cell, params, buffers, out_grads, g_final, w_rec):
-    """The backward recurrence as one native op, batch-major: returns (dL/dI_t (B, T, n),
-    dL/dv_0, dL/db_0 (None for LIF), dL/dz_0, dL/dW_rec (None without recurrence), dL/dW_in)."""
+def _native_backward(ops, cell, params, buffers, out_grads, g_final, w_rec, w_in):
+    """The backward recurrence as one native op.
+
+    Returns (dL/dI_t (T, B, n), dL/dx (B, T, n_in), dL/dW_in, dL/dv_0, dL/db_0 (None for
+    LIF), dL/dz_0, dL/dW_rec (None without recurrence)). ``out_grads``: dL/dz_t, dL/dv_t,
+    dL/dA_t of the (B, T, n) outputs, or Nones.
+    """
     n = cell.units
     adaptive = cell._adaptive
-    batch = tf.shape(buffers["v"])[0]
+    x = buffers["x"]
+    batch = tf.shape(x)[0]
     none_seq = tf.zeros((batch, 0, n))
     gz_out, gv_out, gA_out = [none_seq if g is None else g for g in out_grads]
     beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))
-    g_current, gv0, gb0, gz0, g_w_rec, g_w_in = ops.kspike_spiking_backward(
-        z=buffers["z"], z0=buffers["z0"], x=buffers["x"], v=buffers["v"],
-        threshold=buffers.get("A", none_seq),
-        allowed=buffers.get("allowed", tf.zeros((batch, 0, n), tf.uint8)),
+    none_tm = tf.zeros((0, batch, n))
+    g_current, gv0, gb0, gz0, g_w_rec, g_w_in_sparse = ops.kspike_spiking_backward(
+        spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x,
+        sparse_inputs=buffers["sparse_inputs"], v=buffers["v"],
+        threshold=buffers.get("A", none_tm),
+        allowed=buffers.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
         w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)), beta=beta,
         grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
         grad_b_final=g_final.b if adaptive else tf.zeros((0, n)), grad_z_final=g_final.z,
         recurrent=w_rec is not None, has_bias=False, **_neuron_attrs(cell, params),
         **_native_surrogate_attrs(params.spike_function))
-    return (g_current, gv0, gb0 if adaptive else None, gz0,
-            g_w_rec if w_rec is not None else None, g_w_in)
+    g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
+    x_time_major = tf.transpose(x, (1, 0, 2))
+    # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.
+    g_w_in = tf.cond(
+        buffers["sparse_inputs"], lambda: g_w_in_sparse,
+        lambda: tf.matmul(tf.reshape(x_time_major, (-1, x.shape[-1])), g_flat,
+                          transpose_a=True))
+    g_x = tf.transpose(tf.reshape(tf.matmul(g_flat, w_in, transpose_b=True),
+                                  tf.shape(x_time_major)), (1, 0, 2))
+    return (g_current, g_x, g_w_in, gv0, gb0 if adaptive else None, gz0,
+            g_w_rec if w_rec is not None else None)
 
 
 def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
@@ -479,10 +504,10 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             # W_rec^T once: a transposed operand makes every per-step product slower.
             w_rec_t = tf.transpose(w_rec) if has_rec and native is None else None
             gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
-            g_w_rec = g_w_in = None
+            g_w_rec = g_w_in = g_x = None
             if native is not None:
-                g_current, gv0, gb0, gz0, g_w_rec, g_w_in = _native_backward(
-                    native, cell, params, stacked, out_grads, g_final, w_rec)
+                g_current, g_x, g_w_in, gv0, gb0, gz0, g_w_rec = _native_backward(
+                    native, cell, params, stacked, out_grads, g_final, w_rec, w_in)
             elif jit_compile:
                 g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
                     *tf.nest.map_structure(_stop_gradient, (
@@ -494,13 +519,13 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
                 g_current, gv0, gb0, gz0 = backward_loop(
                     tas, out_grad_tas, mask_read, g_final.v, gb_final, g_final.z, w_rec_t,
                     steps)
-            g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
-            x_flat = tf.reshape(x, (-1, x.shape[-1]))
-            # Weight gradients as matmuls over all T steps at once.
-            if g_w_in is None:
+            if native is None:
+                g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
+                x_flat = tf.reshape(x, (-1, x.shape[-1]))
+                # Weight gradients as matmuls over all T steps at once.
                 g_w_in = tf.matmul(x_flat, g_matmul, transpose_a=True)
-            result = [tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x)),
-                      g_w_in]
+                g_x = tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x))
+            result = [g_x, g_w_in]
             if has_rec:
                 if g_w_rec is None:
                     z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))

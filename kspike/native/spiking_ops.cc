@@ -390,15 +390,6 @@ static void Gemm(const float* a, int64_t a_stride, int64_t rows, const float* b,
 #endif
 }
 
-// Inputs at or below this fraction of nonzeros are projected (x_t W_in) and differentiated
-// (dW_in) by adding the rows of the active inputs; denser inputs use dense products.
-constexpr double kSparseInputDensity = 0.25;
-
-static double Density(const float* x, int64_t count) {
-  int64_t nonzero = 0;
-  for (int64_t e = 0; e < count; ++e) nonzero += x[e] != 0.0f;
-  return count > 0 ? static_cast<double>(nonzero) / static_cast<double>(count) : 0.0;
-}
 
 // ------------------------------------------------------------------ forward
 // One neuron_step of n neurons of one batch row (kspike/dynamics.py), templated so the loop
@@ -444,15 +435,16 @@ static ForwardFn SelectForward(const NeuronAttrs& a) {
 }
 
 REGISTER_OP("KspikeSpikingForward")
-    .Input("x: float")            // (B, T, n_in) inputs
-    .Input("w_in: float")         // (n_in, n)
-    .Input("w_rec: float")        // (n, n), or (0, 0) without recurrence
-    .Input("bias: float")         // (n,), or (0,)
-    .Input("beta: float")         // (n,) adaptation strength per neuron, or (0,) for LIF
-    .Input("v0: float")           // (B, n)
-    .Input("b0: float")           // (B, n), or (0, n) for LIF
-    .Input("z0: float")           // (B, n)
-    .Input("r0: float")           // (B, n)
+    .Input("x: float")              // (B, T, n_in) inputs
+    .Input("sparse_inputs: bool")   // () add the rows of active inputs (else dense products)
+    .Input("w_in: float")           // (n_in, n)
+    .Input("w_rec: float")          // (n, n), or (0, 0) without recurrence
+    .Input("bias: float")           // (n,), or (0,)
+    .Input("beta: float")           // (n,) adaptation strength per neuron, or (0,) for LIF
+    .Input("v0: float")             // (B, n)
+    .Input("b0: float")             // (B, n), or (0, n) for LIF
+    .Input("z0: float")             // (B, n)
+    .Input("r0: float")             // (B, n)
     .Attr("alpha: float")
     .Attr("one_minus_alpha: float")
     .Attr("rho: float")
@@ -462,32 +454,67 @@ REGISTER_OP("KspikeSpikingForward")
     .Attr("adaptive: bool")
     .Attr("recurrent: bool")
     .Attr("has_bias: bool")
-    .Output("z: float")           // (B, T, n): z_1 .. z_T
-    .Output("v: float")           // (B, T, n): v_1 .. v_T
-    .Output("threshold: float")   // (B, T, n): A_1 .. A_T, (B, 0, n) for LIF
-    .Output("allowed: uint8")     // (B, T, n): 1 where the neuron could spike, (B, 0, n)
-                                  // without a refractory period
-    .Output("v_final: float")     // (B, n)
-    .Output("b_final: float")     // (B, n) or (0, n)
-    .Output("z_final: float")     // (B, n)
-    .Output("r_final: float")     // (B, n)
+    .Output("z: float")             // (B, T, n): z_1 .. z_T, the layer's output
+    .Output("v: float")             // (T, B, n): v_1 .. v_T (time-major: read back per step)
+    .Output("threshold: float")     // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
+    .Output("allowed: uint8")       // (T, B, n): 1 where the neuron could spike, (0, B, n)
+                                    // without a refractory period
+    .Output("spike_bits: int64")    // (T, B, ceil(n / 64)): z_t packed, bit j % 64 of word j / 64
+    .Output("v_final: float")       // (B, n)
+    .Output("b_final: float")       // (B, n) or (0, n)
+    .Output("z_final: float")       // (B, n)
+    .Output("r_final: float")       // (B, n)
     .SetShapeFn([](InferenceContext* c) {
       auto x = c->input(0);
-      auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(1), 1);
+      auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(2), 1);
       bool adaptive;
       int n_refractory;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("n_refractory", &n_refractory));
+      tensorflow::shape_inference::DimensionHandle words = c->UnknownDim();
+      if (c->ValueKnown(n)) words = c->MakeDim((c->Value(n) + 63) / 64);
       c->set_output(0, c->MakeShape({batch, steps, n}));
-      c->set_output(1, c->MakeShape({batch, steps, n}));
-      c->set_output(2, c->MakeShape({batch, adaptive ? steps : c->MakeDim(0), n}));
-      c->set_output(3, c->MakeShape({batch, n_refractory > 0 ? steps : c->MakeDim(0), n}));
-      c->set_output(4, c->MakeShape({batch, n}));
-      c->set_output(5, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
-      c->set_output(6, c->MakeShape({batch, n}));
+      c->set_output(1, c->MakeShape({steps, batch, n}));
+      c->set_output(2, c->MakeShape({adaptive ? steps : c->MakeDim(0), batch, n}));
+      c->set_output(3, c->MakeShape({n_refractory > 0 ? steps : c->MakeDim(0), batch, n}));
+      c->set_output(4, c->MakeShape({steps, batch, words}));
+      c->set_output(5, c->MakeShape({batch, n}));
+      c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(7, c->MakeShape({batch, n}));
+      c->set_output(8, c->MakeShape({batch, n}));
       return tensorflow::OkStatus();
     });
+
+// Packs a row of 0/1 spikes into 64-bit words.
+static inline void PackBits(const float* __restrict z, int64_t n, uint64_t* __restrict words) {
+  const int64_t count = (n + 63) / 64;
+  for (int64_t w = 0; w < count; ++w) {
+    uint64_t bits = 0;
+    const int64_t end = std::min<int64_t>(64, n - w * 64);
+    for (int64_t j = 0; j < end; ++j) bits |= static_cast<uint64_t>(z[w * 64 + j] != 0.0f) << j;
+    words[w] = bits;
+  }
+}
+
+// The spikes of a packed row as indices (values 1), and as a 0/1 float row.
+static inline int64_t UnpackBits(const uint64_t* __restrict words, int64_t n,
+                                 int32_t* __restrict index, float* __restrict value,
+                                 float* __restrict z) {
+  std::fill(z, z + n, 0.0f);
+  int64_t count = 0;
+  const int64_t n_words = (n + 63) / 64;
+  for (int64_t w = 0; w < n_words; ++w) {
+    uint64_t bits = words[w];
+    while (bits) {
+      const int64_t j = w * 64 + __builtin_ctzll(bits);
+      index[count] = static_cast<int32_t>(j);
+      value[count++] = 1.0f;
+      z[j] = 1.0f;
+      bits &= bits - 1;
+    }
+  }
+  return count;
+}
 
 class SpikingForwardOp : public OpKernel {
  public:
@@ -497,15 +524,16 @@ class SpikingForwardOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    const Tensor& w_in = ctx->input(1);
-    const Tensor& w_rec = ctx->input(2);
-    const Tensor& bias = ctx->input(3);
-    const Tensor& beta = ctx->input(4);
+    const Tensor& w_in = ctx->input(2);
+    const Tensor& w_rec = ctx->input(3);
+    const Tensor& bias = ctx->input(4);
+    const Tensor& beta = ctx->input(5);
     OP_REQUIRES(ctx, x.dims() == 3, InvalidArgument("x must be (B, T, n_in)"));
     const int64_t B = x.dim_size(0), T = x.dim_size(1), n_in = x.dim_size(2);
     OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
                 InvalidArgument("w_in must be (n_in, n)"));
     const int64_t n = w_in.dim_size(1);
+    const int64_t n_words = (n + 63) / 64;
     if (a_.recurrent) {
       OP_REQUIRES(ctx, w_rec.dims() == 2 && w_rec.dim_size(0) == n && w_rec.dim_size(1) == n,
                   InvalidArgument("w_rec must be (n, n)"));
@@ -516,25 +544,28 @@ class SpikingForwardOp : public OpKernel {
     if (a_.adaptive) {
       OP_REQUIRES(ctx, beta.NumElements() == n, InvalidArgument("beta must be (n,)"));
     }
-    for (int i = 5; i < 9; ++i) {
-      if (i == 6 && !a_.adaptive) continue;
+    for (int i = 6; i < 10; ++i) {
+      if (i == 7 && !a_.adaptive) continue;
       OP_REQUIRES(ctx, ctx->input(i).dims() == 2 && ctx->input(i).dim_size(0) == B &&
                            ctx->input(i).dim_size(1) == n,
                   InvalidArgument("states must be (B, n)"));
     }
+    const bool sparse_inputs = ctx->input(1).scalar<bool>()();
     const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *v_final, *b_final, *z_final, *r_final;
+    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
+        *r_final;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, T, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({B, a_.adaptive ? T : 0, n}),
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, B, n}), &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? T : 0, B, n}),
                                              &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, refractory ? T : 0, n}),
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({refractory ? T : 0, B, n}),
                                              &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({B, n}), &v_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({a_.adaptive ? B : 0, n}),
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({T, B, n_words}), &bits_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
                                              &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, n}), &z_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &r_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
     for (Tensor* sequence : {z_out, v_out, a_out, allowed_out}) AdviseHugePages(sequence);
 
     const float* X = x.flat<float>().data();
@@ -542,15 +573,15 @@ class SpikingForwardOp : public OpKernel {
     const float* W = a_.recurrent ? w_rec.flat<float>().data() : nullptr;
     const float* bias_p = a_.has_bias ? bias.flat<float>().data() : nullptr;
     const float* beta_p = a_.adaptive ? beta.flat<float>().data() : nullptr;
-    const float* v0 = ctx->input(5).flat<float>().data();
-    const float* b0 = a_.adaptive ? ctx->input(6).flat<float>().data() : nullptr;
-    const float* z0 = ctx->input(7).flat<float>().data();
-    const float* r0 = ctx->input(8).flat<float>().data();
-    const bool sparse_inputs = Density(X, B * T * n_in) <= kSparseInputDensity;
+    const float* v0 = ctx->input(6).flat<float>().data();
+    const float* b0 = a_.adaptive ? ctx->input(7).flat<float>().data() : nullptr;
+    const float* z0 = ctx->input(8).flat<float>().data();
+    const float* r0 = ctx->input(9).flat<float>().data();
     float* Z = z_out->flat<float>().data();
     float* V = v_out->flat<float>().data();
     float* Aseq = a_.adaptive ? a_out->flat<float>().data() : nullptr;
     uint8_t* allowed = refractory ? allowed_out->flat<uint8_t>().data() : nullptr;
+    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
     float* vf = v_final->flat<float>().data();
     float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
     float* zf = z_final->flat<float>().data();
@@ -561,6 +592,7 @@ class SpikingForwardOp : public OpKernel {
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
       std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
+      std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
       std::vector<float> b;
       if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
       std::vector<float> current(n), projected(rows * n);
@@ -571,23 +603,17 @@ class SpikingForwardOp : public OpKernel {
           // x_t W_in for the shard's rows as one small product.
           Gemm(X + (first * T + t) * n_in, T * n_in, rows, W_in, n_in, n, projected.data(), n);
         }
+        const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = first + i;
-          const int64_t at = (row * T + t) * n;         // element (row, t, 0)
           const float* x_t = X + (row * T + t) * n_in;
           float* proj = projected.data() + i * n;
           if (sparse_inputs) {
             const int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
             GatherRows(index.data(), value.data(), count, W_in, n, proj);
           }
-          if (t + 1 < T) {
-            const int64_t after = at + n, bytes = n * sizeof(float);
-            Prefetch(x_t + n_in, n_in * sizeof(float));
-            PrefetchForWrite(Z + after, bytes);
-            PrefetchForWrite(V + after, bytes);
-            if (a.adaptive) PrefetchForWrite(Aseq + after, bytes);
-          }
-          const float* z_prev = t == 0 ? z0 + row * n : Z + at - n;
+          if (t + 1 < T) Prefetch(x_t + n_in, n_in * sizeof(float));
+          const float* z_prev = z.data() + i * n;
           float* cur = current.data();
           if (W != nullptr) {
             const int64_t count = Nonzeros(z_prev, n, index.data(), value.data());
@@ -599,18 +625,20 @@ class SpikingForwardOp : public OpKernel {
           if (bias_p != nullptr) {
             for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
           }
+          const int64_t at = step_at + i * n;
+          float* z_new = z_next.data() + i * n;
           step(a, n, cur, beta_p, z_prev, v.data() + i * n,
                a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, V + at,
-               a.adaptive ? Aseq + at : nullptr, refractory ? allowed + at : nullptr, Z + at);
+               a.adaptive ? Aseq + at : nullptr, refractory ? allowed + at : nullptr, z_new);
+          std::copy(z_new, z_new + n, Z + (row * T + t) * n);
+          PackBits(z_new, n, bits + (t * B + row) * n_words);
         }
+        z.swap(z_next);
       }
       std::copy(v.begin(), v.end(), vf + first * n);
       std::copy(r.begin(), r.end(), rf + first * n);
+      std::copy(z.begin(), z.end(), zf + first * n);
       if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
-      for (int64_t row = first; row < last; ++row) {
-        const float* z_last = T == 0 ? z0 + row * n : Z + (row * T + T - 1) * n;
-        std::copy(z_last, z_last + n, zf + row * n);
-      }
     });
   }
 
@@ -660,20 +688,21 @@ static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
 }
 
 REGISTER_OP("KspikeSpikingBackward")
-    .Input("z: float")            // (B, T, n) spikes from the forward op
-    .Input("z0: float")           // (B, n) initial z state
-    .Input("x: float")            // (B, T, n_in) inputs (for dW_in)
-    .Input("v: float")            // (B, T, n)
-    .Input("threshold: float")    // (B, T, n) or (B, 0, n) for LIF
-    .Input("allowed: uint8")      // (B, T, n) or (B, 0, n) without refractoriness
-    .Input("w_rec: float")        // (n, n) or (0, 0)
-    .Input("beta: float")         // (n,) or (0,)
-    .Input("grad_z_out: float")   // (B, T, n) dL/dz_t of the outputs, or (B, 0, n)
-    .Input("grad_v_out: float")   // (B, T, n) dL/dv_t of the outputs, or (B, 0, n)
-    .Input("grad_a_out: float")   // (B, T, n) dL/dA_t of the outputs, or (B, 0, n)
-    .Input("grad_v_final: float") // (B, n)
-    .Input("grad_b_final: float") // (B, n) or (0, n)
-    .Input("grad_z_final: float") // (B, n)
+    .Input("spike_bits: int64")     // (T, B, ceil(n / 64)) from the forward op
+    .Input("z0: float")             // (B, n) initial z state
+    .Input("x: float")              // (B, T, n_in) inputs (for dW_in)
+    .Input("sparse_inputs: bool")   // () as in the forward op
+    .Input("v: float")              // (T, B, n)
+    .Input("threshold: float")      // (T, B, n) or (0, B, n) for LIF
+    .Input("allowed: uint8")        // (T, B, n) or (0, B, n) without refractoriness
+    .Input("w_rec: float")          // (n, n) or (0, 0)
+    .Input("beta: float")           // (n,) or (0,)
+    .Input("grad_z_out: float")     // (B, T, n) dL/dz_t of the outputs, or (B, 0, n)
+    .Input("grad_v_out: float")     // (B, T, n) dL/dv_t of the outputs, or (B, 0, n)
+    .Input("grad_a_out: float")     // (B, T, n) dL/dA_t of the outputs, or (B, 0, n)
+    .Input("grad_v_final: float")   // (B, n)
+    .Input("grad_b_final: float")   // (B, n) or (0, n)
+    .Input("grad_z_final: float")   // (B, n)
     .Attr("alpha: float")
     .Attr("one_minus_alpha: float")
     .Attr("rho: float")
@@ -688,24 +717,24 @@ REGISTER_OP("KspikeSpikingBackward")
     .Attr("sharpness: float")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
-    .Output("grad_current: float")   // (B, T, n) dL/dI_t
+    .Output("grad_current: float")   // (T, B, n) dL/dI_t, time-major
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
     .Output("grad_z0: float")        // (B, n)
     .Output("grad_w_rec: float")     // (n, n) or (0, 0)
-    .Output("grad_w_in: float")      // (n_in, n)
+    .Output("grad_w_in: float")      // (n_in, n) with sparse inputs, else (0, n)
     .SetShapeFn([](InferenceContext* c) {
-      auto v = c->input(3);
-      auto batch = c->Dim(v, 0), steps = c->Dim(v, 1), n = c->Dim(v, 2);
+      auto v = c->input(4);
+      auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
       bool adaptive, recurrent;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
-      c->set_output(0, c->MakeShape({batch, steps, n}));
+      c->set_output(0, c->MakeShape({steps, batch, n}));
       c->set_output(1, c->MakeShape({batch, n}));
       c->set_output(2, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(3, c->MakeShape({batch, n}));
       c->set_output(4, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
-      c->set_output(5, c->MakeShape({c->Dim(c->input(2), 2), n}));
+      c->set_output(5, c->MakeShape({c->UnknownDim(), n}));
       return tensorflow::OkStatus();
     });
 
@@ -735,48 +764,52 @@ class SpikingBackwardOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    const Tensor& z_seq = ctx->input(0);
+    const Tensor& bits_t = ctx->input(0);
     const Tensor& x = ctx->input(2);
-    const Tensor& v_seq = ctx->input(3);
-    OP_REQUIRES(ctx, v_seq.dims() == 3, InvalidArgument("v must be (B, T, n)"));
-    const int64_t B = v_seq.dim_size(0), T = v_seq.dim_size(1), n = v_seq.dim_size(2);
+    const Tensor& v_seq = ctx->input(4);
+    OP_REQUIRES(ctx, v_seq.dims() == 3, InvalidArgument("v must be (T, B, n)"));
+    const int64_t T = v_seq.dim_size(0), B = v_seq.dim_size(1), n = v_seq.dim_size(2);
+    const int64_t n_words = (n + 63) / 64;
     OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(0) == B && x.dim_size(1) == T,
                 InvalidArgument("x must be (B, T, n_in)"));
+    OP_REQUIRES(ctx, bits_t.dims() == 3 && bits_t.dim_size(0) == T && bits_t.dim_size(1) == B &&
+                         bits_t.dim_size(2) == n_words,
+                InvalidArgument("spike_bits must be (T, B, ceil(n / 64))"));
     const int64_t n_in = x.dim_size(2);
+    const bool sparse_inputs = ctx->input(3).scalar<bool>()();
     const bool refractory = a_.n_refractory > 0;
-    OP_REQUIRES(ctx, z_seq.shape() == v_seq.shape(), InvalidArgument("z must be (B, T, n)"));
-    const bool has_gz = T > 0 && ctx->input(8).dim_size(1) == T;
-    const bool has_gv = T > 0 && ctx->input(9).dim_size(1) == T;
-    const bool has_ga = a_.adaptive && T > 0 && ctx->input(10).dim_size(1) == T;
+    const bool has_gz = T > 0 && ctx->input(9).dim_size(1) == T;
+    const bool has_gv = T > 0 && ctx->input(10).dim_size(1) == T;
+    const bool has_ga = a_.adaptive && T > 0 && ctx->input(11).dim_size(1) == T;
     Tensor *g_current, *gv0_t, *gb0_t, *gz0_t, *gw_t, *gw_in_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &g_current));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, B, n}), &g_current));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, n}), &gv0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, n}), &gz0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             4, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({n_in, n}), &gw_in_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({sparse_inputs ? n_in : 0, n}),
+                                             &gw_in_t));
     AdviseHugePages(g_current);
 
-    const float* Z = z_seq.flat<float>().data();
+    const uint64_t* bits = reinterpret_cast<const uint64_t*>(bits_t.flat<int64_t>().data());
     const float* z0 = ctx->input(1).flat<float>().data();
     const float* X = x.flat<float>().data();
     const float* V = v_seq.flat<float>().data();
-    const float* Aseq = a_.adaptive ? ctx->input(4).flat<float>().data() : nullptr;
-    const uint8_t* allowed = refractory ? ctx->input(5).flat<uint8_t>().data() : nullptr;
-    const float* W = a_.recurrent ? ctx->input(6).flat<float>().data() : nullptr;
-    const float* beta_p = a_.adaptive ? ctx->input(7).flat<float>().data() : nullptr;
-    const float* GZ = has_gz ? ctx->input(8).flat<float>().data() : nullptr;
-    const float* GV = has_gv ? ctx->input(9).flat<float>().data() : nullptr;
-    const float* GA = has_ga ? ctx->input(10).flat<float>().data() : nullptr;
-    const float* gv_final = ctx->input(11).flat<float>().data();
-    const float* gb_final = a_.adaptive ? ctx->input(12).flat<float>().data() : nullptr;
-    const float* gz_final = ctx->input(13).flat<float>().data();
+    const float* Aseq = a_.adaptive ? ctx->input(5).flat<float>().data() : nullptr;
+    const uint8_t* allowed = refractory ? ctx->input(6).flat<uint8_t>().data() : nullptr;
+    const float* W = a_.recurrent ? ctx->input(7).flat<float>().data() : nullptr;
+    const float* beta_p = a_.adaptive ? ctx->input(8).flat<float>().data() : nullptr;
+    const float* GZ = has_gz ? ctx->input(9).flat<float>().data() : nullptr;
+    const float* GV = has_gv ? ctx->input(10).flat<float>().data() : nullptr;
+    const float* GA = has_ga ? ctx->input(11).flat<float>().data() : nullptr;
+    const float* gv_final = ctx->input(12).flat<float>().data();
+    const float* gb_final = a_.adaptive ? ctx->input(13).flat<float>().data() : nullptr;
+    const float* gz_final = ctx->input(14).flat<float>().data();
     float* GI = g_current->flat<float>().data();
     float* gv0 = gv0_t->flat<float>().data();
     float* gb0 = a_.adaptive ? gb0_t->flat<float>().data() : nullptr;
     float* gz0 = gz0_t->flat<float>().data();
-    const bool sparse_inputs = Density(X, B * T * n_in) <= kSparseInputDensity;
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
     const BackwardFn step = SelectBackward(a, has_ga);
@@ -791,14 +824,14 @@ class SpikingBackwardOp : public OpKernel {
     // One dW_rec and one dW_in buffer per shard, summed at the end.
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
-    std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
+    std::vector<std::vector<float>> gw_in_shards(sparse_inputs ? workers->NumThreads() + 1 : 0);
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t shard) {
       const int64_t rows = last - first;
       std::vector<float> gv(gv_final + first * n, gv_final + last * n);
       std::vector<float> gz(gz_final + first * n, gz_final + last * n);
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
-      std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(n);
+      std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(n), z_row(n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       float* gw = nullptr;
@@ -806,33 +839,44 @@ class SpikingBackwardOp : public OpKernel {
         gw_shards[shard].assign(n * n, 0.0f);
         gw = gw_shards[shard].data();
       }
-      gw_in_shards[shard].assign(n_in * n, 0.0f);
-      float* gw_in = gw_in_shards[shard].data();
-      const int64_t row_stride = T * n;
+      float* gw_in = nullptr;
+      if (sparse_inputs) {
+        gw_in_shards[shard].assign(n_in * n, 0.0f);
+        gw_in = gw_in_shards[shard].data();
+      }
       for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = first + i;
-          const int64_t at = (row * T + t) * n;
+          const int64_t at = step_at + i * n;
+          const int64_t out_at = (row * T + t) * n;      // batch-major output gradients
           if (t > 0) {
-            const int64_t before = at - n, bytes = n * sizeof(float);
-            Prefetch(V + before, bytes);
-            if (a.adaptive) Prefetch(Aseq + before, bytes);
-            if (refractory) Prefetch(allowed + before, n);
-            if (has_gz) Prefetch(GZ + before, bytes);
-            if (t > 1) Prefetch(Z + before - n, bytes);
-            PrefetchForWrite(GI + before, bytes);
+            const int64_t bytes = n * sizeof(float);
+            if (has_gz) Prefetch(GZ + out_at - n, bytes);
+            if (has_gv) Prefetch(GV + out_at - n, bytes);
+            if (has_ga) Prefetch(GA + out_at - n, bytes);
           }
           const float* vt = V + at;
           const float* At = a.adaptive ? Aseq + at : nullptr;
-          const float* zp = t == 0 ? z0 + row * n : Z + at - n;   // z_{t-1} of step t
+          // z_{t-1} of step t: the initial state, or the packed spikes of step t - 1.
+          const float* zp;
+          int64_t n_spikes;
+          if (t == 0) {
+            zp = z0 + row * n;
+            n_spikes = Nonzeros(zp, n, index.data(), value.data());
+          } else {
+            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
+                                  value.data(), z_row.data());
+            zp = z_row.data();
+          }
           float* gzi = gz.data() + i * n;
           float* gvi = gv.data() + i * n;
           if (has_gz) {
-            const float* gzo = GZ + at;
+            const float* gzo = GZ + out_at;
             for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
           }
           if (has_gv) {
-            const float* gvo = GV + at;
+            const float* gvo = GV + out_at;
             for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
           }
           if (a.adaptive) {
@@ -844,13 +888,12 @@ class SpikingBackwardOp : public OpKernel {
             const uint8_t* al = allowed + at;
             for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
           }
-          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, GI + at, gz_prev.data() + i * n);
-          const float* gi = GI + at;
+          float* gi = GI + at;
+          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
+               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n);
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
-            const int64_t count = Nonzeros(zp, n, index.data(), value.data());
-            ScatterRows(index.data(), value.data(), count, gi, gw, n);
+            ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
           }
           if (sparse_inputs) {
             // dW_in += x_t^T dI_t, over the active inputs only.
@@ -861,7 +904,7 @@ class SpikingBackwardOp : public OpKernel {
         }
         if (a.recurrent) {
           // dL/dz_{t-1} += dI_t W_rec^T for the shard's rows.
-          Gemm(GI + (first * T + t) * n, row_stride, rows, wt.data(), n, n, g_rec.data(), n);
+          Gemm(GI + step_at, n, rows, wt.data(), n, n, g_rec.data(), n);
           for (int64_t e = 0; e < rows * n; ++e) gz_prev[e] = gz_prev[e] + g_rec[e];
         }
         gz.swap(gz_prev);
@@ -869,19 +912,14 @@ class SpikingBackwardOp : public OpKernel {
       std::copy(gv.begin(), gv.end(), gv0 + first * n);
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
-      if (!sparse_inputs && rows > 0 && T > 0) {
-        // dW_in = X^T dI over the shard's rows and all steps, one product.
-        Eigen::Map<const RowMatrix> x_m(X + first * T * n_in, rows * T, n_in);
-        Eigen::Map<const RowMatrix> gi_m(GI + first * T * n, rows * T, n);
-        Eigen::Map<RowMatrix> out_m(gw_in, n_in, n);
-        out_m.noalias() = x_m.transpose() * gi_m;
-      }
     });
-    float* gw_in_out = gw_in_t->flat<float>().data();
-    std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
-    for (auto& shard : gw_in_shards) {
-      if (shard.empty()) continue;
-      for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += shard[k];
+    if (sparse_inputs) {
+      float* gw_in_out = gw_in_t->flat<float>().data();
+      std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
+      for (auto& shard : gw_in_shards) {
+        if (shard.empty()) continue;
+        for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += shard[k];
+      }
     }
     if (a.recurrent) {
       float* gw_out = gw_t->flat<float>().data();
