@@ -3,32 +3,45 @@
 ``keras.layers.RNN(cell)`` calls the cell once per time step and lets TensorFlow differentiate
 the whole loop: T small input products, the surrogate expressions in every step and every
 intermediate kept for the backward pass. ``SpikingRNN`` computes the same outputs and the same
-gradients (up to float rounding; spikes are identical) with:
+gradients (up to float rounding; spikes are identical) inside one ``tf.custom_gradient`` around
+the whole sequence, with a hand-written backward recurrence (``kspike.dynamics.neuron_step_vjp``)
+that stores per step only v_t, A_t (ALIF) and the refractory mask.
 
-- the input projection x_t W_in of all T steps as one matmul before the loop;
-- per step only the recurrent product z_{t-1} W_rec and ``kspike.dynamics.neuron_step``, whose
-  spike function is the plain Heaviside in the forward pass (the surrogate is exactly zero
-  there, see ``kspike.surrogates``);
-- a hand-written backward recurrence (``kspike.dynamics.neuron_step_vjp``) inside one
-  ``tf.custom_gradient`` around the whole sequence, storing per step only v_t, A_t (ALIF) and
-  the 0/1 refractory mask; the spikes are the layer's own output;
-- the weight gradients dW_in = sum_t x_t^T dI_t and dW_rec = sum_t z_{t-1}^T dI_t as two
-  matmuls over all time steps after the backward loop.
+Two implementations of these loops exist:
+
+- Native (default where it applies: float32, no mask, no XLA, a catalogue surrogate; see
+  ``kspike.native``): the whole forward and backward time loops are two C++ TensorFlow ops,
+  compiled against the installed TensorFlow on first use. Per step they do a few fused passes
+  over (B, n) arrays instead of ~30 TensorFlow ops, and use the sparsity of spikes: z_{t-1}
+  W_rec and dW_rec = sum_t z_{t-1}^T dI_t add the rows of the neurons that spiked (B * spikes
+  * n work instead of B * n * n), and so do x_t W_in and dW_in when at most a quarter of the
+  inputs are nonzero (spike inputs); the dense per-step product dI_t W_rec^T is a
+  register-blocked kernel; the batch is split into one shard per intra-op thread. The
+  element-wise updates are written in TensorFlow's order and round as TensorFlow's; the
+  products sum in another order (differences of float rounding only).
+- TensorFlow (``native=False``, and every case the native loops do not cover: masks, float64,
+  mixed precision, user-defined surrogates, ``jit_compile=True``): the input projection of all
+  T steps as one matmul before a ``tf.while_loop`` whose step is the recurrent product and
+  ``kspike.dynamics.neuron_step`` with the plain Heaviside (the surrogate term is exactly zero
+  in the forward pass, see ``kspike.surrogates``); dW_in and dW_rec as matmuls over all steps
+  after the backward loop.
 
 The hand-written backward pass is used when a gradient tape may record (training). Otherwise
-(inference, ``model.predict``, SavedModel export) the same loop runs with the cell's own spike
-function and keeps no buffers; TensorFlow can still differentiate it, with the gradients of
-``keras.layers.RNN``, should the traced function be differentiated later.
+(inference, ``model.predict``, SavedModel export) the TensorFlow loop runs with the cell's own
+spike function and keeps no buffers; TensorFlow can still differentiate it, with the gradients
+of ``keras.layers.RNN``, should the traced function be differentiated later. The native ops
+therefore never enter an exported graph: a SavedModel of a ``SpikingRNN`` model loads and runs
+without kspike.
 
-``SpikingRNN(..., jit_compile=True)`` compiles the forward loop and the backward loop each as
-one XLA cluster (the element-wise updates of a step fuse into a few kernels). It is not the
-default: XLA rounds differently, so a spike sitting within float rounding of its threshold may
-flip, and the layer then no longer reproduces ``keras.layers.RNN`` bit for bit. Its speed-up is
-measured by ``bin/bench_engine.py`` (variant ``spiking_rnn_xla``).
+``SpikingRNN(..., jit_compile=True)`` compiles the TensorFlow forward and backward loops each
+as one XLA cluster. It is not the default: XLA rounds differently, so a spike sitting within
+float rounding of its threshold may flip. Speeds are measured by ``bin/bench_engine.py``
+(variants ``spiking_rnn``, ``spiking_rnn_tf``, ``spiking_rnn_xla``).
 
-Spike sparsity is not exploited: gathering the rows of W_rec of the neurons that spiked (or a
-``tf.SparseTensor`` product) was measured slower than the dense product on CPU at every spike
-rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``).
+In the TensorFlow loop spike sparsity is not exploited: gathering the rows of W_rec of the
+neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than the dense
+product at every spike rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``): the
+gather costs more ops per step, which is what dominates there, and not in the native loop.
 
 Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.

@@ -202,3 +202,33 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
         loss = tf.reduce_sum(layer(x))
     grads = tape.gradient(loss, layer.trainable_variables)
     assert all(g is not None for g in grads)
+
+
+def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
+    # The native ops run only under a gradient tape: the exported graph holds TensorFlow ops
+    # alone, so the SavedModel loads and serves in a process that never imports kspike.
+    if not native.available():
+        pytest.skip("native loops unavailable (no compiler)")
+    model = keras.Sequential([
+        keras.Input((T, N_IN)),
+        kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2, seed=3),
+                          return_sequences=True, native=True),
+        kspike.LeakyReadout(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = _inputs(batch=B, steps=T, features=N_IN)
+    y = np.random.default_rng(0).integers(0, 3, (B, T))
+    model.fit(x, y, epochs=1, batch_size=B, verbose=0)
+    path = kspike.export.saved_model(model, tmp_path / "native_trained")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model(x).numpy())
+    code = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"loaded = tf.saved_model.load({str(path)!r})\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"expected = np.load({str(tmp_path / 'y.npy')!r})\n"
+        "np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected,\n"
+        "                           rtol=1e-5, atol=1e-5)\n"
+        "assert 'kspike' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
