@@ -32,7 +32,9 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
   ``kspike.export.saved_model`` (median over the steps of a 400-step stream), in a fresh process
   with TensorFlow's default thread pools, in one with one inter-op thread (a tiny per-step
   graph runs faster without cross-thread scheduling), and with the step compiled by XLA
-  (``kspike.export.saved_model(..., jit_compile=True)``).
+  (``kspike.export.saved_model(..., jit_compile=True)``); as the baseline, the same process
+  times a reloaded function of the same signature that does nothing (TensorFlow's fixed cost
+  of one call from Python).
 
 Usage:
     bin/bench_engine.py                   # the full table (takes several minutes)
@@ -236,7 +238,30 @@ def _streaming_latency(units, n_inputs, steps=400, jit_compile=False):
         y, states = loaded.step(xs[t], states)
         latencies.append(time.perf_counter() - start)
     y.numpy()
-    return float(np.median(latencies))
+
+    # The baseline: calling a reloaded concrete function of the same signature that does
+    # (almost) nothing, i.e. TensorFlow's fixed cost of one call from Python.
+    class Empty(tf.Module):
+        def __init__(self, specs):
+            super().__init__()
+            self.step = tf.function(
+                lambda x_t, s: (x_t[:, :10], [tf.identity(v) for v in s]),
+                input_signature=[tf.TensorSpec((None, n_inputs)), list(specs)],
+                autograph=False).get_concrete_function()
+
+    empty_dir = os.path.join(os.path.dirname(directory), "empty")
+    specs = [tf.TensorSpec((None, int(s.shape[-1])), s.dtype) for s in states]
+    tf.saved_model.save(Empty(specs), empty_dir)
+    empty = tf.saved_model.load(empty_dir)
+    empty_states = loaded.initial_state(tf.constant(1))
+    for t in range(20):
+        _, empty_states = empty.step(xs[t], empty_states)
+    overheads = []
+    for t in range(steps):
+        start = time.perf_counter()
+        _, empty_states = empty.step(xs[t], empty_states)
+        overheads.append(time.perf_counter() - start)
+    return float(np.median(latencies)), float(np.median(overheads))
 
 
 def _format_table(rows):
@@ -285,7 +310,7 @@ def main(argv=None):
         if inter_op:
             import tensorflow as tf
             tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-        print(_streaming_latency(256, n_inputs, jit_compile=bool(jit)))
+        print(*_streaming_latency(256, n_inputs, jit_compile=bool(jit)))
         return 0
 
     if args.memory_child:
@@ -341,7 +366,9 @@ def main(argv=None):
             output = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--streaming-child", str(inter_op),
                  str(args.inputs), str(jit)], check=True, capture_output=True, text=True).stdout
-            result[key] = float(output.strip().splitlines()[-1]) * 1e3
+            latency, overhead = output.strip().splitlines()[-1].split()
+            result[key] = float(latency) * 1e3
+            result[key.replace("step_ms", "empty_call_ms")] = float(overhead) * 1e3
     print()
     print(_format_table(rows))
     if "streaming_step_ms" in result:
@@ -349,7 +376,10 @@ def main(argv=None):
               f"{result['streaming_step_ms']:.3f} ms per time step (median); with "
               "tf.config.threading.set_inter_op_parallelism_threads(1): "
               f"{result['streaming_step_ms_inter_op_1']:.3f} ms; step compiled by XLA "
-              f"(saved_model(..., jit_compile=True)): {result['streaming_step_ms_xla']:.3f} ms")
+              f"(saved_model(..., jit_compile=True)): {result['streaming_step_ms_xla']:.3f} ms. "
+              "Baseline, a reloaded function of the same signature that does nothing: "
+              f"{result['streaming_empty_call_ms']:.3f} / "
+              f"{result['streaming_empty_call_ms_inter_op_1']:.3f} ms")
     print()
     print(json.dumps(result))
     if args.json:

@@ -231,11 +231,13 @@ def _native_surrogate_attrs(spike_function):
 
 def native_applies(cell, state_dtype, compute_dtype, masked, jit_compile=False):
     """True when the native C++ loops can run this layer: a float32 kspike cell (states and
-    matmuls) with a catalogue surrogate, no mask and no XLA. The answer does not say whether
-    the loops are compiled (see ``kspike.native.available``)."""
+    matmuls) with a catalogue surrogate, no mask, no XLA, and no GPU in the process (the ops
+    have CPU kernels only; on a GPU machine the TensorFlow loop stays on the GPU). The answer
+    does not say whether the loops are compiled (see ``kspike.native.available``)."""
     return (tf.as_dtype(state_dtype) == tf.float32 and tf.as_dtype(compute_dtype) == tf.float32
             and not masked and not jit_compile
-            and _native_surrogate_attrs(cell.spike_function) is not None)
+            and _native_surrogate_attrs(cell.spike_function) is not None
+            and not tf.config.list_logical_devices("GPU"))
 
 
 def _neuron_attrs(cell, params):
@@ -593,16 +595,19 @@ class SpikingRNN(keras.layers.RNN):
         stateful: keep the final states of a batch as initial states of the next one.
         unroll: use the generic, unrolled ``keras.layers.RNN`` loop.
         zero_output_for_mask: output zeros (rather than the previous output) at masked steps.
-        jit_compile: compile the forward loop and the hand-written backward loop with XLA
-            (each as one cluster; the rest of the model is untouched). On the 2-core CPU of
-            ``bin/bench_engine.py`` this makes a training step ~1.3-1.7x faster. XLA rounds
-            differently, so a few spikes near threshold can differ from the default loop
-            (and from ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a
-            whole ``keras.layers.RNN`` training step (which XLA differentiates itself and
-            which was ~15x slower on CPU), only kspike's own loops are compiled here.
+        jit_compile: compile the TensorFlow forward loop and hand-written backward loop with
+            XLA (each as one cluster; the rest of the model is untouched), instead of the
+            native loops. On the 2-core CPU of ``bin/bench_engine.py`` this is ~1.1-1.3x
+            faster than the TensorFlow loop but slower than the native loops; it is the
+            fast option where those do not apply (e.g. masks). XLA rounds differently, so a
+            few spikes near threshold can differ from the default loop (and from
+            ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a whole
+            ``keras.layers.RNN`` training step (which XLA differentiates itself and which
+            was ~15x slower on CPU), only kspike's own loops are compiled here.
         native: run the training loops in C++ (``kspike.native``, compiled on first use):
             "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
-            a catalogue surrogate) and compile, else the TensorFlow loop; True to require
+            a catalogue surrogate, a CPU-only process) and compile, else the TensorFlow
+            loop; True to require
             them (a clear error where they cannot run); False for the TensorFlow loop only.
             Both give the same spikes and gradients to float32 rounding (the native loop
             sums the recurrent products over the neurons that spiked, in another order).
@@ -665,7 +670,7 @@ class SpikingRNN(keras.layers.RNN):
         if self.native is True and ops is None:
             reason = ("the native loops did not load (see the warning above, or KSPIKE_NATIVE)"
                       if applies else "they run float32 layers without a mask or XLA, with a "
-                      "catalogue surrogate")
+                      "catalogue surrogate, in a process without GPUs")
             raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
                              f"call: {reason}. Use native='auto' to fall back to the "
                              f"TensorFlow loop.")

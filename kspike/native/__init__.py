@@ -16,8 +16,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 import warnings
 
 __all__ = ["load", "available", "cache_dir", "SOURCE"]
@@ -66,9 +68,17 @@ def _build(tf):
     key = hashlib.sha256(b"\0".join([source, tf.__version__.encode(), " ".join(probe).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     directory = cache_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        # An unwritable home: a private folder of the temporary directory instead.
+        directory = os.path.join(tempfile.gettempdir(), f"kspike-native-{os.getuid()}")
+        os.makedirs(directory, exist_ok=True)
     library = os.path.join(directory, f"spiking_ops_{key}.so")
     if not os.path.exists(library):
-        os.makedirs(directory, exist_ok=True)
+        print("kspike: compiling the native SpikingRNN loops for this TensorFlow and CPU "
+              f"(once, about a minute; cached in {directory}) ...", file=sys.stderr, flush=True)
+        start = time.monotonic()
         # Compile to a private name, then rename: concurrent processes never load a partial file.
         handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(handle)
@@ -81,6 +91,8 @@ def _build(tf):
         finally:
             if os.path.exists(partial):
                 os.remove(partial)
+        print(f"kspike: native loops compiled in {time.monotonic() - start:.0f} s.",
+              file=sys.stderr, flush=True)
     return tf.load_op_library(library)
 
 
