@@ -229,15 +229,19 @@ def _streaming_latency(units, n_inputs, steps=400, jit_compile=False):
     # One tensor per step, made before timing (slicing is not part of the model's step).
     xs = [tf.constant(x) for x in
           (rng.uniform(size=(steps, 1, n_inputs)) < 0.05).astype("float32")]
+
+    def median_call(step, states):
+        for t in range(20):
+            _, states = step(xs[t], states)
+        latencies = []
+        for t in range(steps):
+            start = time.perf_counter()
+            _, states = step(xs[t], states)
+            latencies.append(time.perf_counter() - start)
+        return float(np.median(latencies))
+
     states = loaded.initial_state(tf.constant(1))
-    for t in range(20):
-        _, states = loaded.step(xs[t], states)
-    latencies = []
-    for t in range(steps):
-        start = time.perf_counter()
-        y, states = loaded.step(xs[t], states)
-        latencies.append(time.perf_counter() - start)
-    y.numpy()
+    latency = median_call(loaded.step, states)
 
     # The baseline: calling a reloaded concrete function of the same signature that does
     # (almost) nothing, i.e. TensorFlow's fixed cost of one call from Python.
@@ -253,15 +257,7 @@ def _streaming_latency(units, n_inputs, steps=400, jit_compile=False):
     specs = [tf.TensorSpec((None, int(s.shape[-1])), s.dtype) for s in states]
     tf.saved_model.save(Empty(specs), empty_dir)
     empty = tf.saved_model.load(empty_dir)
-    empty_states = loaded.initial_state(tf.constant(1))
-    for t in range(20):
-        _, empty_states = empty.step(xs[t], empty_states)
-    overheads = []
-    for t in range(steps):
-        start = time.perf_counter()
-        _, empty_states = empty.step(xs[t], empty_states)
-        overheads.append(time.perf_counter() - start)
-    return float(np.median(latencies)), float(np.median(overheads))
+    return latency, median_call(empty.step, states)
 
 
 def _format_table(rows):

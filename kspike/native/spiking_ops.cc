@@ -152,6 +152,18 @@ struct NeuronAttrs {
   bool adaptive, recurrent, has_bias;
 };
 
+// The attributes of NeuronAttrs, declared by both ops.
+#define KSPIKE_NEURON_ATTRS                                                        \
+  .Attr("alpha: float")                                                            \
+      .Attr("one_minus_alpha: float")                                              \
+      .Attr("rho: float")                                                          \
+      .Attr("one_minus_rho: float")                                                \
+      .Attr("thr: float")                                                          \
+      .Attr("n_refractory: int")                                                   \
+      .Attr("adaptive: bool")                                                      \
+      .Attr("recurrent: bool")                                                     \
+      .Attr("has_bias: bool")
+
 static void ReadNeuronAttrs(OpKernelConstruction* ctx, NeuronAttrs* a) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("alpha", &a->alpha));
   OP_REQUIRES_OK(ctx, ctx->GetAttr("one_minus_alpha", &a->one_minus_alpha));
@@ -445,15 +457,7 @@ REGISTER_OP("KspikeSpikingForward")
     .Input("b0: float")             // (B, n), or (0, n) for LIF
     .Input("z0: float")             // (B, n)
     .Input("r0: float")             // (B, n)
-    .Attr("alpha: float")
-    .Attr("one_minus_alpha: float")
-    .Attr("rho: float")
-    .Attr("one_minus_rho: float")
-    .Attr("thr: float")
-    .Attr("n_refractory: int")
-    .Attr("adaptive: bool")
-    .Attr("recurrent: bool")
-    .Attr("has_bias: bool")
+    KSPIKE_NEURON_ATTRS
     .Output("z: float")             // (B, T, n): z_1 .. z_T, the layer's output
     .Output("v: float")             // (T, B, n): v_1 .. v_T (time-major: read back per step)
     .Output("threshold: float")     // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
@@ -703,15 +707,7 @@ REGISTER_OP("KspikeSpikingBackward")
     .Input("grad_v_final: float")   // (B, n)
     .Input("grad_b_final: float")   // (B, n) or (0, n)
     .Input("grad_z_final: float")   // (B, n)
-    .Attr("alpha: float")
-    .Attr("one_minus_alpha: float")
-    .Attr("rho: float")
-    .Attr("one_minus_rho: float")
-    .Attr("thr: float")
-    .Attr("n_refractory: int")
-    .Attr("adaptive: bool")
-    .Attr("recurrent: bool")
-    .Attr("has_bias: bool")
+    KSPIKE_NEURON_ATTRS
     .Attr("surrogate: string")
     .Attr("dampening: float")
     .Attr("sharpness: float")
