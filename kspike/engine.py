@@ -71,6 +71,17 @@ class _Heaviside:
         return surrogates.heaviside(x)
 
 
+def _in_xla_context():
+    """True while tracing inside an XLA-compiled function (e.g. ``model.compile(...,
+    jit_compile=True)``): XLA cannot compile the native ops, so the TensorFlow loop runs."""
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # a TensorFlow without these internals: assume no XLA
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+
+
 def _tape_may_record():
     try:
         from tensorflow.python.eager import record
@@ -665,11 +676,12 @@ class SpikingRNN(keras.layers.RNN):
         if self.native is False:
             return None
         applies = native_applies(self.cell, state_dtype, compute_dtype, masked,
-                                 self.jit_compile)
+                                 self.jit_compile or _in_xla_context())
         ops = native_module.load() if applies else None
         if self.native is True and ops is None:
             reason = ("the native loops did not load (see the warning above, or KSPIKE_NATIVE)"
-                      if applies else "they run float32 layers without a mask or XLA, with a "
+                      if applies else "they run float32 layers without a mask or XLA (also not inside "
+                      "an XLA-compiled function such as compile(jit_compile=True)), with a "
                       "catalogue surrogate, in a process without GPUs")
             raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
                              f"call: {reason}. Use native='auto' to fall back to the "

@@ -158,6 +158,23 @@ def test_auto_falls_back_where_native_cannot_run():
     assert custom._native_ops("float32", "float32", masked=False) is None
 
 
+def test_xla_compiled_training_step_uses_the_tensorflow_loop():
+    # compile(jit_compile=True) traces the layer inside an XLA cluster, which cannot hold the
+    # native ops: "auto" runs the TensorFlow loop there, and training works.
+    if not native.available():
+        pytest.skip("native loops unavailable (no compiler)")
+    x = _inputs(batch=4, steps=10, features=N_IN)
+    y = np.random.default_rng(0).integers(0, 2, (4, 10))
+    model = keras.Sequential([keras.Input((10, N_IN)),
+                              kspike.SpikingRNN(kspike.ALIF(UNITS, thr=0.05),
+                                                return_sequences=True),
+                              kspike.LeakyReadout(2)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    history = model.fit(x, y, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+
+
 def test_native_true_refuses_clearly_where_it_cannot_run():
     layer = kspike.SpikingRNN(kspike.ALIF(UNITS, thr=0.05), return_sequences=True,
                               native=True)
