@@ -680,9 +680,9 @@ class SpikingRNN(keras.layers.RNN):
         ops = native_module.load() if applies else None
         if self.native is True and ops is None:
             reason = ("the native loops did not load (see the warning above, or KSPIKE_NATIVE)"
-                      if applies else "they run float32 layers without a mask or XLA (also not inside "
-                      "an XLA-compiled function such as compile(jit_compile=True)), with a "
-                      "catalogue surrogate, in a process without GPUs")
+                      if applies else "they run float32 layers without a mask or XLA (also "
+                      "not inside an XLA-compiled function such as compile(jit_compile=True)), "
+                      "with a catalogue surrogate, in a process without GPUs")
             raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
                              f"call: {reason}. Use native='auto' to fall back to the "
                              f"TensorFlow loop.")
