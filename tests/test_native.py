@@ -196,6 +196,15 @@ def test_config_round_trip_keeps_native():
     assert kspike.SpikingRNN(kspike.LIF(UNITS)).get_config()["native"] == "auto"
 
 
+def test_command_line_build():
+    if not HAS_COMPILER:
+        pytest.skip("no C++ compiler on this machine")
+    result = subprocess.run([sys.executable, "-m", "kspike.native"], capture_output=True,
+                            timeout=600, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "native loops ready" in result.stdout and ".so" in result.stdout
+
+
 def test_disabled_by_environment_variable():
     code = ("import kspike.native as n, sys; sys.exit(0 if n.load() is None else 3)")
     env = dict(os.environ, KSPIKE_NATIVE="0")
@@ -206,7 +215,8 @@ def test_disabled_by_environment_variable():
 
 def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     # A machine whose compiler fails: one clear warning, then the TensorFlow loop.
-    monkeypatch.setattr(native, "_state", {"loaded": False, "module": None, "error": None})
+    monkeypatch.setattr(native, "_state", {"loaded": False, "module": None, "error": None,
+                                            "library": None})
     monkeypatch.setenv("KSPIKE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="native SpikingRNN loops are unavailable"):

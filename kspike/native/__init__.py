@@ -27,7 +27,7 @@ __all__ = ["load", "available", "cache_dir", "SOURCE"]
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spiking_ops.cc")
 
 _lock = threading.Lock()
-_state = {"loaded": False, "module": None, "error": None}
+_state = {"loaded": False, "module": None, "error": None, "library": None}
 
 
 def cache_dir():
@@ -93,6 +93,7 @@ def _build(tf):
                 os.remove(partial)
         print(f"kspike: native loops compiled in {time.monotonic() - start:.0f} s.",
               file=sys.stderr, flush=True)
+    _state["library"] = library
     return tf.load_op_library(library)
 
 
