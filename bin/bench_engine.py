@@ -358,7 +358,8 @@ def main(argv=None):
         # Each in a fresh process: TensorFlow's thread pools are fixed once it has started.
         for key, inter_op, jit in (("streaming_step_ms", 0, 0),
                                    ("streaming_step_ms_inter_op_1", 1, 0),
-                                   ("streaming_step_ms_xla", 0, 1)):
+                                   ("streaming_step_ms_xla", 0, 1),
+                                   ("streaming_step_ms_xla_inter_op_1", 1, 1)):
             output = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), "--streaming-child", str(inter_op),
                  str(args.inputs), str(jit)], check=True, capture_output=True, text=True).stdout
@@ -372,7 +373,8 @@ def main(argv=None):
               f"{result['streaming_step_ms']:.3f} ms per time step (median); with "
               "tf.config.threading.set_inter_op_parallelism_threads(1): "
               f"{result['streaming_step_ms_inter_op_1']:.3f} ms; step compiled by XLA "
-              f"(saved_model(..., jit_compile=True)): {result['streaming_step_ms_xla']:.3f} ms. "
+              f"(saved_model(..., jit_compile=True)): {result['streaming_step_ms_xla']:.3f} ms, "
+              f"both: {result['streaming_step_ms_xla_inter_op_1']:.3f} ms. "
               "Baseline, a reloaded function of the same signature that does nothing: "
               f"{result['streaming_empty_call_ms']:.3f} / "
               f"{result['streaming_empty_call_ms_inter_op_1']:.3f} ms")
