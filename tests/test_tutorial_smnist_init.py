@@ -89,6 +89,8 @@ def test_stllr_defaults_and_window_checks(tutorial):
     # The loss, and S-TLLR's updates, cover the window the class is read from.
     assert args.loss_window == args.readout_window == args.stllr_last_steps == 28
     assert args.loss_average == "logits"
+    assert args.learning_rate == tutorial.STLLR_LEARNING_RATE
+    assert tutorial.parse_args(["--quick"]).learning_rate == 1e-2
     args = tutorial.parse_args(["--quick", "--rule", "stllr", "--loss-window", "420",
                                 "--loss-average", "loss"])
     assert args.loss_window == args.stllr_last_steps == 420
