@@ -80,3 +80,44 @@ def test_model_uses_balanced_sparse_kernels_and_lsnn_sign_order(tutorial):
     for kernel in list(cell._rewired.values()) + [readout._sparse_kernel]:
         theta, mask = kernel.magnitude.numpy(), kernel.mask.numpy()
         assert (theta[mask == 0] == 0).all() and (theta[mask > 0] > 0).all()
+
+
+def test_stllr_defaults_and_window_checks(tutorial):
+    args = tutorial.parse_args(["--quick", "--rule", "stllr"])
+    assert tuple(args.stllr_factors) == tutorial.STLLR_FACTORS
+    assert args.stllr_secondary_activation == tutorial.STLLR_SECONDARY_ACTIVATION
+    # The loss, and S-TLLR's updates, cover the window the class is read from.
+    assert args.loss_window == args.readout_window == args.stllr_last_steps == 28
+    assert args.loss_average == "logits"
+    assert args.learning_rate == tutorial.STLLR_LEARNING_RATE
+    assert tutorial.parse_args(["--quick"]).learning_rate == 1e-2
+    args = tutorial.parse_args(["--quick", "--rule", "stllr", "--loss-window", "420",
+                                "--loss-average", "loss"])
+    assert args.loss_window == args.stllr_last_steps == 420
+    for flag, value in (("--loss-window", "0"), ("--readout-window", "841"),
+                        ("--stllr-last-steps", "-1")):
+        with pytest.raises(SystemExit):
+            tutorial.parse_args(["--quick", flag, value])
+
+
+@pytest.mark.parametrize("readout_only", [False, True])
+def test_train_readout_only_freezes_the_spiking_layer(tutorial, readout_only):
+    import keras
+    import tensorflow as tf
+    argv = ["--quick", "--rule", "stllr"] + (["--train-readout-only"] if readout_only else [])
+    args = tutorial.parse_args(argv)
+    keras.utils.set_random_seed(3)
+    model = tutorial.build_model(args)
+    trainer, rule = tutorial.make_trainer(args, model)
+    assert rule.factors == tutorial.STLLR_FACTORS
+    assert rule.secondary_activation == "surrogate" and rule.last_steps == 28
+    rng = np.random.default_rng(0)
+    x = (rng.random((8, 60, 80)) < 0.2).astype("float32")
+    y = rng.integers(0, 10, 8).astype("int32")
+    lsnn, readout = model.get_layer("lsnn"), model.get_layer("readout")
+    before = [w.numpy().copy() for w in lsnn.weights], [w.numpy().copy() for w in readout.weights]
+    trainer.fit(tf.data.Dataset.from_tensors((x, y)).repeat(), steps=2, verbose=0)
+    changed = [[not np.array_equal(a, w.numpy()) for a, w in zip(old, layer.weights)]
+               for old, layer in zip(before, (lsnn, readout))]
+    assert any(changed[1])                            # the readout learns in both cases
+    assert any(changed[0]) != readout_only            # S-TLLR moves the spiking layer's weights
