@@ -3,7 +3,7 @@
 ``spiking_ops.cc`` holds two TensorFlow ops that run the whole sequence of one LIF/ALIF layer
 (forward, and the hand-written backward recurrence with dW_rec) without a TensorFlow op per
 element-wise update. They are compiled against the installed TensorFlow the first time they
-are needed (about 30-60 s with g++) and cached, keyed by the source, the TensorFlow version,
+are needed (10-60 s with g++) and cached, keyed by the source, the TensorFlow version,
 the compiler flags and the CPU, in ``$KSPIKE_CACHE_DIR`` (default ``~/.cache/kspike``).
 
 Nothing else depends on them: without a C++ compiler, on a TensorFlow whose headers do not
@@ -77,7 +77,7 @@ def _build(tf):
     library = os.path.join(directory, f"spiking_ops_{key}.so")
     if not os.path.exists(library):
         print("kspike: compiling the native SpikingRNN loops for this TensorFlow and CPU "
-              f"(once, about a minute; cached in {directory}) ...", file=sys.stderr, flush=True)
+              f"(once, 10-60 s; cached in {directory}) ...", file=sys.stderr, flush=True)
         start = time.monotonic()
         # Compile to a private name, then rename: concurrent processes never load a partial file.
         handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
