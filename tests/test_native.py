@@ -21,13 +21,16 @@ from kspike import native, surrogates
 from test_engine import _assert_close, _initial_states, _inputs, _outputs_and_grads
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
+# Where a compiler exists the native loops must build (the first test fails otherwise), so
+# these tests run on every machine that can run them, and only a machine without g++ skips.
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER,
+                                    reason="no C++ compiler: the TensorFlow loop is used")
 # 17 rows: two shards of unequal size on a 2-thread pool (the batch split must not matter).
 B, T, N_IN, UNITS = 17, 40, 6, 12
 
 
+@needs_compiler
 def test_native_loops_compile_where_a_compiler_exists():
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler on this machine: the TensorFlow loop is used")
     assert native.available(), native._state["error"]
 
 
@@ -45,8 +48,7 @@ def _three_layers(make_cell, x_shape, **layer_kwargs):
 
 def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_rate=0.02,
            density=0.5):
-    if not native.available():
-        pytest.skip("native loops unavailable (no compiler)")
+    assert native.available(), native._state["error"]
     layer_kwargs = {"return_sequences": True, "return_state": True, **(layer_kwargs or {})}
     x = _inputs(batch=B, steps=T, features=N_IN, density=density) if x is None else x
     generic, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
@@ -90,11 +92,13 @@ CELLS = {
 }
 
 
+@needs_compiler
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_cell_options_equal_tensorflow_loop_and_keras(name):
     _check(CELLS[name])
 
 
+@needs_compiler
 @pytest.mark.parametrize("name", ["alif_mix_refractory", "lif_refractory_bias"])
 def test_sparse_inputs(name):
     # At most a quarter of the inputs active: x_t W_in and dW_in add the active inputs' rows.
@@ -108,6 +112,7 @@ SURROGATES = [("rectangular", {}), ("triangular", {}), ("exponential", {}), ("ga
               ("cauchy", {}), ("multi_gaussian", {})]
 
 
+@needs_compiler
 @pytest.mark.parametrize("name,extra", SURROGATES, ids=[s[0] for s in SURROGATES])
 def test_every_catalogue_surrogate_with_parameters(name, extra):
     spike_function = surrogates.get(name, dampening=0.45, sharpness=0.7, **extra)
@@ -116,15 +121,16 @@ def test_every_catalogue_surrogate_with_parameters(name, extra):
                                seed=3))
 
 
+@needs_compiler
 def test_last_output_only_and_go_backwards():
     _check(CELLS["alif_mix_refractory"], dict(return_sequences=False))
     _check(CELLS["alif_all_outputs_bias"], dict(go_backwards=True))
 
 
+@needs_compiler
 def test_dense_initial_spikes_and_single_row():
     # z_0 need not be 0/1 (a user's initial state): the spike-sparse products still hold.
-    if not native.available():
-        pytest.skip("native loops unavailable (no compiler)")
+    assert native.available(), native._state["error"]
     x = _inputs(batch=1, steps=T, features=N_IN)
     generic, _, native_loop = _three_layers(CELLS["alif"], x.shape, return_sequences=True)
     rng = np.random.default_rng(5)
@@ -138,9 +144,9 @@ def test_dense_initial_spikes_and_single_row():
         _assert_close(a, b, what="gradient")
 
 
+@needs_compiler
 def test_auto_falls_back_where_native_cannot_run():
-    if not native.available():
-        pytest.skip("native loops unavailable (no compiler)")
+    assert native.available(), native._state["error"]
     cell = kspike.ALIF(UNITS, thr=0.05, seed=3)
     layer = kspike.SpikingRNN(cell, return_sequences=True)
     layer.build((B, T, N_IN))
@@ -158,11 +164,11 @@ def test_auto_falls_back_where_native_cannot_run():
     assert custom._native_ops("float32", "float32", masked=False) is None
 
 
+@needs_compiler
 def test_xla_compiled_training_step_uses_the_tensorflow_loop():
     # compile(jit_compile=True) traces the layer inside an XLA cluster, which cannot hold the
     # native ops: "auto" runs the TensorFlow loop there, and training works.
-    if not native.available():
-        pytest.skip("native loops unavailable (no compiler)")
+    assert native.available(), native._state["error"]
     x = _inputs(batch=4, steps=10, features=N_IN)
     y = np.random.default_rng(0).integers(0, 2, (4, 10))
     model = keras.Sequential([keras.Input((10, N_IN)),
@@ -196,9 +202,8 @@ def test_config_round_trip_keeps_native():
     assert kspike.SpikingRNN(kspike.LIF(UNITS)).get_config()["native"] == "auto"
 
 
+@needs_compiler
 def test_command_line_build():
-    if not HAS_COMPILER:
-        pytest.skip("no C++ compiler on this machine")
     result = subprocess.run([sys.executable, "-m", "kspike.native"], capture_output=True,
                             timeout=600, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -231,11 +236,11 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     assert all(g is not None for g in grads)
 
 
+@needs_compiler
 def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
     # The native ops run only under a gradient tape: the exported graph holds TensorFlow ops
     # alone, so the SavedModel loads and serves in a process that never imports kspike.
-    if not native.available():
-        pytest.skip("native loops unavailable (no compiler)")
+    assert native.available(), native._state["error"]
     model = keras.Sequential([
         keras.Input((T, N_IN)),
         kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2, seed=3),
