@@ -18,10 +18,10 @@
 //   W_rec^T packed once per call (Eigen's GEMM where AVX-512 is missing);
 // - the batch is split into one shard per intra-op thread, each running the whole recurrence
 //   for its rows (rows are independent), so the threads never wait on each other per step;
-// - sequences are batch-major (B, T, n), the layout of Keras' inputs and outputs, so no
-//   transposes are needed around the loops.
-
-#define EIGEN_USE_THREADS
+// - the layer's inputs, outputs and output gradients stay batch-major (B, T, n), Keras' layout,
+//   so no transposes are needed around the loops; the buffers the backward pass reads back
+//   (v, A, refractory mask, dL/dI) are time-major, so each step reads one contiguous block, and
+//   the spikes are kept for it as bits.
 
 #include <algorithm>
 #include <cstdint>
@@ -30,9 +30,6 @@
 #include <vector>
 
 #include "Eigen/Core"
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__SSE__)
 #include <immintrin.h>
 #endif
@@ -53,7 +50,6 @@ using tensorflow::errors::InvalidArgument;
 using tensorflow::shape_inference::InferenceContext;
 
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using StridedRows = Eigen::Map<const RowMatrix, 0, Eigen::OuterStride<>>;
 
 // ------------------------------------------------------------------ surrogate pseudo-derivatives
 // psi(x) of kspike/surrogates.py, written with the same float32 operations in the same order.
@@ -176,23 +172,6 @@ static void ReadNeuronAttrs(OpKernelConstruction* ctx, NeuronAttrs* a) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("has_bias", &a->has_bias));
 }
 
-// Large outputs are fresh memory: every 4 KiB page faults on first touch, which costs more than
-// the arithmetic of the loops. Asking for transparent huge pages (where the kernel offers them
-// on request) makes that one fault per 2 MiB.
-static void AdviseHugePages(Tensor* tensor) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = tensor->TotalBytes();
-  if (bytes < (int64_t{8} << 20)) return;
-  const uintptr_t huge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(tensor->data());
-  const uintptr_t first = (begin + huge - 1) & ~(huge - 1);
-  const uintptr_t last = (begin + bytes) & ~(huge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)tensor;
-#endif
-}
-
 // Runs fn(first_row, last_row, shard) over shards of the batch, one per intra-op thread.
 // Denormals flushed to zero while a shard runs, as TensorFlow's own CPU kernels do: a gradient
 // that decays through many steps would otherwise slow every product by microcode assists.
@@ -307,16 +286,11 @@ static void ScatterRows(const int32_t* __restrict index, const float* __restrict
   }
 }
 
-// Prefetches the `bytes` bytes at p into the cache (rows of one step of a batch-major sequence
-// are 4n bytes apart from the next step's, so the hardware prefetcher misses them).
+// Prefetches the `bytes` bytes at p into the cache: the B rows of one step of a batch-major
+// (B, T, n) sequence lie 4 T n bytes apart, too many short streams for the hardware prefetcher.
 static inline void Prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
-static inline void PrefetchForWrite(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 1, 3);
 }
 
 // ------------------------------------------------------------------ small dense products
@@ -570,7 +544,6 @@ class SpikingForwardOp : public OpKernel {
                                              &b_final));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
-    for (Tensor* sequence : {z_out, v_out, a_out, allowed_out}) AdviseHugePages(sequence);
 
     const float* X = x.flat<float>().data();
     const float* W_in = w_in.flat<float>().data();
@@ -786,7 +759,6 @@ class SpikingBackwardOp : public OpKernel {
                             4, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({sparse_inputs ? n_in : 0, n}),
                                              &gw_in_t));
-    AdviseHugePages(g_current);
 
     const uint64_t* bits = reinterpret_cast<const uint64_t*>(bits_t.flat<int64_t>().data());
     const float* z0 = ctx->input(1).flat<float>().data();
