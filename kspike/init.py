@@ -1,5 +1,5 @@
 """Stabilising initialisation of Herranz-Celotti & Rouat, "Stabilizing Spiking Neuron Training"
-(arXiv 2202.00282; REFERENCE.md section 8), in kspike's convention.
+(arXiv 2202.00282; docs/stabilizing.md), in kspike's convention.
 
 kspike's step is v_t = alpha v_{t-1} + (1 - alpha) (x_t W_in + z_{t-1} W_rec) - thr z_{t-1} with
 z_t = H((v_t - thr) / thr) (LIF, and ALIF at initialisation where b = 0), so the spike's

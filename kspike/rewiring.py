@@ -1,4 +1,4 @@
-"""DEEP R rewiring (Bellec et al. 2018, REFERENCE.md section 3): sparse, sign-fixed kernels whose
+"""DEEP R rewiring (Bellec et al. 2018, docs/deep_r.md): sparse, sign-fixed kernels whose
 total number of active connections stays constant during training.
 
 A rewired kernel W (n_pre, n_post) is held as three variables of its layer:
@@ -81,7 +81,7 @@ def _check_seed(seed):
 
 # --------------------------------------------------------------------------- functional core
 def initial_connectivity(shape, connectivity=None, dale=None, zero_diagonal=False, seed=None):
-    """Initial magnitudes, signs and mask of a rewired kernel (REFERENCE.md section 3).
+    """Initial magnitudes, signs and mask of a rewired kernel (docs/deep_r.md).
 
     ``int(n_pre * n_post * connectivity)`` entries are active, drawn uniformly without replacement
     (never on the diagonal when ``zero_diagonal``); active magnitudes are

@@ -1,4 +1,4 @@
-"""Spike functions with surrogate pseudo-derivatives (REFERENCE.md section 2).
+"""Spike functions with surrogate pseudo-derivatives (docs/surrogates.md).
 
 A spike function maps the normalised distance to threshold ``x = (v - A) / A`` to a spike:
 forward ``H(x) = 1[x > 0]`` (strictly greater, exactly 0/1 in the compute dtype); backward the
@@ -226,7 +226,7 @@ class MultiGaussian(SpikeFunction):
 
 
 def available():
-    """Names of the catalogue's spike functions (REFERENCE.md section 2), sorted."""
+    """Names of the catalogue's spike functions (docs/surrogates.md), sorted."""
     return sorted({cls.name for cls in _REGISTRY.values()})
 
 

@@ -1,6 +1,6 @@
 """e-prop (Bellec et al. 2020): eligibility traces forward in time times learning signals.
 
-REFERENCE.md section 4. The eligibility traces are derived from kspike's own step
+docs/eprop.md. The eligibility traces are derived from kspike's own step
 (``kspike.dynamics``: ``spike_derivatives``, ``eprop_state_jacobian``,
 ``eprop_eligibility_step``, ``eligibility_trace``), so the (1 - alpha), (1 - rho) factors and the
 reset by A_t z_{t-1} of kspike's convention are part of them.
@@ -101,7 +101,7 @@ class EProp(_FeedbackRule):
     """e-prop: online eligibility propagation for LIF/ALIF networks with a leaky readout.
 
     The gradient of every input, recurrent and bias weight of the spiking layers is
-    ``sum_{batch, t} L_j(t) ebar_ji(t)`` (REFERENCE.md section 4), with eligibility traces
+    ``sum_{batch, t} L_j(t) ebar_ji(t)`` (docs/eprop.md), with eligibility traces
     ``e_ji(t)`` computed forward in time from kspike's own step, inside the ``tf.while_loop`` that
     runs the network (no stored sequence of states: memory does not grow with T), and learning
     signals ``L_j(t) = sum_k B_jk dE/dy_k(t)`` from the readout error. The readout (and its bias)

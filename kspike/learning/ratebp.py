@@ -1,4 +1,4 @@
-"""Rate-based backpropagation (Yu et al., NeurIPS 2024; REFERENCE.md section 7).
+"""Rate-based backpropagation (Yu et al., NeurIPS 2024; docs/ratebp.md).
 
 Training in two phases per batch:
 

@@ -1,4 +1,4 @@
-"""Trace STDP with SpikingJelly's ``STDPLearner`` semantics (REFERENCE.md section 6).
+"""Trace STDP with SpikingJelly's ``STDPLearner`` semantics (docs/stdp.md).
 
 For a synapse with presynaptic spikes ``s_pre`` (B, n_in) and postsynaptic spikes ``s_post``
 (B, n_out) at one time step, the traces are updated first and the weight change follows::

@@ -1,6 +1,6 @@
 """S-TLLR (Apolinario & Roy, TMLR 2025): a local, STDP-inspired rule with memory O(n).
 
-REFERENCE.md section 5. For every input, recurrent and bias weight of the spiking layers::
+docs/stllr.md. For every input, recurrent and bias weight of the spiking layers::
 
     trace_pre(t)  = lambda_pre  trace_pre(t-1)  + p_t            p = x_t, z_{t-1} or 1 (bias)
     trace_post(t) = lambda_post trace_post(t-1) + psi_t
