@@ -454,9 +454,18 @@ class DeepR(keras.optimizers.Optimizer):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((10, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(20, connectivity=0.2, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
     >>> opt = kspike.DeepR(keras.optimizers.Adam(1e-2), l1=1e-2, temperature=0.0, seed=0)
     >>> model.compile(optimizer=opt, loss="mse")
-    >>> model.fit(x, y)                     # kspike.rewiring.active_connections(model) constant
+    >>> kspike.rewiring.active_connections(model)    # int(5*20*0.2) + int(20*20*0.2)
+    100
+    >>> x = (np.random.default_rng(0).random((4, 10, 5)) < 0.3).astype("float32")
+    >>> history = model.fit(x, np.ones((4, 10, 2)), epochs=2, verbose=0)
+    >>> kspike.rewiring.active_connections(model)    # constant under rewiring
+    100
     """
 
     def __init__(self, optimizer="adam", l1=1e-2, temperature=0.0, seed=None, name=None,

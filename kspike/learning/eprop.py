@@ -167,10 +167,22 @@ class EProp(_FeedbackRule):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> rng = np.random.default_rng(0)
+    >>> x = (rng.random((4, 20, 5)) < 0.3).astype("float32")     # (B, T, n_in) spikes
+    >>> y = rng.normal(size=(4, 20, 2)).astype("float32")         # (B, T, n_out) targets
     >>> rule = kspike.learning.EProp(feedback="random", seed=1)
     >>> grads = rule.gradients(model, x, y, keras.losses.MeanSquaredError())
-    >>> optimizer.apply(grads, model.trainable_variables)
-    >>> online = kspike.learning.EProp(single_pass=True)    # y (B, T, n_out), mask (B, T)
+    >>> [tuple(g.shape) for g in grads]          # aligned with model.trainable_variables
+    [(5, 8), (8, 8), (8, 2), (2,)]
+    >>> keras.optimizers.Adam(1e-3).apply(grads, model.trainable_variables)
+    >>> mask = np.zeros((4, 20), "float32"); mask[:, -5:] = 1.0  # loss on the last 5 steps
+    >>> online = kspike.learning.EProp(single_pass=True)
+    >>> online.uses_single_pass(model, x, y, "mse", sample_weight=mask)
+    True
     >>> grads = online.gradients(model, x, y, "mse", sample_weight=mask)
     """
 
