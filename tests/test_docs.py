@@ -1,11 +1,13 @@
 """Documentation checks: every ``>>>`` example in kspike's docstrings runs and shows its real
 output, and the repository cites only documents a user can open (docs/, the code itself).
 
-The examples are collected with ``doctest`` (one pytest case per docstring) rather than with
-pytest's ``--doctest-modules``: that flag would import every file under kspike/, including
-``kspike/native/__main__.py``, whose import builds the native loops. Each docstring runs in a
-namespace that holds only ``__name__``, so an example must import what it uses, as a reader
-copying it would.
+The examples are collected here with ``doctest`` (one pytest case per docstring) rather than
+with pytest's ``--doctest-modules``, so that ``python -m pytest -q`` and ``pytest
+tests/test_docs.py`` run them alike, under tests/conftest.py (seeded, CPU only, quiet, Agg
+backend), with an explicit list of modules that are imported (never the command-line entry
+point ``kspike/native/__main__.py``; importing ``kspike.native`` itself compiles nothing) and
+an explicit list of known exceptions. Each docstring runs in a namespace that holds only
+``__name__``, so an example must import what it uses, as a reader copying it would.
 """
 import doctest
 import importlib
@@ -19,8 +21,8 @@ import kspike
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Modules whose files import on their own, but must not be imported by collection: running
-# ``python -m kspike.native`` compiles the native loops.
+# Command-line entry points, not library modules (``python -m kspike.native`` compiles the
+# native loops on purpose).
 _NOT_IMPORTED = {"kspike.native.__main__"}
 
 # KNOWN EXCEPTION, to be dropped at merge time: these modules are being rewritten on other
