@@ -8,7 +8,7 @@ more cues. Network (e-prop's tutorial): 50 LIF + 50 ALIF neurons, tau 20 ms, tau
 batch, then confirmed on 8 fresh batches, as in e-prop's tutorial).
 
 e-prop writes v_t = alpha v_{t-1} + I_t - thr z_{t-1} with thr = 0.6 and
-beta = 1.7 (1 - rho) / (1 - alpha); in kspike's convention (REFERENCE.md section 1) the same
+beta = 1.7 (1 - rho) / (1 - alpha); in kspike's convention (docs/neurons.md) the same
 neurons have thr = 0.6 (1 - alpha) and beta = 1.7, which this script uses.
 
     python bin/tutorial_evidence_accumulation.py                  # BPTT

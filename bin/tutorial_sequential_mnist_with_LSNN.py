@@ -15,7 +15,7 @@ recurrent neurons' signs. One deliberate difference: the cue channel is always e
 (``--cue-sign``); LSNN draws its sign like any input channel, and with seed 0 (whose random draw
 makes the cue inhibitory) test accuracy was 19% after 100 iterations and 33% after 200, against
 47% and 59% with an excitatory cue. Not reproduced (kspike's neuron
-equations, REFERENCE.md section 1): LSNN's random synaptic delays of 1-10 ms (``n_delay=10``)
+equations, docs/neurons.md): LSNN's random synaptic delays of 1-10 ms (``n_delay=10``)
 and its one-step lag of the spike behind the voltage.
 
 LSNN's reference curve: ~40% test accuracy after 100 iterations, ~60% after 200, >90% after

@@ -376,7 +376,7 @@ class _SpikingCell(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="kspike")
 class LIF(_SpikingCell):
-    """Leaky integrate-and-fire cell with reset by subtraction (REFERENCE.md section 1, beta=0).
+    """Leaky integrate-and-fire cell with reset by subtraction (docs/neurons.md, beta=0).
 
     Args:
         units: number of neurons n (int >= 1).
@@ -424,7 +424,7 @@ class LIF(_SpikingCell):
 
 @keras.saving.register_keras_serializable(package="kspike")
 class ALIF(_SpikingCell):
-    """Adaptive LIF cell of LSNN (REFERENCE.md section 1), optionally mixed with plain LIF.
+    """Adaptive LIF cell of LSNN (docs/neurons.md), optionally mixed with plain LIF.
 
     Args:
         units: number of neurons n (int >= 1).

@@ -1,4 +1,4 @@
-"""Pure step functions of the LIF and ALIF neuron (REFERENCE.md section 1).
+"""Pure step functions of the LIF and ALIF neuron (docs/neurons.md).
 
 These functions are the one definition of kspike's neuron dynamics: the Keras cells, the fast
 sequence engine, the learning rules and the tests call them. They hold no state of their own and
@@ -186,7 +186,7 @@ def neuron_step_vjp(grad_z, grad_v, grad_b, grad_A, v, A, z_previous, params, al
 
 
 # ------------------------------------------------------------------ e-prop partial derivatives
-# REFERENCE.md section 4, derived for the kspike step above. The hidden state is h = (v, b); the
+# docs/eprop.md, derived for the kspike step above. The hidden state is h = (v, b); the
 # spike z_t = z(h_t) is a function of it. As in e-prop, z_{t-1} counts as a constant where it
 # enters the recurrent input I_t and the reset factor of v_t, but not where it enters b_t.
 

@@ -497,10 +497,17 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
 
     Example:
 
-    >>> kspike.export.saved_model(model, "exported/lsnn")
-    >>> loaded = tf.saved_model.load("exported/lsnn")
-    >>> states = loaded.initial_state(tf.constant(1))
-    >>> y_t, states = loaded.step(x[:, 0], states)
+    >>> import os, tempfile, keras, numpy as np, tensorflow as tf, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
+    >>> path = kspike.export.saved_model(model, os.path.join(tempfile.mkdtemp(), "lsnn"))
+    >>> loaded = tf.saved_model.load(path)
+    >>> states = loaded.initial_state(tf.constant(4))
+    >>> y_t, states = loaded.step(tf.constant(x[:, 0]), states)    # one step, (B, n_out)
+    >>> bool(np.allclose(y_t, model(x)[:, 0], atol=1e-6))
+    True
     """
     directory = _check_directory(directory, overwrite)
     module = StreamingModel(model, jit_compile=jit_compile)

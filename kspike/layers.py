@@ -66,7 +66,10 @@ class LeakyReadout(keras.layers.Layer):
 
     Example:
 
-    >>> y = kspike.LeakyReadout(10, tau=20.0)(spikes)   # spikes (B, T, n) -> (B, T, 10)
+    >>> import numpy as np, kspike
+    >>> spikes = np.zeros((2, 50, 30), "float32")           # (B, T, n)
+    >>> tuple(kspike.LeakyReadout(10, tau=20.0)(spikes).shape)
+    (2, 50, 10)
     """
 
     def __init__(self, units, tau=20.0, dt=1.0, use_bias=True, kernel_initializer=None,

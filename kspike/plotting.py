@@ -6,9 +6,15 @@ spikes (T, n), voltages (T, n), thresholds (T, n), outputs (T, n_out); times are
 
 Example:
 
->>> fig = kspike.plotting.activity_figure(inputs=x[0], spikes=z[0], thresholds=A[0],
-...                                       outputs=softmax[0], n_regular=120)
->>> kspike.plotting.save_figure(fig, "results/smnist")   # results/smnist.png and .pdf
+>>> import os, tempfile, keras, numpy as np, kspike
+>>> cell = kspike.ALIF(10, n_adaptive=4, thr=0.03, output="all", seed=0)   # 6 LIF + 4 ALIF
+>>> model = keras.Sequential([keras.Input((20, 5)), keras.layers.RNN(cell, return_sequences=True)])
+>>> x = (np.random.default_rng(0).random((1, 20, 5)) < 0.3).astype("float32")
+>>> z, v, A = kspike.split_outputs(keras.ops.convert_to_numpy(model(x)))
+>>> fig = kspike.plotting.activity_figure(inputs=x[0], spikes=z[0], thresholds=A[0], n_regular=6)
+>>> paths = kspike.plotting.save_figure(fig, os.path.join(tempfile.mkdtemp(), "activity"))
+>>> [os.path.basename(p) for p in paths]
+['activity.png', 'activity.pdf']
 """
 import os
 

@@ -155,8 +155,17 @@ def record_activity(model, x, training=None):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, thr=0.03, seed=0), return_sequences=True,
+    ...                      name="alif"),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
     >>> y, activity = kspike.regularizers.record_activity(model, x)
-    >>> rates_hz = [1000 * tf.reduce_mean(a.spikes) / a.dt for a in activity]
+    >>> [(a.name, tuple(a.spikes.shape), a.dt) for a in activity]
+    [('alif', (4, 20, 8), 1.0)]
+    >>> [f"{1000 * float(keras.ops.mean(a.spikes)) / a.dt:.0f} Hz" for a in activity]
+    ['106 Hz']
     """
     probe = activity_probe(model)
     if probe.model is None:
@@ -235,9 +244,19 @@ class FiringRateRegularizer:
 
     Example:
 
-    >>> reg = kspike.FiringRateRegularizer(target=0.01, strength=0.1)
-    >>> trainer = kspike.Trainer(model, "adam", loss, regularizers=[reg])
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, thr=0.03, seed=0), return_sequences=True,
+    ...                      name="alif"),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
+    >>> reg = kspike.FiringRateRegularizer(target=0.01, strength=0.1)   # 10 Hz at dt = 1 ms
+    >>> _, activity = kspike.regularizers.record_activity(model, x)
+    >>> print(f"{float(reg(activity)):.4f}")       # 0.1 * sum_j (rate_j - 0.01)^2
+    0.0199
     >>> fit_model = kspike.regularizers.with_regularization(model, [reg])   # for model.fit
+
+    ``kspike.Trainer(model, optimizer, loss, regularizers=[reg])`` takes it as well.
     """
 
     def __init__(self, target=0.01, strength=0.1, layers=None):
@@ -424,10 +443,16 @@ def with_regularization(model, regularizers):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, thr=0.03, seed=0), return_sequences=True,
+    ...                      name="alif"),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
     >>> fit_model = kspike.regularizers.with_regularization(
     ...     model, [kspike.FiringRateRegularizer(target=0.01, strength=0.1)])
-    >>> fit_model.compile("adam", "sparse_categorical_crossentropy")
-    >>> fit_model.fit(x, y)            # trains the weights of ``model``
+    >>> fit_model.compile("adam", "mse")
+    >>> history = fit_model.fit(x, np.zeros((4, 20, 2)), verbose=0)   # trains ``model``'s weights
     """
     regularizers = _check_regularizers(regularizers)
     probe = activity_probe(model)

@@ -1,4 +1,4 @@
-"""DEEP R rewiring (Bellec et al. 2018, REFERENCE.md section 3): sparse, sign-fixed kernels whose
+"""DEEP R rewiring (Bellec et al. 2018, docs/deep_r.md): sparse, sign-fixed kernels whose
 total number of active connections stays constant during training.
 
 A rewired kernel W (n_pre, n_post) is held as three variables of its layer:
@@ -81,7 +81,7 @@ def _check_seed(seed):
 
 # --------------------------------------------------------------------------- functional core
 def initial_connectivity(shape, connectivity=None, dale=None, zero_diagonal=False, seed=None):
-    """Initial magnitudes, signs and mask of a rewired kernel (REFERENCE.md section 3).
+    """Initial magnitudes, signs and mask of a rewired kernel (docs/deep_r.md).
 
     ``int(n_pre * n_post * connectivity)`` entries are active, drawn uniformly without replacement
     (never on the diagonal when ``zero_diagonal``); active magnitudes are
@@ -454,9 +454,18 @@ class DeepR(keras.optimizers.Optimizer):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((10, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(20, connectivity=0.2, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
     >>> opt = kspike.DeepR(keras.optimizers.Adam(1e-2), l1=1e-2, temperature=0.0, seed=0)
     >>> model.compile(optimizer=opt, loss="mse")
-    >>> model.fit(x, y)                     # kspike.rewiring.active_connections(model) constant
+    >>> kspike.rewiring.active_connections(model)    # int(5*20*0.2) + int(20*20*0.2)
+    100
+    >>> x = (np.random.default_rng(0).random((4, 10, 5)) < 0.3).astype("float32")
+    >>> history = model.fit(x, np.ones((4, 10, 2)), epochs=2, verbose=0)
+    >>> kspike.rewiring.active_connections(model)    # constant under rewiring
+    100
     """
 
     def __init__(self, optimizer="adam", l1=1e-2, temperature=0.0, seed=None, name=None,

@@ -1,4 +1,4 @@
-"""Spike functions with surrogate pseudo-derivatives (REFERENCE.md section 2).
+"""Spike functions with surrogate pseudo-derivatives (docs/surrogates.md).
 
 A spike function maps the normalised distance to threshold ``x = (v - A) / A`` to a spike:
 forward ``H(x) = 1[x > 0]`` (strictly greater, exactly 0/1 in the compute dtype); backward the
@@ -16,9 +16,16 @@ exactly ``H(x)``; its derivative with respect to ``x`` is exactly ``psi(x)``. Un
 through a reloaded SavedModel.
 
 Example:
-    >>> f = kspike.surrogates.get("ntail", dampening=0.3, sharpness=1.0, tail=1.56)
-    >>> z = f(x)                                   # spikes; dz/dx = f.pseudo_derivative(x)
-    >>> g = kspike.surrogates.get(f.get_config()["name"], **f.get_config())   # round trip
+
+>>> import keras, kspike
+>>> f = kspike.surrogates.get("ntail", dampening=0.3, sharpness=1.0, tail=1.56)
+>>> x = keras.ops.convert_to_tensor([-1.0, 0.0, 0.5])
+>>> keras.ops.convert_to_numpy(f(x))                         # spikes: 1 where x > 0
+array([0., 0., 1.], dtype=float32)
+>>> keras.ops.convert_to_numpy(f.pseudo_derivative(x)).round(4)   # dz/dx, peak gamma at 0
+array([0.028 , 0.3   , 0.0607], dtype=float32)
+>>> kspike.surrogates.get(f.get_config()["name"], **f.get_config()) == f   # round trip
+True
 """
 import math
 
@@ -226,7 +233,13 @@ class MultiGaussian(SpikeFunction):
 
 
 def available():
-    """Names of the catalogue's spike functions (REFERENCE.md section 2), sorted."""
+    """Names of the catalogue's spike functions (docs/surrogates.md), sorted.
+
+    >>> import kspike
+    >>> kspike.surrogates.available()  # doctest: +NORMALIZE_WHITESPACE
+    ['cauchy', 'exponential', 'fast_sigmoid', 'gaussian', 'multi_gaussian', 'ntail',
+     'rectangular', 'sigmoid', 'triangular']
+    """
     return sorted({cls.name for cls in _REGISTRY.values()})
 
 

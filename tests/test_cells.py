@@ -1,5 +1,5 @@
-"""LIF/ALIF cells: exact dynamics against an independent NumPy implementation of REFERENCE.md
-section 1, gradients proven by finite differences, Keras integration and argument checks."""
+"""LIF/ALIF cells: exact dynamics against an independent NumPy implementation of docs/neurons.md,
+gradients proven by finite differences, Keras integration and argument checks."""
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,7 +13,7 @@ T_LONG = 600
 
 # ----------------------------------------------------------------------------- reference
 def numpy_reference(x, w_in, w_rec, bias, tau, dt, thr, beta, tau_adaptation, n_refractory):
-    """REFERENCE.md section 1 in float64 NumPy, written from the text only.
+    """docs/neurons.md in float64 NumPy, written from the text only.
 
     x (B, T, n_in); beta a (n,) vector (0 = LIF neuron). Returns z, v, A, each (B, T, n).
     The refractory rule is tracked with the time of the last spike: a neuron that spiked at t'

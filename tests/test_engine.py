@@ -262,7 +262,7 @@ def test_rewired_cell_with_connectivity():
 
 # ----------------------------------------------------------------------------- numpy reference
 def _numpy_alif(x, w_in, w_rec, bias, beta, thr, alpha, rho, n_refractory):
-    """Independent NumPy forward pass of REFERENCE.md section 1 from zero states."""
+    """Independent NumPy forward pass of docs/neurons.md from zero states."""
     batch, steps, _ = x.shape
     n = w_in.shape[1]
     v = np.zeros((batch, n))

@@ -1,8 +1,8 @@
 """e-prop (kspike.learning.EProp) against autodiff of an independently written network.
 
-The reference network below re-implements REFERENCE.md section 1 step by step (it does not call
+The reference network below re-implements docs/neurons.md step by step (it does not call
 kspike's maths) with ``tf.stop_gradient`` on z_{t-1} where it enters the recurrent input and the
-reset term (not where it enters b_t), as REFERENCE.md section 4 prescribes. Symmetric e-prop must
+reset term (not where it enters b_t), as docs/eprop.md prescribes. Symmetric e-prop must
 equal the autodiff gradient of that network.
 """
 import numpy as np

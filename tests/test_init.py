@@ -1,4 +1,4 @@
-"""Stabilising initialisation (REFERENCE.md section 8): the chosen values satisfy conditions I-IV
+"""Stabilising initialisation (docs/stabilizing.md): the chosen values satisfy conditions I-IV
 of Herranz-Celotti & Rouat numerically (written in the paper's units here, independently of
 kspike), condition III gives the dampening the paper predicts, and a deep stack keeps firing
 where the default initialisation goes silent."""

@@ -1,4 +1,4 @@
-"""LeakyReadout and leaky_filter against NumPy (REFERENCE.md section 1, leaky readout)."""
+"""LeakyReadout and leaky_filter against NumPy (docs/neurons.md, leaky readout)."""
 import numpy as np
 import pytest
 import tensorflow as tf

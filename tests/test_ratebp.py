@@ -1,4 +1,4 @@
-"""Rate-based backpropagation (REFERENCE.md section 7) against NumPy and analytic values."""
+"""Rate-based backpropagation (docs/ratebp.md) against NumPy and analytic values."""
 import gc
 
 import keras

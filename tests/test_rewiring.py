@@ -1,6 +1,6 @@
 """DEEP R rewiring: sparse sign-fixed kernels, the DeepR optimizer wrapper, saving, export.
 
-Reference values come from independent NumPy re-implementations of REFERENCE.md section 3
+Reference values come from independent NumPy re-implementations of docs/deep_r.md
 written here (the random numbers of a step are taken from ``rewiring_draws``, the maths never).
 """
 import json
@@ -21,7 +21,7 @@ from kspike import rewiring
 
 
 def numpy_rewiring(thetas, masks, lr, l1, temperature, noise, keys, allowed):
-    """REFERENCE.md section 3, steps 2-3, in NumPy (float32 like the variables)."""
+    """docs/deep_r.md, steps 2-3, in NumPy (float32 like the variables)."""
     f32 = np.float32
     new_thetas, alive = [], []
     n_died = 0

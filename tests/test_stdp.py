@@ -1,4 +1,4 @@
-"""Trace STDP (REFERENCE.md section 6) against independent NumPy re-implementations."""
+"""Trace STDP (docs/stdp.md) against independent NumPy re-implementations."""
 import math
 
 import keras

@@ -1,5 +1,5 @@
-"""S-TLLR (kspike.learning.STLLR) against an independent NumPy implementation of REFERENCE.md
-sections 1 (neurons), 5 (the rule) and the leaky readout."""
+"""S-TLLR (kspike.learning.STLLR) against an independent NumPy implementation of docs/neurons.md
+(neurons and the leaky readout) and docs/stllr.md (the rule)."""
 import numpy as np
 import pytest
 import keras

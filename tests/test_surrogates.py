@@ -1,4 +1,4 @@
-"""Surrogate spike functions against their formulas (REFERENCE.md section 2), written here in
+"""Surrogate spike functions against their formulas (docs/surrogates.md), written here in
 NumPy independently of kspike."""
 import math
 
@@ -29,7 +29,7 @@ def _sig(u):
     return 1.0 / (1.0 + np.exp(-u))
 
 
-# psi(x) of REFERENCE.md section 2, gamma = g, sharpness = s, tail = q.
+# psi(x) of docs/surrogates.md, gamma = g, sharpness = s, tail = q.
 FORMULAS = {
     "rectangular": lambda x, g, s, q: g * (np.abs(2 * s * x) < 1).astype(float),
     "triangular": lambda x, g, s, q: g * np.maximum(0.0, 1 - np.abs(s * x)),

@@ -26,7 +26,7 @@ class LearningRule:
     """Base class of kspike's learning rules (BPTT, e-prop, S-TLLR, STDP, rate-based BP).
 
     A rule turns one batch into gradients. ``compute`` is what the Trainer calls inside its
-    ``tf.function`` train step; ``gradients`` is the one-batch convenience of API.md.
+    ``tf.function`` train step; ``gradients`` is the one-batch convenience for users.
     Subclasses implement ``compute`` and may override ``check_model`` to reject model shapes
     they do not support with a clear error.
     """

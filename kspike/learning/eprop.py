@@ -1,6 +1,6 @@
 """e-prop (Bellec et al. 2020): eligibility traces forward in time times learning signals.
 
-REFERENCE.md section 4. The eligibility traces are derived from kspike's own step
+docs/eprop.md. The eligibility traces are derived from kspike's own step
 (``kspike.dynamics``: ``spike_derivatives``, ``eprop_state_jacobian``,
 ``eprop_eligibility_step``, ``eligibility_trace``), so the (1 - alpha), (1 - rho) factors and the
 reset by A_t z_{t-1} of kspike's convention are part of them.
@@ -101,7 +101,7 @@ class EProp(_FeedbackRule):
     """e-prop: online eligibility propagation for LIF/ALIF networks with a leaky readout.
 
     The gradient of every input, recurrent and bias weight of the spiking layers is
-    ``sum_{batch, t} L_j(t) ebar_ji(t)`` (REFERENCE.md section 4), with eligibility traces
+    ``sum_{batch, t} L_j(t) ebar_ji(t)`` (docs/eprop.md), with eligibility traces
     ``e_ji(t)`` computed forward in time from kspike's own step, inside the ``tf.while_loop`` that
     runs the network (no stored sequence of states: memory does not grow with T), and learning
     signals ``L_j(t) = sum_k B_jk dE/dy_k(t)`` from the readout error. The readout (and its bias)
@@ -167,10 +167,22 @@ class EProp(_FeedbackRule):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> rng = np.random.default_rng(0)
+    >>> x = (rng.random((4, 20, 5)) < 0.3).astype("float32")     # (B, T, n_in) spikes
+    >>> y = rng.normal(size=(4, 20, 2)).astype("float32")         # (B, T, n_out) targets
     >>> rule = kspike.learning.EProp(feedback="random", seed=1)
     >>> grads = rule.gradients(model, x, y, keras.losses.MeanSquaredError())
-    >>> optimizer.apply(grads, model.trainable_variables)
-    >>> online = kspike.learning.EProp(single_pass=True)    # y (B, T, n_out), mask (B, T)
+    >>> [tuple(g.shape) for g in grads]          # aligned with model.trainable_variables
+    [(5, 8), (8, 8), (8, 2), (2,)]
+    >>> keras.optimizers.Adam(1e-3).apply(grads, model.trainable_variables)
+    >>> mask = np.zeros((4, 20), "float32"); mask[:, -5:] = 1.0  # loss on the last 5 steps
+    >>> online = kspike.learning.EProp(single_pass=True)
+    >>> online.uses_single_pass(model, x, y, "mse", sample_weight=mask)
+    True
     >>> grads = online.gradients(model, x, y, "mse", sample_weight=mask)
     """
 

@@ -1,4 +1,4 @@
-"""Rate-based backpropagation (Yu et al., NeurIPS 2024; REFERENCE.md section 7).
+"""Rate-based backpropagation (Yu et al., NeurIPS 2024; docs/ratebp.md).
 
 Training in two phases per batch:
 
@@ -69,11 +69,18 @@ class RateBP(LearningRule):
 
     Example:
 
+    >>> import keras, numpy as np, kspike
+    >>> T, n_in = 10, 5
     >>> model = keras.Sequential([keras.Input((T, n_in)),
-    ...     keras.layers.RNN(kspike.LIF(128, recurrent=False), return_sequences=True),
-    ...     keras.layers.RNN(kspike.LIF(64), return_sequences=True), kspike.LeakyReadout(10)])
+    ...     keras.layers.RNN(kspike.LIF(16, recurrent=False, seed=0), return_sequences=True),
+    ...     keras.layers.RNN(kspike.LIF(8, seed=1), return_sequences=True),
+    ...     kspike.LeakyReadout(3, seed=2)])
+    >>> x = (np.random.default_rng(0).random((4, T, n_in)) < 0.5).astype("float32")
+    >>> y = np.array([0, 1, 2, 1])                    # one class per sequence
     >>> rule = kspike.learning.RateBP()
     >>> grads = rule.gradients(model, x, y, keras.losses.SparseCategoricalCrossentropy(True))
+    >>> len(grads) == len(model.trainable_variables)
+    True
     """
 
     name = "ratebp"

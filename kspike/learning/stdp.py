@@ -1,4 +1,4 @@
-"""Trace STDP with SpikingJelly's ``STDPLearner`` semantics (REFERENCE.md section 6).
+"""Trace STDP with SpikingJelly's ``STDPLearner`` semantics (docs/stdp.md).
 
 For a synapse with presynaptic spikes ``s_pre`` (B, n_in) and postsynaptic spikes ``s_post``
 (B, n_out) at one time step, the traces are updated first and the weight change follows::
@@ -82,8 +82,14 @@ def soft_bounds(w_min=0.0, w_max=1.0):
     """(f_pre, f_post) of multiplicative STDP keeping weights softly inside [w_min, w_max].
 
     Example:
-        >>> f_pre, f_post = kspike.learning.stdp.soft_bounds(0.0, 1.0)
-        >>> rule = kspike.learning.STDP(f_pre=f_pre, f_post=f_post, synapse=layer)
+
+    >>> import keras, kspike
+    >>> f_pre, f_post = kspike.learning.stdp.soft_bounds(0.0, 1.0)
+    >>> w = keras.ops.convert_to_tensor(0.25)
+    >>> float(f_pre(w)), float(f_post(w))           # depression and potentiation factors
+    (0.25, 0.75)
+    >>> layer = keras.layers.RNN(kspike.LIF(16, recurrent=False))
+    >>> rule = kspike.learning.STDP(f_pre=f_pre, f_post=f_post, synapse=layer)
     """
     w_min, w_max = float(w_min), float(w_max)
     if not w_min < w_max:
@@ -323,12 +329,18 @@ class STDP(LearningRule):
 
     Example:
 
-    >>> cell = kspike.LIF(100, recurrent=False)
-    >>> model = keras.Sequential([keras.Input((T, 784)), keras.layers.RNN(cell, return_sequences=True),
-    ...                           keras.layers.RNN(kspike.LIF(10), return_sequences=True)])
+    >>> import keras, numpy as np, kspike
+    >>> cell = kspike.LIF(16, recurrent=False, seed=0)
+    >>> model = keras.Sequential([keras.Input((10, 20)),
+    ...                           keras.layers.RNN(cell, return_sequences=True),
+    ...                           keras.layers.RNN(kspike.LIF(4, seed=1), return_sequences=True)])
+    >>> x = (np.random.default_rng(0).random((2, 10, 20)) < 0.5).astype("float32")
+    >>> y = np.zeros((2, 10, 4), "float32")
     >>> rule = kspike.learning.STDP(tau_pre=2.0, tau_post=100.0, synapse=model.layers[0])
     >>> grads = rule.gradients(model, x, y, keras.losses.MeanSquaredError())
-    >>> optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    >>> [tuple(g.shape) for g in grads]   # -dW for the STDP kernel, backprop for the others
+    [(20, 16), (16, 4), (4, 4)]
+    >>> keras.optimizers.SGD(0.1).apply(grads, model.trainable_variables)   # W += 0.1 dW
     """
 
     name = "stdp"

@@ -1,6 +1,6 @@
 """S-TLLR (Apolinario & Roy, TMLR 2025): a local, STDP-inspired rule with memory O(n).
 
-REFERENCE.md section 5. For every input, recurrent and bias weight of the spiking layers::
+docs/stllr.md. For every input, recurrent and bias weight of the spiking layers::
 
     trace_pre(t)  = lambda_pre  trace_pre(t-1)  + p_t            p = x_t, z_{t-1} or 1 (bias)
     trace_post(t) = lambda_post trace_post(t-1) + psi_t
@@ -80,8 +80,18 @@ class STLLR(_FeedbackRule):
 
     Example:
 
-    >>> rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), last_steps=56)
-    >>> trainer = kspike.Trainer(model, keras.optimizers.Adam(1e-3), loss, rule=rule)
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 5)),
+    ...     keras.layers.RNN(kspike.ALIF(8, seed=0), return_sequences=True),
+    ...     kspike.LeakyReadout(2, seed=1)])
+    >>> rng = np.random.default_rng(0)
+    >>> x = (rng.random((4, 20, 5)) < 0.3).astype("float32")     # (B, T, n_in) spikes
+    >>> y = rng.normal(size=(4, 20, 2)).astype("float32")         # (B, T, n_out) targets
+    >>> rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), last_steps=5)
+    >>> grads = rule.gradients(model, x, y, "mse")
+    >>> [tuple(g.shape) for g in grads]          # aligned with model.trainable_variables
+    [(5, 8), (8, 8), (8, 2), (2,)]
+    >>> keras.optimizers.Adam(1e-3).apply(grads, model.trainable_variables)
     """
 
     name = "stllr"
