@@ -763,10 +763,10 @@ class SpikingRNN(keras.layers.RNN):
     ``zero_output_for_mask``, ``initial_state`` and ``mask``). For a ``kspike.LIF`` or
     ``kspike.ALIF`` cell (every option: refractoriness, LIF/ALIF mixes, any surrogate, no
     recurrence, bias, ``output="all"``, DEEP R kernels) it runs a specialised loop with a
-    hand-written backward pass (see ``kspike.engine``): the outputs equal those of
-    ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to inputs,
-    weights and initial states agree to float rounding. Any other cell, or ``unroll=True``,
-    runs the generic ``keras.layers.RNN`` loop.
+    hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
+    those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
+    inputs, weights and initial states agree to float rounding. Any other cell, or
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop.
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
@@ -789,10 +789,11 @@ class SpikingRNN(keras.layers.RNN):
         native: run the training loops in C++ (``kspike.native``, compiled on first use):
             "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
             a catalogue surrogate, a CPU-only process) and compile, else the TensorFlow
-            loop; True to require
-            them (a clear error where they cannot run); False for the TensorFlow loop only.
+            loop; True to require them (a ValueError naming the condition that failed,
+            with its value, where they cannot run); False for the TensorFlow loop only.
             Both give the same spikes and gradients to float32 rounding (the native loop
             sums the recurrent products over the neurons that spiked, in another order).
+            The dispatch rules are in docs/engine.md.
 
     Call arguments:
         sequences: (B, T, n_in) inputs; one time step is ``cell.dt`` ms.
@@ -807,11 +808,17 @@ class SpikingRNN(keras.layers.RNN):
 
     Example:
 
-    >>> import keras, kspike
+    >>> import keras, kspike, numpy as np
     >>> cell = kspike.ALIF(256, n_adaptive=128, n_refractory=5)
     >>> model = keras.Sequential([keras.Input((784, 80)),
     ...                           kspike.SpikingRNN(cell, return_sequences=True),
     ...                           kspike.LeakyReadout(10)])
+    >>> model.output_shape
+    (None, 784, 10)
+    >>> layer = kspike.SpikingRNN(kspike.LIF(16), return_sequences=True, return_state=True)
+    >>> spikes, v, z, r = layer(np.zeros((2, 50, 3), "float32"))
+    >>> tuple(spikes.shape), tuple(v.shape)
+    ((2, 50, 16), (2, 16))
     """
 
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,

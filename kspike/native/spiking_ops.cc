@@ -1,8 +1,8 @@
 // Native kernels of kspike.SpikingRNN: the whole time loop of one LIF/ALIF layer, forward and
 // backward, as two TensorFlow ops (float32, no mask).
 //
-// The equations are those of kspike/dynamics.py (neuron_step and neuron_step_vjp, REFERENCE.md
-// section 1) and of the catalogue in kspike/surrogates.py; tests/test_native.py compares both
+// The equations are those of kspike/dynamics.py (neuron_step and neuron_step_vjp, see
+// docs/neurons.md) and of the catalogue in kspike/surrogates.py; tests/test_native.py compares both
 // ops with the TensorFlow loop of kspike.engine (spikes identical, gradients to float32
 // rounding). Every arithmetic step is written in the order of the TensorFlow expressions, and
 // the file is compiled with -ffp-contract=off, so the element-wise updates round exactly as
