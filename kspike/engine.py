@@ -230,22 +230,25 @@ def _stacked(tas, names):
     return {name: tas[name].stack() for name in names if name in tas}
 
 
-def _raw_outputs(cell, params, stacked, masked, output_all, sequences=True):
+def _output_sequences(params, z, v, A, output_all):
+    """[z] or [z, v, A] (``output_all``), each (T, B, n) or (B, T, n); ``A`` None (LIF
+    neurons only): the constant threshold."""
+    if not output_all:
+        return [z]
+    if A is None:
+        A = tf.fill(tf.shape(v), tf.cast(params.thr, v.dtype))
+    return [z, v, A]
+
+
+def _raw_outputs(params, stacked, masked, output_all, sequences=True):
     """[z] or [z, v, A] sequences (T, B, n) from the stacked forward buffers ([] when
     ``sequences`` is False), and the stacked z states (T + 1, B, n)."""
     z_states = stacked["z"]
     if not sequences:
         return [], z_states
     z_seq = stacked["raw_z"] if masked else z_states[1:]
-    outputs = [z_seq]
-    if output_all:
-        v_seq = stacked["v"]
-        if _is_adaptive(cell):
-            A_seq = stacked["A"]
-        else:
-            A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, v_seq.dtype))
-        outputs += [v_seq, A_seq]
-    return outputs, z_states
+    return _output_sequences(params, z_seq, stacked.get("v"), stacked.get("A"),
+                             output_all), z_states
 
 
 def _stop_gradient(tensor):
@@ -429,8 +432,8 @@ class _TensorFlowBackend(_Backend):
                         self.output_all, self.for_backward)
 
     def _outputs(self, stacked, inputs):
-        return _raw_outputs(self.cell, self.params, stacked, inputs.mask is not None,
-                            self.output_all, self.sequences)
+        return _raw_outputs(self.params, stacked, inputs.mask is not None, self.output_all,
+                            self.sequences)
 
     def forward(self, inputs):
         tas, final_states = self._loop(*inputs)
@@ -600,13 +603,11 @@ class _NativeBackend(_Backend):
     def _outputs(self, buffers):
         if not self.sequences:
             return []
-        outputs = [buffers["z"]]
+        v = A = None
         if self.output_all:
             v = tf.transpose(buffers["v"], (1, 0, 2))
-            A = tf.transpose(buffers["A"], (1, 0, 2)) if self.adaptive else \
-                tf.fill(tf.shape(v), tf.cast(self.params.thr, v.dtype))
-            outputs += [v, A]
-        return outputs
+            A = tf.transpose(buffers["A"], (1, 0, 2)) if self.adaptive else None
+        return _output_sequences(self.params, buffers["z"], v, A, self.output_all)
 
     def backward(self, buffers, out_grads, g_final, inputs):
         x, w_rec, n = buffers["x"], inputs.w_rec, self.cell.units
