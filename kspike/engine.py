@@ -4,13 +4,22 @@
 the whole loop: T small input products, the surrogate expressions in every step and every
 intermediate kept for the backward pass. ``SpikingRNN`` computes the same outputs and the same
 gradients (up to float rounding; spikes are identical) inside one ``tf.custom_gradient`` around
-the whole sequence, with a hand-written backward recurrence (``kspike.dynamics.neuron_step_vjp``)
-that stores per step only v_t, A_t (ALIF) and the refractory mask.
+the whole sequence, with a hand-written backward recurrence (``kspike.dynamics.neuron_step_vjp``,
+equations in docs/neurons.md) that stores per step only v_t, A_t (ALIF) and the refractory mask.
 
-Two implementations of these loops exist:
+The loops of one call are run by a backend, an object with two methods:
 
-- Native (default where it applies: float32, no mask, no XLA, a catalogue surrogate; see
-  ``kspike.native``): the whole forward and backward time loops are two C++ TensorFlow ops,
+- ``forward(inputs) -> (buffers, outputs, final_states)``: the forward loop over the whole
+  sequence; ``buffers`` is whatever its backward pass reads;
+- ``backward(buffers, out_grads, g_final, inputs) -> gradients``: the backward recurrence from
+  the upstream gradients of the outputs and final states to dL/dI_t, dL/dx, dL/dW_in,
+  dL/dW_rec and dL/d(initial v, b, z).
+
+There are three backends, and one custom gradient (``_sequence_loop``) shared by all of them
+(bias and refractory-counter gradients, argument order). ``_select_backend`` is the one place
+that decides which backend runs a call:
+
+- native (``kspike.native``): the forward and backward time loops are two C++ TensorFlow ops,
   compiled against the installed TensorFlow on first use. Per step they do a few fused passes
   over (B, n) arrays instead of ~30 TensorFlow ops, and use the sparsity of spikes: z_{t-1}
   W_rec and dW_rec = sum_t z_{t-1}^T dI_t add the rows of the neurons that spiked (B * spikes
@@ -18,25 +27,26 @@ Two implementations of these loops exist:
   inputs are nonzero (spike inputs); the dense per-step product dI_t W_rec^T is a
   register-blocked kernel; the batch is split into one shard per intra-op thread. The
   element-wise updates are written in TensorFlow's order and round as TensorFlow's; the
-  products sum in another order (differences of float rounding only).
-- TensorFlow (``native=False``, and every case the native loops do not cover: masks, float64,
-  mixed precision, user-defined surrogates, ``jit_compile=True``): the input projection of all
-  T steps as one matmul before a ``tf.while_loop`` whose step is the recurrent product and
-  ``kspike.dynamics.neuron_step`` with the plain Heaviside (the surrogate term is exactly zero
-  in the forward pass, see ``kspike.surrogates``); dW_in and dW_rec as matmuls over all steps
-  after the backward loop.
+  products sum in another order (differences of float rounding only). Batch-major.
+- TensorFlow: the input projection of all T steps as one matmul before a ``tf.while_loop``
+  whose step is the recurrent product and ``kspike.dynamics.neuron_step`` with the plain
+  Heaviside (the surrogate term is exactly zero in the forward pass, see docs/surrogates.md);
+  dW_in and dW_rec as matmuls over all steps after the backward loop. Time-major.
+- XLA (``jit_compile=True``): the TensorFlow loops, the forward and the backward loop each
+  compiled as one XLA cluster. XLA rounds differently, so a spike sitting within float
+  rounding of its threshold may flip: not the default.
 
-The hand-written backward pass is used when a gradient tape may record (training). Otherwise
-(inference, ``model.predict``, SavedModel export) the TensorFlow loop runs with the cell's own
-spike function and keeps no buffers; TensorFlow can still differentiate it, with the gradients
-of ``keras.layers.RNN``, should the traced function be differentiated later. The native ops
-therefore never enter an exported graph: a SavedModel of a ``SpikingRNN`` model loads and runs
-without kspike.
-
-``SpikingRNN(..., jit_compile=True)`` compiles the TensorFlow forward and backward loops each
-as one XLA cluster. It is not the default: XLA rounds differently, so a spike sitting within
-float rounding of its threshold may flip. Speeds are measured by ``bin/bench_engine.py``
-(variants ``spiking_rnn``, ``spiking_rnn_tf``, ``spiking_rnn_xla``).
+Dispatch, under a gradient tape: native where it applies (``native="auto"``, the default:
+float32 states and matmuls, no mask, no XLA, a catalogue surrogate, no GPU in the process, and
+the C++ loops compile; ``native=True`` raises a ValueError naming the condition that failed),
+else XLA with ``jit_compile=True``, else TensorFlow. Without a tape (inference,
+``model.predict``, SavedModel export) the TensorFlow (or XLA) forward loop runs alone
+(``_plain_loop``) with the cell's own spike function and keeps no buffers; TensorFlow can
+still differentiate it, with the gradients of ``keras.layers.RNN``, should the traced function
+be differentiated later. The native ops therefore never enter an exported graph: a SavedModel
+of a ``SpikingRNN`` model loads and runs without kspike. Speeds are measured by
+``bin/bench_engine.py`` (variants ``spiking_rnn``, ``spiking_rnn_tf``, ``spiking_rnn_xla``);
+the rules and guarantees are in docs/engine.md.
 
 In the TensorFlow loop spike sparsity is not exploited: gathering the rows of W_rec of the
 neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than the dense
@@ -51,7 +61,17 @@ is why the export path (traced without a tape) is the plain loop: a model with `
 exported by ``kspike.export.saved_model`` serves whole sequences, streams with ``step`` (the
 cell's own ``call``) and gives gradients through the reloaded ``serve`` like the Keras model
 (autodiff of the plain loop, i.e. without the speed-up of the hand-written backward pass).
+
+Example: the native loops do not run masked sequences, so a masked call runs TensorFlow's.
+
+>>> import kspike
+>>> cell = kspike.ALIF(8, n_refractory=2)
+>>> kspike.engine.native_applies(cell, "float32", "float32", masked=True)
+False
+>>> kspike.engine.why_not_native(cell, "float64", "float64", masked=False)
+'the state dtype is float64 (they run float32 only)'
 """
+import collections
 import math
 
 import keras
@@ -97,16 +117,67 @@ def _is_specialised(cell):
             and type(cell).unpack_state is _SpikingCell.unpack_state)
 
 
+def _is_adaptive(cell):
+    """True for cells with an adaptation state b (ALIF), whose threshold is A_t."""
+    return "b" in cell.state_names
+
+
+# The tensors a backend runs on. x: (T, B, n_in) for time-major backends, (B, T, n_in) for the
+# native one, in the compute dtype; w_in (n_in, n) and w_rec (n, n) or None in the compute
+# dtype; bias (n,) or None and the list of (B, n) initial states (Keras order) in the state
+# dtype; mask (T, B, 1) 0/1 in the state dtype, or None.
+_LoopInputs = collections.namedtuple("_LoopInputs", "x w_in w_rec bias initial mask")
+
+# What a backend's backward pass returns: dL/dI_t (T, B, n) (time-major for every backend),
+# dL/dx (the layout of x), dL/dW_in, dL/dW_rec (None without recurrence) and dL/d of the
+# initial v, b (None for LIF) and z.
+_LoopGradients = collections.namedtuple("_LoopGradients", "current x w_in w_rec v0 b0 z0")
+
+
+def _flatten(inputs):
+    """The arguments of the custom gradient: x, w_in, [w_rec], [bias], *initial, [mask]."""
+    present = [t for t in (inputs.x, inputs.w_in, inputs.w_rec, inputs.bias) if t is not None]
+    return present + list(inputs.initial) + ([] if inputs.mask is None else [inputs.mask])
+
+
+def _unflatten(template, args):
+    """``_LoopInputs`` of the tensors ``args`` laid out as ``_flatten(template)``."""
+    args = iter(args)
+    x, w_in = next(args), next(args)
+    w_rec = next(args) if template.w_rec is not None else None
+    bias = next(args) if template.bias is not None else None
+    initial = [next(args) for _ in template.initial]
+    mask = next(args) if template.mask is not None else None
+    return _LoopInputs(x, w_in, w_rec, bias, initial, mask)
+
+
+def _forward_buffers(cell, params, initial, steps, masked, output_all, for_backward):
+    """The empty TensorArrays of ``_forward`` (see its Returns)."""
+    n = cell.units
+    state_dtype = initial[0].dtype
+
+    def new_ta(dtype, size=steps):
+        return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape([None, n]))
+
+    keep_v = for_backward or output_all
+    # tas["z"][t] is the z state entering step t (tas["z"][0] = z_0): one buffer serves the
+    # output sequence, z_{t-1} of the backward pass and dW_rec.
+    tas = {"z": new_ta(state_dtype, steps + 1).write(0, cell.pack_state(initial).z)}
+    for name, keep in (("v", keep_v), ("A", keep_v and _is_adaptive(cell)), ("raw_z", masked)):
+        if keep:
+            tas[name] = new_ta(state_dtype)
+    if for_backward and params.n_refractory > 0:
+        tas["allowed"] = new_ta(tf.bool)
+    return tas
+
+
 def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_backward):
     """The forward loop: one input matmul, then per step z_{t-1} W_rec and ``neuron_step``.
 
     Args:
         cell: the kspike cell (its state layout).
         params: ``NeuronParameters`` to step with (their spike function is used as is).
-        x: (T, B, n_in) in the compute dtype; w_in (n_in, n), w_rec (n, n) or None in the
-            compute dtype; bias (n,) in the state dtype or None.
-        initial: list of (B, n) initial states (state dtype, Keras order).
-        mask: (T, B, 1) 0/1 in the state dtype, or None.
+        x, w_in, w_rec, bias, initial, mask: as the fields of ``_LoopInputs`` (time-major).
         output_all: also collect v_t and A_t.
         for_backward: also keep v_t, A_t and the refractory masks for the backward pass.
 
@@ -117,36 +188,14 @@ def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_
     """
     state_dtype = initial[0].dtype
     compute_dtype = x.dtype
-    n = cell.units
-    adaptive = cell._adaptive
-    refractory = params.n_refractory > 0
-    masked = mask is not None
-    keep_v = for_backward or output_all
-    keep_A = adaptive and (for_backward or output_all)
-    keep_allowed = refractory and for_backward
     steps = tf.shape(x)[0]
-    batch = tf.shape(x)[1]
     # The input projection of every step as one matmul.
     projected = tf.reshape(tf.matmul(tf.reshape(x, (-1, x.shape[-1])), w_in),
-                           (steps, batch, n))
+                           (steps, tf.shape(x)[1], cell.units))
     projected_ta = tf.TensorArray(compute_dtype, size=steps).unstack(projected)
-    if masked:
-        mask_ta = tf.TensorArray(state_dtype, size=steps).unstack(mask)
-
-    def new_ta(dtype, size=steps):
-        return tf.TensorArray(dtype, size=size, element_shape=tf.TensorShape([None, n]))
-
-    # tas["z"][t] is the z state entering step t (tas["z"][0] = z_0): one buffer serves the
-    # output sequence, z_{t-1} of the backward pass and dW_rec.
-    tas = {"z": new_ta(state_dtype, steps + 1).write(0, cell.pack_state(initial).z)}
-    if keep_v:
-        tas["v"] = new_ta(state_dtype)
-    if keep_A:
-        tas["A"] = new_ta(state_dtype)
-    if keep_allowed:
-        tas["allowed"] = new_ta(tf.bool)
-    if masked:
-        tas["raw_z"] = new_ta(state_dtype)
+    mask_ta = None if mask is None else tf.TensorArray(state_dtype, size=steps).unstack(mask)
+    tas = _forward_buffers(cell, params, initial, steps, mask is not None, output_all,
+                           for_backward)
 
     def body(t, state_list, tas):
         state = cell.pack_state(list(state_list))
@@ -158,15 +207,12 @@ def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_
             current = current + bias
         new_state, A = dynamics.neuron_step(current, state, params)
         tas = dict(tas)
-        if keep_v:
-            tas["v"] = tas["v"].write(t, new_state.v)
-        if keep_A:
-            tas["A"] = tas["A"].write(t, A)
-        if keep_allowed:
-            tas["allowed"] = tas["allowed"].write(
-                t, dynamics.refractory_allowed(state.r, params))
-        if masked:
-            tas["raw_z"] = tas["raw_z"].write(t, new_state.z)
+        for name, value in (("v", new_state.v), ("A", A), ("raw_z", new_state.z)):
+            if name in tas:
+                tas[name] = tas[name].write(t, value)
+        if "allowed" in tas:
+            tas["allowed"] = tas["allowed"].write(t, dynamics.refractory_allowed(state.r, params))
+        if mask_ta is not None:
             m = mask_ta.read(t) > 0.5
             new_state = dynamics.NeuronState(*[
                 None if new is None else tf.where(m, new, old)
@@ -184,22 +230,25 @@ def _stacked(tas, names):
     return {name: tas[name].stack() for name in names if name in tas}
 
 
-def _raw_outputs(cell, params, stacked, masked, output_all, sequences=True):
+def _output_sequences(params, z, v, A, output_all):
+    """[z] or [z, v, A] (``output_all``), each (T, B, n) or (B, T, n); ``A`` None (LIF
+    neurons only): the constant threshold."""
+    if not output_all:
+        return [z]
+    if A is None:
+        A = tf.fill(tf.shape(v), tf.cast(params.thr, v.dtype))
+    return [z, v, A]
+
+
+def _raw_outputs(params, stacked, masked, output_all, sequences=True):
     """[z] or [z, v, A] sequences (T, B, n) from the stacked forward buffers ([] when
     ``sequences`` is False), and the stacked z states (T + 1, B, n)."""
     z_states = stacked["z"]
     if not sequences:
         return [], z_states
     z_seq = stacked["raw_z"] if masked else z_states[1:]
-    outputs = [z_seq]
-    if output_all:
-        v_seq = stacked["v"]
-        if cell._adaptive:
-            A_seq = stacked["A"]
-        else:
-            A_seq = tf.fill(tf.shape(v_seq), tf.cast(params.thr, v_seq.dtype))
-        outputs += [v_seq, A_seq]
-    return outputs, z_states
+    return _output_sequences(params, z_seq, stacked.get("v"), stacked.get("A"),
+                             output_all), z_states
 
 
 def _stop_gradient(tensor):
@@ -211,6 +260,10 @@ def _compiled(fn, jit_compile):
     if not jit_compile:
         return fn
     return tf.function(fn, jit_compile=True, autograph=False)
+
+
+def _unstack(tensor):
+    return tf.TensorArray(tensor.dtype, size=tf.shape(tensor)[0]).unstack(tensor)
 
 
 _NATIVE_SURROGATES = {cls.name: cls for cls in (
@@ -240,195 +293,196 @@ def _native_surrogate_attrs(spike_function):
     return attrs
 
 
+def why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile=False,
+                   xla_context=False):
+    """Why the native C++ loops cannot run this layer, or None when they can.
+
+    They run a float32 kspike cell (states and matmuls) with a catalogue surrogate, without a
+    mask, outside XLA (``jit_compile`` here or an enclosing XLA-compiled function,
+    ``xla_context``), in a process without GPUs (the ops have CPU kernels only; on a GPU
+    machine the TensorFlow loop stays on the GPU). The answer names the first condition that
+    fails, with its value; it does not say whether the loops compile (see
+    ``kspike.native.unavailable_reason``). See docs/engine.md.
+    """
+    for role, dtype in (("state dtype", state_dtype), ("compute dtype of the matmuls",
+                                                       compute_dtype)):
+        if tf.as_dtype(dtype) != tf.float32:
+            return f"the {role} is {tf.as_dtype(dtype).name} (they run float32 only)"
+    if masked:
+        return "a mask was given (they run unmasked sequences only)"
+    if jit_compile:
+        return "jit_compile=True (XLA cannot compile the native ops)"
+    if xla_context:
+        return ("the call is traced inside an XLA-compiled function, e.g. "
+                "compile(jit_compile=True) (XLA cannot compile the native ops)")
+    spike_function = cell.spike_function
+    if _native_surrogate_attrs(spike_function) is None:
+        return (f"the surrogate {spike_function!r} of type {type(spike_function).__name__} is "
+                f"not a catalogue class of kspike.surrogates (they know no other "
+                f"pseudo-derivative)")
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return (f"the process has {len(gpus)} GPU(s) ({', '.join(d.name for d in gpus)}) and "
+                f"the native ops have CPU kernels only")
+    return None
+
+
 def native_applies(cell, state_dtype, compute_dtype, masked, jit_compile=False):
-    """True when the native C++ loops can run this layer: a float32 kspike cell (states and
-    matmuls) with a catalogue surrogate, no mask, no XLA, and no GPU in the process (the ops
-    have CPU kernels only; on a GPU machine the TensorFlow loop stays on the GPU). The answer
-    does not say whether the loops are compiled (see ``kspike.native.available``)."""
-    return (tf.as_dtype(state_dtype) == tf.float32 and tf.as_dtype(compute_dtype) == tf.float32
-            and not masked and not jit_compile
-            and _native_surrogate_attrs(cell.spike_function) is not None
-            and not tf.config.list_logical_devices("GPU"))
+    """True when the native C++ loops can run this layer (``why_not_native`` finds nothing);
+    ``jit_compile``: XLA compiles the call. The answer does not say whether the loops are
+    compiled (see ``kspike.native.available``)."""
+    return why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile) is None
+
+
+def _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile):
+    """The native op module when this call runs the C++ loops, else None.
+
+    ``native``: "auto" (where they apply and load), True (raise a ValueError naming the
+    condition that failed when they cannot run) or False (never).
+    """
+    if native is False:
+        return None
+    reason = why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile,
+                            _in_xla_context())
+    ops = native_module.load() if reason is None else None
+    if native is True and ops is None:
+        reason = reason or native_module.unavailable_reason()
+        raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
+                         f"call: {reason}. Use native='auto' to fall back to the "
+                         f"TensorFlow loop.")
+    return ops
 
 
 def _neuron_attrs(cell, params):
     refractory = int(params.n_refractory)
     return dict(alpha=float(params.alpha), one_minus_alpha=1.0 - float(params.alpha),
                 rho=float(params.rho), one_minus_rho=1.0 - float(params.rho),
-                thr=float(params.thr), n_refractory=refractory, adaptive=bool(cell._adaptive))
+                thr=float(params.thr), n_refractory=refractory, adaptive=_is_adaptive(cell))
 
 
-def _plain_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
-                jit_compile=False):
-    """The forward loop with the cell's own spike function, differentiated by TensorFlow.
-
-    Used when no gradient tape is recording (inference, export): no buffers are kept for a
-    backward pass, and if the traced function is differentiated later anyway, autodiff of
-    these very steps gives the gradients of ``keras.layers.RNN``.
-    """
-    params = cell.parameters(states[0].dtype)
-    masked = mask is not None
-    names = ("z", "raw_z", "v", "A") if sequences else ("z",)
-
-    def forward(x, w_in, w_rec, bias, states, mask):
-        tas, final_states = _forward(cell, params, x, w_in, w_rec, bias, states, mask,
-                                     output_all, for_backward=False)
-        return _stacked(tas, names), final_states
-
-    stacked, final_states = _compiled(forward, jit_compile)(x, w_in, w_rec, bias, states, mask)
-    outputs, _ = _raw_outputs(cell, params, stacked, masked, output_all, sequences)
-    return outputs, list(final_states)
-
-
-def _native_forward(ops, cell, params, x, w_in, w_rec, bias, initial):
-    """The forward loop as one native op (``kspike/native/spiking_ops.cc``).
-
-    Args as ``_forward`` except ``x``: (B, T, n_in), batch-major (float32, no mask). Returns
-    the buffers of the backward pass and the final states in Keras order. Buffers: "z"
-    (B, T, n), the spikes z_1 .. z_T (the layer's output); time-major "v", "A" (ALIF),
-    "allowed" (uint8, with refractoriness), each (T, B, n), and "spike_bits" (T, B, n / 64)
-    (the spikes packed for the backward pass); "z0" (B, n), "x" and "sparse_inputs" (a
-    boolean scalar: at most a quarter of the inputs are nonzero, so x_t W_in and dW_in add
-    the rows of the active inputs instead of dense products).
-    """
-    n = cell.units
-    state = cell.pack_state(initial)
-    empty = tf.zeros((0,), tf.float32)
-    adaptive = cell._adaptive
-    beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else empty
-    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
-    z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final = \
-        ops.kspike_spiking_forward(
-            x=x, sparse_inputs=sparse_inputs, w_in=w_in,
-            w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
-            bias=bias if bias is not None else empty, beta=beta, v0=state.v,
-            b0=state.b if adaptive else tf.zeros((0, n)), z0=state.z, r0=state.r,
-            recurrent=w_rec is not None, has_bias=bias is not None,
-            **_neuron_attrs(cell, params))
-    buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
-               "spike_bits": spike_bits}
-    if adaptive:
-        buffers["A"] = A
-    if params.n_refractory > 0:
-        buffers["allowed"] = allowed
-    final = dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z_final,
-                                 r=r_final)
-    return buffers, cell.unpack_state(final)
-
-
-def _native_outputs(cell, params, buffers, output_all, sequences):
-    """[z] or [z, v, A] sequences (B, T, n) from ``_native_forward``'s buffers."""
-    if not sequences:
-        return []
-    outputs = [buffers["z"]]
-    if output_all:
-        v = tf.transpose(buffers["v"], (1, 0, 2))
-        A = tf.transpose(buffers["A"], (1, 0, 2)) if cell._adaptive else \
-            tf.fill(tf.shape(v), tf.cast(params.thr, v.dtype))
-        outputs += [v, A]
-    return outputs
-
-
-def _native_backward(ops, cell, params, buffers, out_grads, g_final, w_rec, w_in):
-    """The backward recurrence as one native op.
-
-    Returns (dL/dI_t (T, B, n), dL/dx (B, T, n_in), dL/dW_in, dL/dv_0, dL/db_0 (None for
-    LIF), dL/dz_0, dL/dW_rec (None without recurrence)). ``out_grads``: dL/dz_t, dL/dv_t,
-    dL/dA_t of the (B, T, n) outputs, or Nones.
-    """
-    n = cell.units
-    adaptive = cell._adaptive
-    x = buffers["x"]
-    batch = tf.shape(x)[0]
-    none_seq = tf.zeros((batch, 0, n))
-    gz_out, gv_out, gA_out = [none_seq if g is None else g for g in out_grads]
-    beta = tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))
-    none_tm = tf.zeros((0, batch, n))
-    g_current, gv0, gb0, gz0, g_w_rec, g_w_in_sparse = ops.kspike_spiking_backward(
-        spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x,
-        sparse_inputs=buffers["sparse_inputs"], v=buffers["v"],
-        threshold=buffers.get("A", none_tm),
-        allowed=buffers.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
-        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)), beta=beta,
-        grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
-        grad_b_final=g_final.b if adaptive else tf.zeros((0, n)), grad_z_final=g_final.z,
-        recurrent=w_rec is not None, has_bias=False, **_neuron_attrs(cell, params),
-        **_native_surrogate_attrs(params.spike_function))
-    g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
-    x_time_major = tf.transpose(x, (1, 0, 2))
-    # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.
-    g_w_in = tf.cond(
-        buffers["sparse_inputs"], lambda: g_w_in_sparse,
-        lambda: tf.matmul(tf.reshape(x_time_major, (-1, x.shape[-1])), g_flat,
-                          transpose_a=True))
-    g_x = tf.transpose(tf.reshape(tf.matmul(g_flat, w_in, transpose_b=True),
-                                  tf.shape(x_time_major)), (1, 0, 2))
-    return (g_current, g_x, g_w_in, gv0, gb0 if adaptive else None, gz0,
-            g_w_rec if w_rec is not None else None)
-
-
-def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequences=True,
-                   jit_compile=False, native=None):
-    """Forward loop over a whole sequence, with a hand-written gradient.
+class _Backend:
+    """The loops of one ``SpikingRNN`` call (see the module docstring and docs/engine.md).
 
     Args:
-        cell: the kspike cell (its parameters; the weights arrive as tensors so that gradients
-            reach whatever they are computed from, e.g. DEEP R magnitudes).
-        x: (T, B, n_in) time-major inputs in the matmul (compute) dtype.
-        w_in: (n_in, n), w_rec: (n, n) or None, both in the compute dtype; bias: (n,) in the
-            state dtype, or None.
-        states: list of (B, n) initial states in the state dtype, Keras order.
-        mask: (T, B, 1) 0/1 in the state dtype, or None.
-        output_all: also return the v_t and A_t sequences.
-        sequences: return the per-step outputs (else only the final states, and the backward
-            pass skips the per-step output gradients).
-        jit_compile: compile the forward loop and the backward loop each with XLA.
-        native: the ``kspike.native`` op module to run both loops in C++ (float32, no mask,
-            no XLA, a catalogue surrogate: see ``native_applies``), or None. The native
-            loops are batch-major: ``x`` is then (B, T, n_in) and the outputs (B, T, n).
+        cell: the kspike cell (state layout, units, beta).
+        params: ``NeuronParameters`` of the cell in the state dtype (the backward pass uses
+            their spike function's pseudo-derivative).
+        output_all: the outputs are [z, v, A] (``output="all"``), else [z].
+        sequences: the call returns per-step outputs (else only the final states, and the
+            backward pass has no per-step output gradients).
 
-    Returns:
-        (raw_outputs, final_states): raw_outputs is [z] or [z, v, A], each (T, B, n) in the
-        state dtype, the values of every step before masking ([] without ``sequences``);
-        final_states in Keras order.
+    Attributes:
+        time_axis: 0 when ``inputs.x`` and the outputs are time-major (T, B, ...), 1 when
+            they are batch-major (B, T, ...).
+        for_backward: the forward pass keeps buffers for ``backward`` (False: a forward loop
+            alone, differentiated by TensorFlow if at all).
     """
-    state_dtype = states[0].dtype
-    compute_dtype = x.dtype
-    params = cell.parameters(state_dtype)
-    # The surrogate term of every kspike spike function is exactly 0 in the forward pass, so
-    # the loop runs the plain Heaviside and the backward pass applies psi itself.
-    forward_params = params._replace(spike_function=_Heaviside())
-    adaptive = cell._adaptive
-    refractory = params.n_refractory > 0
-    n = cell.units
-    has_rec = w_rec is not None
-    has_bias = bias is not None
-    masked = mask is not None
-    # Buffers the backward pass reads per step, and those that form the outputs.
-    step_names = ["v", "z"] + (["A"] if adaptive else []) + (["allowed"] if refractory else [])
-    output_names = ((["z", "raw_z"] + (["v", "A"] if output_all else [])) if sequences
-                    else ["z"])
 
-    inputs = [x, w_in]
-    if has_rec:
-        inputs.append(w_rec)
-    if has_bias:
-        inputs.append(bias)
-    n_weights = len(inputs)
-    inputs.extend(states)
-    if masked:
-        inputs.append(mask)
+    time_axis = 0
+    for_backward = True
 
-    def backward_loop(reads, out_grad_tas, mask_read, g_final_v, gb_final, g_final_z, w_rec_t,
-                      steps):
+    def __init__(self, cell, params, output_all, sequences):
+        self.cell = cell
+        self.params = params
+        self.output_all = output_all
+        self.sequences = sequences
+        self.adaptive = _is_adaptive(cell)
+
+    @property
+    def n_outputs(self):
+        return (3 if self.output_all else 1) if self.sequences else 0
+
+    def forward(self, inputs):
+        """``_LoopInputs`` -> (buffers, outputs, final_states): ``outputs`` [z] or [z, v, A],
+        each (T, B, n) or (B, T, n) after ``time_axis``, the values of every step before
+        masking ([] without ``sequences``); final states in Keras order."""
+        raise NotImplementedError
+
+    def backward(self, buffers, out_grads, g_final, inputs):
+        """Upstream gradients -> ``_LoopGradients``.
+
+        ``out_grads``: [dL/dz_t, dL/dv_t, dL/dA_t] in the layout of the outputs, None where
+        there are none; ``g_final``: ``NeuronState`` of dL/d(final states).
+        """
+        raise NotImplementedError
+
+
+class _TensorFlowBackend(_Backend):
+    """The ``tf.while_loop`` forward and backward loops (time-major).
+
+    ``for_backward=False`` runs the forward loop alone with the cell's own spike function
+    (inference, export: ``_plain_loop``).
+    """
+
+    def __init__(self, cell, params, output_all, sequences, for_backward=True):
+        super().__init__(cell, params, output_all, sequences)
+        self.for_backward = for_backward
+        # The surrogate term of every kspike spike function is exactly 0 in the forward pass,
+        # so the loop runs the plain Heaviside and the backward pass applies psi itself.
+        self.forward_params = (params._replace(spike_function=_Heaviside()) if for_backward
+                               else params)
+        # Buffers the backward pass reads per step, and those that form the outputs.
+        self.step_names = (["v", "z"] + (["A"] if self.adaptive else [])
+                           + (["allowed"] if params.n_refractory > 0 else []))
+        self.output_names = ((["z", "raw_z"] + (["v", "A"] if output_all else []))
+                             if sequences else ["z"])
+
+    def _loop(self, x, w_in, w_rec, bias, initial, mask):
+        return _forward(self.cell, self.forward_params, x, w_in, w_rec, bias, initial, mask,
+                        self.output_all, self.for_backward)
+
+    def _outputs(self, stacked, inputs):
+        return _raw_outputs(self.params, stacked, inputs.mask is not None, self.output_all,
+                            self.sequences)
+
+    def forward(self, inputs):
+        tas, final_states = self._loop(*inputs)
+        outputs, z_states = self._outputs(_stacked(tas, self.output_names), inputs)
+        return {"reads": tas, "z": z_states}, outputs, final_states
+
+    def backward(self, buffers, out_grads, g_final, inputs):
+        # W_rec^T once: a transposed operand makes every per-step product slower.
+        w_rec_t = None if inputs.w_rec is None else tf.transpose(inputs.w_rec)
+        gb_final = g_final.b if self.adaptive else tf.zeros((), g_final.v.dtype)
+        g_current, gv0, gb0, gz0 = self._backward_loops(
+            buffers, out_grads, inputs.mask, g_final.v, gb_final, g_final.z, w_rec_t,
+            tf.shape(inputs.x)[0])
+        g_x, g_w_in, g_w_rec = self._weight_gradients(g_current, buffers["z"], inputs)
+        return _LoopGradients(g_current, g_x, g_w_in, g_w_rec, gv0, gb0, gz0)
+
+    def _backward_loops(self, buffers, out_grads, mask, g_final_v, gb_final, g_final_z,
+                        w_rec_t, steps):
+        return self._backward_loop(buffers["reads"], out_grads, mask, g_final_v, gb_final,
+                                   g_final_z, w_rec_t, steps)
+
+    def _weight_gradients(self, g_current, z_states, inputs):
+        """dL/dx, dL/dW_in and dL/dW_rec as matmuls over all T steps at once."""
+        x, n = inputs.x, self.cell.units
+        compute_dtype = x.dtype
+        g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
+        x_flat = tf.reshape(x, (-1, x.shape[-1]))
+        g_w_in = tf.matmul(x_flat, g_matmul, transpose_a=True)
+        g_x = tf.reshape(tf.matmul(g_matmul, inputs.w_in, transpose_b=True), tf.shape(x))
+        g_w_rec = None
+        if inputs.w_rec is not None:
+            z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
+            g_w_rec = tf.matmul(z_previous_flat, g_matmul, transpose_a=True)
+        return g_x, g_w_in, g_w_rec
+
+    def _backward_loop(self, reads, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t,
+                       steps):
         """The backward recurrence from the last step to the first.
 
-        ``reads``: TensorArrays of the forward buffers ``step_names``; ``out_grad_tas``:
-        TensorArrays of dL/dz_t (and dL/dv_t, dL/dA_t with ``output="all"``) or Nones.
+        ``reads``: TensorArrays of the forward buffers ``step_names``; ``out_grads``:
+        (T, B, n) dL/dz_t, dL/dv_t, dL/dA_t or Nones; ``mask`` (T, B, 1) or None.
 
         Returns (dL/dI_t stacked (T, B, n), dL/dv_0, dL/db_0, dL/dz_0).
         """
-        gz_out_ta, gv_out_ta, gA_out_ta = out_grad_tas
+        params, adaptive = self.params, self.adaptive
+        refractory = params.n_refractory > 0
+        gz_out_ta, gv_out_ta, gA_out_ta = [None if g is None else _unstack(g)
+                                           for g in out_grads]
+        mask_ta = None if mask is None else _unstack(mask)
 
         def back_body(t, gv, gb, gz, g_current_ta):
             # gv, gb, gz: gradients with respect to the state after step t.
@@ -436,26 +490,23 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
             A = reads["A"].read(t) if adaptive else params.thr
             z_previous = reads["z"].read(t)
             allowed = reads["allowed"].read(t) if refractory else None
-            if masked:
-                m = mask_read.read(t)
+            gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
+            if mask_ta is not None:
+                m = mask_ta.read(t)
                 keep = 1.0 - m
                 gv_new, gz_new = m * gv, m * gz
                 gb_new = m * gb if adaptive else None
-            else:
-                gv_new, gz_new, gb_new = gv, gz, (gb if adaptive else None)
-            gA_out = None
             if gz_out_ta is not None:
                 gz_new = gz_new + gz_out_ta.read(t)
             if gv_out_ta is not None:
                 gv_new = gv_new + gv_out_ta.read(t)
-            if gA_out_ta is not None:
-                gA_out = gA_out_ta.read(t)
+            gA_out = None if gA_out_ta is None else gA_out_ta.read(t)
             g_current, gv_prev, gb_prev, gz_prev = dynamics.neuron_step_vjp(
                 gz_new, gv_new, gb_new, gA_out, v, A, z_previous, params, allowed)
-            if has_rec:
-                g_rec = tf.matmul(tf.cast(g_current, compute_dtype), w_rec_t)
-                gz_prev = gz_prev + tf.cast(g_rec, state_dtype)
-            if masked:
+            if w_rec_t is not None:
+                g_rec = tf.matmul(tf.cast(g_current, w_rec_t.dtype), w_rec_t)
+                gz_prev = gz_prev + tf.cast(g_rec, gz.dtype)
+            if mask_ta is not None:
                 gv_prev = gv_prev + keep * gv
                 gz_prev = gz_prev + keep * gz
                 if adaptive:
@@ -467,55 +518,176 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
         _, gv0, gb0, gz0, g_current_ta = tf.while_loop(
             lambda t, *_: t >= 0, back_body,
             (steps - 1, g_final_v, gb_final, g_final_z,
-             tf.TensorArray(state_dtype, size=steps)))
+             tf.TensorArray(g_final_v.dtype, size=steps)))
         return g_current_ta.stack(), gv0, gb0, gz0
 
-    def unstack(tensor, dtype=state_dtype):
-        return tf.TensorArray(dtype, size=tf.shape(tensor)[0]).unstack(tensor)
 
-    def compiled_backward(stacked, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t):
-        # Inside the XLA cluster the TensorArrays are slices of the stacked buffers.
-        reads = {name: unstack(stacked[name], stacked[name].dtype) for name in step_names}
-        out_grad_tas = [None if g is None else unstack(g) for g in out_grads]
-        mask_read = unstack(mask) if mask is not None else None
-        steps = tf.shape(stacked["v"])[0]
-        return backward_loop(reads, out_grad_tas, mask_read, g_final_v, gb_final, g_final_z,
-                             w_rec_t, steps)
+class _XlaBackend(_TensorFlowBackend):
+    """The TensorFlow loops, the forward and the backward loop each one XLA cluster."""
+
+    def forward(self, inputs):
+        names = (set(self.step_names + self.output_names) if self.for_backward
+                 else self.output_names)
+
+        def loop(*args):
+            tas, final_states = self._loop(*args)
+            return _stacked(tas, names), final_states
+
+        args = tuple(inputs)
+        if self.for_backward:
+            # The gradient is the custom gradient's: stop_gradient keeps an eager tape from
+            # recording the compiled call (it would ask XLA for a differentiable while loop,
+            # which fails).
+            args = tf.nest.map_structure(_stop_gradient, args)
+        stacked, final_states = _compiled(loop, True)(*args)
+        outputs, _ = self._outputs(stacked, inputs)
+        return stacked, outputs, list(final_states)
+
+    def _backward_loops(self, buffers, out_grads, mask, g_final_v, gb_final, g_final_z,
+                        w_rec_t, steps):
+        def loops(stacked, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t):
+            # Inside the XLA cluster the TensorArrays are slices of the stacked buffers.
+            reads = {name: _unstack(stacked[name]) for name in self.step_names}
+            return self._backward_loop(reads, out_grads, mask, g_final_v, gb_final, g_final_z,
+                                       w_rec_t, tf.shape(stacked["v"])[0])
+
+        step_buffers = {name: buffers[name] for name in self.step_names}
+        return _compiled(loops, True)(*tf.nest.map_structure(_stop_gradient, (
+            step_buffers, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t)))
+
+
+class _NativeBackend(_Backend):
+    """The two C++ ops of ``kspike/native/spiking_ops.cc`` (batch-major, float32, no mask).
+
+    Buffers: "z" (B, T, n), the spikes z_1 .. z_T (the layer's output); time-major "v", "A"
+    (ALIF), "allowed" (uint8, with refractoriness), each (T, B, n), and "spike_bits"
+    (T, B, n / 64) (the spikes packed for the backward pass); "z0" (B, n), "x" and
+    "sparse_inputs" (a boolean scalar: at most a quarter of the inputs are nonzero, so x_t
+    W_in and dW_in add the rows of the active inputs instead of dense products).
+    """
+
+    time_axis = 1
+
+    def __init__(self, ops, cell, params, output_all, sequences):
+        super().__init__(cell, params, output_all, sequences)
+        self.ops = ops
+        self.attrs = _neuron_attrs(cell, params)
+        self.surrogate_attrs = _native_surrogate_attrs(params.spike_function)
+
+    def _beta(self):
+        return (tf.constant(self.cell.beta_vector, tf.float32) if self.adaptive
+                else tf.zeros((0,)))
+
+    def forward(self, inputs):
+        x, w_rec, bias, n = inputs.x, inputs.w_rec, inputs.bias, self.cell.units
+        state = self.cell.pack_state(inputs.initial)
+        sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+        z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final = \
+            self.ops.kspike_spiking_forward(
+                x=x, sparse_inputs=sparse_inputs, w_in=inputs.w_in,
+                w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+                bias=bias if bias is not None else tf.zeros((0,)), beta=self._beta(),
+                v0=state.v, b0=state.b if self.adaptive else tf.zeros((0, n)), z0=state.z,
+                r0=state.r, recurrent=w_rec is not None, has_bias=bias is not None,
+                **self.attrs)
+        buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
+                   "spike_bits": spike_bits}
+        if self.adaptive:
+            buffers["A"] = A
+        if self.params.n_refractory > 0:
+            buffers["allowed"] = allowed
+        final = dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
+                                     z=z_final, r=r_final)
+        return buffers, self._outputs(buffers), self.cell.unpack_state(final)
+
+    def _outputs(self, buffers):
+        if not self.sequences:
+            return []
+        v = A = None
+        if self.output_all:
+            v = tf.transpose(buffers["v"], (1, 0, 2))
+            A = tf.transpose(buffers["A"], (1, 0, 2)) if self.adaptive else None
+        return _output_sequences(self.params, buffers["z"], v, A, self.output_all)
+
+    def backward(self, buffers, out_grads, g_final, inputs):
+        x, w_rec, n = buffers["x"], inputs.w_rec, self.cell.units
+        batch = tf.shape(x)[0]
+        gz_out, gv_out, gA_out = [tf.zeros((batch, 0, n)) if g is None else g
+                                  for g in out_grads]
+        g_current, gv0, gb0, gz0, g_w_rec, g_w_in_sparse = self.ops.kspike_spiking_backward(
+            spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x,
+            sparse_inputs=buffers["sparse_inputs"], v=buffers["v"],
+            threshold=buffers.get("A", tf.zeros((0, batch, n))),
+            allowed=buffers.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
+            w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)), beta=self._beta(),
+            grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
+            grad_b_final=g_final.b if self.adaptive else tf.zeros((0, n)),
+            grad_z_final=g_final.z, recurrent=w_rec is not None, has_bias=False,
+            **self.attrs, **self.surrogate_attrs)
+        g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
+        x_time_major = tf.transpose(x, (1, 0, 2))
+        # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.
+        g_w_in = tf.cond(
+            buffers["sparse_inputs"], lambda: g_w_in_sparse,
+            lambda: tf.matmul(tf.reshape(x_time_major, (-1, x.shape[-1])), g_flat,
+                              transpose_a=True))
+        g_x = tf.transpose(tf.reshape(tf.matmul(g_flat, inputs.w_in, transpose_b=True),
+                                      tf.shape(x_time_major)), (1, 0, 2))
+        return _LoopGradients(g_current, g_x, g_w_in, g_w_rec if w_rec is not None else None,
+                              gv0, gb0 if self.adaptive else None, gz0)
+
+
+def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, masked,
+                    sequences):
+    """The backend that runs one ``SpikingRNN`` call: the one dispatch rule (docs/engine.md).
+
+    Without a gradient tape that may record (inference, ``model.predict``, export) the
+    TensorFlow forward loop alone (compiled by XLA with ``jit_compile``), which keeps no
+    buffers; under one the native loops where ``native`` ("auto", True, False) lets them run
+    (``_load_native``), else the XLA loops with ``jit_compile``, else the TensorFlow loops.
+    """
+    params = cell.parameters(state_dtype)
+    output_all = cell.output_mode == "all"
+    tensorflow_loops = _XlaBackend if jit_compile else _TensorFlowBackend
+    if not _tape_may_record():
+        return tensorflow_loops(cell, params, output_all, sequences, for_backward=False)
+    ops = _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile)
+    if ops is not None:
+        return _NativeBackend(ops, cell, params, output_all, sequences)
+    return tensorflow_loops(cell, params, output_all, sequences)
+
+
+def _plain_loop(backend, inputs):
+    """The forward loop of a ``for_backward=False`` backend, differentiated by TensorFlow.
+
+    Used when no gradient tape is recording (inference, export): no buffers are kept for a
+    backward pass, and if the traced function is differentiated later anyway, autodiff of
+    these very steps gives the gradients of ``keras.layers.RNN``. Returns (raw_outputs,
+    final_states) as ``_sequence_loop``.
+    """
+    _, outputs, final_states = backend.forward(inputs)
+    return outputs, list(final_states)
+
+
+def _sequence_loop(backend, inputs):
+    """The loops of ``backend`` over a whole sequence, under one hand-written gradient.
+
+    Args:
+        backend: a ``_Backend`` with ``for_backward``.
+        inputs: ``_LoopInputs``; gradients reach whatever the weights are computed from
+            (e.g. DEEP R magnitudes) since they arrive as tensors.
+
+    Returns:
+        (raw_outputs, final_states): raw_outputs is [z] or [z, v, A] in the state dtype and
+        the layout of ``backend.time_axis``, the values of every step before masking ([]
+        without ``sequences``); final_states in Keras order.
+    """
+    cell = backend.cell
 
     @tf.custom_gradient
     def run(*args):
-        x, w_in = args[0], args[1]
-        w_rec = args[2] if has_rec else None
-        bias = args[2 + int(has_rec)] if has_bias else None
-        initial = list(args[n_weights:n_weights + len(states)])
-        mask = args[-1] if masked else None
-        initial_state = cell.pack_state(initial)
-        steps = tf.shape(x)[1] if native is not None else tf.shape(x)[0]
-        tas = None
-        if native is not None:
-            stacked, final_states = _native_forward(native, cell, params, x, w_in, w_rec, bias,
-                                                    initial)
-        elif jit_compile:
-            def forward(x, w_in, w_rec, bias, initial, mask):
-                tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias,
-                                             initial, mask, output_all, for_backward=True)
-                return _stacked(tas, set(step_names + output_names)), final_states
-
-            # The gradient is grad_fn's: stop_gradient keeps an eager tape from recording the
-            # compiled call (it would ask XLA for a differentiable while loop, which fails).
-            stacked, final_states = _compiled(forward, True)(*tf.nest.map_structure(
-                _stop_gradient, (x, w_in, w_rec, bias, initial, mask)))
-            final_states = list(final_states)
-        else:
-            tas, final_states = _forward(cell, forward_params, x, w_in, w_rec, bias, initial,
-                                         mask, output_all, for_backward=True)
-            stacked = _stacked(tas, output_names)
-        if native is not None:
-            outputs, z_states = _native_outputs(cell, params, stacked, output_all,
-                                                sequences), None
-        else:
-            outputs, z_states = _raw_outputs(cell, params, stacked, masked, output_all,
-                                             sequences)
+        loop_inputs = _unflatten(inputs, args)
+        buffers, outputs, final_states = backend.forward(loop_inputs)
 
         def grad_fn(*grads):
             n_out = len(outputs)
@@ -525,62 +697,62 @@ def _sequence_loop(cell, x, w_in, w_rec, bias, states, mask, output_all, sequenc
                                        for g, s in zip(grads[n_out:], final_states)])
             # dL/dz_t, dL/dv_t, dL/dA_t of the per-step outputs (None where there are none).
             out_grads = (out_grads + [None, None, None])[:3]
-            if not adaptive:
+            if not backend.adaptive:
                 out_grads[2] = None
-            # W_rec^T once: a transposed operand makes every per-step product slower.
-            w_rec_t = tf.transpose(w_rec) if has_rec and native is None else None
-            gb_final = g_final.b if adaptive else tf.zeros((), state_dtype)
-            g_w_rec = g_w_in = g_x = None
-            if native is not None:
-                g_current, g_x, g_w_in, gv0, gb0, gz0, g_w_rec = _native_backward(
-                    native, cell, params, stacked, out_grads, g_final, w_rec, w_in)
-            elif jit_compile:
-                g_current, gv0, gb0, gz0 = _compiled(compiled_backward, True)(
-                    *tf.nest.map_structure(_stop_gradient, (
-                        {name: stacked[name] for name in step_names}, out_grads, mask,
-                        g_final.v, gb_final, g_final.z, w_rec_t)))
-            else:
-                out_grad_tas = [None if g is None else unstack(g) for g in out_grads]
-                mask_read = unstack(mask) if masked else None
-                g_current, gv0, gb0, gz0 = backward_loop(
-                    tas, out_grad_tas, mask_read, g_final.v, gb_final, g_final.z, w_rec_t,
-                    steps)
-            if native is None:
-                g_matmul = tf.reshape(tf.cast(g_current, compute_dtype), (-1, n))
-                x_flat = tf.reshape(x, (-1, x.shape[-1]))
-                # Weight gradients as matmuls over all T steps at once.
-                g_w_in = tf.matmul(x_flat, g_matmul, transpose_a=True)
-                g_x = tf.reshape(tf.matmul(g_matmul, w_in, transpose_b=True), tf.shape(x))
-            result = [g_x, g_w_in]
-            if has_rec:
-                if g_w_rec is None:
-                    z_previous_flat = tf.reshape(tf.cast(z_states[:-1], compute_dtype), (-1, n))
-                    g_w_rec = tf.matmul(z_previous_flat, g_matmul, transpose_a=True)
-                result.append(g_w_rec)
-            if has_bias:
-                result.append(tf.reduce_sum(g_current, axis=(0, 1)))
-            # The refractory counter carries a gradient only to itself: r_t = r_{t-1} - 1
-            # until it reaches 0 or the neuron spikes, so with a refractory period the chain
-            # over the T' unmasked steps is unbroken exactly when r_0 >= T' (the neuron is then
-            # refractory throughout and cannot spike); without one, r is constant.
-            g_r = g_final.r
-            if refractory:
-                if masked:
-                    active_steps = tf.reduce_sum(mask, axis=0)
-                else:
-                    active_steps = tf.cast(steps, state_dtype)
-                g_r = g_r * tf.cast(initial_state.r >= active_steps, state_dtype)
-            result += cell.unpack_state(dynamics.NeuronState(
-                v=gv0, b=gb0 if adaptive else None, z=gz0, r=g_r))
-            if masked:
-                result.append(tf.zeros_like(mask))
-            return result
+            gradients = backend.backward(buffers, out_grads, g_final, loop_inputs)
+            return _input_gradients(backend, loop_inputs, gradients, g_final)
 
         return tuple(outputs) + tuple(final_states), grad_fn
 
-    results = run(*inputs)
-    n_out = (3 if output_all else 1) if sequences else 0
+    results = run(*_flatten(inputs))
+    n_out = backend.n_outputs
     return list(results[:n_out]), list(results[n_out:])
+
+
+def _input_gradients(backend, inputs, gradients, g_final):
+    """The gradients of the custom gradient's arguments (``_flatten`` order)."""
+    state_dtype = inputs.initial[0].dtype
+    result = [gradients.x, gradients.w_in]
+    if inputs.w_rec is not None:
+        result.append(gradients.w_rec)
+    if inputs.bias is not None:
+        result.append(tf.reduce_sum(gradients.current, axis=(0, 1)))
+    # The refractory counter carries a gradient only to itself: r_t = r_{t-1} - 1 until it
+    # reaches 0 or the neuron spikes, so with a refractory period the chain over the T'
+    # unmasked steps is unbroken exactly when r_0 >= T' (the neuron is then refractory
+    # throughout and cannot spike); without one, r is constant.
+    g_r = g_final.r
+    if backend.params.n_refractory > 0:
+        if inputs.mask is not None:
+            active_steps = tf.reduce_sum(inputs.mask, axis=0)
+        else:
+            active_steps = tf.cast(tf.shape(inputs.x)[backend.time_axis], state_dtype)
+        initial_r = backend.cell.pack_state(inputs.initial).r
+        g_r = g_r * tf.cast(initial_r >= active_steps, state_dtype)
+    result += backend.cell.unpack_state(dynamics.NeuronState(
+        v=gradients.v0, b=gradients.b0 if backend.adaptive else None, z=gradients.z0, r=g_r))
+    if inputs.mask is not None:
+        result.append(tf.zeros_like(inputs.mask))
+    return result
+
+
+def _loop_layout(sequences, mask, compute_dtype, state_dtype, time_axis, go_backwards):
+    """x (and mask) in the layout of a backend: x (T, B, n_in) for ``time_axis`` 0, else the
+    batch-major (B, T, n_in) of Keras; mask (T, B, 1) 0/1 in the state dtype, or None (only
+    time-major backends run masks). Reversed in time for ``go_backwards``."""
+    x = tf.cast(sequences, compute_dtype)
+    if time_axis == 0:
+        x = tf.transpose(x, (1, 0, 2))
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank == 3:
+            mask = mask[..., 0]
+        mask = tf.transpose(tf.cast(mask, state_dtype), (1, 0))[..., None]
+    if go_backwards:
+        x = tf.reverse(x, [time_axis])
+        if mask is not None:
+            mask = tf.reverse(mask, [0])
+    return x, mask
 
 
 @keras.saving.register_keras_serializable(package="kspike")
@@ -592,10 +764,10 @@ class SpikingRNN(keras.layers.RNN):
     ``zero_output_for_mask``, ``initial_state`` and ``mask``). For a ``kspike.LIF`` or
     ``kspike.ALIF`` cell (every option: refractoriness, LIF/ALIF mixes, any surrogate, no
     recurrence, bias, ``output="all"``, DEEP R kernels) it runs a specialised loop with a
-    hand-written backward pass (see ``kspike.engine``): the outputs equal those of
-    ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to inputs,
-    weights and initial states agree to float rounding. Any other cell, or ``unroll=True``,
-    runs the generic ``keras.layers.RNN`` loop.
+    hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
+    those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
+    inputs, weights and initial states agree to float rounding. Any other cell, or
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop.
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
@@ -618,10 +790,11 @@ class SpikingRNN(keras.layers.RNN):
         native: run the training loops in C++ (``kspike.native``, compiled on first use):
             "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
             a catalogue surrogate, a CPU-only process) and compile, else the TensorFlow
-            loop; True to require
-            them (a clear error where they cannot run); False for the TensorFlow loop only.
+            loop; True to require them (a ValueError naming the condition that failed,
+            with its value, where they cannot run); False for the TensorFlow loop only.
             Both give the same spikes and gradients to float32 rounding (the native loop
             sums the recurrent products over the neurons that spiked, in another order).
+            The dispatch rules are in docs/engine.md.
 
     Call arguments:
         sequences: (B, T, n_in) inputs; one time step is ``cell.dt`` ms.
@@ -636,11 +809,17 @@ class SpikingRNN(keras.layers.RNN):
 
     Example:
 
-    >>> import keras, kspike
+    >>> import keras, kspike, numpy as np
     >>> cell = kspike.ALIF(256, n_adaptive=128, n_refractory=5)
     >>> model = keras.Sequential([keras.Input((784, 80)),
     ...                           kspike.SpikingRNN(cell, return_sequences=True),
     ...                           kspike.LeakyReadout(10)])
+    >>> model.output_shape
+    (None, 784, 10)
+    >>> layer = kspike.SpikingRNN(kspike.LIF(16), return_sequences=True, return_state=True)
+    >>> spikes, v, z, r = layer(np.zeros((2, 50, 3), "float32"))
+    >>> tuple(spikes.shape), tuple(v.shape)
+    ((2, 50, 16), (2, 16))
     """
 
     def __init__(self, cell, return_sequences=False, return_state=False, go_backwards=False,
@@ -673,20 +852,8 @@ class SpikingRNN(keras.layers.RNN):
 
     def _native_ops(self, state_dtype, compute_dtype, masked):
         """The native op module when this call runs the C++ loops, else None."""
-        if self.native is False:
-            return None
-        applies = native_applies(self.cell, state_dtype, compute_dtype, masked,
-                                 self.jit_compile or _in_xla_context())
-        ops = native_module.load() if applies else None
-        if self.native is True and ops is None:
-            reason = ("the native loops did not load (see the warning above, or KSPIKE_NATIVE)"
-                      if applies else "they run float32 layers without a mask or XLA (also "
-                      "not inside an XLA-compiled function such as compile(jit_compile=True)), "
-                      "with a catalogue surrogate, in a process without GPUs")
-            raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
-                             f"call: {reason}. Use native='auto' to fall back to the "
-                             f"TensorFlow loop.")
-        return ops
+        return _load_native(self.cell, self.native, state_dtype, compute_dtype, masked,
+                            self.jit_compile)
 
     @property
     def specialised(self):
@@ -696,6 +863,42 @@ class SpikingRNN(keras.layers.RNN):
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if not self.specialised:
             return super().inner_loop(sequences, initial_state, mask, training=training)
+        cell = self.cell
+        sequences, states = self._checked_inputs(sequences, initial_state)
+        state_dtype = cell.state_dtype
+        compute_dtype = keras.backend.standardize_dtype(cell.dtype_policy.compute_dtype)
+        states = [tf.cast(s, state_dtype) for s in states]
+        w_in, w_rec, bias = cell.effective_kernels(compute_dtype)
+        w_in = tf.convert_to_tensor(w_in)
+        if w_rec is not None:
+            w_rec = tf.convert_to_tensor(w_rec)
+        if bias is not None:
+            bias = tf.cast(bias, state_dtype)
+        # Without return_sequences (and mask) the last output is read from the final states,
+        # so no per-step output (nor its gradient) is materialised.
+        per_step = self.return_sequences or mask is not None
+        backend = _select_backend(cell, self.native, self.jit_compile, state_dtype,
+                                  compute_dtype, mask is not None, per_step)
+        x, mask = _loop_layout(sequences, mask, compute_dtype, state_dtype, backend.time_axis,
+                               self.go_backwards)
+        loop = _sequence_loop if backend.for_backward else _plain_loop
+        raw, final_states = loop(backend, _LoopInputs(x, w_in, w_rec, bias, states, mask))
+        if not per_step:
+            last_output = self._last_output(final_states, state_dtype, compute_dtype)
+            return last_output, last_output[:, None], final_states
+        outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)
+        if mask is not None:
+            outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)
+        outputs = tf.cast(outputs, compute_dtype)
+        last_output = outputs[-1] if backend.time_axis == 0 else outputs[:, -1]
+        if not self.return_sequences:
+            outputs = last_output[:, None]
+        elif backend.time_axis == 0:
+            outputs = tf.transpose(outputs, (1, 0, 2))                      # (B, T, out)
+        return last_output, outputs, final_states
+
+    def _checked_inputs(self, sequences, initial_state):
+        """(B, T, n_in) inputs as a tensor and the initial states as a list, checked."""
         cell = self.cell
         sequences = tf.convert_to_tensor(sequences)
         if sequences.shape.rank != 3:
@@ -707,73 +910,18 @@ class SpikingRNN(keras.layers.RNN):
         states = list(initial_state) if isinstance(initial_state, (list, tuple)) \
             else [initial_state]
         cell._check_states(states)
-        state_dtype = cell.state_dtype
-        compute_dtype = keras.backend.standardize_dtype(cell.dtype_policy.compute_dtype)
-        states = [tf.cast(s, state_dtype) for s in states]
-        w_in, w_rec, bias = cell.effective_kernels(compute_dtype)
-        w_in = tf.convert_to_tensor(w_in)
-        if w_rec is not None:
-            w_rec = tf.convert_to_tensor(w_rec)
-        if bias is not None:
-            bias = tf.cast(bias, state_dtype)
-        output_all = cell.output_mode == "all"
-        sequences_in = sequences
-        # Without return_sequences (and mask) the last output is read from the final states,
-        # so no per-step output (nor its gradient) is materialised.
-        sequences = self.return_sequences or mask is not None
-        # The hand-written backward pass pays off only under a gradient tape; otherwise
-        # (inference, SavedModel export) the plain loop keeps no buffers, exports, and stays
-        # differentiable by TensorFlow if its traced graph is differentiated later.
-        native = self._native_ops(state_dtype, compute_dtype, mask is not None) \
-            if _tape_may_record() else None
-        if native is not None:
-            # The native loops are batch-major, like Keras' inputs and outputs.
-            x = tf.cast(sequences_in, compute_dtype)
-            if self.go_backwards:
-                x = tf.reverse(x, [1])
-            raw, final_states = _sequence_loop(cell, x, w_in, w_rec, bias, states, None,
-                                               output_all, sequences, native=native)
-            time_axis = 1
-        else:
-            x = tf.transpose(tf.cast(sequences_in, compute_dtype), (1, 0, 2))   # (T, B, n_in)
-            if mask is not None:
-                mask = tf.convert_to_tensor(mask)
-                if mask.shape.rank == 3:
-                    mask = mask[..., 0]
-                mask = tf.transpose(tf.cast(mask, state_dtype), (1, 0))[..., None]   # (T, B, 1)
-            if self.go_backwards:
-                x = tf.reverse(x, [0])
-                if mask is not None:
-                    mask = tf.reverse(mask, [0])
-            loop = _sequence_loop if _tape_may_record() else _plain_loop
-            raw, final_states = loop(cell, x, w_in, w_rec, bias, states, mask, output_all,
-                                     sequences, jit_compile=self.jit_compile)
-            time_axis = 0
-        if not sequences:
-            final = cell.pack_state(final_states)
-            last_output = final.z
-            if output_all:
-                A = dynamics.threshold(final.b, cell.parameters(state_dtype))
-                A = tf.broadcast_to(tf.cast(A, state_dtype), tf.shape(final.v))
-                last_output = tf.concat([final.z, final.v, A], axis=-1)
-            last_output = tf.cast(last_output, compute_dtype)
-            return last_output, last_output[:, None], final_states
-        outputs = raw[0] if len(raw) == 1 else tf.concat(raw, axis=-1)      # (T, B, out)
-        if time_axis == 1:                                                  # (B, T, out)
-            outputs = tf.cast(outputs, compute_dtype)
-            last_output = outputs[:, -1]
-            if not self.return_sequences:
-                outputs = last_output[:, None]
-            return last_output, outputs, final_states
-        if mask is not None:
-            outputs = _mask_outputs(outputs, mask, self.zero_output_for_mask)
-        outputs = tf.cast(outputs, compute_dtype)
-        last_output = outputs[-1]
-        if self.return_sequences:
-            outputs = tf.transpose(outputs, (1, 0, 2))
-        else:
-            outputs = last_output[:, None]
-        return last_output, outputs, final_states
+        return sequences, states
+
+    def _last_output(self, final_states, state_dtype, compute_dtype):
+        """The output of the last step (B, output_size), from the final states."""
+        cell = self.cell
+        final = cell.pack_state(final_states)
+        last_output = final.z
+        if cell.output_mode == "all":
+            A = dynamics.threshold(final.b, cell.parameters(state_dtype))
+            A = tf.broadcast_to(tf.cast(A, state_dtype), tf.shape(final.v))
+            last_output = tf.concat([final.z, final.v, A], axis=-1)
+        return tf.cast(last_output, compute_dtype)
 
 
 def _mask_outputs(outputs, mask, zero_output_for_mask):

@@ -6,6 +6,7 @@ autodiff of the cell), and compares spikes (identical), voltages and thresholds,
 and the gradients with respect to inputs, weights and initial states.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import tensorflow as tf
 import keras
 
 import kspike
-from kspike import native, surrogates
+from kspike import engine, native, surrogates
 
 from test_engine import _assert_close, _initial_states, _inputs, _outputs_and_grads
 
@@ -193,6 +194,55 @@ def test_native_true_refuses_clearly_where_it_cannot_run():
         kspike.SpikingRNN(kspike.ALIF(UNITS), native="yes")
     with pytest.raises(ValueError, match="`native`"):
         kspike.SpikingRNN(kspike.ALIF(UNITS), native=1)
+
+
+class _DoubledTriangular(surrogates.Triangular):
+    def pseudo_derivative(self, x):
+        return 2.0 * super().pseudo_derivative(x)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("mask", "a mask was given"),
+    ("float64", "the state dtype is float64"),
+    ("mixed_float16", "the compute dtype of the matmuls is float16"),
+    ("surrogate", "the surrogate .* of type _DoubledTriangular is not a catalogue class"),
+    ("jit_compile", "jit_compile=True"),
+    ("environment", "KSPIKE_NATIVE='0' is set in the environment"),
+])
+def test_native_true_names_the_one_condition_that_failed(case, expected, monkeypatch):
+    if case == "environment":
+        monkeypatch.setenv("KSPIKE_NATIVE", "0")
+    if case in ("float64", "mixed_float16"):
+        keras.config.set_dtype_policy(case)
+    cell = kspike.ALIF(UNITS, thr=0.05, surrogate=_DoubledTriangular()
+                       if case == "surrogate" else "triangular")
+    layer = kspike.SpikingRNN(cell, return_sequences=True, native=True,
+                              jit_compile=case == "jit_compile")
+    x = tf.constant(_inputs(batch=2, steps=5, features=N_IN))
+    mask = tf.ones((2, 5), bool) if case == "mask" else None
+    with pytest.raises(ValueError, match="native=True") as error:
+        with tf.GradientTape():
+            layer(x, mask=mask)
+    # Keras appends the call's arguments to the message: only kspike's part is checked.
+    message = str(error.value).split("Arguments received")[0]
+    assert re.search(expected, message), message
+    # One condition: the reasons of the other cases do not appear.
+    others = ("mask was given", "dtype", "surrogate", "jit_compile=True", "KSPIKE_NATIVE",
+              "GPU")
+    assert sum(other in message for other in others) == 1, message
+
+
+def test_native_blocked_by_gpus_and_by_an_enclosing_xla_function(monkeypatch):
+    cell = kspike.LIF(UNITS)
+    assert engine.why_not_native(cell, "float32", "float32", masked=False) is None
+    assert "XLA-compiled function" in engine.why_not_native(
+        cell, "float32", "float32", masked=False, xla_context=True)
+    fake_gpus = [tf.config.LogicalDevice("/device:GPU:0", "GPU")]
+    monkeypatch.setattr(tf.config, "list_logical_devices",
+                        lambda kind=None: fake_gpus if kind == "GPU" else [])
+    reason = engine.why_not_native(cell, "float32", "float32", masked=False)
+    assert reason.startswith("the process has 1 GPU(s) (/device:GPU:0)"), reason
+    assert not engine.native_applies(cell, "float32", "float32", masked=False)
 
 
 def test_config_round_trip_keeps_native():

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 
-__all__ = ["load", "available", "cache_dir", "SOURCE"]
+__all__ = ["load", "available", "unavailable_reason", "cache_dir", "SOURCE"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spiking_ops.cc")
 
@@ -97,13 +97,17 @@ def _build(tf):
     return tf.load_op_library(library)
 
 
+def _disabled():
+    return os.environ.get("KSPIKE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def load():
     """The compiled op module (``KspikeSpikingForward``, ``KspikeSpikingBackward``), or None.
 
     Compiles on the first call of a process when no cached library fits; later calls return
     the same module at once. Set ``KSPIKE_NATIVE=0`` to never use the native loops.
     """
-    if os.environ.get("KSPIKE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _disabled():
         return None
     if _state["loaded"]:
         return _state["module"]
@@ -125,3 +129,13 @@ def load():
 def available():
     """True when the native loops load (compiling them if needed)."""
     return load() is not None
+
+
+def unavailable_reason():
+    """Why ``load()`` returns None, as a sentence (the environment setting or the build
+    error), or None when the native loops load."""
+    if _disabled():
+        return f"KSPIKE_NATIVE={os.environ['KSPIKE_NATIVE']!r} is set in the environment"
+    if load() is None:
+        return f"the native loops did not compile or load ({_state['error']})"
+    return None
