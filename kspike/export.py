@@ -601,12 +601,21 @@ def _clean_stale(target, remove=True):
         if not remove:
             continue
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
         else:
             try:
                 os.remove(path)
             except OSError:
                 pass
+
+
+def _remove_tree(path):
+    # A replaced export keeps its mode, which may lack the write bit its deletion needs.
+    try:
+        os.chmod(path, stat.S_IRWXU)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _foreign_entries(directory):
@@ -692,7 +701,7 @@ def _swap_in(staging, target):
         return
     if _rename_exchange(staging, target):
         _crash_point("exchanged")
-        shutil.rmtree(staging, ignore_errors=True)   # the previous export now
+        _remove_tree(staging)   # the previous export now
         return
     old = os.path.join(os.path.dirname(target), _leftover_name("replaced", target))
     os.rename(target, old)
@@ -703,7 +712,7 @@ def _swap_in(staging, target):
         os.rename(old, target)
         raise
     _crash_point("renamed")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 def saved_model(model, directory, overwrite=False, jit_compile=False):
@@ -752,8 +761,6 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
     directory, target = _check_directory(directory, overwrite)   # a restored old export
     staging = os.path.join(parent, _leftover_name("export", target))
     os.mkdir(staging, 0o777)   # the umask decides, as for any new directory
-    if os.path.isdir(target):
-        os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
     try:
         _crash_point("staging")
         # serve and step hold no tf.custom_gradient of their own (kspike's surrogates are
@@ -768,9 +775,12 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
         with open(os.path.join(staging, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump({"format": "kspike.export.saved_model", "kspike_version": __version__,
                        "functions": ["serve", "initial_state", "step"]}, f)
+        if os.path.isdir(target):
+            # After writing, so that a read-only mode of the old export cannot block it.
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
         _crash_point("saved")
         _swap_in(staging, target)
     finally:
         if os.path.lexists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_tree(staging)
     return directory

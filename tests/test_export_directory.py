@@ -78,6 +78,10 @@ def test_new_directory_follows_the_umask_and_replaced_keeps_its_mode(tmp_path):
         os.chmod(path, 0o711)
         export.saved_model(_tiny(seed=3), path, overwrite=True)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o711
+        os.chmod(path, 0o555)   # a read-only old export is replaced too, and stays read-only
+        export.saved_model(_tiny(seed=4), path, overwrite=True)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o555
+        os.chmod(path, 0o755)
     finally:
         os.umask(old)
 
