@@ -124,3 +124,27 @@ def test_smnist_batch_size_zero():
     with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer, "
                                          r"received 0"):
         tasks.sequential_mnist(batch_size=0, images=np.zeros((1, 784)), labels=[0])
+
+
+def test_shd_no_batch_at_all(tmp_path):
+    # Fewer samples than a batch with drop_remainder=True would give an epoch of 0 batches.
+    _write_shd(tmp_path / "shd_train.h5", _GOOD, [0, 1])
+    with pytest.raises(ValueError, match=r"`batch_size` 4 is larger than the 2 samples of "
+                                         r".*shd_train\.h5'.*drop_remainder=False"):
+        tasks.shd(tmp_path, batch_size=4)
+    assert len(list(tasks.shd(tmp_path, batch_size=4, drop_remainder=False))) == 1
+    _write_shd(tmp_path / "empty.h5", [], [])
+    with pytest.raises(ValueError, match=r"empty\.h5' holds no samples"):
+        tasks.shd(tmp_path / "empty.h5", split="test")
+
+
+def test_smnist_no_batch_at_all(tmp_path):
+    _mnist(tmp_path / "mnist.npz", np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r"`batch_size` 8 is larger than the 3 images of "
+                                         r"MNIST file .*mnist\.npz'"):
+        tasks.sequential_mnist(path=tmp_path / "mnist.npz", batch_size=8)
+    assert len(list(tasks.sequential_mnist("test", path=tmp_path / "mnist.npz",
+                                           batch_size=8))) == 1
+    with pytest.raises(ValueError, match=r"MNIST file .*mnist\.npz' \(x_train\) is empty"):
+        _mnist(tmp_path / "mnist.npz", np.zeros((0, 28, 28), np.uint8))
+        tasks.sequential_mnist(path=tmp_path / "mnist.npz", batch_size=8)

@@ -220,6 +220,13 @@ def shd(path, split="train", dt=4.0, n_steps=250, batch_size=128, shuffle=None, 
                         n_steps, dt)
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
     drop_remainder = (split == "train") if drop_remainder is None else bool(drop_remainder)
+    n_samples = len(data["labels"])
+    if n_samples == 0:
+        raise ValueError(f"{filename!r} holds no samples.")
+    if drop_remainder and n_samples < batch_size:
+        raise ValueError(f"`batch_size` {batch_size} is larger than the {n_samples} samples of "
+                         f"{filename!r}: with drop_remainder=True not one batch would be made; "
+                         "pass a smaller batch_size or drop_remainder=False.")
     spikes = tf.RaggedTensor.from_row_lengths(data["values"], data["lengths"])
     dataset = tf.data.Dataset.from_tensor_slices((spikes, data["labels"]))
     if shuffle:

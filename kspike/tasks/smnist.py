@@ -169,7 +169,7 @@ def _check_arrays(images, labels, source="`images`"):
         raise ValueError(f"`labels` must be in 0..9, received values in [{labels.min()}, "
                          f"{labels.max()}].")
     if len(images) == 0:
-        raise ValueError("`images` is empty.")
+        raise ValueError(f"{source} is empty (no images).")
     return images, labels.astype(np.int32)
 
 
@@ -222,6 +222,11 @@ def sequential_mnist(split="train", batch_size=256, encoding="threshold_crossing
         images, labels = _check_arrays(*_load_tfds(split))
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
     drop_remainder = (split == "train") if drop_remainder is None else bool(drop_remainder)
+    if drop_remainder and len(images) < batch_size:
+        source = f"MNIST file {os.fspath(path)!r}" if path is not None else "`images`"
+        raise ValueError(f"`batch_size` {batch_size} is larger than the {len(images)} images of "
+                         f"{source}: with drop_remainder=True not one batch would be made; pass "
+                         "a smaller batch_size or drop_remainder=False.")
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
