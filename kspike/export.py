@@ -47,7 +47,6 @@ input (B, T, n_in), one output), possibly nested, made of
 Anything else is refused with an error naming the layer.
 """
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -678,8 +677,8 @@ def _rename_exchange(a, b):
     if not hasattr(os, "uname") or os.uname().sysname != "Linux":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        renameat2 = libc.renameat2
+        # The process's own symbols include libc's (glibc >= 2.28 has renameat2).
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
