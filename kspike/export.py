@@ -467,7 +467,8 @@ def load(directory):
     directory = os.path.abspath(os.fspath(directory))
     target = os.path.realpath(directory)
     if not os.path.exists(target):
-        _clean_stale(target, remove=False)   # an export killed between its two renames left the old one aside
+        # An export killed between its two renames (no atomic exchange) left the old one aside.
+        _clean_stale(target, remove=False)
     if not os.path.isfile(os.path.join(target, "saved_model.pb")):
         raise ValueError(f"{directory!r} is not a SavedModel directory (no saved_model.pb).")
     # TensorFlow reports an empty saved_model.pb as a tag mismatch and a truncated variable

@@ -11,7 +11,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kspike
 from kspike import export
