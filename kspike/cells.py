@@ -257,9 +257,10 @@ class _SpikingCell(keras.layers.Layer):
         if self.recurrent:
             w_rec = tf.cast(self.recurrent_kernel, dtype)
             if "recurrent" not in self._rewired:
-                # A NumPy constant: inside keras.layers.RNN this runs every time step, and a
-                # constant costs nothing there while tf.eye would be rebuilt each step.
-                w_rec = w_rec * tf.constant(1.0 - np.eye(self.units), dtype=dtype)
+                # set_diag builds nothing of size units x units: a (units, units) mask
+                # constant would be stored in every traced graph (a SavedModel of 2048 units
+                # held ~9 copies of it), and a tf.eye mask would be rebuilt each time step.
+                w_rec = tf.linalg.set_diag(w_rec, tf.zeros((self.units,), dtype))
         bias = None if self.bias is None else tf.cast(self.bias, dtype)
         return w_in, w_rec, bias
 

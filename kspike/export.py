@@ -46,16 +46,27 @@ input (B, T, n_in), one output), possibly nested, made of
 
 Anything else is refused with an error naming the layer.
 """
+import ctypes
+import errno
+import hashlib
+import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
+import stat
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 __all__ = ["saved_model", "load", "LoadedModel", "StreamingModel", "ExportError",
-           "DirectoryNotEmptyError"]
+           "DirectoryNotEmptyError", "DamagedExportError", "MARKER_FILE", "EXPORT_FILES"]
+
+_logger = logging.getLogger("kspike")
 
 
 class ExportError(ValueError):
@@ -63,7 +74,13 @@ class ExportError(ValueError):
 
 
 class DirectoryNotEmptyError(FileExistsError, ValueError):
-    """The export directory exists and is not empty (and ``overwrite`` is False)."""
+    """The export directory exists and is not empty (and ``overwrite`` is False), or holds
+    files that are not part of a previous export (the message lists them)."""
+
+
+class DamagedExportError(ValueError):
+    """An export directory cannot be loaded: the message names the directory, the damaged
+    file and the problem."""
 
 
 _PER_STEP = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
@@ -439,47 +456,280 @@ class LoadedModel:
 
 def load(directory):
     """Load a ``saved_model`` export as a ``LoadedModel`` (argument-checked ``serve``,
-    ``initial_state`` and ``step``)."""
-    directory = os.fspath(directory)
-    if not os.path.isfile(os.path.join(directory, "saved_model.pb")):
+    ``initial_state`` and ``step``).
+
+    Raises:
+        ValueError: ``directory`` holds no SavedModel, or one not written by
+            ``kspike.export.saved_model``.
+        DamagedExportError (a ValueError): a file of the export is empty, truncated or
+            missing; the message names the directory and the file.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    target = os.path.realpath(directory)
+    if not os.path.exists(target):
+        # An export killed between its two renames (no atomic exchange) left the old one aside.
+        _clean_stale(target, remove=False)
+    if not os.path.isfile(os.path.join(target, "saved_model.pb")):
         raise ValueError(f"{directory!r} is not a SavedModel directory (no saved_model.pb).")
-    raw = tf.saved_model.load(directory)
+    # TensorFlow reports an empty saved_model.pb as a tag mismatch and a truncated variable
+    # file as a bare IndexError: check the files first, and again after any failure.
+    problem = _damage(target, variables=False)
+    if problem is None:
+        try:
+            raw = tf.saved_model.load(target)
+        except Exception as error:   # noqa: BLE001 - re-raised below, named or as it was
+            problem = _damage(target)
+            if problem is None:
+                raise
+            raise DamagedExportError(_damage_message(directory, problem)) from error
+    if problem is not None:
+        raise DamagedExportError(_damage_message(directory, problem))
     if not all(hasattr(raw, name) for name in ("serve", "initial_state", "step")):
         raise ValueError(f"The SavedModel in {directory!r} was not written by "
                          "kspike.export.saved_model (no serve/initial_state/step).")
     return LoadedModel(raw)
 
 
+def _damage_message(directory, problem):
+    name, what = problem
+    return (f"The export in {directory!r} is damaged: {name} {what}. Write it again with "
+            "kspike.export.saved_model(model, directory, overwrite=True).")
+
+
+def _damage(directory, variables=True):
+    """(file, problem) of the first damaged file of a SavedModel directory, or None."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    pb = os.path.join(directory, "saved_model.pb")
+    size = os.path.getsize(pb)
+    if size == 0:
+        return "saved_model.pb", "is empty (0 bytes)"
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(pb, "rb") as f:
+            proto.ParseFromString(f.read())
+    except Exception as error:   # noqa: BLE001 - protobuf's DecodeError and friends
+        return "saved_model.pb", f"is not a valid SavedModel ({size} bytes; {error})"
+    if not proto.meta_graphs:
+        return "saved_model.pb", f"holds no graph ({size} bytes; truncated?)"
+    index = os.path.join(directory, "variables", "variables.index")
+    if not os.path.isfile(index):
+        return os.path.join("variables", "variables.index"), "is missing"
+    if not variables:
+        return None
+    data = sorted(n for n in os.listdir(os.path.join(directory, "variables"))
+                  if n.startswith("variables.data-"))
+    data_name = (os.path.join("variables", data[0]) if len(data) == 1
+                 else os.path.join("variables", "variables.data-*"))
+    try:
+        reader = tf.train.load_checkpoint(os.path.join(directory, "variables", "variables"))
+    except Exception as error:   # noqa: BLE001
+        return os.path.join("variables", "variables.index"), f"is unreadable ({error})"
+    for key in sorted(reader.get_variable_to_shape_map()):
+        try:
+            reader.get_tensor(key)
+        except Exception as error:   # noqa: BLE001
+            return data_name, (f"is truncated or damaged (reading variable {key!r} failed: "
+                               f"{type(error).__name__}: {error})")
+    return None
+
+
 # ----------------------------------------------------------------------------- saving
+#: The file kspike writes into every export, so that ``overwrite=True`` knows the directory
+#: as a previous export.
+MARKER_FILE = "kspike_export.json"
+#: The entries of an export directory (``variables/`` holds ``variables.index`` and
+#: ``variables.data-NNNNN-of-NNNNN``; ``assets/`` stays empty).
+EXPORT_FILES = ("saved_model.pb", "fingerprint.pb", "variables", "assets", MARKER_FILE)
+_VARIABLE_FILE = re.compile(r"^variables\.(index|data-\d{5}-of-\d{5})$")
+# Leftovers are named after their kind, host, process and target so that a later export can
+# tell those of dead processes (safe to remove) from those of a running export.
+_LEFTOVER = re.compile(r"^\.kspike-(export|replaced)-([0-9a-f]{8})-(\d+)-([0-9a-f]{8})-(.+)$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _host():
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _leftover_name(kind, target):
+    return (f".kspike-{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}-"
+            f"{os.path.basename(target)}")
+
+
+def _crash_point(name):
+    # Lets tests kill a real export (SIGKILL, no clean-up) at a chosen point of the swap.
+    if os.environ.get("KSPIKE_EXPORT_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _process_alive(pid):
+    if os.name == "nt":   # os.kill would terminate the process there: never assume it dead
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:       # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale(target, remove=True):
+    """Remove (if ``remove``) the leftovers of killed exports next to ``target``; if an export
+    was killed after moving ``target`` aside (the two-rename fallback), put it back."""
+    parent, base = os.path.split(target)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    host = _host()
+    for name in sorted(names):
+        match = _LEFTOVER.match(name)
+        if not match or match.group(2) != host or _process_alive(int(match.group(3))):
+            continue
+        path = os.path.join(parent, name)
+        if match.group(1) == "replaced" and match.group(5) == base and not os.path.lexists(target):
+            try:
+                os.rename(path, target)
+                _logger.warning("kspike.export: restored %s, which an interrupted export had "
+                                "moved to %s.", target, path)
+                continue
+            except OSError:
+                pass
+        if not remove:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            _remove_tree(path)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+def _remove_tree(path):
+    # A replaced export keeps its mode, which may lack the write bit its deletion needs.
+    try:
+        os.chmod(path, stat.S_IRWXU)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _foreign_entries(directory):
+    """Paths (relative, directories with a trailing /) in ``directory`` that are not part of
+    an export."""
+    foreign = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        is_dir = os.path.isdir(path) and not os.path.islink(path)
+        is_file = os.path.isfile(path) and not os.path.islink(path)
+        if name in ("saved_model.pb", "fingerprint.pb", MARKER_FILE) and is_file:
+            continue
+        if name in ("variables", "assets") and is_dir:
+            for inner in sorted(os.listdir(path)):
+                inner_path = os.path.join(path, inner)
+                if (name == "variables" and _VARIABLE_FILE.match(inner)
+                        and os.path.isfile(inner_path) and not os.path.islink(inner_path)):
+                    continue
+                foreign.append(f"{name}/{inner}" + ("/" if os.path.isdir(inner_path) else ""))
+            continue
+        foreign.append(name + ("/" if os.path.isdir(path) else ""))
+    return foreign
+
+
 def _check_directory(directory, overwrite):
+    """(path as given made absolute, real target with symlinks resolved)."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a path (str or os.PathLike), received "
                         f"{directory!r} of type {type(directory).__name__}.")
     if not isinstance(overwrite, bool):
         raise TypeError(f"`overwrite` must be True or False, received {overwrite!r}.")
     directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        if not os.path.isdir(directory):
+    # A symlinked export directory stays a symlink: the export replaces what it points to.
+    target = os.path.realpath(directory)
+    if os.path.exists(target):
+        if not os.path.isdir(target):
             raise DirectoryNotEmptyError(f"Cannot export to {directory!r}: it exists and is "
                                          "a file, not a directory.")
-        if os.listdir(directory) and not overwrite:
+        entries = os.listdir(target)
+        if entries and not overwrite:
             raise DirectoryNotEmptyError(f"Cannot export to {directory!r}: the directory is "
                                          "not empty. Choose a new directory or pass "
-                                         "overwrite=True to replace its contents.")
-    return directory
+                                         "overwrite=True to replace a previous export.")
+        foreign = _foreign_entries(target) if entries else []
+        if entries and not foreign and "saved_model.pb" not in entries:
+            foreign = sorted(entries)   # SavedModel pieces without the model itself
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more"
+                                               if len(foreign) > 10 else "")
+            raise DirectoryNotEmptyError(
+                f"Cannot overwrite {directory!r}: it is not a previous export, it holds "
+                f"{shown}. overwrite=True replaces only an export (the files "
+                f"{', '.join(EXPORT_FILES)}); move these away or choose another directory.")
+    return directory, target
+
+
+def _rename_exchange(a, b):
+    """Atomically swap the directories ``a`` and ``b`` (Linux renameat2); False where the
+    system or file system cannot."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        # The process's own symbols include libc's (glibc >= 2.28 has renameat2).
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
+def _swap_in(staging, target):
+    """Put ``staging`` at ``target`` so that at every instant one of the two exports is
+    there (an atomic exchange; where it is unavailable, two renames whose window a later
+    export or load repairs, see ``_clean_stale``)."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
+        return
+    if _rename_exchange(staging, target):
+        _crash_point("exchanged")
+        _remove_tree(staging)   # the previous export now
+        return
+    old = os.path.join(os.path.dirname(target), _leftover_name("replaced", target))
+    os.rename(target, old)
+    _crash_point("moved-aside")
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    _crash_point("renamed")
+    _remove_tree(old)
 
 
 def saved_model(model, directory, overwrite=False, jit_compile=False):
     """Write ``model`` as a TensorFlow SavedModel with ``serve``, ``initial_state`` and
-    ``step`` (see the module docstring).
+    ``step`` (see the module docstring and docs/export.md).
 
     Args:
         model: a built ``keras.Model`` taking (B, T, n_in) sequences: a chain of recurrent
             layers with kspike cells, ``kspike.LeakyReadout`` and per-time-step layers.
-        directory: where to write the SavedModel (created if missing).
-        overwrite: replace a non-empty ``directory``. Without it a non-empty directory is
-            refused and left untouched. The new model is written next to it first, so a
-            failed export never destroys the old one.
+        directory: where to write the SavedModel (created if missing, with the permissions
+            of the umask; a symlink is followed and stays a symlink).
+        overwrite: replace a previous export in ``directory``: a directory holding only the
+            export files (``EXPORT_FILES``). Anything else in it is refused, the files are
+            listed and nothing is touched. Without it any non-empty directory is refused.
+            The new model is written next to the old one first and swapped in atomically,
+            so a failed or killed export leaves the old export in place; the replaced
+            directory keeps its permissions.
         jit_compile: compile ``step`` with XLA: on a 2-core CPU this brings a 1-sample
             step of 256 ALIF neurons from ~0.25 ms to ~0.15 ms per call
             (``bin/bench_engine.py``). XLA may round differently from ``serve`` (a spike
@@ -493,7 +743,8 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
     Raises:
         ExportError (a ValueError): a layer without a streaming form; the message names it.
         DirectoryNotEmptyError (a FileExistsError and ValueError): ``directory`` is not empty
-            and ``overwrite`` is False, or is a file.
+            and ``overwrite`` is False, holds files that are not a previous export, or is a
+            file.
 
     Example:
 
@@ -509,12 +760,16 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
     >>> bool(np.allclose(y_t, model(x)[:, 0], atol=1e-6))
     True
     """
-    directory = _check_directory(directory, overwrite)
+    directory, target = _check_directory(directory, overwrite)
     module = StreamingModel(model, jit_compile=jit_compile)
-    parent = os.path.dirname(directory)
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".kspike-export-", dir=parent)
+    _clean_stale(target)
+    directory, target = _check_directory(directory, overwrite)   # a restored old export
+    staging = os.path.join(parent, _leftover_name("export", target))
+    os.mkdir(staging, 0o777)   # the umask decides, as for any new directory
     try:
+        _crash_point("staging")
         # serve and step hold no tf.custom_gradient of their own (kspike's surrogates are
         # stop-gradient expressions, SpikingRNN is served by the generic loop); custom
         # gradients traced elsewhere by the model (e.g. SpikingRNN's fused loop when the model
@@ -523,15 +778,16 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
         tf.saved_model.save(module, staging,
                             signatures={"serving_default": module.serve.get_concrete_function()},
                             options=options)
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=".kspike-replaced-", dir=parent)
-            os.rmdir(old)
-            os.rename(directory, old)
-            os.rename(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
+        from kspike import __version__
+        with open(os.path.join(staging, MARKER_FILE), "w", encoding="utf-8") as f:
+            json.dump({"format": "kspike.export.saved_model", "kspike_version": __version__,
+                       "functions": ["serve", "initial_state", "step"]}, f)
+        if os.path.isdir(target):
+            # After writing, so that a read-only mode of the old export cannot block it.
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+        _crash_point("saved")
+        _swap_in(staging, target)
     finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        if os.path.lexists(staging):
+            _remove_tree(staging)
     return directory

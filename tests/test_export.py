@@ -271,9 +271,15 @@ def test_directory_safety(tmp_path):
         export.saved_model(model, 3)
     with pytest.raises(TypeError, match="`overwrite`"):
         export.saved_model(model, tmp_path / "new", overwrite="yes")
+    # overwrite=True replaces a previous export only: the user's file is refused, kept.
+    with pytest.raises(FileExistsError, match="not a previous export.*notes.txt"):
+        export.saved_model(model, busy, overwrite=True)
+    assert os.listdir(busy) == ["notes.txt"]
+    (busy / "notes.txt").unlink()
+    export.saved_model(model, busy)
     # A refused model does not touch an existing export either, even with overwrite=True.
     export.saved_model(model, busy, overwrite=True)
-    assert "saved_model.pb" in os.listdir(busy) and "notes.txt" not in os.listdir(busy)
+    assert "saved_model.pb" in os.listdir(busy)
     bad = keras.Sequential([keras.Input((10, 5)), keras.layers.Conv1D(2, 2)])
     with pytest.raises(export.ExportError):
         export.saved_model(bad, busy, overwrite=True)

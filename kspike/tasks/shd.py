@@ -15,6 +15,8 @@ dense (B, n_steps, 700) inputs are built per batch.
 import hashlib
 import logging
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -31,6 +33,7 @@ _SOURCE = ("The SHD files are published at https://zenkelab.org/datasets/ (shd_t
            "shd_test.h5.gz; decompress with gunzip)")
 _logger = logging.getLogger("kspike")
 _memory_cache = {}
+_CACHED = ("values", "lengths", "labels", "dropped", "total")
 
 
 def bin_spikes(times, units, dt=4.0, n_steps=250, n_units=N_CHANNELS):
@@ -56,12 +59,16 @@ def bin_spikes(times, units, dt=4.0, n_steps=250, n_units=N_CHANNELS):
     if units.size and (units.min() < 0 or units.max() >= n_units):
         raise ValueError(f"`units` must be channel ids in 0..{n_units - 1}, received values "
                          f"in [{units.min()}, {units.max()}].")
-    bins = np.floor(times * 1000.0 / dt).astype(np.int64)
-    if bins.size and bins.min() < 0:
-        raise ValueError("Spike `times` must be >= 0 seconds, received "
-                         f"{times.min()}.")
-    kept = bins < n_steps
-    flat = (bins[kept] * n_units + units[kept]).astype(np.int32)
+    bad = ~np.isfinite(times) | (times < 0)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise ValueError(f"Spike `times` must be finite and >= 0 seconds, received "
+                         f"{times[first]} (spike {first} of {times.size}).")
+    # Compared in float before the cast: a huge time (1e20 s) would overflow int64.
+    positions = np.floor(times * 1000.0 / dt)
+    kept = positions < n_steps
+    bins = positions[kept].astype(np.int64)
+    flat = (bins * n_units + units[kept]).astype(np.int32)
     return flat, int(np.count_nonzero(~kept))
 
 
@@ -92,6 +99,11 @@ def _read(filename, dt, n_steps):
         import h5py
     except ImportError:
         raise ImportError("kspike.tasks.shd needs h5py: pip install h5py") from None
+    with open(filename, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if compressed:
+        raise ValueError(f"{filename!r} is gzip-compressed (the SHD files are published as "
+                         ".h5.gz): gunzip it and pass the decompressed .h5 file.")
     try:
         handle = h5py.File(filename, "r")
     except OSError as error:
@@ -108,6 +120,15 @@ def _read(filename, dt, n_steps):
             raise ValueError(f"{filename!r}: /spikes/times ({len(times)}), /spikes/units "
                              f"({len(units)}) and /labels ({len(labels)}) must have one entry "
                              "per sample.")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{filename!r}: /labels must hold integer classes 0..{N_CLASSES - 1}, "
+                             f"received dtype {labels.dtype}.")
+        outside = (labels < 0) | (labels >= N_CLASSES)
+        if outside.any():
+            first = int(np.argmax(outside))
+            raise ValueError(f"{filename!r}, sample {first}: label {labels[first]} is outside "
+                             f"the {N_CLASSES} SHD classes 0..{N_CLASSES - 1} "
+                             f"({int(outside.sum())} such samples).")
         flats, lengths, dropped, total = [], [], 0, 0
         for k in range(len(labels)):
             try:
@@ -137,8 +158,18 @@ def _load(filename, dt, n_steps, cache_dir):
         cache_file = os.path.join(os.fspath(cache_dir),
                                   f"{stem}_dt{dt:g}ms_{n_steps}bins_{digest}.npz")
         if os.path.exists(cache_file):
-            with np.load(cache_file) as cached:
-                data = {k: cached[k] for k in cached.files}
+            try:
+                with np.load(cache_file, allow_pickle=False) as cached:
+                    data = {k: cached[k] for k in cached.files}
+                missing = [k for k in _CACHED if k not in data]
+                if missing:
+                    raise ValueError(f"arrays {missing} are missing")
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+                # A cache is a copy: an interrupted or damaged one is rebuilt from the source.
+                _logger.warning("kspike.tasks.shd: the cache file %s is damaged (%s: %s); "
+                                "rebuilding it from %s.", cache_file, type(error).__name__,
+                                error, filename)
+                data = None
     if data is None:
         data = _read(filename, dt, n_steps)
         if cache_file is not None:
@@ -189,6 +220,13 @@ def shd(path, split="train", dt=4.0, n_steps=250, batch_size=128, shuffle=None, 
                         n_steps, dt)
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
     drop_remainder = (split == "train") if drop_remainder is None else bool(drop_remainder)
+    n_samples = len(data["labels"])
+    if n_samples == 0:
+        raise ValueError(f"{filename!r} holds no samples.")
+    if drop_remainder and n_samples < batch_size:
+        raise ValueError(f"`batch_size` {batch_size} is larger than the {n_samples} samples of "
+                         f"{filename!r}: with drop_remainder=True not one batch would be made; "
+                         "pass a smaller batch_size or drop_remainder=False.")
     spikes = tf.RaggedTensor.from_row_lengths(data["values"], data["lengths"])
     dataset = tf.data.Dataset.from_tensor_slices((spikes, data["labels"]))
     if shuffle:

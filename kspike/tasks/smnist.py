@@ -17,6 +17,8 @@ The label is read from the readout averaged over the final steps: ``mnist_logits
 averages the last 56 steps (LSNN averages the last 28: pass ``steps=28``).
 """
 import os
+import zipfile
+import zlib
 
 import numpy as np
 import tensorflow as tf
@@ -94,19 +96,23 @@ def _load_npz(path, split):
             f"MNIST file not found: {path!r}. Pass `path=` the Keras-format mnist.npz (arrays "
             f"x_train, y_train, x_test, y_test), from {_SOURCES}; or pass `images=` and "
             "`labels=` arrays; or `from_tfds=True` to use tensorflow-datasets.")
+    wanted = (f"x_{split}", f"y_{split}")
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("it holds a single array, not an .npz archive")
             keys = set(data.files)
-            wanted = (f"x_{split}", f"y_{split}")
             missing = [k for k in wanted if k not in keys]
-            if missing:
-                raise ValueError(f"MNIST file {path!r} has no array {missing[0]!r} (found "
-                                 f"{sorted(keys)}); expected the Keras mnist.npz layout with "
-                                 "x_train, y_train, x_test, y_test.")
-            return data[wanted[0]], data[wanted[1]]
-    except (OSError, EOFError) as error:
-        raise ValueError(f"Cannot read MNIST file {path!r} as a NumPy .npz archive: "
-                         f"{error}") from None
+            if not missing:
+                return data[wanted[0]], data[wanted[1]]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+        # np.load reports a garbage file as pickled data and a truncated one as a bad zip.
+        raise ValueError(f"Cannot read MNIST file {path!r} as a NumPy .npz archive "
+                         f"({type(error).__name__}: {error}); the file is damaged or not the "
+                         f"Keras mnist.npz (download it again from {_SOURCES}).") from None
+    raise ValueError(f"MNIST file {path!r} has no array {missing[0]!r} (found "
+                     f"{sorted(keys)}); expected the Keras mnist.npz layout with "
+                     "x_train, y_train, x_test, y_test.")
 
 
 def _load_tfds(split):
@@ -121,7 +127,7 @@ def _load_tfds(split):
     return images, labels
 
 
-def _check_arrays(images, labels):
+def _check_arrays(images, labels, source="`images`"):
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim == 3 and images.shape[1:] == (28, 28):
@@ -137,6 +143,14 @@ def _check_arrays(images, labels):
                              f"[{images.min()}, {images.max()}].")
         images = images.astype(np.uint8)
     elif np.issubdtype(images.dtype, np.floating):
+        finite = np.isfinite(images)
+        if not finite.all():
+            bad = ~finite.all(axis=1)
+            first = int(np.argmax(bad))
+            pixel = int(np.argmax(~finite[first]))
+            raise ValueError(f"{source}: image {first} has a non-finite pixel "
+                             f"({images[first, pixel]} at pixel {pixel}; "
+                             f"{int(bad.sum())} such images); pixels must be in [0, 1].")
         if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1):
             raise ValueError("Float `images` must hold pixels in [0, 1] (or pass uint8 "
                              f"0..255), received values in [{np.nanmin(images)}, "
@@ -155,7 +169,7 @@ def _check_arrays(images, labels):
         raise ValueError(f"`labels` must be in 0..9, received values in [{labels.min()}, "
                          f"{labels.max()}].")
     if len(images) == 0:
-        raise ValueError("`images` is empty.")
+        raise ValueError(f"{source} is empty (no images).")
     return images, labels.astype(np.int32)
 
 
@@ -202,11 +216,17 @@ def sequential_mnist(split="train", batch_size=256, encoding="threshold_crossing
             raise ValueError("`images` and `labels` must be given together.")
         images, labels = _check_arrays(images, labels)
     elif path is not None:
-        images, labels = _check_arrays(*_load_npz(path, split))
+        images, labels = _check_arrays(*_load_npz(path, split),
+                                       source=f"MNIST file {os.fspath(path)!r} (x_{split})")
     else:
         images, labels = _check_arrays(*_load_tfds(split))
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
     drop_remainder = (split == "train") if drop_remainder is None else bool(drop_remainder)
+    if drop_remainder and len(images) < batch_size:
+        source = f"MNIST file {os.fspath(path)!r}" if path is not None else "`images`"
+        raise ValueError(f"`batch_size` {batch_size} is larger than the {len(images)} images of "
+                         f"{source}: with drop_remainder=True not one batch would be made; pass "
+                         "a smaller batch_size or drop_remainder=False.")
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
