@@ -535,3 +535,7 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+from kspike.litert import litert, load_litert, LiteRTRunner  # noqa: E402  (edge format, docs/litert.md)
+__all__ += ["litert", "load_litert", "LiteRTRunner"]
