@@ -121,7 +121,8 @@ def litert(model, path, batch_size=1, overwrite=False, quantize=None):
     path = _check_path(path, overwrite)
     export = _export_module()
     module = export.StreamingModel(model)
-    for i, state in enumerate(module.initial_state(tf.constant(batch_size))):
+    # The Python function, not the tf.function: no graph is traced for this check.
+    for i, state in enumerate(module.initial_state.python_function(batch_size)):
         # The runner starts from zeros; a cell with another initial state would be wrong.
         if np.any(state.numpy() != 0):
             raise export.ExportError(f"Cannot convert to LiteRT: initial state {i} of the "

@@ -36,7 +36,7 @@ back as dense cells with the same effective weights), and graphs of other writer
 chain. A ``LIF`` node without kspike metadata has NIR's hard reset; kspike imports it as a
 ``kspike.LIF`` cell (reset by subtraction) only when told that the writer meant subtraction
 (``lif_reset="subtract"``, e.g. snnTorch's default ``Leaky``). The hard-reset import belongs
-to ``kspike.LIFNeurons`` (see docs/neuron_layers.md) and is not available yet.
+to ``kspike.LIFNeurons`` and is not available yet.
 """
 import json
 
@@ -116,7 +116,7 @@ def _affine(nir, weight_in_out, bias):
 # ----------------------------------------------------------------------------- kspike -> NIR
 def _neuron_layer_to_nir(layer, dt):
     """HOOK for kspike.IFNeurons / kspike.LIFNeurons (hard reset, SpikingJelly semantics):
-    they map to NIR IF / LIF exactly (docs/neuron_layers.md). To be written with those layers;
+    they map to NIR IF / LIF exactly. To be written with those layers;
     return (nodes dict, internal edges, first node name, last node name)."""
     raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: the IF/LIF neuron layers "
                          "are not supported by kspike.nir yet.")
@@ -299,7 +299,7 @@ def _set(layer, shape, weights):
 
 def _hard_reset_lif(node_name, node, dt):
     """HOOK for kspike.LIFNeurons / IFNeurons (hard reset to v_reset): NIR LIF / IF nodes map
-    to them exactly (docs/neuron_layers.md). To be written with those layers."""
+    to them exactly. To be written with those layers."""
     raise NotImplementedError(
         f"Cannot import NIR node {node_name!r}: a NIR {type(node).__name__} resets to v_reset "
         "(hard reset), whose kspike layer (kspike.LIFNeurons) is not supported by kspike.nir "

@@ -79,15 +79,16 @@ def test_readout_outputs_equal_model_and_saved_model(tmp_path):
 
 
 def test_float16_quantisation_within_tolerance(tmp_path):
-    # float16 weights move each current by ~1e-3 relative: spikes may flip near threshold,
-    # so the readout output is compared with a tolerance stated in docs/litert.md.
+    # float16 weights move each current by ~1e-3 relative: a spike within that of its
+    # threshold may flip, so the output is compared with the tolerance of docs/litert.md
+    # (1% of the output range; measured 0.08% for 256 ALIF neurons).
     model = _model(_rnn(kspike.ALIF(16, n_adaptive=8, thr=0.02, seed=1)),
                    kspike.LeakyReadout(3, tau=10.0, seed=3))
     x = _spikes(1, STEPS, 5, seed=4)
     expected = model(x).numpy()
     y16 = _convert(model, tmp_path, "f16.tflite", quantize="float16").run(x)
     scale = np.abs(expected).max()
-    assert np.abs(y16 - expected).max() <= 0.05 * scale
+    assert np.abs(y16 - expected).max() <= 0.01 * scale
     assert os.path.getsize(tmp_path / "f16.tflite") < os.path.getsize(
         export.litert(model, tmp_path / "f32.tflite"))
     y8 = _convert(model, tmp_path, "i8.tflite", quantize="int8").run(x)
