@@ -90,7 +90,9 @@ def litert(model, path, batch_size=1, overwrite=False, quantize=None):
         overwrite: replace an existing file. Without it an existing file is refused and left
             untouched; the new file is written next to it and moved into place atomically.
         quantize: None (float32), ``"float16"`` (weights stored as float16, computed in
-            float32) or ``"int8"`` (dynamic-range: weights of large tensors stored as int8).
+            float32) or ``"int8"`` (dynamic-range: weights of large tensors stored as int8;
+            smaller and faster but it moves spikes of cells with small thresholds, see
+            docs/litert.md for the measured errors).
 
     Returns:
         The absolute path of the written file (str).

@@ -421,6 +421,10 @@ def _import_lif(chain, name, node, pending, recurrent, size_in, dt, lif_reset):
     w_in, bias = _weights(None if pending is None else pending[1], size_in)
     w_rec = None if recurrent is None else _weights(chain.nodes[recurrent], None)[0]
     units = int(np.asarray(node.tau).size)
+    if w_rec is not None and np.any(np.diag(w_rec) != 0):
+        raise NIRExportError(f"Cannot import NIR node {recurrent!r}: its recurrent weights "
+                             "have a nonzero diagonal (self-connections), and kspike cells "
+                             "have none (zero diagonal, docs/neurons.md).")
     if record is not None and record.get("kind") == "LIF":
         config = dict(record["config"])
         inner = dict(config["config"])

@@ -148,3 +148,52 @@ def test_arguments_checked():
         kspike.nir.to_nir("model")
     with pytest.raises(TypeError, match="`graph`"):
         kspike.nir.from_nir(model)
+
+
+def test_missing_package_names_extra(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "nir" or name.startswith("nir."):
+            raise ImportError("no module")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"kspike\[nir\]"):
+        kspike.nir.to_nir(CASES["lif"]())
+
+
+def test_recurrent_snntorch_style_graph_imports():
+    # input -> Affine -> LIF <-> Linear (recurrent) -> output, snnTorch's RLeaky-like cycle.
+    rng = np.random.default_rng(7)
+    w_in = rng.normal(0, 1.0, (5, 3)).astype(np.float32)
+    w_rec = rng.normal(0, 0.5, (5, 5)).astype(np.float32)
+    beta, thr = 0.85, 1.0
+    tau = 1.0 / (1.0 - beta)
+
+    def graph_with(w_rec):
+        return nir.NIRGraph(
+            nodes={"input": nir.Input(input_type={"input": np.array([3])}),
+                   "fc": nir.Linear(weight=w_in),
+                   "lif": nir.LIF(tau=np.full(5, tau), r=np.full(5, tau), v_leak=np.zeros(5),
+                                  v_threshold=np.full(5, thr)),
+                   "rec": nir.Linear(weight=w_rec),
+                   "output": nir.Output(output_type={"output": np.array([5])})},
+            edges=[("input", "fc"), ("fc", "lif"), ("lif", "rec"), ("rec", "lif"),
+                   ("lif", "output")])
+
+    with pytest.raises(kspike.nir.NIRExportError, match="'rec'.*self-connections"):
+        kspike.nir.from_nir(graph_with(w_rec), lif_reset="subtract")
+    np.fill_diagonal(w_rec, 0.0)        # kspike cells have no self-connections
+    model = kspike.nir.from_nir(graph_with(w_rec), lif_reset="subtract")
+    x = _spikes(1, 40, 3, seed=8)
+    v, z, spikes = np.zeros((1, 5)), np.zeros((1, 5)), []
+    for t in range(40):
+        v = beta * v + x[:, t] @ w_in.T + z @ w_rec.T - thr * z
+        z = (v > thr).astype(np.float64)
+        assert np.abs(v - thr).min() > 1e-4
+        spikes.append(z)
+    spikes = np.stack(spikes, 1)
+    assert spikes.sum() > 5
+    np.testing.assert_array_equal(model(x).numpy(), spikes)
