@@ -537,5 +537,5 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
     return directory
 
 
-from kspike.litert import litert, load_litert, LiteRTRunner  # noqa: E402  (edge format, docs/litert.md)
+from kspike.litert import litert, load_litert, LiteRTRunner  # noqa: E402  docs/litert.md
 __all__ += ["litert", "load_litert", "LiteRTRunner"]

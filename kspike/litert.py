@@ -23,6 +23,7 @@ import tempfile
 
 import numpy as np
 import tensorflow as tf
+# TensorFlow's own freezing helper (used by its converters; no public alias).
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 __all__ = ["litert", "load_litert", "LiteRTRunner"]
