@@ -26,4 +26,5 @@ from kspike.engine import SpikingRNN
 from kspike import tasks
 from kspike import plotting
 from kspike import export
+from kspike import nir  # needs the nir package only when called (kspike[nir])
 from kspike import init

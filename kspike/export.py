@@ -791,3 +791,7 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
         if os.path.lexists(staging):
             _remove_tree(staging)
     return directory
+
+
+from kspike.litert import litert, load_litert, LiteRTRunner  # noqa: E402  docs/litert.md
+__all__ += ["litert", "load_litert", "LiteRTRunner"]
