@@ -1,5 +1,6 @@
 """Argument checks and metric resolution of ``kspike.Trainer`` (docs/training.md)."""
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -57,12 +58,27 @@ def check_optimizer(optimizer, given):
 
 
 def check_directory(name, path, expected):
-    """``path`` as a string (None stays None); ValueError if it is a file."""
+    """``path`` as a string (None stays None). ValueError if it is a file, lies below a
+    regular file, or cannot be created or written to (checked now, not hours later at the
+    first save); nothing is created."""
     if path is None:
         return None
     path = os.fspath(path)
     if os.path.isfile(path):
         raise ValueError(f"`{name}` {path!r} is a file; expected {expected}.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"`{name}` {path!r} lies below the regular file {existing!r}; "
+                         f"expected {expected}.")
+    try:
+        # A real probe: os.access says yes to root even where nothing can be created.
+        with tempfile.TemporaryFile(dir=existing, prefix=".kspike-probe-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"`{name}` {path!r} is not writable: {existing!r} takes no new "
+                         f"files ({error.strerror}); expected {expected}.") from None
     return path
 
 

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ``ckpt-<step, 10 digits>`` holding ``state*`` (a
 ``tf.train.Checkpoint``) and the completion marker ``kspike_checkpoint.json`` (step, epoch,
-position in the epoch, loss, time, model name), written last. Only directories with a marker
-count as checkpoints.
+position in the epoch, loss, time, model name, and the size and SHA-256 of each state file),
+written last. Only directories with a marker count as checkpoints; one whose files no longer
+match its marker is damaged and is moved aside (never deleted) when found.
 
 Example:
 
@@ -12,24 +13,29 @@ Example:
 >>> latest_checkpoint(directory) is None
 True
 """
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
+import warnings
 
 import tensorflow as tf
 
 from kspike.compat import global_seed_generator_state
+from kspike.training.lock import pid_alive
 
 __all__ = ["CHECKPOINT_NAME", "MARKER", "TMP_PREFIX", "list_checkpoints", "latest_checkpoint",
-           "checkpoint_name", "CheckpointWriter", "checkpoint_object", "checkpoint_metadata",
+           "checkpoint_name", "CheckpointWriter", "DamagedCheckpointError", "file_digests",
+           "damage", "move_aside", "restore_latest", "checkpoint_object", "checkpoint_metadata",
            "read_metadata", "read_state"]
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{10})$")
 MARKER = "kspike_checkpoint.json"
 TMP_PREFIX = ".kspike-tmp-"
+PRUNE_PREFIX = ".kspike-prune-"
 
 
 def _fsync_path(path):
@@ -59,16 +65,6 @@ def latest_checkpoint(directory):
     return found[-1][1] if found else None
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def checkpoint_name(step):
     """``ckpt-<step>``, the directory name of the checkpoint of ``step``.
 
@@ -92,28 +88,39 @@ class CheckpointWriter:
         self.directory = os.fspath(directory)
         self.keep = keep
 
-    def remove_stale_temporaries(self):
-        """Removes the temporary directories of processes that no longer run."""
+    def remove_leftovers(self):
+        """Removes what a killed trainer left: temporary directories of processes that no
+        longer run and checkpoints whose pruning was cut short. Call it holding the lock."""
         if not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):
-            match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", name)
             path = os.path.join(self.directory, name)
-            if match and os.path.isdir(path) and not _pid_alive(int(match.group(1))):
+            match = re.match(re.escape(TMP_PREFIX) + r"(\d+)-", name)
+            if not os.path.isdir(path):
+                continue
+            if name.startswith(PRUNE_PREFIX) or (match and int(match.group(1)) != os.getpid()
+                                                  and not pid_alive(int(match.group(1)))):
                 shutil.rmtree(path, ignore_errors=True)
 
     def save(self, checkpoint, step, metadata):
         """Writes ``checkpoint`` (a ``tf.train.Checkpoint``) and ``metadata`` (the marker's
-        JSON) as ``ckpt-<step>``, prunes old ones; returns the checkpoint's path."""
+        JSON, completed with the files' digests) as ``ckpt-<step>``, prunes old ones; returns
+        the checkpoint's path."""
         os.makedirs(self.directory, exist_ok=True)
         final = os.path.join(self.directory, checkpoint_name(step))
         if os.path.exists(final):
-            # The same step was saved already (end of an epoch that is also a save step, or
-            # a rerun of a finished run): the state is the same, keep the existing files.
-            return final
+            problem = damage(final, step)
+            if problem is None:
+                # The same step was saved already (end of an epoch that is also a save step,
+                # or a rerun of a finished run): the state is the same, keep the files.
+                return final
+            aside = move_aside(final, "incomplete")
+            warnings.warn(f"{final} is not a complete kspike checkpoint ({problem}); moved it "
+                          f"to {aside} and writing step {step} there.", stacklevel=3)
         tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=self.directory)
         try:
             checkpoint.write(os.path.join(tmp, "state"))
+            metadata = dict(metadata, files=file_digests(tmp))
             with open(os.path.join(tmp, MARKER), "w") as handle:
                 json.dump(metadata, handle, indent=1)
             for name in os.listdir(tmp):
@@ -128,9 +135,97 @@ class CheckpointWriter:
         return final
 
     def prune(self):
-        """Removes all but the ``keep`` newest checkpoints."""
-        for _, old in list_checkpoints(self.directory)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Removes all but the ``keep`` newest checkpoints. Each is renamed out of the
+        ``ckpt-*`` names first, so a kill in the middle leaves a ``.kspike-prune-*`` directory
+        (removed at the next start), never a half-deleted ``ckpt-<step>``."""
+        for step, old in list_checkpoints(self.directory)[:-self.keep]:
+            doomed = os.path.join(self.directory, f"{PRUNE_PREFIX}{step:010d}-{os.getpid()}")
+            try:
+                os.rename(old, doomed)
+            except OSError:
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's files do not match its marker (truncated, missing or altered)."""
+
+
+def file_digests(path):
+    """{file name: {"size": bytes, "sha256": hex digest}} of the state files in ``path``."""
+    digests = {}
+    for name in sorted(os.listdir(path)):
+        if not name.startswith("state"):
+            continue
+        sha = hashlib.sha256()
+        with open(os.path.join(path, name), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digests[name] = {"size": os.path.getsize(os.path.join(path, name)),
+                         "sha256": sha.hexdigest()}
+    return digests
+
+
+def damage(path, step=None):
+    """What is wrong with checkpoint directory ``path`` (a string), or None if it is complete:
+    its marker is valid (for ``step`` if given) and every state file has the recorded size and
+    digest. Markers without digests (older checkpoints) are checked for their index only."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return f"no completion marker {MARKER}"
+    try:
+        with open(marker) as handle:
+            metadata = json.load(handle)
+        recorded = int(metadata["step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"unreadable marker ({error})"
+    if step is not None and recorded != step:
+        return f"its marker is for step {recorded}"
+    files = metadata.get("files")
+    if not isinstance(files, dict):
+        return None if os.path.isfile(os.path.join(path, "state.index")) else \
+            "state.index is missing"
+    actual = file_digests(path)
+    for name, expected in files.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name]["size"] != expected.get("size"):
+            return f"{name} has {actual[name]['size']} bytes, {expected.get('size')} written"
+        if actual[name]["sha256"] != expected.get("sha256"):
+            return f"{name} differs from what was written"
+    return None
+
+
+def move_aside(path, why):
+    """Renames ``path`` to ``<path>.<why>-<UTC time>`` (never deleted); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = f"{path}.{why}-{stamp}"
+    counter = 1
+    while os.path.exists(aside):
+        counter += 1
+        aside = f"{path}.{why}-{stamp}-{counter}"
+    os.rename(path, aside)
+    return aside
+
+
+def restore_latest(directory, read):
+    """``(path, read(path))`` of the newest checkpoint in ``directory`` that is not damaged,
+    or ``(None, None)``. Each damaged one met on the way is moved aside with a warning.
+    ``read`` may raise ``DamagedCheckpointError`` to report damage found while reading."""
+    for _, path in reversed(list_checkpoints(directory)):
+        problem = damage(path)
+        if problem is None:
+            try:
+                return path, read(path)
+            except DamagedCheckpointError as error:
+                problem = str(error)
+        aside = move_aside(path, "damaged")
+        remaining = list_checkpoints(directory)
+        then = (f"resuming from {remaining[-1][1]} instead" if remaining else
+                "no older checkpoint: training starts from the model as given")
+        warnings.warn(f"Checkpoint {path} is damaged ({problem}); moved it to {aside}; "
+                      f"{then}.", stacklevel=3)
+    return None, None
 
 
 def checkpoint_object(model, optimizer, rule):
@@ -165,7 +260,7 @@ def read_metadata(path):
             metadata = json.load(handle)
         return int(metadata["step"]), int(metadata["epoch"]), int(metadata["position"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"Checkpoint {path!r} is unreadable: {marker} is not valid kspike "
+        raise DamagedCheckpointError(f"Checkpoint {path!r} is unreadable: {marker} is not valid kspike "
                          f"checkpoint metadata ({error}).") from None
 
 
@@ -178,6 +273,9 @@ def read_state(checkpoint, path):
     try:
         status = checkpoint.read(os.path.join(path, "state"))
         status.assert_existing_objects_matched()
+    except (IndexError, tf.errors.DataLossError) as error:
+        # What TensorFlow raises on a truncated or corrupted file that no digest caught.
+        raise DamagedCheckpointError(f"reading it failed: {error}") from None
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ValueError(f"Checkpoint {path!r} does not match this model and optimizer "
                          f"(was it written by another model?): {error}") from None

@@ -2,7 +2,8 @@
 
 Scalars go to ``log_dir/train`` (per step and ``epoch_*`` per epoch) and ``log_dir/validation``.
 The progress bar shows the overall ``firing_rate`` (Hz) but not the per-layer rates, which are
-in TensorBoard.
+in TensorBoard. Logs are never worth a run: when writing them fails (a full disk), a warning is
+shown once and training goes on without them.
 
 Example:
 
@@ -11,6 +12,7 @@ Example:
 {'loss': 0.5, 'firing_rate': 12.0}
 """
 import os
+import warnings
 
 import tensorflow as tf
 
@@ -49,10 +51,11 @@ class ScalarLogger:
         self.log_dir = log_dir
         self.enabled = enabled
         self._writers = None
+        self.failure = None
 
     def writer(self, name):
         """The file writer of ``log_dir/name``, or None when nothing is written."""
-        if self.log_dir is None or not self.enabled():
+        if self.log_dir is None or self.failure is not None or not self.enabled():
             return None
         if self._writers is None:
             self._writers = {}
@@ -62,16 +65,30 @@ class ScalarLogger:
 
     def write(self, name, logs, step):
         """Writes the scalars ``logs`` ({tag: float or None}) at ``step`` to ``log_dir/name``."""
-        writer = self.writer(name)
-        if writer is None:
-            return
-        with writer.as_default(step=step):
-            for key, value in logs.items():
-                if value is not None:
-                    tf.summary.write(key, tf.constant(float(value), tf.float32), step=step,
-                                     metadata=_SCALAR_METADATA)
-        writer.flush()
+        try:
+            writer = self.writer(name)
+            if writer is None:
+                return
+            with writer.as_default(step=step):
+                for key, value in logs.items():
+                    if value is not None:
+                        tf.summary.write(key, tf.constant(float(value), tf.float32), step=step,
+                                         metadata=_SCALAR_METADATA)
+            writer.flush()
+        except (tf.errors.OpError, OSError) as error:
+            self._fail(error)
 
     def flush(self):
-        for writer in (self._writers or {}).values():
-            writer.flush()
+        """Flushes every writer (a failure is reported as in ``write``)."""
+        try:
+            for writer in (self._writers or {}).values():
+                writer.flush()
+        except (tf.errors.OpError, OSError) as error:
+            self._fail(error)
+
+    def _fail(self, error):
+        if self.failure is None:
+            self.failure = error
+            warnings.warn(f"Writing TensorBoard logs to {self.log_dir} failed "
+                          f"({type(error).__name__}: {getattr(error, 'message', error)}); "
+                          "training and checkpoints go on without logs.", stacklevel=3)

@@ -1,10 +1,12 @@
 """``kspike.Trainer``: the training loop that composes the parts of ``kspike.training``
 (docs/training.md): step functions (``step``), checkpoints (``checkpoints``), data position
 (``data``), TensorBoard scalars and progress (``logging``)."""
+import contextlib
 import functools
 import math
 import shutil
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -16,6 +18,7 @@ from kspike.learning.bptt import BPTT
 from kspike.losses import UnscaledLoss, get_loss
 from kspike.training import arguments, checkpoints, step as steps_module
 from kspike.training.data import DataPosition, cardinality, first_batch, iterate
+from kspike.training.lock import CheckpointLock
 from kspike.training.logging import ScalarLogger, progress_logs
 
 __all__ = ["Trainer"]
@@ -108,6 +111,13 @@ class Trainer:
             starts the epoch's data afresh: faster for long streams such as an infinite
             synthetic task, where skipping means regenerating every consumed batch.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+        override_learning_rate: on resume, the optimizer's learning rate as given replaces the
+            checkpoint's (True), or the checkpoint's is kept with a warning when they differ
+            (False, the default).
+
+    ``fit`` holds a lock on ``checkpoint_dir`` (``kspike.lock``): a second trainer on the same
+    directory is refused; damaged or incomplete checkpoints are moved aside with a warning and
+    training resumes from the newest complete one (docs/training.md, "Reliability").
 
     Checkpoints hold the model's and the optimizer's variables, the step, epoch and position in
     the epoch, and the states of TensorFlow's and Keras' global random generators. On resume the
@@ -138,7 +148,7 @@ class Trainer:
     def __init__(self, model, optimizer="adam", loss=None, rule=None, regularizers=None,
                  metrics=None, checkpoint_dir=None, log_dir=None, strategy=None,
                  checkpoint_every=None, keep_checkpoints=2, seed=None, log_every=1,
-                 skip_on_resume=True, verbose=1):
+                 skip_on_resume=True, verbose=1, override_learning_rate=False):
         arguments.check_model(model, strategy)
         self.model = model
         self.strategy = strategy
@@ -175,6 +185,8 @@ class Trainer:
             raise ValueError(f"`verbose` must be 0, 1 or 2, received {verbose!r}.")
         self.verbose = verbose
         self.skip_on_resume = arguments.check_flag("skip_on_resume", skip_on_resume)
+        self.override_learning_rate = arguments.check_flag("override_learning_rate",
+                                                           override_learning_rate)
         self._init_state()
 
     def _init_state(self):
@@ -189,6 +201,7 @@ class Trainer:
         self._last_saved_step = None
         self._last_loss = None
         self._restored = False
+        self._lock = None
         # Values of the most recent step (not epoch means): loss, metrics so far, rates.
         self.last_step_logs = {}
         self._rewired = self._has_rewired_kernels()
@@ -298,6 +311,8 @@ class Trainer:
     def _save(self, loss=None):
         if self.checkpoint_dir is None or self._last_saved_step == self.step:
             return None
+        if self._lock is not None:
+            self._lock.refresh(force=True)
         metadata = checkpoints.checkpoint_metadata(self.step, self.epoch, self._position, loss,
                                                    self.model.name)
         if self._is_chief():
@@ -313,23 +328,59 @@ class Trainer:
         self._last_saved_step = self.step
         return path
 
+    @contextlib.contextmanager
+    def _checkpoint_lock(self):
+        """Holds the lock of ``checkpoint_dir`` (chief only) for the duration of a fit."""
+        if self.checkpoint_dir is None or not self._is_chief():
+            yield
+            return
+        lock = CheckpointLock(self.checkpoint_dir)
+        lock.acquire()
+        self._lock = lock
+        try:
+            yield
+        finally:
+            self._lock.release()
+            self._lock = None
+
     def _restore(self):
         if self.checkpoint_dir is None:
             return None
-        writer = checkpoints.CheckpointWriter(self.checkpoint_dir, self.keep_checkpoints)
-        writer.remove_stale_temporaries()
-        path = checkpoints.latest_checkpoint(self.checkpoint_dir)
-        if path is None or self._restored:
+        checkpoints.CheckpointWriter(self.checkpoint_dir,
+                                     self.keep_checkpoints).remove_leftovers()
+        if self._restored or not checkpoints.list_checkpoints(self.checkpoint_dir):
             return None
-        step, epoch, position = checkpoints.read_metadata(path)
         with self._scope():
             if not getattr(self.optimizer, "built", True):
                 self.optimizer.build(self.model.trainable_variables)
-        checkpoints.read_state(self._checkpoint_object(), path)
-        self.step, self.epoch, self._position = step, epoch, position
-        self._last_saved_step = step
+        given = self._learning_rate()
+
+        def read(path):
+            position = checkpoints.read_metadata(path)
+            checkpoints.read_state(self._checkpoint_object(), path)
+            return position
+
+        path, position = checkpoints.restore_latest(self.checkpoint_dir, read)
+        if path is None:
+            return None
+        self.step, self.epoch, self._position = position
+        self._last_saved_step = self.step
         self._restored = True
+        self._resume_learning_rate(given, path)
         return path
+
+    def _resume_learning_rate(self, given, path):
+        restored = self._learning_rate()
+        variable = getattr(self.optimizer, "learning_rate", None)
+        if given is None or restored is None or not hasattr(variable, "assign") or \
+                math.isclose(given, restored, rel_tol=1e-6):
+            return  # a schedule, or the same value
+        if self.override_learning_rate:
+            variable.assign(given)
+            return
+        warnings.warn(f"Resuming with the learning rate {restored:g} of the checkpoint {path}; "
+                      f"the optimizer was given {given:g}. Pass override_learning_rate=True to "
+                      "use the given one.", stacklevel=4)
 
     # ------------------------------------------------------------------ logging
     def _writer(self, name):
@@ -380,11 +431,12 @@ class Trainer:
         if self.seed is not None:
             keras.utils.set_random_seed(int(self.seed))
         self._prepare(first_batch(train_ds))
-        resumed = self._restore()
-        if resumed and verbose:
-            print(f"Resuming from {resumed} at step {self.step} (epoch {self.epoch + 1}, "
-                  f"batch {self._position}).")
-        return self._fit(train_ds, plan, callbacks, verbose)
+        with self._checkpoint_lock():
+            resumed = self._restore()
+            if resumed and verbose:
+                print(f"Resuming from {resumed} at step {self.step} (epoch {self.epoch + 1}, "
+                      f"batch {self._position}).")
+            return self._fit(train_ds, plan, callbacks, verbose)
 
     def _fit(self, train_ds, plan, callbacks, verbose):
         plan.proxy = _CallbackModel(self.model, self.optimizer)
@@ -456,6 +508,8 @@ class Trainer:
             self._non_finite(logs)
         logs.pop("finite")
         self.step += 1
+        if self._lock is not None:
+            self._lock.refresh()
         self.last_step_logs = dict(logs, step=self.step)
         # Roll over to the next epoch before a checkpoint, so a resumed run never has to skip
         # a whole finished epoch of data.
