@@ -6,7 +6,8 @@ with the firing rate, TensorBoard scalars, atomic checkpoints that resume, a gua
 non-finite losses, and ``tf.distribute`` strategies. docs/training.md describes the parts:
 
 - ``kspike.training.step``: train/evaluate step functions and the non-finite guard;
-- ``kspike.training.checkpoints``: atomic checkpoint writing, listing, restore;
+- ``kspike.training.checkpoints``: atomic checkpoint writing, listing, restore, resume;
+- ``kspike.training.lock``: one trainer per checkpoint directory;
 - ``kspike.training.data``: data position and resumable iteration;
 - ``kspike.training.logging``: TensorBoard scalars and progress-bar logs;
 - ``kspike.training.trainer``: the ``Trainer`` loop composing them.
@@ -15,7 +16,9 @@ non-finite losses, and ``tf.distribute`` strategies. docs/training.md describes 
 import json  # noqa: F401
 
 from kspike.training.checkpoints import latest_checkpoint
+from kspike.training.lock import CheckpointDirectoryInUseError
 from kspike.training.step import NonFiniteLossError
 from kspike.training.trainer import Trainer
 
-__all__ = ["Trainer", "NonFiniteLossError", "latest_checkpoint"]
+__all__ = ["Trainer", "NonFiniteLossError", "latest_checkpoint",
+           "CheckpointDirectoryInUseError"]

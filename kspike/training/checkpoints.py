@@ -13,8 +13,10 @@ Example:
 >>> latest_checkpoint(directory) is None
 True
 """
+import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -25,12 +27,12 @@ import warnings
 import tensorflow as tf
 
 from kspike.compat import global_seed_generator_state
-from kspike.training.lock import pid_alive
+from kspike.training.lock import CheckpointLock, pid_alive
 
 __all__ = ["CHECKPOINT_NAME", "MARKER", "TMP_PREFIX", "list_checkpoints", "latest_checkpoint",
            "checkpoint_name", "CheckpointWriter", "DamagedCheckpointError", "file_digests",
            "damage", "move_aside", "restore_latest", "checkpoint_object", "checkpoint_metadata",
-           "read_metadata", "read_state"]
+           "read_metadata", "read_state", "CheckpointManager", "resume_learning_rate"]
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{10})$")
 MARKER = "kspike_checkpoint.json"
@@ -279,3 +281,82 @@ def read_state(checkpoint, path):
     except (AssertionError, ValueError, tf.errors.OpError) as error:
         raise ValueError(f"Checkpoint {path!r} does not match this model and optimizer "
                          f"(was it written by another model?): {error}") from None
+
+
+class CheckpointManager:
+    """The checkpoints of one training run: the directory's lock, saving (to a scratch
+    directory on the non-chief workers of a multi-worker strategy, which take part in saving
+    as tf.distribute requires) and resuming from the newest complete checkpoint.
+
+    Args:
+        directory: the checkpoint directory, or None (no checkpoints).
+        keep: number of checkpoints kept.
+        is_chief: callable, False on the workers that must not write to ``directory``.
+    """
+
+    def __init__(self, directory, keep, is_chief=lambda: True):
+        self.directory = directory
+        self.keep = keep
+        self.is_chief = is_chief
+        self._lock = None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the directory's lock (chief only) while the block runs."""
+        if self.directory is None or not self.is_chief():
+            yield
+            return
+        lock = CheckpointLock(self.directory)
+        lock.acquire()
+        self._lock = lock
+        try:
+            yield
+        finally:
+            lock.release()
+            self._lock = None
+
+    def heartbeat(self, force=False):
+        """Tells other trainers that this one still runs (cheap; call it at every step)."""
+        if self._lock is not None:
+            self._lock.refresh(force=force)
+
+    def save(self, checkpoint, step, metadata):
+        """Writes ``checkpoint`` as ``ckpt-<step>``; returns its path."""
+        self.heartbeat(force=True)
+        if self.is_chief():
+            return CheckpointWriter(self.directory, self.keep).save(checkpoint, step, metadata)
+        scratch = tempfile.mkdtemp(prefix="kspike-worker-")
+        try:
+            return CheckpointWriter(scratch, 1).save(checkpoint, step, metadata)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def remove_leftovers(self):
+        """Cleans what a killed run left (see ``CheckpointWriter.remove_leftovers``)."""
+        if self.directory is not None and self.is_chief():
+            CheckpointWriter(self.directory, self.keep).remove_leftovers()
+
+    def restore(self, checkpoint):
+        """Reads the newest complete checkpoint into ``checkpoint``; returns its path and
+        ``(step, epoch, position)``, or ``(None, None)``."""
+        def read(path):
+            position = read_metadata(path)
+            read_state(checkpoint, path)
+            return position
+        return restore_latest(self.directory, read)
+
+
+def resume_learning_rate(optimizer, given, restored, path, override):
+    """After a restore: applies the learning rate ``given`` to the optimizer (``override``) or
+    warns when it differs from the ``restored`` one of checkpoint ``path``. Schedules (no
+    assignable learning rate) are left alone."""
+    variable = getattr(optimizer, "learning_rate", None)
+    if given is None or restored is None or not hasattr(variable, "assign") or \
+            math.isclose(given, restored, rel_tol=1e-6):
+        return
+    if override:
+        variable.assign(given)
+        return
+    warnings.warn(f"Resuming with the learning rate {restored:g} of the checkpoint {path}; "
+                  f"the optimizer was given {given:g}. Pass override_learning_rate=True to use "
+                  "the given one.", stacklevel=4)

@@ -1,12 +1,8 @@
 """``kspike.Trainer``: the training loop that composes the parts of ``kspike.training``
 (docs/training.md): step functions (``step``), checkpoints (``checkpoints``), data position
 (``data``), TensorBoard scalars and progress (``logging``)."""
-import contextlib
 import functools
 import math
-import shutil
-import tempfile
-import warnings
 
 import keras
 import numpy as np
@@ -18,7 +14,6 @@ from kspike.learning.bptt import BPTT
 from kspike.losses import UnscaledLoss, get_loss
 from kspike.training import arguments, checkpoints, step as steps_module
 from kspike.training.data import DataPosition, cardinality, first_batch, iterate
-from kspike.training.lock import CheckpointLock
 from kspike.training.logging import ScalarLogger, progress_logs
 
 __all__ = ["Trainer"]
@@ -201,7 +196,8 @@ class Trainer:
         self._last_saved_step = None
         self._last_loss = None
         self._restored = False
-        self._lock = None
+        self._checkpoints = checkpoints.CheckpointManager(
+            self.checkpoint_dir, self.keep_checkpoints, self._is_chief)
         # Values of the most recent step (not epoch means): loss, metrics so far, rates.
         self.last_step_logs = {}
         self._rewired = self._has_rewired_kernels()
@@ -311,76 +307,32 @@ class Trainer:
     def _save(self, loss=None):
         if self.checkpoint_dir is None or self._last_saved_step == self.step:
             return None
-        if self._lock is not None:
-            self._lock.refresh(force=True)
-        metadata = checkpoints.checkpoint_metadata(self.step, self.epoch, self._position, loss,
-                                                   self.model.name)
-        if self._is_chief():
-            path = checkpoints.CheckpointWriter(self.checkpoint_dir, self.keep_checkpoints).save(
-                self._checkpoint_object(), self.step, metadata)
-        else:
-            scratch = tempfile.mkdtemp(prefix="kspike-worker-")
-            try:
-                path = checkpoints.CheckpointWriter(scratch, 1).save(
-                    self._checkpoint_object(), self.step, metadata)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+        path = self._checkpoints.save(self._checkpoint_object(), self.step,
+                                      checkpoints.checkpoint_metadata(
+                                          self.step, self.epoch, self._position, loss,
+                                          self.model.name))
         self._last_saved_step = self.step
         return path
-
-    @contextlib.contextmanager
-    def _checkpoint_lock(self):
-        """Holds the lock of ``checkpoint_dir`` (chief only) for the duration of a fit."""
-        if self.checkpoint_dir is None or not self._is_chief():
-            yield
-            return
-        lock = CheckpointLock(self.checkpoint_dir)
-        lock.acquire()
-        self._lock = lock
-        try:
-            yield
-        finally:
-            self._lock.release()
-            self._lock = None
 
     def _restore(self):
         if self.checkpoint_dir is None:
             return None
-        checkpoints.CheckpointWriter(self.checkpoint_dir,
-                                     self.keep_checkpoints).remove_leftovers()
+        self._checkpoints.remove_leftovers()
         if self._restored or not checkpoints.list_checkpoints(self.checkpoint_dir):
             return None
         with self._scope():
             if not getattr(self.optimizer, "built", True):
                 self.optimizer.build(self.model.trainable_variables)
         given = self._learning_rate()
-
-        def read(path):
-            position = checkpoints.read_metadata(path)
-            checkpoints.read_state(self._checkpoint_object(), path)
-            return position
-
-        path, position = checkpoints.restore_latest(self.checkpoint_dir, read)
+        path, position = self._checkpoints.restore(self._checkpoint_object())
         if path is None:
             return None
         self.step, self.epoch, self._position = position
         self._last_saved_step = self.step
         self._restored = True
-        self._resume_learning_rate(given, path)
+        checkpoints.resume_learning_rate(self.optimizer, given, self._learning_rate(), path,
+                                         self.override_learning_rate)
         return path
-
-    def _resume_learning_rate(self, given, path):
-        restored = self._learning_rate()
-        variable = getattr(self.optimizer, "learning_rate", None)
-        if given is None or restored is None or not hasattr(variable, "assign") or \
-                math.isclose(given, restored, rel_tol=1e-6):
-            return  # a schedule, or the same value
-        if self.override_learning_rate:
-            variable.assign(given)
-            return
-        warnings.warn(f"Resuming with the learning rate {restored:g} of the checkpoint {path}; "
-                      f"the optimizer was given {given:g}. Pass override_learning_rate=True to "
-                      "use the given one.", stacklevel=4)
 
     # ------------------------------------------------------------------ logging
     def _writer(self, name):
@@ -431,7 +383,7 @@ class Trainer:
         if self.seed is not None:
             keras.utils.set_random_seed(int(self.seed))
         self._prepare(first_batch(train_ds))
-        with self._checkpoint_lock():
+        with self._checkpoints.lock():
             resumed = self._restore()
             if resumed and verbose:
                 print(f"Resuming from {resumed} at step {self.step} (epoch {self.epoch + 1}, "
@@ -508,8 +460,7 @@ class Trainer:
             self._non_finite(logs)
         logs.pop("finite")
         self.step += 1
-        if self._lock is not None:
-            self._lock.refresh()
+        self._checkpoints.heartbeat()
         self.last_step_logs = dict(logs, step=self.step)
         # Roll over to the next epoch before a checkpoint, so a resumed run never has to skip
         # a whole finished epoch of data.
