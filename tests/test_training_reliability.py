@@ -160,7 +160,8 @@ def test_the_lock_of_a_killed_trainer_is_taken_over(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert (ckpt / "kspike.lock").exists()
     trainer = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0)
-    trainer.fit(dataset(16, 16), steps=2)
+    with pytest.warns(UserWarning, match=rf"stale lock of .*/{killed.pid} .*is gone"):
+        trainer.fit(dataset(16, 16), steps=2)
     assert trainer.step == 2 and not (ckpt / "kspike.lock").exists()
 
 

@@ -226,7 +226,7 @@ def restore_latest(directory, read):
         then = (f"resuming from {remaining[-1][1]} instead" if remaining else
                 "no older checkpoint: training starts from the model as given")
         warnings.warn(f"Checkpoint {path} is damaged ({problem}); moved it to {aside}; "
-                      f"{then}.", stacklevel=3)
+                      f"{then}.", stacklevel=5)
     return None, None
 
 

@@ -174,7 +174,7 @@ class CheckpointLock:
             return
         os.remove(aside)
         warnings.warn(f"Took over the stale lock of {owner} on checkpoint directory "
-                      f"{self.directory} ({reason}).", stacklevel=4)
+                      f"{self.directory} ({reason}).", stacklevel=6)
 
     def _start_heartbeat(self):
         self._stop.clear()
