@@ -18,8 +18,8 @@ from kspike import dynamics
 from kspike.cells import _SpikingCell
 from kspike.layers import LeakyReadout
 
-# Keras 3 keeps the wrapper of its function losses (MeanSquaredError, ...) out of its public API.
-from keras.src.losses.losses import LossFunctionWrapper as _LossFunctionWrapper
+# Keras 3 keeps the wrapper of its function losses out of its public API (see kspike.compat).
+from kspike.losses import LossFunctionWrapper as _LossFunctionWrapper
 
 
 class LayerPlan(NamedTuple):
@@ -427,7 +427,7 @@ def resolve_loss(loss):
 
 def _unwrap_loss(loss):
     """The Keras loss inside kspike.Trainer's wrappers, its elementwise function and kwargs."""
-    from kspike.training import _FunctionLoss, _UnscaledLoss
+    from kspike.losses import FunctionLoss as _FunctionLoss, UnscaledLoss as _UnscaledLoss
     if isinstance(loss, _UnscaledLoss):
         loss = loss.loss
     if type(loss) is _FunctionLoss:

@@ -3,14 +3,9 @@ import tensorflow as tf
 
 from kspike import regularizers as _regularizers
 from kspike.learning.base import LearningRule, RuleResult
+from kspike.losses import model_losses
 
 __all__ = ["BPTT", "model_losses", "firing_rate_logs"]
-
-
-def model_losses(model):
-    """Sum of the model's own Keras losses (weight regularisers, ``add_loss``), float32."""
-    losses = [tf.cast(l, tf.float32) for l in model.losses]
-    return tf.add_n(losses) if losses else tf.constant(0.0)
 
 
 def firing_rate_logs(activities):

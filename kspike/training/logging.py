@@ -1,0 +1,94 @@
+"""TensorBoard scalars and progress-bar logs of ``kspike.Trainer`` (docs/training.md).
+
+Scalars go to ``log_dir/train`` (per step and ``epoch_*`` per epoch) and ``log_dir/validation``.
+The progress bar shows the overall ``firing_rate`` (Hz) but not the per-layer rates, which are
+in TensorBoard. Logs are never worth a run: when writing them fails (a full disk), a warning is
+shown once and training goes on without them.
+
+Example:
+
+>>> progress_logs({"loss": 0.5, "firing_rate": 12.0, "firing_rate_alif0": 9.0,
+...                "firing_rate/alif1": 15.0})
+{'loss': 0.5, 'firing_rate': 12.0}
+"""
+import os
+import warnings
+
+import tensorflow as tf
+
+__all__ = ["ScalarLogger", "progress_logs"]
+
+
+def _scalar_metadata():
+    # TensorBoard's scalar-plugin metadata, built here so writing logs needs only TensorFlow
+    # (the `tensorboard` package is needed to view them, not to write them).
+    from tensorflow.core.framework import summary_pb2
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR)
+
+
+_SCALAR_METADATA = _scalar_metadata()
+
+
+def progress_logs(logs):
+    """``logs`` without per-layer firing rates (``firing_rate_<layer>`` or
+    ``firing_rate/<layer>``): what the progress bar shows."""
+    return {k: v for k, v in logs.items()
+            if not (k.startswith("firing_rate_") or k.startswith("firing_rate/"))}
+
+
+class ScalarLogger:
+    """TensorBoard scalar writer, one ``tf.summary`` file writer per sub-directory.
+
+    Args:
+        log_dir: the TensorBoard directory, or None (nothing is written).
+        enabled: callable returning False where this process must not write (the non-chief
+            workers of a multi-worker strategy).
+    """
+
+    def __init__(self, log_dir, enabled=lambda: True):
+        self.log_dir = log_dir
+        self.enabled = enabled
+        self._writers = None
+        self.failure = None
+
+    def writer(self, name):
+        """The file writer of ``log_dir/name``, or None when nothing is written."""
+        if self.log_dir is None or self.failure is not None or not self.enabled():
+            return None
+        if self._writers is None:
+            self._writers = {}
+        if name not in self._writers:
+            self._writers[name] = tf.summary.create_file_writer(os.path.join(self.log_dir, name))
+        return self._writers[name]
+
+    def write(self, name, logs, step):
+        """Writes the scalars ``logs`` ({tag: float or None}) at ``step`` to ``log_dir/name``."""
+        try:
+            writer = self.writer(name)
+            if writer is None:
+                return
+            with writer.as_default(step=step):
+                for key, value in logs.items():
+                    if value is not None:
+                        tf.summary.write(key, tf.constant(float(value), tf.float32), step=step,
+                                         metadata=_SCALAR_METADATA)
+            writer.flush()
+        except (tf.errors.OpError, OSError) as error:
+            self._fail(error)
+
+    def flush(self):
+        """Flushes every writer (a failure is reported as in ``write``)."""
+        try:
+            for writer in (self._writers or {}).values():
+                writer.flush()
+        except (tf.errors.OpError, OSError) as error:
+            self._fail(error)
+
+    def _fail(self, error):
+        if self.failure is None:
+            self.failure = error
+            warnings.warn(f"Writing TensorBoard logs to {self.log_dir} failed "
+                          f"({type(error).__name__}: {getattr(error, 'message', error)}); "
+                          "training and checkpoints go on without logs.", stacklevel=3)
