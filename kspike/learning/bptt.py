@@ -35,9 +35,18 @@ class BPTT(LearningRule):
 
     Example:
 
-    >>> rule = kspike.learning.BPTT()
-    >>> grads = rule.gradients(model, x, y, keras.losses.SparseCategoricalCrossentropy())
-    >>> optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((20, 4)),
+    ...     keras.layers.RNN(kspike.LIF(8, thr=0.5), return_sequences=True),
+    ...     kspike.LeakyReadout(2)])
+    >>> x = np.random.default_rng(0).random((3, 20, 4)).astype("float32")
+    >>> y = np.zeros((3, 20), "int32")
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> grads = kspike.learning.BPTT().gradients(model, x, y, loss)
+    >>> len(grads) == len(model.trainable_variables)
+    True
+    >>> optimizer = keras.optimizers.Adam(1e-3)
+    >>> _ = optimizer.apply_gradients(zip(grads, model.trainable_variables))
     """
 
     name = "bptt"
