@@ -5,6 +5,7 @@ The cells are thin shells: they hold the parameters and weights and call
 faster ``kspike.SpikingRNN``) like any Keras cell.
 """
 import math
+import types
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ from keras import constraints, initializers, regularizers
 
 from kspike import dynamics, surrogates
 
-__all__ = ["ALIF", "LIF", "ZeroDiagonal", "split_outputs"]
+__all__ = ["ALIF", "LIF", "SpikingCell", "ZeroDiagonal", "split_outputs"]
 
 _OUTPUTS = ("spikes", "all")
 
@@ -68,8 +69,13 @@ def split_outputs(y):
     return y[..., :units], y[..., units:2 * units], y[..., 2 * units:]
 
 
-class _SpikingCell(keras.layers.Layer):
-    """Shared shell of LIF and ALIF cells (weights, state handling, config)."""
+class SpikingCell(keras.layers.Layer):
+    """Shared shell of ``kspike.LIF`` and ``kspike.ALIF`` (weights, state handling, config).
+
+    Not used directly: build a ``LIF`` or an ``ALIF``. ``isinstance(obj, SpikingCell)`` (or
+    ``kspike.graph.is_spiking_cell(obj)``) tells whether an object is a kspike cell; the
+    arguments are those of ``kspike.LIF`` (docs/neurons.md).
+    """
 
     _adaptive = False
 
@@ -169,6 +175,24 @@ class _SpikingCell(keras.layers.Layer):
         mixed precision the cell reports float32 here. The matmuls and the output still use
         the policy's 16-bit compute dtype (``dtype_policy.compute_dtype``)."""
         return self.state_dtype
+
+    @property
+    def adaptive(self):
+        """True if the cell carries a threshold-adaptation state b (ALIF, even with
+        ``n_adaptive=0``), False for LIF."""
+        return self._adaptive
+
+    @property
+    def rewired(self):
+        """True if the kernels are sparse and sign-constrained (``connectivity`` or ``dale``
+        set), i.e. held by ``kspike.rewiring`` rather than plain variables."""
+        return bool(self._rewired) or self.connectivity is not None or self.dale is not None
+
+    @property
+    def rewired_kernels(self):
+        """Read-only {"input"|"recurrent": ``kspike.rewiring.RewiredKernel``} of a built rewired
+        cell (empty for dense kernels or before ``build``)."""
+        return types.MappingProxyType(self._rewired)
 
     @property
     def state_names(self):
@@ -289,7 +313,9 @@ class _SpikingCell(keras.layers.Layer):
             return [state.v, state.b, state.z, state.r]
         return [state.v, state.z, state.r]
 
-    def _check_states(self, states):
+    def check_states(self, states):
+        """Raise ValueError unless ``states`` is a list of (B, units) tensors, one per
+        ``state_names``."""
         if len(states) != len(self.state_names):
             raise ValueError(f"{type(self).__name__} expects {len(self.state_names)} states "
                              f"{self.state_names}, each (batch, {self.units}); received "
@@ -298,6 +324,9 @@ class _SpikingCell(keras.layers.Layer):
             if s.shape.rank != 2 or (s.shape[-1] is not None and s.shape[-1] != self.units):
                 raise ValueError(f"State `{name}` of {type(self).__name__} must have shape "
                                  f"(batch, {self.units}), received {tuple(s.shape)}.")
+
+    # The fused engine (kspike.engine) still calls the old private name.
+    _check_states = check_states
 
     # ----------------------------------------------------------------- step
     def call(self, inputs, states, training=None):
@@ -312,7 +341,7 @@ class _SpikingCell(keras.layers.Layer):
             ``output="all"``; new_states in the same layout as ``states``.
         """
         states = list(states) if isinstance(states, (list, tuple)) else [states]
-        self._check_states(states)
+        self.check_states(states)
         dtype = self.state_dtype
         state = self.pack_state([tf.cast(s, dtype) for s in states])
         x = tf.convert_to_tensor(inputs)
@@ -375,7 +404,7 @@ class _SpikingCell(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class LIF(_SpikingCell):
+class LIF(SpikingCell):
     """Leaky integrate-and-fire cell with reset by subtraction (REFERENCE.md section 1, beta=0).
 
     Args:
@@ -423,7 +452,7 @@ class LIF(_SpikingCell):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class ALIF(_SpikingCell):
+class ALIF(SpikingCell):
     """Adaptive LIF cell of LSNN (REFERENCE.md section 1), optionally mixed with plain LIF.
 
     Args:

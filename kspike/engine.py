@@ -59,7 +59,7 @@ import tensorflow as tf
 
 from kspike import dynamics, surrogates
 from kspike import native as native_module
-from kspike.cells import _SpikingCell
+from kspike import graph
 
 __all__ = ["SpikingRNN"]
 
@@ -91,10 +91,7 @@ def _tape_may_record():
 
 
 def _is_specialised(cell):
-    return (isinstance(cell, _SpikingCell)
-            and type(cell).call is _SpikingCell.call
-            and type(cell).pack_state is _SpikingCell.pack_state
-            and type(cell).unpack_state is _SpikingCell.unpack_state)
+    return graph.is_specialised_cell(cell)
 
 
 def _forward(cell, params, x, w_in, w_rec, bias, initial, mask, output_all, for_backward):
