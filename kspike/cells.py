@@ -37,7 +37,10 @@ class ZeroDiagonal(keras.constraints.Constraint):
         return {"inner": constraints.serialize(self.inner)}
 
 
-def _positive(name, value, integer=False, allow_zero=False):
+def check_positive(name, value, integer=False, allow_zero=False):
+    """``value`` as a float (an int with ``integer=True``), or TypeError/ValueError naming the
+    argument ``name``, the value received and what is expected (> 0, or >= 0 with
+    ``allow_zero``)."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be {kind}, received {value!r} of type "
@@ -89,12 +92,12 @@ class SpikingCell(keras.layers.Layer):
         kwargs.pop("autocast", None)
         # States stay in float32 under mixed precision: the cell handles casts itself.
         super().__init__(autocast=False, **kwargs)
-        self.units = _positive("units", units, integer=True)
-        self.tau = _positive("tau", tau)
-        self.thr = _positive("thr", thr)
-        self.dt = _positive("dt", dt)
-        self.n_refractory = _positive("n_refractory", n_refractory, integer=True, allow_zero=True)
-        self.dampening_factor = _positive("dampening_factor", dampening_factor)
+        self.units = check_positive("units", units, integer=True)
+        self.tau = check_positive("tau", tau)
+        self.thr = check_positive("thr", thr)
+        self.dt = check_positive("dt", dt)
+        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True, allow_zero=True)
+        self.dampening_factor = check_positive("dampening_factor", dampening_factor)
         if isinstance(surrogate, surrogates.SpikeFunction):
             # An object carries its own dampening and sharpness.
             self.spike_function = surrogate
@@ -108,13 +111,13 @@ class SpikingCell(keras.layers.Layer):
             raise TypeError(f"`recurrent` must be True or False, received {recurrent!r}.")
         self.recurrent = bool(recurrent)
         if connectivity is not None:
-            connectivity = _positive("connectivity", connectivity)
+            connectivity = check_positive("connectivity", connectivity)
             if connectivity > 1.0:
                 raise ValueError("`connectivity` must be in (0, 1] (the fraction of active "
                                  f"connections), received {connectivity!r}.")
         self.connectivity = connectivity
         if dale is not None:
-            dale = _positive("dale", dale)
+            dale = check_positive("dale", dale)
             if not 0.0 < dale < 1.0:
                 raise ValueError("`dale` must be in (0, 1) (the fraction of excitatory "
                                  f"presynaptic neurons), received {dale!r}.")
@@ -490,13 +493,13 @@ class ALIF(SpikingCell):
                          recurrent=recurrent, connectivity=connectivity, dale=dale,
                          output=output, seed=seed, **kwargs)
         if n_adaptive is not None:
-            n_adaptive = _positive("n_adaptive", n_adaptive, integer=True, allow_zero=True)
+            n_adaptive = check_positive("n_adaptive", n_adaptive, integer=True, allow_zero=True)
             if n_adaptive > self.units:
                 raise ValueError(f"`n_adaptive` must be between 0 and units={self.units}, "
                                  f"received {n_adaptive!r}.")
         self.n_adaptive = n_adaptive
-        self.tau_adaptation = _positive("tau_adaptation", tau_adaptation)
-        self.beta = _positive("beta", beta, allow_zero=True)
+        self.tau_adaptation = check_positive("tau_adaptation", tau_adaptation)
+        self.beta = check_positive("beta", beta, allow_zero=True)
         self.rho = dynamics.decay(self.tau_adaptation, self.dt)
 
     @property
