@@ -96,7 +96,8 @@ class SpikingCell(keras.layers.Layer):
         self.tau = check_positive("tau", tau)
         self.thr = check_positive("thr", thr)
         self.dt = check_positive("dt", dt)
-        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True, allow_zero=True)
+        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True,
+                                           allow_zero=True)
         self.dampening_factor = check_positive("dampening_factor", dampening_factor)
         if isinstance(surrogate, surrogates.SpikeFunction):
             # An object carries its own dampening and sharpness.

@@ -202,7 +202,9 @@ def firing_rate_logs(activities):
     Example:
 
     >>> _, activity = kspike.regularizers.record_activity(model, x)
-    >>> kspike.regularizers.firing_rate_logs(activity)   # {"firing_rate": ..., "firing_rate/lsnn": ...}
+    >>> logs = kspike.regularizers.firing_rate_logs(activity)
+    >>> sorted(logs)                     # for a model with one spiking layer named "lsnn"
+    ['firing_rate', 'firing_rate/lsnn']
     """
     rates = []
     for a in activities:

@@ -270,7 +270,7 @@ class EProp(FeedbackRule):
                              sum_traces=bool(regularizers))
             counts = out["counts"]
             reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
-                                                                batch, steps, dtype)
+                                                                     batch, steps, dtype)
             grads = out["grads"]
             if regularizers:
                 # dR/dz_j(t) is the same for every sample and step, known once the sequence has
@@ -282,9 +282,10 @@ class EProp(FeedbackRule):
         else:
             predictions, counts = online_rules.inference_pass(plan, weights, readout, x, sequence)
             task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
-            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
-                                                                steps, dtype)
-            signal = error if self.online else online_rules.backward_filter(error, plan.readout.kappa)
+            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                                     batch, steps, dtype)
+            signal = (error if self.online
+                      else online_rules.backward_filter(error, plan.readout.kappa))
             signals = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(signal, (1, 0, 2)))
             out = self._loop(plan, weights, feedback, x, sequence, online=self.online,
                              signals=signals, reg_signals=reg_signals)
@@ -292,9 +293,9 @@ class EProp(FeedbackRule):
         grads = [online_rules.split_stacked(g, layer, w)
                  for g, layer, w in zip(grads, plan.layers, weights)]
         gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
-                                                   out["readout_grad"], error,
-                                                   task_loss + reg_loss, weight_loss, dtype,
-                                                   readout_bias_grad=bias_grad)
+                                                        out["readout_grad"], error,
+                                                        task_loss + reg_loss, weight_loss, dtype,
+                                                        readout_bias_grad=bias_grad)
         del tape
         if self.feedback == "adaptive" and training:
             updates = [g + self.weight_decay * tf.cast(v, dtype)

@@ -2,11 +2,11 @@
 
 Both rules accept the same model shape: a chain ``Input -> spiking RNN layer(s) -> LeakyReadout``
 (Sequential or functional), where every spiking layer is a ``keras.layers.RNN`` or
-``kspike.SpikingRNN`` over a kspike cell with ``return_sequences=True``. This module parses and
-checks such a model, runs its inference pass in a ``tf.while_loop`` that keeps only the readout
-output (memory independent of T apart from the (B, T, n_out) outputs), turns the user's loss into
-per-step output errors dE/dy_t, and maps gradients of the effective kernels back onto
-``model.trainable_variables``.
+``kspike.SpikingRNN`` over a kspike cell with ``return_sequences=True``. This module checks such
+a model (on the stages of ``kspike.graph.parse``), runs its inference pass in a
+``tf.while_loop`` that keeps only the readout output (memory independent of T apart from the
+(B, T, n_out) outputs), turns the user's loss into per-step output errors dE/dy_t, and maps
+gradients of the effective kernels back onto ``model.trainable_variables``.
 """
 from typing import List, NamedTuple, Optional
 

@@ -151,12 +151,12 @@ class STLLR(FeedbackRule):
         task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
-                                                            steps, dtype)
+                                                                 steps, dtype)
         grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence, error,
                                                reg_signals)
         gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
-                                                   readout_grad, error, task_loss + reg_loss,
-                                                   weight_loss, dtype)
+                                                        readout_grad, error, task_loss + reg_loss,
+                                                        weight_loss, dtype)
         del tape
         rates = firing_rate_logs(
             [SpikeRate(layer.layer.name,
