@@ -103,3 +103,18 @@ def test_parse_errors_name_the_layer():
 
     with pytest.raises(Refused):
         graph.parse(keras.Model([a, b], keras.layers.Add()([a, b])), "my rule", error=Refused)
+
+
+def test_check_stateless():
+    model = keras.Sequential([keras.Input((10, 3), batch_size=2),
+                              keras.layers.RNN(kspike.LIF(3), return_sequences=True,
+                                               stateful=True, name="stateful_rnn")])
+    (stage,) = graph.parse(model, "my rule")
+    with pytest.raises(ValueError, match="my rule does not support layer 'stateful_rnn' "
+                                         r"\(RNN\) with stateful=True"):
+        graph.check_stateless(stage, "my rule")
+    with pytest.raises(ValueError, match="stateful=True"):
+        kspike.learning.RateBP().check_model(model)
+    fine = keras.Sequential([keras.Input((10, 3)),
+                             keras.layers.RNN(kspike.LIF(3), return_sequences=True)])
+    graph.check_stateless(graph.parse(fine, "my rule")[0], "my rule")

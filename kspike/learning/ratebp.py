@@ -99,10 +99,7 @@ class RateBP(LearningRule):
             layer = stage.layer
             if isinstance(stage, graph.SpikingLayer):
                 cell = stage.cell
-                for flag in ("stateful", "go_backwards", "return_state"):
-                    if getattr(layer, flag, False):
-                        raise ValueError(f"RateBP does not support {flag}=True (layer "
-                                         f"{layer.name!r}).")
+                graph.check_stateless(stage, "RateBP")
                 if not getattr(layer, "return_sequences", False):
                     raise ValueError(f"RateBP needs return_sequences=True on spiking layer "
                                      f"{layer.name!r} (its output rate is a time average).")
