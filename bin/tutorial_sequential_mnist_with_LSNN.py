@@ -295,16 +295,16 @@ def build_model(args):
         readout = kspike.LeakyReadout(10, tau=20.0, seed=args.seed + 2, name="readout")
     model = keras.Model(inputs, readout(spikes), name="smnist_lsnn")
     if sparse:
-        kernels = list(cell._rewired.values())
+        kernels = list(cell.rewired_kernels.values())
         if args.sparse_readout:
             kernels.append(readout._sparse_kernel)
-        recurrent_sign = cell._rewired["recurrent"].sign
+        recurrent_sign = cell.rewired_kernels["recurrent"].sign
         if args.sign_order == "lsnn":
             # LSNN: the first n - n_excitatory recurrent neurons are inhibitory (not shuffled).
             n_excitatory = int(np.sum(recurrent_sign.numpy()[:, 0] > 0))
             row = np.where(np.arange(n) < n - n_excitatory, -1.0, 1.0)
             recurrent_sign.assign(np.repeat(row[:, None], n, axis=1).astype("float32"))
-        input_sign = cell._rewired["input"].sign
+        input_sign = cell.rewired_kernels["input"].sign
         row = input_sign.numpy()[:, 0].copy()
         cue = row.size - 1      # the cue is the last input channel
         if args.cue_sign == "excitatory" and row[cue] < 0:

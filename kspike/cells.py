@@ -5,6 +5,7 @@ The cells are thin shells: they hold the parameters and weights and call
 faster ``kspike.SpikingRNN``) like any Keras cell.
 """
 import math
+import types
 
 import keras
 import numpy as np
@@ -13,7 +14,7 @@ from keras import constraints, initializers, regularizers
 
 from kspike import dynamics, surrogates
 
-__all__ = ["ALIF", "LIF", "ZeroDiagonal", "split_outputs"]
+__all__ = ["ALIF", "LIF", "SpikingCell", "ZeroDiagonal", "split_outputs"]
 
 _OUTPUTS = ("spikes", "all")
 
@@ -36,7 +37,10 @@ class ZeroDiagonal(keras.constraints.Constraint):
         return {"inner": constraints.serialize(self.inner)}
 
 
-def _positive(name, value, integer=False, allow_zero=False):
+def check_positive(name, value, integer=False, allow_zero=False):
+    """``value`` as a float (an int with ``integer=True``), or TypeError/ValueError naming the
+    argument ``name``, the value received and what is expected (> 0, or >= 0 with
+    ``allow_zero``)."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be {kind}, received {value!r} of type "
@@ -68,8 +72,13 @@ def split_outputs(y):
     return y[..., :units], y[..., units:2 * units], y[..., 2 * units:]
 
 
-class _SpikingCell(keras.layers.Layer):
-    """Shared shell of LIF and ALIF cells (weights, state handling, config)."""
+class SpikingCell(keras.layers.Layer):
+    """Shared shell of ``kspike.LIF`` and ``kspike.ALIF`` (weights, state handling, config).
+
+    Not used directly: build a ``LIF`` or an ``ALIF``. ``isinstance(obj, SpikingCell)`` (or
+    ``kspike.graph.is_spiking_cell(obj)``) tells whether an object is a kspike cell; the
+    arguments are those of ``kspike.LIF`` (docs/neurons.md).
+    """
 
     _adaptive = False
 
@@ -83,12 +92,13 @@ class _SpikingCell(keras.layers.Layer):
         kwargs.pop("autocast", None)
         # States stay in float32 under mixed precision: the cell handles casts itself.
         super().__init__(autocast=False, **kwargs)
-        self.units = _positive("units", units, integer=True)
-        self.tau = _positive("tau", tau)
-        self.thr = _positive("thr", thr)
-        self.dt = _positive("dt", dt)
-        self.n_refractory = _positive("n_refractory", n_refractory, integer=True, allow_zero=True)
-        self.dampening_factor = _positive("dampening_factor", dampening_factor)
+        self.units = check_positive("units", units, integer=True)
+        self.tau = check_positive("tau", tau)
+        self.thr = check_positive("thr", thr)
+        self.dt = check_positive("dt", dt)
+        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True,
+                                           allow_zero=True)
+        self.dampening_factor = check_positive("dampening_factor", dampening_factor)
         if isinstance(surrogate, surrogates.SpikeFunction):
             # An object carries its own dampening and sharpness.
             self.spike_function = surrogate
@@ -102,13 +112,13 @@ class _SpikingCell(keras.layers.Layer):
             raise TypeError(f"`recurrent` must be True or False, received {recurrent!r}.")
         self.recurrent = bool(recurrent)
         if connectivity is not None:
-            connectivity = _positive("connectivity", connectivity)
+            connectivity = check_positive("connectivity", connectivity)
             if connectivity > 1.0:
                 raise ValueError("`connectivity` must be in (0, 1] (the fraction of active "
                                  f"connections), received {connectivity!r}.")
         self.connectivity = connectivity
         if dale is not None:
-            dale = _positive("dale", dale)
+            dale = check_positive("dale", dale)
             if not 0.0 < dale < 1.0:
                 raise ValueError("`dale` must be in (0, 1) (the fraction of excitatory "
                                  f"presynaptic neurons), received {dale!r}.")
@@ -169,6 +179,24 @@ class _SpikingCell(keras.layers.Layer):
         mixed precision the cell reports float32 here. The matmuls and the output still use
         the policy's 16-bit compute dtype (``dtype_policy.compute_dtype``)."""
         return self.state_dtype
+
+    @property
+    def adaptive(self):
+        """True if the cell carries a threshold-adaptation state b (ALIF, even with
+        ``n_adaptive=0``), False for LIF."""
+        return self._adaptive
+
+    @property
+    def rewired(self):
+        """True if the kernels are sparse and sign-constrained (``connectivity`` or ``dale``
+        set), i.e. held by ``kspike.rewiring`` rather than plain variables."""
+        return bool(self._rewired) or self.connectivity is not None or self.dale is not None
+
+    @property
+    def rewired_kernels(self):
+        """Read-only {"input"|"recurrent": ``kspike.rewiring.RewiredKernel``} of a built rewired
+        cell (empty for dense kernels or before ``build``)."""
+        return types.MappingProxyType(self._rewired)
 
     @property
     def state_names(self):
@@ -290,7 +318,9 @@ class _SpikingCell(keras.layers.Layer):
             return [state.v, state.b, state.z, state.r]
         return [state.v, state.z, state.r]
 
-    def _check_states(self, states):
+    def check_states(self, states):
+        """Raise ValueError unless ``states`` is a list of (B, units) tensors, one per
+        ``state_names``."""
         if len(states) != len(self.state_names):
             raise ValueError(f"{type(self).__name__} expects {len(self.state_names)} states "
                              f"{self.state_names}, each (batch, {self.units}); received "
@@ -299,6 +329,9 @@ class _SpikingCell(keras.layers.Layer):
             if s.shape.rank != 2 or (s.shape[-1] is not None and s.shape[-1] != self.units):
                 raise ValueError(f"State `{name}` of {type(self).__name__} must have shape "
                                  f"(batch, {self.units}), received {tuple(s.shape)}.")
+
+    # The fused engine (kspike.engine) still calls the old private name.
+    _check_states = check_states
 
     # ----------------------------------------------------------------- step
     def call(self, inputs, states, training=None):
@@ -313,7 +346,7 @@ class _SpikingCell(keras.layers.Layer):
             ``output="all"``; new_states in the same layout as ``states``.
         """
         states = list(states) if isinstance(states, (list, tuple)) else [states]
-        self._check_states(states)
+        self.check_states(states)
         dtype = self.state_dtype
         state = self.pack_state([tf.cast(s, dtype) for s in states])
         x = tf.convert_to_tensor(inputs)
@@ -376,7 +409,7 @@ class _SpikingCell(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class LIF(_SpikingCell):
+class LIF(SpikingCell):
     """Leaky integrate-and-fire cell with reset by subtraction (docs/neurons.md, beta=0).
 
     Args:
@@ -424,7 +457,7 @@ class LIF(_SpikingCell):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class ALIF(_SpikingCell):
+class ALIF(SpikingCell):
     """Adaptive LIF cell of LSNN (docs/neurons.md), optionally mixed with plain LIF.
 
     Args:
@@ -462,13 +495,13 @@ class ALIF(_SpikingCell):
                          recurrent=recurrent, connectivity=connectivity, dale=dale,
                          output=output, seed=seed, **kwargs)
         if n_adaptive is not None:
-            n_adaptive = _positive("n_adaptive", n_adaptive, integer=True, allow_zero=True)
+            n_adaptive = check_positive("n_adaptive", n_adaptive, integer=True, allow_zero=True)
             if n_adaptive > self.units:
                 raise ValueError(f"`n_adaptive` must be between 0 and units={self.units}, "
                                  f"received {n_adaptive!r}.")
         self.n_adaptive = n_adaptive
-        self.tau_adaptation = _positive("tau_adaptation", tau_adaptation)
-        self.beta = _positive("beta", beta, allow_zero=True)
+        self.tau_adaptation = check_positive("tau_adaptation", tau_adaptation)
+        self.beta = check_positive("beta", beta, allow_zero=True)
         self.rho = dynamics.decay(self.tau_adaptation, self.dt)
 
     @property

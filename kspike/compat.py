@@ -1,38 +1,130 @@
-"""The few Keras internals kspike relies on, each behind one small public function.
+"""The few places where kspike needs Keras or TensorFlow internals, each behind one function.
 
-Keras 3 has no public API for these; keeping every ``keras.src`` import in this module means a
-Keras upgrade that moves one of them breaks (and is fixed) in one place.
+Every function here reads something that Keras 3 / TensorFlow 2 expose only through private
+attributes or ``keras.src`` / ``tensorflow.python`` modules. Keeping them in one module means a
+new Keras or TensorFlow release breaks (at most) this file, and each function says why no
+public API serves. The rest of kspike calls these functions and never touches the internals.
 """
+__all__ = ["call_count", "inbound_input_tensors", "nested_layers", "output_structure",
+           "own_variables",
+           "loss_function_wrapper", "wrap_loss_function", "wrapped_loss_function",
+           "in_xla_context", "tape_may_record", "unscale_loss_for_distribution",
+           "keras_seed_state", "freeze_concrete_function"]
 
-__all__ = ["unscale_loss_for_distribution", "global_seed_generator_state",
-           "LossFunctionWrapper"]
 
-# Keras' wrapper of a loss function into a Loss object: kspike uses it to give a loss *name*
-# (e.g. "mse") the same reduction that Keras' own training would, and to recognise it again.
-from keras.src.losses.losses import LossFunctionWrapper
+def call_count(layer):
+    """How many times ``layer`` was called in functional graphs (its inbound nodes).
+
+    Keras 3 has no public accessor for a layer's graph nodes; ``layer.input`` raises or
+    picks the first call when a layer is shared, so chain checks need the node list.
+    """
+    return len(layer._inbound_nodes)
+
+
+def inbound_input_tensors(layer):
+    """[[input tensors] per inbound node] of ``layer`` (see ``call_count`` for why)."""
+    return [list(node.input_tensors) for node in layer._inbound_nodes]
+
+
+def nested_layers(layer, include_self=False):
+    """Every layer tracked inside ``layer`` (sub-models, wrapped cells), depth first.
+
+    ``keras.Model.layers`` lists the top level only and Keras 3 has no public recursive walk;
+    its own tracking (``_flatten_layers``) is the one that also finds RNN cells and
+    ``TimeDistributed`` contents.
+    """
+    return list(layer._flatten_layers(include_self=include_self, recursive=True))
+
+
+def output_structure(model):
+    """The outputs of a functional model in the nesting it was built with (a tensor, list or
+    dict), or None; ``model.outputs`` is always a flat list and Keras 3 keeps the structure
+    private (``_outputs_struct``)."""
+    return getattr(model, "_outputs_struct", None)
+
+
+def own_variables(layer):
+    """(trainable, non_trainable) variables created by ``layer`` itself, without those of the
+    layers it tracks; ``layer.trainable_variables`` is recursive and Keras 3 keeps the
+    per-layer lists private."""
+    return list(layer._trainable_variables), list(layer._non_trainable_variables)
+
+
+def loss_function_wrapper():
+    """The class Keras 3 wraps its function losses in (``keras.losses.MeanSquaredError`` and
+    the other built-in loss classes are subclasses); it is not exported by ``keras.losses``."""
+    from keras.src.losses.losses import LossFunctionWrapper
+    return LossFunctionWrapper
+
+
+def wrap_loss_function(fn, name=None):
+    """A ``keras.losses.Loss`` around an elementwise ``fn(y_true, y_pred)`` the way Keras builds
+    its own loss classes (same reduction and masking), see ``loss_function_wrapper``."""
+    return loss_function_wrapper()(fn, name=name)
+
+
+def wrapped_loss_function(loss):
+    """(fn, kwargs) of a Keras function-loss wrapper whose ``call`` is Keras' own, else None.
+
+    The elementwise function and its keyword arguments are stored privately (``fn`` is public,
+    ``_fn_kwargs`` is not); rules that need the per-element loss read them here.
+    """
+    wrapper = loss_function_wrapper()
+    if isinstance(loss, wrapper) and type(loss).call is wrapper.call:
+        return loss.fn, dict(loss._fn_kwargs)
+    return None
+
+
+def in_xla_context():
+    """True while tracing inside an XLA-compiled function (e.g. ``jit_compile=True``).
+
+    TensorFlow exposes no public query for the XLA context of the graph being built; kspike's
+    native ops cannot be compiled by XLA and need to know. False on a TensorFlow without these
+    internals.
+    """
+    try:
+        from tensorflow.python.framework import ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
+
+
+def tape_may_record():
+    """True if a gradient tape may record the next op (TensorFlow has no public query);
+    True, the safe answer, on a TensorFlow without this internal."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:
+        return True
+    return bool(record.could_possibly_record())
 
 
 def unscale_loss_for_distribution(value):
-    """``value`` multiplied back by the number of replicas in sync.
-
-    Keras losses divide their mean by the number of replicas under a ``tf.distribute``
-    strategy (so that summing over replicas gives the global mean); kspike's Trainer scales
-    gradients itself and logs true loss values, so it undoes Keras' division. Keras exposes
-    this only as ``keras.src.losses.loss.unscale_loss_for_distribution``.
-    """
+    """Undo the 1/replicas scaling Keras applies to a mean-reduced loss under a distribution
+    strategy (``keras.src.losses.loss``; not exported by ``keras.losses``)."""
     from keras.src.losses.loss import unscale_loss_for_distribution as unscale
     return unscale(value)
 
 
-def global_seed_generator_state():
-    """The state variable of Keras' global ``SeedGenerator`` (the generator behind
-    ``keras.random`` calls without a seed), or None if this Keras version has none.
-
-    Checkpoints save it so that a resumed run draws the same random numbers (e.g. dropout
-    masks) as an uninterrupted one; Keras offers no public handle to that generator.
-    """
+def keras_seed_state():
+    """The state variable of Keras' global seed generator (what ``keras.random`` draws from
+    without an explicit seed), or None; checkpoints save it for bit-exact resumption and
+    Keras 3 keeps the global generator private."""
     try:
         from keras.src.random import seed_generator
         return seed_generator.global_seed_generator().state.value
     except (ImportError, AttributeError):
         return None
+
+
+def freeze_concrete_function(function):
+    """``function`` (a concrete tf.function) with its variables folded in as constants.
+
+    The LiteRT interpreter reads variables of a converted function as uninitialised memory, so
+    the step function is frozen first; TensorFlow's own converters use
+    ``convert_variables_to_constants_v2``, which has no public alias.
+    """
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+    return convert_variables_to_constants_v2(function)

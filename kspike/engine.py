@@ -79,7 +79,7 @@ import tensorflow as tf
 
 from kspike import dynamics, surrogates
 from kspike import native as native_module
-from kspike.cells import _SpikingCell
+from kspike import compat, graph
 
 __all__ = ["SpikingRNN"]
 
@@ -91,30 +91,8 @@ class _Heaviside:
         return surrogates.heaviside(x)
 
 
-def _in_xla_context():
-    """True while tracing inside an XLA-compiled function (e.g. ``model.compile(...,
-    jit_compile=True)``): XLA cannot compile the native ops, so the TensorFlow loop runs."""
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # a TensorFlow without these internals: assume no XLA
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(ops.get_default_graph()))
-
-
-def _tape_may_record():
-    try:
-        from tensorflow.python.eager import record
-    except ImportError:  # a TensorFlow without this internal: always keep the fast backward
-        return True
-    return bool(record.could_possibly_record())
-
-
 def _is_specialised(cell):
-    return (isinstance(cell, _SpikingCell)
-            and type(cell).call is _SpikingCell.call
-            and type(cell).pack_state is _SpikingCell.pack_state
-            and type(cell).unpack_state is _SpikingCell.unpack_state)
+    return graph.is_specialised_cell(cell)
 
 
 def _is_adaptive(cell):
@@ -286,7 +264,7 @@ def _native_surrogate_attrs(spike_function):
         f = spike_function
         sigma = 0.5 / f.sharpness
         wide = f.scale * sigma
-        peak = f._bracket(0.0, math.exp)
+        peak = f.unnormalised(0.0, math.exp)
         attrs["multi_gaussian"] = [f.dampening / peak, sigma, wide,
                                    sigma * math.sqrt(2.0 * math.pi),
                                    wide * math.sqrt(2.0 * math.pi), 1.0 + f.height, f.height]
@@ -343,7 +321,7 @@ def _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile):
     if native is False:
         return None
     reason = why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile,
-                            _in_xla_context())
+                            compat.in_xla_context())
     ops = native_module.load() if reason is None else None
     if native is True and ops is None:
         reason = reason or native_module.unavailable_reason()
@@ -649,7 +627,7 @@ def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, maske
     params = cell.parameters(state_dtype)
     output_all = cell.output_mode == "all"
     tensorflow_loops = _XlaBackend if jit_compile else _TensorFlowBackend
-    if not _tape_may_record():
+    if not compat.tape_may_record():
         return tensorflow_loops(cell, params, output_all, sequences, for_backward=False)
     ops = _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile)
     if ops is not None:
@@ -909,7 +887,7 @@ class SpikingRNN(keras.layers.RNN):
                              f"features, received inputs of shape {tuple(sequences.shape)}.")
         states = list(initial_state) if isinstance(initial_state, (list, tuple)) \
             else [initial_state]
-        cell._check_states(states)
+        cell.check_states(states)
         return sequences, states
 
     def _last_output(self, final_states, state_dtype, compute_dtype):

@@ -63,6 +63,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kspike import graph
+
 __all__ = ["saved_model", "load", "LoadedModel", "StreamingModel", "ExportError",
            "DirectoryNotEmptyError", "DamagedExportError", "MARKER_FILE", "EXPORT_FILES"]
 
@@ -83,21 +85,7 @@ class DamagedExportError(ValueError):
     file and the problem."""
 
 
-_PER_STEP = (keras.layers.Dense, keras.layers.Activation, keras.layers.Dropout,
-             keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-             keras.layers.AlphaDropout, keras.layers.ReLU, keras.layers.LeakyReLU,
-             keras.layers.ELU, keras.layers.Identity)
-_LAST_AXIS = (keras.layers.Softmax, keras.layers.LayerNormalization,
-              keras.layers.BatchNormalization)
-
-
-def _is_spiking_cell(cell):
-    from kspike.cells import _SpikingCell
-    return isinstance(cell, _SpikingCell)
-
-
-def _describe(layer):
-    return f"layer {layer.name!r} ({type(layer).__name__})"
+_describe = graph.describe
 
 
 # ----------------------------------------------------------------------------- stages
@@ -162,7 +150,7 @@ class _RecurrentStage(_Stage):
     def step(self, x, states):
         cell = self.layer.cell
         states = list(states)
-        if not _is_spiking_cell(cell):
+        if not graph.is_spiking_cell(cell):
             # keras.layers.RNN casts the states to the cell's compute dtype.
             states = [tf.cast(s, cell.compute_dtype) for s in states]
         output, new_states = cell(x, states if len(states) > 1 else states[0], training=False)
@@ -195,27 +183,11 @@ class _PerStepStage(_Stage):
         return self.inner(x, training=False), []
 
 
-def _last_axis_only(layer):
-    axis = layer.axis
-    axis = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-    rank = len(layer.input.shape) if _has_single_input(layer) else None
-    return all(a == -1 or (rank is not None and a == rank - 1) for a in axis)
-
-
-def _has_single_input(layer):
-    try:
-        return not isinstance(layer.input, (list, tuple, dict))
-    except (AttributeError, ValueError):
-        return False
-
-
-def _stage_for(layer, sequence):
-    """(stage, sequence_after) for one layer; ``sequence`` says if its input is (B, T, n)."""
-    from kspike.layers import LeakyReadout
-
-    cell = getattr(layer, "cell", None)
-    if isinstance(layer, keras.layers.RNN) or _is_spiking_cell(cell):
-        if not sequence:
+def _stage_for(stage):
+    """The step form of one parsed ``kspike.graph`` stage, or ExportError naming the layer."""
+    layer = stage.layer
+    if isinstance(stage, (graph.SpikingLayer, graph.RecurrentLayer)):
+        if not stage.sequence_in:
             raise ExportError(f"Cannot export {_describe(layer)}: it receives a single step "
                               "(batch, features) after a recurrent layer with "
                               "return_sequences=False; use return_sequences=True there.")
@@ -224,69 +196,27 @@ def _stage_for(layer, sequence):
                 raise ExportError(f"Cannot export {_describe(layer)}: {flag}=True has no "
                                   f"streaming step form; rebuild the layer with {flag}=False "
                                   "(the weights can be copied with set_weights).")
-        if cell is None or not hasattr(cell, "state_size"):
+        if stage.cell is None or not hasattr(stage.cell, "state_size"):
             raise ExportError(f"Cannot export {_describe(layer)}: no RNN cell in `.cell`.")
-        return _RecurrentStage(layer), bool(getattr(layer, "return_sequences", True))
-    if isinstance(layer, LeakyReadout):
-        if not sequence:
+        return _RecurrentStage(layer)
+    if isinstance(stage, graph.Readout):
+        if not stage.sequence_in:
             raise ExportError(f"Cannot export {_describe(layer)}: it needs sequences (batch, "
                               "time, features) but follows a layer with "
                               "return_sequences=False.")
-        return _ReadoutStage(layer), True
-    if isinstance(layer, keras.layers.TimeDistributed):
-        if not sequence:
+        return _ReadoutStage(layer)
+    if isinstance(stage, graph.PerStepLayer):
+        if stage.inner is not layer and not stage.sequence_in:
             raise ExportError(f"Cannot export {_describe(layer)}: it needs sequences but "
                               "follows a layer with return_sequences=False.")
-        if getattr(layer.layer, "stateful", False) or hasattr(layer.layer, "cell"):
-            raise ExportError(f"Cannot export {_describe(layer)}: the wrapped layer "
-                              f"{type(layer.layer).__name__} has states.")
-        return _PerStepStage(layer, inner=layer.layer), True
-    if isinstance(layer, _PER_STEP):
-        return _PerStepStage(layer), sequence
-    if isinstance(layer, _LAST_AXIS):
-        if not _last_axis_only(layer):
-            raise ExportError(f"Cannot export {_describe(layer)}: it works across time steps "
-                              f"(axis={layer.axis!r}); only the last (feature) axis has a "
-                              "per-step form.")
-        return _PerStepStage(layer), sequence
+        return _PerStepStage(layer, inner=stage.inner)
+    reason = getattr(stage, "reason", None)
+    if reason:
+        raise ExportError(f"Cannot export {_describe(layer)}: {reason}.")
     raise ExportError(f"Cannot export {_describe(layer)}: kspike.export knows no streaming "
                       "step form for it. Supported: keras.layers.RNN / kspike.SpikingRNN, "
                       "kspike.LeakyReadout, Dense, Activation, Dropout, TimeDistributed and "
                       "other per-time-step layers.")
-
-
-def _chain(model):
-    """The layers of a chain-shaped model in order (nested models flattened)."""
-    if isinstance(model, keras.Sequential):
-        layers = list(model.layers)
-    else:
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ExportError(f"Cannot export model {model.name!r}: it has "
-                              f"{len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-                              "a single input (B, T, n_in) and a single output are needed.")
-        layers = [layer for layer in model.layers
-                  if not isinstance(layer, keras.layers.InputLayer)]
-        previous = model.inputs[0]
-        for layer in layers:
-            if len(layer._inbound_nodes) != 1:
-                raise ExportError(f"Cannot export {_describe(layer)}: it is used "
-                                  f"{len(layer._inbound_nodes)} times in the model; only "
-                                  "chains of layers are supported.")
-            if not _has_single_input(layer) or layer.input is not previous:
-                raise ExportError(f"Cannot export {_describe(layer)}: the model is not a "
-                                  "chain of layers (each layer taking the previous layer's "
-                                  "single output).")
-            previous = layer.output
-        if previous is not model.outputs[0]:
-            raise ExportError(f"Cannot export model {model.name!r}: its output is not the "
-                              "output of its last layer.")
-    flat = []
-    for layer in layers:
-        if isinstance(layer, keras.Model) and not hasattr(layer, "cell"):
-            flat.extend(_chain(layer))
-        else:
-            flat.append(layer)
-    return flat
 
 
 # ----------------------------------------------------------------------------- module
@@ -328,10 +258,9 @@ class StreamingModel(tf.Module):
         self.n_inputs = int(input_shape[-1])
         dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
         self._stages = []
-        sequence = True
-        for layer in _chain(model):
-            stage, sequence = _stage_for(layer, sequence)
-            self._stages.append(stage)
+        for stage in graph.parse(model, "Cannot export", error=ExportError,
+                                 flatten_nested=True):
+            self._stages.append(_stage_for(stage))
         self.state_specs = tuple(
             tf.TensorSpec(spec.shape, spec.dtype, name=f"state_{i}")
             for i, spec in enumerate(s for stage in self._stages for s in stage.state_specs))
@@ -352,7 +281,7 @@ class StreamingModel(tf.Module):
             jit_compile=jit_compile).get_concrete_function()
 
     def _serve(self, x):
-        # The chain layer by layer is the model's own computation (``_chain`` checked it).
+        # The chain layer by layer is the model's own computation (``graph.parse`` checked it).
         for stage in self._stages:
             x = stage.sequence(x)
         return x

@@ -87,7 +87,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import surrogates
+from kspike import graph, surrogates
 
 __all__ = ["StabilizationReport", "recurrent_mean", "recurrent_variance", "dampening",
            "sharpness", "squared_pseudo_derivative_mean", "voltage_bounds", "stabilize",
@@ -498,19 +498,18 @@ def stabilize(cell, input_mean, input_var, voltage_range=None, seed=None, verbos
     Returns:
         ``StabilizationReport`` of the values chosen.
     """
-    from kspike.cells import _SpikingCell
-    if not isinstance(cell, _SpikingCell):
-        cell = getattr(cell, "cell", cell)
-    if not isinstance(cell, _SpikingCell):
+    found = graph.spiking_cell_of(cell)
+    if found is None:
         raise TypeError(f"`cell` must be a kspike LIF/ALIF cell (or an RNN layer wrapping one), "
                         f"received {cell!r}.")
+    cell = found
     if not cell.built:
         raise ValueError(f"The cell {cell.name!r} is not built; build its layer first, e.g. "
                          "layer.build((None, None, n_in)).")
     if not cell.recurrent:
         raise ValueError("stabilize needs a recurrent cell (conditions I-IV concern W_rec); "
                          f"received {cell.name!r} built with recurrent=False.")
-    if cell._rewired:
+    if cell.rewired:
         raise ValueError("stabilize does not support sparse rewired kernels (connectivity/dale).")
     input_mean = _number("input_mean", input_mean)
     input_var = _number("input_var", input_var, positive=True)

@@ -76,10 +76,10 @@ class LeakyReadout(keras.layers.Layer):
                  bias_initializer="zeros", kernel_regularizer=None, bias_regularizer=None,
                  kernel_constraint=None, bias_constraint=None, seed=None, **kwargs):
         super().__init__(**kwargs)
-        from kspike.cells import _positive
-        self.units = _positive("units", units, integer=True)
-        self.tau = _positive("tau", tau)
-        self.dt = _positive("dt", dt)
+        from kspike.cells import check_positive
+        self.units = check_positive("units", units, integer=True)
+        self.tau = check_positive("tau", tau)
+        self.dt = check_positive("dt", dt)
         self.kappa = dynamics.decay(self.tau, self.dt)
         self.use_bias = bool(use_bias)
         self.seed = seed

@@ -23,8 +23,8 @@ import tempfile
 
 import numpy as np
 import tensorflow as tf
-# TensorFlow's own freezing helper (used by its converters; no public alias).
-from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from kspike import compat
 
 __all__ = ["litert", "load_litert", "LiteRTRunner"]
 
@@ -132,7 +132,7 @@ def litert(model, path, batch_size=1, overwrite=False, quantize=None):
                                      "model is not zero.")
     # The weights are frozen into constants: left as resource variables, the interpreter
     # would read them uninitialised (garbage) unless an initialisation subgraph ran first.
-    frozen = convert_variables_to_constants_v2(_fixed_step(model, module, batch_size))
+    frozen = compat.freeze_concrete_function(_fixed_step(model, module, batch_size))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], module)
     if quantize is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

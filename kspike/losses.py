@@ -17,7 +17,10 @@ Example:
 import keras
 import tensorflow as tf
 
-from kspike.compat import LossFunctionWrapper, unscale_loss_for_distribution
+from kspike.compat import loss_function_wrapper, unscale_loss_for_distribution
+
+# Keras' own wrapper of function losses (not exported by keras.losses; see kspike.compat).
+LossFunctionWrapper = loss_function_wrapper()
 
 __all__ = ["UnscaledLoss", "FunctionLoss", "LossFunctionWrapper", "get_loss", "model_losses"]
 

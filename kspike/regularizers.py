@@ -23,9 +23,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["LayerActivity", "spiking_layers", "activity_probe", "record_activity",
+from kspike import compat, graph
+
+__all__ = ["LayerActivity", "SpikeRate", "spiking_layers", "activity_probe", "record_activity",
            "FiringRateRegularizer", "VoltageRegularizer", "ActivityPenalty",
-           "with_regularization", "mean_firing_rates", "total_penalty"]
+           "with_regularization", "mean_firing_rates", "firing_rate_logs", "check_regularizers",
+           "total_penalty"]
 
 
 class LayerActivity(NamedTuple):
@@ -48,11 +51,6 @@ class LayerActivity(NamedTuple):
     layer: object
 
 
-def _is_spiking_layer(layer):
-    from kspike.cells import _SpikingCell
-    return isinstance(getattr(layer, "cell", None), _SpikingCell)
-
-
 def spiking_layers(model):
     """The top-level kspike spiking layers of ``model``, in graph order.
 
@@ -60,11 +58,11 @@ def spiking_layers(model):
         ValueError: if a spiking layer is nested inside a sub-model (its outputs are not in
             ``model``'s graph, so no probe can read them in the same forward pass).
     """
-    layers = [layer for layer in getattr(model, "layers", []) if _is_spiking_layer(layer)]
+    layers = [stage.layer for stage in graph.spiking_stages(model)]
     for layer in getattr(model, "layers", []):
         if isinstance(layer, keras.Model):
-            nested = [sub.name for sub in layer._flatten_layers(include_self=False)
-                      if _is_spiking_layer(sub)]
+            nested = [sub.name for sub in compat.nested_layers(layer)
+                      if graph.is_spiking_layer(sub)]
             if nested:
                 raise ValueError(
                     f"Spiking layers {nested} sit inside the nested model '{layer.name}' of "
@@ -89,7 +87,7 @@ class _Probe:
                 f"Cannot record the spikes of model '{model.name}' ({type(model).__name__}): "
                 "kspike needs a functional or Sequential model with a known input "
                 "(build it from keras.Input(...)).")
-        outputs = getattr(model, "_outputs_struct", None)
+        outputs = compat.output_structure(model)
         if outputs is None:
             outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
         records = []
@@ -179,6 +177,71 @@ def mean_firing_rates(activities):
     sequences: 1000 * mean(z) / dt with dt in ms."""
     return {a.name: 1000.0 * tf.reduce_mean(a.spikes) / a.dt
             for a in activities if a.spikes is not None}
+
+
+class SpikeRate(NamedTuple):
+    """The spikes of one layer reduced to a mean, for ``firing_rate_logs``.
+
+    Attributes:
+        name: the layer's name.
+        spikes_per_step: mean of z over batch, time steps and neurons (a scalar: spikes per
+            neuron per step).
+        dt: the cell's time step in ms.
+        units: number of neurons n of the layer (weights the overall mean).
+    """
+    name: str
+    spikes_per_step: tf.Tensor
+    dt: float
+    units: int
+
+
+def firing_rate_logs(activities):
+    """The firing-rate scalars every kspike rule and the Trainer log, in Hz.
+
+    Args:
+        activities: a list of ``LayerActivity`` (as ``record_activity`` returns; layers without
+            a spike sequence are skipped) and/or ``SpikeRate`` records.
+
+    Returns:
+        {"firing_rate": mean rate over all neurons of all layers (each layer weighted by its
+        number of neurons), "firing_rate/<layer>": mean rate of each layer}, scalars in Hz:
+        1000 * spikes_per_step / dt with dt in ms, in the dtype of ``spikes_per_step`` (float32
+        for ``LayerActivity``; float32 when the records mix dtypes). {} without spiking layers.
+
+    Example:
+
+    >>> import keras, numpy as np, kspike
+    >>> model = keras.Sequential([keras.Input((50, 10)),
+    ...     keras.layers.RNN(kspike.LIF(16, thr=0.2), return_sequences=True, name="lsnn")])
+    >>> x = (np.random.default_rng(0).random((2, 50, 10)) < 0.5).astype("float32")
+    >>> _, activity = kspike.regularizers.record_activity(model, x)
+    >>> logs = kspike.regularizers.firing_rate_logs(activity)
+    >>> sorted(logs)
+    ['firing_rate', 'firing_rate/lsnn']
+    >>> bool(logs["firing_rate"] == logs["firing_rate/lsnn"])   # one layer: the same rate (Hz)
+    True
+    """
+    rates = []
+    for a in activities:
+        if isinstance(a, SpikeRate):
+            rates.append(a)
+        elif isinstance(a, LayerActivity):
+            if a.spikes is not None:
+                rates.append(SpikeRate(a.name, tf.reduce_mean(tf.cast(a.spikes, tf.float32)),
+                                       a.dt, int(a.spikes.shape[-1])))
+        else:
+            raise TypeError("`activities` must hold LayerActivity or SpikeRate records, "
+                            f"received {a!r} of type {type(a).__name__}.")
+    if not rates:
+        return {}
+    values = [tf.convert_to_tensor(r.spikes_per_step) for r in rates]
+    if len({v.dtype for v in values}) > 1:
+        values = [tf.cast(v, tf.float32) for v in values]
+    hz = {r.name: v * tf.cast(1000.0 / float(r.dt), v.dtype) for r, v in zip(rates, values)}
+    total = sum(r.units for r in rates)
+    logs = {"firing_rate": tf.add_n([hz[r.name] * (r.units / total) for r in rates])}
+    logs.update({f"firing_rate/{name}": value for name, value in hz.items()})
+    return logs
 
 
 def _select(activities, names, what, field):
@@ -369,7 +432,9 @@ class VoltageRegularizer:
                 f"upper={self.upper}, layers={self.layers})")
 
 
-def _check_regularizers(regularizers):
+def check_regularizers(regularizers):
+    """``regularizers`` (None, one callable or a list of them) as a list; TypeError naming the
+    argument for anything not callable."""
     if regularizers is None:
         return []
     if callable(regularizers) and not isinstance(regularizers, (list, tuple)):
@@ -380,6 +445,10 @@ def _check_regularizers(regularizers):
             raise TypeError("`regularizers` must be a list of kspike regularisers (callables "
                             f"on a list of LayerActivity), received {reg!r}.")
     return regularizers
+
+
+# The Trainer and BPTT still call the old private name.
+_check_regularizers = check_regularizers
 
 
 def total_penalty(regularizers, activities):
@@ -397,7 +466,7 @@ class ActivityPenalty(keras.layers.Layer):
 
     def __init__(self, regularizers=(), layer_specs=(), **kwargs):
         super().__init__(**kwargs)
-        self.regularizers = _check_regularizers(
+        self.regularizers = check_regularizers(
             [keras.saving.deserialize_keras_object(r) if isinstance(r, dict) else r
              for r in regularizers])
         # (name, dt, output mode, units, sequence) of each recorded layer.
@@ -454,7 +523,7 @@ def with_regularization(model, regularizers):
     >>> fit_model.compile("adam", "mse")
     >>> history = fit_model.fit(x, np.zeros((4, 20, 2)), verbose=0)   # trains ``model``'s weights
     """
-    regularizers = _check_regularizers(regularizers)
+    regularizers = check_regularizers(regularizers)
     probe = activity_probe(model)
     if probe.model is None:
         raise ValueError(f"Model '{model.name}' has no kspike spiking layer to regularise.")

@@ -38,6 +38,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kspike import compat
+
 __all__ = ["DeepR", "RewiredKernel", "RewiringResult", "active_connections",
            "active_connections_per_matrix", "initial_connectivity", "rewired_kernels",
            "rewiring_draws", "rewiring_step", "to_dense"]
@@ -661,12 +663,12 @@ def to_dense(model):
     if not dense.built:
         raise ValueError(f"The copy of `model` {model.name!r} could not be built from its "
                          "config; build the model with an Input before calling to_dense.")
-    sources = list(model._flatten_layers(include_self=True, recursive=True))
-    targets = list(dense._flatten_layers(include_self=True, recursive=True))
+    sources = compat.nested_layers(model, include_self=True)
+    targets = compat.nested_layers(dense, include_self=True)
     if len(sources) != len(targets):
         raise ValueError(f"The dense copy of {model.name!r} does not have the same layers.")
     for source, target in zip(sources, targets):
-        own = source._trainable_variables + source._non_trainable_variables
+        own = sum(compat.own_variables(source), [])
         kernels = rewired_kernels(own)
         if not kernels:
             store = {}
@@ -680,7 +682,7 @@ def to_dense(model):
         for kernel in kernels:
             rewired_parts.update({id(kernel.magnitude), id(kernel.sign), id(kernel.mask)})
         by_name = {v.name: v for v in own if id(v) not in rewired_parts}
-        for variable in target._trainable_variables + target._non_trainable_variables:
+        for variable in sum(compat.own_variables(target), []):
             if variable.name in values:
                 variable.assign(tf.cast(values[variable.name], variable.dtype))
             elif variable.name in by_name:

@@ -216,7 +216,10 @@ class MultiGaussian(SpikeFunction):
     height = 0.15
     scale = 6.0
 
-    def _bracket(self, x, pdf_exp):
+    def unnormalised(self, x, pdf_exp):
+        """The bracket of the formula above before the rescaling to peak gamma, with ``pdf_exp``
+        the exponential to use (``math.exp`` for Python floats, ``ops.exp`` for tensors); the
+        native loops read its peak to form the same constants."""
         sigma = 0.5 / self.sharpness
         wide = self.scale * sigma
 
@@ -228,8 +231,8 @@ class MultiGaussian(SpikeFunction):
         return (1.0 + h) * normal(0.0, sigma) - h * normal(sigma, wide) - h * normal(-sigma, wide)
 
     def pseudo_derivative(self, x):
-        peak = self._bracket(0.0, math.exp)
-        return (self.dampening / peak) * self._bracket(x, ops.exp)
+        peak = self.unnormalised(0.0, math.exp)
+        return (self.dampening / peak) * self.unnormalised(x, ops.exp)
 
 
 def available():

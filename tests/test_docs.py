@@ -6,8 +6,9 @@ with pytest's ``--doctest-modules``, so that ``python -m pytest -q`` and ``pytes
 tests/test_docs.py`` run them alike, under tests/conftest.py (seeded, CPU only, quiet, Agg
 backend), with an explicit list of modules that are imported (never the command-line entry
 point ``kspike/native/__main__.py``; importing ``kspike.native`` itself compiles nothing) and
-an explicit list of known exceptions. Each docstring runs in a namespace that holds only
-``__name__``, so an example must import what it uses, as a reader copying it would.
+an explicit list of known exceptions. Each docstring runs with its module's globals, as under
+``--doctest-modules``; public examples still import what they use, as a reader copying them
+would.
 """
 import doctest
 import importlib
@@ -45,7 +46,10 @@ def _collect():
     cases = []
     for name in _module_names():
         module = importlib.import_module(name)
-        for test in finder.find(module, name, globs={"__name__": name}):
+        # Module globals, as `python -m pytest --doctest-modules` gives them: the examples of the
+        # internal parts (e.g. kspike.training.checkpoints) use their module's own names; public
+        # examples import what they use, so they also run when pasted elsewhere.
+        for test in finder.find(module, name, globs=dict(vars(module))):
             if not test.examples:
                 continue
             marks = []

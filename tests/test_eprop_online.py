@@ -184,7 +184,7 @@ def test_adaptive_feedback_single_pass():
     _compare(results[1].gradients, results[0].gradients, RTOL64)
     for a, b in zip(feedback[1], feedback[0]):
         assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max()
-    initial = kspike.learning._online.random_feedback(3, [w.shape for w in feedback[0]],
+    initial = kspike.learning.online.random_feedback(3, [w.shape for w in feedback[0]],
                                                       "float64")
     assert all(np.abs(a - i).max() > 1e-6 for a, i in zip(feedback[1], initial)), \
         "the adaptive feedback matrices must move"

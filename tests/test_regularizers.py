@@ -236,3 +236,50 @@ def test_regularized_model_saves_and_reloads(tmp_path):
     again = keras.saving.load_model(path)
     np.testing.assert_array_equal(again(x).numpy(), out.numpy())
     np.testing.assert_allclose(float(again.losses[0]), penalty, rtol=1e-6)
+
+
+def test_firing_rate_logs_are_hz_with_each_layers_dt():
+    """One helper for every rule: per-layer keys ``firing_rate/<layer>`` and an overall mean
+    weighted by neuron counts, 1000 * mean(z) / dt in Hz."""
+    rng = np.random.default_rng(3)
+    z1 = (rng.random((3, 10, 4)) < 0.3).astype("float32")
+    z2 = (rng.random((3, 10, 6)) < 0.1).astype("float32")
+    activities = [R.LayerActivity("a", tf.constant(z1), None, None, 2.0, None),
+                  R.LayerActivity("none", None, None, None, 1.0, None),
+                  R.SpikeRate("b", tf.constant(z2.mean()), 0.5, 6)]
+    logs = R.firing_rate_logs(activities)
+    assert set(logs) == {"firing_rate", "firing_rate/a", "firing_rate/b"}
+    rate_a, rate_b = 1000.0 * z1.mean() / 2.0, 1000.0 * z2.mean() / 0.5
+    np.testing.assert_allclose(float(logs["firing_rate/a"]), rate_a, rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate/b"]), rate_b, rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate"]), (4 * rate_a + 6 * rate_b) / 10,
+                               rtol=1e-6)
+    assert R.firing_rate_logs([]) == {}
+    with pytest.raises(TypeError, match="activities"):
+        R.firing_rate_logs([0.5])
+
+
+def _rule_model(T):
+    inp = keras.Input((T, 5))
+    h = keras.layers.RNN(kspike.LIF(7, thr=0.03, dt=2.0, seed=1), return_sequences=True,
+                         name="lif")(inp)
+    h = keras.layers.RNN(kspike.ALIF(5, thr=0.03, dt=2.0, seed=2), return_sequences=True,
+                         name="alif")(h)
+    return keras.Model(inp, kspike.LeakyReadout(2, dt=2.0, seed=3)(h))
+
+
+@pytest.mark.parametrize("rule", ["EProp", "STLLR", "RateBP"])
+def test_every_rule_logs_firing_rates_in_hz(rule):
+    T = 15
+    model = _rule_model(T)
+    x = _inputs(B=3, T=T, n=5, seed=4)
+    _, activity = R.record_activity(model, x)
+    expected = R.firing_rate_logs(activity)
+    assert float(expected["firing_rate/lif"]) > 0 and float(expected["firing_rate/alif"]) > 0
+    y = tf.zeros((3, 2)) if rule == "RateBP" else tf.zeros((3, T, 2))
+    result = getattr(kspike.learning, rule)().compute(model, x, y,
+                                                      keras.losses.MeanSquaredError())
+    assert set(result.logs) >= set(expected)
+    for key, value in expected.items():
+        np.testing.assert_allclose(float(result.logs[key]), float(value), rtol=1e-5,
+                                   err_msg=key)

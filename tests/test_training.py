@@ -201,7 +201,7 @@ def test_tensorboard_scalars(tmp_path):
     trainer.fit(dataset(32, 16), epochs=2, validation_data=dataset(16, 16, seed=1),
                 callbacks=[recorder])
     train = _scalars(log_dir / "train")
-    for tag in ("loss", "accuracy", "firing_rate", "firing_rate_alif0", "firing_rate_alif1",
+    for tag in ("loss", "accuracy", "firing_rate", "firing_rate/alif0", "firing_rate/alif1",
                 "learning_rate", "epoch_loss", "epoch_firing_rate"):
         assert tag in train, sorted(train)
     assert [s for s, _ in train["loss"]] == [1, 2, 3, 4]

@@ -14,7 +14,9 @@ class RuleResult(NamedTuple):
         gradients: list aligned with ``model.trainable_variables`` (None where the rule leaves
             a variable alone); an optimizer applies them as it would BPTT gradients.
         predictions: the model's output for the batch (for metrics), e.g. (B, T, n_out).
-        logs: extra scalars to show and log (e.g. ``{"firing_rate": ...}``).
+        logs: extra scalars to show and log; rules that see spikes report
+            ``kspike.regularizers.firing_rate_logs``: ``firing_rate`` (Hz, all spiking neurons)
+            and ``firing_rate/<layer>`` (Hz, per layer).
     """
     loss: tf.Tensor
     gradients: List[Optional[tf.Tensor]]

@@ -4,21 +4,10 @@ import tensorflow as tf
 from kspike import regularizers as _regularizers
 from kspike.learning.base import LearningRule, RuleResult
 from kspike.losses import model_losses
+# Re-exported: the name other rules and users imported from here before it moved.
+from kspike.regularizers import firing_rate_logs
 
 __all__ = ["BPTT", "model_losses", "firing_rate_logs"]
-
-
-def firing_rate_logs(activities):
-    """{"firing_rate": mean rate in Hz over all spiking neurons, "firing_rate_<layer>": rate of
-    each layer in Hz}, from the ``LayerActivity`` list of ``record_activity`` ({} if none)."""
-    rates = _regularizers.mean_firing_rates(activities)
-    if not rates:
-        return {}
-    sizes = {a.name: a.spikes.shape[-1] for a in activities if a.spikes is not None}
-    total = sum(sizes.values())
-    logs = {"firing_rate": tf.add_n([rates[n] * (sizes[n] / total) for n in rates])}
-    logs.update({f"firing_rate_{n}": r for n, r in rates.items()})
-    return logs
 
 
 class BPTT(LearningRule):
@@ -29,9 +18,9 @@ class BPTT(LearningRule):
     plus the model's own Keras losses (weight regularisers). Spikes pass gradients through
     their surrogate pseudo-derivative, including through the reset and the recurrent spikes.
 
-    Logs: ``firing_rate`` (Hz, mean over every spiking neuron), ``firing_rate_<layer>`` per
+    Logs: ``firing_rate`` (Hz, mean over every spiking neuron), ``firing_rate/<layer>`` per
     spiking layer, and ``regularization`` when regularisers are given. Other rules can log the
-    same with ``kspike.learning.bptt.firing_rate_logs(activities)``.
+    same with ``kspike.regularizers.firing_rate_logs(activities)``.
 
     Example:
 
@@ -52,7 +41,7 @@ class BPTT(LearningRule):
     name = "bptt"
 
     def compute(self, model, x, y, loss, sample_weight=None, regularizers=(), training=True):
-        regularizers = _regularizers._check_regularizers(regularizers)
+        regularizers = _regularizers.check_regularizers(regularizers)
         variables = model.trainable_variables
         with tf.GradientTape() as tape:
             try:

@@ -10,8 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 from kspike import dynamics
-from kspike.learning import _online
+from kspike.learning import online as online_rules
 from kspike.learning.base import LearningRule, RuleResult
+from kspike.regularizers import SpikeRate, firing_rate_logs
 
 __all__ = ["EProp"]
 
@@ -24,7 +25,7 @@ class _FunctionCache:
         self.losses = {}
 
 
-class _FeedbackRule(LearningRule, tf.Module):
+class FeedbackRule(LearningRule, tf.Module):
     """Holds the feedback matrices B of a rule as variables (tracked: ``tf.train.Checkpoint(
     rule=rule)`` saves them) and compiles ``compute`` when called eagerly."""
 
@@ -52,7 +53,7 @@ class _FeedbackRule(LearningRule, tf.Module):
                                  f"shapes {have} built for another model; this model needs "
                                  f"{[tuple(s) for s in shapes]}. Use one rule per model.")
             return self.feedback_weights
-        values = _online.random_feedback(self._feedback_seed(), shapes, dtype)
+        values = online_rules.random_feedback(self._feedback_seed(), shapes, dtype)
         with tf.init_scope():
             for i, value in enumerate(values):
                 self.feedback_weights.append(tf.Variable(value, trainable=trainable,
@@ -62,11 +63,11 @@ class _FeedbackRule(LearningRule, tf.Module):
     def compute(self, model, x, y, loss, sample_weight=None, regularizers=(), training=True):
         plan = self.check_model(model)
         self._check_inputs(plan, x)
-        regularizers = _online.check_regularizers(regularizers, type(self).__name__)
+        regularizers = online_rules.check_regularizers(regularizers, type(self).__name__)
         if isinstance(loss, str):
             # One object per name, so a compiled function is reused across calls.
             name = loss
-            loss = self._compiled.losses.get(name) or _online.resolve_loss(name)
+            loss = self._compiled.losses.get(name) or online_rules.resolve_loss(name)
             self._compiled.losses[name] = loss
         if not tf.executing_eagerly():
             return self._compute(plan, model, x, y, loss, sample_weight, regularizers, training)
@@ -83,7 +84,7 @@ class _FeedbackRule(LearningRule, tf.Module):
 
     def check_model(self, model):
         """Raise ValueError unless ``model`` is a supported chain; returns its plan."""
-        return _online.check_chain(model, type(self).__name__)
+        return online_rules.check_chain(model, type(self).__name__)
 
     @staticmethod
     def _check_inputs(plan, x):
@@ -97,7 +98,7 @@ class _FeedbackRule(LearningRule, tf.Module):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class EProp(_FeedbackRule):
+class EProp(FeedbackRule):
     """e-prop: online eligibility propagation for LIF/ALIF networks with a leaky readout.
 
     The gradient of every input, recurrent and bias weight of the spiking layers is
@@ -231,12 +232,12 @@ class EProp(_FeedbackRule):
         sample weight do not form a per-step loss."""
         plan = self.check_model(model)
         self._check_inputs(plan, x)
-        return self._single_pass(_online.resolve_loss(loss), x, y, sample_weight)
+        return self._single_pass(online_rules.resolve_loss(loss), x, y, sample_weight)
 
     def _single_pass(self, loss, x, y, sample_weight):
         if self.single_pass is False:
             return False
-        reason = _online.per_step_reason(loss, y, sample_weight, x.shape[1])
+        reason = online_rules.per_step_reason(loss, y, sample_weight, x.shape[1])
         if reason is None:
             return True
         if self.single_pass is True:
@@ -270,18 +271,18 @@ class EProp(_FeedbackRule):
     def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
         dtype = plan.dtype
         single = self._single_pass(loss, x, y, sample_weight)
-        tape, weights, readout, weight_loss = _online.watched_weights(plan, model)
+        tape, weights, readout, weight_loss = online_rules.watched_weights(plan, model)
         feedback = self._feedback_matrices(plan, readout[0])
         x = tf.cast(x, dtype)
-        sequence = _online.time_major(x, dtype)
+        sequence = online_rules.time_major(x, dtype)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         if single:
-            stream = _online.PerStepLoss(loss, y, sample_weight, steps, dtype)
+            stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype)
             out = self._loop(plan, weights, feedback, x, sequence, online=True, stream=stream,
                              sum_traces=bool(regularizers))
             counts = out["counts"]
-            reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts,
-                                                                batch, steps, dtype)
+            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                                     batch, steps, dtype)
             grads = out["grads"]
             if regularizers:
                 # dR/dz_j(t) is the same for every sample and step, known once the sequence has
@@ -291,21 +292,22 @@ class EProp(_FeedbackRule):
             task_loss, error, bias_grad = out["loss"], None, out["bias_grad"]
             predictions = out["predictions"]
         else:
-            predictions, counts = _online.inference_pass(plan, weights, readout, x, sequence)
-            task_loss, error = _online.output_errors(loss, y, predictions, sample_weight)
-            reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts, batch,
-                                                                steps, dtype)
-            signal = error if self.online else _online.backward_filter(error, plan.readout.kappa)
+            predictions, counts = online_rules.inference_pass(plan, weights, readout, x, sequence)
+            task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
+            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                                     batch, steps, dtype)
+            signal = (error if self.online
+                      else online_rules.backward_filter(error, plan.readout.kappa))
             signals = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(signal, (1, 0, 2)))
             out = self._loop(plan, weights, feedback, x, sequence, online=self.online,
                              signals=signals, reg_signals=reg_signals)
             grads, bias_grad = out["grads"], None
-        grads = [_online.split_stacked(g, layer, w)
+        grads = [online_rules.split_stacked(g, layer, w)
                  for g, layer, w in zip(grads, plan.layers, weights)]
-        gradients, total = _online.model_gradients(tape, model, weights, grads, readout,
-                                                   out["readout_grad"], error,
-                                                   task_loss + reg_loss, weight_loss, dtype,
-                                                   readout_bias_grad=bias_grad)
+        gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
+                                                        out["readout_grad"], error,
+                                                        task_loss + reg_loss, weight_loss, dtype,
+                                                        readout_bias_grad=bias_grad)
         del tape
         if self.feedback == "adaptive" and training:
             updates = [g + self.weight_decay * tf.cast(v, dtype)
@@ -313,9 +315,11 @@ class EProp(_FeedbackRule):
             self.feedback_optimizer.apply(
                 [tf.cast(u, v.dtype) for u, v in zip(updates, self.feedback_weights)],
                 self.feedback_weights)
-        rates = {f"firing_rate/{layer.layer.name}":
-                 tf.reduce_mean(c) / tf.cast(batch * steps, dtype) * (1000.0 / layer.cell.dt)
-                 for layer, c in zip(plan.layers, counts)}
+        rates = firing_rate_logs(
+            [SpikeRate(layer.layer.name,
+                                    tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
+                                    layer.cell.dt, layer.units)
+             for layer, c in zip(plan.layers, counts)])
         return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
 
     def _loop(self, plan, weights, feedback, x, sequence, online, signals=None, stream=None,
@@ -324,7 +328,8 @@ class EProp(_FeedbackRule):
 
         Each step first advances every layer and its traces (nothing there depends on the
         learning signal), then takes the output error of the step: read from ``signals``
-        (TensorArray of (B, n_out), two passes) or, with ``stream`` (an ``_online.PerStepLoss``),
+        (TensorArray of (B, n_out), two passes) or, with ``stream`` (a
+        ``kspike.learning.online.PerStepLoss``),
         formed from the readout run in the same loop; then forms every layer's learning signal
         and gradient term.
 
@@ -342,12 +347,12 @@ class EProp(_FeedbackRule):
         adaptive_feedback = self.feedback == "adaptive"
         if reg_signals is None:
             reg_signals = [None] * n_layers
-        states = _online.initial_states(plan, batch)
+        states = online_rules.initial_states(plan, batch)
 
         # Loop variables per layer: traces and gradient accumulators.
         layer_vars = []
         for layer, w in zip(plan.layers, weights):
-            size = _online.presynaptic_size(layer, w)
+            size = online_rules.presynaptic_size(layer, w)
             k = layer.units - layer.n_plain
             lv = {"grad": tf.zeros((size, layer.units), dtype)}
             if sum_traces:
@@ -382,15 +387,15 @@ class EProp(_FeedbackRule):
             adaptive_params.append(p)
 
         def body(t, flat, layer_vars, carry):
-            states = _online.nested_state(plan, flat)
+            states = online_rules.nested_state(plan, flat)
             inputs = xs.read(t)
             new_states, new_vars, local = [], [], []
             # 1. Every layer's step and eligibility traces.
             for i, (layer, w, state, lv) in enumerate(zip(plan.layers, weights, states,
                                                           layer_vars)):
                 lv = dict(lv)
-                p = _online.presynaptic(inputs, state.z, w)
-                new_state, A, allowed = _online.layer_step(inputs, state, w)
+                p = online_rules.presynaptic(inputs, state.z, w)
+                new_state, A, allowed = online_rules.layer_step(inputs, state, w)
                 derivatives = dynamics.spike_derivatives(new_state, A, w.params, allowed)
                 n0 = layer.n_plain
                 item = {}
@@ -486,11 +491,11 @@ class EProp(_FeedbackRule):
                     # The same sum with the filter moved onto the error: sum_t z_t^T Etilde_t.
                     lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(
                         sig_t, new_state.z, transpose_a=True)
-            return t + 1, _online.flat_state(plan, new_states), new_vars, carry
+            return t + 1, online_rules.flat_state(plan, new_states), new_vars, carry
 
         _, _, layer_vars, carry = tf.while_loop(
             lambda t, *_: t < steps, body,
-            (0, _online.flat_state(plan, states), layer_vars, carry))
+            (0, online_rules.flat_state(plan, states), layer_vars, carry))
         out = {"grads": [lv["grad"] for lv in layer_vars],
                "readout_grad": tf.transpose(layer_vars[-1]["feedback_grad"]),
                "feedback_grads": ([lv["feedback_grad"] for lv in layer_vars]

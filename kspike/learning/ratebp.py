@@ -37,17 +37,14 @@ Supported models: chains (``keras.Sequential`` or a functional chain) of ``keras
 import keras
 import tensorflow as tf
 
-from kspike import dynamics
-from kspike.layers import LeakyReadout
+from kspike import dynamics, graph
 from kspike.learning.base import LearningRule, RuleResult
+from kspike.regularizers import SpikeRate, firing_rate_logs
 
 __all__ = ["RateBP"]
 
-
-def _spiking_cell(layer):
-    from kspike.cells import _SpikingCell
-    cell = getattr(layer, "cell", None)
-    return cell if isinstance(cell, _SpikingCell) else None
+_SUPPORTED = ("chains of keras.layers.RNN/kspike.SpikingRNN over kspike cells, Dense (no "
+              "activation), LeakyReadout and GlobalAveragePooling1D layers")
 
 
 class _Item:
@@ -104,51 +101,34 @@ class RateBP(LearningRule):
         if not model.built:
             raise ValueError("RateBP needs a built model: create it from keras.Input or call "
                              "it once before computing gradients.")
-        layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
         plan = []
-        previous = None
-        for layer in layers:
-            if not isinstance(model, keras.Sequential) and previous is not None:
-                try:
-                    chained = layer.input is previous.output
-                except (AttributeError, ValueError):
-                    chained = True
-                if not chained:
-                    raise ValueError("RateBP supports chains of layers (each layer fed by the "
-                                     f"previous one); layer {layer.name!r} is not fed by "
-                                     f"{previous.name!r}.")
-            previous = layer
-            cell = _spiking_cell(layer)
-            if cell is not None:
-                for flag in ("stateful", "go_backwards", "return_state"):
-                    if getattr(layer, flag, False):
-                        raise ValueError(f"RateBP does not support {flag}=True (layer "
-                                         f"{layer.name!r}).")
+        for stage in graph.parse(model, "RateBP"):
+            layer = stage.layer
+            if isinstance(stage, graph.SpikingLayer):
+                cell = stage.cell
+                graph.check_stateless(stage, "RateBP")
                 if not getattr(layer, "return_sequences", False):
                     raise ValueError(f"RateBP needs return_sequences=True on spiking layer "
                                      f"{layer.name!r} (its output rate is a time average).")
                 if cell.output_mode != "spikes":
                     raise ValueError(f"RateBP needs output='spikes' on the cell of layer "
                                      f"{layer.name!r}, received {cell.output_mode!r}.")
-                if cell._rewired:
+                if cell.rewired:
                     raise ValueError(f"RateBP does not support sparse rewired kernels (layer "
                                      f"{layer.name!r} has connectivity/dale set).")
                 plan.append(_Item("spiking", layer, cell))
-            elif isinstance(layer, LeakyReadout):
+            elif isinstance(stage, graph.Readout):
                 plan.append(_Item("readout", layer))
-            elif type(layer) is keras.layers.Dense:
+            elif isinstance(stage, graph.PerStepLayer) and type(layer) is keras.layers.Dense:
                 if layer.activation not in (None, keras.activations.linear):
                     raise ValueError(f"RateBP supports Dense layers without activation only "
                                      f"(they commute with the time average); layer "
                                      f"{layer.name!r} has activation {layer.activation!r}.")
                 plan.append(_Item("dense", layer))
-            elif isinstance(layer, keras.layers.GlobalAveragePooling1D):
+            elif isinstance(stage, graph.TimeAverage):
                 plan.append(_Item("mean", layer))
             else:
-                raise ValueError("RateBP supports chains of keras.layers.RNN/kspike.SpikingRNN "
-                                 "over kspike cells, Dense (no activation), LeakyReadout and "
-                                 "GlobalAveragePooling1D layers; received layer "
-                                 f"{layer.name!r} of type {type(layer).__name__}.")
+                graph.refuse(stage, "RateBP", _SUPPORTED)
         if not any(item.kind == "spiking" for item in plan):
             raise ValueError("RateBP needs at least one spiking layer (keras.layers.RNN or "
                              "kspike.SpikingRNN over a kspike cell) in the model.")
@@ -297,7 +277,10 @@ class RateBP(LearningRule):
             outputs, rates = self._rate_phase(plan, stats)
             value = loss(y, outputs, sample_weight=sample_weight)
         gradients = tape.gradient(value, variables)
-        logs = {"firing_rate": tf.add_n([tf.reduce_mean(r) for r in rates]) / len(rates)}
+        spiking = [item for item in plan if item.kind == "spiking"]
+        logs = firing_rate_logs(
+            [SpikeRate(item.layer.name, tf.reduce_mean(r), item.cell.dt,
+                                    item.cell.units) for item, r in zip(spiking, rates)])
         return RuleResult(loss=value, gradients=list(gradients), predictions=outputs, logs=logs)
 
     def get_config(self):

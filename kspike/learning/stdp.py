@@ -36,6 +36,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kspike import graph
 from kspike.learning.base import LearningRule, RuleResult
 
 __all__ = ["STDP", "SoftBoundPre", "SoftBoundPost", "soft_bounds", "trace_sequence",
@@ -219,28 +220,18 @@ def conv2d_weight_change(kernel, pre, post, strides=(1, 1), padding="valid", tau
 
 
 # ----------------------------------------------------------------------------- synapses
-def _spiking_cell(layer):
-    from kspike.cells import _SpikingCell
-    if isinstance(layer, _SpikingCell):
-        return layer
-    cell = getattr(layer, "cell", None)
-    if isinstance(cell, _SpikingCell):
-        return cell
-    return None
-
-
 class _Synapse:
     """What the rule needs to know about one synapse layer."""
 
     def __init__(self, layer, neurons):
         self.layer = layer
         self.neurons = neurons
-        self.cell = _spiking_cell(layer)
+        self.cell = graph.spiking_cell_of(layer)
         inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
         self.inner = inner
         if self.cell is not None:
             self.kind = "cell"
-            if self.cell.connectivity is not None or self.cell.dale is not None:
+            if self.cell.rewired:
                 raise ValueError("STDP does not support cells with sparse rewired kernels "
                                  f"(connectivity={self.cell.connectivity!r}, "
                                  f"dale={self.cell.dale!r}); build the cell with "
@@ -284,10 +275,11 @@ class _Synapse:
                              "once (or build it) before using STDP.")
         out = []
         if which in ("all", "input"):
-            out.append(("input", self.cell._input_kernel))
+            # Dense cells only (rewired ones are refused above): the kernels are the variables.
+            out.append(("input", self.cell.input_kernel))
         if which in ("all", "recurrent"):
             if self.cell.recurrent:
-                out.append(("recurrent", self.cell._recurrent_kernel))
+                out.append(("recurrent", self.cell.recurrent_kernel))
             elif which == "recurrent":
                 raise ValueError("`kernels='recurrent'` needs a recurrent cell, received a cell "
                                  "built with recurrent=False.")
@@ -508,7 +500,8 @@ class STDP(LearningRule):
             layer = syn.layer
             if syn.kind == "cell" and layer is syn.cell:
                 # a bare cell: read the activity of the sequence layer that runs it
-                wrappers = [l for l in model.layers if getattr(l, "cell", None) is syn.cell]
+                wrappers = [l for l in model.layers
+                            if graph.is_spiking_layer(l) and l.cell is syn.cell]
                 if len(wrappers) != 1:
                     raise ValueError(f"The cell {syn.cell.name!r} is run by {len(wrappers)} "
                                      "layers of the model; pass the RNN layer as `synapse`.")

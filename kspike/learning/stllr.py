@@ -16,9 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from kspike import dynamics
-from kspike.learning import _online
+from kspike.learning import online as online_rules
 from kspike.learning.base import RuleResult
-from kspike.learning.eprop import _FeedbackRule
+from kspike.learning.eprop import FeedbackRule
+from kspike.regularizers import SpikeRate, firing_rate_logs
 
 __all__ = ["STLLR", "stllr_secondary_activation"]
 
@@ -33,7 +34,7 @@ def stllr_secondary_activation(x):
 
 
 @keras.saving.register_keras_serializable(package="kspike")
-class STLLR(_FeedbackRule):
+class STLLR(FeedbackRule):
     """S-TLLR: STDP-like eligibility (pre and post traces) times an instantaneous learning signal.
 
     Args:
@@ -149,27 +150,29 @@ class STLLR(_FeedbackRule):
     @tf.autograph.experimental.do_not_convert
     def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
         dtype = plan.dtype
-        tape, weights, readout, weight_loss = _online.watched_weights(plan, model)
+        tape, weights, readout, weight_loss = online_rules.watched_weights(plan, model)
         feedback = None
         if self.feedback == "dfa":
             shapes = [(plan.readout.units, layer.units) for layer in plan.layers]
             feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
         x = tf.cast(x, dtype)
-        sequence = _online.time_major(x, dtype)
-        predictions, counts = _online.inference_pass(plan, weights, readout, x, sequence)
-        task_loss, error = _online.output_errors(loss, y, predictions, sample_weight)
+        sequence = online_rules.time_major(x, dtype)
+        predictions, counts = online_rules.inference_pass(plan, weights, readout, x, sequence)
+        task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
-        reg_loss, reg_signals = _online.regularizer_signals(regularizers, plan, counts, batch,
-                                                            steps, dtype)
+        reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
+                                                                 steps, dtype)
         grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence, error,
                                                reg_signals)
-        gradients, total = _online.model_gradients(tape, model, weights, grads, readout,
-                                                   readout_grad, error, task_loss + reg_loss,
-                                                   weight_loss, dtype)
+        gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
+                                                        readout_grad, error, task_loss + reg_loss,
+                                                        weight_loss, dtype)
         del tape
-        rates = {f"firing_rate/{layer.layer.name}":
-                 tf.reduce_mean(c) / tf.cast(batch * steps, dtype) * (1000.0 / layer.cell.dt)
-                 for layer, c in zip(plan.layers, counts)}
+        rates = firing_rate_logs(
+            [SpikeRate(layer.layer.name,
+                                    tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
+                                    layer.cell.dt, layer.units)
+             for layer, c in zip(plan.layers, counts)])
         return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
 
     def _trace_pass(self, plan, weights, readout, feedback, x, sequence, error, reg_signals):
@@ -180,7 +183,7 @@ class STLLR(_FeedbackRule):
         errors = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(error, (1, 0, 2)))
         batch = tf.shape(x)[0]
         first_update = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
-        sizes = [_online.presynaptic_size(layer, w) for layer, w in zip(plan.layers, weights)]
+        sizes = [online_rules.presynaptic_size(layer, w) for layer, w in zip(plan.layers, weights)]
         carried = []
         for layer, size in zip(plan.layers, sizes):
             carried.append({"trace_pre": tf.zeros((batch, size), dtype),
@@ -191,13 +194,13 @@ class STLLR(_FeedbackRule):
         w_out = readout[0]
 
         def body(t, flat, carried, zhat, readout_grad):
-            states = _online.nested_state(plan, flat)
+            states = online_rules.nested_state(plan, flat)
             inputs = xs.read(t)
             err_t = errors.read(t)
             steps_out = []
             for layer, w, state in zip(plan.layers, weights, states):
-                p = _online.presynaptic(inputs, state.z, w)
-                new_state, A, allowed = _online.layer_step(inputs, state, w)
+                p = online_rules.presynaptic(inputs, state.z, w)
+                new_state, A, allowed = online_rules.layer_step(inputs, state, w)
                 steps_out.append((p, new_state, A, allowed))
                 inputs = new_state.z
             zhat = kappa * zhat + (1.0 - kappa) * inputs
@@ -235,13 +238,13 @@ class STLLR(_FeedbackRule):
                                     "trace_post": lambda_post * c["trace_post"] + psi,
                                     "grad": c["grad"] + update})
             new_states = [s[1] for s in steps_out]
-            return (t + 1, _online.flat_state(plan, new_states), new_carried, zhat,
+            return (t + 1, online_rules.flat_state(plan, new_states), new_carried, zhat,
                     readout_grad)
 
-        states = _online.initial_states(plan, batch)
+        states = online_rules.initial_states(plan, batch)
         _, _, carried, _, readout_grad = tf.while_loop(
             lambda t, *_: t < steps, body,
-            (0, _online.flat_state(plan, states), carried, zhat, readout_grad))
-        grads = [_online.split_stacked(c["grad"], layer, w)
+            (0, online_rules.flat_state(plan, states), carried, zhat, readout_grad))
+        grads = [online_rules.split_stacked(c["grad"], layer, w)
                  for c, layer, w in zip(carried, plan.layers, weights)]
         return grads, readout_grad

@@ -26,7 +26,7 @@ import warnings
 
 import tensorflow as tf
 
-from kspike.compat import global_seed_generator_state
+from kspike.compat import keras_seed_state
 from kspike.training.lock import CheckpointLock, pid_alive
 
 __all__ = ["CHECKPOINT_NAME", "MARKER", "TMP_PREFIX", "list_checkpoints", "latest_checkpoint",
@@ -238,7 +238,7 @@ def checkpoint_object(model, optimizer, rule):
     if isinstance(rule, tf.Module):
         # Rules with state of their own (e.g. e-prop's adaptive feedback matrices).
         objects["rule"] = rule
-    keras_rng = global_seed_generator_state()
+    keras_rng = keras_seed_state()
     if keras_rng is not None:
         objects["keras_rng"] = keras_rng
     return tf.train.Checkpoint(**objects)

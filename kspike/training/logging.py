@@ -7,7 +7,7 @@ shown once and training goes on without them.
 
 Example:
 
->>> progress_logs({"loss": 0.5, "firing_rate": 12.0, "firing_rate_alif0": 9.0,
+>>> progress_logs({"loss": 0.5, "firing_rate": 12.0, "firing_rate/alif0": 9.0,
 ...                "firing_rate/alif1": 15.0})
 {'loss': 0.5, 'firing_rate': 12.0}
 """

@@ -9,7 +9,7 @@ import tensorflow as tf
 from kspike import regularizers as _regularizers
 # The one place the Trainer takes its firing-rate logs from ("firing_rate" in Hz plus one key
 # per layer): swapping the helper is this single line.
-from kspike.learning.bptt import firing_rate_logs
+from kspike.regularizers import firing_rate_logs
 from kspike.losses import model_losses
 
 __all__ = ["NonFiniteLossError", "unpack", "train_step", "evaluate_step", "apply_if_finite",

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kspike import compat, graph
 from kspike import regularizers as _regularizers
 from kspike.learning.base import LearningRule
 from kspike.learning.bptt import BPTT
@@ -137,7 +138,7 @@ class Trainer:
     ...                          metrics=["accuracy"], verbose=0)
     >>> history = trainer.fit(train_ds, steps=2)
     >>> trainer.step, sorted(history.history)
-    (2, ['accuracy', 'firing_rate', 'firing_rate_hidden', 'learning_rate', 'loss'])
+    (2, ['accuracy', 'firing_rate', 'firing_rate/hidden', 'learning_rate', 'loss'])
     """
 
     def __init__(self, model, optimizer="adam", loss=None, rule=None, regularizers=None,
@@ -161,7 +162,7 @@ class Trainer:
                             f"kspike.learning.BPTT()), received {rule!r}.")
         rule.check_model(model)
         self.rule = rule
-        self.regularizers = _regularizers._check_regularizers(regularizers)
+        self.regularizers = _regularizers.check_regularizers(regularizers)
         if metrics is not None and not isinstance(metrics, (list, tuple)):
             raise TypeError(f"`metrics` must be a list, received {metrics!r}.")
         self._metric_identifiers = list(metrics or [])
@@ -236,10 +237,9 @@ class Trainer:
         return task_type == "worker" and not has_chief and resolver.task_id == 0
 
     def _has_rewired_kernels(self):
-        for layer in self.model._flatten_layers(include_self=False):
-            if getattr(getattr(layer, "cell", None), "_rewired", None):
-                return True
-        return False
+        return any(graph.spiking_cell_of(layer) is not None
+                   and graph.spiking_cell_of(layer).rewired_kernels
+                   for layer in compat.nested_layers(self.model))
 
     def _active_connections(self):
         if not self._rewired:

@@ -57,8 +57,8 @@ def test_evaluate_step_loss_and_firing_rate():
     logs = step.evaluate_step(model, loss, [], [], x, y, None)
     np.testing.assert_allclose(float(logs["loss"]), float(np.mean(model(x).numpy() ** 2)),
                                rtol=1e-5)
-    assert set(logs) == {"loss", "firing_rate", "firing_rate_hidden"}
-    np.testing.assert_allclose(float(logs["firing_rate"]), float(logs["firing_rate_hidden"]))
+    assert set(logs) == {"loss", "firing_rate", "firing_rate/hidden"}
+    np.testing.assert_allclose(float(logs["firing_rate"]), float(logs["firing_rate/hidden"]))
 
 
 def test_unpack_and_error_names_the_batch():

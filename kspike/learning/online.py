@@ -2,11 +2,11 @@
 
 Both rules accept the same model shape: a chain ``Input -> spiking RNN layer(s) -> LeakyReadout``
 (Sequential or functional), where every spiking layer is a ``keras.layers.RNN`` or
-``kspike.SpikingRNN`` over a kspike cell with ``return_sequences=True``. This module parses and
-checks such a model, runs its inference pass in a ``tf.while_loop`` that keeps only the readout
-output (memory independent of T apart from the (B, T, n_out) outputs), turns the user's loss into
-per-step output errors dE/dy_t, and maps gradients of the effective kernels back onto
-``model.trainable_variables``.
+``kspike.SpikingRNN`` over a kspike cell with ``return_sequences=True``. This module checks such
+a model (on the stages of ``kspike.graph.parse``), runs its inference pass in a
+``tf.while_loop`` that keeps only the readout output (memory independent of T apart from the
+(B, T, n_out) outputs), turns the user's loss into per-step output errors dE/dy_t, and maps
+gradients of the effective kernels back onto ``model.trainable_variables``.
 """
 from typing import List, NamedTuple, Optional
 
@@ -14,12 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import dynamics
-from kspike.cells import _SpikingCell
-from kspike.layers import LeakyReadout
-
-# Keras 3 keeps the wrapper of its function losses out of its public API (see kspike.compat).
-from kspike.losses import LossFunctionWrapper as _LossFunctionWrapper
+from kspike import compat, dynamics, graph
 
 
 class LayerPlan(NamedTuple):
@@ -47,10 +42,6 @@ class LayerWeights(NamedTuple):
     params: object
 
 
-def _is_spiking_layer(layer):
-    return isinstance(getattr(layer, "cell", None), _SpikingCell)
-
-
 SUPPORTED = ("Input -> one or more keras.layers.RNN / kspike.SpikingRNN layers over kspike LIF/ALIF "
              "cells (return_sequences=True, output='spikes', not stateful, not go_backwards) -> "
              "kspike.LeakyReadout")
@@ -63,35 +54,22 @@ def check_chain(model, rule_name):
                         f"{type(model).__name__}.")
     prefix = (f"{rule_name} supports models of the form {SUPPORTED}; it never falls back to "
               f"BPTT silently.")
-    if not model.built:
-        raise ValueError(f"{prefix} The model {model.name!r} is not built: call it once on a "
-                         "batch or give it a keras.Input.")
-    inputs = getattr(model, "inputs", None)
-    outputs = getattr(model, "outputs", None)
-    if inputs is not None and len(inputs) != 1 or outputs is not None and len(outputs) != 1:
-        raise ValueError(f"{prefix} Model {model.name!r} has {len(inputs)} inputs and "
-                         f"{len(outputs)} outputs; exactly one of each is supported.")
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    if len(layers) < 2:
+    try:
+        stages = graph.parse(model, rule_name)
+    except ValueError as error:
+        raise ValueError(f"{prefix} {error}") from None
+    if len(stages) < 2:
         raise ValueError(f"{prefix} Model {model.name!r} has layers "
-                         f"{[l.name for l in layers]}.")
-    if not isinstance(model, keras.Sequential):
-        previous = inputs[0]
-        for layer in layers:
-            nodes = [n for n in layer._inbound_nodes
-                     if any(t is previous for t in n.input_tensors)]
-            if len(layer._inbound_nodes) != 1 or not nodes or len(nodes[0].input_tensors) != 1:
-                raise ValueError(f"{prefix} Layer {layer.name!r} of model {model.name!r} is not "
-                                 "fed by exactly the previous layer of a chain.")
-            previous = layer.output
-    *spiking, readout = layers
-    if not isinstance(readout, LeakyReadout):
-        raise ValueError(f"{prefix} The last layer of model {model.name!r} is {readout.name!r} "
-                         f"({type(readout).__name__}), not a kspike.LeakyReadout.")
+                         f"{[s.name for s in stages]}.")
+    *spiking, readout = stages
+    if not isinstance(readout, graph.Readout):
+        raise ValueError(f"{prefix} The last layer of model {model.name!r} is "
+                         f"{graph.describe(readout.layer)}, not a kspike.LeakyReadout.")
     plans = []
     dtype = None
-    for layer in spiking:
-        if not _is_spiking_layer(layer):
+    for stage in spiking:
+        layer = stage.layer
+        if not isinstance(stage, graph.SpikingLayer):
             raise ValueError(f"{prefix} Layer {layer.name!r} ({type(layer).__name__}) is not a "
                              "recurrent layer over a kspike cell.")
         problems = []
@@ -100,7 +78,7 @@ def check_chain(model, rule_name):
         for flag in ("return_state", "stateful", "go_backwards"):
             if getattr(layer, flag, False):
                 problems.append(f"{flag}=True")
-        cell = layer.cell
+        cell = stage.cell
         if cell.output_mode != "spikes":
             problems.append(f"cell output={cell.output_mode!r}")
         if problems:
@@ -111,13 +89,13 @@ def check_chain(model, rule_name):
             raise ValueError(f"{prefix} Layer {layer.name!r} must have its non-adaptive neurons "
                              "first (kspike's n_adaptive convention).")
         plans.append(LayerPlan(layer=layer, cell=cell, n_in=cell.input_dim, units=cell.units,
-                               n_plain=n_plain, adaptive=bool(cell._adaptive)))
+                               n_plain=n_plain, adaptive=cell.adaptive))
         dtype = dtype or cell.state_dtype
     for before, after in zip(plans[:-1], plans[1:]):
         if after.n_in != before.units:
             raise ValueError(f"{prefix} Layer {after.layer.name!r} expects {after.n_in} inputs "
                              f"but follows {before.layer.name!r} with {before.units} units.")
-    return ChainPlan(layers=plans, readout=readout, dtype=dtype)
+    return ChainPlan(layers=plans, readout=readout.layer, dtype=dtype)
 
 
 def layer_weights(plan, dtype):
@@ -421,20 +399,20 @@ def resolve_loss(loss):
     except ValueError as error:
         raise ValueError(f"`loss` {loss!r} is not a Keras loss name ({error}).") from None
     if not isinstance(resolved, keras.losses.Loss):
-        resolved = _LossFunctionWrapper(resolved, name=loss)
+        resolved = compat.wrap_loss_function(resolved, name=loss)
     return resolved
 
 
 def _unwrap_loss(loss):
     """The Keras loss inside kspike.Trainer's wrappers, its elementwise function and kwargs."""
-    from kspike.losses import FunctionLoss as _FunctionLoss, UnscaledLoss as _UnscaledLoss
-    if isinstance(loss, _UnscaledLoss):
+    from kspike.losses import FunctionLoss, UnscaledLoss
+    if isinstance(loss, UnscaledLoss):
         loss = loss.loss
-    if type(loss) is _FunctionLoss:
+    if type(loss) is FunctionLoss:
         return loss, loss.fn, {}
-    if isinstance(loss, _LossFunctionWrapper) and (
-            type(loss).call is _LossFunctionWrapper.call):
-        return loss, loss.fn, dict(loss._fn_kwargs)
+    wrapped = compat.wrapped_loss_function(loss)
+    if wrapped is not None:
+        return (loss,) + wrapped
     return loss, None, None
 
 
