@@ -348,7 +348,7 @@ class _SpikingCell(keras.layers.Layer):
             "dt": self.dt,
             "n_refractory": self.n_refractory,
             "dampening_factor": self.dampening_factor,
-            "surrogate": self.spike_function.get_config(),
+            "surrogate": surrogates.serialize(self.spike_function),
             "recurrent": self.recurrent,
             "connectivity": self.connectivity,
             "dale": self.dale,
