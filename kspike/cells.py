@@ -203,6 +203,14 @@ class _SpikingCell(keras.layers.Layer):
 
     # ----------------------------------------------------------------- weights
     def build(self, input_shape):
+        if len(input_shape) == 1:
+            # keras.layers.RNN builds its cell with (batch,) + shape[2:]: rank 1 means the
+            # sequence had rank 2, so either its time or its feature axis is missing.
+            raise ValueError(f"{type(self).__name__} received a sequence of rank 2 (its RNN "
+                             f"layer built it with step shape {tuple(input_shape)}): the "
+                             "time or the feature axis is missing. RNN inputs must be (batch, "
+                             "time, features): use x[..., None] for one input channel per "
+                             "step, or x[:, None, :] for a single time step.")
         if len(input_shape) != 2:
             # An RNN layer builds its cell with the shape of one step, (batch, features).
             raise ValueError(f"{type(self).__name__} expects step inputs of shape (batch, "

@@ -385,9 +385,10 @@ def get(identifier=None, /, **params):
 
     Args:
         identifier: a name from ``available()`` or ``aliases()`` (``superspike``, ``arctan``,
-            ``q_pseudospike``; names added with ``register``), a ``SpikeFunction`` (returned as is, ``params`` must be empty),
-            or a config dict from ``get_config()``.
-        **params: ``dampening``, ``sharpness`` and, for ``ntail``, ``tail``. A ``name`` key
+            ``q_pseudospike``; names added with ``register``), a ``SpikeFunction`` (returned
+            as is, ``params`` must be empty), or a config dict from ``get_config()``.
+        **params: ``dampening``, ``sharpness`` and, for ``ntail``, ``tail`` (for a registered
+            class: the keyword arguments of its constructor). A ``name`` key
             (as in ``get_config()``) is accepted and must agree with ``identifier``.
 
     Raises:
