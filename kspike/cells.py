@@ -414,6 +414,12 @@ class LIF(_SpikingCell):
         inputs: (B, n_in) input of one time step.
         states: [v, z, r], each (B, units): voltage, last spikes, refractory counter.
 
+    Scale and masking (docs/coming_from_other_libraries.md): the input current enters the
+    voltage as (1 - alpha) I_t and a neuron spikes when (v - A) / A > 0, so ``thr`` is on a
+    smaller scale than snnTorch's ``threshold``. Never put ``keras.layers.Masking(0.0)`` before
+    a spiking RNN: it masks every silent step, whose state is then frozen (no leak). Pad with -1
+    and use ``Masking(mask_value=-1.0)``, or pass ``mask=`` (B, T) to the RNN layer.
+
     Example:
 
     >>> import keras, kspike
@@ -448,6 +454,10 @@ class ALIF(_SpikingCell):
         inputs: (B, n_in) input of one time step.
         states: [v, b, z, r], each (B, units): voltage, adaptation, last spikes, refractory
             counter.
+
+    Scale and masking as in ``kspike.LIF`` (docs/coming_from_other_libraries.md): inputs enter
+    as (1 - alpha) I_t; never ``keras.layers.Masking(0.0)`` on spike trains (silent steps would
+    be masked and frozen), pad with -1 and ``Masking(mask_value=-1.0)`` or pass ``mask=``.
 
     Example:
 
