@@ -258,6 +258,7 @@ class RecallError(keras.metrics.Metric):
 
     In ``model.compile`` it belongs in ``weighted_metrics=`` (Keras passes sample weights,
     here the recall mask, only to those); in ``metrics=`` it raises a ValueError saying so.
+    ``kspike.Trainer(metrics=[...])`` passes the mask to every metric.
 
     Args:
         character_steps: steps per character (character_ms / dt).
@@ -277,8 +278,9 @@ class RecallError(keras.metrics.Metric):
             raise ValueError(
                 "RecallError needs the recall mask as `sample_weight`, received None. In "
                 "model.compile pass it as `weighted_metrics=[kspike.tasks.RecallError(...)]` "
-                "(Keras gives sample weights only to `weighted_metrics`, not to `metrics`), "
-                "and feed (x, y, mask) batches as yielded by kspike.tasks.store_recall.")
+                "(Keras gives sample weights only to `weighted_metrics`, not to `metrics`; "
+                "kspike.Trainer(metrics=[...]) passes them), and feed (x, y, mask) batches as "
+                "yielded by kspike.tasks.store_recall.")
         wrong, count = _recall_counts(y_true, y_pred, sample_weight, self.character_steps)
         self.wrong.assign_add(wrong)
         self.count.assign_add(count)
