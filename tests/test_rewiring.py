@@ -268,6 +268,8 @@ def test_200_random_steps_keep_budget_signs_zeros_and_diagonal():
     assert rewiring.active_connections(model) == total
 
 
+# The twin model is trained by the bare optimizer on purpose.
+@pytest.mark.filterwarnings("ignore:The rewired kernel.*not wrapped in kspike.DeepR")
 def test_without_noise_l1_or_deaths_the_update_is_the_wrapped_optimizers():
     model = small_model(units=8, connectivity=0.4, seed=2)
     twin = small_model(units=8, connectivity=0.4, seed=2)
@@ -422,7 +424,7 @@ def test_rewired_model_fit_without_deepr_warns_once_and_with_deepr_not():
     x, y = data()
     model = small_model(units=10, connectivity=0.25, seed=4)
     model.compile(keras.optimizers.SGD(50.0), "mse")
-    with pytest.warns(UserWarning, match="input_kernel.*not wrapped in kspike.DeepR") as record:
+    with pytest.warns(UserWarning, match="not wrapped in kspike.DeepR") as record:
         model.fit(x, y, epochs=3, verbose=0)
     assert sum("not wrapped in kspike.DeepR" in str(w.message) for w in record) == 2  # 2 kernels
     # The large plain step pushes magnitudes below 0: the count says those entries are gone.
