@@ -231,6 +231,14 @@ class SpikingCell(keras.layers.Layer):
 
     # ----------------------------------------------------------------- weights
     def build(self, input_shape):
+        if len(input_shape) == 1:
+            # keras.layers.RNN builds its cell with (batch,) + shape[2:]: rank 1 means the
+            # sequence had rank 2, so either its time or its feature axis is missing.
+            raise ValueError(f"{type(self).__name__} received a sequence of rank 2 (its RNN "
+                             f"layer built it with step shape {tuple(input_shape)}): the "
+                             "time or the feature axis is missing. RNN inputs must be (batch, "
+                             "time, features): use x[..., None] for one input channel per "
+                             "step, or x[:, None, :] for a single time step.")
         if len(input_shape) != 2:
             # An RNN layer builds its cell with the shape of one step, (batch, features).
             raise ValueError(f"{type(self).__name__} expects step inputs of shape (batch, "
@@ -382,7 +390,7 @@ class SpikingCell(keras.layers.Layer):
             "dt": self.dt,
             "n_refractory": self.n_refractory,
             "dampening_factor": self.dampening_factor,
-            "surrogate": self.spike_function.get_config(),
+            "surrogate": surrogates.serialize(self.spike_function),
             "recurrent": self.recurrent,
             "connectivity": self.connectivity,
             "dale": self.dale,
@@ -440,6 +448,12 @@ class LIF(SpikingCell):
         inputs: (B, n_in) input of one time step.
         states: [v, z, r], each (B, units): voltage, last spikes, refractory counter.
 
+    Scale and masking (docs/coming_from_other_libraries.md): the input current enters the
+    voltage as (1 - alpha) I_t and a neuron spikes when (v - A) / A > 0, so ``thr`` is on a
+    smaller scale than snnTorch's ``threshold``. Never put ``keras.layers.Masking(0.0)`` before
+    a spiking RNN: it masks every silent step, whose state is then frozen (no leak). Pad with -1
+    and use ``Masking(mask_value=-1.0)``, or pass ``mask=`` (B, T) to the RNN layer.
+
     Example:
 
     >>> import keras, kspike
@@ -474,6 +488,10 @@ class ALIF(SpikingCell):
         inputs: (B, n_in) input of one time step.
         states: [v, b, z, r], each (B, units): voltage, adaptation, last spikes, refractory
             counter.
+
+    Scale and masking as in ``kspike.LIF`` (docs/coming_from_other_libraries.md): inputs enter
+    as (1 - alpha) I_t; never ``keras.layers.Masking(0.0)`` on spike trains (silent steps would
+    be masked and frozen), pad with -1 and ``Masking(mask_value=-1.0)`` or pass ``mask=``.
 
     Example:
 

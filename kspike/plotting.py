@@ -63,7 +63,8 @@ def _select(n, max_neurons):
 def raster(ax, spikes, dt=1.0, max_neurons=None, color="black", marker_size=2.0, label=None):
     """Raster plot of spikes (T, n) on ``ax``: a dot at (t * dt ms, neuron index) per spike.
 
-    ``max_neurons`` keeps at most that many neurons, evenly spread over the layer. Returns ax.
+    ``max_neurons`` keeps at most that many neurons, evenly spread over the layer. The x axis
+    is labelled "time (ms)", the y axis ``label`` or "neuron index". Returns ax.
     """
     spikes = _array("spikes", spikes)
     dt = _check_dt(dt)
@@ -73,12 +74,13 @@ def raster(ax, spikes, dt=1.0, max_neurons=None, color="black", marker_size=2.0,
                linewidths=0.5, label=label)
     ax.set_xlim(0, spikes.shape[0] * dt)
     ax.set_ylim(-0.5, len(chosen) - 0.5)
-    if label:
-        ax.set_ylabel(label)
+    ax.set_ylabel(label if label else "neuron index")
+    ax.set_xlabel("time (ms)")
     return ax
 
 
-def _traces(ax, name, values, dt, neurons, ylabel, **style):
+def _traces(ax, name, values, dt, neurons, ylabel, colors=None, **style):
+    """Draw the columns ``neurons`` of ``values`` (T, n) against time in ms; returns the lines."""
     values = _array(name, values)
     dt = _check_dt(dt)
     if neurons is None:
@@ -88,37 +90,47 @@ def _traces(ax, name, values, dt, neurons, ylabel, **style):
         raise ValueError(f"`neurons` must index the {values.shape[1]} neurons of `{name}`, "
                          f"received {neurons.tolist()}.")
     time = np.arange(values.shape[0]) * dt
-    for j in neurons:
-        ax.plot(time, values[:, j], linewidth=0.8, **style)
+    lines = []
+    for i, j in enumerate(neurons):
+        if colors is not None:
+            style = {**style, "color": colors[i]}
+        lines += ax.plot(time, values[:, j], linewidth=0.8, **style)
     ax.set_xlim(0, values.shape[0] * dt)
     ax.set_ylabel(ylabel)
-    return ax
+    ax.set_xlabel("time (ms)")
+    return lines
 
 
 def voltage(ax, v, dt=1.0, neurons=None, threshold=None):
     """Membrane potentials v (T, n) of selected ``neurons`` (default up to 8) over time (ms);
-    ``threshold`` (a float or (T, n) adaptive thresholds) is drawn dashed. Returns ax."""
-    _traces(ax, "v", v, dt, neurons, "voltage")
+    ``threshold`` (a float or (T, n) adaptive thresholds) is drawn dashed, each neuron's
+    threshold in the colour of its voltage trace. The y axis is "voltage": kspike's voltages are
+    in units of the input current, not mV. Returns ax."""
+    if neurons is None:
+        neurons = _select(_array("v", v).shape[1], 8)
+    lines = _traces(ax, "v", v, dt, neurons, "voltage")
     if threshold is not None:
         if np.ndim(threshold) == 0:
-            ax.axhline(float(threshold), color="gray", linestyle="--", linewidth=0.8)
+            ax.axhline(float(threshold), color="gray", linestyle="--", linewidth=0.8,
+                       label="threshold")
+            ax.legend(fontsize=6, loc="upper right", frameon=False)
         else:
-            chosen = _select(np.shape(threshold)[1], 8) if neurons is None else neurons
-            _traces(ax, "threshold", threshold, dt, chosen, "voltage", linestyle="--",
-                    color="gray")
+            _traces(ax, "threshold", threshold, dt, neurons, "voltage", linestyle="--",
+                    colors=[line.get_color() for line in lines])
     return ax
 
 
 def thresholds(ax, A, dt=1.0, neurons=None):
     """Adaptive thresholds A (T, n) of selected ``neurons`` (default up to 8) over time (ms).
     Returns ax."""
-    return _traces(ax, "A", A, dt, neurons, "threshold")
+    _traces(ax, "A", A, dt, neurons, "threshold")
+    return ax
 
 
 def output_traces(ax, y, dt=1.0, labels=None, targets=None):
     """Output traces y (T, n_out) (e.g. softmax probabilities) over time (ms), one line per
-    output; ``targets`` (T,) integer classes (-1 where undefined) are drawn as the probability 1
-    line of the target class. Returns ax."""
+    output; ``targets`` (T,) integer classes (-1 where undefined) are drawn as a thick line at
+    1.05 in the colour of the target class, named "target <label>" in the legend. Returns ax."""
     y = _array("y", y)
     dt = _check_dt(dt)
     time = np.arange(y.shape[0]) * dt
@@ -133,53 +145,130 @@ def output_traces(ax, y, dt=1.0, labels=None, targets=None):
                              f"{len(targets)}.")
         for k in range(y.shape[1]):
             on = np.where(targets == k, 1.05, np.nan)
-            ax.plot(time, on, linewidth=3.0, color=cmap(k % 10), alpha=0.6)
+            name = k if labels is None else labels[k]
+            ax.plot(time, on, linewidth=3.0, color=cmap(k % 10), alpha=0.6,
+                    label=f"target {name}" if np.any(targets == k) else None)
     ax.set_xlim(0, y.shape[0] * dt)
     ax.set_ylabel("output")
-    if labels is not None:
-        ax.legend(fontsize=6, ncol=min(len(labels), 10), loc="upper left", frameon=False)
+    ax.set_xlabel("time (ms)")
+    if ax.get_legend_handles_labels()[1]:
+        entries = len(ax.get_legend_handles_labels()[1])
+        ax.legend(fontsize=6, ncol=min(entries, 10), loc="upper left", frameon=False)
     return ax
 
 
-def learning_curve(history, keys=None, ax=None, steps=None, xlabel="iteration", log=False):
-    """Learning curves from a history (a ``keras.callbacks.History`` or a dict of lists).
+#: Keys that are not learning curves: drawn only when asked for with ``keys``.
+_NOT_CURVES = ("learning_rate", "lr", "finite")
+
+#: Panel kinds in drawing order: (title / y label, test on the key without "val_").
+_KINDS = (
+    ("loss", lambda k: "loss" in k or k in ("regularization", "cross_entropy")),
+    ("accuracy / error", lambda k: any(w in k for w in ("acc", "error", "auc", "precision",
+                                                       "recall"))),
+    ("firing rate (Hz)", lambda k: k.startswith("firing_rate") or k.endswith("rate_hz")),
+)
+
+
+def _kind(key):
+    base = key[4:] if key.startswith("val_") else key
+    for title, test in _KINDS:
+        if test(base):
+            return title
+    return base.replace("_", " ")
+
+
+def _default_keys(values):
+    keys = [k for k in values if (k[4:] if k.startswith("val_") else k) not in _NOT_CURVES]
+    # One spiking layer logs "firing_rate" and "firing_rate_<layer>" with the same numbers.
+    for prefix in ("", "val_"):
+        mean = values.get(prefix + "firing_rate")
+        if mean is None:
+            continue
+        for key in list(keys):
+            if (key.startswith(prefix + "firing_rate_") and len(values[key]) == len(mean)
+                    and np.allclose(np.asarray(values[key], np.float64),
+                                    np.asarray(mean, np.float64), equal_nan=True)):
+                keys.remove(key)
+    return keys
+
+
+def learning_curve(history, keys=None, ax=None, steps=None, xlabel=None, log=False):
+    """Learning curves from a history (a ``keras.callbacks.History`` or a dict of lists), one
+    panel per kind of quantity: losses, accuracies/errors, firing rates in Hz, then one panel
+    per other quantity (e.g. active_connections). A ``val_`` key is drawn dashed in the colour
+    of its training key.
 
     Args:
         history: ``History`` or ``{"loss": [...], "val_accuracy": [...]}``.
-        keys: entries to draw (default all).
-        ax: axes to draw on (default a new figure).
+        keys: entries to draw. Default: all but the learning rate (``learning_rate``, ``lr``)
+            and per-layer firing rates equal to ``firing_rate`` (a single spiking layer).
+        ax: one axes to draw all ``keys`` on (no panels); default a new figure with panels.
         steps: x values (default 1, 2, ...); a dict gives x values per key.
-        xlabel: label of the x axis.
-        log: logarithmic y axis.
+        xlabel: label of the x axis with its unit, e.g. "iteration" or "time (s)". Default
+            "epoch" for a ``keras.callbacks.History`` (one value per epoch), else "iteration".
+        log: logarithmic y axis for the loss panel (for every key when ``ax`` is given).
 
     Returns:
         The matplotlib Figure.
     """
     plt = _pyplot()
+    is_history = hasattr(history, "history")
     values = getattr(history, "history", history)
     if not isinstance(values, dict):
         raise TypeError("`history` must be a keras History or a dict of lists, received "
                         f"{type(history).__name__}.")
-    keys = list(values) if keys is None else list(keys)
+    if xlabel is None:
+        xlabel = "epoch" if is_history else "iteration"
+    elif not isinstance(xlabel, str):
+        raise TypeError(f"`xlabel` must be a str such as 'epoch' or 'iteration', received "
+                        f"{xlabel!r}.")
+    keys = _default_keys(values) if keys is None else list(keys)
     missing = [k for k in keys if k not in values]
     if missing:
         raise ValueError(f"`keys` {missing} are not in the history (it has {sorted(values)}).")
+    if not keys:
+        raise ValueError(f"Nothing to draw: the history has only {sorted(values)}; pass "
+                         "`keys` to draw them.")
+    kinds = []
+    for key in keys:
+        if _kind(key) not in kinds:
+            kinds.append(_kind(key))
+    order = [title for title, _ in _KINDS if title in kinds]
+    kinds = order + [k for k in kinds if k not in order]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3))
+        fig, axes = plt.subplots(len(kinds), 1, sharex=True,
+                                 figsize=(5, 1.2 + 1.8 * len(kinds)), squeeze=False)
+        panels = dict(zip(kinds, axes[:, 0]))
     else:
         fig = ax.figure
+        panels = {kind: ax for kind in kinds}
+    colors = {}
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
     for key in keys:
         y = np.asarray(values[key], np.float64)
         x = steps.get(key) if isinstance(steps, dict) else steps
         x = np.arange(1, len(y) + 1) if x is None else np.asarray(x)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} x values for {len(y)} values of {key!r}.")
-        ax.plot(x, y, label=key, linewidth=1.2)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.legend(fontsize=7, frameon=False)
-    ax.grid(alpha=0.3)
+        base = key[4:] if key.startswith("val_") else key
+        if base not in colors:
+            colors[base] = cycle[len(colors) % len(cycle)]
+        panels[_kind(key)].plot(x, y, label=key, linewidth=1.2, color=colors[base],
+                                linestyle="--" if key.startswith("val_") else "-")
+    for kind, panel in panels.items():
+        if log and (ax is not None or kind == "loss"):
+            panel.set_yscale("log")
+        if ax is None:
+            panel.set_ylabel(kind)
+        panel.legend(fontsize=7, frameon=False)
+        panel.grid(alpha=0.3)
+    bottom = ax if ax is not None else axes[-1, 0]
+    bottom.set_xlabel(xlabel)
+    if all(np.all(np.mod(line.get_xdata(), 1) == 0) for panel in panels.values()
+           for line in panel.get_lines()):
+        # Epochs and iterations are counts: no 1.25-epoch ticks.
+        from matplotlib.ticker import MaxNLocator
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -236,6 +325,8 @@ def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=Non
         k += 1
     if outputs is not None:
         output_traces(axes[k], outputs, dt=dt, labels=output_labels, targets=targets)
+    for ax in axes[:-1]:
+        ax.set_xlabel("")
     axes[-1].set_xlabel("time (ms)")
     for ax in axes:
         ax.spines["top"].set_visible(False)

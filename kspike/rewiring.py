@@ -32,6 +32,7 @@ Example:
 2160
 """
 import math
+import warnings
 from typing import List, NamedTuple
 
 import keras
@@ -317,9 +318,13 @@ class RewiredKernel:
                 return tf.constant(value, dtype=dtype)
             return initializer
 
+        # Set by DeepR.build; until then an optimizer update of the magnitudes warns once.
+        self.rewired_by_deepr = False
+        self._warned_without_deepr = False
         self.magnitude = layer.add_weight(name=f"{name}_magnitude", shape=self.shape,
                                           initializer=constant(magnitude),
-                                          regularizer=regularizer, trainable=True)
+                                          regularizer=regularizer, trainable=True,
+                                          constraint=_DeepRWatch(self))
         self.sign = layer.add_weight(name=f"{name}_sign", shape=self.shape,
                                      initializer=constant(sign), trainable=False,
                                      aggregation="only_first_replica")
@@ -358,12 +363,45 @@ class RewiredKernel:
         return tf.cast(self.sign, theta.dtype) * (theta + tf.stop_gradient(active - theta))
 
     def active_count(self):
-        """Number of active entries (int64 scalar tensor)."""
-        return tf.reduce_sum(tf.cast(tf.convert_to_tensor(self.mask) > 0, tf.int64))
+        """Number of active entries (int64 scalar tensor): mask 1 AND theta > 0, i.e. the
+        entries whose effective weight is not forced to 0. Under DeepR these are exactly the
+        entries of the mask; a plain optimizer can push theta below 0 on entries the mask still
+        holds, and those carry no weight."""
+        live = tf.logical_and(tf.convert_to_tensor(self.mask) > 0,
+                              tf.convert_to_tensor(self.magnitude) > 0)
+        return tf.reduce_sum(tf.cast(live, tf.int64))
 
     def __repr__(self):
         return (f"RewiredKernel({self.path!r}, shape={self.shape}, "
                 f"connectivity={self.connectivity}, dale={self.dale})")
+
+
+class _DeepRWatch(keras.constraints.Constraint):
+    """Identity constraint of a magnitude variable. Keras optimizers apply a variable's
+    constraint after every update, so this is the one place that sees a rewired kernel trained
+    by an optimizer that is not DeepR, whatever runs the training (model.fit, Trainer, a custom
+    loop). It warns once per kernel, at trace time: no cost in the compiled step beyond the
+    identity assignment."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, w):
+        kernel = self.kernel
+        if not kernel.rewired_by_deepr and not kernel._warned_without_deepr:
+            kernel._warned_without_deepr = True
+            warnings.warn(
+                f"The rewired kernel {kernel.path!r} (connectivity={kernel.connectivity}, "
+                f"dale={kernel.dale}) is being updated by an optimizer that is not wrapped in "
+                "kspike.DeepR: magnitudes that cross 0 silence their connection for good (the "
+                "effective weight is sign * max(theta, 0) and nothing rewires it), so the number "
+                "of active connections only falls. Train rewired models with "
+                "optimizer=kspike.DeepR(keras.optimizers.Adam(...)) (docs/deep_r.md).",
+                UserWarning, stacklevel=2)
+        return w
+
+    def get_config(self):
+        return {}
 
 
 def _variables_of(obj):
@@ -499,6 +537,7 @@ class DeepR(keras.optimizers.Optimizer):
             seed = int(np.random.randint(0, 2 ** 31 - 1))
         super().__init__(learning_rate=0.0, name=name)
         self.inner_optimizer = optimizer
+        self._warned_no_kernels = False
         self.l1 = l1
         self.temperature = temperature
         self.seed = seed
@@ -507,6 +546,9 @@ class DeepR(keras.optimizers.Optimizer):
     def build(self, var_list):
         if self.built:
             return
+        kernels = rewired_kernels(list(var_list))
+        for kernel in kernels:
+            kernel.rewired_by_deepr = True
         self._rewired_connections = self.add_variable(
             shape=(), dtype="int64", initializer="zeros", aggregation="only_first_replica",
             name="rewired_connections")
@@ -570,6 +612,17 @@ class DeepR(keras.optimizers.Optimizer):
         kernels = rewired_kernels([v for g, v in zip(grads, trainable_variables)
                                    if g is not None])
         if not kernels:
+            if not self._warned_no_kernels and not rewired_kernels(trainable_variables):
+                # At the first update, not in build: Keras also builds the optimizer of a
+                # compiled model that is only saved (e.g. the dense copy of to_dense).
+                self._warned_no_kernels = True
+                warnings.warn(
+                    f"DeepR is training {len(trainable_variables)} variables without any "
+                    f"rewired kernel, so it only applies the wrapped "
+                    f"{type(self.inner_optimizer).__name__}: nothing is sparse and nothing is "
+                    "rewired. Rewired kernels come from cells created with connectivity=... "
+                    "(or dale=...), e.g. kspike.ALIF(100, connectivity=0.1).",
+                    UserWarning, stacklevel=2)
             self.inner_optimizer.apply(grads, trainable_variables)
             return
         # Read before the wrapped update increments the iteration (and moves a schedule).

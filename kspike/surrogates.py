@@ -26,13 +26,28 @@ array([0., 0., 1.], dtype=float32)
 array([0.028 , 0.3   , 0.0607], dtype=float32)
 >>> kspike.surrogates.get(f.get_config()["name"], **f.get_config()) == f   # round trip
 True
+
+Your own spike function: subclass ``SpikeFunction`` and register it under a name, so cells
+using it save to ``.keras`` files and load again (the file stores the name and parameters;
+the module defining the class must be imported before ``keras.models.load_model``)::
+
+    @kspike.surrogates.register("my_spike", aliases=("mine",))
+    class MySpike(kspike.surrogates.SpikeFunction):
+        def pseudo_derivative(self, x):
+            return self.dampening * keras.ops.exp(-abs(self.sharpness * x))
+
+    cell = kspike.ALIF(100, surrogate="my_spike")     # or surrogate=MySpike(0.3, 2.0)
 """
+import inspect
 import math
+import re
+import warnings
 
 import keras
 from keras import ops
 
-__all__ = ["SpikeFunction", "available", "get", "heaviside", "Rectangular", "Triangular",
+__all__ = ["SpikeFunction", "available", "aliases", "get", "register", "is_registered",
+           "serialize", "heaviside", "Rectangular", "Triangular",
            "Exponential", "Gaussian", "Sigmoid", "FastSigmoid", "NTail", "Cauchy",
            "MultiGaussian"]
 
@@ -55,11 +70,100 @@ def _check_positive_finite(name, value):
     return value
 
 
+_BUILT_IN = set()
+
+
 def _register(cls):
     _REGISTRY[cls.name] = cls
     for alias in cls.aliases:
         _REGISTRY[alias] = cls
+    _BUILT_IN.add(cls)
     return keras.saving.register_keras_serializable(package="kspike")(cls)
+
+
+def _check_name(what, value):
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise ValueError(f"`{what}` must be a non-empty identifier string (letters, digits, "
+                         f"underscores), received {value!r}.")
+    return value.lower()
+
+
+def register(name=None, *, aliases=()):
+    """Register a ``SpikeFunction`` subclass under ``name`` (and ``aliases``), so that
+    ``get(name)``, ``surrogate="name"`` in the cells and ``.keras`` saving/loading work for it.
+
+    Use as a class decorator, ``@kspike.surrogates.register("my_spike")``, or call it on a
+    class that sets its own ``name`` (and ``aliases``) attributes:
+    ``kspike.surrogates.register(MySpike)``. The name is stored lowercase in the class's
+    ``name`` attribute, which ``get_config()`` writes to saved models. Registering a new class
+    under a name it already holds (re-running a notebook cell) replaces the old class;
+    the catalogue's names cannot be taken.
+
+    Args:
+        name: the identifier (str) or, for the direct form, the class itself.
+        aliases: further names (tuple of str) accepted by ``get``.
+
+    Returns:
+        The class (for the direct form) or a decorator returning it.
+
+    Raises:
+        TypeError: ``name`` or the decorated object is not a ``SpikeFunction`` subclass.
+        ValueError: bad name, or a name already used by another spike function.
+    """
+    if isinstance(name, type):
+        return _register_class(name, name.name, name.aliases)
+    _check_name("name", name)
+
+    def decorator(cls):
+        return _register_class(cls, name, aliases)
+
+    return decorator
+
+
+def _register_class(cls, name, names):
+    if not (isinstance(cls, type) and issubclass(cls, SpikeFunction)):
+        raise TypeError("kspike.surrogates.register expects a subclass of "
+                        f"kspike.surrogates.SpikeFunction, received {cls!r}.")
+    if name is None:
+        raise ValueError(f"{cls.__name__} has no `name`: register it with "
+                         f"@kspike.surrogates.register('some_name') or set the class attribute "
+                         "`name` first.")
+    name = _check_name("name", name)
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(_check_name("aliases", a) for a in names)
+    for key in (name,) + names:
+        holder = _REGISTRY.get(key)
+        if holder is not None and holder is not cls and (
+                holder in _BUILT_IN or holder.__qualname__ != cls.__qualname__):
+            raise ValueError(f"Surrogate name {key!r} is already registered to "
+                             f"{holder.__module__}.{holder.__qualname__}; choose another name. "
+                             f"Taken: {available()} (aliases {aliases()}).")
+    cls.name = name
+    cls.aliases = names
+    for key in (name,) + names:
+        _REGISTRY[key] = cls
+    return cls
+
+
+def is_registered(spike_function):
+    """True when ``get(spike_function.name)`` rebuilds an object of the same class, i.e. when a
+    model using it can be saved and loaded again (``spike_function``: object or class)."""
+    cls = spike_function if isinstance(spike_function, type) else type(spike_function)
+    name = getattr(cls, "name", None)
+    return isinstance(name, str) and _REGISTRY.get(name.lower()) is cls
+
+
+def serialize(spike_function):
+    """The config dict (``get_config()``) stored for ``spike_function`` in saved models;
+    ``get(config)`` rebuilds it. Warns when its class is not registered, because the saved
+    model would not load."""
+    if not is_registered(spike_function):
+        warnings.warn(
+            f"The spike function {type(spike_function).__qualname__} is not registered, so a "
+            "model saved with it will not load (`surrogate` would have no known name). "
+            "Decorate its class with @kspike.surrogates.register('some_name').", stacklevel=3)
+    return spike_function.get_config()
 
 
 class SpikeFunction:
@@ -69,7 +173,9 @@ class SpikeFunction:
         dampening: gamma, the peak of ``psi`` at ``x = 0`` (LSNN's dampening factor).
         sharpness: s; the support/width of ``psi`` scales as ``1 / s`` and its area is gamma / s.
 
-    Subclasses implement ``pseudo_derivative(x)`` (a tensor function of ``x``).
+    Subclasses implement ``pseudo_derivative(x)`` (a tensor function of ``x``); extra
+    constructor parameters also go into ``get_config``. Register a subclass with
+    ``@kspike.surrogates.register("name")`` so that models using it save and load.
     """
 
     name = None
@@ -236,7 +342,8 @@ class MultiGaussian(SpikeFunction):
 
 
 def available():
-    """Names of the catalogue's spike functions (docs/surrogates.md), sorted.
+    """Names of the catalogue's spike functions (docs/surrogates.md) and of those added with
+    ``register``, sorted.
 
     >>> import kspike
     >>> kspike.surrogates.available()  # doctest: +NORMALIZE_WHITESPACE
@@ -246,14 +353,45 @@ def available():
     return sorted({cls.name for cls in _REGISTRY.values()})
 
 
+def aliases():
+    """Accepted alternative names, as a dict alias -> name.
+
+    >>> import kspike
+    >>> kspike.surrogates.aliases()
+    {'arctan': 'cauchy', 'q_pseudospike': 'ntail', 'superspike': 'fast_sigmoid'}
+    """
+    return {key: cls.name for key, cls in sorted(_REGISTRY.items()) if key != cls.name}
+
+
+def _accepted():
+    return f"Available names: {available()}; accepted aliases: {aliases()}"
+
+
+def _parameters(cls):
+    """Keyword parameters of the constructor of ``cls`` (dampening, sharpness, ...)."""
+    names = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                if p.name not in names:
+                    names.append(p.name)
+        if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
+            break
+    return names
+
+
 def get(identifier=None, /, **params):
     """Return a spike function.
 
     Args:
-        identifier: a name from ``available()`` (aliases: ``superspike``, ``arctan``,
-            ``q_pseudospike``), a ``SpikeFunction`` (returned as is, ``params`` must be empty),
-            or a config dict from ``get_config()``.
-        **params: ``dampening``, ``sharpness`` and, for ``ntail``, ``tail``. A ``name`` key
+        identifier: a name from ``available()`` or ``aliases()`` (``superspike``, ``arctan``,
+            ``q_pseudospike``; names added with ``register``), a ``SpikeFunction`` (returned
+            as is, ``params`` must be empty), or a config dict from ``get_config()``.
+        **params: ``dampening``, ``sharpness`` and, for ``ntail``, ``tail`` (for a registered
+            class: the keyword arguments of its constructor). A ``name`` key
             (as in ``get_config()``) is accepted and must agree with ``identifier``.
 
     Raises:
@@ -262,7 +400,7 @@ def get(identifier=None, /, **params):
     if identifier is None:
         if "name" not in params:
             raise ValueError("kspike.surrogates.get() needs a name, e.g. get('triangular'). "
-                             f"Available: {available()}.")
+                             f"{_accepted()}.")
         identifier = params.pop("name")
     if isinstance(identifier, SpikeFunction):
         if params:
@@ -270,6 +408,12 @@ def get(identifier=None, /, **params):
                              f"function object {identifier!r}; pass its name instead.")
         return identifier
     if isinstance(identifier, dict):
+        if "name" in identifier and identifier["name"] is None:
+            raise ValueError(
+                f"The surrogate config {identifier!r} has no name: it comes from a "
+                "SpikeFunction subclass that was not registered. Decorate the class with "
+                "@kspike.surrogates.register('some_name') (before saving and before loading). "
+                f"{_accepted()}.")
         return get(**{**identifier, **params})
     if not isinstance(identifier, str):
         raise TypeError("`surrogate` must be a name (str), a kspike.surrogates.SpikeFunction "
@@ -278,11 +422,13 @@ def get(identifier=None, /, **params):
     key = identifier.lower()
     name = params.pop("name", None)
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown surrogate {identifier!r}. Available: {available()}.")
+        raise ValueError(f"Unknown surrogate {identifier!r}. {_accepted()}. Your own "
+                         "SpikeFunction subclasses are added with "
+                         "@kspike.surrogates.register('name').")
     cls = _REGISTRY[key]
     if name is not None and _REGISTRY.get(str(name).lower()) is not cls:
         raise ValueError(f"Conflicting surrogate names: {identifier!r} and name={name!r}.")
-    allowed = ["dampening", "sharpness"] + (["tail"] if cls is NTail else [])
+    allowed = _parameters(cls)
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         # Checked here rather than by catching TypeError, so a bad parameter value keeps its

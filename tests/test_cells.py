@@ -530,3 +530,13 @@ def test_rewired_cells_refuse_kernel_initializers_and_keep_their_config():
     cell = kspike.ALIF(8, connectivity=0.5, dale=0.8, seed=3)
     clone = kspike.ALIF.from_config(cell.get_config())
     assert clone.get_config() == cell.get_config()
+
+
+def test_sequence_without_time_or_feature_axis_names_the_fix():
+    # A (batch, time) spike train or a (batch, features) vector given to keras.layers.RNN.
+    for build in (lambda: keras.layers.RNN(kspike.ALIF(5))(np.zeros((2, 4), "float32")),
+                  lambda: keras.Sequential([keras.Input((4,)),
+                                            keras.layers.RNN(kspike.LIF(5))])):
+        with pytest.raises(ValueError, match=r"rank 2.*\(batch, time, features\).*"
+                                             r"x\[\.\.\., None\].*x\[:, None, :\]"):
+            build()

@@ -89,13 +89,87 @@ def test_activity_figure_and_save(tmp_path, rng):
 def test_learning_curve(tmp_path):
     history = {"loss": [3.0, 2.0, 1.5], "val_accuracy": [0.1, 0.4]}
     fig = plotting.learning_curve(history, steps={"loss": [10, 20, 30], "val_accuracy": [15, 30]})
-    lines = fig.axes[0].get_lines()
-    np.testing.assert_allclose(lines[0].get_xdata(), [10, 20, 30])
-    np.testing.assert_allclose(lines[1].get_ydata(), [0.1, 0.4])
+    # Losses and accuracies are different quantities: one panel each.
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "accuracy / error"]
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_xdata(), [10, 20, 30])
+    np.testing.assert_allclose(fig.axes[1].get_lines()[0].get_ydata(), [0.1, 0.4])
+    assert fig.axes[1].get_xlabel() == "iteration"
     with pytest.raises(ValueError, match="'acc'"):
         plotting.learning_curve(history, keys=["acc"])
     with pytest.raises(TypeError, match="`history`"):
         plotting.learning_curve([1, 2])
+    plt.close("all")
+
+
+class _History:
+    """Duck type of keras.callbacks.History (what model.fit returns)."""
+
+    def __init__(self, history):
+        self.history = history
+
+
+def _keras_like_history():
+    return {"loss": [2.3, 1.1, 0.7], "accuracy": [0.1, 0.6, 0.8],
+            "firing_rate": [91.0, 60.0, 35.0], "firing_rate_rnn": [91.0, 60.0, 35.0],
+            "learning_rate": [1e-3, 1e-3, 5e-4], "val_loss": [2.0, 1.2, 0.9],
+            "val_accuracy": [0.2, 0.5, 0.7], "active_connections": [100, 100, 100]}
+
+
+def test_learning_curve_panels_by_kind_in_real_units(tmp_path):
+    fig = plotting.learning_curve(_History(_keras_like_history()))
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
+    assert list(panels) == ["loss", "accuracy / error", "firing rate (Hz)",
+                            "active connections"]
+    labels = {name: [line.get_label() for line in ax.get_lines()] for name, ax in
+              panels.items()}
+    # No learning rate, no per-layer duplicate of the mean rate; val_ next to its key.
+    assert labels == {"loss": ["loss", "val_loss"], "accuracy / error": ["accuracy",
+                      "val_accuracy"], "firing rate (Hz)": ["firing_rate"],
+                      "active connections": ["active_connections"]}
+    np.testing.assert_allclose(panels["firing rate (Hz)"].get_lines()[0].get_ydata(),
+                               [91.0, 60.0, 35.0])
+    # The loss panel's scale is the loss's own, not flattened by the 91 Hz rate.
+    assert panels["loss"].get_ylim()[1] < 3.0
+    train, val = panels["loss"].get_lines()
+    assert train.get_color() == val.get_color() and val.get_linestyle() == "--"
+    assert fig.axes[-1].get_xlabel() == "epoch"
+    np.testing.assert_allclose(train.get_xdata(), [1, 2, 3])
+    plotting.save_figure(fig, tmp_path / "curves")
+    fig = plotting.learning_curve(_keras_like_history(), xlabel="time (s)",
+                                  steps=None, keys=["loss", "learning_rate"])
+    assert fig.axes[-1].get_xlabel() == "time (s)"
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "learning rate"]
+    per_layer = dict(_keras_like_history(), firing_rate_rnn=[80.0, 50.0, 30.0])
+    fig = plotting.learning_curve(per_layer, keys=None)
+    rates = [a for a in fig.axes if a.get_ylabel() == "firing rate (Hz)"][0]
+    assert [line.get_label() for line in rates.get_lines()] == ["firing_rate",
+                                                                  "firing_rate_rnn"]
+    with pytest.raises(TypeError, match="`xlabel`"):
+        plotting.learning_curve({"loss": [1.0]}, xlabel=3)
+    plt.close("all")
+
+
+def test_single_panels_have_axis_labels_matched_thresholds_and_target_legend(rng):
+    fig, axes = plt.subplots(4)
+    plotting.raster(axes[0], _spikes(rng))
+    assert (axes[0].get_xlabel(), axes[0].get_ylabel()) == ("time (ms)", "neuron index")
+    v = rng.normal(size=(40, 3))
+    A = 0.5 + rng.random((40, 3))
+    plotting.voltage(axes[1], v, neurons=[0, 2], threshold=A)
+    assert (axes[1].get_xlabel(), axes[1].get_ylabel()) == ("time (ms)", "voltage")
+    lines = axes[1].get_lines()
+    assert len(lines) == 4
+    for trace, thr, j in ((lines[0], lines[2], 0), (lines[1], lines[3], 2)):
+        np.testing.assert_allclose(thr.get_ydata(), A[:, j])
+        assert thr.get_linestyle() == "--" and thr.get_color() == trace.get_color()
+    assert lines[0].get_color() != lines[1].get_color()
+    plotting.thresholds(axes[2], A)
+    assert axes[2].get_xlabel() == "time (ms)"
+    targets = np.full(40, -1)
+    targets[20:] = 1
+    plotting.output_traces(axes[3], rng.random((40, 2)), targets=targets)
+    legend = [t.get_text() for t in axes[3].get_legend().get_texts()]
+    assert legend == ["target 1"] and axes[3].get_xlabel() == "time (ms)"
     plt.close("all")
 
 

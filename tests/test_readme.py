@@ -36,3 +36,21 @@ def test_ci_runs_the_readme_commands():
         capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("python -m pip install -e")
     assert out[1] == "python -m pytest -q"
+
+
+def test_readme_example_starts_in_a_sane_firing_regime(tmp_path, monkeypatch):
+    # The README states the initial rate; LSNN's default thr=0.01 fires far above it.
+    section = _readme().split("## Example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code.split("model.compile(", 1)[0]
+    stated = float(re.search(r"~(\d+) Hz at initialisation", code).group(1))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README.md example", "exec"), namespace)
+    assert abs(namespace["rate"] - stated) <= 3.0
+    import keras
+    import kspike
+    keras.utils.set_random_seed(0)
+    default = keras.layers.RNN(kspike.ALIF(64, n_adaptive=32, n_refractory=2),
+                               return_sequences=True)
+    assert 1000 * float(np.mean(default(namespace["x"]))) > 80.0

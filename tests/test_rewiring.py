@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -267,6 +268,8 @@ def test_200_random_steps_keep_budget_signs_zeros_and_diagonal():
     assert rewiring.active_connections(model) == total
 
 
+# The twin model is trained by the bare optimizer on purpose.
+@pytest.mark.filterwarnings("ignore:The rewired kernel.*not wrapped in kspike.DeepR")
 def test_without_noise_l1_or_deaths_the_update_is_the_wrapped_optimizers():
     model = small_model(units=8, connectivity=0.4, seed=2)
     twin = small_model(units=8, connectivity=0.4, seed=2)
@@ -389,11 +392,52 @@ def test_model_without_rewired_kernels_is_plain_optimizer():
     for m, o in ((model, opt), (twin, plain)):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(m(x) ** 2)
-        o.apply_gradients(zip(tape.gradient(loss, m.trainable_variables),
-                              m.trainable_variables))
+        grads = zip(tape.gradient(loss, m.trainable_variables), m.trainable_variables)
+        if o is opt:
+            # Said clearly: DeepR over a model with nothing sparse does no rewiring at all.
+            with pytest.warns(UserWarning, match="without any rewired kernel.*connectivity="):
+                o.apply_gradients(grads)
+        else:
+            o.apply_gradients(grads)
     for a, b in zip(model.weights, twin.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert rewiring.active_connections(model) == 0
+
+
+def test_active_connections_count_only_entries_with_positive_magnitude():
+    model = small_model(units=10, connectivity=0.25, seed=4)
+    kernel = rewiring.rewired_kernels(model)[1]
+    total = rewiring.active_connections(model)
+    mask = kernel.mask.numpy()
+    rows, cols = np.nonzero(mask)
+    theta = kernel.magnitude.numpy()
+    theta[rows[:3], cols[:3]] = -0.5          # what a plain optimizer step can do
+    theta[rows[3], cols[3]] = 0.0
+    kernel.magnitude.assign(theta)
+    assert rewiring.active_connections(model) == total - 4
+    per_matrix = rewiring.active_connections_per_matrix(model)
+    assert per_matrix[kernel.path] == int(np.sum((mask > 0) & (theta > 0))) == 25 - 4
+    assert np.count_nonzero(kernel.effective().numpy()) == 25 - 4
+
+
+def test_rewired_model_fit_without_deepr_warns_once_and_with_deepr_not():
+    x, y = data()
+    model = small_model(units=10, connectivity=0.25, seed=4)
+    model.compile(keras.optimizers.SGD(50.0), "mse")
+    with pytest.warns(UserWarning, match="not wrapped in kspike.DeepR") as record:
+        model.fit(x, y, epochs=3, verbose=0)
+    assert sum("not wrapped in kspike.DeepR" in str(w.message) for w in record) == 2  # 2 kernels
+    # The large plain step pushes magnitudes below 0: the count says those entries are gone.
+    kernels = rewiring.rewired_kernels(model)
+    live = sum(int(np.sum((k.mask.numpy() > 0) & (k.magnitude.numpy() > 0))) for k in kernels)
+    assert rewiring.active_connections(model) == live < 12 + 25
+    model = small_model(units=10, connectivity=0.25, seed=4)
+    model.compile(kspike.DeepR(keras.optimizers.SGD(50.0), seed=0), "mse")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=3, verbose=0)
+    assert not [w for w in record if "DeepR" in str(w.message)]
+    assert rewiring.active_connections(model) == 12 + 25
 
 
 # --------------------------------------------------------------------------- saving, export

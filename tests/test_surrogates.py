@@ -2,10 +2,13 @@
 NumPy independently of kspike."""
 import math
 
+import keras
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import kspike
 from kspike import surrogates
 
 GAMMA, S, Q = 0.7, 2.5, 2.3
@@ -250,3 +253,134 @@ def test_multi_gaussian_shape():
     assert psi[0] < 0 and psi[0] == pytest.approx(psi[1], rel=1e-12)
     assert psi[2] == pytest.approx(psi[3], rel=1e-12) and psi[2] < GAMMA
     assert math.isclose(psi[0], _multi_gaussian(x[0], GAMMA, S), rel_tol=1e-12)
+
+
+# ----------------------------------------------------------------------------- user registry
+def test_unknown_name_lists_names_and_aliases():
+    with pytest.raises(ValueError) as info:
+        surrogates.get("boxcar")
+    message = str(info.value)
+    for alias, name in {"superspike": "fast_sigmoid", "arctan": "cauchy",
+                        "q_pseudospike": "ntail"}.items():
+        assert f"'{alias}': '{name}'" in message
+    assert "kspike.surrogates.register" in message
+    assert surrogates.aliases() == {"arctan": "cauchy", "q_pseudospike": "ntail",
+                                    "superspike": "fast_sigmoid"}
+
+
+def test_register_rejects_bad_input():
+    class Plain:
+        pass
+
+    class Unnamed(surrogates.SpikeFunction):
+        def pseudo_derivative(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="SpikeFunction"):
+        surrogates.register("plain_test")(Plain)
+    with pytest.raises(ValueError, match="already registered.*Triangular"):
+        surrogates.register("triangular")(Unnamed)
+    with pytest.raises(ValueError, match="already registered"):
+        surrogates.register("fresh_name_test", aliases=("superspike",))(Unnamed)
+    with pytest.raises(ValueError, match="`name`.*'two words'"):
+        surrogates.register("two words")
+    with pytest.raises(ValueError, match="has no `name`"):
+        surrogates.register(Unnamed)
+    assert "fresh_name_test" not in surrogates.available()
+    assert not surrogates.is_registered(Unnamed)
+    assert surrogates.is_registered(surrogates.get("superspike"))
+
+
+def test_unregistered_surrogate_warns_when_saved_and_names_register_when_loaded():
+    class Unregistered(surrogates.SpikeFunction):
+        def pseudo_derivative(self, x):
+            return self.dampening * keras.ops.exp(-keras.ops.abs(x))
+
+    cell = kspike.LIF(3, surrogate=Unregistered())
+    with pytest.warns(UserWarning, match=r"not registered.*register\('some_name'\)"):
+        config = cell.get_config()
+    # Keras' from_config re-raises the cell's ValueError as a TypeError with the same text.
+    with pytest.raises((ValueError, TypeError), match=r"not registered.*register\('some_name'\)"):
+        kspike.LIF.from_config(config)
+
+
+USER_SURROGATE = '''
+import keras
+import kspike
+
+
+@kspike.surrogates.register("box_user_test", aliases=("box_alias_test",))
+class Box(kspike.surrogates.SpikeFunction):
+    def __init__(self, dampening=0.3, sharpness=1.0, width=0.5):
+        super().__init__(dampening, sharpness)
+        self.width = float(width)
+
+    def pseudo_derivative(self, x):
+        inside = keras.ops.less(keras.ops.abs(self.sharpness * x), self.width)
+        return self.dampening * keras.ops.cast(inside, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+'''
+
+USER_PROBE = '''
+def probe(model, x):
+    import numpy as np, tensorflow as tf
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        y = model(x)
+        loss = tf.reduce_sum(y * y)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return {"y": np.asarray(y).tolist(),
+            "grad_norms": [float(tf.norm(g)) for g in grads]}
+'''
+
+
+def test_registered_user_surrogate_round_trips_in_fresh_process(tmp_path):
+    from test_saving import _fresh_python
+    (tmp_path / "user_spikes.py").write_text(USER_SURROGATE + USER_PROBE)
+    path = str(tmp_path)
+    saved = _fresh_python(f"""
+        import sys, json, keras, numpy as np
+        sys.path.insert(0, {path!r})
+        import kspike, user_spikes
+        keras.utils.set_random_seed(0)
+        x = (np.random.default_rng(0).random((4, 30, 5)) < 0.3).astype("float32")
+        y = np.random.default_rng(1).normal(size=(4, 30, 2)).astype("float32")
+        assert kspike.surrogates.get("BOX_ALIAS_TEST", width=0.2).width == 0.2
+        cell = kspike.ALIF(6, thr=0.05, surrogate=user_spikes.Box(0.5, 2.0, width=0.3), seed=3)
+        model = keras.Sequential([keras.Input((30, 5)),
+                                  keras.layers.RNN(cell, return_sequences=True),
+                                  kspike.LeakyReadout(2, seed=4)])
+        model.compile("adam", "mse")
+        history = model.fit(x, y, epochs=2, verbose=0)
+        model.save({path!r} + "/user.keras")
+        np.save({path!r} + "/x.npy", x)
+        out = user_spikes.probe(model, x)
+        out["loss"] = history.history["loss"]
+        print(json.dumps(out))
+    """)
+    assert saved["loss"][1] < saved["loss"][0]
+    assert max(saved["grad_norms"]) > 0
+    loaded = _fresh_python(f"""
+        import sys, json, keras, numpy as np
+        sys.path.insert(0, {path!r})
+        import kspike
+        try:
+            keras.models.load_model({path!r} + "/user.keras")
+            missing = ""
+        except Exception as error:
+            missing = str(error)
+        import user_spikes
+        model = keras.models.load_model({path!r} + "/user.keras")
+        f = model.layers[0].cell.spike_function
+        assert type(f) is user_spikes.Box, f
+        assert (f.dampening, f.sharpness, f.width) == (0.5, 2.0, 0.3), f.get_config()
+        out = user_spikes.probe(model, np.load({path!r} + "/x.npy"))
+        out["missing"] = missing
+        print(json.dumps(out))
+    """)
+    assert "box_user_test" in loaded["missing"]
+    assert "kspike.surrogates.register" in loaded["missing"]
+    np.testing.assert_allclose(loaded["y"], saved["y"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loaded["grad_norms"], saved["grad_norms"], rtol=1e-5)

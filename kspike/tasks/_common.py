@@ -1,8 +1,10 @@
 """Argument checks and small helpers shared by the task pipelines."""
+import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["window_logits"]
+__all__ = ["window_logits", "window_cross_entropy", "window_accuracy", "WindowCrossEntropy",
+           "WindowAccuracy"]
 
 
 def check_positive_int(name, value, allow_none=False):
@@ -139,7 +141,8 @@ def bernoulli_positions(rng, n_trials, p):
     return positions[positions < n_trials]
 
 
-def window_cross_entropy(steps, average="logits", name="window_cross_entropy"):
+@keras.saving.register_keras_serializable(package="kspike")
+class WindowCrossEntropy(keras.losses.Loss):
     """Keras loss of a class read from the last ``steps`` steps of the readout y_pred
     (B, T, n_classes), against labels y_true (B,).
 
@@ -150,36 +153,68 @@ def window_cross_entropy(steps, average="logits", name="window_cross_entropy"):
             the window (e-prop's evidence accumulation).
         name: loss name.
 
+    Registered with Keras, so a model compiled with it saves to and loads from ``.keras``
+    files (``keras.models.load_model`` after ``import kspike``).
+    """
+
+    def __init__(self, steps, average="logits", name="window_cross_entropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.steps = check_positive_int("steps", steps)
+        self.average = check_choice("average", average, ("logits", "loss"))
+
+    def call(self, y_true, y_pred):
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        if self.average == "logits":
+            logits = window_logits(y_pred, self.steps)
+            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        window = tf.convert_to_tensor(y_pred)[:, -self.steps:, :]
+        tiled = tf.tile(labels[:, None], [1, self.steps])
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tiled, logits=window), axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "steps": self.steps, "average": self.average}
+
+
+def window_cross_entropy(steps, average="logits", name="window_cross_entropy"):
+    """A ``WindowCrossEntropy`` loss (see there) over the last ``steps`` readout steps.
+
     Usable with ``model.fit``, ``kspike.Trainer`` and every learning rule (e-prop
     differentiates it with respect to each step's output)."""
-    import keras
-    steps = check_positive_int("steps", steps)
-    check_choice("average", average, ("logits", "loss"))
+    return WindowCrossEntropy(steps, average=average, name=name)
 
-    class WindowCrossEntropy(keras.losses.Loss):
-        def call(self, y_true, y_pred):
-            labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-            if average == "logits":
-                logits = window_logits(y_pred, steps)
-                return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels,
-                                                                      logits=logits)
-            window = tf.convert_to_tensor(y_pred)[:, -steps:, :]
-            tiled = tf.tile(labels[:, None], [1, steps])
-            return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=tiled, logits=window), axis=1)
 
-    return WindowCrossEntropy(name=name)
+def _window_correct(y_true, y_pred, steps):
+    predicted = tf.argmax(window_logits(y_pred, steps), axis=-1, output_type=tf.int32)
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    return tf.cast(tf.equal(predicted, labels), tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class WindowAccuracy(keras.metrics.MeanMetricWrapper):
+    """Keras metric: accuracy of the class with the largest logit averaged over the last
+    ``steps`` steps of the readout (B, T, n_classes), against labels (B,).
+
+    Args:
+        steps: number of final steps averaged (int >= 1).
+        name: metric name.
+
+    Registered with Keras, so a compiled model saves to and loads from ``.keras`` files.
+    """
+
+    def __init__(self, steps, name="accuracy", dtype=None):
+        steps = check_positive_int("steps", steps)
+        super().__init__(_window_correct, name=name, dtype=dtype, steps=steps)
+        self.steps = steps
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, "steps": self.steps}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
 
 def window_accuracy(steps, name="accuracy"):
-    """Keras metric: accuracy of the class with the largest logit averaged over the last
-    ``steps`` steps of the readout (B, T, n_classes), against labels (B,)."""
-    import keras
-    steps = check_positive_int("steps", steps)
-
-    def window_accuracy(y_true, y_pred):
-        predicted = tf.argmax(window_logits(y_pred, steps), axis=-1, output_type=tf.int32)
-        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-        return tf.cast(tf.equal(predicted, labels), tf.float32)
-
-    return keras.metrics.MeanMetricWrapper(window_accuracy, name=name)
+    """A ``WindowAccuracy`` metric (see there) over the last ``steps`` readout steps."""
+    return WindowAccuracy(steps, name=name)

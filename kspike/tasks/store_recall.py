@@ -256,6 +256,10 @@ class RecallError(keras.metrics.Metric):
     """Keras metric of LSNN's recall error over all batches seen: wrong recall characters /
     recall characters (see ``recall_error``); pass the recall mask as ``sample_weight``.
 
+    In ``model.compile`` it belongs in ``weighted_metrics=`` (Keras passes sample weights,
+    here the recall mask, only to those); in ``metrics=`` it raises a ValueError saying so.
+    ``kspike.Trainer(metrics=[...])`` passes the mask to every metric.
+
     Args:
         character_steps: steps per character (character_ms / dt).
         name: metric name.
@@ -269,7 +273,14 @@ class RecallError(keras.metrics.Metric):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         if sample_weight is None:
-            raise ValueError("RecallError needs the recall mask as `sample_weight`.")
+            # Keras hands sample weights only to `weighted_metrics`; in `metrics=` the recall
+            # mask never arrives and every step would be scored as a recall.
+            raise ValueError(
+                "RecallError needs the recall mask as `sample_weight`, received None. In "
+                "model.compile pass it as `weighted_metrics=[kspike.tasks.RecallError(...)]` "
+                "(Keras gives sample weights only to `weighted_metrics`, not to `metrics`; "
+                "kspike.Trainer(metrics=[...]) passes them), and feed (x, y, mask) batches as "
+                "yielded by kspike.tasks.store_recall.")
         wrong, count = _recall_counts(y_true, y_pred, sample_weight, self.character_steps)
         self.wrong.assign_add(wrong)
         self.count.assign_add(count)
