@@ -224,7 +224,8 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
     if not hand_written_backward:
         tas, v_final = forward(x, v_initial, mask, True, False)
         voltages = tas["v"].stack() if return_voltages else None
-        return tas["s"].stack(), voltages, v_final
+        return (_with_static_shape(tas["s"].stack(), x), _with_static_shape(voltages, x),
+                v_final)
 
     inputs = [x, v_initial] + ([mask] if masked else [])
 
@@ -270,7 +271,15 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
 
     results = run(*inputs)
     voltages = results[1] if return_voltages else None
-    return results[0], voltages, results[-1]
+    return _with_static_shape(results[0], x), _with_static_shape(voltages, x), results[-1]
+
+
+def _with_static_shape(sequence, like):
+    # TensorArray.stack loses the static T; Keras' TimeDistributed needs it (with an unknown
+    # T it maps over the wrong axis).
+    if sequence is not None:
+        sequence.set_shape(like.shape)
+    return sequence
 
 
 def _real_number(name, value, minimum=None, strict=False, allow_none=False):
