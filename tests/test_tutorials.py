@@ -19,6 +19,8 @@ RUNS = {
     "evidence": ("tutorial_evidence_accumulation.py", ["--rule", "eprop"],
                  ["evidence_activity", "learning_curve"]),
     "shd": ("tutorial_shd.py", ["--xla"], ["shd_activity", "learning_curve"]),
+    "conv_snn": ("tutorial_conv_snn_mnist.py", ["--rule", "bptt"],
+                 ["conv_snn_spikes", "firing_rates", "learning_curve"]),
 }
 
 
