@@ -76,9 +76,17 @@ def flatten(dataset):
     return dataset.map(lambda x, y: (tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0)), y))
 
 
-def build_model(args):
+def build_model(args, neurons="lif"):
+    """The tutorial's network; ``neurons="relu"`` puts ReLUs in place of the LIF layers (the
+    non-spiking baseline of bin/bench_deep_snn.py)."""
     import keras
     import kspike
+
+    def spiking(name):
+        if neurons == "relu":
+            return keras.layers.ReLU(name=name)
+        return kspike.LIFNeurons(tau=args.tau, name=name)
+
     td = keras.layers.TimeDistributed
     # kspike.Trainer takes (B, T, features) batches: the images arrive flattened and are
     # unflattened here.
@@ -89,11 +97,11 @@ def build_model(args):
                name=f"conv{k}")(h)
         # momentum 0.9 is PyTorch's BatchNorm2d default (SpikingJelly's networks).
         h = td(keras.layers.BatchNormalization(momentum=0.9), name=f"bn{k}")(h)
-        h = kspike.LIFNeurons(tau=args.tau, name=f"lif{k}")(h)
+        h = spiking(f"lif{k}")(h)
         h = td(keras.layers.MaxPooling2D(), name=f"pool{k}")(h)
     h = td(keras.layers.Flatten(), name="flatten")(h)
     h = td(keras.layers.Dense(args.hidden), name="dense")(h)
-    h = kspike.LIFNeurons(tau=args.tau, name="lif3")(h)
+    h = spiking("lif3")(h)
     scores = td(keras.layers.Dense(10), name="readout")(h)
     outputs = keras.layers.GlobalAveragePooling1D(name="mean_over_time")(scores)
     return keras.Model(inputs, outputs, name="conv_snn")
