@@ -412,7 +412,12 @@ class _NeuronLayer(keras.layers.Layer):
             v0 = tf.fill(tf.shape(x)[1:], tf.constant(dynamics.node_initial_voltage(params),
                                                       state_dtype))
         if mask is not None:
-            mask = tf.transpose(tf.convert_to_tensor(mask))                  # (T, B)
+            mask = tf.convert_to_tensor(mask)
+            if mask.shape.rank > 2:
+                # e.g. keras.layers.Masking on (B, T, H, W, C) gives (B, T, H, W): a step is
+                # skipped when all its elements are masked, as Masking does for (B, T, n).
+                mask = tf.reduce_any(tf.cast(mask, tf.bool), axis=list(range(2, mask.shape.rank)))
+            mask = tf.transpose(mask)                                        # (T, B)
         return_voltages = self.output_mode == "all"
         spikes, voltages, v_final = node_sequence(
             x, v0, params, mask=mask, return_voltages=return_voltages,

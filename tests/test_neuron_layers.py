@@ -269,6 +269,14 @@ def test_mask_holds_voltage(rng):
         np.testing.assert_array_equal(spikes.numpy()[b, mask[b]], ref_s[0])
         np.testing.assert_array_equal(spikes.numpy()[b, ~mask[b]], 0.0)
         np.testing.assert_allclose(voltages.numpy()[b, mask[b]], ref_v[0], atol=1e-6)
+    # A Keras mask of a (B, T, H, W, C) input, (B, T, H, W), masks the steps that are all
+    # masked.
+    images = np.repeat(x[:, :, :, None, None], 2, axis=3)                 # (2, 20, 3, 2, 1)
+    images[~mask] = 0.0
+    inputs = keras.Input((20, 3, 2, 1))
+    spikes_5d = keras.Model(inputs, kspike.LIFNeurons()(keras.layers.Masking(0.0)(inputs)))(
+        images)
+    np.testing.assert_array_equal(spikes_5d.numpy()[..., 0, 0], spikes.numpy())
     # Keras masks propagate through the layer.
     inputs = keras.Input((None, 3))
     masked = keras.layers.Masking(0.0)(inputs)
