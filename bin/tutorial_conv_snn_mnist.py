@@ -40,6 +40,10 @@ def parse_args(argv=None):
                         help="channels of the two convolutions")
     parser.add_argument("--hidden", type=int, default=128, help="LIF neurons of the dense layer")
     parser.add_argument("--tau", type=float, default=2.0, help="LIF time constant, in steps")
+    parser.add_argument("--fold-time", action="store_true",
+                        help="apply the weight layers with kspike.FoldTime (T folded into the "
+                             "batch, SpikingJelly's batch-norm statistics) instead of "
+                             "keras.layers.TimeDistributed")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=None,
                         help="use only the first N training images")
@@ -78,7 +82,9 @@ def flatten(dataset):
 
 def build_model(args, neurons="lif"):
     """The tutorial's network; ``neurons="relu"`` puts ReLUs in place of the LIF layers (the
-    non-spiking baseline of bin/bench_deep_snn.py)."""
+    non-spiking baseline of bin/bench_deep_snn.py). ``args.fold_time`` wraps the weight layers
+    in ``kspike.FoldTime`` (one call over all B * T samples, batch-norm statistics over them
+    all, as in SpikingJelly) instead of ``keras.layers.TimeDistributed`` (one call per step)."""
     import keras
     import kspike
 
@@ -87,7 +93,7 @@ def build_model(args, neurons="lif"):
             return keras.layers.ReLU(name=name)
         return kspike.LIFNeurons(tau=args.tau, name=name)
 
-    td = keras.layers.TimeDistributed
+    td = kspike.FoldTime if getattr(args, "fold_time", False) else keras.layers.TimeDistributed
     # kspike.Trainer takes (B, T, features) batches: the images arrive flattened and are
     # unflattened here.
     inputs = keras.Input((args.time_steps, 28 * 28), name="images")

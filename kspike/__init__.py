@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 from kspike import dynamics, surrogates
 from kspike.cells import ALIF, LIF, split_outputs
-from kspike.layers import IFNeurons, LIFNeurons, LeakyReadout
+from kspike.layers import FoldTime, IFNeurons, LIFNeurons, LeakyReadout
 from kspike import learning, regularizers
 from kspike.regularizers import FiringRateRegularizer, VoltageRegularizer
 from kspike.training import Trainer

@@ -9,7 +9,7 @@ from keras import constraints, initializers, regularizers
 
 from kspike import dynamics, surrogates
 
-__all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "node_sequence"]
+__all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "FoldTime", "node_sequence"]
 
 # Up to this many steps the filter is one (T, T) matmul (fast, exact); beyond it a scan keeps
 # memory linear in T.
@@ -541,3 +541,53 @@ class LIFNeurons(_NeuronLayer):
 
     def get_config(self):
         return {**super().get_config(), "tau": self.tau, "decay_input": self.decay_input}
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class FoldTime(keras.layers.Wrapper):
+    """Apply a layer to all T steps at once, with the time axis folded into the batch.
+
+    (B, T, *features) -> the layer on (B * T, *features) -> (B, T, *out_features): SpikingJelly's
+    ``SeqToANNContainer``. Unlike ``keras.layers.TimeDistributed``, which calls the layer once
+    per step, one call covers every step, so ``BatchNormalization`` normalises with statistics
+    over all B * T samples (as SpikingJelly's networks do) and updates its moving averages once
+    per batch; for layers without batch statistics (Conv2D, Dense, pooling) the outputs are the
+    same as with ``TimeDistributed``.
+
+    Args:
+        layer: a Keras layer for (batch, *features) inputs.
+
+    Example:
+
+    >>> h = kspike.FoldTime(keras.layers.BatchNormalization())(h)   # h (B, T, 28, 28, 32)
+    """
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 3:
+            raise ValueError("FoldTime expects inputs of shape (batch, time, *features), "
+                             f"received shape {input_shape}.")
+        if not self.layer.built:
+            self.layer.build((None,) + input_shape[2:])
+        self.built = True
+
+    def _folded_batch(self, input_shape):
+        if input_shape[0] is None or input_shape[1] is None:
+            return None
+        return input_shape[0] * input_shape[1]
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        inner = self.layer.compute_output_shape((self._folded_batch(input_shape),)
+                                                + input_shape[2:])
+        return (input_shape[0], input_shape[1]) + tuple(inner[1:])
+
+    def call(self, inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        shape = tf.shape(x)
+        folded = tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0))
+        folded.set_shape((self._folded_batch(tuple(x.shape)),) + tuple(x.shape[2:]))
+        y = self.layer(folded, training=training)
+        out = tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], axis=0))
+        out.set_shape(tuple(x.shape[:2]) + tuple(y.shape[1:]))
+        return out

@@ -388,3 +388,35 @@ def test_bad_inputs():
         kspike.IFNeurons()(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="floating-point"):
         kspike.IFNeurons()(np.zeros((2, 3, 4), np.int32))
+
+
+# ------------------------------------------------------------------------------- FoldTime
+def test_fold_time_matches_time_distributed_and_pools_batch_statistics(rng, tmp_path):
+    x = rng.normal(size=(3, 5, 6, 6, 2)).astype(np.float32)
+    conv = keras.layers.Conv2D(4, 3, padding="same")
+    folded = kspike.FoldTime(conv)
+    y = folded(x)
+    assert tuple(y.shape) == (3, 5, 6, 6, 4)
+    np.testing.assert_allclose(y.numpy(), keras.layers.TimeDistributed(conv)(x).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert folded.compute_output_shape((3, 5, 6, 6, 2)) == (3, 5, 6, 6, 4)
+    # BatchNormalization in training: statistics over all B * T samples.
+    bn = kspike.FoldTime(keras.layers.BatchNormalization(epsilon=1e-6))
+    z = bn(x * np.arange(1, 6, dtype=np.float32)[None, :, None, None, None], training=True)
+    z = z.numpy()
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 2, 3)), 1.0, atol=1e-3)
+    assert abs(z[:, 0].std() - z[:, 4].std()) > 0.5        # not normalised per step
+    # Inside a model with the neuron layers, and through a .keras file.
+    inputs = keras.Input((5, 6, 6, 2))
+    h = kspike.LIFNeurons()(kspike.FoldTime(keras.layers.BatchNormalization())(
+        kspike.FoldTime(keras.layers.Conv2D(4, 3, padding="same"))(inputs)))
+    out = keras.layers.GlobalAveragePooling1D()(kspike.FoldTime(keras.layers.Dense(2))(
+        kspike.FoldTime(keras.layers.Flatten())(h)))
+    model = keras.Model(inputs, out)
+    path = os.path.join(tmp_path, "folded.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(x).numpy(), model(x).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="time"):
+        kspike.FoldTime(keras.layers.Dense(2))(np.zeros((2, 3), np.float32))
