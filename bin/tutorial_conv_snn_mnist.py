@@ -235,6 +235,9 @@ def main(argv=None):
     fig = plotting.learning_curve({k: curves[k] for k in keys}, keys=keys,
                                   xlabel="training step" if curves is batch_log.values
                                   else "epoch")
+    if curves is batch_log.values:
+        fig.axes[0].set_title("training loss and accuracy (running mean over the epoch)",
+                              fontsize=8)
     written += plotting.save_figure(fig, os.path.join(out, "learning_curve"))
     utils.save_json(os.path.join(out, "results.json"), {
         "args": vars(args), "history": history.history, "test_accuracy": test["accuracy"],
