@@ -389,6 +389,13 @@ def node_step(v_previous, x, params, differentiable=True):
         (S_t, V_t, H_t): spikes, the voltage after the reset, the voltage before it.
     """
     h = node_charge(v_previous, x, params)
+    if not differentiable and params.v_reset is not None:
+        # The same values as node_reset for S in {0, 1} ((1 - S) H + c S is exactly H or c),
+        # in two passes over the tensor instead of five: this is the forward loop of the
+        # hand-written backward pass. (H - V_th >= 0 and H >= V_th agree in IEEE arithmetic.)
+        fired = h >= params.thr
+        return (tf.cast(fired, h.dtype), tf.where(fired, tf.constant(params.v_reset, h.dtype), h),
+                h)
     s = node_fire(h, params, differentiable)
     return s, node_reset(h, s, params), h
 
@@ -420,4 +427,6 @@ def node_step_vjp(grad_s, grad_v, h, s, params):
             dv_dh = dv_dh + (params.v_reset - h) * psi
     grad_h = grad_s * psi + grad_v * dv_dh
     leak, gain = node_charge_partials(params)
-    return gain * grad_h, leak * grad_h
+    # IF (and LIF without decay_input) pass dL/dH on unscaled: no multiplication by 1.
+    return (grad_h if gain == 1.0 else gain * grad_h,
+            grad_h if leak == 1.0 else leak * grad_h)
