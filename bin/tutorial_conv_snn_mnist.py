@@ -6,7 +6,8 @@ spikes with --encoding poisson) to
     Conv(16, 3x3)-BN-LIF-MaxPool  ->  Conv(32, 3x3)-BN-LIF-MaxPool  ->  Dense(128)-LIF  ->
     Dense(10), the class scores averaged over the T steps,
 
-with SpikingJelly's LIF node semantics (kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset
+its weight layers applied to all T steps at once (kspike.FoldTime; --time-distributed for
+keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics (kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset
 to 0, sigmoid surrogate alpha = 4; see docs/neuron_layers.md), trained by backpropagation
 through time with kspike.Trainer (progress bar, checkpoints in <output>/checkpoints).
 
@@ -40,10 +41,11 @@ def parse_args(argv=None):
                         help="channels of the two convolutions")
     parser.add_argument("--hidden", type=int, default=128, help="LIF neurons of the dense layer")
     parser.add_argument("--tau", type=float, default=2.0, help="LIF time constant, in steps")
-    parser.add_argument("--fold-time", action="store_true",
-                        help="apply the weight layers with kspike.FoldTime (T folded into the "
-                             "batch, SpikingJelly's batch-norm statistics) instead of "
-                             "keras.layers.TimeDistributed")
+    parser.add_argument("--time-distributed", dest="fold_time", action="store_false",
+                        help="apply the weight layers with keras.layers.TimeDistributed (one "
+                             "call per step, batch-norm statistics per step) instead of "
+                             "kspike.FoldTime (T folded into the batch as in SpikingJelly; "
+                             "about 4x faster on CPU, see bin/bench_deep_snn.py)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=None,
                         help="use only the first N training images")
@@ -215,6 +217,7 @@ def main(argv=None):
         metrics=["accuracy"], checkpoint_dir=os.path.join(out, "checkpoints"),
         seed=args.seed, verbose=1)
     print(f"Conv SNN {tuple(args.channels)} + {args.hidden} LIF, T = {args.time_steps}, "
+          f"{'FoldTime' if args.fold_time else 'TimeDistributed'} weight layers, "
           f"{args.encoding} encoding, rule {args.rule}, {args.epochs} epoch(s) of batch "
           f"{args.batch_size}", flush=True)
     batch_log = BatchLog()
