@@ -103,6 +103,17 @@ def test_fires_at_exact_threshold():
     np.testing.assert_array_equal(kspike.IFNeurons()(x).numpy()[0, :, 0], [1.0, 0.0, 1.0])
 
 
+def test_spike_function_inclusive_forward():
+    f = surrogates.get("triangular")
+    x = tf.constant([-0.5, 0.0, 0.5])
+    np.testing.assert_array_equal(f(x).numpy(), [0.0, 0.0, 1.0])           # cells: >
+    np.testing.assert_array_equal(f(x, inclusive=True).numpy(), [0.0, 1.0, 1.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(f(x, inclusive=True))
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), f.pseudo_derivative(x).numpy())
+
+
 def test_default_surrogate_is_spikingjelly_sigmoid_alpha_4():
     x = tf.constant(np.linspace(-1.0, 3.0, 21, dtype=np.float32).reshape(1, 1, 21))
     with tf.GradientTape() as tape:
