@@ -16,7 +16,7 @@ del _tensorflow
 
 from kspike import dynamics, surrogates
 from kspike.cells import ALIF, LIF, split_outputs
-from kspike.layers import LeakyReadout
+from kspike.layers import FoldTime, IFNeurons, LIFNeurons, LeakyReadout
 from kspike import compat, graph
 from kspike import learning, regularizers
 from kspike.regularizers import FiringRateRegularizer, VoltageRegularizer

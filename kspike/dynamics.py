@@ -297,3 +297,136 @@ def eligibility_trace(eps_v, eps_b, derivatives):
     if eps_b is not None and derivatives.dz_db is not None:
         e = e + derivatives.dz_db * eps_b
     return e
+
+
+# ------------------------------------------------------------ IF / LIF nodes of deep SNNs
+# SpikingJelly's IFNode / LIFNode semantics (docs/neuron_layers.md): elementwise on a tensor of
+# any shape, one step in the order charge -> fire -> reset, V_{t-1} the state after the reset::
+#
+#     IF:                       H_t = V_{t-1} + X_t
+#     LIF, decay_input=True:    H_t = V_{t-1} + (X_t - (V_{t-1} - V_reset)) / tau
+#     LIF, decay_input=False:   H_t = V_{t-1} - (V_{t-1} - V_reset) / tau + X_t
+#     fire:                     S_t = 1[H_t - V_th >= 0]        (>=, unlike the LSNN cells' >)
+#     hard reset (V_reset=c):   V_t = H_t (1 - S_t) + c S_t
+#     soft reset (V_reset None): V_t = H_t - V_th S_t   (and V_reset counts as 0 in the decay)
+#
+# tau counts time steps; V_0 = V_reset (0 with the soft reset).
+
+
+class NodeParameters(NamedTuple):
+    """Constants of an IF/LIF node layer (``kspike.IFNeurons`` / ``kspike.LIFNeurons``).
+
+    Attributes:
+        tau: membrane time constant in time steps (float >= 1), or None for the IF node.
+        thr: firing threshold V_th (float > 0).
+        v_reset: reset potential of the hard reset (float), or None for the soft reset
+            (subtraction of V_th).
+        decay_input: LIF only: the input is divided by tau as well as the leak.
+        detach_reset: the spike in the reset carries no gradient.
+        spike_function: a ``kspike.surrogates.SpikeFunction`` applied to H_t - V_th.
+    """
+    tau: Optional[float]
+    thr: float
+    v_reset: Optional[float]
+    decay_input: bool
+    detach_reset: bool
+    spike_function: object
+
+
+def node_initial_voltage(params):
+    """V_0: V_reset with the hard reset, 0 with the soft reset (a float)."""
+    return 0.0 if params.v_reset is None else float(params.v_reset)
+
+
+def node_charge(v_previous, x, params):
+    """H_t from V_{t-1} and the input current X_t (any shape, same dtype)."""
+    if params.tau is None:
+        return v_previous + x
+    if params.decay_input:
+        if params.v_reset is None or params.v_reset == 0.0:
+            return v_previous + (x - v_previous) / params.tau
+        return v_previous + (x - (v_previous - params.v_reset)) / params.tau
+    if params.v_reset is None or params.v_reset == 0.0:
+        # SpikingJelly's rounding for a zero rest potential.
+        return v_previous * (1.0 - 1.0 / params.tau) + x
+    return v_previous - (v_previous - params.v_reset) / params.tau + x
+
+
+def node_charge_partials(params):
+    """(dH_t/dV_{t-1}, dH_t/dX_t) of ``node_charge``: floats, constant in time."""
+    if params.tau is None:
+        return 1.0, 1.0
+    leak = 1.0 - 1.0 / params.tau
+    return leak, (1.0 / params.tau if params.decay_input else 1.0)
+
+
+def node_fire(h, params, differentiable=True):
+    """S_t = 1[H_t >= V_th], with the surrogate gradient psi(H_t - V_th) if ``differentiable``
+    (else a plain 0/1 tensor without gradient)."""
+    x = h - params.thr
+    if not differentiable:
+        return tf.cast(x >= 0.0, h.dtype)
+    return params.spike_function(x, inclusive=True)
+
+
+def node_reset(h, s, params):
+    """V_t from H_t and S_t: hard reset to V_reset, or soft reset by subtraction of V_th."""
+    s_reset = tf.stop_gradient(s) if params.detach_reset else s
+    if params.v_reset is None:
+        return h - s_reset * params.thr
+    return (1.0 - s_reset) * h + s_reset * params.v_reset
+
+
+def node_step(v_previous, x, params, differentiable=True):
+    """One charge -> fire -> reset step of an IF/LIF node layer.
+
+    Args:
+        v_previous: V_{t-1}, any shape. x: X_t, the same shape and dtype.
+        params: ``NodeParameters``.
+        differentiable: carry the surrogate gradient (False: plain 0/1 spikes).
+
+    Returns:
+        (S_t, V_t, H_t): spikes, the voltage after the reset, the voltage before it.
+    """
+    h = node_charge(v_previous, x, params)
+    if not differentiable and params.v_reset is not None:
+        # The same values as node_reset for S in {0, 1} ((1 - S) H + c S is exactly H or c),
+        # in two passes over the tensor instead of five: this is the forward loop of the
+        # hand-written backward pass. (H - V_th >= 0 and H >= V_th agree in IEEE arithmetic.)
+        fired = h >= params.thr
+        return (tf.cast(fired, h.dtype), tf.where(fired, tf.constant(params.v_reset, h.dtype), h),
+                h)
+    s = node_fire(h, params, differentiable)
+    return s, node_reset(h, s, params), h
+
+
+def node_step_vjp(grad_s, grad_v, h, s, params):
+    """Backpropagation through one ``node_step``.
+
+    With psi_t = psi(H_t - V_th) (dS_t/dH_t) and the charge partials a = dH_t/dV_{t-1},
+    b = dH_t/dX_t (``node_charge_partials``)::
+
+        hard reset: dV_t/dH_t = 1 - S_t + (V_reset - H_t) psi_t     (no psi term if detached)
+        soft reset: dV_t/dH_t = 1 - V_th psi_t                      (1 if detached)
+        dL/dH_t = dL/dS_t psi_t + dL/dV_t dV_t/dH_t
+        dL/dX_t = b dL/dH_t,  dL/dV_{t-1} = a dL/dH_t
+
+    Args:
+        grad_s, grad_v: dL/dS_t and dL/dV_t. h, s: H_t and S_t of the step.
+        params: ``NodeParameters``.
+
+    Returns:
+        (dL/dX_t, dL/dV_{t-1}).
+    """
+    psi = params.spike_function.pseudo_derivative(h - params.thr)
+    if params.v_reset is None:
+        dv_dh = 1.0 if params.detach_reset else 1.0 - params.thr * psi
+    else:
+        dv_dh = 1.0 - s
+        if not params.detach_reset:
+            dv_dh = dv_dh + (params.v_reset - h) * psi
+    grad_h = grad_s * psi + grad_v * dv_dh
+    leak, gain = node_charge_partials(params)
+    # IF (and LIF without decay_input) pass dL/dH on unscaled: no multiplication by 1.
+    return (grad_h if gain == 1.0 else gain * grad_h,
+            grad_h if leak == 1.0 else leak * grad_h)

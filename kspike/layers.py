@@ -1,12 +1,15 @@
-"""Sequence layers around spiking cells: the leaky readout of LSNN."""
+"""Sequence layers: the leaky readout of LSNN and the weight-free IF/LIF neuron layers of deep
+(feed-forward, convolutional) SNNs (docs/neuron_layers.md)."""
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from kspike import dynamics
+from kspike import dynamics, surrogates
 
-__all__ = ["LeakyReadout", "leaky_filter"]
+__all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "FoldTime", "node_sequence"]
 
 # Up to this many steps the filter is one (T, T) matmul (fast, exact); beyond it a scan keeps
 # memory linear in T.
@@ -143,3 +146,451 @@ class LeakyReadout(keras.layers.Layer):
                 "bias_regularizer": regularizers.serialize(self.bias_regularizer),
                 "kernel_constraint": constraints.serialize(self.kernel_constraint),
                 "bias_constraint": constraints.serialize(self.bias_constraint)}
+
+
+# ------------------------------------------------------------------ IF / LIF neuron layers
+
+_NODE_OUTPUTS = ("spikes", "all")
+
+
+def _tape_may_record():
+    """True where a gradient tape may record the current computation (training)."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:  # a TensorFlow without this internal: keep the hand-written backward
+        return True
+    return bool(record.could_possibly_record())
+
+
+def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
+                  hand_written_backward=True):
+    """Run an IF/LIF node layer (``kspike.dynamics.node_step``) over a whole sequence.
+
+    The loop is a ``tf.while_loop`` over TensorArrays (per-step reads from a TensorArray are
+    several times faster than slicing a captured (T, ...) tensor). With
+    ``hand_written_backward`` the forward pass keeps only H_t and S_t per step, and the gradient
+    is the backward recurrence of ``kspike.dynamics.node_step_vjp`` over the whole sequence
+    inside one ``tf.custom_gradient``; otherwise TensorFlow differentiates the plain loop
+    (the same gradients to float rounding; this is the form that survives SavedModel export).
+
+    Args:
+        x: (T, B, *features) input currents, time-major, float32 or float64.
+        v_initial: (B, *features) V_0, the dtype of ``x``.
+        params: ``kspike.dynamics.NodeParameters``.
+        mask: optional (T, B) 0/1 (or bool): at a masked step the voltage is held and no
+            spike is emitted.
+        return_voltages: also return the voltages V_t after each step's reset.
+        hand_written_backward: see above.
+
+    Returns:
+        (spikes, voltages, v_final): spikes (T, B, *features) 0/1, voltages the same shape or
+        None, v_final (B, *features).
+    """
+    x = tf.convert_to_tensor(x)
+    dtype = x.dtype
+    v_initial = tf.convert_to_tensor(v_initial, dtype)
+    element_shape = v_initial.shape
+    masked = mask is not None
+    if masked:
+        mask = tf.cast(tf.convert_to_tensor(mask), dtype)
+        # (T, B) -> (T, B, 1, ..., 1): broadcasts against one step's (B, *features).
+        mask = tf.reshape(mask, tf.concat(
+            [tf.shape(mask), tf.ones([x.shape.rank - 2], tf.int32)], axis=0))
+
+    def unstack(tensor):
+        return tf.TensorArray(tensor.dtype, size=tf.shape(tensor)[0],
+                              element_shape=tensor.shape[1:]).unstack(tensor)
+
+    def new_ta(size):
+        return tf.TensorArray(dtype, size=size, element_shape=element_shape)
+
+    def forward(x, v_initial, mask, differentiable, keep_h):
+        steps = tf.shape(x)[0]
+        x_ta = unstack(x)
+        mask_ta = unstack(mask) if masked else None
+        names = ["s"] + (["v"] if return_voltages else []) + (["h"] if keep_h else [])
+
+        def body(t, v, tas):
+            s, v_new, h = dynamics.node_step(v, x_ta.read(t), params, differentiable)
+            if masked:
+                m = mask_ta.read(t)
+                s = s * m
+                v_new = tf.where(m > 0.5, v_new, v)
+            values = {"s": s, "v": v_new, "h": h}
+            return t + 1, v_new, {k: ta.write(t, values[k]) for k, ta in tas.items()}
+
+        _, v_final, tas = tf.while_loop(
+            lambda t, *_: t < steps, body,
+            (tf.constant(0), v_initial, {k: new_ta(steps) for k in names}))
+        return tas, v_final
+
+    if not hand_written_backward:
+        tas, v_final = forward(x, v_initial, mask, True, False)
+        voltages = tas["v"].stack() if return_voltages else None
+        return (_with_static_shape(tas["s"].stack(), x), _with_static_shape(voltages, x),
+                v_final)
+
+    inputs = [x, v_initial] + ([mask] if masked else [])
+
+    @tf.custom_gradient
+    def run(*args):
+        x, v_initial = args[0], args[1]
+        mask_value = args[2] if masked else None
+        tas, v_final = forward(x, v_initial, mask_value, False, True)
+        spikes = tas["s"].stack()
+        outputs = [spikes] + ([tas["v"].stack()] if return_voltages else []) + [v_final]
+        h_ta, s_ta = tas["h"], tas["s"]
+
+        def grad_fn(*grads):
+            grads = [tf.zeros_like(o) if g is None else tf.convert_to_tensor(g, dtype)
+                     for g, o in zip(grads, outputs)]
+            grad_spikes_ta = unstack(grads[0])
+            grad_voltages_ta = unstack(grads[1]) if return_voltages else None
+            steps = tf.shape(x)[0]
+            mask_ta = unstack(mask_value) if masked else None
+
+            def back_body(t, grad_v, grad_x_ta):
+                # grad_v: dL/dV_t from the steps after t (and the final state).
+                if grad_voltages_ta is not None:
+                    grad_v = grad_v + grad_voltages_ta.read(t)
+                # At a masked step S_t is 0 (its output gradient does not count) and
+                # V_t = V_{t-1}.
+                grad_x, grad_v_previous = dynamics.node_step_vjp(
+                    grad_spikes_ta.read(t), grad_v, h_ta.read(t), s_ta.read(t), params)
+                if masked:
+                    m = mask_ta.read(t)
+                    grad_x = grad_x * m
+                    grad_v_previous = m * grad_v_previous + (1.0 - m) * grad_v
+                return t - 1, grad_v_previous, grad_x_ta.write(t, grad_x)
+
+            _, grad_v0, grad_x_ta = tf.while_loop(
+                lambda t, *_: t >= 0, back_body, (steps - 1, grads[-1], new_ta(steps)))
+            result = [grad_x_ta.stack(), grad_v0]
+            if masked:
+                result.append(tf.zeros_like(mask_value))
+            return result
+
+        return tuple(outputs), grad_fn
+
+    results = run(*inputs)
+    voltages = results[1] if return_voltages else None
+    return _with_static_shape(results[0], x), _with_static_shape(voltages, x), results[-1]
+
+
+def _with_static_shape(sequence, like):
+    # TensorArray.stack loses the static T; Keras' TimeDistributed needs it (with an unknown
+    # T it maps over the wrong axis).
+    if sequence is not None:
+        sequence.set_shape(like.shape)
+    return sequence
+
+
+def _real_number(name, value, minimum=None, strict=False, allow_none=False):
+    if value is None and allow_none:
+        return None
+    expected = "a real number" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be {expected}, received {value!r} of type "
+                        f"{type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, received {value!r}.")
+    if minimum is not None and (value < minimum or (strict and value == minimum)):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"`{name}` must be {bound}, received {value!r}.")
+    return value
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, received {value!r} of type "
+                        f"{type(value).__name__}.")
+    return bool(value)
+
+
+class _NeuronLayer(keras.layers.Layer):
+    """Shared shell of ``IFNeurons`` and ``LIFNeurons`` (arguments, state, call)."""
+
+    def __init__(self, thr=1.0, v_reset=0.0, surrogate="sigmoid", detach_reset=False,
+                 return_sequences=True, return_state=False, stateful=False, output="spikes",
+                 dampening_factor=1.0, sharpness=1.0, **kwargs):
+        kwargs.pop("autocast", None)
+        # The voltage stays in float32 under mixed precision: the layer casts itself.
+        super().__init__(autocast=False, **kwargs)
+        self.thr = _real_number("thr", thr, minimum=0.0, strict=True)
+        self.v_reset = _real_number("v_reset", v_reset, allow_none=True)
+        self.dampening_factor = _real_number("dampening_factor", dampening_factor, 0.0, True)
+        self.sharpness = _real_number("sharpness", sharpness, 0.0, True)
+        if isinstance(surrogate, surrogates.SpikeFunction):
+            self.spike_function = surrogate
+        elif isinstance(surrogate, dict):
+            self.spike_function = surrogates.get(dict(surrogate))
+        else:
+            self.spike_function = surrogates.get(surrogate, dampening=self.dampening_factor,
+                                                 sharpness=self.sharpness)
+        self.detach_reset = _flag("detach_reset", detach_reset)
+        self.return_sequences = _flag("return_sequences", return_sequences)
+        self.return_state = _flag("return_state", return_state)
+        self.stateful = _flag("stateful", stateful)
+        if output not in _NODE_OUTPUTS:
+            raise ValueError(f"`output` must be one of {_NODE_OUTPUTS}, received {output!r}.")
+        self.output_mode = output
+        self.supports_masking = True
+        self.voltage = None
+
+    tau = None
+    decay_input = False
+
+    @property
+    def parameters(self):
+        """The layer's ``kspike.dynamics.NodeParameters``."""
+        return dynamics.NodeParameters(tau=self.tau, thr=self.thr, v_reset=self.v_reset,
+                                       decay_input=self.decay_input,
+                                       detach_reset=self.detach_reset,
+                                       spike_function=self.spike_function)
+
+    @property
+    def state_dtype(self):
+        """float64 for a float64 layer, else float32 (also under mixed precision)."""
+        compute = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
+        return "float64" if compute == "float64" else "float32"
+
+    def _check_shape(self, shape):
+        shape = tuple(shape)
+        if len(shape) < 3:
+            raise ValueError(f"{type(self).__name__} expects inputs of shape (batch, time, "
+                             f"*features) (rank >= 3), received shape {shape}.")
+        return shape
+
+    def build(self, input_shape):
+        shape = self._check_shape(input_shape)
+        if self.stateful:
+            if shape[0] is None or any(d is None for d in shape[2:]):
+                raise ValueError(
+                    f"{type(self).__name__}(stateful=True) needs a fixed batch size and "
+                    f"feature shape, received input shape {shape}: pass e.g. "
+                    "keras.Input(shape, batch_size=B).")
+            self.voltage = self.add_weight(
+                name="voltage", shape=(shape[0],) + shape[2:], dtype=self.state_dtype,
+                initializer=initializers.Constant(dynamics.node_initial_voltage(
+                    self.parameters)), trainable=False)
+        self.built = True
+
+    def reset_state(self):
+        """Set the voltage of a stateful layer back to V_0."""
+        if self.voltage is not None:
+            self.voltage.assign(tf.fill(self.voltage.shape, tf.constant(
+                dynamics.node_initial_voltage(self.parameters), self.voltage.dtype)))
+
+    reset_states = reset_state
+
+    def call(self, inputs, initial_state=None, mask=None, training=None):
+        x = tf.convert_to_tensor(inputs)
+        self._check_shape(x.shape)
+        if not x.dtype.is_floating:
+            raise TypeError(f"{type(self).__name__} expects floating-point input currents, "
+                            f"received dtype {x.dtype.name}.")
+        state_dtype = self.state_dtype
+        compute_dtype = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
+        params = self.parameters
+        x = tf.cast(x, state_dtype)
+        rank = x.shape.rank
+        x = tf.transpose(x, [1, 0] + list(range(2, rank)))                  # (T, B, *F)
+        if initial_state is not None:
+            if isinstance(initial_state, (list, tuple)):
+                if len(initial_state) != 1:
+                    raise ValueError(f"`initial_state` must be one (batch, *features) tensor "
+                                     f"V_0, received {len(initial_state)} tensors.")
+                initial_state = initial_state[0]
+            v0 = tf.cast(tf.convert_to_tensor(initial_state), state_dtype)
+            if v0.shape.rank != rank - 1:
+                raise ValueError(f"`initial_state` must have shape (batch, *features) = "
+                                 f"{(None,) + tuple(x.shape[2:])}, received {tuple(v0.shape)}.")
+        elif self.stateful:
+            if x.shape[1] is not None and x.shape[1] != self.voltage.shape[0]:
+                raise ValueError(f"{type(self).__name__}(stateful=True) was built for batch "
+                                 f"size {self.voltage.shape[0]}, received {x.shape[1]}.")
+            v0 = tf.convert_to_tensor(self.voltage)
+        else:
+            v0 = tf.fill(tf.shape(x)[1:], tf.constant(dynamics.node_initial_voltage(params),
+                                                      state_dtype))
+        if mask is not None:
+            mask = tf.convert_to_tensor(mask)
+            if mask.shape.rank > 2:
+                # e.g. keras.layers.Masking on (B, T, H, W, C) gives (B, T, H, W): a step is
+                # skipped when all its elements are masked, as Masking does for (B, T, n).
+                mask = tf.reduce_any(tf.cast(mask, tf.bool), axis=list(range(2, mask.shape.rank)))
+            mask = tf.transpose(mask)                                        # (T, B)
+        return_voltages = self.output_mode == "all"
+        spikes, voltages, v_final = node_sequence(
+            x, v0, params, mask=mask, return_voltages=return_voltages,
+            hand_written_backward=_tape_may_record())
+        if self.stateful:
+            self.voltage.assign(v_final)
+
+        def batch_major(sequence):
+            if not self.return_sequences:
+                return tf.cast(sequence[-1], compute_dtype)
+            return tf.cast(tf.transpose(sequence, [1, 0] + list(range(2, rank))), compute_dtype)
+
+        outputs = [batch_major(spikes)]
+        if return_voltages:
+            outputs.append(batch_major(voltages))
+        if self.return_state:
+            outputs.append(tf.cast(v_final, compute_dtype))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def compute_output_shape(self, input_shape):
+        shape = self._check_shape(input_shape)
+        sequence = shape if self.return_sequences else (shape[0],) + shape[2:]
+        shapes = [sequence] * (2 if self.output_mode == "all" else 1)
+        if self.return_state:
+            shapes.append((shape[0],) + shape[2:])
+        return shapes[0] if len(shapes) == 1 else shapes
+
+    def compute_mask(self, inputs, mask=None):
+        sequence_mask = mask if self.return_sequences else None
+        masks = [sequence_mask] * (2 if self.output_mode == "all" else 1)
+        if self.return_state:
+            masks.append(None)
+        return masks[0] if len(masks) == 1 else masks
+
+    def get_config(self):
+        return {**super().get_config(), "thr": self.thr, "v_reset": self.v_reset,
+                "surrogate": self.spike_function.get_config(),
+                "dampening_factor": self.dampening_factor, "sharpness": self.sharpness,
+                "detach_reset": self.detach_reset, "return_sequences": self.return_sequences,
+                "return_state": self.return_state, "stateful": self.stateful,
+                "output": self.output_mode}
+
+
+_NODE_ARGS_DOC = """
+        thr: firing threshold V_th (> 0).
+        v_reset: reset potential of the hard reset (a number), or None for the soft reset
+            V_t = H_t - V_th S_t. V_0 is v_reset (0 for the soft reset).
+        surrogate: a kspike surrogate name (``kspike.surrogates.available()``), a
+            ``kspike.surrogates.SpikeFunction`` or its config dict; applied to H_t - V_th. The
+            default "sigmoid" with dampening_factor 1 and sharpness 1 is SpikingJelly's
+            ``Sigmoid(alpha=4)``: dS/dH = 4 sig(4 x) (1 - sig(4 x)), x = H_t - V_th.
+        detach_reset: the spike in the reset carries no gradient.
+        return_sequences: emit every step (B, T, *features), else the last (B, *features).
+        return_state: also return the final voltage V_T (B, *features).
+        stateful: keep the final voltage as the next call's V_0 (streaming); needs a fixed
+            batch size (``keras.Input(..., batch_size=B)``); ``reset_state()`` restores V_0.
+        output: "spikes", or "all" for [spikes, voltages V_t after the reset].
+        dampening_factor, sharpness: the surrogate's peak and sharpness when ``surrogate`` is
+            a name (see docs/surrogates.md).
+
+    Call arguments:
+        inputs: (B, T, *features) input currents (any float dtype; the voltage is float32,
+            float64 for a float64 layer).
+        initial_state: optional V_0, (B, *features).
+        mask: optional (B, T) boolean: masked steps hold the voltage and emit no spike.
+
+    Returns:
+        (B, T, *features) spikes (0/1 in the compute dtype), plus the voltages with
+        ``output="all"`` and the final voltage with ``return_state=True`` (a list then).
+"""
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class IFNeurons(_NeuronLayer):
+    """Integrate-and-fire neurons without weights, for inputs of any feature shape.
+
+    SpikingJelly's ``IFNode`` (multi-step): per element and step, charge H_t = V_{t-1} + X_t,
+    fire S_t = 1[H_t >= V_th], reset (docs/neuron_layers.md).
+
+    Args:""" + _NODE_ARGS_DOC + """
+    Example:
+
+    >>> spikes = kspike.IFNeurons(thr=1.0)(currents)   # (B, T, 28, 28, 8) -> same shape
+    """
+
+    def __init__(self, thr=1.0, v_reset=0.0, surrogate="sigmoid", detach_reset=False,
+                 return_sequences=True, return_state=False, stateful=False, output="spikes",
+                 dampening_factor=1.0, sharpness=1.0, **kwargs):
+        super().__init__(thr=thr, v_reset=v_reset, surrogate=surrogate,
+                         detach_reset=detach_reset, return_sequences=return_sequences,
+                         return_state=return_state, stateful=stateful, output=output,
+                         dampening_factor=dampening_factor, sharpness=sharpness, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class LIFNeurons(_NeuronLayer):
+    """Leaky integrate-and-fire neurons without weights, for inputs of any feature shape.
+
+    SpikingJelly's ``LIFNode`` (multi-step): per element and step, charge
+    H_t = V_{t-1} + (X_t - (V_{t-1} - V_reset)) / tau (``decay_input=True``) or
+    H_t = V_{t-1} - (V_{t-1} - V_reset) / tau + X_t, fire S_t = 1[H_t >= V_th], reset
+    (docs/neuron_layers.md). tau counts time steps (no dt).
+
+    Args:
+        tau: membrane time constant in time steps (>= 1).
+        decay_input: divide the input by tau as well.""" + _NODE_ARGS_DOC + """
+    Example:
+
+    >>> spikes = kspike.LIFNeurons(tau=2.0)(currents)  # (B, T, 28, 28, 8) -> same shape
+    """
+
+    def __init__(self, tau=2.0, thr=1.0, v_reset=0.0, decay_input=True, surrogate="sigmoid",
+                 detach_reset=False, return_sequences=True, return_state=False, stateful=False,
+                 output="spikes", dampening_factor=1.0, sharpness=1.0, **kwargs):
+        self.tau = _real_number("tau", tau, minimum=1.0)
+        self.decay_input = _flag("decay_input", decay_input)
+        super().__init__(thr=thr, v_reset=v_reset, surrogate=surrogate,
+                         detach_reset=detach_reset, return_sequences=return_sequences,
+                         return_state=return_state, stateful=stateful, output=output,
+                         dampening_factor=dampening_factor, sharpness=sharpness, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "tau": self.tau, "decay_input": self.decay_input}
+
+
+@keras.saving.register_keras_serializable(package="kspike")
+class FoldTime(keras.layers.Wrapper):
+    """Apply a layer to all T steps at once, with the time axis folded into the batch.
+
+    (B, T, *features) -> the layer on (B * T, *features) -> (B, T, *out_features): SpikingJelly's
+    ``SeqToANNContainer``. Unlike ``keras.layers.TimeDistributed``, which calls the layer once
+    per step, one call covers every step, so ``BatchNormalization`` normalises with statistics
+    over all B * T samples (as SpikingJelly's networks do) and updates its moving averages once
+    per batch; for layers without batch statistics (Conv2D, Dense, pooling) the outputs are the
+    same as with ``TimeDistributed``.
+
+    Args:
+        layer: a Keras layer for (batch, *features) inputs.
+
+    Example:
+
+    >>> h = kspike.FoldTime(keras.layers.BatchNormalization())(h)   # h (B, T, 28, 28, 32)
+    """
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 3:
+            raise ValueError("FoldTime expects inputs of shape (batch, time, *features), "
+                             f"received shape {input_shape}.")
+        if not self.layer.built:
+            self.layer.build((None,) + input_shape[2:])
+        self.built = True
+
+    def _folded_batch(self, input_shape):
+        if input_shape[0] is None or input_shape[1] is None:
+            return None
+        return input_shape[0] * input_shape[1]
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        inner = self.layer.compute_output_shape((self._folded_batch(input_shape),)
+                                                + input_shape[2:])
+        return (input_shape[0], input_shape[1]) + tuple(inner[1:])
+
+    def call(self, inputs, training=None):
+        x = tf.convert_to_tensor(inputs)
+        shape = tf.shape(x)
+        folded = tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0))
+        folded.set_shape((self._folded_batch(tuple(x.shape)),) + tuple(x.shape[2:]))
+        y = self.layer(folded, training=training)
+        out = tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], axis=0))
+        out.set_shape(tuple(x.shape[:2]) + tuple(y.shape[1:]))
+        return out

@@ -54,9 +54,11 @@ __all__ = ["SpikeFunction", "available", "aliases", "get", "register", "is_regis
 _REGISTRY = {}
 
 
-def heaviside(x):
-    """Forward spike: ``1[x > 0]`` in the dtype of ``x`` (no gradient)."""
-    return ops.cast(ops.greater(x, 0), x.dtype)
+def heaviside(x, inclusive=False):
+    """Forward spike: ``1[x > 0]`` (``1[x >= 0]`` if ``inclusive``, the test of SpikingJelly's
+    nodes) in the dtype of ``x`` (no gradient)."""
+    compare = ops.greater_equal if inclusive else ops.greater
+    return ops.cast(compare(x, 0), x.dtype)
 
 
 def _check_positive_finite(name, value):
@@ -189,12 +191,13 @@ class SpikeFunction:
         """psi(x): the surrogate of dH/dx, same shape and dtype as ``x``."""
         raise NotImplementedError
 
-    def __call__(self, x):
-        """Spikes ``H(x)`` whose gradient with respect to ``x`` is ``psi(x)``."""
+    def __call__(self, x, inclusive=False):
+        """Spikes ``H(x)`` whose gradient with respect to ``x`` is ``psi(x)``; ``inclusive``
+        fires at ``x == 0`` too (``1[x >= 0]``, the IF/LIF node layers' test)."""
         x = ops.convert_to_tensor(x)
         psi = self.pseudo_derivative(x)
         surrogate = x * ops.stop_gradient(psi) - ops.stop_gradient(x * psi)
-        return ops.stop_gradient(heaviside(x)) + surrogate
+        return ops.stop_gradient(heaviside(x, inclusive)) + surrogate
 
     def get_config(self):
         return {"name": self.name, "dampening": self.dampening, "sharpness": self.sharpness}

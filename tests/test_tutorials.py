@@ -19,6 +19,8 @@ RUNS = {
     "evidence": ("tutorial_evidence_accumulation.py", ["--rule", "eprop"],
                  ["evidence_activity", "learning_curve"]),
     "shd": ("tutorial_shd.py", ["--xla"], ["shd_activity", "learning_curve"]),
+    "conv_snn": ("tutorial_conv_snn_mnist.py", ["--rule", "bptt"],
+                 ["conv_snn_spikes", "firing_rates", "learning_curve"]),
 }
 
 
@@ -76,3 +78,14 @@ def test_tutorial_requires_its_data(tmp_path):
         assert result.returncode == 2
         assert flag in result.stderr and "--quick" in result.stderr
         assert not (tmp_path / script).exists()
+
+
+def test_conv_snn_tutorial_requires_mnist(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, os.path.join(BIN, "tutorial_conv_snn_mnist.py"),
+                             "--mnist-path", str(tmp_path / "missing.npz"), "--output-dir",
+                             str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "--mnist-path" in result.stderr and "--quick" in result.stderr
+    assert not (tmp_path / "out").exists()

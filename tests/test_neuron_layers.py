@@ -1,0 +1,433 @@
+"""IF/LIF neuron layers (SpikingJelly IFNode/LIFNode semantics): exact dynamics against an
+independent NumPy implementation, the hand-written backward against autodiff and finite
+differences, Keras composition (TimeDistributed convolutions, residual blocks), streaming,
+dtypes, saving and argument checks."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import kspike
+from kspike import dynamics, surrogates
+from kspike.layers import node_sequence
+
+SHAPE = (2, 120, 3, 4, 2)          # (B, T, H, W, C)
+
+
+# ----------------------------------------------------------------------------- reference
+def spikingjelly_reference(x, tau=None, thr=1.0, v_reset=0.0, decay_input=True, dtype=np.float32):
+    """SpikingJelly's multi-step IFNode / LIFNode forward, written from its equations.
+
+    x (B, T, ...) -> spikes and voltages after the reset, each (B, T, ...), in ``dtype``.
+    """
+    x = np.asarray(x, dtype)
+    one = dtype(1.0)
+    v = np.full(x[:, 0].shape, 0.0 if v_reset is None else v_reset, dtype)
+    spikes, voltages = [], []
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        if tau is None:
+            h = v + xt
+        else:
+            tau_ = dtype(tau)
+            if decay_input:
+                if v_reset is None or v_reset == 0.0:
+                    h = v + (xt - v) / tau_
+                else:
+                    h = v + (xt - (v - dtype(v_reset))) / tau_
+            elif v_reset is None or v_reset == 0.0:
+                h = v * (one - one / tau_) + xt
+            else:
+                h = v - (v - dtype(v_reset)) / tau_ + xt
+        s = (h - dtype(thr) >= 0).astype(dtype)
+        if v_reset is None:
+            v = h - s * dtype(thr)
+        else:
+            v = (one - s) * h + s * dtype(v_reset)
+        spikes.append(s)
+        voltages.append(v)
+    return np.stack(spikes, 1), np.stack(voltages, 1)
+
+
+CONFIGS = [
+    # (kind, v_reset, decay_input, detach_reset)
+    ("if", 0.0, True, False), ("if", None, True, False), ("if", -0.3, True, True),
+    ("lif", 0.0, True, False), ("lif", None, True, False), ("lif", 0.0, False, False),
+    ("lif", None, False, True), ("lif", -0.3, True, False), ("lif", 0.2, False, True),
+]
+
+
+def make_layer(kind, v_reset, decay_input, detach_reset, tau=2.5, thr=0.8, **kwargs):
+    if kind == "if":
+        return kspike.IFNeurons(thr=thr, v_reset=v_reset, detach_reset=detach_reset, **kwargs)
+    return kspike.LIFNeurons(tau=tau, thr=thr, v_reset=v_reset, decay_input=decay_input,
+                             detach_reset=detach_reset, **kwargs)
+
+
+def currents(rng, shape=SHAPE, mean=0.6, dtype=np.float32):
+    return rng.normal(mean, 1.0, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_matches_spikingjelly_reference(rng, config):
+    kind, v_reset, decay_input, detach_reset = config
+    x = currents(rng, mean=1.2 if kind == "lif" and decay_input else 0.3)
+    layer = make_layer(*config, output="all")
+    spikes, voltages = layer(x)
+    ref_s, ref_v = spikingjelly_reference(x, None if kind == "if" else 2.5, 0.8, v_reset,
+                                          decay_input)
+    assert spikes.shape == SHAPE and voltages.shape == SHAPE
+    np.testing.assert_array_equal(spikes.numpy(), ref_s)
+    np.testing.assert_allclose(voltages.numpy(), ref_v, rtol=1e-6, atol=1e-6)
+    # A real test: both spiking and silent elements, and repeated spikes.
+    assert 0.05 < ref_s.mean() < 0.8
+    # Plain spikes output equals the "all" spikes.
+    np.testing.assert_array_equal(make_layer(*config)(x).numpy(), ref_s)
+
+
+def test_float64_matches_reference(rng):
+    x = currents(rng, dtype=np.float64)
+    layer = kspike.LIFNeurons(tau=3.0, v_reset=None, output="all", dtype="float64")
+    spikes, voltages = layer(x)
+    assert spikes.dtype == tf.float64
+    ref_s, ref_v = spikingjelly_reference(x, 3.0, 1.0, None, True, dtype=np.float64)
+    np.testing.assert_array_equal(spikes.numpy(), ref_s)
+    np.testing.assert_allclose(voltages.numpy(), ref_v, rtol=1e-12, atol=1e-12)
+
+
+def test_fires_at_exact_threshold():
+    # H_t == V_th fires (>=), unlike the LSNN cells' strict test.
+    x = np.array([[[1.0], [0.5], [0.5]]], np.float32)          # (1, 3, 1)
+    np.testing.assert_array_equal(kspike.IFNeurons()(x).numpy()[0, :, 0], [1.0, 0.0, 1.0])
+
+
+def test_spike_function_inclusive_forward():
+    f = surrogates.get("triangular")
+    x = tf.constant([-0.5, 0.0, 0.5])
+    np.testing.assert_array_equal(f(x).numpy(), [0.0, 0.0, 1.0])           # cells: >
+    np.testing.assert_array_equal(f(x, inclusive=True).numpy(), [0.0, 1.0, 1.0])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(f(x, inclusive=True))
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), f.pseudo_derivative(x).numpy())
+
+
+def test_default_surrogate_is_spikingjelly_sigmoid_alpha_4():
+    x = tf.constant(np.linspace(-1.0, 3.0, 21, dtype=np.float32).reshape(1, 1, 21))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.reduce_sum(kspike.IFNeurons()(x))
+    sig = 1.0 / (1.0 + np.exp(-4.0 * (x.numpy() - 1.0)))
+    np.testing.assert_allclose(tape.gradient(y, x).numpy(), 4.0 * sig * (1.0 - sig), rtol=1e-5,
+                               atol=1e-6)   # float32 rounding of 1 - sig in the tail
+
+
+# ------------------------------------------------------------------------------ gradients
+def loss_of(spikes, voltages, v_final, weights):
+    loss = tf.reduce_sum(spikes * weights[0]) + tf.reduce_sum(v_final * weights[2])
+    if voltages is not None:
+        loss = loss + tf.reduce_sum(voltages * weights[1])
+    return loss
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_hand_written_backward_equals_autodiff(rng, config, masked):
+    kind, v_reset, decay_input, detach_reset = config
+    layer = make_layer(*config, surrogate="triangular", dampening_factor=0.7)
+    params = layer.parameters
+    x = tf.constant(currents(rng, (40, 3, 2, 5), mean=0.8))                 # (T, B, *F)
+    v0 = tf.constant(rng.normal(0.0, 0.5, (3, 2, 5)).astype(np.float32))
+    mask = tf.constant(rng.random((40, 3)) > 0.25) if masked else None
+    weights = [tf.constant(rng.normal(size=(40, 3, 2, 5)).astype(np.float32)),
+               tf.constant(rng.normal(size=(40, 3, 2, 5)).astype(np.float32)),
+               tf.constant(rng.normal(size=(3, 2, 5)).astype(np.float32))]
+    results = []
+    for hand_written in (True, False):
+        with tf.GradientTape() as tape:
+            tape.watch([x, v0])
+            s, v, vf = node_sequence(x, v0, params, mask=mask, return_voltages=True,
+                                     hand_written_backward=hand_written)
+            loss = loss_of(s, v, vf, weights)
+        results.append((s, v, vf) + tuple(tape.gradient(loss, [x, v0])))
+    (s1, v1, f1, gx1, gv1), (s2, v2, f2, gx2, gv2) = results
+    np.testing.assert_array_equal(s1.numpy(), s2.numpy())
+    np.testing.assert_allclose(v1.numpy(), v2.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f1.numpy(), f2.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(gx1.numpy(), gx2.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gv1.numpy(), gv2.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.abs(gx1.numpy()).max() > 0.1
+    if masked:
+        held = ~mask.numpy()
+        np.testing.assert_array_equal(s1.numpy()[held], 0.0)
+        np.testing.assert_array_equal(gx1.numpy()[held], 0.0)
+
+
+class _SmoothStandIn(surrogates.Sigmoid):
+    """pseudo_derivative = the exact derivative of sig(4 x): the smooth forward below."""
+    name = "smooth_stand_in_for_tests"
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c[3]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_step_vjp_matches_finite_differences_of_smooth_stand_in(rng, config):
+    """node_step_vjp with a smooth spike S = sig(4 (H - V_th)) is the exact derivative: checked
+    by central differences of the smooth sequence (float64)."""
+    kind, v_reset, decay_input, _ = config
+    base = make_layer(*config).parameters
+    params = base._replace(spike_function=_SmoothStandIn(dampening=1.0))
+    steps, shape = 12, (2, 3)
+    x = rng.normal(0.8, 1.0, (steps,) + shape)
+    w_s = rng.normal(size=(steps,) + shape)
+    w_v = rng.normal(size=shape)
+
+    def forward(x):
+        v = np.full(shape, dynamics.node_initial_voltage(params))
+        record = []
+        for t in range(steps):
+            h = dynamics.node_charge(tf.constant(v), tf.constant(x[t]), params).numpy()
+            s = 1.0 / (1.0 + np.exp(-4.0 * (h - params.thr)))
+            record.append((h, s))
+            v = (h - params.thr * s) if params.v_reset is None else \
+                (1.0 - s) * h + s * params.v_reset
+        loss = sum(np.sum(w_s[t] * record[t][1]) for t in range(steps)) + np.sum(w_v * v)
+        return loss, record
+
+    _, record = forward(x)
+    grad_v = tf.constant(w_v)
+    grad_x = np.zeros_like(x)
+    for t in reversed(range(steps)):
+        h, s = record[t]
+        gx, grad_v = dynamics.node_step_vjp(tf.constant(w_s[t]), grad_v, tf.constant(h),
+                                            tf.constant(s), params)
+        grad_x[t] = gx.numpy()
+    eps = 1e-6
+    numeric = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += eps
+        down[index] -= eps
+        numeric[index] = (forward(up)[0] - forward(down)[0]) / (2 * eps)
+    np.testing.assert_allclose(grad_x, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_layer_gradient_uses_hand_written_backward_and_reaches_inputs(rng):
+    x = tf.constant(currents(rng, (2, 10, 4, 4, 3)))
+    layer = kspike.LIFNeurons(v_reset=None, detach_reset=True)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * tf.range(10, dtype=tf.float32)[None, :, None, None, None])
+    g = tape.gradient(loss, x)
+    s, _, _ = node_sequence(tf.transpose(x, (1, 0, 2, 3, 4)), tf.zeros((2, 4, 4, 3)),
+                            layer.parameters, hand_written_backward=False)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        s, _, _ = node_sequence(tf.transpose(x, (1, 0, 2, 3, 4)), tf.zeros((2, 4, 4, 3)),
+                                layer.parameters, hand_written_backward=False)
+        loss = tf.reduce_sum(s * tf.range(10, dtype=tf.float32)[:, None, None, None, None])
+    np.testing.assert_allclose(g.numpy(), tape.gradient(loss, x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- state and streaming
+def test_initial_state_and_return_state_continue_a_sequence(rng):
+    x = currents(rng, (2, 30, 5, 3))
+    layer = kspike.LIFNeurons(tau=4.0, return_state=True)
+    full, v_full = layer(x)
+    first, v_half = layer(x[:, :17])
+    second, v_end = layer(x[:, 17:], initial_state=v_half)
+    np.testing.assert_array_equal(np.concatenate([first, second], 1), full.numpy())
+    np.testing.assert_allclose(v_end.numpy(), v_full.numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="initial_state"):
+        layer(x, initial_state=v_half[:, 0])
+
+
+def test_stateful_streaming(rng):
+    x = currents(rng, (2, 24, 6))
+    inputs = keras.Input((None, 6), batch_size=2)
+    model = keras.Model(inputs, kspike.IFNeurons(v_reset=None, stateful=True)(inputs))
+    full = kspike.IFNeurons(v_reset=None)(x).numpy()
+    chunks = [model(x[:, t:t + 5]).numpy() for t in range(0, 24, 5)]
+    np.testing.assert_array_equal(np.concatenate(chunks, 1), full)
+    model.layers[-1].reset_state()
+    np.testing.assert_array_equal(model(x[:, :5]).numpy(), full[:, :5])
+    with pytest.raises(ValueError, match="fixed batch size"):
+        kspike.IFNeurons(stateful=True)(keras.Input((None, 6)))
+    with pytest.raises(ValueError, match="batch"):
+        model.layers[-1](x[:1, :5])
+
+
+def test_return_sequences_false_and_shapes(rng):
+    x = currents(rng, (3, 7, 4, 2))
+    last = kspike.LIFNeurons(return_sequences=False)(x)
+    np.testing.assert_array_equal(last.numpy(), kspike.LIFNeurons()(x).numpy()[:, -1])
+    layer = kspike.LIFNeurons(output="all", return_state=True)
+    assert layer.compute_output_shape((3, 7, 4, 2)) == [(3, 7, 4, 2)] * 2 + [(3, 4, 2)]
+    outputs = layer(x)
+    assert [tuple(o.shape) for o in outputs] == [(3, 7, 4, 2)] * 2 + [(3, 4, 2)]
+
+
+def test_mask_holds_voltage(rng):
+    x = currents(rng, (2, 20, 3))
+    mask = np.ones((2, 20), bool)
+    mask[0, 5:9] = False
+    mask[1, 15:] = False
+    spikes, voltages = kspike.LIFNeurons(output="all")(x, mask=mask)
+    for b in range(2):
+        ref_s, ref_v = spikingjelly_reference(x[b:b + 1, mask[b]], 2.0, 1.0, 0.0)
+        np.testing.assert_array_equal(spikes.numpy()[b, mask[b]], ref_s[0])
+        np.testing.assert_array_equal(spikes.numpy()[b, ~mask[b]], 0.0)
+        np.testing.assert_allclose(voltages.numpy()[b, mask[b]], ref_v[0], atol=1e-6)
+    # A Keras mask of a (B, T, H, W, C) input, (B, T, H, W), masks the steps that are all
+    # masked.
+    images = np.repeat(x[:, :, :, None, None], 2, axis=3)                 # (2, 20, 3, 2, 1)
+    images[~mask] = 0.0
+    inputs = keras.Input((20, 3, 2, 1))
+    spikes_5d = keras.Model(inputs, kspike.LIFNeurons()(keras.layers.Masking(0.0)(inputs)))(
+        images)
+    np.testing.assert_array_equal(spikes_5d.numpy()[..., 0, 0], spikes.numpy())
+    # Keras masks propagate through the layer.
+    inputs = keras.Input((None, 3))
+    masked = keras.layers.Masking(0.0)(inputs)
+    out = keras.layers.GRU(2)(kspike.LIFNeurons()(masked))
+    assert keras.Model(inputs, out)(x).shape == (2, 2)
+
+
+def test_mixed_precision(rng):
+    x = currents(rng, (2, 16, 4, 4, 2)).astype(np.float16)
+    reference = kspike.LIFNeurons(tau=3.0)(x.astype(np.float32)).numpy()
+    layer = kspike.LIFNeurons(tau=3.0, dtype="mixed_float16")
+    y = layer(x)
+    assert y.dtype == tf.float16 and layer.state_dtype == "float32"
+    np.testing.assert_array_equal(y.numpy().astype(np.float32), reference)
+
+
+# ------------------------------------------------------------------------ Keras composition
+def conv_snn(steps=3, size=8):
+    td = keras.layers.TimeDistributed
+    return keras.Sequential([
+        keras.Input((steps, size, size, 1)),
+        td(keras.layers.Conv2D(4, 3, padding="same", use_bias=False)),
+        td(keras.layers.BatchNormalization()),
+        kspike.LIFNeurons(),
+        td(keras.layers.MaxPooling2D()),
+        td(keras.layers.Flatten()),
+        td(keras.layers.Dense(16)),
+        kspike.IFNeurons(v_reset=None),
+        td(keras.layers.Dropout(0.2)),
+        td(keras.layers.Dense(3)),
+        keras.layers.GlobalAveragePooling1D(),
+    ])
+
+
+def test_convolutional_snn_trains_and_round_trips(rng, tmp_path):
+    x = rng.random((16, 3, 8, 8, 1)).astype(np.float32) * 3.0
+    y = rng.integers(0, 3, 16)
+    model = conv_snn()
+    model.compile(keras.optimizers.Adam(1e-2),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    changed = [not np.allclose(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
+    assert all(changed)          # gradients reach every layer through both neuron layers
+    path = os.path.join(tmp_path, "conv_snn.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+    assert loaded.layers[2].get_config() == model.layers[2].get_config()
+
+
+def test_residual_block_with_add(rng):
+    td = keras.layers.TimeDistributed
+    inputs = keras.Input((4, 6, 6, 3))
+    h = td(keras.layers.Conv2D(3, 3, padding="same"))(inputs)
+    h = kspike.LIFNeurons()(td(keras.layers.BatchNormalization())(h))
+    h = td(keras.layers.Conv2D(3, 3, padding="same"))(h)
+    h = keras.layers.Add()([h, inputs])
+    h = kspike.LIFNeurons(v_reset=None)(h)
+    out = keras.layers.GlobalAveragePooling1D()(td(keras.layers.Dense(2))(
+        td(keras.layers.Flatten())(h)))
+    model = keras.Model(inputs, out)
+    x = rng.random((4, 4, 6, 6, 3)).astype(np.float32) * 2.0
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(model(x, training=True) ** 2)
+    grads = tape.gradient(loss, model.trainable_weights)
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+    assert np.abs(grads[0].numpy()).max() > 0
+
+
+@pytest.mark.parametrize("cls", [kspike.IFNeurons, kspike.LIFNeurons])
+def test_config_round_trip(cls):
+    layer = cls(thr=0.5, v_reset=None, surrogate="ntail", dampening_factor=0.4, sharpness=2.0,
+                detach_reset=True, return_sequences=False, return_state=True, output="all")
+    config = layer.get_config()
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    assert clone.spike_function == layer.spike_function
+    obj = cls(surrogate=surrogates.get("gaussian", dampening=0.2))
+    assert cls.from_config(obj.get_config()).spike_function == obj.spike_function
+
+
+# --------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"tau": 0.5}, ValueError, "tau"),
+    ({"tau": float("nan")}, ValueError, "tau"),
+    ({"tau": "2"}, TypeError, "tau"),
+    ({"thr": 0.0}, ValueError, "thr"),
+    ({"thr": -1.0}, ValueError, "thr"),
+    ({"thr": float("inf")}, ValueError, "thr"),
+    ({"v_reset": "zero"}, TypeError, "v_reset"),
+    ({"v_reset": float("nan")}, ValueError, "v_reset"),
+    ({"surrogate": "nope"}, ValueError, "Available"),
+    ({"surrogate": 3}, TypeError, "surrogate"),
+    ({"decay_input": 1}, TypeError, "decay_input"),
+    ({"detach_reset": "yes"}, TypeError, "detach_reset"),
+    ({"output": "voltages"}, ValueError, "output"),
+    ({"dampening_factor": 0.0}, ValueError, "dampening_factor"),
+])
+def test_bad_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        kspike.LIFNeurons(**kwargs)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="rank >= 3"):
+        kspike.IFNeurons()(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="floating-point"):
+        kspike.IFNeurons()(np.zeros((2, 3, 4), np.int32))
+
+
+# ------------------------------------------------------------------------------- FoldTime
+def test_fold_time_matches_time_distributed_and_pools_batch_statistics(rng, tmp_path):
+    x = rng.normal(size=(3, 5, 6, 6, 2)).astype(np.float32)
+    conv = keras.layers.Conv2D(4, 3, padding="same")
+    folded = kspike.FoldTime(conv)
+    y = folded(x)
+    assert tuple(y.shape) == (3, 5, 6, 6, 4)
+    np.testing.assert_allclose(y.numpy(), keras.layers.TimeDistributed(conv)(x).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert folded.compute_output_shape((3, 5, 6, 6, 2)) == (3, 5, 6, 6, 4)
+    # BatchNormalization in training: statistics over all B * T samples.
+    bn = kspike.FoldTime(keras.layers.BatchNormalization(epsilon=1e-6))
+    z = bn(x * np.arange(1, 6, dtype=np.float32)[None, :, None, None, None], training=True)
+    z = z.numpy()
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 2, 3)), 1.0, atol=1e-3)
+    assert abs(z[:, 0].std() - z[:, 4].std()) > 0.5        # not normalised per step
+    # Inside a model with the neuron layers, and through a .keras file.
+    inputs = keras.Input((5, 6, 6, 2))
+    h = kspike.LIFNeurons()(kspike.FoldTime(keras.layers.BatchNormalization())(
+        kspike.FoldTime(keras.layers.Conv2D(4, 3, padding="same"))(inputs)))
+    out = keras.layers.GlobalAveragePooling1D()(kspike.FoldTime(keras.layers.Dense(2))(
+        kspike.FoldTime(keras.layers.Flatten())(h)))
+    model = keras.Model(inputs, out)
+    path = os.path.join(tmp_path, "folded.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(x).numpy(), model(x).numpy(),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="time"):
+        kspike.FoldTime(keras.layers.Dense(2))(np.zeros((2, 3), np.float32))
