@@ -562,7 +562,11 @@ class FoldTime(keras.layers.Wrapper):
 
     Example:
 
-    >>> h = kspike.FoldTime(keras.layers.BatchNormalization())(h)   # h (B, T, 28, 28, 32)
+    >>> import keras, numpy as np, kspike
+    >>> h = np.random.default_rng(0).normal(size=(2, 4, 28, 28, 3)).astype("float32")
+    >>> conv = kspike.FoldTime(keras.layers.Conv2D(8, 3, padding="same"))   # (B, T, H, W, C)
+    >>> tuple(conv(h).shape)          # Conv2D saw one batch of B*T = 8 frames
+    (2, 4, 28, 28, 8)
     """
 
     def build(self, input_shape):

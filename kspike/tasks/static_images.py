@@ -132,7 +132,17 @@ def static_images(split="train", steps=4, encoding="direct", batch_size=64, path
 
     Example:
 
-    >>> ds = kspike.tasks.static_images(path="mnist.npz", steps=4, encoding="poisson", seed=0)
+    >>> import numpy as np, kspike
+    >>> images = np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    >>> ds = kspike.tasks.static_images(images=images, labels=np.arange(8) % 10, steps=4,
+    ...                                 encoding="poisson", batch_size=4, seed=0)
+    >>> x, y = next(iter(ds))
+    >>> tuple(x.shape), tuple(y.shape)                       # (B, T, H, W, C), (B,)
+    ((4, 4, 28, 28, 1), (4,))
+    >>> sorted(np.unique(x.numpy()).tolist())                # Poisson: spikes only
+    [0.0, 1.0]
+
+    With a Keras ``mnist.npz``: ``kspike.tasks.static_images(path="mnist.npz", steps=4)``.
     """
     check_choice("split", split, _SPLITS)
     steps = check_positive_int("steps", steps)
