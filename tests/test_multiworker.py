@@ -18,7 +18,7 @@ from kspike.distribute import parse_tf_config
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiworker_worker.py")
 ROOT = os.path.dirname(HERE)
-STEPS = 8
+STEPS = 6
 TIMEOUT = 150  # per subprocess: a loaded 2-core machine
 
 
@@ -129,7 +129,7 @@ def test_two_workers_match_one_process(tmp_path, single):
 
 def test_killed_worker_resumes_to_the_same_weights(tmp_path, single):
     checkpoint_dir = tmp_path / "ckpt"
-    pause_at = 4
+    pause_at = 3
     processes, outputs = start_workers(tmp_path, "killed", checkpoint_dir, pause_at=pause_at)
     deadline = time.monotonic() + TIMEOUT
     while not (os.path.exists(outputs[1] + ".paused")
