@@ -11,6 +11,7 @@ from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
 from kspike import tasks
+from kspike import distribute
 from kspike import plotting
 from kspike import export
 from kspike import init
