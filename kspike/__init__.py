@@ -25,6 +25,7 @@ from kspike import rewiring
 from kspike.rewiring import DeepR
 from kspike.engine import SpikingRNN
 from kspike import tasks
+from kspike import distribute
 from kspike import plotting
 from kspike import export
 from kspike import nir  # needs the nir package only when called (kspike[nir])
