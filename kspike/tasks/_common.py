@@ -218,3 +218,36 @@ class WindowAccuracy(keras.metrics.MeanMetricWrapper):
 def window_accuracy(steps, name="accuracy"):
     """A ``WindowAccuracy`` metric (see there) over the last ``steps`` readout steps."""
     return WindowAccuracy(steps, name=name)
+
+
+def check_pixels(images, source="`images`"):
+    """``images`` (N, ...) as uint8 (integer pixels 0..255) or float32 (pixels in [0, 1]).
+
+    Raises:
+        ValueError: integer pixels outside 0..255, float pixels outside [0, 1], or a non-finite
+            pixel (naming ``source``, the first such image and pixel, and how many images).
+        TypeError: pixels that are neither integer nor float.
+    """
+    if np.issubdtype(images.dtype, np.integer):
+        if images.size and (images.min() < 0 or images.max() > 255):
+            raise ValueError("Integer `images` must hold pixels in 0..255, received values in "
+                             f"[{images.min()}, {images.max()}].")
+        return images.astype(np.uint8)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(f"`images` must be integer or float pixels, received dtype "
+                        f"{images.dtype}.")
+    if images.size == 0:
+        return images.astype(np.float32)
+    flat = images.reshape(len(images), -1)
+    finite = np.isfinite(flat)
+    if not finite.all():
+        bad = ~finite.all(axis=1)
+        first = int(np.argmax(bad))
+        pixel = int(np.argmax(~finite[first]))
+        raise ValueError(f"{source}: image {first} has a non-finite pixel "
+                         f"({flat[first, pixel]} at pixel {pixel}; "
+                         f"{int(bad.sum())} such images); pixels must be in [0, 1].")
+    if flat.min() < 0 or flat.max() > 1:
+        raise ValueError("Float `images` must hold pixels in [0, 1] (or pass uint8 "
+                         f"0..255), received values in [{flat.min()}, {flat.max()}].")
+    return images.astype(np.float32)

@@ -23,8 +23,8 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from kspike.tasks._common import (check_choice, check_positive_int, check_seed,
-                                  window_logits)
+from kspike.tasks._common import (check_choice, check_pixels, check_positive_int,
+                                  check_seed, window_logits)
 
 __all__ = ["sequential_mnist", "threshold_crossing_encoding", "mnist_logits",
            "N_THRESHOLD_CHANNELS", "CUE_STEPS"]
@@ -137,28 +137,7 @@ def _check_arrays(images, labels, source="`images`"):
     if images.ndim != 2 or images.shape[1] != _PIXELS:
         raise ValueError("`images` must have shape (N, 28, 28), (N, 28, 28, 1) or (N, 784), "
                          f"received {images.shape}.")
-    if np.issubdtype(images.dtype, np.integer):
-        if images.size and (images.min() < 0 or images.max() > 255):
-            raise ValueError("Integer `images` must hold pixels in 0..255, received values in "
-                             f"[{images.min()}, {images.max()}].")
-        images = images.astype(np.uint8)
-    elif np.issubdtype(images.dtype, np.floating):
-        finite = np.isfinite(images)
-        if not finite.all():
-            bad = ~finite.all(axis=1)
-            first = int(np.argmax(bad))
-            pixel = int(np.argmax(~finite[first]))
-            raise ValueError(f"{source}: image {first} has a non-finite pixel "
-                             f"({images[first, pixel]} at pixel {pixel}; "
-                             f"{int(bad.sum())} such images); pixels must be in [0, 1].")
-        if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1):
-            raise ValueError("Float `images` must hold pixels in [0, 1] (or pass uint8 "
-                             f"0..255), received values in [{np.nanmin(images)}, "
-                             f"{np.nanmax(images)}].")
-        images = images.astype(np.float32)
-    else:
-        raise TypeError(f"`images` must be integer or float pixels, received dtype "
-                        f"{images.dtype}.")
+    images = check_pixels(images, source)
     labels = labels.reshape(-1)
     if len(labels) != len(images):
         raise ValueError(f"`labels` must have one label per image: {len(images)} images, "

@@ -15,8 +15,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from kspike.tasks._common import (check_choice, check_positive_int, check_probability,
-                                  check_seed)
+from kspike.tasks._common import (check_choice, check_pixels, check_positive_int,
+                                  check_probability, check_seed)
 
 __all__ = ["static_images", "load_image_arrays", "encode_images"]
 
@@ -57,20 +57,7 @@ def _check_arrays(images, labels):
                          f"{images.shape}.")
     if len(images) == 0:
         raise ValueError("`images` is empty.")
-    if np.issubdtype(images.dtype, np.integer):
-        if images.min() < 0 or images.max() > 255:
-            raise ValueError("Integer `images` must hold pixels in 0..255, received values in "
-                             f"[{images.min()}, {images.max()}].")
-        images = images.astype(np.uint8)
-    elif np.issubdtype(images.dtype, np.floating):
-        if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
-            raise ValueError("Float `images` must hold finite pixels in [0, 1] (or pass uint8 "
-                             f"0..255), received values in [{np.min(images)}, "
-                             f"{np.max(images)}].")
-        images = images.astype(np.float32)
-    else:
-        raise TypeError(f"`images` must be integer or float pixels, received dtype "
-                        f"{images.dtype}.")
+    images = check_pixels(images)
     if len(labels) != len(images):
         raise ValueError(f"`labels` must have one label per image: {len(images)} images, "
                          f"{len(labels)} labels.")
