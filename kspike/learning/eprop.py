@@ -5,6 +5,8 @@ docs/eprop.md. The eligibility traces are derived from kspike's own step
 ``eprop_eligibility_step``, ``eligibility_trace``), so the (1 - alpha), (1 - rho) factors and the
 reset by A_t z_{t-1} of kspike's convention are part of them.
 """
+from typing import NamedTuple, Optional
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -276,233 +278,346 @@ class EProp(FeedbackRule):
         x = tf.cast(x, dtype)
         sequence = online_rules.time_major(x, dtype)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+        net = _Network(plan, weights, feedback, x, sequence, self.feedback == "adaptive")
         if single:
-            stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype)
-            out = self._loop(plan, weights, feedback, x, sequence, online=True, stream=stream,
-                             sum_traces=bool(regularizers))
-            counts = out["counts"]
-            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
-                                                                     batch, steps, dtype)
-            grads = out["grads"]
-            if regularizers:
-                # dR/dz_j(t) is the same for every sample and step, known once the sequence has
-                # ended: its term is that factor times the traces summed over batch and time.
-                grads = [g if r is None else g + r[None, :] * e
-                         for g, r, e in zip(grads, reg_signals, out["trace_sums"])]
-            task_loss, error, bias_grad = out["loss"], None, out["bias_grad"]
-            predictions = out["predictions"]
+            result = _single_pass_terms(net, loss, y, sample_weight, regularizers, batch, steps)
         else:
-            predictions, counts = online_rules.inference_pass(plan, weights, readout, x, sequence)
-            task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
-            reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
-                                                                     batch, steps, dtype)
-            signal = (error if self.online
-                      else online_rules.backward_filter(error, plan.readout.kappa))
-            signals = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(signal, (1, 0, 2)))
-            out = self._loop(plan, weights, feedback, x, sequence, online=self.online,
-                             signals=signals, reg_signals=reg_signals)
-            grads, bias_grad = out["grads"], None
+            result = _two_pass_terms(net, readout, loss, y, sample_weight, regularizers,
+                                     self.online, batch, steps)
         grads = [online_rules.split_stacked(g, layer, w)
-                 for g, layer, w in zip(grads, plan.layers, weights)]
-        gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
-                                                        out["readout_grad"], error,
-                                                        task_loss + reg_loss, weight_loss, dtype,
-                                                        readout_bias_grad=bias_grad)
+                 for g, layer, w in zip(result.grads, plan.layers, weights)]
+        gradients, total = online_rules.model_gradients(
+            tape, model, weights, grads, readout, result.readout_grad, result.error,
+            result.task_loss + result.reg_loss, weight_loss, dtype,
+            readout_bias_grad=result.bias_grad)
         del tape
         if self.feedback == "adaptive" and training:
-            updates = [g + self.weight_decay * tf.cast(v, dtype)
-                       for g, v in zip(out["feedback_grads"], self.feedback_weights)]
-            self.feedback_optimizer.apply(
-                [tf.cast(u, v.dtype) for u, v in zip(updates, self.feedback_weights)],
-                self.feedback_weights)
+            self._update_feedback(result.feedback_grads, dtype)
         rates = firing_rate_logs(
-            [SpikeRate(layer.layer.name,
-                                    tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
-                                    layer.cell.dt, layer.units)
-             for layer, c in zip(plan.layers, counts)])
-        return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
+            [SpikeRate(layer.layer.name, tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
+                       layer.cell.dt, layer.units)
+             for layer, c in zip(plan.layers, result.counts)])
+        return RuleResult(loss=total, gradients=gradients, predictions=result.predictions,
+                          logs=rates)
 
-    def _loop(self, plan, weights, feedback, x, sequence, online, signals=None, stream=None,
-              reg_signals=None, sum_traces=False):
-        """The network step by step with eligibility traces, accumulating gradients.
+    def _update_feedback(self, feedback_grads, dtype):
+        """Adaptive feedback: B receives the readout's gradient (transposed) plus
+        ``weight_decay * B``, applied by ``feedback_optimizer``."""
+        updates = [g + self.weight_decay * tf.cast(v, dtype)
+                   for g, v in zip(feedback_grads, self.feedback_weights)]
+        self.feedback_optimizer.apply(
+            [tf.cast(u, v.dtype) for u, v in zip(updates, self.feedback_weights)],
+            self.feedback_weights)
 
-        Each step first advances every layer and its traces (nothing there depends on the
-        learning signal), then takes the output error of the step: read from ``signals``
-        (TensorArray of (B, n_out), two passes) or, with ``stream`` (a
-        ``kspike.learning.online.PerStepLoss``),
-        formed from the readout run in the same loop; then forms every layer's learning signal
-        and gradient term.
 
-        Returns a dict: "grads" per layer (P, n) of the stacked kernel, "readout_grad" (n, n_out),
-        "feedback_grads" (adaptive feedback) and, with ``stream``: "loss", "bias_grad" (n_out,),
-        "predictions" (B, T, n_out), "counts" per layer (n,) spikes summed over batch and time;
-        with ``sum_traces``: "trace_sums" per layer (P, n), sum over batch and time of e_ji.
-        """
-        dtype = plan.dtype
-        readout_layer = plan.readout
-        kappa = readout_layer.kappa
-        xs, steps = sequence
-        batch = tf.shape(x)[0]
-        n_layers = len(plan.layers)
-        adaptive_feedback = self.feedback == "adaptive"
-        if reg_signals is None:
-            reg_signals = [None] * n_layers
-        states = online_rules.initial_states(plan, batch)
+# ---------------------------------------------------------------------- the two computations
+class _Network(NamedTuple):
+    """What both computations run on: the checked chain, its effective weights, the feedback
+    matrices (one (n_out, n_l) per layer), the inputs (B, T, n_in) and their time-major copy."""
+    plan: object
+    weights: list
+    feedback: list
+    x: tf.Tensor
+    sequence: tuple
+    adaptive_feedback: bool   # every layer's B learns (else only the readout's term is formed)
 
-        # Loop variables per layer: traces and gradient accumulators.
-        layer_vars = []
-        for layer, w in zip(plan.layers, weights):
-            size = online_rules.presynaptic_size(layer, w)
-            k = layer.units - layer.n_plain
-            lv = {"grad": tf.zeros((size, layer.units), dtype)}
-            if sum_traces:
-                lv["trace_sum"] = tf.zeros((size, layer.units), dtype)
-            if layer.n_plain:
-                lv["eps_plain"] = tf.zeros((batch, size), dtype)
-                if online:
-                    lv["ebar_plain"] = tf.zeros((batch, size, layer.n_plain), dtype)
-            if k:
-                lv["eps_v"] = tf.zeros((batch, size, k), dtype)
-                lv["eps_b"] = tf.zeros((batch, size, k), dtype)
-                lv["dz_dv"] = tf.zeros((batch, k), dtype)
-                lv["dz_db"] = tf.zeros((batch, k), dtype)
-                if online:
-                    lv["ebar_a"] = tf.zeros((batch, size, k), dtype)
-            lv["zhat"] = tf.zeros((batch, layer.units), dtype)
-            lv["feedback_grad"] = tf.zeros((readout_layer.units, layer.units), dtype)
-            layer_vars.append(lv)
-        carry = {}
-        if stream is not None:
-            carry = {"counts": [tf.zeros((layer.units,), dtype) for layer in plan.layers],
-                     "filtered": tf.zeros((batch, readout_layer.units), dtype),
-                     "loss": tf.zeros((), dtype),
-                     "bias_grad": tf.zeros((readout_layer.units,), dtype),
-                     "ys": tf.TensorArray(dtype, size=steps)}
-        adaptive_params = []
-        for layer, w in zip(plan.layers, weights):
-            p = w.params
-            if layer.units > layer.n_plain:
-                beta = tf.constant(layer.cell.beta_vector[layer.n_plain:], dtype)
-                p = p._replace(beta=beta)
-            adaptive_params.append(p)
 
-        def body(t, flat, layer_vars, carry):
-            states = online_rules.nested_state(plan, flat)
-            inputs = xs.read(t)
-            new_states, new_vars, local = [], [], []
-            # 1. Every layer's step and eligibility traces.
-            for i, (layer, w, state, lv) in enumerate(zip(plan.layers, weights, states,
-                                                          layer_vars)):
-                lv = dict(lv)
-                p = online_rules.presynaptic(inputs, state.z, w)
-                new_state, A, allowed = online_rules.layer_step(inputs, state, w)
-                derivatives = dynamics.spike_derivatives(new_state, A, w.params, allowed)
-                n0 = layer.n_plain
-                item = {}
-                if n0:
-                    eps, _ = dynamics.eprop_eligibility_step(
-                        lv["eps_plain"], None, p, dynamics.StateJacobian(w.params.alpha, None,
-                                                                         None, None), w.params)
-                    lv["eps_plain"] = eps
-                    item["eps"], item["dz_dv"] = eps, derivatives.dz_dv[:, :n0]
-                if layer.units > n0:
-                    previous = dynamics.SpikeDerivatives(lv["dz_dv"], lv["dz_db"])
-                    jac = dynamics.eprop_state_jacobian(state.z[:, n0:], previous,
-                                                        adaptive_params[i])
-                    jac = dynamics.StateJacobian(*[j[:, None, :] for j in jac])
-                    eps_v, eps_b = dynamics.eprop_eligibility_step(
-                        lv["eps_v"], lv["eps_b"], p[:, :, None], jac, w.params)
-                    lv["eps_v"], lv["eps_b"] = eps_v, eps_b
-                    current = dynamics.SpikeDerivatives(derivatives.dz_dv[:, n0:],
-                                                        derivatives.dz_db[:, n0:])
-                    lv["dz_dv"], lv["dz_db"] = current
-                    item["e"] = dynamics.eligibility_trace(
-                        eps_v, eps_b, dynamics.SpikeDerivatives(current.dz_dv[:, None, :],
-                                                                current.dz_db[:, None, :]))
-                new_states.append(new_state)
-                new_vars.append(lv)
-                local.append(item)
-                inputs = new_state.z
-            # 2. The output error of this step.
-            carry = dict(carry)
-            if stream is None:
-                sig_t = signals.read(t)
-            else:
-                carry["counts"] = [c + tf.reduce_sum(s.z, axis=0)
-                                   for c, s in zip(carry["counts"], new_states)]
-                y_t, carry["filtered"] = readout_layer.step(inputs, carry["filtered"])
-                value, sig_t = stream.step(t, y_t)
-                carry["loss"] = carry["loss"] + value
-                carry["bias_grad"] = carry["bias_grad"] + tf.reduce_sum(sig_t, axis=0)
-                carry["ys"] = carry["ys"].write(t, y_t)
-            # 3. Learning signals and gradient terms.
-            for i, (layer, lv, item, new_state) in enumerate(zip(plan.layers, new_vars, local,
-                                                                 new_states)):
-                learning = tf.matmul(sig_t, feedback[i])            # (B, n)
-                reg = reg_signals[i]
-                n0 = layer.n_plain
-                parts, sums = [], []
-                if n0:
-                    eps, dz_dv = item["eps"], item["dz_dv"]
-                    if online:
-                        e = eps[:, :, None] * dz_dv[:, None, :]
-                        ebar = kappa * lv["ebar_plain"] + (1.0 - kappa) * e
-                        lv["ebar_plain"] = ebar
-                        g = tf.reduce_sum(ebar * learning[:, None, :n0], axis=0)
-                        if reg is not None:
-                            g = g + tf.matmul(eps, reg[:n0] * dz_dv, transpose_a=True)
-                    else:
-                        # A plain LIF neuron's trace factorises: e_ji = dz_j/dv_j eps_i, so the
-                        # batch sum is one matmul.
-                        post = learning[:, :n0] if reg is None else learning[:, :n0] + reg[:n0]
-                        g = tf.matmul(eps, post * dz_dv, transpose_a=True)
-                    parts.append(g)
-                    if sum_traces:
-                        sums.append(tf.matmul(eps, dz_dv, transpose_a=True))
-                if layer.units > n0:
-                    e = item["e"]
-                    post = learning[:, n0:]
-                    if online:
-                        ebar = kappa * lv["ebar_a"] + (1.0 - kappa) * e
-                        lv["ebar_a"] = ebar
-                        g = tf.reduce_sum(ebar * post[:, None, :], axis=0)
-                        if reg is not None:
-                            g = g + reg[n0:] * tf.reduce_sum(e, axis=0)
-                    else:
-                        if reg is not None:
-                            post = post + reg[n0:]
-                        g = tf.reduce_sum(e * post[:, None, :], axis=0)
-                    parts.append(g)
-                    if sum_traces:
-                        sums.append(tf.reduce_sum(e, axis=0))
-                lv["grad"] = lv["grad"] + (parts[0] if len(parts) == 1
-                                           else tf.concat(parts, axis=1))
-                if sum_traces:
-                    lv["trace_sum"] = lv["trace_sum"] + (sums[0] if len(sums) == 1
-                                                         else tf.concat(sums, axis=1))
-                if online:
-                    zhat = kappa * lv["zhat"] + (1.0 - kappa) * new_state.z
-                    lv["zhat"] = zhat
-                    if i == n_layers - 1 or adaptive_feedback:
-                        # dE/dW_out = sum_t zhat_t^T err_t (adaptive B: its transpose).
-                        lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(
-                            sig_t, zhat, transpose_a=True)
-                elif i == n_layers - 1 or adaptive_feedback:
-                    # The same sum with the filter moved onto the error: sum_t z_t^T Etilde_t.
-                    lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(
-                        sig_t, new_state.z, transpose_a=True)
-            return t + 1, online_rules.flat_state(plan, new_states), new_vars, carry
+class _Terms(NamedTuple):
+    """The gradient terms one computation returns to ``EProp._compute``."""
+    grads: list               # per layer (P, n), the stacked kernel [W_in; W_rec; bias]
+    readout_grad: tf.Tensor   # (n, n_out)
+    feedback_grads: list      # per layer (n_out, n) with adaptive feedback, else []
+    task_loss: tf.Tensor
+    reg_loss: tf.Tensor
+    error: Optional[tf.Tensor]      # two passes: dE/dy (B, T, n_out)
+    bias_grad: Optional[tf.Tensor]  # single pass: the readout bias gradient (n_out,)
+    predictions: tf.Tensor    # (B, T, n_out)
+    counts: list              # per layer (n,), spikes summed over batch and time
 
-        _, _, layer_vars, carry = tf.while_loop(
-            lambda t, *_: t < steps, body,
-            (0, online_rules.flat_state(plan, states), layer_vars, carry))
-        out = {"grads": [lv["grad"] for lv in layer_vars],
-               "readout_grad": tf.transpose(layer_vars[-1]["feedback_grad"]),
-               "feedback_grads": ([lv["feedback_grad"] for lv in layer_vars]
-                                  if adaptive_feedback else [])}
+
+def _single_pass_terms(net, loss, y, sample_weight, regularizers, batch, steps):
+    """One loop: network, readout, per-step output error, traces and gradients."""
+    dtype = net.plan.dtype
+    stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype)
+    out = _trace_loop(net, online=True, errors=_ReadoutErrors(net.plan.readout, stream),
+                      sum_traces=bool(regularizers))
+    counts = out["counts"]
+    reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, net.plan, counts,
+                                                             batch, steps, dtype)
+    grads = out["grads"]
+    if regularizers:
+        # dR/dz_j(t) is the same for every sample and step, known once the sequence has
+        # ended: its term is that factor times the traces summed over batch and time.
+        grads = [g if r is None else g + r[None, :] * e
+                 for g, r, e in zip(grads, reg_signals, out["trace_sums"])]
+    return _Terms(grads, out["readout_grad"], out["feedback_grads"], out["loss"], reg_loss,
+                  None, out["bias_grad"], out["predictions"], counts)
+
+
+def _two_pass_terms(net, readout, loss, y, sample_weight, regularizers, online, batch, steps):
+    """An inference pass gives y and the output errors of the user's loss; a second pass runs
+    the traces with those errors (readout-filtered unless ``online``) as learning signals."""
+    plan, dtype = net.plan, net.plan.dtype
+    predictions, counts = online_rules.inference_pass(plan, net.weights, readout, net.x,
+                                                      net.sequence)
+    task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
+    reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                             batch, steps, dtype)
+    signal = error if online else online_rules.backward_filter(error, plan.readout.kappa)
+    signals = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(signal, (1, 0, 2)))
+    out = _trace_loop(net, online=online, errors=_SignalErrors(signals),
+                      reg_signals=reg_signals)
+    return _Terms(out["grads"], out["readout_grad"], out["feedback_grads"], task_loss, reg_loss,
+                  error, None, predictions, counts)
+
+
+# ---------------------------------------------------------------------- where errors come from
+class _SignalErrors:
+    """Two passes: the output error of step t is read from a TensorArray of (B, n_out)."""
+
+    def __init__(self, signals):
+        self.signals = signals
+
+    def initial(self, plan, batch, steps):
+        return {}
+
+    def step(self, t, z_last, new_states, carry):
+        return self.signals.read(t), carry
+
+    def outputs(self, carry):
+        return {}
+
+
+class _ReadoutErrors:
+    """Single pass: the readout runs in the loop (``LeakyReadout.step``) on the last layer's
+    spikes and ``stream`` (a ``kspike.learning.online.PerStepLoss``) gives the step's loss term
+    and error; the carry accumulates the loss, the bias gradient, the outputs and spike counts."""
+
+    def __init__(self, readout, stream):
+        self.readout, self.stream = readout, stream
+
+    def initial(self, plan, batch, steps):
+        dtype, n_out = plan.dtype, self.readout.units
+        return {"counts": [tf.zeros((layer.units,), dtype) for layer in plan.layers],
+                "filtered": tf.zeros((batch, n_out), dtype),
+                "loss": tf.zeros((), dtype),
+                "bias_grad": tf.zeros((n_out,), dtype),
+                "ys": tf.TensorArray(dtype, size=steps)}
+
+    def step(self, t, z_last, new_states, carry):
+        carry = dict(carry)
+        carry["counts"] = [c + tf.reduce_sum(s.z, axis=0)
+                           for c, s in zip(carry["counts"], new_states)]
+        y_t, carry["filtered"] = self.readout.step(z_last, carry["filtered"])
+        value, error = self.stream.step(t, y_t)
+        carry["loss"] = carry["loss"] + value
+        carry["bias_grad"] = carry["bias_grad"] + tf.reduce_sum(error, axis=0)
+        carry["ys"] = carry["ys"].write(t, y_t)
+        return error, carry
+
+    def outputs(self, carry):
+        return dict(loss=carry["loss"], bias_grad=carry["bias_grad"], counts=carry["counts"],
+                    predictions=tf.transpose(carry["ys"].stack(), (1, 0, 2)))
+
+
+# ---------------------------------------------------------------------- the trace loop
+def _trace_loop(net, online, errors, reg_signals=None, sum_traces=False):
+    """The network step by step with eligibility traces, accumulating gradients.
+
+    Each step first advances every layer and its traces (nothing there depends on the learning
+    signal, ``_layer_traces``), then takes the output error of the step from ``errors``
+    (``_SignalErrors`` or ``_ReadoutErrors``), then forms every layer's learning signal
+    L = error B and gradient terms (``_layer_gradient_terms``, ``_readout_term``). ``online``:
+    the traces are readout-filtered (ebar); otherwise the error is already filtered.
+
+    Returns a dict: "grads" per layer (P, n) of the stacked kernel, "readout_grad" (n, n_out),
+    "feedback_grads" (adaptive feedback), with ``sum_traces`` "trace_sums" per layer (P, n), the
+    sum over batch and time of e_ji, and what ``errors.outputs`` adds (single pass: "loss",
+    "bias_grad" (n_out,), "predictions" (B, T, n_out), "counts" per layer (n,)).
+    """
+    plan, weights, feedback = net.plan, net.weights, net.feedback
+    kappa = plan.readout.kappa
+    xs, steps = net.sequence
+    batch = tf.shape(net.x)[0]
+    last = len(plan.layers) - 1
+    if reg_signals is None:
+        reg_signals = [None] * len(plan.layers)
+    states = online_rules.initial_states(plan, batch)
+    layer_vars = [_zero_traces(layer, w, batch, plan.dtype, plan.readout.units, online,
+                               sum_traces) for layer, w in zip(plan.layers, weights)]
+    carry = errors.initial(plan, batch, steps)
+    adaptive_params = [_adaptive_parameters(layer, w, plan.dtype)
+                       for layer, w in zip(plan.layers, weights)]
+
+    def body(t, flat, layer_vars, carry):
+        states = online_rules.nested_state(plan, flat)
+        inputs = xs.read(t)
+        new_states, new_vars, local = [], [], []
+        for layer, w, p, state, lv in zip(plan.layers, weights, adaptive_params, states,
+                                          layer_vars):
+            new_state, lv, item = _layer_traces(layer, w, p, state, lv, inputs)
+            new_states.append(new_state)
+            new_vars.append(lv)
+            local.append(item)
+            inputs = new_state.z
+        error, carry = errors.step(t, inputs, new_states, carry)
+        for i, (layer, lv, item, new_state) in enumerate(zip(plan.layers, new_vars, local,
+                                                             new_states)):
+            learning = tf.matmul(error, feedback[i])            # (B, n)
+            _layer_gradient_terms(layer, lv, item, learning, reg_signals[i], kappa, online,
+                                  sum_traces)
+            _readout_term(lv, error, new_state.z, kappa, online,
+                          i == last or net.adaptive_feedback)
+        return t + 1, online_rules.flat_state(plan, new_states), new_vars, carry
+
+    _, _, layer_vars, carry = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (0, online_rules.flat_state(plan, states), layer_vars, carry))
+    out = {"grads": [lv["grad"] for lv in layer_vars],
+           "readout_grad": tf.transpose(layer_vars[-1]["feedback_grad"]),
+           "feedback_grads": ([lv["feedback_grad"] for lv in layer_vars]
+                              if net.adaptive_feedback else [])}
+    if sum_traces:
+        out["trace_sums"] = [lv["trace_sum"] for lv in layer_vars]
+    out.update(errors.outputs(carry))
+    return out
+
+
+def _zero_traces(layer, weights, batch, dtype, n_out, online, sum_traces):
+    """A layer's loop variables: its traces and gradient accumulators, all zero.
+
+    Plain neurons (the first ``n_plain``) carry eps (B, P), adaptive ones eps_v, eps_b
+    (B, P, k) and the previous step's spike derivatives (B, k); ``online`` adds the filtered
+    traces ebar. "zhat" (B, n) is the readout-filtered spike train."""
+    size = online_rules.presynaptic_size(layer, weights)
+    k = layer.units - layer.n_plain
+    lv = {"grad": tf.zeros((size, layer.units), dtype)}
+    if sum_traces:
+        lv["trace_sum"] = tf.zeros((size, layer.units), dtype)
+    if layer.n_plain:
+        lv["eps_plain"] = tf.zeros((batch, size), dtype)
+        if online:
+            lv["ebar_plain"] = tf.zeros((batch, size, layer.n_plain), dtype)
+    if k:
+        lv["eps_v"] = tf.zeros((batch, size, k), dtype)
+        lv["eps_b"] = tf.zeros((batch, size, k), dtype)
+        lv["dz_dv"] = tf.zeros((batch, k), dtype)
+        lv["dz_db"] = tf.zeros((batch, k), dtype)
+        if online:
+            lv["ebar_a"] = tf.zeros((batch, size, k), dtype)
+    lv["zhat"] = tf.zeros((batch, layer.units), dtype)
+    lv["feedback_grad"] = tf.zeros((n_out, layer.units), dtype)
+    return lv
+
+
+def _adaptive_parameters(layer, weights, dtype):
+    """The layer's parameters with beta restricted to its adaptive neurons."""
+    params = weights.params
+    if layer.units > layer.n_plain:
+        beta = tf.constant(layer.cell.beta_vector[layer.n_plain:], dtype)
+        params = params._replace(beta=beta)
+    return params
+
+
+def _layer_traces(layer, weights, adaptive_params, state, lv, inputs):
+    """One step of a layer and its eligibility traces.
+
+    Returns (new state, a copy of ``lv`` with the new traces, the step's traces: "eps" and
+    "dz_dv" of the plain neurons (B, P), (B, n_plain); "e" of the adaptive ones (B, P, k))."""
+    lv = dict(lv)
+    p = online_rules.presynaptic(inputs, state.z, weights)
+    new_state, A, allowed = online_rules.layer_step(inputs, state, weights)
+    derivatives = dynamics.spike_derivatives(new_state, A, weights.params, allowed)
+    n0 = layer.n_plain
+    item = {}
+    if n0:
+        # Plain LIF: eps_t = alpha eps_{t-1} + (1 - alpha) p_t, the same for every neuron.
+        eps, _ = dynamics.eprop_eligibility_step(
+            lv["eps_plain"], None, p, dynamics.StateJacobian(weights.params.alpha, None,
+                                                             None, None), weights.params)
+        lv["eps_plain"] = eps
+        item["eps"], item["dz_dv"] = eps, derivatives.dz_dv[:, :n0]
+    if layer.units > n0:
+        previous = dynamics.SpikeDerivatives(lv["dz_dv"], lv["dz_db"])
+        jac = dynamics.eprop_state_jacobian(state.z[:, n0:], previous, adaptive_params)
+        jac = dynamics.StateJacobian(*[j[:, None, :] for j in jac])
+        eps_v, eps_b = dynamics.eprop_eligibility_step(
+            lv["eps_v"], lv["eps_b"], p[:, :, None], jac, weights.params)
+        lv["eps_v"], lv["eps_b"] = eps_v, eps_b
+        current = dynamics.SpikeDerivatives(derivatives.dz_dv[:, n0:],
+                                            derivatives.dz_db[:, n0:])
+        lv["dz_dv"], lv["dz_db"] = current
+        item["e"] = dynamics.eligibility_trace(
+            eps_v, eps_b, dynamics.SpikeDerivatives(current.dz_dv[:, None, :],
+                                                    current.dz_db[:, None, :]))
+    return new_state, lv, item
+
+
+def _layer_gradient_terms(layer, lv, item, learning, reg, kappa, online, sum_traces):
+    """Adds the step's gradient term (P, n) to ``lv["grad"]`` (and the traces summed over the
+    batch to ``lv["trace_sum"]``); ``learning`` (B, n) is the learning signal, ``reg`` (n,)
+    the firing-rate regulariser's signal or None."""
+    n0 = layer.n_plain
+    parts, sums = [], []
+    if n0:
+        parts.append(_plain_term(lv, item["eps"], item["dz_dv"], learning[:, :n0],
+                                 None if reg is None else reg[:n0], kappa, online))
         if sum_traces:
-            out["trace_sums"] = [lv["trace_sum"] for lv in layer_vars]
-        if stream is not None:
-            out.update(loss=carry["loss"], bias_grad=carry["bias_grad"], counts=carry["counts"],
-                       predictions=tf.transpose(carry["ys"].stack(), (1, 0, 2)))
-        return out
+            sums.append(tf.matmul(item["eps"], item["dz_dv"], transpose_a=True))
+    if layer.units > n0:
+        parts.append(_adaptive_term(lv, item["e"], learning[:, n0:],
+                                    None if reg is None else reg[n0:], kappa, online))
+        if sum_traces:
+            sums.append(tf.reduce_sum(item["e"], axis=0))
+    lv["grad"] = lv["grad"] + _joined(parts)
+    if sum_traces:
+        lv["trace_sum"] = lv["trace_sum"] + _joined(sums)
+
+
+def _plain_term(lv, eps, dz_dv, learning, reg, kappa, online):
+    """sum_b L_j ebar_ji for plain neurons (``online``: filtering e_ji = dz_j/dv_j eps_i into
+    ``lv["ebar_plain"]``), plus the regulariser's sum_b reg_j e_ji."""
+    if online:
+        e = eps[:, :, None] * dz_dv[:, None, :]
+        ebar = kappa * lv["ebar_plain"] + (1.0 - kappa) * e
+        lv["ebar_plain"] = ebar
+        g = tf.reduce_sum(ebar * learning[:, None, :], axis=0)
+        if reg is not None:
+            g = g + tf.matmul(eps, reg * dz_dv, transpose_a=True)
+        return g
+    # A plain LIF neuron's trace factorises: e_ji = dz_j/dv_j eps_i, so the batch sum is one
+    # matmul.
+    post = learning if reg is None else learning + reg
+    return tf.matmul(eps, post * dz_dv, transpose_a=True)
+
+
+def _adaptive_term(lv, e, learning, reg, kappa, online):
+    """sum_b L_j ebar_ji for adaptive neurons (``online``: filtering e into ``lv["ebar_a"]``),
+    plus the regulariser's sum_b reg_j e_ji."""
+    if online:
+        ebar = kappa * lv["ebar_a"] + (1.0 - kappa) * e
+        lv["ebar_a"] = ebar
+        g = tf.reduce_sum(ebar * learning[:, None, :], axis=0)
+        if reg is not None:
+            g = g + reg * tf.reduce_sum(e, axis=0)
+        return g
+    post = learning if reg is None else learning + reg
+    return tf.reduce_sum(e * post[:, None, :], axis=0)
+
+
+def _readout_term(lv, error, z, kappa, online, wanted):
+    """Advances the filtered spikes zhat (``online``) and, if ``wanted``, adds this step's
+    dE/dW_out^T = err_t^T zhat_t (two passes, the filter being on the error: err_t^T z_t) to
+    ``lv["feedback_grad"]`` (n_out, n); the adaptive B learns from the same sum."""
+    if online:
+        zhat = kappa * lv["zhat"] + (1.0 - kappa) * z
+        lv["zhat"] = zhat
+        if wanted:
+            lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(error, zhat, transpose_a=True)
+    elif wanted:
+        lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(error, z, transpose_a=True)
+
+
+def _joined(parts):
+    """The plain and adaptive neurons' (P, n0), (P, k) blocks side by side."""
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
