@@ -26,21 +26,10 @@ computes the gradients of its share of it.
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def train(args):
@@ -96,6 +85,8 @@ def train(args):
 
 
 def launch(args):
+    from kspike.distribute import free_ports
+
     workdir = args.workdir or tempfile.mkdtemp(prefix="kspike-multiworker-")
     os.makedirs(workdir, exist_ok=True)
     checkpoint_dir = args.checkpoint_dir or os.path.join(workdir, "checkpoints")

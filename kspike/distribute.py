@@ -1,5 +1,6 @@
-"""Multi-worker training helpers: a checked ``TF_CONFIG`` and a MultiWorkerMirroredStrategy
-that fails in bounded time instead of waiting forever for a peer (see docs/distributed.md)."""
+"""Multi-worker training helpers: a checked ``TF_CONFIG``, a MultiWorkerMirroredStrategy that
+fails in bounded time instead of waiting forever for a peer, and free local ports for workers
+started on one machine (see docs/distributed.md)."""
 
 import json
 import os
@@ -7,6 +8,31 @@ import socket
 import time
 
 import tensorflow as tf
+
+
+def free_ports(n, host="127.0.0.1"):
+    """``n`` distinct TCP ports of ``host`` that are free now, e.g. for a TF_CONFIG of ``n``
+    local workers.
+
+    The ports are found by binding ``n`` sockets at once (so they differ) and closing them;
+    another program could take one before the workers bind it.
+
+    >>> import kspike
+    >>> ports = kspike.distribute.free_ports(2)
+    >>> len(set(ports)) == 2 and all(0 < p < 65536 for p in ports)
+    True
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`n` must be an integer >= 1, received {n!r}.")
+    sockets = []
+    try:
+        for _ in range(n):
+            sockets.append(socket.socket())
+            sockets[-1].bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def parse_tf_config(value=None):

@@ -1,6 +1,7 @@
 """Multi-worker training on the loopback interface: 2 worker processes give the weights of one
-process, only the chief writes checkpoints, a killed worker resumes exactly, and a missing peer
-fails in bounded time (kspike.distribute, docs/distributed.md)."""
+process (a recurrent ALIF network with DEEP R, and a conv SNN), only the chief writes
+checkpoints, a killed worker resumes exactly, and a missing peer fails in bounded time
+(kspike.distribute, docs/distributed.md)."""
 
 import json
 import os
@@ -13,23 +14,13 @@ import time
 import numpy as np
 import pytest
 
-from kspike.distribute import parse_tf_config
+from kspike.distribute import free_ports, parse_tf_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiworker_worker.py")
 ROOT = os.path.dirname(HERE)
 STEPS = 6
 TIMEOUT = 150  # per subprocess: a loaded 2-core machine
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def environment(tf_config=None):
@@ -42,7 +33,7 @@ def environment(tf_config=None):
     return env
 
 
-def start_workers(tmp_path, name, checkpoint_dir, pause_at=None):
+def start_workers(tmp_path, name, checkpoint_dir, pause_at=None, model="alif"):
     ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes, outputs = [], []
@@ -51,6 +42,7 @@ def start_workers(tmp_path, name, checkpoint_dir, pause_at=None):
         args = [sys.executable, WORKER, out, str(checkpoint_dir), str(STEPS)]
         if pause_at is not None and index == 1:
             args.append(str(pause_at))
+        args += ["--model", model]
         log = open(tmp_path / f"{name}_{index}.log", "w")
         processes.append(subprocess.Popen(
             args, env=environment({"cluster": cluster, "task": {"type": "worker",
@@ -127,6 +119,33 @@ def test_two_workers_match_one_process(tmp_path, single):
     assert leftovers == []
 
 
+def test_conv_snn_two_workers_match_one_process(tmp_path):
+    """A convolutional SNN (FoldTime(Conv2D) -> LIFNeurons -> TimeDistributed(Dense) -> mean
+    over time, 8x8 images, T=4): two workers end at the weights of one process."""
+    # The one-process reference runs alongside the two workers (it needs no peer).
+    log = open(tmp_path / "conv_single_0.log", "w")
+    reference_out = str(tmp_path / "conv_single.json")
+    reference = subprocess.Popen([sys.executable, WORKER, reference_out,
+                                  str(tmp_path / "single_ckpt"), str(STEPS), "--model", "conv"],
+                                 env=environment(), stdout=log, stderr=subprocess.STDOUT,
+                                 cwd=ROOT)
+    checkpoint_dir = tmp_path / "ckpt"
+    processes, outputs = start_workers(tmp_path, "conv", checkpoint_dir, model="conv")
+    wait(processes, tmp_path, "conv")
+    wait([reference], tmp_path, "conv_single")
+    single = load(reference_out)
+    assert single["active"] == {}      # no rewired kernel: only the weights are compared
+    assert_same(load(outputs[0]), single)
+    assert_same(load(outputs[1]), single)
+    # Training moved the convolution (through the LIF surrogate) and the readout (fed by
+    # spikes): the comparison is not one of untouched initial weights.
+    assert len(single["weights"]) == 3      # conv kernel, dense kernel and bias
+    for path, value in single["weights"].items():
+        change = np.abs(np.asarray(value) - np.asarray(single["initial_weights"][path])).max()
+        assert change > 1e-3, path
+    assert checkpoint_steps(checkpoint_dir) == [STEPS - 1, STEPS]
+
+
 def test_killed_worker_resumes_to_the_same_weights(tmp_path, single):
     checkpoint_dir = tmp_path / "ckpt"
     pause_at = 3
@@ -187,3 +206,14 @@ def test_missing_tf_config(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match="TF_CONFIG is not set"):
         parse_tf_config()
+
+
+def test_free_ports_are_distinct_and_bindable():
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    for bad in (0, -1, 2.0, True, "2"):
+        with pytest.raises(ValueError, match="`n` must be an integer >= 1"):
+            free_ports(bad)
