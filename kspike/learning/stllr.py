@@ -205,26 +205,10 @@ class STLLR(FeedbackRule):
                 inputs = new_state.z
             zhat = kappa * zhat + (1.0 - kappa) * inputs
             readout_grad = readout_grad + tf.matmul(zhat, err_t, transpose_a=True)
-            # Learning signals, top layer first.
-            signals = [None] * len(plan.layers)
             if self.feedback == "dfa":
-                for i in range(len(plan.layers)):
-                    signals[i] = tf.matmul(err_t, feedback[i])
+                signals = _dfa_signals(err_t, feedback, reg_signals)
             else:
-                signal = (1.0 - kappa) * tf.matmul(err_t, w_out, transpose_b=True)
-                for i in reversed(range(len(plan.layers))):
-                    if reg_signals[i] is not None:
-                        signal = signal + reg_signals[i]
-                    signals[i] = signal
-                    if i:
-                        _, state_i, A_i, allowed_i = steps_out[i]
-                        params = weights[i].params
-                        dz_dv = dynamics.spike_pseudo_derivative(state_i.v, A_i, params,
-                                                                 allowed_i) / A_i
-                        signal = tf.matmul((1.0 - params.alpha) * dz_dv * signal,
-                                           weights[i].input_kernel, transpose_b=True)
-            if self.feedback == "dfa":
-                signals = [s if r is None else s + r for s, r in zip(signals, reg_signals)]
+                signals = _bp_signals(err_t, w_out, kappa, steps_out, weights, reg_signals)
             active = tf.cast(t >= first_update, dtype)
             new_carried = []
             for i, (layer, w, c) in enumerate(zip(plan.layers, weights, carried)):
@@ -248,3 +232,27 @@ class STLLR(FeedbackRule):
         grads = [online_rules.split_stacked(c["grad"], layer, w)
                  for c, layer, w in zip(carried, plan.layers, weights)]
         return grads, readout_grad
+
+
+def _dfa_signals(error, feedback, reg_signals):
+    """DFA learning signals L_l = dE/dy_t B_l (+ the regulariser's signal), per layer (B, n_l)."""
+    signals = [tf.matmul(error, feedback[i]) for i in range(len(reg_signals))]
+    return [s if r is None else s + r for s, r in zip(signals, reg_signals)]
+
+
+def _bp_signals(error, w_out, kappa, steps_out, weights, reg_signals):
+    """The instantaneous loss's gradient backpropagated through the layers of this step, top
+    layer first: (1 - kappa) dE/dy_t W_out^T, then through (1 - alpha) dz/dv and W_in^T."""
+    signals = [None] * len(weights)
+    signal = (1.0 - kappa) * tf.matmul(error, w_out, transpose_b=True)
+    for i in reversed(range(len(weights))):
+        if reg_signals[i] is not None:
+            signal = signal + reg_signals[i]
+        signals[i] = signal
+        if i:
+            _, state_i, A_i, allowed_i = steps_out[i]
+            params = weights[i].params
+            dz_dv = dynamics.spike_pseudo_derivative(state_i.v, A_i, params, allowed_i) / A_i
+            signal = tf.matmul((1.0 - params.alpha) * dz_dv * signal, weights[i].input_kernel,
+                               transpose_b=True)
+    return signals
