@@ -147,79 +147,25 @@ class RateBP(LearningRule):
         steps = tf.shape(x)[1]
         batch = tf.shape(x)[0]
         inputs = tf.TensorArray(x.dtype, size=steps).unstack(tf.transpose(x, (1, 0, 2)))
-        kernels, params, carry = [], [], []
-        for item in plan:
-            if item.kind == "spiking":
-                cell = item.cell
-                dtype = cell.state_dtype
-                kernels.append(cell.effective_kernels(dtype))
-                params.append(cell.parameters(dtype))
-                zeros = tf.zeros((batch, cell.units), dtype)
-                states = cell.get_initial_state(batch)
-                # neuron states, kappa, sum z, sum elig, sum z_{t-1}
-                carry.append((tuple(states), zeros, zeros, zeros, zeros))
-            elif item.kind == "readout":
-                width = item.layer.kernel.shape[0]
-                zeros = tf.zeros((batch, width), x.dtype)
-                kernels.append(None)
-                params.append(None)
-                carry.append((zeros, zeros))      # zhat, sum zhat
-            else:
-                kernels.append(None)
-                params.append(None)
-                carry.append(())
+        kernels, params, carry = _spike_phase_start(plan, batch, x.dtype)
 
         def body(t, carry):
             h = inputs.read(t)
             new_carry = []
             for item, kern, prm, c in zip(plan, kernels, params, carry):
                 if item.kind == "spiking":
-                    cell = item.cell
-                    states, kappa, z_sum, elig_sum, zprev_sum = c
-                    state = cell.pack_state(list(states))
-                    w_in, w_rec, bias = kern
-                    current = dynamics.input_current(tf.cast(h, w_in.dtype), state.z, w_in,
-                                                     w_rec, bias)
-                    new_state, A = dynamics.neuron_step(current, state, prm)
-                    psi = prm.spike_function.pseudo_derivative((new_state.v - A) / A)
-                    if prm.n_refractory > 0:
-                        # refractory neurons pass no pseudo-derivative, as in neuron_step
-                        psi = psi * tf.cast(tf.equal(state.r, 0.0), psi.dtype)
-                    kappa = 1.0 + prm.alpha * kappa
-                    elig_sum = elig_sum + psi / A * (1.0 - prm.alpha) * kappa
-                    new_carry.append((tuple(cell.unpack_state(new_state)), kappa,
-                                      z_sum + new_state.z, elig_sum, zprev_sum + state.z))
-                    h = new_state.z
+                    c, h = _spiking_statistics_step(item.cell, kern, prm, c, h)
                 elif item.kind == "readout":
-                    zhat, zhat_sum = c
-                    k = item.layer.kappa
-                    zhat = k * zhat + (1.0 - k) * tf.cast(h, zhat.dtype)
-                    new_carry.append((zhat, zhat_sum + zhat))
-                    h = tf.matmul(zhat, tf.cast(item.layer.kernel, zhat.dtype))
+                    c, h = _readout_statistics_step(item.layer, c, h)
                 elif item.kind == "dense":
-                    layer = item.layer
-                    h = tf.matmul(h, tf.cast(layer.kernel, h.dtype))
-                    if layer.bias is not None:
-                        h = h + tf.cast(layer.bias, h.dtype)
-                    new_carry.append(())
-                else:
-                    new_carry.append(())
+                    h = _dense_step(item.layer, h)
+                new_carry.append(c)
             return t + 1, new_carry
 
         _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry))
         count = tf.cast(steps, x.dtype)
-        stats = []
-        for item, c in zip(plan, carry):
-            if item.kind == "spiking":
-                _, _, z_sum, elig_sum, zprev_sum = c
-                stats.append({"rate": z_sum / count, "elig": elig_sum / count,
-                              "recurrent_rate": zprev_sum / count})
-            elif item.kind == "readout":
-                stats.append({"filtered_mean": c[1] / count})
-            else:
-                stats.append({})
-        return {"input_mean": tf.reduce_mean(x, axis=1), "layers": stats,
-                "steps": count}
+        return {"input_mean": tf.reduce_mean(x, axis=1),
+                "layers": _spike_phase_statistics(plan, carry, count), "steps": count}
 
     # ------------------------------------------------------------------ rate phase
     @staticmethod
@@ -285,3 +231,79 @@ class RateBP(LearningRule):
 
     def get_config(self):
         return {"detach_recurrent": self.detach_recurrent}
+
+
+# ---------------------------------------------------------------------- spike phase steps
+def _spike_phase_start(plan, batch, dtype):
+    """Per stage: effective kernels and parameters (spiking stages) and the zero loop carry:
+    (neuron states, kappa, sum z, sum elig, sum z_{t-1}) for a spiking stage, (zhat, sum zhat)
+    for the readout, () otherwise."""
+    kernels, params, carry = [], [], []
+    for item in plan:
+        if item.kind == "spiking":
+            cell = item.cell
+            state_dtype = cell.state_dtype
+            kernels.append(cell.effective_kernels(state_dtype))
+            params.append(cell.parameters(state_dtype))
+            zeros = tf.zeros((batch, cell.units), state_dtype)
+            states = cell.get_initial_state(batch)
+            carry.append((tuple(states), zeros, zeros, zeros, zeros))
+        elif item.kind == "readout":
+            width = item.layer.kernel.shape[0]
+            zeros = tf.zeros((batch, width), dtype)
+            kernels.append(None)
+            params.append(None)
+            carry.append((zeros, zeros))
+        else:
+            kernels.append(None)
+            params.append(None)
+            carry.append(())
+    return kernels, params, carry
+
+
+def _spiking_statistics_step(cell, kernels, params, carry, h):
+    """One step of a spiking stage: its new carry and its spikes (the next stage's input)."""
+    states, kappa, z_sum, elig_sum, zprev_sum = carry
+    state = cell.pack_state(list(states))
+    w_in, w_rec, bias = kernels
+    current = dynamics.input_current(tf.cast(h, w_in.dtype), state.z, w_in, w_rec, bias)
+    new_state, A = dynamics.neuron_step(current, state, params)
+    psi = params.spike_function.pseudo_derivative((new_state.v - A) / A)
+    if params.n_refractory > 0:
+        # refractory neurons pass no pseudo-derivative, as in neuron_step
+        psi = psi * tf.cast(tf.equal(state.r, 0.0), psi.dtype)
+    kappa = 1.0 + params.alpha * kappa
+    elig_sum = elig_sum + psi / A * (1.0 - params.alpha) * kappa
+    return ((tuple(cell.unpack_state(new_state)), kappa, z_sum + new_state.z, elig_sum,
+             zprev_sum + state.z), new_state.z)
+
+
+def _readout_statistics_step(layer, carry, h):
+    """One step of the leaky readout: (zhat, sum zhat) and its output."""
+    zhat, zhat_sum = carry
+    k = layer.kappa
+    zhat = k * zhat + (1.0 - k) * tf.cast(h, zhat.dtype)
+    return (zhat, zhat_sum + zhat), tf.matmul(zhat, tf.cast(layer.kernel, zhat.dtype))
+
+
+def _dense_step(layer, h):
+    h = tf.matmul(h, tf.cast(layer.kernel, h.dtype))
+    if layer.bias is not None:
+        h = h + tf.cast(layer.bias, h.dtype)
+    return h
+
+
+def _spike_phase_statistics(plan, carry, count):
+    """Per stage, the means over the T steps: spiking stages "rate", "elig" and
+    "recurrent_rate" (B, n); the readout "filtered_mean"; {} otherwise."""
+    stats = []
+    for item, c in zip(plan, carry):
+        if item.kind == "spiking":
+            _, _, z_sum, elig_sum, zprev_sum = c
+            stats.append({"rate": z_sum / count, "elig": elig_sum / count,
+                          "recurrent_rate": zprev_sum / count})
+        elif item.kind == "readout":
+            stats.append({"filtered_mean": c[1] / count})
+        else:
+            stats.append({})
+    return stats
