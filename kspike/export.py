@@ -33,18 +33,23 @@ tiny graph runs fastest without cross-thread scheduling: a process that only str
 ``tf.saved_model.load`` reports bad arguments with TensorFlow's own errors.
 
 Supported models: ``keras.Sequential`` and functional models that are a chain of layers (one
-input (B, T, n_in), one output), possibly nested, made of
+input (B, T, *features), one output), possibly nested, made of
 
 - recurrent layers (``keras.layers.RNN``, ``kspike.SpikingRNN`` or any layer with a kspike cell
   in ``.cell``; Keras' own cells such as ``LSTMCell`` too) with ``go_backwards=False``,
   ``stateful=False``, ``return_state=False``; ``return_sequences=False`` only when no sequence
   layer follows;
 - ``kspike.LeakyReadout``;
+- the neuron layers ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` (state: the voltage);
+- ``keras.layers.GlobalAveragePooling1D``, the mean over time (streamed as the running mean);
 - per-time-step layers: ``Dense``, ``Activation``, ``Dropout`` (and the noise layers, identity
   at inference), activation layers, ``Softmax``/``LayerNormalization``/``BatchNormalization``
-  over the last axis, ``Identity`` and ``TimeDistributed`` of any stateless layer.
+  over the last axis, ``Identity``, ``TimeDistributed`` or ``kspike.FoldTime`` of any
+  stateless layer (Conv2D, pooling, Flatten, ...) and a ``Reshape`` that keeps the time axis.
 
-Anything else is refused with an error naming the layer.
+``serve`` takes any number of steps T (also for a model built on ``keras.Input((T, n_in))``).
+Anything else is refused with an error naming the layer; ``saved_model(...,
+streaming=False)`` exports ``serve`` alone for such models (docs/export.md).
 """
 import ctypes
 import errno

@@ -26,17 +26,24 @@ Mapping (kspike -> NIR):
   kspike's after the first spike of a neuron.
 - ``kspike.LeakyReadout`` -> ``Linear`` (kernel) -> ``LI`` -> ``Affine`` (identity weights,
   the readout bias; the bias is added after the filter as in kspike);
+- ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` -> ``IF`` / ``LIF``: exact for the hard reset
+  (NIR's own reset to v_reset, in the step of the spike); the soft reset is written with
+  v_reset 0 and read back exactly by kspike only, from ``metadata["kspike"]``;
+- ``TimeDistributed`` / ``kspike.FoldTime`` of ``Conv2D``, ``AveragePooling2D``, ``Flatten``,
+  ``Rescaling``, ``Dense`` -> ``Conv2d``, ``AvgPool2d``, ``Flatten``, ``Scale``, ``Affine``;
+  image shapes channels-first (C, H, W) as in NIR and PyTorch;
 - refused with an error naming the layer: ALIF cells (NIR has no adaptive threshold), cells
   with ``n_refractory > 0`` (no refractory period in NIR), ``n_delay > 1``, ``output="all"``,
-  any other layer.
+  the mean over time, any other layer.
 
 NIR -> kspike: the kspike graphs above exactly (weights are copied, sparse DEEP R cells come
 back as dense cells with the same effective weights), and graphs of other writers made of
-``Affine``/``Linear``, ``LIF`` (with optional recurrent ``Linear``) and ``LI`` nodes in a
-chain. A ``LIF`` node without kspike metadata has NIR's hard reset; kspike imports it as a
-``kspike.LIF`` cell (reset by subtraction) only when told that the writer meant subtraction
-(``lif_reset="subtract"``, e.g. snnTorch's default ``Leaky``). The hard-reset import belongs
-to ``kspike.LIFNeurons`` and is not available yet.
+``Affine``/``Linear``/``Scale``, ``IF``/``LIF`` (with optional recurrent ``Linear``), ``LI``,
+``Conv2d``, ``AvgPool2d``/``SumPool2d`` and ``Flatten`` nodes in a chain. An ``IF``/``LIF`` node
+without kspike metadata has NIR's hard reset and becomes ``kspike.IFNeurons`` /
+``kspike.LIFNeurons``; a 1-D ``LIF`` node is imported as a ``kspike.LIF`` cell (reset by
+subtraction) instead when the writer meant subtraction (``lif_reset="subtract"``, e.g.
+snnTorch's default ``Leaky``).
 """
 import json
 
