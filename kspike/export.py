@@ -437,7 +437,8 @@ class ServingModel(tf.Module):
     (e.g. ``keras.layers.Bidirectional``).
 
     ``serve`` takes any number of steps T when the model's layers can be traced with an
-    unknown T; otherwise the T the model was built with (a warning says so at export).
+    unknown T and run on T + 1 steps; otherwise the T the model was built with (a warning says
+    so at export).
 
     Attributes:
         serve: (B, T, *features) -> the model's output.
@@ -455,6 +456,10 @@ class ServingModel(tf.Module):
             tf.TensorSpec((None, None) + self.step_shape, dtype, name="x")])
         try:
             serve.get_concrete_function()
+            if input_shape[1] is not None:
+                # A trace can succeed where a run fails (e.g. a Flatten over time feeding a
+                # Dense): run one other length once.
+                serve(tf.zeros((1, int(input_shape[1]) + 1) + self.step_shape, dtype))
         except Exception as error:   # noqa: BLE001 - any tracing failure: fall back to T
             if input_shape[1] is None:
                 raise

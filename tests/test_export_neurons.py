@@ -186,6 +186,18 @@ def test_serve_only_export_for_bidirectional(tmp_path, caplog):
     assert not hasattr(raw, "step")
     with pytest.raises(TypeError, match="`streaming`"):
         export.saved_model(model, tmp_path / "bad", streaming="no")
+    # A model that needs its static T (Flatten over time): serve-only, exactly T steps, and
+    # the export says so.
+    fixed = keras.Sequential([keras.Input((7, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    with caplog.at_level("WARNING", logger="kspike"):
+        path = export.saved_model(fixed, tmp_path / "fixed", streaming=False)
+    assert "exactly T=7 steps" in caplog.text
+    loaded = export.load(path)
+    assert loaded.fixed_steps == 7
+    np.testing.assert_allclose(loaded.serve(x).numpy(), fixed(x).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match=r"`x` must have shape \(batch, 7, 3\)"):
+        loaded.serve(x[:, :5])
 
 
 _WITHOUT_KSPIKE = textwrap.dedent("""
