@@ -238,7 +238,10 @@ class _TimeAverageStage(_Stage):
             raise ExportError(f"Cannot export {_describe(layer)}: it needs (batch, time, "
                               f"features) inputs with known features, received "
                               f"{tuple(input_shape)}.")
-        self.dtype = tf.as_dtype(keras.backend.standardize_dtype(layer.compute_dtype))
+        self.output_dtype = tf.as_dtype(keras.backend.standardize_dtype(layer.compute_dtype))
+        # The running sum stays in float32 under mixed precision (a float16 sum of many steps
+        # would round away small outputs).
+        self.dtype = tf.float64 if self.output_dtype == tf.float64 else tf.float32
         self.state_specs = (tf.TensorSpec((None, features[0]), self.dtype),
                             tf.TensorSpec((None, 1), self.dtype))
 
@@ -249,7 +252,7 @@ class _TimeAverageStage(_Stage):
     def step(self, x, states):
         total = states[0] + tf.cast(x, self.dtype)
         count = states[1] + 1.0
-        return total / count, [total, count]
+        return tf.cast(total / count, self.output_dtype), [total, count]
 
 
 def _stage_for(stage, input_shape):

@@ -4,11 +4,11 @@ Two parts (docs/architecture.md):
 
 * Predicates, the one definition of each "is this a kspike ..." question:
   ``is_spiking_cell(obj)``, ``spiking_cell_of(layer)``, ``is_spiking_layer(layer)``,
-  ``is_readout(layer)``, ``is_specialised_cell(cell)``.
+  ``is_readout(layer)``, ``is_neuron_layer(layer)``, ``is_specialised_cell(cell)``.
 * ``parse(model, who)``: a chain-shaped model (``keras.Sequential`` or a functional model in which
   every layer takes the previous layer's single output) as a list of typed stages
-  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``PerStepLayer``, ``TimeAverage``,
-  ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
+  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``NeuronLayer``, ``PerStepLayer``,
+  ``TimeAverage``, ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
   input and one output, a chain, every layer used once) and classifies each layer; a consumer
   (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
   with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
@@ -235,7 +235,11 @@ def _reshape_stage(layer, sequence_in):
     if sequence_in and steps is not None and len(target) >= 2 and target[0] == steps:
         inner = keras.layers.Reshape(target[1:], name=f"{layer.name}_step")
         return PerStepLayer(layer, sequence_in, inner)
-    return UnsupportedLayer(layer, sequence_in)
+    if not sequence_in:
+        return UnsupportedLayer(layer, sequence_in)
+    return UnsupportedLayer(layer, sequence_in,
+                            f"its target shape {target} does not keep the time axis "
+                            f"({steps} steps) first")
 
 
 def _chain_layers(model, who, error, flatten):
