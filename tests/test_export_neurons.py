@@ -242,3 +242,18 @@ def test_exports_run_without_kspike(exported, tmp_path):
     for suffix in ("serve", "step", "lite"):
         np.testing.assert_allclose(np.load(f"{data}.{suffix}.npy"), live, rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_mixed_precision_neuron_layers_and_running_mean():
+    keras.config.set_dtype_policy("mixed_float16")
+    model = keras.Sequential([keras.Input((None, 4)),
+                              kspike.LIFNeurons(tau=2.0, thr=0.3, name="lif"),
+                              keras.layers.TimeDistributed(keras.layers.Dense(3)),
+                              keras.layers.GlobalAveragePooling1D()])
+    module = export.StreamingModel(model)
+    assert [s.dtype for s in module.state_specs] == [tf.float32] * 3
+    x = np.random.default_rng(3).uniform(0, 1, (2, 40, 4)).astype("float32")
+    streamed = _stream(module.step, module.initial_state, x)
+    assert streamed.dtype == np.float16
+    np.testing.assert_allclose(streamed[:, -1].astype("float32"),
+                               module.serve(x).numpy().astype("float32"), rtol=0, atol=2e-3)
