@@ -86,32 +86,19 @@ class ActivityProbe:
     """Runs a trained ``Input -> SpikingRNN -> LeakyReadout`` model on a batch and returns the
     spikes, voltages and thresholds of the spiking layer and the readout, for figures.
 
-    A twin of the recurrent layer is built with ``output="all"`` and the trained weights, so the
-    model used for training stays in its fastest form.
+    A thin wrapper of ``kspike.Probe`` (docs/probe.md): twins of the spiking layers with
+    ``output="all"`` read the trained weights, so the model used for training stays in its
+    fastest form.
     """
 
     def __init__(self, model):
-        import keras
         import kspike
-        layers = [layer for layer in model.layers
-                  if not isinstance(layer, keras.layers.InputLayer)]
-        self.rnn, self.readout = layers[0], layers[-1]
-        cell = self.rnn.cell
-        config = cell.get_config()
-        config["output"] = "all"
-        twin_cell = type(cell).from_config(config)
-        self.twin = kspike.SpikingRNN(twin_cell, return_sequences=True)
-        self.twin.build((None, None, cell.input_dim))
-        self.twin.set_weights(self.rnn.get_weights())
-        self.units = cell.units
+        self.probe = kspike.Probe(model)
 
     def __call__(self, x):
-        import kspike
-        all_outputs = self.twin(x)
-        z, v, A = kspike.split_outputs(all_outputs)
-        y = self.readout(z)
-        return {"z": np.asarray(z), "v": np.asarray(v), "A": np.asarray(A),
-                "y": np.asarray(y)}
+        y, records = self.probe(x)
+        first = records[0]
+        return {"z": first.spikes, "v": first.voltage, "A": first.threshold, "y": y}
 
 
 def softmax(y):

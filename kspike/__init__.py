@@ -27,6 +27,7 @@ from kspike.engine import SpikingRNN
 from kspike import tasks
 from kspike import distribute
 from kspike import plotting
+from kspike.probe import Probe, ProbeRecord
 from kspike import export
 from kspike import nir  # needs the nir package only when called (kspike[nir])
 from kspike import init

@@ -33,18 +33,23 @@ tiny graph runs fastest without cross-thread scheduling: a process that only str
 ``tf.saved_model.load`` reports bad arguments with TensorFlow's own errors.
 
 Supported models: ``keras.Sequential`` and functional models that are a chain of layers (one
-input (B, T, n_in), one output), possibly nested, made of
+input (B, T, *features), one output), possibly nested, made of
 
 - recurrent layers (``keras.layers.RNN``, ``kspike.SpikingRNN`` or any layer with a kspike cell
   in ``.cell``; Keras' own cells such as ``LSTMCell`` too) with ``go_backwards=False``,
   ``stateful=False``, ``return_state=False``; ``return_sequences=False`` only when no sequence
   layer follows;
 - ``kspike.LeakyReadout``;
+- the neuron layers ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` (state: the voltage);
+- ``keras.layers.GlobalAveragePooling1D``, the mean over time (streamed as the running mean);
 - per-time-step layers: ``Dense``, ``Activation``, ``Dropout`` (and the noise layers, identity
   at inference), activation layers, ``Softmax``/``LayerNormalization``/``BatchNormalization``
-  over the last axis, ``Identity`` and ``TimeDistributed`` of any stateless layer.
+  over the last axis, ``Identity``, ``TimeDistributed`` or ``kspike.FoldTime`` of any
+  stateless layer (Conv2D, pooling, Flatten, ...) and a ``Reshape`` that keeps the time axis.
 
-Anything else is refused with an error naming the layer.
+``serve`` takes any number of steps T (also for a model built on ``keras.Input((T, n_in))``).
+Anything else is refused with an error naming the layer; ``saved_model(...,
+streaming=False)`` exports ``serve`` alone for such models (docs/export.md).
 """
 import ctypes
 import errno
@@ -63,9 +68,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import graph
+from kspike import dynamics, graph
 
-__all__ = ["saved_model", "load", "LoadedModel", "StreamingModel", "ExportError",
+__all__ = ["saved_model", "load", "LoadedModel", "StreamingModel", "ServingModel",
+           "ExportError",
            "DirectoryNotEmptyError", "DamagedExportError", "MARKER_FILE", "EXPORT_FILES"]
 
 _logger = logging.getLogger("kspike")
@@ -179,11 +185,77 @@ class _PerStepStage(_Stage):
         super().__init__(layer)
         self.inner = inner or layer
 
+    def sequence(self, x):
+        if self.inner is self.layer:
+            return self.layer(x, training=False)
+        # TimeDistributed, FoldTime or a time-keeping Reshape: the per-step layer on the
+        # (B * T, ...) steps folded into the batch. (Keras' TimeDistributed needs a static T,
+        # the served T is free; folding gives the same values as one call per step.)
+        shape = tf.shape(x)
+        folded = tf.reshape(x, tf.concat([[-1], shape[2:]], axis=0))
+        y = self.inner(folded, training=False)
+        return tf.reshape(y, tf.concat([shape[:2], tf.shape(y)[1:]], axis=0))
+
     def step(self, x, states):
         return self.inner(x, training=False), []
 
 
-def _stage_for(stage):
+class _NeuronStage(_Stage):
+    """``kspike.IFNeurons`` / ``kspike.LIFNeurons``: one state, the voltage V (B, *features)."""
+
+    def __init__(self, layer, input_shape):
+        super().__init__(layer)
+        features = tuple(input_shape[2:])
+        if any(d is None for d in features):
+            raise ExportError(f"Cannot export {_describe(layer)}: its feature shape "
+                              f"{features} is not fully known.")
+        self.features = features
+        self.dtype = tf.as_dtype(layer.state_dtype)
+        self.params = layer.parameters
+        self.v0 = dynamics.node_initial_voltage(self.params)
+        self.state_specs = (tf.TensorSpec((None,) + features, self.dtype),)
+
+    def initial_state(self, batch_size):
+        shape = tf.concat([tf.reshape(batch_size, [1]), tf.constant(self.features, tf.int32)], 0)
+        return [tf.fill(shape, tf.constant(self.v0, self.dtype))]
+
+    def sequence(self, x):
+        return self.layer(x, training=False)
+
+    def step(self, x, states):
+        spikes, v, _ = dynamics.node_step(states[0], tf.cast(x, self.dtype), self.params)
+        return tf.cast(spikes, self.layer.compute_dtype), [v]
+
+
+class _TimeAverageStage(_Stage):
+    """``GlobalAveragePooling1D``, the mean over time: streamed as the running mean of the
+    steps so far (states: their sum and their count)."""
+
+    def __init__(self, layer, input_shape):
+        super().__init__(layer)
+        features = tuple(input_shape[2:])
+        if len(features) != 1 or features[0] is None:
+            raise ExportError(f"Cannot export {_describe(layer)}: it needs (batch, time, "
+                              f"features) inputs with known features, received "
+                              f"{tuple(input_shape)}.")
+        self.output_dtype = tf.as_dtype(keras.backend.standardize_dtype(layer.compute_dtype))
+        # The running sum stays in float32 under mixed precision (a float16 sum of many steps
+        # would round away small outputs).
+        self.dtype = tf.float64 if self.output_dtype == tf.float64 else tf.float32
+        self.state_specs = (tf.TensorSpec((None, features[0]), self.dtype),
+                            tf.TensorSpec((None, 1), self.dtype))
+
+    def initial_state(self, batch_size):
+        return [tf.zeros(tf.stack([batch_size, spec.shape[-1]]), spec.dtype)
+                for spec in self.state_specs]
+
+    def step(self, x, states):
+        total = states[0] + tf.cast(x, self.dtype)
+        count = states[1] + 1.0
+        return tf.cast(total / count, self.output_dtype), [total, count]
+
+
+def _stage_for(stage, input_shape):
     """The step form of one parsed ``kspike.graph`` stage, or ExportError naming the layer."""
     layer = stage.layer
     if isinstance(stage, (graph.SpikingLayer, graph.RecurrentLayer)):
@@ -195,10 +267,30 @@ def _stage_for(stage):
             if getattr(layer, flag, False):
                 raise ExportError(f"Cannot export {_describe(layer)}: {flag}=True has no "
                                   f"streaming step form; rebuild the layer with {flag}=False "
-                                  "(the weights can be copied with set_weights).")
+                                  "(the weights can be copied with set_weights), or export "
+                                  "serve only with streaming=False.")
         if stage.cell is None or not hasattr(stage.cell, "state_size"):
             raise ExportError(f"Cannot export {_describe(layer)}: no RNN cell in `.cell`.")
         return _RecurrentStage(layer)
+    if isinstance(stage, graph.NeuronLayer):
+        if not stage.sequence_in:
+            raise ExportError(f"Cannot export {_describe(layer)}: it needs sequences (batch, "
+                              "time, ...) but follows a layer with return_sequences=False.")
+        for flag in ("stateful", "return_state"):
+            if getattr(layer, flag, False):
+                raise ExportError(f"Cannot export {_describe(layer)}: {flag}=True; the "
+                                  "exported step carries the voltage as a state itself. "
+                                  f"Rebuild the layer with {flag}=False.")
+        if layer.output_mode != "spikes":
+            raise ExportError(f"Cannot export {_describe(layer)}: output="
+                              f"{layer.output_mode!r} returns two tensors; export a twin with "
+                              "output='spikes' (the layer has no weights).")
+        return _NeuronStage(layer, input_shape)
+    if isinstance(stage, graph.TimeAverage):
+        if not stage.sequence_in:
+            raise ExportError(f"Cannot export {_describe(layer)}: it averages over time but "
+                              "follows a layer with return_sequences=False.")
+        return _TimeAverageStage(layer, input_shape)
     if isinstance(stage, graph.Readout):
         if not stage.sequence_in:
             raise ExportError(f"Cannot export {_describe(layer)}: it needs sequences (batch, "
@@ -211,15 +303,44 @@ def _stage_for(stage):
                               "follows a layer with return_sequences=False.")
         return _PerStepStage(layer, inner=stage.inner)
     reason = getattr(stage, "reason", None)
+    hint = (" To export `serve` alone (whole sequences, no streaming step), pass "
+            "streaming=False.")
     if reason:
-        raise ExportError(f"Cannot export {_describe(layer)}: {reason}.")
+        raise ExportError(f"Cannot export {_describe(layer)}: {reason}.{hint}")
     raise ExportError(f"Cannot export {_describe(layer)}: kspike.export knows no streaming "
                       "step form for it. Supported: keras.layers.RNN / kspike.SpikingRNN, "
-                      "kspike.LeakyReadout, Dense, Activation, Dropout, TimeDistributed and "
-                      "other per-time-step layers.")
+                      "kspike.LeakyReadout, kspike.IFNeurons / LIFNeurons, Dense, Activation, "
+                      "Dropout, TimeDistributed / kspike.FoldTime of stateless layers (Conv2D, "
+                      "pooling, Flatten, ...), a Reshape keeping the time axis, "
+                      f"GlobalAveragePooling1D and other per-time-step layers.{hint}")
+
+
+def _output_shape(layer, input_shape):
+    try:
+        return tuple(layer.output.shape)
+    except (AttributeError, ValueError):
+        return tuple(layer.compute_output_shape(input_shape))
 
 
 # ----------------------------------------------------------------------------- module
+def _input_shape(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError("`model` must be a keras.Model (Sequential or functional), "
+                        f"received {type(model).__name__}.")
+    if not model.built or not getattr(model, "inputs", None):
+        raise ExportError(f"Cannot export model {model.name!r}: it has no known input "
+                          "shape; start it with keras.Input((T, n_in)) or call it once.")
+    if len(model.inputs) != 1:
+        raise ExportError(f"Cannot export model {model.name!r}: it has {len(model.inputs)} "
+                          "inputs; a single input (B, T, *features) is needed.")
+    input_shape = tuple(model.inputs[0].shape)
+    if len(input_shape) < 3 or any(d is None for d in input_shape[2:]):
+        raise ExportError(f"Cannot export model {model.name!r}: its input must be "
+                          f"sequences (batch, time, *features) with known features, "
+                          f"received input shape {input_shape}.")
+    return input_shape
+
+
 class StreamingModel(tf.Module):
     """A Keras model with ``serve``, ``initial_state`` and ``step`` tf.functions.
 
@@ -228,14 +349,16 @@ class StreamingModel(tf.Module):
 
     Args:
         model: a built ``keras.Model`` (see the module docstring for the supported layers)
-            taking (B, T, n_in) sequences.
+            taking (B, T, *features) sequences.
         jit_compile: compile ``step`` with XLA (see ``saved_model``).
 
     Attributes:
-        serve: (B, T, n_in) -> the model's output.
-        initial_state: int32 scalar batch size B -> list of (B, size) zero states.
-        step: (x_t (B, n_in), states) -> (y_t, new_states).
-        state_specs: the ``tf.TensorSpec`` of each state (shape (None, size)).
+        serve: (B, T, *features) -> the model's output, for any T (also when the model was
+            built on ``keras.Input((T, n_in))``).
+        initial_state: int32 scalar batch size B -> list of (B, *size) initial states.
+        step: (x_t (B, *features), states) -> (y_t, new_states).
+        state_specs: the ``tf.TensorSpec`` of each state (shape (None, *size)).
+        step_shape: the shape of one input step, e.g. (n_in,) or (H, W, C).
     """
 
     def __init__(self, model, jit_compile=False):
@@ -243,30 +366,24 @@ class StreamingModel(tf.Module):
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be True or False, received {jit_compile!r}.")
         self._jit_compile = jit_compile
-        if not isinstance(model, keras.Model):
-            raise TypeError("`model` must be a keras.Model (Sequential or functional), "
-                            f"received {type(model).__name__}.")
-        if not model.built or not getattr(model, "inputs", None):
-            raise ExportError(f"Cannot export model {model.name!r}: it has no known input "
-                              "shape; start it with keras.Input((T, n_in)) or call it once.")
-        input_shape = tuple(model.inputs[0].shape)
-        if len(input_shape) != 3 or input_shape[-1] is None:
-            raise ExportError(f"Cannot export model {model.name!r}: its input must be "
-                              f"sequences (batch, time, features) with known features, "
-                              f"received input shape {input_shape}.")
+        input_shape = _input_shape(model)
         self.model = model
-        self.n_inputs = int(input_shape[-1])
+        self.step_shape = tuple(int(d) for d in input_shape[2:])
+        self.n_inputs = self.step_shape[-1]
         dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
         self._stages = []
+        shape = input_shape
         for stage in graph.parse(model, "Cannot export", error=ExportError,
                                  flatten_nested=True):
-            self._stages.append(_stage_for(stage))
+            self._stages.append(_stage_for(stage, shape))
+            shape = _output_shape(stage.layer, shape)
         self.state_specs = tuple(
             tf.TensorSpec(spec.shape, spec.dtype, name=f"state_{i}")
             for i, spec in enumerate(s for stage in self._stages for s in stage.state_specs))
         self._input_dtype = dtype
+        # Any number of steps: the stages never need the model's static T.
         self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec((None,) + input_shape[1:], dtype,
+            self._serve, input_signature=[tf.TensorSpec((None, None) + self.step_shape, dtype,
                                                         name="x")])
         self.initial_state = tf.function(
             self._initial_state, input_signature=[tf.TensorSpec((), tf.int32,
@@ -275,7 +392,7 @@ class StreamingModel(tf.Module):
         # called without the signature matching of a restored ``tf.function``, which more
         # than halves the per-call latency of a 1-sample stream.
         self.step = tf.function(
-            self._step, input_signature=[tf.TensorSpec((None, self.n_inputs), dtype,
+            self._step, input_signature=[tf.TensorSpec((None,) + self.step_shape, dtype,
                                                        name="x_t"),
                                          [spec for spec in self.state_specs]],
             jit_compile=jit_compile).get_concrete_function()
@@ -317,12 +434,61 @@ class StreamingModel(tf.Module):
         return y, new_states
 
 
-def _check_step(x_t, states, n_inputs, state_specs):
+class ServingModel(tf.Module):
+    """A Keras model with ``serve`` only (whole sequences, no streaming step): what
+    ``saved_model(..., streaming=False)`` writes, for any chain or graph Keras can trace
+    (e.g. ``keras.layers.Bidirectional``).
+
+    ``serve`` takes any number of steps T when the model's layers can be traced with an
+    unknown T and run on T + 1 steps; otherwise the T the model was built with (a warning says
+    so at export).
+
+    Attributes:
+        serve: (B, T, *features) -> the model's output.
+        fixed_steps: None (any T) or the one T ``serve`` accepts.
+    """
+
+    def __init__(self, model):
+        super().__init__(name="kspike_serving_model")
+        input_shape = _input_shape(model)
+        self.model = model
+        dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
+        self.step_shape = tuple(int(d) for d in input_shape[2:])
+        self.fixed_steps = None
+        serve = tf.function(self._serve, input_signature=[
+            tf.TensorSpec((None, None) + self.step_shape, dtype, name="x")])
+        try:
+            serve.get_concrete_function()
+            if input_shape[1] is not None:
+                # A trace can succeed where a run fails (e.g. a Flatten over time feeding a
+                # Dense): run one other length once.
+                serve(tf.zeros((1, int(input_shape[1]) + 1) + self.step_shape, dtype))
+        except Exception as error:   # noqa: BLE001 - any tracing failure: fall back to T
+            if input_shape[1] is None:
+                raise
+            self.fixed_steps = int(input_shape[1])
+            _logger.warning("kspike.export: model %r cannot be traced for any number of "
+                            "steps (%s: %s); the exported serve takes exactly T=%d steps.",
+                            model.name, type(error).__name__, str(error)[:200],
+                            self.fixed_steps)
+            serve = tf.function(self._serve, input_signature=[
+                tf.TensorSpec((None,) + tuple(input_shape[1:]), dtype, name="x")])
+        self.serve = serve
+
+    def _serve(self, x):
+        return self.model(x, training=False)
+
+
+def _shape_text(shape):
+    return "(" + ", ".join("batch" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_step(x_t, states, step_shape, state_specs):
     """Raise a ValueError naming ``x_t`` or ``states`` if they do not fit ``step``."""
     x_t = tf.convert_to_tensor(x_t)
-    if x_t.shape.rank != 2 or x_t.shape[-1] != n_inputs:
-        raise ValueError(f"`x_t` must have shape (batch, {n_inputs}), received "
-                         f"{tuple(x_t.shape)}.")
+    if tuple(x_t.shape[1:]) != tuple(step_shape) or x_t.shape.rank != len(step_shape) + 1:
+        raise ValueError(f"`x_t` must have shape {_shape_text((None,) + tuple(step_shape))}, "
+                         f"received {tuple(x_t.shape)}.")
     if not isinstance(states, (list, tuple)) or len(states) != len(state_specs):
         count = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
         raise ValueError(f"`states` must be a list of {len(state_specs)} tensors (as returned "
@@ -330,10 +496,10 @@ def _check_step(x_t, states, n_inputs, state_specs):
     converted = []
     for i, (s, spec) in enumerate(zip(states, state_specs)):
         s = tf.convert_to_tensor(s)
-        if s.shape.rank != 2 or s.shape[-1] != spec.shape[-1] or s.shape[0] != x_t.shape[0]:
-            raise ValueError(f"`states[{i}]` must have shape ({x_t.shape[0]}, "
-                             f"{spec.shape[-1]}) (batch of x_t, state size), received "
-                             f"{tuple(s.shape)}.")
+        expected = (x_t.shape[0],) + tuple(spec.shape[1:])
+        if tuple(s.shape) != expected:
+            raise ValueError(f"`states[{i}]` must have shape {expected} (batch of x_t, state "
+                             f"shape), received {tuple(s.shape)}.")
         converted.append(tf.cast(s, spec.dtype))
     return x_t, converted
 
@@ -346,29 +512,52 @@ class LoadedModel:
 
     Attributes:
         raw: the object returned by ``tf.saved_model.load``.
-        n_inputs: input features n_in. state_specs: ``tf.TensorSpec`` of each state.
+        step_shape: the shape of one input step, e.g. (n_in,) or (H, W, C).
+        n_inputs: the last entry of ``step_shape`` (the input features n_in).
+        state_specs: ``tf.TensorSpec`` of each state (empty for a serve-only export).
+        streaming: False for a serve-only export (``saved_model(..., streaming=False)``),
+            whose ``initial_state`` and ``step`` raise.
+        fixed_steps: None when ``serve`` takes any number of steps, else the one it takes.
     """
 
     def __init__(self, raw):
         self.raw = raw
-        # Exports store ``step`` as a concrete function (older ones as a tf.function).
-        concrete = getattr(raw.step, "concrete_functions", [raw.step])[0]
-        x_spec, state_specs = concrete.structured_input_signature[0]
-        self._step = concrete
-        self.n_inputs = int(x_spec.shape[-1])
+        serve = getattr(raw.serve, "concrete_functions", [raw.serve])[0]
+        x_spec = serve.structured_input_signature[0][0]
         self._x_dtype = x_spec.dtype
-        self.state_specs = tuple(state_specs)
+        self.step_shape = tuple(int(d) for d in x_spec.shape[2:])
+        self.n_inputs = self.step_shape[-1]
+        self.fixed_steps = None if x_spec.shape[1] is None else int(x_spec.shape[1])
+        self.streaming = hasattr(raw, "step")
+        self.state_specs = ()
+        self._step = None
+        if self.streaming:
+            # Exports store ``step`` as a concrete function (older ones as a tf.function).
+            concrete = getattr(raw.step, "concrete_functions", [raw.step])[0]
+            _, state_specs = concrete.structured_input_signature[0]
+            self._step = concrete
+            self.state_specs = tuple(state_specs)
 
     def serve(self, x):
-        """(B, T, n_in) sequences -> the model's outputs."""
+        """(B, T, *features) sequences -> the model's outputs."""
         x = tf.convert_to_tensor(x)
-        if x.shape.rank != 3 or x.shape[-1] != self.n_inputs:
-            raise ValueError(f"`x` must have shape (batch, time, {self.n_inputs}), received "
+        expected = (None, self.fixed_steps) + self.step_shape
+        if x.shape.rank != len(expected) or tuple(x.shape[2:]) != self.step_shape or (
+                self.fixed_steps is not None and x.shape[1] != self.fixed_steps):
+            raise ValueError(f"`x` must have shape (batch, "
+                             f"{'time' if self.fixed_steps is None else self.fixed_steps}, "
+                             f"{', '.join(map(str, self.step_shape))}), received "
                              f"{tuple(x.shape)}.")
         return self.raw.serve(tf.cast(x, self._x_dtype))
 
+    def _require_streaming(self, what):
+        if not self.streaming:
+            raise ValueError(f"`{what}` is not available: this export was written with "
+                             "streaming=False (serve only).")
+
     def initial_state(self, batch_size):
-        """Zero states for a batch of ``batch_size`` (int >= 1): a list of (B, size)."""
+        """Initial states for a batch of ``batch_size`` (int >= 1): a list of (B, *size)."""
+        self._require_streaming("initial_state")
         if isinstance(batch_size, tf.Tensor) and batch_size.shape.rank == 0:
             batch_size = batch_size.numpy()
         if isinstance(batch_size, np.integer):
@@ -378,8 +567,9 @@ class LoadedModel:
         return self.raw.initial_state(tf.constant(batch_size, tf.int32))
 
     def step(self, x_t, states):
-        """One time step: (x_t (B, n_in), states) -> (y_t, new_states)."""
-        x_t, states = _check_step(x_t, states, self.n_inputs, self.state_specs)
+        """One time step: (x_t (B, *features), states) -> (y_t, new_states)."""
+        self._require_streaming("step")
+        x_t, states = _check_step(x_t, states, self.step_shape, self.state_specs)
         return self._step(tf.cast(x_t, self._x_dtype), states)
 
 
@@ -413,7 +603,7 @@ def load(directory):
             raise DamagedExportError(_damage_message(directory, problem)) from error
     if problem is not None:
         raise DamagedExportError(_damage_message(directory, problem))
-    if not all(hasattr(raw, name) for name in ("serve", "initial_state", "step")):
+    if not hasattr(raw, "serve") or (hasattr(raw, "step") != hasattr(raw, "initial_state")):
         raise ValueError(f"The SavedModel in {directory!r} was not written by "
                          "kspike.export.saved_model (no serve/initial_state/step).")
     return LoadedModel(raw)
@@ -644,13 +834,15 @@ def _swap_in(staging, target):
     _remove_tree(old)
 
 
-def saved_model(model, directory, overwrite=False, jit_compile=False):
+def saved_model(model, directory, overwrite=False, jit_compile=False, streaming=True):
     """Write ``model`` as a TensorFlow SavedModel with ``serve``, ``initial_state`` and
     ``step`` (see the module docstring and docs/export.md).
 
     Args:
-        model: a built ``keras.Model`` taking (B, T, n_in) sequences: a chain of recurrent
-            layers with kspike cells, ``kspike.LeakyReadout`` and per-time-step layers.
+        model: a built ``keras.Model`` taking (B, T, *features) sequences: a chain of
+            recurrent layers with kspike cells, ``kspike.LeakyReadout``, the neuron layers
+            ``kspike.IFNeurons`` / ``LIFNeurons``, ``GlobalAveragePooling1D`` and
+            per-time-step layers (with ``streaming=False``: any single-input model).
         directory: where to write the SavedModel (created if missing, with the permissions
             of the umask; a symlink is followed and stays a symlink).
         overwrite: replace a previous export in ``directory``: a directory holding only the
@@ -665,6 +857,11 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
             within float rounding of its threshold can flip) and drops the in-graph check
             that every state has the batch size of ``x_t`` (``kspike.export.load`` still
             checks it), so it is off by default.
+        streaming: True: write ``step`` and ``initial_state`` too (refused, with the layer
+            named, when a layer has no streaming form). False: write ``serve`` alone, for
+            models that cannot be streamed (e.g. ``keras.layers.Bidirectional``): the
+            reloaded object has ``serve`` only (``kspike.export.load`` says so if ``step`` is
+            called).
 
     Returns:
         The absolute path of the SavedModel directory (str).
@@ -690,7 +887,14 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
     True
     """
     directory, target = _check_directory(directory, overwrite)
-    module = StreamingModel(model, jit_compile=jit_compile)
+    if not isinstance(streaming, bool):
+        raise TypeError(f"`streaming` must be True or False, received {streaming!r}.")
+    if streaming:
+        module = StreamingModel(model, jit_compile=jit_compile)
+        functions = ["serve", "initial_state", "step"]
+    else:
+        module = ServingModel(model)
+        functions = ["serve"]
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     _clean_stale(target)
@@ -710,7 +914,8 @@ def saved_model(model, directory, overwrite=False, jit_compile=False):
         from kspike import __version__
         with open(os.path.join(staging, MARKER_FILE), "w", encoding="utf-8") as f:
             json.dump({"format": "kspike.export.saved_model", "kspike_version": __version__,
-                       "functions": ["serve", "initial_state", "step"]}, f)
+                       "functions": functions,
+                       "fixed_steps": getattr(module, "fixed_steps", None)}, f)
         if os.path.isdir(target):
             # After writing, so that a read-only mode of the old export cannot block it.
             os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))

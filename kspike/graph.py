@@ -4,11 +4,11 @@ Two parts (docs/architecture.md):
 
 * Predicates, the one definition of each "is this a kspike ..." question:
   ``is_spiking_cell(obj)``, ``spiking_cell_of(layer)``, ``is_spiking_layer(layer)``,
-  ``is_readout(layer)``, ``is_specialised_cell(cell)``.
+  ``is_readout(layer)``, ``is_neuron_layer(layer)``, ``is_specialised_cell(cell)``.
 * ``parse(model, who)``: a chain-shaped model (``keras.Sequential`` or a functional model in which
   every layer takes the previous layer's single output) as a list of typed stages
-  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``PerStepLayer``, ``TimeAverage``,
-  ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
+  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``NeuronLayer``, ``PerStepLayer``,
+  ``TimeAverage``, ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
   input and one output, a chain, every layer used once) and classifies each layer; a consumer
   (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
   with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
@@ -30,11 +30,12 @@ import keras
 
 from kspike import compat
 from kspike.cells import SpikingCell
-from kspike.layers import LeakyReadout
+from kspike.layers import FoldTime, IFNeurons, LeakyReadout, LIFNeurons
 
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
            "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
-           "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer", "parse", "refuse",
+           "Readout", "NeuronLayer", "PerStepLayer", "TimeAverage", "UnsupportedLayer",
+           "is_neuron_layer", "parse", "refuse",
            "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
 
@@ -62,6 +63,11 @@ def is_spiking_layer(layer):
 def is_readout(layer):
     """True if ``layer`` is a ``kspike.LeakyReadout``."""
     return isinstance(layer, LeakyReadout)
+
+
+def is_neuron_layer(layer):
+    """True if ``layer`` is a weight-free ``kspike.IFNeurons`` / ``kspike.LIFNeurons``."""
+    return isinstance(layer, (IFNeurons, LIFNeurons))
 
 
 def is_specialised_cell(cell):
@@ -141,10 +147,21 @@ class Readout(Stage):
 
 
 @dataclasses.dataclass(frozen=True)
+class NeuronLayer(Stage):
+    """A weight-free ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` layer (B, T, *features)."""
+
+    @property
+    def sequence_out(self):
+        return bool(getattr(self.layer, "return_sequences", True))
+
+
+@dataclasses.dataclass(frozen=True)
 class PerStepLayer(Stage):
     """A layer acting on each time step alone: one of ``PER_STEP_LAYERS``, one of
-    ``LAST_AXIS_LAYERS`` over the last axis, or a ``TimeDistributed`` of a stateless layer
-    (``inner`` is the wrapped layer; ``inner is layer`` otherwise)."""
+    ``LAST_AXIS_LAYERS`` over the last axis, a ``TimeDistributed`` or ``kspike.FoldTime`` of a
+    stateless layer, or a ``Reshape`` that keeps the time axis (``inner`` is the layer that
+    one step (B, *features) goes through: the wrapped layer, a ``Reshape`` of the per-step
+    target shape, or ``layer`` itself)."""
     inner: object = None
 
 
@@ -185,7 +202,9 @@ def _stage(layer, sequence_in):
         return RecurrentLayer(layer, sequence_in, layer.cell)
     if is_readout(layer):
         return Readout(layer, sequence_in)
-    if isinstance(layer, keras.layers.TimeDistributed):
+    if is_neuron_layer(layer):
+        return NeuronLayer(layer, sequence_in)
+    if isinstance(layer, (keras.layers.TimeDistributed, FoldTime)):
         inner = layer.layer
         if getattr(inner, "stateful", False) or hasattr(inner, "cell"):
             return UnsupportedLayer(layer, sequence_in,
@@ -201,7 +220,26 @@ def _stage(layer, sequence_in):
         return PerStepLayer(layer, sequence_in, layer)
     if isinstance(layer, keras.layers.GlobalAveragePooling1D):
         return TimeAverage(layer, sequence_in)
+    if isinstance(layer, keras.layers.Reshape):
+        return _reshape_stage(layer, sequence_in)
     return UnsupportedLayer(layer, sequence_in)
+
+
+def _reshape_stage(layer, sequence_in):
+    """A ``Reshape`` whose target keeps the time axis, (B, T, ...) -> (B, T, ...), is per step."""
+    target = tuple(layer.target_shape)
+    try:
+        steps = tuple(layer.input.shape)[1] if _has_single_input(layer) else None
+    except (AttributeError, ValueError):
+        steps = None
+    if sequence_in and steps is not None and len(target) >= 2 and target[0] == steps:
+        inner = keras.layers.Reshape(target[1:], name=f"{layer.name}_step")
+        return PerStepLayer(layer, sequence_in, inner)
+    if not sequence_in:
+        return UnsupportedLayer(layer, sequence_in)
+    return UnsupportedLayer(layer, sequence_in,
+                            f"its target shape {target} does not keep the time axis "
+                            f"({steps} steps) first")
 
 
 def _chain_layers(model, who, error, flatten):

@@ -67,8 +67,9 @@ def _fixed_step(model, module, batch_size):
             "Cannot convert to LiteRT: the model's input and states must be float32, "
             f"received input {input_dtype.name} and states "
             f"{[d.name for d in dtypes]}; build the model in float32.")
-    signature = [tf.TensorSpec((batch_size, module.n_inputs), tf.float32, name="x_t")]
-    signature += [tf.TensorSpec((batch_size, spec.shape[-1]), tf.float32, name=f"state_{i}")
+    signature = [tf.TensorSpec((batch_size,) + module.step_shape, tf.float32, name="x_t")]
+    signature += [tf.TensorSpec((batch_size,) + tuple(spec.shape[1:]), tf.float32,
+                                name=f"state_{i}")
                   for i, spec in enumerate(module.state_specs)]
 
     @tf.function(input_signature=signature)
@@ -83,9 +84,11 @@ def litert(model, path, batch_size=1, overwrite=False, quantize=None):
     """Write the one-step function of ``model`` as a LiteRT (``.tflite``) file.
 
     Args:
-        model: a built ``keras.Model`` taking (B, T, n_in) float32 sequences, made of the
-            layers ``kspike.export.saved_model`` supports (kspike cells in RNN layers,
-            ``kspike.LeakyReadout``, per-time-step layers).
+        model: a built ``keras.Model`` taking (B, T, *features) float32 sequences, made of
+            the layers ``kspike.export.saved_model`` supports (kspike cells in RNN layers,
+            ``kspike.LeakyReadout``, ``kspike.IFNeurons`` / ``LIFNeurons`` with
+            ``v_reset=0``, ``GlobalAveragePooling1D``, per-time-step layers such as
+            ``TimeDistributed`` / ``kspike.FoldTime`` of Conv2D, pooling and Flatten).
         path: the ``.tflite`` file to write (parent directories are created).
         batch_size: the fixed batch size B of the step (int >= 1).
         overwrite: replace an existing file. Without it an existing file is refused and left
@@ -128,8 +131,11 @@ def litert(model, path, batch_size=1, overwrite=False, quantize=None):
     for i, state in enumerate(module.initial_state.python_function(batch_size)):
         # The runner starts from zeros; a cell with another initial state would be wrong.
         if np.any(state.numpy() != 0):
-            raise export.ExportError(f"Cannot convert to LiteRT: initial state {i} of the "
-                                     "model is not zero.")
+            raise export.ExportError(
+                f"Cannot convert to LiteRT: initial state {i} of the model is not zero "
+                "(e.g. a kspike.IFNeurons / LIFNeurons layer with v_reset != 0 starts at "
+                "V_0 = v_reset), and LiteRT runners start from zeros; use v_reset=0 or the "
+                "SavedModel export.")
     # The weights are frozen into constants: left as resource variables, the interpreter
     # would read them uninitialised (garbage) unless an initialisation subgraph ran first.
     frozen = compat.freeze_concrete_function(_fixed_step(model, module, batch_size))
@@ -174,8 +180,10 @@ class LiteRTRunner:
             from more).
 
     Attributes:
-        batch_size: the fixed batch size B. n_inputs: input features n_in.
-        state_shapes: shape (B, size) of each state. n_outputs: output features.
+        batch_size: the fixed batch size B. step_shape: the shape of one input step,
+        e.g. (n_in,) or (H, W, C); n_inputs its last entry.
+        state_shapes: shape (B, *size) of each state. output_shape: shape of y_t without the
+        batch; n_outputs its last entry.
     """
 
     def __init__(self, path, num_threads=1):
@@ -201,9 +209,11 @@ class LiteRTRunner:
         self._inputs = [inputs[name]["index"] for name in names]
         self._outputs = [outputs[f"output_{i}"]["index"] for i in range(n_states + 1)]
         shapes = [tuple(int(d) for d in inputs[name]["shape"]) for name in names]
-        self.batch_size, self.n_inputs = shapes[0]
+        self.batch_size, self.step_shape = shapes[0][0], shapes[0][1:]
+        self.n_inputs = self.step_shape[-1]
         self.state_shapes = shapes[1:]
-        self.n_outputs = int(outputs["output_0"]["shape"][-1])
+        self.output_shape = tuple(int(d) for d in outputs["output_0"]["shape"][1:])
+        self.n_outputs = self.output_shape[-1]
         # A live signature runner pins the interpreter's buffers and blocks invoke().
         del runner
 
@@ -231,7 +241,7 @@ class LiteRTRunner:
         Returns:
             (y_t, new_states): y_t float32 (batch_size, n_out); new_states a list of arrays.
         """
-        self._check("x_t", x_t, (self.batch_size, self.n_inputs))
+        self._check("x_t", x_t, (self.batch_size,) + self.step_shape)
         if not isinstance(states, (list, tuple)) or len(states) != len(self.state_shapes):
             count = len(states) if isinstance(states, (list, tuple)) else type(states).__name__
             raise ValueError(f"`states` must be a list of {len(self.state_shapes)} arrays (as "
@@ -248,12 +258,14 @@ class LiteRTRunner:
         return values[0], values[1:]
 
     def run(self, x):
-        """A whole sequence: float32 (batch_size, T, n_in) -> (batch_size, T, n_out)."""
-        if not isinstance(x, np.ndarray) or x.ndim != 3 or x.shape[0] != self.batch_size \
-                or x.shape[2] != self.n_inputs:
+        """A whole sequence: float32 (batch_size, T, *step_shape) -> (batch_size, T,
+        *output_shape), the output of every step (for a model ending in
+        ``GlobalAveragePooling1D``, the running mean; its last step is the model's output)."""
+        if not isinstance(x, np.ndarray) or x.ndim != 2 + len(self.step_shape) \
+                or x.shape[0] != self.batch_size or tuple(x.shape[2:]) != self.step_shape:
             shape = x.shape if isinstance(x, np.ndarray) else type(x).__name__
             raise ValueError(f"`x` must be a numpy array of shape ({self.batch_size}, T, "
-                             f"{self.n_inputs}), received {shape}.")
+                             f"{', '.join(map(str, self.step_shape))}), received {shape}.")
         if x.dtype != np.float32:
             raise TypeError(f"`x` must have dtype float32, received {x.dtype}.")
         states = self.initial_state()
@@ -262,7 +274,7 @@ class LiteRTRunner:
             y_t, states = self.step(np.ascontiguousarray(x[:, t]), states)
             outputs.append(y_t)
         if not outputs:
-            return np.zeros((self.batch_size, 0, self.n_outputs), np.float32)
+            return np.zeros((self.batch_size, 0) + self.output_shape, np.float32)
         return np.stack(outputs, axis=1)
 
 

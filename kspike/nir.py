@@ -26,17 +26,24 @@ Mapping (kspike -> NIR):
   kspike's after the first spike of a neuron.
 - ``kspike.LeakyReadout`` -> ``Linear`` (kernel) -> ``LI`` -> ``Affine`` (identity weights,
   the readout bias; the bias is added after the filter as in kspike);
+- ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` -> ``IF`` / ``LIF``: exact for the hard reset
+  (NIR's own reset to v_reset, in the step of the spike); the soft reset is written with
+  v_reset 0 and read back exactly by kspike only, from ``metadata["kspike"]``;
+- ``TimeDistributed`` / ``kspike.FoldTime`` of ``Conv2D``, ``AveragePooling2D``, ``Flatten``,
+  ``Rescaling``, ``Dense`` -> ``Conv2d``, ``AvgPool2d``, ``Flatten``, ``Scale``, ``Affine``;
+  image shapes channels-first (C, H, W) as in NIR and PyTorch;
 - refused with an error naming the layer: ALIF cells (NIR has no adaptive threshold), cells
   with ``n_refractory > 0`` (no refractory period in NIR), ``n_delay > 1``, ``output="all"``,
-  any other layer.
+  the mean over time, any other layer.
 
 NIR -> kspike: the kspike graphs above exactly (weights are copied, sparse DEEP R cells come
 back as dense cells with the same effective weights), and graphs of other writers made of
-``Affine``/``Linear``, ``LIF`` (with optional recurrent ``Linear``) and ``LI`` nodes in a
-chain. A ``LIF`` node without kspike metadata has NIR's hard reset; kspike imports it as a
-``kspike.LIF`` cell (reset by subtraction) only when told that the writer meant subtraction
-(``lif_reset="subtract"``, e.g. snnTorch's default ``Leaky``). The hard-reset import belongs
-to ``kspike.LIFNeurons`` and is not available yet.
+``Affine``/``Linear``/``Scale``, ``IF``/``LIF`` (with optional recurrent ``Linear``), ``LI``,
+``Conv2d``, ``AvgPool2d``/``SumPool2d`` and ``Flatten`` nodes in a chain. An ``IF``/``LIF`` node
+without kspike metadata has NIR's hard reset and becomes ``kspike.IFNeurons`` /
+``kspike.LIFNeurons``; a 1-D ``LIF`` node is imported as a ``kspike.LIF`` cell (reset by
+subtraction) instead when the writer meant subtraction (``lif_reset="subtract"``, e.g.
+snnTorch's default ``Leaky``).
 """
 import json
 
@@ -74,22 +81,6 @@ def _describe(layer):
     return f"layer {layer.name!r} ({type(layer).__name__})"
 
 
-def _layers(model):
-    """The layers of a chain-shaped model in order (nested models flattened)."""
-    from kspike import export
-    # StreamingModel refuses non-chains and unsupported layers with errors naming them.
-    export.StreamingModel(model)
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, keras.Model) and not hasattr(layer, "cell"):
-            layers.extend(_layers(layer))
-        else:
-            layers.append(layer)
-    return layers
-
-
 def _metadata(kind, obj, **extra):
     record = {"kind": kind, "config": keras.saving.serialize_keras_object(obj), **extra}
     # A JSON string: nir.write stores metadata values as HDF5 datasets.
@@ -114,12 +105,125 @@ def _affine(nir, weight_in_out, bias):
 
 
 # ----------------------------------------------------------------------------- kspike -> NIR
-def _neuron_layer_to_nir(layer, dt):
-    """HOOK for kspike.IFNeurons / kspike.LIFNeurons (hard reset, SpikingJelly semantics):
-    they map to NIR IF / LIF exactly. To be written with those layers;
-    return (nodes dict, internal edges, first node name, last node name)."""
-    raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: the IF/LIF neuron layers "
-                         "are not supported by kspike.nir yet.")
+def _nir_shape(features):
+    """A kspike per-step feature shape (H, W, C) as NIR's channels-first (C, H, W)."""
+    features = tuple(int(d) for d in features)
+    if len(features) == 3:
+        return (features[2], features[0], features[1])
+    return features
+
+
+def _to_nir_layout(array):
+    """(H, W, C) per-neuron values as (C, H, W); other shapes unchanged."""
+    array = np.asarray(array)
+    return np.transpose(array, (2, 0, 1)) if array.ndim == 3 else array
+
+
+def _neuron_layer_to_nir(nir, layer, name, dt, features):
+    """kspike.IFNeurons / kspike.LIFNeurons -> NIR IF / LIF (forward Euler over dt):
+
+    IF:  H = V + X                        <- IF(r = 1/dt, v_threshold, v_reset)
+    LIF: H = V + (X - (V - c)) / tau      <- LIF(tau = tau dt, r = 1, v_leak = c, v_reset = c)
+         H = V - (V - c) / tau + X        <- LIF(tau = tau dt, r = tau, ...)  (decay_input=False)
+
+    exactly for the hard reset (``v_reset=c``); the soft reset (``v_reset=None``) is written
+    with v_reset 0 and read back exactly by kspike from the metadata record only.
+    """
+    for flag in ("stateful", "return_state"):
+        if getattr(layer, flag):
+            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: {flag}=True has "
+                                 "no NIR form.")
+    if layer.output_mode != "spikes" or not layer.return_sequences:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: NIR neurons emit a "
+                             "spike sequence (output='spikes', return_sequences=True).")
+    shape = _nir_shape(features)
+    full = lambda value: np.full(shape, value, np.float32)  # noqa: E731
+    reset = 0.0 if layer.v_reset is None else layer.v_reset
+    record = _metadata(type(layer).__name__, layer,
+                       reset="hard" if layer.v_reset is not None else
+                       "soft (subtraction of the threshold)")
+    if layer.tau is None:
+        node = nir.IF(r=full(1.0 / dt), v_threshold=full(layer.thr), v_reset=full(reset),
+                      metadata=record)
+    else:
+        node = nir.LIF(tau=full(layer.tau * dt), r=full(1.0 if layer.decay_input else layer.tau),
+                       v_leak=full(reset), v_threshold=full(layer.thr), v_reset=full(reset),
+                       metadata=record)
+    return {name: node}, [], name, name
+
+
+def _wrapped(layer):
+    """The per-step layer inside a TimeDistributed / kspike.FoldTime, and the wrapper's name."""
+    from kspike.layers import FoldTime
+    if isinstance(layer, (keras.layers.TimeDistributed, FoldTime)):
+        return layer.layer, type(layer).__name__
+    return layer, None
+
+
+def _pair(value):
+    value = np.asarray(value).ravel()
+    if value.size == 1:
+        value = np.repeat(value, 2)
+    return value.astype(np.int64)
+
+
+def _conv_to_nir(nir, layer, inner, name, features):
+    kh, kw = inner.kernel_size
+    if inner.data_format != "channels_last":
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: data_format="
+                             f"{inner.data_format!r}; kspike writes channels_last models.")
+    if inner.activation not in (None, keras.activations.linear):
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: activation "
+                             f"{inner.activation.__name__!r}; NIR's Conv2d is linear.")
+    stride, dilation = _pair(inner.strides), _pair(inner.dilation_rate)
+    if inner.padding == "valid":
+        padding = np.array([0, 0])
+    elif kh % 2 == 1 and kw % 2 == 1 and np.all(stride == 1):
+        # Keras 'same' with odd kernels and stride 1 pads symmetrically, as PyTorch does.
+        padding = np.array([dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2])
+    else:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: padding='same' with "
+                             f"kernel {inner.kernel_size} and strides {inner.strides} pads "
+                             "asymmetrically, which NIR's (PyTorch's) Conv2d cannot express; "
+                             "use odd kernels with stride 1, or padding='valid'.")
+    kernel = np.asarray(inner.kernel, np.float32)                # (kh, kw, C_in/g, C_out)
+    bias = (np.zeros(kernel.shape[-1], np.float32) if inner.bias is None
+            else np.asarray(inner.bias, np.float32))
+    node = nir.Conv2d(input_shape=(int(features[0]), int(features[1])),
+                      weight=np.transpose(kernel, (3, 2, 0, 1)).copy(), stride=stride,
+                      padding=padding, dilation=dilation, groups=int(inner.groups), bias=bias,
+                      metadata=_metadata("Conv2D", inner, wrapper=_wrapped(layer)[1]))
+    return {name: node}, [], name, name
+
+
+def _pool_to_nir(nir, layer, inner, name):
+    if inner.padding != "valid" or inner.data_format != "channels_last":
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: only "
+                             "padding='valid', channels_last pooling has a NIR form.")
+    node = nir.AvgPool2d(kernel_size=_pair(inner.pool_size), stride=_pair(inner.strides),
+                         padding=np.array([0, 0]),
+                         metadata=_metadata("AveragePooling2D", inner,
+                                            wrapper=_wrapped(layer)[1]))
+    return {name: node}, [], name, name
+
+
+def _flatten_to_nir(nir, layer, name, features):
+    node = nir.Flatten(input_type={"input": np.array(_nir_shape(features))}, start_dim=0,
+                       end_dim=-1, metadata=_metadata("Flatten", _wrapped(layer)[0],
+                                                      wrapper=_wrapped(layer)[1]))
+    return {name: node}, [], name, name
+
+
+def _hwc_rows_to_chw(kernel, features):
+    """Rows of a Dense kernel after a Keras Flatten of (H, W, C) reordered for NIR's
+    Flatten of (C, H, W)."""
+    h, w, c = (int(d) for d in features)
+    return kernel.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1)
+
+
+def _chw_rows_to_hwc(kernel, chw):
+    c, h, w = (int(d) for d in chw)
+    return kernel.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(c * h * w, -1)
 
 
 def _lif_to_nir(nir, layer, name, dt):
@@ -179,17 +283,21 @@ def to_nir(model, dt=1.0):
     """A kspike model as a ``nir.NIRGraph`` (mapping and discretisation: docs/nir.md).
 
     Args:
-        model: a built chain-shaped ``keras.Model`` on (B, T, n_in) sequences made of RNN
-            layers of ``kspike.LIF`` cells, ``kspike.LeakyReadout``, linear ``Dense`` layers
-            (and Dropout/noise/Identity layers, skipped).
+        model: a built chain-shaped ``keras.Model`` on (B, T, n_in) or (B, T, H, W, C)
+            sequences made of RNN layers of ``kspike.LIF`` cells, ``kspike.LeakyReadout``,
+            ``kspike.IFNeurons`` / ``LIFNeurons``, linear ``Dense`` layers, and in
+            ``TimeDistributed`` / ``kspike.FoldTime``: ``Conv2D``, ``AveragePooling2D``,
+            ``Flatten``, ``Dense`` (Dropout/noise/Identity layers are skipped).
         dt: the time step written into the graph (NIR time constants are in units of it).
 
     Returns:
-        ``nir.NIRGraph`` with nodes ``input``, ``<layer>.<part>`` ... and ``output``.
+        ``nir.NIRGraph`` with nodes ``input``, ``<layer>.<part>`` ... and ``output``; image
+        shapes are written channels-first (C, H, W) as NIR and PyTorch do.
 
     Raises:
         NIRExportError (a ValueError): a layer NIR cannot represent (ALIF: no adaptive
-            threshold; refractoriness; delays), naming the layer and the reason.
+            threshold; refractoriness; delays; the mean over time), naming the layer and
+            the reason.
 
     Example:
 
@@ -208,17 +316,34 @@ def to_nir(model, dt=1.0):
     dt = _check_dt(dt)
     if not isinstance(model, keras.Model):
         raise TypeError(f"`model` must be a keras.Model, received {type(model).__name__}.")
+    from kspike import graph as kgraph
     from kspike.layers import LeakyReadout
-    n_in = int(model.inputs[0].shape[-1]) if getattr(model, "inputs", None) else None
-    layers = _layers(model)
-    nodes = {"input": nir.Input(input_type={"input": np.array([n_in])})}
+    if not model.built or not getattr(model, "inputs", None):
+        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: it has no known "
+                             "input shape; start it with keras.Input((T, *features)).")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) < 3 or any(d is None for d in shape[2:]):
+        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: its input must be "
+                             f"sequences (batch, time, *features) with known features, "
+                             f"received {shape}.")
+    stages = kgraph.parse(model, "Cannot export to NIR", error=NIRExportError,
+                          flatten_nested=True)
+    nodes = {"input": nir.Input(input_type={"input": np.array(_nir_shape(shape[2:]))})}
     edges = []
     previous = "input"
-    for layer in layers:
-        if isinstance(layer, _SKIPPED):
+    flattened = None        # the (H, W, C) a Flatten just flattened, for the next Dense
+    for stage in stages:
+        layer = stage.layer
+        features = shape[2:]
+        inner, _ = _wrapped(layer)
+        output = layer.output
+        shape = tuple((output[0] if isinstance(output, (list, tuple)) else output).shape)
+        if isinstance(inner, _SKIPPED):
             continue
         name = layer.name
-        if hasattr(layer, "cell"):
+        parts = None
+        if isinstance(stage, kgraph.SpikingLayer) or hasattr(layer, "cell"):
+            kgraph.check_stateless(stage, "kspike.nir.to_nir", NIRExportError)
             if not layer.return_sequences:
                 raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: "
                                      "return_sequences=False has no NIR form (NIR graphs "
@@ -226,33 +351,73 @@ def to_nir(model, dt=1.0):
             parts = _lif_to_nir(nir, layer, name, dt)
         elif isinstance(layer, LeakyReadout):
             parts = _readout_to_nir(nir, layer, name, dt)
-        elif type(layer).__name__ in ("IFNeurons", "LIFNeurons"):
-            parts = _neuron_layer_to_nir(layer, dt)
-        elif isinstance(layer, keras.layers.Dense):
-            if layer.activation not in (None, keras.activations.linear):
+        elif kgraph.is_neuron_layer(layer):
+            parts = _neuron_layer_to_nir(nir, layer, name, dt, features)
+        elif isinstance(stage, kgraph.TimeAverage):
+            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: NIR graphs map a "
+                                 "sequence to a sequence and have no mean over time; export "
+                                 "the model without it and average the outputs over time.")
+        elif isinstance(stage, kgraph.PerStepLayer) and isinstance(inner, keras.layers.Conv2D) \
+                and type(inner) is keras.layers.Conv2D:
+            parts = _conv_to_nir(nir, layer, inner, name, features)
+        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is \
+                keras.layers.AveragePooling2D:
+            parts = _pool_to_nir(nir, layer, inner, name)
+        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Flatten \
+                and inner is not layer:
+            parts = _flatten_to_nir(nir, layer, name, features)
+            if len(features) == 3:
+                flattened = features
+                nodes.update(parts[0])
+                edges.append((previous, name))
+                previous = name
+                continue
+        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Rescaling \
+                and inner is not layer:
+            if np.any(np.asarray(inner.offset) != 0):
+                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: offset="
+                                     f"{inner.offset}; NIR's Scale multiplies only.")
+            scale = np.full(_nir_shape(features), inner.scale, np.float32)
+            parts = ({name: nir.Scale(scale=scale, metadata=_metadata(
+                "Rescaling", inner, wrapper=_wrapped(layer)[1]))}, [], name, name)
+        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Dense:
+            if inner.activation not in (None, keras.activations.linear):
                 raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: activation "
-                                     f"{layer.activation.__name__!r}; NIR's Affine is linear.")
-            bias = None if layer.bias is None else np.asarray(layer.bias)
-            parts = ({name: _affine(nir, np.asarray(layer.kernel), bias)}, [], name, name)
-        else:
+                                     f"{inner.activation.__name__!r}; NIR's Affine is linear.")
+            if len(features) != 1:
+                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: a Dense on "
+                                     f"features of shape {tuple(features)}; flatten them "
+                                     "first (TimeDistributed(Flatten())).")
+            kernel = np.asarray(inner.kernel)
+            if flattened is not None:
+                kernel = _hwc_rows_to_chw(kernel, flattened)
+            bias = None if inner.bias is None else np.asarray(inner.bias)
+            parts = ({name: _affine(nir, kernel, bias)}, [], name, name)
+        if parts is None:
             raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: kspike.nir knows "
                                  "no NIR form for it. Supported: RNN layers of kspike.LIF, "
-                                 "kspike.LeakyReadout, linear Dense.")
+                                 "kspike.LeakyReadout, kspike.IFNeurons / LIFNeurons, linear "
+                                 "Dense, and in TimeDistributed / kspike.FoldTime: Conv2D, "
+                                 "AveragePooling2D, Flatten, Dense.")
+        if flattened is not None and not isinstance(parts[0][parts[2]], (nir.Affine,
+                                                                          nir.Linear)):
+            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR after a Flatten of "
+                                 f"{tuple(flattened)} features: kspike writes a Flatten "
+                                 "followed by a Dense (whose rows it reorders from Keras' "
+                                 "(H, W, C) order to NIR's (C, H, W)).")
+        flattened = None
         layer_nodes, layer_edges, first, last = parts
         nodes.update(layer_nodes)
         edges += [(previous, first)] + layer_edges
         previous = last
-    size = _output_size(nodes[previous]) if previous != "input" else n_in
-    nodes["output"] = nir.Output(output_type={"output": np.array([size])})
+    if flattened is not None:
+        raise NIRExportError("Cannot export to NIR: the model ends with a Flatten of "
+                             f"{tuple(flattened)} features; kspike writes a Flatten followed "
+                             "by a Dense.")
+    nodes["output"] = nir.Output(output_type={"output": np.array(_nir_shape(shape[2:]))})
     edges.append((previous, "output"))
     return nir.NIRGraph(nodes=nodes, edges=edges,
                         metadata={"writer": "kspike", "dt": dt})
-
-
-def _output_size(node):
-    if hasattr(node, "weight"):
-        return int(node.weight.shape[0])
-    return int(np.asarray(node.tau).shape[0])
 
 
 # ----------------------------------------------------------------------------- NIR -> kspike
@@ -297,14 +462,92 @@ def _set(layer, shape, weights):
     layer.set_weights([np.asarray(w, np.float32) for w in weights])
 
 
-def _hard_reset_lif(node_name, node, dt):
-    """HOOK for kspike.LIFNeurons / IFNeurons (hard reset to v_reset): NIR LIF / IF nodes map
-    to them exactly. To be written with those layers."""
-    raise NotImplementedError(
-        f"Cannot import NIR node {node_name!r}: a NIR {type(node).__name__} resets to v_reset "
-        "(hard reset), whose kspike layer (kspike.LIFNeurons) is not supported by kspike.nir "
-        "yet. If the graph's writer meant reset by subtraction (snnTorch's default Leaky), "
-        "pass lif_reset='subtract' to import it as a kspike.LIF cell.")
+def _wrap(inner, wrapper=None):
+    # Always FoldTime (the same values as TimeDistributed for these stateless layers):
+    # Keras' TimeDistributed needs a static T, and imported models take any T.
+    from kspike.layers import FoldTime
+    return FoldTime(inner, name=inner.name)
+
+
+def _layer_name(name):
+    return name.replace(".", "_")
+
+
+def _neuron_from_nir(name, node, dt, scale_input):
+    """A NIR IF / LIF node without kspike metadata as kspike.IFNeurons / LIFNeurons (hard
+    reset to v_reset, NIR's own reset), reading tau and r as snnTorch writes them.
+
+    ``scale_input(gain, offset)`` folds X = gain I + offset into the layer before (it raises
+    when there is none); returns the layer.
+    """
+    from kspike.layers import IFNeurons, LIFNeurons
+    thr = _uniform(name, "v_threshold", node.v_threshold)
+    reset = _uniform(name, "v_reset", node.v_reset)
+    if not thr > 0:
+        raise NIRExportError(f"Cannot import NIR node {name!r}: v_threshold={thr} must be > 0.")
+    r = _uniform(name, "r", node.r)
+    if isinstance(node, _nir().IF):
+        gain = r * dt                               # H = V + dt r I
+        if gain != 1.0:
+            scale_input(gain, 0.0)
+        return IFNeurons(thr=thr, v_reset=reset, name=_layer_name(name))
+    tau = _uniform(name, "tau", node.tau) / dt      # in steps
+    leak = _uniform(name, "v_leak", node.v_leak)
+    if not tau >= 1.0:
+        raise NIRExportError(f"Cannot import NIR node {name!r}: tau={tau * dt} is below "
+                             f"dt={dt}; forward Euler needs tau >= dt.")
+    if r == 1.0 and leak == reset:
+        # H = V + (I - (V - c)) / tau: SpikingJelly's decay_input form, exactly.
+        return LIFNeurons(tau=tau, thr=thr, v_reset=reset, decay_input=True,
+                          name=_layer_name(name))
+    # H = V - (V - c) / tau + X with X = (r I + v_leak - c) / tau; snnTorch writes
+    # r = tau / dt, so X = I.
+    gain, offset = r / tau, (leak - reset) / tau
+    if not (np.isclose(gain, 1.0, rtol=1e-6, atol=0.0) and offset == 0.0):
+        scale_input(gain, offset)
+    return LIFNeurons(tau=tau, thr=thr, v_reset=reset, decay_input=False,
+                      name=_layer_name(name))
+
+
+def _conv_from_nir(name, node, features):
+    weight = np.asarray(node.weight, np.float32)                     # (C_out, C_in/g, kh, kw)
+    kh, kw = weight.shape[2:]
+    stride, dilation = _pair(node.stride), _pair(node.dilation)
+    padding = node.padding
+    layers = []
+    if isinstance(padding, str):
+        mode = padding
+    else:
+        pad = _pair(padding)
+        if np.all(pad == 0):
+            mode = "valid"
+        elif (np.all(stride == 1) and kh % 2 == 1 and kw % 2 == 1
+              and pad[0] == dilation[0] * (kh - 1) // 2 and pad[1] == dilation[1] * (kw - 1) // 2):
+            mode = "same"
+        else:
+            mode = "valid"
+            layers.append(_wrap(keras.layers.ZeroPadding2D(tuple(int(p) for p in pad),
+                                                           name=_layer_name(name) + "_pad")))
+    bias = getattr(node, "bias", None)
+    bias = None if bias is None or np.all(np.asarray(bias) == 0) else np.asarray(bias)
+    conv = keras.layers.Conv2D(weight.shape[0], (int(kh), int(kw)),
+                               strides=tuple(int(v) for v in stride), padding=mode,
+                               dilation_rate=tuple(int(v) for v in dilation),
+                               groups=int(node.groups), use_bias=bias is not None,
+                               name=_layer_name(name))
+    record = _read_metadata(node)
+    layers.append(_wrap(conv, (record or {}).get("wrapper")))
+    return layers, conv, [np.transpose(weight, (2, 3, 1, 0))] + ([] if bias is None else [bias])
+
+
+def _build_chain(layers, features):
+    """Build ``layers`` one after the other from (None, None, *features); returns the final
+    features (kspike layout)."""
+    shape = (None, None) + tuple(features)
+    for layer in layers:
+        layer.build(shape)
+        shape = tuple(layer.compute_output_shape(shape))
+    return shape[2:]
 
 
 class _Chain:
@@ -346,17 +589,20 @@ def from_nir(graph, dt=1.0, lif_reset=None):
 
     Args:
         graph: ``nir.NIRGraph`` (e.g. from ``to_nir`` or ``nir.read``), a chain of
-            ``Affine``/``Linear``, ``LIF`` (optionally with a recurrent ``Linear``) and ``LI``
+            ``Affine``/``Linear``/``Scale``, ``IF``, ``LIF`` (optionally with a recurrent
+            ``Linear``), ``LI``, ``Conv2d``, ``AvgPool2d``/``SumPool2d`` and ``Flatten``
             nodes between one ``Input`` and one ``Output``.
         dt: the time step to discretise with (forward Euler, as snnTorch); kspike cells get
-            ``dt`` as their step in ms.
-        lif_reset: how to read a ``LIF`` node that carries no kspike metadata: None (NIR's own
-            hard reset; not available yet, raises NotImplementedError) or ``"subtract"`` (the
-            writer meant reset by subtraction of the threshold, as snnTorch's default Leaky:
-            imported as a ``kspike.LIF`` cell, ``v_reset`` ignored).
+            ``dt`` as their step in ms, neuron layers tau / dt steps.
+        lif_reset: how to read a 1-D ``LIF`` node that carries no kspike metadata: None
+            (NIR's own hard reset to ``v_reset``: a ``kspike.LIFNeurons`` layer, exact) or
+            ``"subtract"`` (the writer meant reset by subtraction of the threshold, as
+            snnTorch's default Leaky: imported as a ``kspike.LIF`` cell, ``v_reset``
+            ignored).
 
     Returns:
-        ``keras.Sequential`` on (B, T, n_in) sequences (T free).
+        ``keras.Sequential`` on (B, T, *features) sequences (T free); images channels-last
+        (B, T, H, W, C) for NIR's (C, H, W).
 
     Raises:
         NIRExportError (a ValueError): a node or graph shape kspike cannot import, named.
@@ -369,42 +615,150 @@ def from_nir(graph, dt=1.0, lif_reset=None):
         raise ValueError(f"`lif_reset` must be None or 'subtract', received {lif_reset!r}.")
     from kspike.layers import LeakyReadout
     chain = _Chain(nir, graph)
-    n_in = int(np.asarray(chain.nodes[chain.input].input_type["input"]).ravel()[-1])
-    layers, size, name = [], n_in, chain.next_of(chain.input)
-    pending = None          # an Affine/Linear waiting to see whether a neuron node follows
-    consumed = set()
+    input_shape = tuple(int(d) for d in
+                        np.asarray(chain.nodes[chain.input].input_type["input"]).ravel())
+    state = {"features": _kspike_shape(input_shape), "pending": None, "weighted": None}
+    layers, consumed = [], set()
+
+    def add(layer, weights=None):
+        shape = (None, None) + state["features"]
+        if not layer.built:
+            layer.build(shape)
+        if weights is not None:
+            layer.set_weights([np.asarray(w, np.float32) for w in weights])
+        state["features"] = tuple(layer.compute_output_shape(shape))[2:]
+        layers.append(layer)
+        state["weighted"] = None
+
+    def flush():
+        if state["pending"] is not None:
+            name, node = state["pending"]
+            state["pending"] = None
+            add(_dense(name, node, state["features"][-1]))
+            state["weighted"] = layers[-1]
+
+    def scale_input(node_name):
+        def scale(gain, offset):
+            # X = gain I + offset, folded into the weights of the layer feeding the neurons.
+            if state["pending"] is not None:
+                name, node = state["pending"]
+                kernel, bias = _weights(node, state["features"][-1])
+                bias = np.zeros(kernel.shape[1]) if bias is None else bias
+                state["pending"] = (name, nir.Affine(weight=(kernel * gain).T,
+                                                     bias=bias * gain + offset))
+                return
+            layer = state["weighted"]
+            if layer is None:
+                raise NIRExportError(
+                    f"Cannot import NIR node {node_name!r}: its input gain {gain} (r dt / tau) "
+                    "or leak offset needs a weight node (Affine, Linear, Conv2d) before it, "
+                    "to be folded into.")
+            weights = layer.get_weights()
+            if len(weights) == 1 and offset != 0.0:
+                raise NIRExportError(f"Cannot import NIR node {node_name!r}: its leak offset "
+                                     f"needs a bias in {layer.name!r}.")
+            weights = [weights[0] * gain] + [b * gain + offset for b in weights[1:]]
+            layer.set_weights(weights)
+        return scale
+
+    name = chain.next_of(chain.input)
     while True:
         node = chain.nodes[name]
         if isinstance(node, nir.Output):
             break
         following = None
+        record = _read_metadata(node)
+        kind = (record or {}).get("kind")
         if isinstance(node, (nir.Affine, nir.Linear)):
-            if pending is not None:
-                layers.append(_dense(*pending, size))
-                size = int(pending[1].weight.shape[0])
-            pending = (name, node)
-        elif isinstance(node, nir.LIF):
+            flush()
+            state["pending"] = (name, node)
+        elif isinstance(node, (nir.IF, nir.LIF)) and kind in ("IFNeurons", "LIFNeurons"):
+            flush()
+            add(keras.saving.deserialize_keras_object(record["config"]))
+        elif isinstance(node, nir.LIF) and (kind == "LIF" or (
+                lif_reset == "subtract" and len(state["features"]) == 1)):
             recurrent = chain.recurrent_of(name)
-            layer, following = _import_lif(chain, name, node, pending, recurrent, size, dt,
-                                           lif_reset)
+            layer, following = _import_lif(chain, name, node, state["pending"], recurrent,
+                                           state["features"][-1], dt, lif_reset)
             consumed.add(recurrent)
-            layers.append(layer)
-            size, pending = int(np.asarray(node.tau).size), None
+            state["pending"] = None
+            add(layer)
+        elif isinstance(node, (nir.IF, nir.LIF)):
+            if chain.recurrent_of(name) is not None:
+                raise NIRExportError(f"Cannot import NIR node {name!r}: a recurrent hard-reset "
+                                     f"{type(node).__name__} has no kspike layer (kspike.LIF "
+                                     "cells reset by subtraction: lif_reset='subtract').")
+            layer = _neuron_from_nir(name, node, dt, scale_input(name))
+            flush()
+            add(layer)
         elif isinstance(node, nir.LI):
-            new_layers, following = _import_li(chain, name, node, pending, size, dt,
-                                               LeakyReadout)
-            layers.extend(new_layers)
-            size, pending = int(np.asarray(node.tau).size), None
-        elif isinstance(node, nir.IF):
-            _hard_reset_lif(name, node, dt)
+            new_layers, following = _import_li(chain, name, node, state["pending"],
+                                               state["features"][-1], dt, LeakyReadout)
+            state["pending"] = None
+            for layer in new_layers:
+                add(layer, None)
+        elif isinstance(node, nir.Conv2d):
+            flush()
+            new_layers, conv, weights = _conv_from_nir(name, node, state["features"])
+            for layer in new_layers[:-1]:
+                add(layer)
+            add(new_layers[-1])
+            conv.set_weights([np.asarray(w, np.float32) for w in weights])
+            state["weighted"] = conv
+        elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
+            flush()
+            if np.any(_pair(node.padding) != 0):
+                raise NIRExportError(f"Cannot import NIR node {name!r}: pooling with padding "
+                                     f"{node.padding} has no kspike form; use padding 0.")
+            size = tuple(int(v) for v in _pair(node.kernel_size))
+            add(_wrap(keras.layers.AveragePooling2D(
+                size, strides=tuple(int(v) for v in _pair(node.stride)),
+                name=_layer_name(name)), (record or {}).get("wrapper")))
+            if isinstance(node, nir.SumPool2d):
+                # The sum is the average times the window size (exact for spikes).
+                add(_wrap(keras.layers.Rescaling(float(size[0] * size[1]),
+                                                 name=_layer_name(name) + "_sum")))
+        elif isinstance(node, nir.Scale):
+            flush()
+            add(_wrap(keras.layers.Rescaling(_uniform(name, "scale", node.scale),
+                                             name=_layer_name(name)),
+                      (record or {}).get("wrapper")))
+        elif isinstance(node, nir.Flatten):
+            flush()
+            chw = _nir_shape(state["features"])
+            following = chain.next_of(name)
+            if len(chw) == 3 and isinstance(chain.nodes[following], (nir.Affine, nir.Linear)):
+                # NIR flattens (C, H, W), Keras (H, W, C): the next weights' columns are
+                # reordered instead of the data.
+                nxt = chain.nodes[following]
+                kernel = _chw_rows_to_hwc(np.asarray(nxt.weight, np.float64).T, chw)
+                bias = getattr(nxt, "bias", None)
+                state["pending"] = (following, nir.Linear(weight=kernel.T) if bias is None
+                                    else nir.Affine(weight=kernel.T, bias=np.asarray(bias)))
+                add(_wrap(keras.layers.Flatten(name=_layer_name(name)),
+                          (record or {}).get("wrapper")))
+                name = chain.next_of(following)
+                continue
+            if len(chw) == 3:
+                add(_wrap(keras.layers.Permute((3, 1, 2), name=_layer_name(name) + "_chw")))
+            add(_wrap(keras.layers.Flatten(name=_layer_name(name))))
+            following = None
         else:
             raise NIRExportError(f"Cannot import NIR node {name!r} ({type(node).__name__}): "
-                                 "kspike imports Affine, Linear, LIF and LI nodes.")
+                                 "kspike imports Affine, Linear, Scale, IF, LIF (optionally "
+                                 "recurrent), LI, Conv2d, AvgPool2d, SumPool2d and Flatten "
+                                 "nodes.")
         name = following or chain.next_of(name, skip=consumed)
-    if pending is not None:
-        layers.append(_dense(*pending, size))
-    model = keras.Sequential([keras.Input((None, n_in))] + layers)
-    return model
+    flush()
+    return keras.Sequential([keras.Input((None,) + _kspike_shape(input_shape))] + layers)
+
+
+def _kspike_shape(nir_shape):
+    """NIR's channels-first (C, H, W) as kspike's (H, W, C); other shapes unchanged."""
+    nir_shape = tuple(int(d) for d in nir_shape)
+    if len(nir_shape) == 3:
+        return (nir_shape[1], nir_shape[2], nir_shape[0])
+    return nir_shape
 
 
 def _dense(name, node, size_in):
@@ -436,8 +790,6 @@ def _import_lif(chain, name, node, pending, recurrent, size_in, dt, lif_reset):
         return_sequences = record.get("return_sequences", True)
         layer_name = record.get("layer")
     else:
-        if lif_reset != "subtract":
-            _hard_reset_lif(name, node, dt)
         beta, gain, leak = _euler(name, node, dt)
         thr = _uniform(name, "v_threshold", node.v_threshold)
         if not thr > 0:

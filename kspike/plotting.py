@@ -20,8 +20,10 @@ import os
 
 import numpy as np
 
+from kspike.probe import Probe, probe  # noqa: F401  (voltages of output="spikes" models)
+
 __all__ = ["raster", "voltage", "thresholds", "output_traces", "learning_curve",
-           "activity_figure", "save_figure"]
+           "activity_figure", "save_figure", "probe", "Probe"]
 
 
 def _pyplot():

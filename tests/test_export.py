@@ -72,7 +72,9 @@ def test_serve_and_step_reproduce_the_model(tmp_path):
     model = _lsnn()
     loaded = _save_load(model, tmp_path / "lsnn")
     live = model(x).numpy()
-    np.testing.assert_allclose(loaded.serve(x).numpy(), live, rtol=0, atol=1e-7)
+    # serve takes any T, so the readout filters with its scan instead of the (T, T) matmul
+    # the model uses for its static T: float32 round-off.
+    np.testing.assert_allclose(loaded.serve(x).numpy(), live, rtol=0, atol=1e-6)
     streamed, states = _stream(loaded, x)
     np.testing.assert_allclose(streamed, live, rtol=1e-5, atol=1e-6)
     # States: ALIF (v, b, z, r), LIF (v, z, r), readout zhat; batch 3.
@@ -81,7 +83,7 @@ def test_serve_and_step_reproduce_the_model(tmp_path):
     assert len(initial) == 8 and not any(np.any(s.numpy()) for s in initial)
     # The serving_default signature is the whole-sequence serve.
     out = loaded.signatures["serving_default"](x=tf.constant(x))
-    np.testing.assert_allclose(list(out.values())[0].numpy(), live, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(list(out.values())[0].numpy(), live, rtol=0, atol=1e-6)
 
 
 def test_streamed_spikes_identical_float64(tmp_path):
@@ -176,7 +178,9 @@ def test_mixed_precision_export(tmp_path, policy):
     live = tf.cast(model(x), "float32").numpy()
     served = tf.cast(loaded.serve(x), "float32").numpy()
     assert np.all(np.isfinite(served))
-    np.testing.assert_allclose(served, live, rtol=0, atol=1e-6)
+    # serve takes any T: the readout filters with its scan, not the (T, T) matmul of the
+    # model's static T, so the two differ by half-precision round-off (bfloat16: 2^-9 here).
+    np.testing.assert_allclose(served, live, rtol=0, atol=4e-3)
     states = loaded.initial_state(2)
     for t in range(12):
         y_t, states = loaded.step(x[:, t], states)

@@ -118,3 +118,26 @@ def test_check_stateless():
     fine = keras.Sequential([keras.Input((10, 3)),
                              keras.layers.RNN(kspike.LIF(3), return_sequences=True)])
     graph.check_stateless(graph.parse(fine, "my rule")[0], "my rule")
+
+
+def test_neuron_layers_fold_time_and_time_keeping_reshape_are_stages():
+    import kspike
+    model = keras.Sequential([
+        keras.Input((4, 12)),
+        keras.layers.Reshape((4, 2, 2, 3), name="unflatten"),
+        kspike.FoldTime(keras.layers.Conv2D(2, 1), name="conv"),
+        kspike.LIFNeurons(name="lif"),
+        keras.layers.TimeDistributed(keras.layers.Flatten(), name="flatten"),
+        kspike.IFNeurons(return_sequences=False, name="last"),
+        keras.layers.Dense(2, name="dense")])
+    stages = kspike.graph.parse(model, "test")
+    assert [type(s).__name__ for s in stages] == [
+        "PerStepLayer", "PerStepLayer", "NeuronLayer", "PerStepLayer", "NeuronLayer",
+        "PerStepLayer"]
+    assert tuple(stages[0].inner.target_shape) == (2, 2, 3)      # one step's reshape
+    assert stages[1].inner is model.get_layer("conv").layer
+    assert [s.sequence_in for s in stages] == [True] * 5 + [False]
+    assert kspike.graph.is_neuron_layer(model.get_layer("lif"))
+    across = keras.Sequential([keras.Input((4, 12)), keras.layers.Reshape((48,), name="flat")])
+    (stage,) = kspike.graph.parse(across, "test")
+    assert isinstance(stage, kspike.graph.UnsupportedLayer) and "time axis" in stage.reason

@@ -114,10 +114,25 @@ def test_snntorch_style_graph_imports_with_numpy_spikes():
     np.testing.assert_allclose(model(x).numpy(), outputs, rtol=1e-4, atol=1e-4)
 
 
-def test_plain_lif_needs_reset_choice():
-    graph, _ = _snntorch_style_graph(np.random.default_rng(0))
-    with pytest.raises(NotImplementedError, match="lif_reset='subtract'"):
-        kspike.nir.from_nir(graph)
+def test_plain_lif_reads_as_hard_reset_neuron_layer():
+    # Without lif_reset a LIF node has NIR's own reset to v_reset: kspike.LIFNeurons.
+    rng = np.random.default_rng(3)
+    graph, (w1, b1, *_, beta, _, thr) = _snntorch_style_graph(rng)
+    model = kspike.nir.from_nir(graph)
+    lif = model.layers[1]
+    assert isinstance(lif, kspike.LIFNeurons) and lif.v_reset == 0.0 and not lif.decay_input
+    x = _spikes(2, 50, 4, seed=5)
+    v, spikes = np.zeros((2, 7)), []
+    for t in range(50):
+        v = beta * v + x[:, t] @ w1.T + b1
+        z = (v >= thr).astype(np.float64)
+        assert np.abs(v - thr).min() > 1e-4
+        v = np.where(z > 0, 0.0, v)
+        spikes.append(z)
+    spikes = np.stack(spikes, 1)
+    assert 0.05 < spikes.mean() < 0.6
+    hidden = keras.Sequential([keras.Input((None, 4))] + model.layers[:2])
+    np.testing.assert_array_equal(hidden(x).numpy(), spikes)
     with pytest.raises(ValueError, match="lif_reset"):
         kspike.nir.from_nir(graph, lif_reset="zero")
 
