@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = ["describe", "positive_int", "check_model", "check_strategy", "SUPPORTED_STRATEGIES",
-           "check_optimizer", "check_directory", "check_flag", "check_seed", "check_verbose",
+           "check_optimizer", "get_optimizer", "get_trainer_loss", "check_directory", "check_flag", "check_seed", "check_verbose",
            "check_rule", "check_list", "check_options", "resolve_metrics", "build_metrics", "FitPlan"]
 
 
@@ -145,6 +145,23 @@ def check_optimizer(optimizer, given):
                          "support: pass the inner optimizer "
                          f"({type(optimizer.inner_optimizer).__name__}); under "
                          "'mixed_bfloat16' no loss scaling is needed.")
+
+
+def get_optimizer(optimizer):
+    """``optimizer`` (an optimizer object or a name such as "adam"), checked."""
+    resolved = keras.optimizers.get(optimizer) if isinstance(optimizer, str) else optimizer
+    check_optimizer(resolved, optimizer)
+    return resolved
+
+
+def get_trainer_loss(loss):
+    """``loss`` (a Keras loss object, name or function) as the Trainer uses it: unscaled
+    (``kspike.losses.UnscaledLoss``)."""
+    from kspike.losses import UnscaledLoss, get_loss
+    if loss is None:
+        raise ValueError("`loss` is required, e.g. "
+                         "keras.losses.SparseCategoricalCrossentropy(from_logits=True).")
+    return UnscaledLoss(get_loss(loss))
 
 
 def check_directory(name, path, expected):

@@ -23,10 +23,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from kspike.training.arguments import check_flag, describe, positive_int
+from kspike.training.arguments import FitPlan, check_flag, describe, positive_int
 
 __all__ = ["DataPosition", "iterate", "cardinality", "first_batch", "ArrayData", "is_array",
-           "fit_inputs", "evaluation_inputs", "prediction_inputs", "check_global_batch",
+           "fit_inputs", "plan_fit", "evaluation_inputs", "prediction_inputs", "check_global_batch",
            "first_checked_batch"]
 
 
@@ -154,6 +154,24 @@ def fit_inputs(x, steps, y=None, sample_weight=None, batch_size=None, shuffle=Tr
         validation_data = ArrayData(*validation_data, batch_size=(
             arrays.batch_size if arrays is not None else 32), shuffle=False)
     return (x if arrays is None else arrays), validation_data, steps
+
+
+def plan_fit(x, steps, epochs, steps_per_epoch, validation_data, validation_freq,
+             validation_steps, y, sample_weight, batch_size, shuffle, validation_split, seed,
+             strategy):
+    """``(train, plan, first batch)`` of a ``Trainer.fit`` call: ``fit_inputs``, the checked
+    ``FitPlan`` with its steps per epoch, and the global batches checked against
+    ``strategy`` (before any step runs)."""
+    train, validation_data, steps = fit_inputs(x, steps, y, sample_weight, batch_size,
+                                               shuffle, validation_split, validation_data,
+                                               seed)
+    plan = FitPlan(steps, epochs, steps_per_epoch, validation_data, validation_freq,
+                   validation_steps)
+    plan.set_steps_per_epoch(cardinality(train))
+    batch = first_checked_batch(train, strategy, "train_ds")
+    if isinstance(validation_data, ArrayData):
+        check_global_batch(validation_data, strategy, "validation_data")
+    return train, plan, batch
 
 
 def evaluation_inputs(x, steps, y=None, sample_weight=None, batch_size=None):

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from kspike import compat, graph
 
-__all__ = ["ScalarLogger", "progress_logs", "EpochMeans", "learning_rate", "active_connections",
+__all__ = ["ScalarLogger", "progress_logs", "EpochMeans", "epoch_logs", "learning_rate", "active_connections",
            "CallbackModel", "callback_list"]
 
 
@@ -84,6 +84,20 @@ class ScalarLogger:
         except (tf.errors.OpError, OSError) as error:
             self._fail(error)
 
+    def write_step(self, logs, optimizer, step):
+        """The per-step scalars of ``log_dir/train``: ``logs`` and the learning rate."""
+        if self.log_dir is not None:
+            self.write("train", dict(logs, learning_rate=learning_rate(optimizer)), step)
+
+    def write_epoch(self, epoch_logs, optimizer, step):
+        """Adds the learning rate to ``epoch_logs`` (when the optimizer has one) and writes
+        them, without the ``val_`` ones, as ``epoch_*`` scalars of ``log_dir/train``."""
+        rate = epoch_logs.setdefault("learning_rate", learning_rate(optimizer))
+        if rate is None:
+            del epoch_logs["learning_rate"]
+        self.write("train", {f"epoch_{k}": v for k, v in epoch_logs.items()
+                             if not k.startswith("val_")}, step)
+
     def flush(self):
         """Flushes every writer (a failure is reported as in ``write``)."""
         try:
@@ -132,6 +146,16 @@ def learning_rate(optimizer):
         return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def epoch_logs(means, model):
+    """The logs of an epoch: the step logs' ``EpochMeans`` and, for rewired models, the number
+    of active connections."""
+    logs = means.means()
+    active = active_connections(model)
+    if active is not None:
+        logs["active_connections"] = active
+    return logs
 
 
 def active_connections(model):

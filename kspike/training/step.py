@@ -4,6 +4,7 @@ One ``tf.function`` per kind, traced for the first batch's shapes; a train step 
 rule's gradients only when every replica's loss and gradients are finite (docs/training.md).
 """
 import functools
+import math
 
 import keras
 import numpy as np
@@ -14,6 +15,8 @@ from kspike import regularizers as _regularizers
 # per layer): swapping the helper is this single line.
 from kspike.regularizers import firing_rate_logs
 from kspike.losses import model_losses
+from kspike.training.arguments import positive_int
+from kspike.training.data import cardinality, iterate
 
 __all__ = ["NonFiniteLossError", "NonFiniteInputError", "unpack", "train_step",
            "evaluate_step", "predict_step", "apply_if_finite", "make_step_function",
@@ -305,13 +308,20 @@ def non_finite_input_error(where, model, batch, strategy=None):
         "overflows.")
 
 
-def run_evaluation(function, batches, steps, metric_names, check=None, progbar=None):
-    """Mean logs of ``function(batch)`` over ``batches`` (at most ``steps``, None for all);
-    metrics keep their final value. ``check(count, logs, batch)`` sees each batch's
-    Python-float logs (it may raise); ``progbar`` (a ``keras.utils.Progbar``) shows the mean
-    loss. ValueError when there was no batch."""
+def run_evaluation(function, ds, steps, metrics, strategy=None, verbose=0, check=None):
+    """Mean logs of ``function(batch)`` over the batches of ``ds`` (at most ``steps``, None for
+    all; ``ds`` infinite needs ``steps``); ``metrics`` are reset first and keep their final
+    value. ``check(count, logs, batch)`` sees each batch's Python-float logs (it may raise);
+    ``verbose=1`` shows the mean loss in a progress bar. ValueError when there was no batch."""
+    steps = positive_int("steps", steps, True)
+    length = cardinality(ds)
+    if steps is None and length == math.inf:
+        raise ValueError("`ds` is infinite: pass `steps` to evaluate().")
+    progbar = keras.utils.Progbar(steps if steps is not None else length) if verbose else None
+    for metric in metrics:
+        metric.reset_state()
     sums, count, logs = {}, 0, {}
-    for batch in batches:
+    for batch in iterate(ds, 0, strategy):
         if steps is not None and count >= steps:
             break
         logs = {k: float(np.asarray(v)) for k, v in function(batch).items()}
@@ -325,15 +335,23 @@ def run_evaluation(function, batches, steps, metric_names, check=None, progbar=N
     if count == 0:
         raise ValueError("`ds` gave no batch to evaluate.")
     result = {k: v / count for k, v in sums.items() if k not in _FLAGS}
-    result.update({name: logs[name] for name in metric_names})  # running -> final value
+    result.update({m.name: logs[m.name] for m in metrics})  # running -> final value
     return result
 
 
 def step_functions(model, rule, loss, regularizers, metrics, optimizer, strategy,
                    check_numerics, trace_counts):
-    """``(train, evaluate)`` step functions of a Trainer; ``trace_counts["train"]`` and
+    """``(train, evaluate)`` step functions of a Trainer (call it in the strategy's scope: it
+    builds the optimizer's variables and the activity probe); ``trace_counts["train"]`` and
     ``["evaluate"]`` count their traces. Evaluation maps the model's outputs as the rule does
     for its loss (``rule.loss_outputs``), so it sees what training sees."""
+    if not getattr(optimizer, "built", True):
+        optimizer.build(model.trainable_variables)
+    try:
+        _regularizers.activity_probe(model)  # built once, outside tf.function
+    except ValueError:
+        if regularizers:
+            raise
     def counter(kind):
         def count():
             trace_counts[kind] += 1

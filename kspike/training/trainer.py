@@ -4,7 +4,6 @@ checkpoints (``checkpoints``), data (``data``), scalars, epoch means and callbac
 (``logging``)."""
 import contextlib
 import functools
-import math
 
 import keras
 import numpy as np
@@ -12,9 +11,8 @@ import tensorflow as tf
 
 from kspike import regularizers as _regularizers
 from kspike.learning.bptt import BPTT
-from kspike.losses import UnscaledLoss, get_loss
 from kspike.training import arguments, checkpoints, data, logging, step as steps_module
-from kspike.training.data import DataPosition, cardinality, first_batch, iterate
+from kspike.training.data import DataPosition
 
 __all__ = ["Trainer"]
 
@@ -84,13 +82,8 @@ class Trainer:
         arguments.check_model(model, strategy)
         self.model, self.strategy = model, strategy
         with self._scope():
-            self.optimizer = keras.optimizers.get(optimizer) if isinstance(optimizer, str) \
-                else optimizer
-        arguments.check_optimizer(self.optimizer, optimizer)
-        if loss is None:
-            raise ValueError("`loss` is required, e.g. "
-                             "keras.losses.SparseCategoricalCrossentropy(from_logits=True).")
-        self.loss = UnscaledLoss(get_loss(loss))
+            self.optimizer = arguments.get_optimizer(optimizer)
+        self.loss = arguments.get_trainer_loss(loss)
         self.rule = arguments.check_rule(rule, model, BPTT())
         self.regularizers = _regularizers.check_regularizers(regularizers)
         self._metric_identifiers = arguments.check_list("metrics", metrics)
@@ -142,20 +135,11 @@ class Trainer:
                 self.metrics = arguments.build_metrics(
                     self._metric_identifiers, self.loss.loss, self.model, x, y,
                     functools.partial(self.rule.loss_outputs, self.model))
-                if not getattr(self.optimizer, "built", True):
-                    self.optimizer.build(self.model.trainable_variables)
-            try:
-                _regularizers.activity_probe(self.model)  # built once, outside tf.function
-            except ValueError:
-                if self.regularizers:
-                    raise
         if self._train_function is None:
-            self._train_function, self._eval_function = steps_module.step_functions(
-                self.model, self.rule, self.loss, self.regularizers, self.metrics,
-                self.optimizer, self.strategy, self.check_numerics, self.trace_counts)
-
-    def _check(self, logs, batch, where):
-        steps_module.check_numerics_flag(logs, where, self.model, batch, self.strategy)
+            with self._scope():
+                self._train_function, self._eval_function = steps_module.step_functions(
+                    self.model, self.rule, self.loss, self.regularizers, self.metrics,
+                    self.optimizer, self.strategy, self.check_numerics, self.trace_counts)
 
     def _save(self, loss=None):
         if self.checkpoint_dir is None or self._last_saved_step == self.step:
@@ -202,16 +186,11 @@ class Trainer:
             NonFiniteLossError: a loss or gradient was NaN/inf; the update was not applied.
         """
         verbose = self.verbose if verbose is None else arguments.check_verbose(verbose)
-        train_ds, validation_data, steps = data.fit_inputs(
-            train_ds, steps, y, sample_weight, batch_size, shuffle, validation_split,
-            validation_data, self.seed)
-        plan = arguments.FitPlan(steps, epochs, steps_per_epoch, validation_data,
-                                 validation_freq, validation_steps)
         callbacks = arguments.check_list("callbacks", callbacks)
-        plan.set_steps_per_epoch(cardinality(train_ds))
-        batch = data.first_checked_batch(train_ds, self.strategy, "train_ds")
-        if isinstance(validation_data, data.ArrayData):
-            data.check_global_batch(validation_data, self.strategy, "validation_data")
+        train_ds, plan, batch = data.plan_fit(
+            train_ds, steps, epochs, steps_per_epoch, validation_data, validation_freq,
+            validation_steps, y, sample_weight, batch_size, shuffle, validation_split,
+            self.seed, self.strategy)
         if self.seed is not None:
             keras.utils.set_random_seed(self.seed)
         self._prepare(batch)
@@ -220,22 +199,19 @@ class Trainer:
             if resumed and verbose:
                 print(f"Resuming from {resumed} at step {self.step} (epoch {self.epoch + 1}, "
                       f"batch {self._data.position}).")
-            return self._fit(train_ds, plan, callbacks, verbose)
-
-    def _fit(self, train_ds, plan, callbacks, verbose):
-        plan.callbacks, history, plan.proxy = logging.callback_list(
-            callbacks, self.model, self.optimizer, verbose, plan.total_epochs(self.epoch),
-            plan.steps_per_epoch)
-        plan.callbacks.on_train_begin()
-        epoch_logs, self._last_loss = {}, None
-        try:
-            while not plan.done(self):
-                epoch_logs = self._run_epoch(train_ds, plan)
-        finally:
-            self._logger.flush()
-        self._save(self._last_loss)
-        plan.callbacks.on_train_end(epoch_logs)
-        return history
+            plan.callbacks, history, plan.proxy = logging.callback_list(
+                callbacks, self.model, self.optimizer, verbose, plan.total_epochs(self.epoch),
+                plan.steps_per_epoch)
+            plan.callbacks.on_train_begin()
+            epoch_logs, self._last_loss = {}, None
+            try:
+                while not plan.done(self):
+                    epoch_logs = self._run_epoch(train_ds, plan)
+            finally:
+                self._logger.flush()
+            self._save(self._last_loss)
+            plan.callbacks.on_train_end(epoch_logs)
+            return history
 
     def _run_epoch(self, train_ds, plan):
         epoch = self.epoch
@@ -247,10 +223,7 @@ class Trainer:
         finished = self._train_batches(iterator, epoch, plan, means)
         # An epoch cut short by `steps` goes on from here in the next fit call.
         self._data.close() if finished else self._data.keep_open(train_ds, iterator)
-        epoch_logs = means.means()
-        active = logging.active_connections(self.model)
-        if active is not None:
-            epoch_logs["active_connections"] = active
+        epoch_logs = logging.epoch_logs(means, self.model)
         if finished:
             self._data.finish(epoch)
         self._end_epoch(epoch, finished, epoch_logs, plan)
@@ -278,8 +251,9 @@ class Trainer:
     def _train_batch(self, batch, epoch, batch_index, plan, means):
         """One step: train, count, log, checkpoint; True when it ended the epoch."""
         logs = {k: float(np.asarray(v)) for k, v in self._train_function(batch).items()}
-        self._check(logs, batch, f"step {self.step + 1} of fit (batch {batch_index + 1} of epoch "
-                                 f"{epoch + 1})")
+        steps_module.check_numerics_flag(
+            logs, f"step {self.step + 1} of fit (batch {batch_index + 1} of epoch {epoch + 1})",
+            self.model, batch, self.strategy)
         if not steps_module.is_finite_step(logs):
             raise steps_module.non_finite_error(
                 self.step + 1, logs, checkpoints.latest_checkpoint(self.checkpoint_dir))
@@ -291,9 +265,8 @@ class Trainer:
         self._last_loss = logs["loss"]
         means.add(logs)
         plan.callbacks.on_train_batch_end(batch_index, logging.progress_logs(means.means()))
-        if self.log_dir is not None and self.step % self.log_every == 0:
-            self._logger.write("train", dict(logs, learning_rate=logging.learning_rate(
-                self.optimizer)), self.step)
+        if self.step % self.log_every == 0:
+            self._logger.write_step(logs, self.optimizer, self.step)
         if self.checkpoint_every and self.step % self.checkpoint_every == 0:
             self._save(self._last_loss)
         return epoch_done
@@ -305,11 +278,7 @@ class Trainer:
             epoch_logs.update({f"val_{k}": v for k, v in val.items()})
             self._logger.write("validation", {f"epoch_{k}": v for k, v in val.items()},
                                self.step)
-        epoch_logs.setdefault("learning_rate", logging.learning_rate(self.optimizer))
-        if epoch_logs["learning_rate"] is None:
-            del epoch_logs["learning_rate"]
-        self._logger.write("train", {f"epoch_{k}": v for k, v in epoch_logs.items()
-                                     if not k.startswith("val_")}, self.step)
+        self._logger.write_epoch(epoch_logs, self.optimizer, self.step)
         plan.callbacks.on_epoch_end(epoch, epoch_logs)
         if self.checkpoint_every is None or plan.done(self):
             self._save(self._last_loss)
@@ -321,18 +290,11 @@ class Trainer:
         ``evaluate((x, y))``, with ``batch_size`` default 32), its first ``steps`` batches
         (default all); ``verbose=1`` shows a progress bar. Returns a dict of floats."""
         ds, steps = data.evaluation_inputs(ds, steps, y, sample_weight, batch_size)
-        steps = arguments.positive_int("steps", steps, True)
         self._prepare(data.first_checked_batch(ds, self.strategy, "ds"))
-        for metric in self.metrics:
-            metric.reset_state()
-        length = cardinality(ds)
-        if steps is None and length == math.inf:
-            raise ValueError("`ds` is infinite: pass `steps` to evaluate().")
-        bar = keras.utils.Progbar(steps if steps is not None else length) if verbose else None
         return steps_module.run_evaluation(
-            self._eval_function, iterate(ds, 0, self.strategy), steps,
-            [m.name for m in self.metrics], progbar=bar,
-            check=lambda count, logs, b: self._check(logs, b, f"batch {count} of evaluate"))
+            self._eval_function, ds, steps, self.metrics, self.strategy, verbose,
+            check=lambda count, logs, b: steps_module.check_numerics_flag(
+                logs, f"batch {count} of evaluate", self.model, b, self.strategy))
 
     def predict(self, x, batch_size=None, steps=None, verbose=0):
         """The model's outputs on ``x`` (an array, or a dataset of inputs or of ``(x, y)``
