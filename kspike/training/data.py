@@ -126,7 +126,7 @@ def _arrays(name, x, y, sample_weight, batch_size, shuffle, seed):
     return None
 
 
-def fit_inputs(x, steps, y=None, sample_weight=None, batch_size=None, shuffle=True,
+def fit_inputs(x, steps=None, y=None, sample_weight=None, batch_size=None, shuffle=True,
                validation_split=0.0, validation_data=None, seed=None):
     """What ``Trainer.fit`` trains and validates on: ``(train, validation, steps)``. Arrays
     become ``ArrayData``; in ``fit(x, y)`` the labels arrive as the second positional

@@ -124,6 +124,9 @@ class Trainer:
     def _writer(self, name):
         return self._logger.writer(name)
 
+    def _learning_rate(self):
+        return logging.learning_rate(self.optimizer)
+
     def _prepare(self, batch):
         """Checks the first batch and builds metrics, optimizer variables and step functions."""
         x, y, _ = steps_module.unpack(batch)
