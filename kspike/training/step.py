@@ -271,10 +271,11 @@ def first_non_finite_layer(model, x):
 
 
 def local_batch(batch, strategy):
-    """``batch`` as this process's tensors (under a strategy, the first replica's share)."""
+    """``batch`` as this process's tensors (under a strategy, its replicas' shares joined)."""
     if strategy is None:
         return batch
-    return tf.nest.map_structure(lambda v: strategy.experimental_local_results(v)[0], batch)
+    return tf.nest.map_structure(
+        lambda v: tf.concat(strategy.experimental_local_results(v), axis=0), batch)
 
 
 def check_numerics_flag(logs, where, model, batch, strategy):

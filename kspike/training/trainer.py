@@ -20,23 +20,22 @@ __all__ = ["Trainer"]
 class Trainer:
     """Trains a Keras model of kspike layers with any ``kspike.learning`` rule.
 
-    See docs/training.md for its parts, the inputs it takes, the checkpoint format, resuming
-    and what survives a crash.
+    docs/training.md describes its parts, the inputs it takes, the checkpoint format, the lock
+    on ``checkpoint_dir``, resuming and what survives a crash.
 
     Args:
         model: a built Keras model (functional or Sequential for firing-rate logs and
             regularisers); under a strategy, built inside ``strategy.scope()``.
         optimizer: a Keras optimizer, its name, or a wrapper such as ``kspike.DeepR``.
-        loss: a Keras loss (object, name or ``fn(y_true, y_pred)``); it receives what the
-            rule gives it in training (``rule.loss_outputs``), in evaluation as well.
+        loss: a Keras loss (object, name or ``fn(y_true, y_pred)``); in training and in
+            evaluation it receives the outputs as the rule gives them (``rule.loss_outputs``).
         rule: a ``kspike.learning.LearningRule``; default ``kspike.learning.BPTT()``.
         regularizers: list of kspike regularisers (``kspike.FiringRateRegularizer``, ...).
         metrics: list of Keras metrics or names ("accuracy" fits the loss and labels).
         checkpoint_dir: checkpoint directory (None: none); ``fit`` resumes from it.
         log_dir: TensorBoard directory (None: no logs).
-        strategy: None, a MirroredStrategy, MultiWorkerMirroredStrategy or
-            OneDeviceStrategy; global batches must divide among the replicas. Only the chief
-            writes to ``checkpoint_dir`` and ``log_dir``.
+        strategy: None, a MirroredStrategy, MultiWorkerMirroredStrategy or OneDeviceStrategy;
+            global batches must divide among the replicas; only the chief writes files.
         checkpoint_every: save every this many steps; None saves at the end of each epoch.
         keep_checkpoints: number of checkpoints kept (int >= 1).
         seed: ``fit`` calls ``keras.utils.set_random_seed(seed)``; it also draws the order of
@@ -48,9 +47,6 @@ class Trainer:
             checkpoint's (True) or the checkpoint's is kept with a warning (False).
         check_numerics: ``fit``, ``evaluate`` and ``predict`` raise ``NonFiniteInputError``
             at a batch with NaN/inf inputs or outputs, naming the first such layer.
-
-    Checkpoints, the lock on ``checkpoint_dir``, resuming and what survives a crash:
-    docs/training.md.
 
     Example:
 
