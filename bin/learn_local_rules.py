@@ -138,8 +138,8 @@ def main(argv=None):
     parser.add_argument("--units", type=int, default=100, help="store-recall: ALIF neurons")
     parser.add_argument("--thr", type=float, default=0.01)
     parser.add_argument("--beta", type=float, default=1.8)
-    parser.add_argument("--rate-target", type=float, default=0.01,
-                        help="firing-rate regulariser target in spikes/ms (0.01 = 10 Hz)")
+    parser.add_argument("--rate-target", type=float, default=10.0,
+                        help="firing-rate regulariser target in Hz")
     parser.add_argument("--rate-strength", type=float, default=None,
                         help="firing-rate regulariser strength (default 0.1 for S-TLLR on "
                              "smnist, else 1.0)")

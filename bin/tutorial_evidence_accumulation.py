@@ -97,7 +97,7 @@ def main(argv=None):
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(args.learning_rate),
         tasks.window_cross_entropy(recall_steps, average="loss"), rule=rule,
-        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate / 1000.0,
+        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate,
                                                    strength=args.reg)],
         metrics=[tasks.window_accuracy(recall_steps)], seed=args.seed, verbose=2)
 

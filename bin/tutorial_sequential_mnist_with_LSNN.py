@@ -345,7 +345,7 @@ def make_trainer(args, model):
     loss = tasks.window_cross_entropy(args.loss_window, average=args.loss_average)
     trainer = kspike.Trainer(
         model, optimizer, loss, rule=rule,
-        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate / 1000.0,
+        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate,
                                                    strength=args.reg)],
         metrics=[tasks.window_accuracy(args.readout_window)], seed=args.seed,
         verbose=2 if args.quick else 1)

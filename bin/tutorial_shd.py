@@ -107,7 +107,7 @@ def main(argv=None):
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(args.learning_rate),
         tasks.window_cross_entropy(args.n_steps), rule=rule,
-        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate / 1000.0,
+        regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate,
                                                    strength=args.reg)],
         metrics=[tasks.window_accuracy(args.n_steps)], seed=args.seed, verbose=2)
     print(f"{args.n_regular} LIF + {args.n_adaptive} ALIF, rule {args.rule}, {args.epochs} "

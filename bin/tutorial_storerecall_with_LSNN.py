@@ -110,7 +110,7 @@ def main(argv=None):
     steps_per_character = args.character_ms
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(schedule), tasks.RecallCrossEntropy(steps_per_character),
-        rule=rule, regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate / 1000.0,
+        rule=rule, regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate,
                                                               strength=args.reg)],
         metrics=[tasks.RecallError(steps_per_character)], seed=args.seed, verbose=2)
     stop = StopOnRecallError(args.stop_window, args.stop_error, args.eval_every)

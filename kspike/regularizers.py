@@ -16,6 +16,7 @@ whose ``.cell`` is a ``kspike.LIF`` or ``kspike.ALIF``. The probe works on funct
 ``Sequential`` models (it reads the layers' outputs from the model's graph); the spiking layers
 must sit at the top level of the model and return whole sequences (``return_sequences=True``).
 """
+import warnings
 import weakref
 from typing import NamedTuple, Optional
 
@@ -283,25 +284,47 @@ def _check_layers(layers):
     return layers
 
 
+# Above this a target rate is not a firing rate (a neuron at dt = 1 ms spikes at most 1000 Hz).
+MAX_TARGET_HZ = 1000.0
+# Targets at or below this (but above 0) are most likely in the former unit, spikes per ms.
+_SUSPICIOUS_TARGET_HZ = 0.1
+
+
+def _check_target(target):
+    target = _check_number("target", target)
+    if target > MAX_TARGET_HZ:
+        raise ValueError(f"`target` is a firing rate in Hz and must be <= {MAX_TARGET_HZ:g} Hz "
+                         f"(one spike per 1 ms step), received {target!r} Hz.")
+    if 0 < target <= _SUSPICIOUS_TARGET_HZ:
+        warnings.warn(f"FiringRateRegularizer(target={target!r}) asks for {target!r} Hz. "
+                      "`target` is in Hz, like every firing-rate log (10 Hz is target=10.0); "
+                      f"if {target!r} was meant in spikes per ms, pass target={target * 1000:g}.",
+                      stacklevel=3)
+    return target
+
+
 @keras.saving.register_keras_serializable(package="kspike")
 class FiringRateRegularizer:
-    """Firing-rate regulariser in the LSNN form.
+    """Firing-rate regulariser in the LSNN form; rates and ``target`` in Hz, like the logs.
 
-    For each spiking layer with neurons j::
+    For each spiking layer with neurons j (dt the cell's time step in ms)::
 
-        rate_j  = mean over batch and time of z_j(t) / dt        (spikes per ms; dt of the cell)
-        penalty = strength * sum_j (rate_j - target) ** 2
+        rate_j  = 1000 * mean over batch and time of z_j(t) / dt           (Hz)
+        penalty = strength * sum_j ((rate_j - target) / 1000) ** 2
 
-    summed over the selected layers. With dt = 1 ms, ``target=0.01`` is 10 Hz (LSNN's
-    ``reg_rate / 1000``).
+    summed over the selected layers. The difference is taken in spikes per ms (Hz / 1000), as
+    in LSNN, so LSNN's regularisation strengths carry over: LSNN's ``reg_rate`` (Hz) is
+    ``target`` as it is.
 
     Contract (what it receives): a list of ``LayerActivity`` from ``record_activity``; it reads
     ``spikes`` (B, T, n) and ``dt`` of each layer. A learning rule that does not backpropagate
     through time (e-prop) uses the same quantities through ``spike_gradient``: the partial
-    derivative of the penalty with respect to every spike, 2 strength (rate_j - target) / (B T dt).
+    derivative of the penalty with respect to every spike,
+    2 strength (rate_j - target) / 1000 / (B T dt).
 
     Args:
-        target: desired mean rate per neuron in spikes per ms (kHz; 0.01 = 10 Hz), >= 0.
+        target: desired mean rate per neuron in Hz, 0 <= target <= 1000 (a value in (0, 0.1]
+            warns: it looks like the former unit, spikes per ms).
         strength: weight of the penalty, >= 0.
         layers: None for every spiking layer, or a list of layer names.
 
@@ -313,31 +336,37 @@ class FiringRateRegularizer:
     ...                      name="alif"),
     ...     kspike.LeakyReadout(2, seed=1)])
     >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
-    >>> reg = kspike.FiringRateRegularizer(target=0.01, strength=0.1)   # 10 Hz at dt = 1 ms
+    >>> reg = kspike.FiringRateRegularizer(target=10.0, strength=0.1)   # 10 Hz
     >>> _, activity = kspike.regularizers.record_activity(model, x)
-    >>> print(f"{float(reg(activity)):.4f}")       # 0.1 * sum_j (rate_j - 0.01)^2
+    >>> print(f"{float(reg(activity)):.4f}")       # 0.1 * sum_j ((rate_j - 10 Hz) / 1000)^2
     0.0199
     >>> fit_model = kspike.regularizers.with_regularization(model, [reg])   # for model.fit
 
     ``kspike.Trainer(model, optimizer, loss, regularizers=[reg])`` takes it as well.
     """
 
-    def __init__(self, target=0.01, strength=0.1, layers=None):
-        self.target = _check_number("target", target)
+    def __init__(self, target=10.0, strength=0.1, layers=None):
+        self.target = _check_target(target)
         self.strength = _check_number("strength", strength)
         self.layers = _check_layers(layers)
+
+    @property
+    def target_per_ms(self):
+        """``target`` in spikes per ms (Hz / 1000), the unit of the penalty's difference."""
+        return self.target / 1000.0
 
     def layer_penalty(self, spikes, dt):
         """Penalty of one layer: spikes (B, T, n), dt in ms -> float32 scalar."""
         rate = tf.reduce_mean(tf.cast(spikes, tf.float32), axis=(0, 1)) / float(dt)
-        return self.strength * tf.reduce_sum(tf.square(rate - self.target))
+        return self.strength * tf.reduce_sum(tf.square(rate - self.target_per_ms))
 
     def spike_gradient(self, spikes, dt):
-        """d penalty / d z_j(b, t) = 2 strength (rate_j - target) / (B T dt), shape (B, T, n)."""
+        """d penalty / d z_j(b, t) = 2 strength (rate_j - target) / 1000 / (B T dt) (rates in
+        Hz, dt in ms), shape (B, T, n)."""
         spikes = tf.cast(spikes, tf.float32)
         count = tf.cast(tf.shape(spikes)[0] * tf.shape(spikes)[1], tf.float32)
         rate = tf.reduce_mean(spikes, axis=(0, 1)) / float(dt)
-        grad = 2.0 * self.strength * (rate - self.target) / (count * float(dt))
+        grad = 2.0 * self.strength * (rate - self.target_per_ms) / (count * float(dt))
         return tf.broadcast_to(grad, tf.shape(spikes))
 
     def __call__(self, activities):
@@ -347,10 +376,15 @@ class FiringRateRegularizer:
                                               for a in chosen])
 
     def get_config(self):
-        return {"target": self.target, "strength": self.strength, "layers": self.layers}
+        return {"target": self.target, "strength": self.strength, "layers": self.layers,
+                "target_unit": "Hz"}
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        if config.pop("target_unit", None) != "Hz":
+            # Saved before targets were in Hz: the target was in spikes per ms.
+            config["target"] = float(config.get("target", 0.01)) * 1000.0
         return cls(**config)
 
     def __repr__(self):
@@ -519,7 +553,7 @@ def with_regularization(model, regularizers):
     ...     kspike.LeakyReadout(2, seed=1)])
     >>> x = (np.random.default_rng(0).random((4, 20, 5)) < 0.3).astype("float32")
     >>> fit_model = kspike.regularizers.with_regularization(
-    ...     model, [kspike.FiringRateRegularizer(target=0.01, strength=0.1)])
+    ...     model, [kspike.FiringRateRegularizer(target=10.0, strength=0.1)])
     >>> fit_model.compile("adam", "mse")
     >>> history = fit_model.fit(x, np.zeros((4, 20, 2)), verbose=0)   # trains ``model``'s weights
     """

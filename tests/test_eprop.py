@@ -229,7 +229,7 @@ def test_firing_rate_regularizer_local_gradient():
     x = inputs(batch, steps, n_in, 0.3, "float64", seed=4)
     y = tf.constant(np.random.default_rng(4).standard_normal((batch, steps, n_out)))
     loss = keras.losses.MeanSquaredError()
-    regularizer = kspike.regularizers.FiringRateRegularizer(target=0.02, strength=3.0)
+    regularizer = kspike.regularizers.FiringRateRegularizer(target=20.0, strength=3.0)
     result = EProp().compute(model, x, y, loss, regularizers=[regularizer])
     layers, readout = reference_variables(model)
     with tf.GradientTape() as tape:
@@ -440,7 +440,7 @@ def test_in_trainer_with_adaptive_feedback_and_regularizer():
     rule = EProp(feedback="adaptive", seed=2)
     trainer = kspike.Trainer(model, keras.optimizers.Adam(0.02),
                              keras.losses.MeanSquaredError(), rule=rule,
-                             regularizers=[kspike.regularizers.FiringRateRegularizer(0.02, 0.1)])
+                             regularizers=[kspike.regularizers.FiringRateRegularizer(20.0, 0.1)])
     history = trainer.fit(ds, steps=12, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     assert any(k.startswith("firing_rate") for k in history.history)

@@ -89,7 +89,7 @@ def test_single_pass_equals_two_passes_float64(kind, task, feedback, regularized
     model = build_model(_cells(kind), n_in, steps, n_out)
     x = inputs(batch, steps, n_in, 0.3, "float64")
     loss, y, weight = _task(task, batch, steps, n_out, "float64")
-    regularizers = ([kspike.regularizers.FiringRateRegularizer(target=0.02, strength=3.0)]
+    regularizers = ([kspike.regularizers.FiringRateRegularizer(target=20.0, strength=3.0)]
                     if regularized else [])
     two = EProp(feedback=feedback, seed=7).compute(model, x, y, loss, sample_weight=weight,
                                                    regularizers=regularizers)
@@ -134,7 +134,7 @@ def test_single_pass_float32():
     x = inputs(batch, steps, n_in, 0.3, "float32", seed=3)
     for task in ("regression", "classification"):
         loss, y, weight = _task(task, batch, steps, n_out, "float32", seed=3)
-        regularizers = [kspike.regularizers.FiringRateRegularizer(target=0.02, strength=3.0)]
+        regularizers = [kspike.regularizers.FiringRateRegularizer(target=20.0, strength=3.0)]
         two = EProp().compute(model, x, y, loss, sample_weight=weight, regularizers=regularizers)
         one = EProp(single_pass=True).compute(model, x, y, loss, sample_weight=weight,
                                               regularizers=regularizers)

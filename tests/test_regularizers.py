@@ -44,10 +44,10 @@ def test_firing_rate_value_matches_numpy_with_cell_dt():
     z2 = (rng.random((3, 10, 5)) < 0.1).astype("float32")
     acts = [R.LayerActivity("a", tf.constant(z1), None, None, 2.0, None),
             R.LayerActivity("b", tf.constant(z2), None, None, 0.5, None)]
-    reg = kspike.FiringRateRegularizer(target=0.02, strength=0.7)
+    reg = kspike.FiringRateRegularizer(target=20.0, strength=0.7)
     expected = _np_rate_penalty(z1, 2.0, 0.02, 0.7) + _np_rate_penalty(z2, 0.5, 0.02, 0.7)
     np.testing.assert_allclose(float(reg(acts)), expected, rtol=1e-6)
-    only_b = kspike.FiringRateRegularizer(target=0.02, strength=0.7, layers=["b"])
+    only_b = kspike.FiringRateRegularizer(target=20.0, strength=0.7, layers=["b"])
     np.testing.assert_allclose(float(only_b(acts)), _np_rate_penalty(z2, 0.5, 0.02, 0.7),
                                rtol=1e-6)
 
@@ -55,7 +55,7 @@ def test_firing_rate_value_matches_numpy_with_cell_dt():
 def test_spike_gradient_matches_autodiff_and_formula():
     rng = np.random.default_rng(2)
     z = tf.Variable((rng.random((3, 7, 4)) < 0.4).astype("float32"))
-    reg = kspike.FiringRateRegularizer(target=0.05, strength=0.3)
+    reg = kspike.FiringRateRegularizer(target=50.0, strength=0.3)
     with tf.GradientTape() as tape:
         penalty = reg.layer_penalty(z, 2.0)
     auto = tape.gradient(penalty, z).numpy()
@@ -150,7 +150,7 @@ def test_clear_errors():
 
 def test_with_regularization_in_model_fit():
     model = _two_layer_model()
-    regs = [kspike.FiringRateRegularizer(target=0.01, strength=0.5),
+    regs = [kspike.FiringRateRegularizer(target=10.0, strength=0.5),
             kspike.VoltageRegularizer(strength=0.01, layers=["lif"])]
     fit_model = R.with_regularization(model, regs)
     x = _inputs(B=8)
@@ -181,7 +181,7 @@ def test_with_regularization_in_model_fit():
 
 
 def test_config_round_trips():
-    reg = kspike.FiringRateRegularizer(target=0.03, strength=0.2, layers=["a"])
+    reg = kspike.FiringRateRegularizer(target=30.0, strength=0.2, layers=["a"])
     again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(reg))
     assert isinstance(again, kspike.FiringRateRegularizer)
     assert again.get_config() == reg.get_config()
@@ -200,7 +200,7 @@ def test_bptt_gradients_include_the_regulariser():
     x = _inputs()
     y = np.random.default_rng(4).integers(0, 3, (4, 12)).astype("int32")
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    reg = kspike.FiringRateRegularizer(target=0.01, strength=2.0)
+    reg = kspike.FiringRateRegularizer(target=10.0, strength=2.0)
     result = kspike.learning.BPTT().compute(model, x, y, loss, regularizers=[reg])
     inner = keras.Model(model.inputs, [model.output, model.get_layer("alif").output,
                                        model.get_layer("lif").output])
@@ -227,7 +227,7 @@ def test_regularized_model_saves_and_reloads(tmp_path):
     inp = keras.Input((12, 5))
     z = keras.layers.RNN(kspike.ALIF(8, thr=0.05, seed=1), return_sequences=True)(inp)
     model = keras.Model(inp, kspike.LeakyReadout(3, seed=2)(z))
-    fit_model = R.with_regularization(model, [kspike.FiringRateRegularizer(0.01, 0.2)])
+    fit_model = R.with_regularization(model, [kspike.FiringRateRegularizer(10.0, 0.2)])
     x = _inputs()
     out = fit_model(x)
     penalty = float(fit_model.losses[0])
@@ -283,3 +283,36 @@ def test_every_rule_logs_firing_rates_in_hz(rule):
     for key, value in expected.items():
         np.testing.assert_allclose(float(result.logs[key]), float(value), rtol=1e-5,
                                    err_msg=key)
+
+
+def test_firing_rate_target_is_in_hz_like_the_logs():
+    """target=10.0 is 10 Hz (it was 10 kHz in spikes per ms, accepted silently): the penalty
+    is zero when every neuron fires at the target rate as logged by firing_rate_logs."""
+    z = np.zeros((2, 100, 3), "float32")
+    z[:, ::10] = 1.0                      # one spike every 10 steps of 2 ms: 50 Hz
+    acts = [R.LayerActivity("a", tf.constant(z), None, None, 2.0, None)]
+    np.testing.assert_allclose(float(R.firing_rate_logs(acts)["firing_rate"]), 50.0)
+    assert float(kspike.FiringRateRegularizer(target=50.0, strength=1.0)(acts)) == 0.0
+    # The difference is taken in spikes per ms (LSNN's form): 0.7 * 3 * ((50 - 20) / 1000)^2.
+    np.testing.assert_allclose(
+        float(kspike.FiringRateRegularizer(target=20.0, strength=0.7)(acts)),
+        0.7 * 3 * 0.03 ** 2, rtol=1e-5)
+    assert kspike.FiringRateRegularizer().target == 10.0
+
+
+def test_firing_rate_target_validation():
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="`target` must be a finite number >= 0"):
+            kspike.FiringRateRegularizer(target=bad)
+    with pytest.raises(ValueError, match="`target` is a firing rate in Hz.*1000.*5000"):
+        kspike.FiringRateRegularizer(target=5000.0)
+    with pytest.warns(UserWarning, match=r"asks for 0.01 Hz.*pass target=10"):
+        kspike.FiringRateRegularizer(target=0.01)
+    kspike.FiringRateRegularizer(target=0.0)   # a silent target is fine
+
+
+def test_firing_rate_configs_saved_in_spikes_per_ms_load_in_hz():
+    old = {"target": 0.02, "strength": 0.5, "layers": None}   # written before targets in Hz
+    assert kspike.FiringRateRegularizer.from_config(old).target == pytest.approx(20.0)
+    reg = kspike.FiringRateRegularizer(target=20.0, strength=0.5)
+    assert kspike.FiringRateRegularizer.from_config(reg.get_config()).target == 20.0

@@ -209,7 +209,7 @@ def test_secondary_activation_options_and_regularizer():
 
     # A firing-rate regulariser adds dR/dz = 2 s (rate - target) / (B T dt) to each layer's
     # learning signal (after the across-layer backpropagation of the layers above).
-    reg = kspike.regularizers.FiringRateRegularizer(target=0.05, strength=2.0)
+    reg = kspike.regularizers.FiringRateRegularizer(target=50.0, strength=2.0)
     result = STLLR().compute(model, tf.constant(x), tf.constant(y), loss, regularizers=[reg])
     plain = STLLR().compute(model, tf.constant(x), tf.constant(y), loss)
     rates = [np.mean(np.stack(r["z"]), axis=(0, 1)) for r in records]

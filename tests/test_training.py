@@ -113,7 +113,7 @@ def test_no_retracing_per_batch():
 def test_evaluate_matches_manual_mean():
     model = make_model()
     ds = dataset(24, 8)
-    reg = kspike.FiringRateRegularizer(target=0.01, strength=0.05)
+    reg = kspike.FiringRateRegularizer(target=10.0, strength=0.05)
     trainer = Trainer(model, "adam", LOSS, regularizers=[reg], metrics=["accuracy"],
                       verbose=0)
     result = trainer.evaluate(ds)

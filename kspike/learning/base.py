@@ -53,6 +53,15 @@ class LearningRule:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute().")
 
+    def loss_outputs(self, model, predictions):
+        """What the loss and metrics receive in training, from what ``model(x)`` returns.
+
+        ``kspike.Trainer`` applies it in ``evaluate`` and validation, so that evaluation sees
+        what training sees. The default is ``predictions`` unchanged; a rule whose loss takes
+        another form of the outputs (``RateBP``: their time average) overrides it.
+        """
+        return predictions
+
     def gradients(self, model, x, y, loss, sample_weight=None, regularizers=()):
         """Gradients of one batch, a list aligned with ``model.trainable_variables``."""
         return self.compute(model, x, y, loss, sample_weight=sample_weight,

@@ -229,6 +229,14 @@ class RateBP(LearningRule):
                                     item.cell.units) for item, r in zip(spiking, rates)])
         return RuleResult(loss=value, gradients=list(gradients), predictions=outputs, logs=logs)
 
+    def loss_outputs(self, model, predictions):
+        """The time average (B, n_out) of the model's per-step outputs (B, T, n_out), what
+        the loss receives in training; outputs the model averages itself
+        (GlobalAveragePooling1D last) pass unchanged."""
+        if graph.parse(model, "RateBP")[-1].sequence_out:
+            return tf.nest.map_structure(lambda t: tf.reduce_mean(t, axis=1), predictions)
+        return predictions
+
     def get_config(self):
         return {"detach_recurrent": self.detach_recurrent}
 

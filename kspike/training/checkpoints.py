@@ -24,6 +24,8 @@ import tempfile
 import time
 import warnings
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from kspike.compat import keras_seed_state
@@ -32,7 +34,8 @@ from kspike.training.lock import CheckpointLock, pid_alive
 __all__ = ["CHECKPOINT_NAME", "MARKER", "TMP_PREFIX", "list_checkpoints", "latest_checkpoint",
            "checkpoint_name", "CheckpointWriter", "DamagedCheckpointError", "file_digests",
            "damage", "move_aside", "restore_latest", "checkpoint_object", "checkpoint_metadata",
-           "read_metadata", "read_state", "CheckpointManager", "resume_learning_rate"]
+           "read_metadata", "read_state", "CheckpointManager", "resume_learning_rate",
+           "is_chief"]
 
 CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{10})$")
 MARKER = "kspike_checkpoint.json"
@@ -283,6 +286,17 @@ def read_state(checkpoint, path):
                          f"(was it written by another model?): {error}") from None
 
 
+def is_chief(strategy):
+    """False on the non-chief workers of a multi-worker ``strategy`` (they take part in saving,
+    as tf.distribute requires, but write to a scratch directory); True otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and not has_chief and resolver.task_id == 0
+
+
 class CheckpointManager:
     """The checkpoints of one training run: the directory's lock, saving (to a scratch
     directory on the non-chief workers of a multi-worker strategy, which take part in saving
@@ -344,6 +358,33 @@ class CheckpointManager:
             read_state(checkpoint, path)
             return position
         return restore_latest(self.directory, read)
+
+    def save_run(self, model, optimizer, rule, step, epoch, position, loss):
+        """Writes the checkpoint of a training run at ``step`` (see ``checkpoint_object`` and
+        ``checkpoint_metadata``); returns its path."""
+        return self.save(checkpoint_object(model, optimizer, rule), step,
+                         checkpoint_metadata(step, epoch, position, loss, model.name))
+
+    def resume(self, model, optimizer, rule, override_learning_rate):
+        """Cleans leftovers, then restores the newest complete checkpoint into the run's
+        objects: ``(path, (step, epoch, position))`` or ``(None, None)``. The optimizer's
+        learning rate follows ``resume_learning_rate``."""
+        self.remove_leftovers()
+        if not list_checkpoints(self.directory):
+            return None, None
+        given = _learning_rate(optimizer)
+        path, position = self.restore(checkpoint_object(model, optimizer, rule))
+        if path is not None:
+            resume_learning_rate(optimizer, given, _learning_rate(optimizer), path,
+                                 override_learning_rate)
+        return path, position
+
+
+def _learning_rate(optimizer):
+    try:
+        return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def resume_learning_rate(optimizer, given, restored, path, override):

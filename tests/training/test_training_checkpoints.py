@@ -95,3 +95,41 @@ def test_pruning_renames_before_deleting_and_leftovers_are_removed(tmp_path, mon
     monkeypatch.undo()
     writer.remove_leftovers()
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000000002"]
+
+
+def test_is_chief_of_multi_worker_clusters():
+    from types import SimpleNamespace
+
+    def strategy(cluster, task_type, task_id):
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+        return SimpleNamespace(cluster_resolver=resolver)
+
+    assert checkpoints.is_chief(None)
+    workers = {"worker": ["a:1", "b:1"]}
+    assert checkpoints.is_chief(strategy(workers, "worker", 0))
+    assert not checkpoints.is_chief(strategy(workers, "worker", 1))
+    with_chief = {"chief": ["c:1"], "worker": ["a:1"]}
+    assert checkpoints.is_chief(strategy(with_chief, "chief", 0))
+    assert not checkpoints.is_chief(strategy(with_chief, "worker", 0))
+
+
+def test_save_run_and_resume_round_trip(tmp_path):
+    import keras
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.SGD(0.1)
+    optimizer.build(model.trainable_variables)
+    manager = checkpoints.CheckpointManager(str(tmp_path), keep=2)
+    assert manager.resume(model, optimizer, None, False) == (None, None)
+    saved = [w.numpy() for w in model.trainable_variables]
+    path = manager.save_run(model, optimizer, None, 7, 1, 3, 0.5)
+    assert path.endswith("ckpt-0000000007")
+    for w in model.trainable_variables:
+        w.assign(w + 1.0)
+    other = keras.optimizers.SGD(0.3)
+    other.build(model.trainable_variables)
+    with pytest.warns(UserWarning, match="learning rate 0.1 of the checkpoint"):
+        restored, position = manager.resume(model, other, None, False)
+    assert restored == path and position == (7, 1, 3)
+    for a, b in zip(saved, model.trainable_variables):
+        np.testing.assert_array_equal(a, b.numpy())

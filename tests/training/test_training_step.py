@@ -72,3 +72,39 @@ def test_non_finite_error_names_step_and_checkpoint():
     assert isinstance(error, step.NonFiniteLossError)
     assert "step 7" in str(error) and "ckpt-0000000006" in str(error)
     assert "No checkpoint" in str(step.non_finite_error(1, {}, None))
+
+
+def test_run_evaluation_means_logs_and_keeps_final_metric_values():
+    metric = keras.metrics.Mean(name="m")
+    values = iter([(1.0, 0.5), (3.0, 0.7)])
+
+    def function(batch):
+        loss, m = next(values)
+        return {"loss": loss, "m": m, "numerics": 1.0}
+
+    seen = []
+    result = step.run_evaluation(function, [0, 1, 2], 2, [metric],
+                                 check=lambda count, logs, b: seen.append((count, b)))
+    assert result == {"loss": 2.0, "m": 0.7} and seen == [(1, 0), (2, 1)]
+    with pytest.raises(ValueError, match="no batch"):
+        step.run_evaluation(function, [], None, [])
+
+
+def test_first_non_finite_layer_and_the_error_naming_it():
+    inputs = keras.Input((4, 2))
+    h = keras.layers.Dense(3, name="first")(inputs)
+    out = keras.layers.Lambda(lambda t: tf.math.log(t), name="log")(h)
+    model = keras.Model(inputs, out, name="net")
+    x = -np.ones((2, 4, 2), "float32")  # finite, but log of a negative value is NaN
+    model.get_layer("first").kernel.assign(np.ones((2, 3), "float32"))
+    assert step.first_non_finite_layer(model, x) == "log"
+    error = step.non_finite_input_error("batch 1 of evaluate", model, (x, np.zeros(2)))
+    assert isinstance(error, ValueError)
+    assert str(error).startswith("check_numerics: non-finite values at batch 1 of evaluate: "
+                                 "the batch is finite but the model's output is not; the "
+                                 "first layer with a non-finite output is 'log' (model 'net')")
+    x[0, 0, 0] = np.nan
+    assert step.first_non_finite_layer(model, x) == "first"
+    assert bool(step.all_finite(np.ones(3, "float32"), None)) and \
+        not bool(step.all_finite(x))
+    assert float(step.batch_share(x, None)) == 1.0
