@@ -4,11 +4,11 @@ Two parts (docs/architecture.md):
 
 * Predicates, the one definition of each "is this a kspike ..." question:
   ``is_spiking_cell(obj)``, ``spiking_cell_of(layer)``, ``is_spiking_layer(layer)``,
-  ``is_readout(layer)``, ``is_specialised_cell(cell)``.
+  ``is_readout(layer)``, ``is_specialised_cell(cell)``, ``is_neuron_layer(layer)``.
 * ``parse(model, who)``: a chain-shaped model (``keras.Sequential`` or a functional model in which
   every layer takes the previous layer's single output) as a list of typed stages
-  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``PerStepLayer``, ``TimeAverage``,
-  ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
+  (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``PerStepLayer``, ``NeuronLayer``,
+  ``TimeAverage``, ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
   input and one output, a chain, every layer used once) and classifies each layer; a consumer
   (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
   with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
@@ -30,12 +30,13 @@ import keras
 
 from kspike import compat
 from kspike.cells import SpikingCell
-from kspike.layers import LeakyReadout
+from kspike.layers import FoldTime, IFNeurons, LeakyReadout, LIFNeurons
 
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
-           "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
-           "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer", "parse", "refuse",
-           "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
+           "is_specialised_cell", "is_neuron_layer", "describe", "Stage", "SpikingLayer",
+           "RecurrentLayer", "Readout", "PerStepLayer", "NeuronLayer", "TimeAverage",
+           "UnsupportedLayer", "parse", "refuse", "check_stateless", "spiking_stages",
+           "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
 
 # ----------------------------------------------------------------------------- predicates
@@ -71,6 +72,12 @@ def is_specialised_cell(cell):
             and type(cell).call is SpikingCell.call
             and type(cell).pack_state is SpikingCell.pack_state
             and type(cell).unpack_state is SpikingCell.unpack_state)
+
+
+def is_neuron_layer(layer):
+    """True if ``layer`` is a weight-free IF/LIF neuron layer (``kspike.IFNeurons``,
+    ``kspike.LIFNeurons``) of a deep SNN (docs/neuron_layers.md)."""
+    return isinstance(layer, (IFNeurons, LIFNeurons))
 
 
 def describe(layer):
@@ -149,6 +156,16 @@ class PerStepLayer(Stage):
 
 
 @dataclasses.dataclass(frozen=True)
+class NeuronLayer(Stage):
+    """A ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` layer (B, T, *features) -> spikes of the
+    same shape (or the last step's with ``return_sequences=False``)."""
+
+    @property
+    def sequence_out(self):
+        return bool(getattr(self.layer, "return_sequences", True))
+
+
+@dataclasses.dataclass(frozen=True)
 class TimeAverage(Stage):
     """A ``keras.layers.GlobalAveragePooling1D``: the mean over time, (B, T, n) -> (B, n)."""
 
@@ -185,7 +202,16 @@ def _stage(layer, sequence_in):
         return RecurrentLayer(layer, sequence_in, layer.cell)
     if is_readout(layer):
         return Readout(layer, sequence_in)
-    if isinstance(layer, keras.layers.TimeDistributed):
+    if is_neuron_layer(layer):
+        return NeuronLayer(layer, sequence_in)
+    if isinstance(layer, keras.layers.Reshape) and sequence_in:
+        per_step = _per_step_reshape(layer)
+        if per_step is not None:
+            return PerStepLayer(layer, sequence_in, per_step)
+        return UnsupportedLayer(layer, sequence_in,
+                                f"its target shape {tuple(layer.target_shape)!r} does not keep "
+                                "the time axis first")
+    if isinstance(layer, (keras.layers.TimeDistributed, FoldTime)):
         inner = layer.layer
         if getattr(inner, "stateful", False) or hasattr(inner, "cell"):
             return UnsupportedLayer(layer, sequence_in,
@@ -202,6 +228,19 @@ def _stage(layer, sequence_in):
     if isinstance(layer, keras.layers.GlobalAveragePooling1D):
         return TimeAverage(layer, sequence_in)
     return UnsupportedLayer(layer, sequence_in)
+
+
+def _per_step_reshape(layer):
+    # A Reshape of (B, T, ...) whose target keeps the time axis first acts on every step alone:
+    # its per-step form is a Reshape to target_shape[1:].
+    target = tuple(layer.target_shape)
+    try:
+        steps = layer.input.shape[1]
+    except (AttributeError, ValueError):
+        return None
+    if not target or steps is None or target[0] != steps:
+        return None
+    return keras.layers.Reshape(target[1:], name=f"{layer.name}_per_step")
 
 
 def _chain_layers(model, who, error, flatten):
