@@ -67,7 +67,15 @@ class STLLR(FeedbackRule):
     a ``kspike.FiringRateRegularizer`` adds its per-spike gradient to L_t.
 
     Supported models: as ``kspike.learning.EProp`` (Input -> kspike spiking RNN layer(s) with
-    return_sequences=True -> kspike.LeakyReadout); anything else raises ValueError.
+    return_sequences=True -> kspike.LeakyReadout), and feed-forward / convolutional deep SNNs:
+    Dense and Conv2D synapses (bare, in TimeDistributed or kspike.FoldTime) each followed by a
+    ``kspike.IFNeurons``/``kspike.LIFNeurons`` layer, with BatchNormalization, pooling,
+    Flatten and Reshape layers, a Dense readout and optionally the mean over time
+    (docs/stllr.md, "Feed-forward and convolutional deep SNNs"). There the traces have the
+    shapes of each synapse's input and of its neurons, psi is by default the seed's function of
+    the layer type (``stllr_secondary_activation`` after a Dense,
+    ``stllr_conv_secondary_activation`` after a Conv2D) of H_t - V_th, and ``last_steps`` must
+    not exceed T. Anything else raises ValueError naming the layer.
 
     Scale of the updates: the spiking layers' updates are much smaller than BPTT's gradient
     (no propagation through time, and the paper's psi is ~1e-4 one threshold away from
@@ -99,6 +107,19 @@ class STLLR(FeedbackRule):
     >>> [tuple(g.shape) for g in grads]          # aligned with model.trainable_variables
     [(5, 8), (8, 8), (8, 2), (2,)]
     >>> keras.optimizers.Adam(1e-3).apply(grads, model.trainable_variables)
+
+    A convolutional deep SNN (T = 4 steps of 8x8 images):
+
+    >>> conv = keras.Sequential([keras.Input((4, 8, 8, 1)),
+    ...     kspike.FoldTime(keras.layers.Conv2D(4, 3, padding="same", use_bias=False)),
+    ...     kspike.LIFNeurons(), kspike.FoldTime(keras.layers.MaxPooling2D()),
+    ...     kspike.FoldTime(keras.layers.Flatten()), kspike.FoldTime(keras.layers.Dense(3)),
+    ...     keras.layers.GlobalAveragePooling1D()])
+    >>> images = rng.random((2, 4, 8, 8, 1)).astype("float32") * 3
+    >>> rule = kspike.learning.STLLR(last_steps=2)
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> [tuple(g.shape) for g in rule.gradients(conv, images, np.array([0, 2]), loss)]
+    [(3, 3, 1, 4), (64, 3), (3,)]
     """
 
     name = "stllr"
