@@ -251,9 +251,9 @@ def main(argv=None):
               f"{records[mode]['steps']} steps)", flush=True)
     if "gd" in records:
         base = records["gd"]["test_accuracy"]
-        print("Test accuracy relative to all-gradient-descent (same run, same budget): " + ", ".join(
-            f"{mode} {r['test_accuracy'] / base:.3f}x" for mode, r in records.items()
-            if base > 0))
+        ratios = ", ".join(f"{mode} {r['test_accuracy'] / base:.3f}x"
+                           for mode, r in records.items() if base > 0)
+        print(f"Test accuracy relative to all-gradient-descent (same run, same budget): {ratios}")
     written = figures(records, out)
     utils.save_json(os.path.join(out, "results.json"), {
         "args": vars(args),

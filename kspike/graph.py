@@ -8,11 +8,11 @@ Two parts (docs/architecture.md):
 * ``parse(model, who)``: a chain-shaped model (``keras.Sequential`` or a functional model in which
   every layer takes the previous layer's single output) as a list of typed stages
   (``SpikingLayer``, ``RecurrentLayer``, ``Readout``, ``PerStepLayer``, ``NeuronLayer``,
-  ``TimeAverage``, ``UnsupportedLayer``). The parser does the checks every consumer shares (a built model with one
-  input and one output, a chain, every layer used once) and classifies each layer; a consumer
-  (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
-  with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
-  what is supported.
+  ``TimeAverage``, ``UnsupportedLayer``). The parser does the checks every consumer shares (a
+  built model with one input and one output, a chain, every layer used once) and classifies
+  each layer; a consumer (e-prop, S-TLLR, RateBP, STDP, export) then accepts the stage types it
+  supports and refuses the rest with ``refuse(stage, ...)`` or its own message, so every error
+  names the layer, its type and what is supported.
 
 Example:
 
