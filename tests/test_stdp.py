@@ -411,3 +411,9 @@ def test_stdp_conv_snn_bad_models():
         STDP(synapse=dense).compute(model, np.zeros((1, 3, 5), "float32"), None, None)
     with pytest.raises(ValueError, match="w_min"):
         kspike.learning.stdp.Clamp(1.0, -1.0)
+
+
+def test_stdp_refuses_sparse_rewired_kernels():
+    cell = kspike.LIF(6, connectivity=0.5, seed=0)
+    with pytest.raises(ValueError, match="sparse rewired kernels .connectivity=0.5"):
+        STDP(synapse=keras.layers.RNN(cell, return_sequences=True))
