@@ -24,7 +24,7 @@ import _tutorial_utils as utils  # noqa: E402
 
 utils.quiet_tensorflow()
 
-RULES = ("bptt",)          # the rules that train these layers in this script
+RULES = ("bptt", "stllr")  # the rules that train these layers in this script
 LIF_LAYERS = ("lif1", "lif2", "lif3")
 
 
@@ -50,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--train-samples", type=int, default=None,
                         help="use only the first N training images")
     parser.add_argument("--rule", choices=RULES, default="bptt", help="learning rule")
+    parser.add_argument("--stllr-psi", choices=("surrogate", "seed"), default="surrogate",
+                        help="--rule stllr: secondary activation, the LIF layers' own "
+                             "pseudo-derivative or the seed's per layer type (0.3 max(0, 1 - "
+                             "|u - thr|) after a Conv2D, 1/(100 |u - thr| + 1)^2 after a Dense)")
     parser.add_argument("--output-dir", default=None,
                         help="folder for figures, logs and checkpoints (default: a new folder "
                              "under ./results/); an existing non-empty folder is never "
@@ -58,6 +62,7 @@ def parse_args(argv=None):
                         help="seconds-long smoke run on synthetic digits (no files needed)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
+    args.stllr_psi = None if args.stllr_psi == "seed" else args.stllr_psi
     if args.quick:
         args.epochs, args.batch_size, args.channels, args.hidden = 1, 16, (4, 8), 16
     elif not os.path.exists(args.mnist_path):
@@ -211,6 +216,12 @@ def main(argv=None):
     train_ds, test_ds = flatten(train_ds), flatten(test_ds)
     model = build_model(args)
     rule = kspike.learning.BPTT()
+    if args.rule == "stllr":
+        # S-TLLR (docs/stllr.md): the seed's factors, updates at every step, the learning signal
+        # backpropagated through the layers above at the same step, the neurons' own
+        # pseudo-derivative as secondary activation; the readout learns from its exact gradient.
+        rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), feedback="bp",
+                                     secondary_activation=args.stllr_psi)
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(args.learning_rate),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), rule=rule,

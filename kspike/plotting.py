@@ -23,7 +23,7 @@ import numpy as np
 from kspike.probe import Probe, probe  # noqa: F401  (voltages of output="spikes" models)
 
 __all__ = ["raster", "voltage", "thresholds", "output_traces", "learning_curve",
-           "activity_figure", "save_figure", "probe", "Probe"]
+           "activity_figure", "conv_filters", "save_figure", "probe", "Probe"]
 
 
 def _pyplot():
@@ -336,6 +336,66 @@ def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=Non
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def conv_filters(kernel, in_channel=None, max_filters=None, title=None, size=1.0):
+    """The filters of a Conv2D kernel as a grid of images, one per output channel.
+
+    Args:
+        kernel: (kh, kw, C_in, C_out) array (Keras' Conv2D kernel layout).
+        in_channel: which input channel to show (int), or None for the mean over the input
+            channels (the channel itself when C_in = 1).
+        max_filters: show at most this many output channels (evenly sampled), None for all.
+        title: figure title (None: none).
+        size: inches per filter image.
+
+    Returns:
+        the matplotlib figure; every image shares one symmetric colour scale
+        [-max |w|, max |w|] (colour bar on the right), red positive, blue negative.
+
+    Example:
+
+    >>> import numpy as np, kspike
+    >>> kernel = np.random.default_rng(0).normal(size=(3, 3, 1, 16))
+    >>> fig = kspike.plotting.conv_filters(kernel, title="conv1")
+    >>> sum(len(ax.images) for ax in fig.axes)
+    16
+    """
+    plt = _pyplot()
+    if hasattr(kernel, "numpy"):
+        kernel = kernel.numpy()
+    k = np.asarray(kernel, dtype=np.float64)
+    if k.ndim != 4:
+        raise ValueError("`kernel` must be a Conv2D kernel of shape (kh, kw, C_in, C_out), "
+                         f"received an array of shape {k.shape}.")
+    if in_channel is None:
+        images = k.mean(axis=2)
+    else:
+        if (isinstance(in_channel, bool) or not isinstance(in_channel, (int, np.integer))
+                or not 0 <= in_channel < k.shape[2]):
+            raise ValueError(f"`in_channel` must be None or an integer in [0, {k.shape[2]}), "
+                             f"received {in_channel!r}.")
+        images = k[:, :, int(in_channel)]
+    chosen = _select(images.shape[2], max_filters)
+    n = len(chosen)
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols + 0.8, size * rows + 0.4),
+                             squeeze=False)
+    vmax = float(np.max(np.abs(images[:, :, chosen]))) or 1.0
+    image = None
+    for ax, index in zip(axes.flat, chosen):
+        image = ax.imshow(images[:, :, index], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        ax.set_title(str(index), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=list(axes.flat), shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 

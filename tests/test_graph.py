@@ -141,3 +141,26 @@ def test_neuron_layers_fold_time_and_time_keeping_reshape_are_stages():
     across = keras.Sequential([keras.Input((4, 12)), keras.layers.Reshape((48,), name="flat")])
     (stage,) = kspike.graph.parse(across, "test")
     assert isinstance(stage, kspike.graph.UnsupportedLayer) and "time axis" in stage.reason
+
+
+def test_parse_deep_snn_stages():
+    """Neuron layers, FoldTime wrappers and a time-keeping Reshape of a deep SNN."""
+    T = 3
+    conv = keras.layers.Conv2D(2, 3, padding="same")
+    inputs = keras.Input((T, 36))
+    h = keras.layers.Reshape((T, 6, 6, 1), name="unflatten")(inputs)
+    h = kspike.FoldTime(conv, name="conv")(h)
+    h = kspike.LIFNeurons(name="lif")(h)
+    h = kspike.IFNeurons(return_sequences=False, name="last")(h)
+    model = keras.Model(inputs, h)
+    stages = graph.parse(model, "test")
+    assert [type(s).__name__ for s in stages] == ["PerStepLayer", "PerStepLayer", "NeuronLayer",
+                                                  "NeuronLayer"]
+    assert tuple(stages[0].inner.target_shape) == (6, 6, 1)      # the per-step form
+    assert stages[1].inner is conv
+    assert stages[2].sequence_out and not stages[3].sequence_out
+    assert graph.is_neuron_layer(stages[2].layer) and not graph.is_neuron_layer(conv)
+    # a Reshape that moves the time axis has no per-step form
+    model = keras.Sequential([keras.Input((4, 6)), keras.layers.Reshape((6, 4), name="swap")])
+    stage, = graph.parse(model, "test")
+    assert isinstance(stage, graph.UnsupportedLayer) and "time axis" in stage.reason

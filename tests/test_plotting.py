@@ -178,3 +178,24 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plotting.learning_curve({"loss": [1.0]})
+
+
+def test_conv_filters_shows_each_filter_on_one_symmetric_scale(rng, tmp_path):
+    kernel = rng.normal(size=(3, 3, 2, 5))
+    fig = plotting.conv_filters(kernel, in_channel=1, title="conv")
+    images = [im for ax in fig.axes for im in ax.images]
+    assert len(images) == 5                       # one image per output channel
+    for k, im in enumerate(images):
+        np.testing.assert_array_equal(im.get_array(), kernel[:, :, 1, k])
+        assert im.get_clim() == (-np.abs(kernel[:, :, 1]).max(), np.abs(kernel[:, :, 1]).max())
+    assert fig._suptitle.get_text() == "conv"
+    plt.close(fig)
+    fig = plotting.conv_filters(kernel, max_filters=3)           # mean over input channels
+    images = [im for ax in fig.axes for im in ax.images]
+    np.testing.assert_allclose(images[-1].get_array(), kernel[:, :, :, 4].mean(axis=2))
+    assert len(images) == 3
+    assert len(plotting.save_figure(fig, tmp_path / "filters")) == 2
+    with pytest.raises(ValueError, match=r"\(kh, kw, C_in, C_out\)"):
+        plotting.conv_filters(kernel[0])
+    with pytest.raises(ValueError, match="in_channel"):
+        plotting.conv_filters(kernel, in_channel=2)

@@ -301,8 +301,7 @@ def test_errors_are_clear():
         STDP(scale=0.0)
     with pytest.raises(TypeError, match="f_pre"):
         STDP(f_pre=3)
-    with pytest.raises(ValueError, match="neurons"):
-        STDP(synapse=dense)
+    STDP(synapse=dense)            # the neurons are found in the model (test_stdp_conv_snn)
     with pytest.raises(TypeError, match="synapse"):
         STDP(synapse=keras.layers.LSTM(3))
     with pytest.raises(ValueError, match="dilation_rate"):
@@ -318,3 +317,103 @@ def test_errors_are_clear():
         STDP().record(np.zeros((2, 3)), np.zeros((2, 2)))
     assert "tau_pre=2.0" in repr(STDP())
     assert math.isclose(STDP(tau_pre=3).tau_pre, 3.0)
+
+
+# ----------------------------------------------------------------------------- conv SNN
+def numpy_conv_stdp(x, kernel, thr, tau_pre, tau_post, lo, hi):
+    """IF neurons (hard reset to 0) after a 3x3 'same' convolution, and SpikingJelly's STDP
+    of its kernel with f_pre = f_post = clamp(W, lo, hi), by explicit loops."""
+    batch, steps, height, width, c_in = x.shape
+    c_out = kernel.shape[3]
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
+    v = np.zeros((batch, height, width, c_out))
+    tr_pre = np.zeros_like(xp[:, 0])
+    tr_post = np.zeros_like(v)
+    potentiation = np.zeros_like(kernel)
+    depression = np.zeros_like(kernel)
+    for t in range(steps):
+        current = np.zeros_like(v)
+        for i in range(3):
+            for j in range(3):
+                current += np.einsum("bhwc,co->bhwo", xp[:, t, i:i + height, j:j + width],
+                                     kernel[i, j])
+        h = v + current
+        s = (h >= thr).astype(float)
+        v = h * (1 - s)
+        tr_pre = tr_pre - tr_pre / tau_pre + xp[:, t]
+        tr_post = tr_post - tr_post / tau_post + s
+        for i in range(3):
+            for j in range(3):
+                potentiation[i, j] += np.einsum("bhwc,bhwo->co",
+                                                tr_pre[:, i:i + height, j:j + width], s)
+                depression[i, j] += np.einsum("bhwc,bhwo->co",
+                                              xp[:, t, i:i + height, j:j + width], tr_post)
+    w = np.clip(kernel, lo, hi)
+    return w * potentiation - w * depression
+
+
+def test_stdp_conv_snn_postsynaptic_neurons_from_the_parser(rng):
+    """Conv2D (in FoldTime) -> IFNeurons: the neurons are found by the parser, the kernel's
+    gradient is -dW of SpikingJelly's STDP with f = clamp(W, -1, 1), the Dense layer after it
+    gets its backpropagated gradient."""
+    keras.config.set_dtype_policy("float64")
+    steps = 5
+    conv = keras.layers.Conv2D(3, 3, padding="same", use_bias=False)
+    dense = keras.layers.Dense(2)
+    inputs = keras.Input((steps, 6, 6, 2))
+    h = kspike.FoldTime(conv)(inputs)
+    h = kspike.IFNeurons(thr=0.5, name="if1")(h)
+    h = kspike.FoldTime(keras.layers.MaxPooling2D(2))(h)
+    h = kspike.FoldTime(keras.layers.Flatten())(h)
+    h = kspike.FoldTime(dense)(h)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(h))
+    kernel = rng.normal(size=(3, 3, 2, 3)) * 0.8
+    conv.set_weights([kernel])
+    x = (rng.random((2, steps, 6, 6, 2)) < 0.4).astype("float64")
+    rule = STDP(tau_pre=2.0, tau_post=100.0, f_pre=kspike.learning.stdp.Clamp(),
+                f_post=kspike.learning.stdp.Clamp(), synapse=conv)
+    assert "Clamp(w_min=-1.0" in repr(rule)
+    assert kspike.learning.stdp.postsynaptic_neurons(model, conv)[1].name == "if1"
+    y = np.array([0, 1])
+    result = rule.compute(model, x, y, keras.losses.SparseCategoricalCrossentropy(True))
+    expected = numpy_conv_stdp(x, kernel, 0.5, 2.0, 100.0, -1.0, 1.0)
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(-result.gradients[0].numpy(), expected, rtol=1e-9, atol=1e-12)
+    assert result.gradients[1] is not None and np.abs(result.gradients[1]).max() > 0
+    pre, post = rule.activity_layers(model)
+    probe = keras.Model(model.inputs[0], [pre, post])
+    grads = rule.batch_gradients(*probe(x))
+    assert grads[0][1] is conv.kernel
+    np.testing.assert_allclose(-grads[0][0].numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_stdp_conv_snn_bad_models():
+    conv = keras.layers.Conv2D(2, 3, padding="same")
+    inputs = keras.Input((3, 6, 6, 1))
+    h = kspike.FoldTime(conv)(inputs)
+    h = kspike.FoldTime(keras.layers.MaxPooling2D(2), name="pool")(h)
+    h = kspike.IFNeurons()(h)
+    model = keras.Model(inputs, h)
+    x = np.zeros((1, 3, 6, 6, 1), "float32")
+    with pytest.raises(ValueError, match="followed by layer 'pool' .FoldTime. before any neuron"):
+        STDP(synapse=conv).compute(model, x, None, None)
+    # a neuron layer given as `neurons` that no synapse precedes
+    dense = keras.layers.Dense(4)
+    lonely = kspike.IFNeurons(name="lonely")
+    model = keras.Sequential([keras.Input((3, 5)), keras.layers.TimeDistributed(dense),
+                              kspike.LIFNeurons(), lonely])
+    with pytest.raises(ValueError, match="neuron layer 'lonely' .IFNeurons. is not preceded by a "
+                                         "synapse"):
+        STDP(synapse=dense, neurons=lonely).compute(model, np.zeros((1, 3, 5), "float32"),
+                                                   None, None)
+    model = keras.Sequential([keras.Input((3, 5)), keras.layers.TimeDistributed(dense)])
+    with pytest.raises(ValueError, match="is not followed by a kspike.IFNeurons"):
+        STDP(synapse=dense).compute(model, np.zeros((1, 3, 5), "float32"), None, None)
+    with pytest.raises(ValueError, match="w_min"):
+        kspike.learning.stdp.Clamp(1.0, -1.0)
+
+
+def test_stdp_refuses_sparse_rewired_kernels():
+    cell = kspike.LIF(6, connectivity=0.5, seed=0)
+    with pytest.raises(ValueError, match="sparse rewired kernels .connectivity=0.5"):
+        STDP(synapse=keras.layers.RNN(cell, return_sequences=True))

@@ -21,6 +21,9 @@ RUNS = {
     "shd": ("tutorial_shd.py", ["--xla"], ["shd_activity", "learning_curve"]),
     "conv_snn": ("tutorial_conv_snn_mnist.py", ["--rule", "bptt"],
                  ["conv_snn_spikes", "firing_rates", "learning_curve"]),
+    "stdp_conv": ("tutorial_stdp_conv.py", ["--modes", "stdp", "gd"],
+                  ["conv1_filters_initial", "conv1_filters_stdp", "weight_change_history",
+                   "learning_curve"]),
 }
 
 

@@ -526,3 +526,243 @@ class PerStepLoss:
             raise ValueError(f"The loss {self.loss!r} does not depend on the model output: no "
                              "learning signal can be formed.")
         return value, error
+
+
+# ---------------------------------------------------------------------- feed-forward deep SNNs
+# Rules that run a deep SNN step by step (S-TLLR on Dense/Conv2D synapses followed by
+# kspike.IFNeurons/LIFNeurons) see the model as a list of per-step operations.
+
+FEEDFORWARD_SUPPORTED = (
+    "chains of Dense / Conv2D synapses (linear activation; bare, in keras.layers.TimeDistributed "
+    "or kspike.FoldTime), each followed by a kspike.IFNeurons / kspike.LIFNeurons layer "
+    "(return_sequences=True, output='spikes', not stateful), with BatchNormalization (last "
+    "axis), MaxPooling2D, AveragePooling2D, Flatten and time-keeping Reshape layers in between; "
+    "after the last neuron layer Dense layers (the readout, trained by its exact gradient) and "
+    "optionally a GlobalAveragePooling1D (the mean over time)")
+
+_SYNAPSE_TYPES = ("Dense", "Conv2D")
+_STRUCTURAL = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.Flatten,
+               keras.layers.Reshape, keras.layers.Identity, keras.layers.BatchNormalization)
+
+
+class FeedForwardOp(NamedTuple):
+    """One per-step operation of a feed-forward deep SNN.
+
+    kind: "synapse" (Dense/Conv2D whose kernel the rule trains), "neuron" (IF/LIF layer),
+    "layer" (a weight-free per-step layer, or BatchNormalization), "readout" (a Dense after the
+    last neuron layer). ``layer`` is the model's layer, ``fn`` the layer applied to one step
+    (B, ...) (the wrapped layer of TimeDistributed/FoldTime). ``synapse`` (neuron ops only) is
+    the index of the synapse op whose postsynaptic neurons these are.
+    """
+    kind: str
+    layer: object
+    fn: object
+    synapse: Optional[int] = None
+
+
+class FeedForwardPlan(NamedTuple):
+    """A checked feed-forward deep SNN: its per-step operations in order."""
+    ops: List[FeedForwardOp]
+    time_average: bool        # the model ends with the mean over time (B, n_out)
+    steps: Optional[int]      # static T of the input, or None
+    input_shape: tuple        # (T, *features) of the model input
+    dtype: str
+
+
+def has_neuron_layers(model):
+    """True if the top-level layers of ``model`` include a kspike IF/LIF neuron layer."""
+    return any(graph.is_neuron_layer(layer) for layer in getattr(model, "layers", []))
+
+
+def check_feedforward(model, rule_name):
+    """Return the ``FeedForwardPlan`` of ``model`` or raise ValueError naming the first layer
+    the rule cannot handle (its name, type and what is supported)."""
+    stages = graph.parse(model, rule_name)
+    ops = []
+    pending = None          # index of a synapse op not yet followed by a neuron layer
+    seen_neuron = False
+    time_average = False
+    for i, stage in enumerate(stages):
+        layer = stage.layer
+        if time_average:
+            graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED}; the mean over time must "
+                         "be the last layer")
+        if isinstance(stage, graph.NeuronLayer):
+            problems = [flag for flag in ("stateful", "return_state")
+                        if getattr(layer, flag, False)]
+            if not layer.return_sequences:
+                problems.append("return_sequences=False")
+            if layer.output_mode != "spikes":
+                problems.append(f"output={layer.output_mode!r}")
+            if problems:
+                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                                 f"{', '.join(problems)}. Supported: {FEEDFORWARD_SUPPORTED}.")
+            if pending is None:
+                raise ValueError(f"{rule_name}: the neuron {graph.describe(layer)} is not "
+                                 "preceded by a synapse (a Dense or Conv2D layer since the "
+                                 "previous neuron layer), so it has no weights to learn. "
+                                 f"Supported: {FEEDFORWARD_SUPPORTED}.")
+            ops.append(FeedForwardOp("neuron", layer, layer, pending))
+            pending = None
+            seen_neuron = True
+            continue
+        if isinstance(stage, graph.TimeAverage):
+            if not seen_neuron:
+                graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+            time_average = True
+            continue
+        if not isinstance(stage, graph.PerStepLayer) or not stage.sequence_in:
+            graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+        inner = stage.inner
+        kind_name = type(inner).__name__
+        if kind_name in _SYNAPSE_TYPES and isinstance(inner, (keras.layers.Dense,
+                                                              keras.layers.Conv2D)):
+            if inner.activation not in (None, keras.activations.linear):
+                activation = getattr(inner.activation, "__name__", inner.activation)
+                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                                 f"activation {activation!r}: a synapse's output is the "
+                                 "neurons' input current. Supported: "
+                                 f"{FEEDFORWARD_SUPPORTED}.")
+            if kind_name == "Conv2D" and getattr(inner, "groups", 1) != 1:
+                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                                 f"groups={inner.groups}. Supported: {FEEDFORWARD_SUPPORTED}.")
+            if pending is not None:
+                raise ValueError(f"{rule_name}: the synapse {graph.describe(layer)} follows the "
+                                 f"synapse {graph.describe(ops[pending].layer)} with no neuron "
+                                 "layer in between. Supported: "
+                                 f"{FEEDFORWARD_SUPPORTED}.")
+            if kind_name == "Dense" and _is_last_synapse_free(stages[i + 1:]):
+                if not seen_neuron:
+                    graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+                ops.append(FeedForwardOp("readout", layer, inner))
+                continue
+            if kind_name == "Conv2D" and _is_last_synapse_free(stages[i + 1:]):
+                graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (a Conv2D must be "
+                             "followed by a neuron layer)")
+            pending = len(ops)
+            ops.append(FeedForwardOp("synapse", layer, inner))
+            continue
+        if isinstance(inner, keras.layers.BatchNormalization):
+            axis = inner.axis[0] if isinstance(inner.axis, (list, tuple)) and len(
+                inner.axis) == 1 else inner.axis
+            if axis not in (-1, len(layer.output.shape) - 2):
+                graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (BatchNormalization "
+                             "over the last axis)")
+            if pending is None:
+                raise ValueError(f"{rule_name} supports BatchNormalization only between a "
+                                 f"synapse and its neuron layer; {graph.describe(layer)} is "
+                                 f"not. Supported: {FEEDFORWARD_SUPPORTED}.")
+            ops.append(FeedForwardOp("layer", layer, inner))
+            continue
+        if isinstance(inner, _STRUCTURAL):
+            ops.append(FeedForwardOp("layer", layer, inner))
+            continue
+        graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+    if pending is not None:
+        raise ValueError(f"{rule_name}: the synapse {graph.describe(ops[pending].layer)} is not "
+                         f"followed by a neuron layer. Supported: {FEEDFORWARD_SUPPORTED}.")
+    if not any(op.kind == "synapse" for op in ops):
+        raise ValueError(f"{rule_name}: model {model.name!r} has no synapse followed by a "
+                         f"neuron layer. Supported: {FEEDFORWARD_SUPPORTED}.")
+    input_shape = tuple(model.inputs[0].shape[1:])
+    dtype = next(op.layer.state_dtype for op in ops if op.kind == "neuron")
+    return FeedForwardPlan(ops=ops, time_average=time_average, steps=input_shape[0],
+                           input_shape=input_shape, dtype=dtype)
+
+
+def _is_last_synapse_free(rest):
+    """True if no neuron layer follows (the rest of the chain is the readout part)."""
+    return not any(isinstance(s, graph.NeuronLayer) for s in rest)
+
+
+def batch_norm_train(layer, h):
+    """``keras.layers.BatchNormalization`` (last axis) in training mode on one step ``h``,
+    written out: normalised with the step's batch statistics over all axes but the last.
+
+    Returns:
+        (output, mean, variance); the layer's moving statistics are not touched.
+    """
+    axes = list(range(h.shape.rank - 1))
+    mean, variance = tf.nn.moments(h, axes)
+    out = (h - mean) * tf.math.rsqrt(variance + layer.epsilon)
+    if layer.scale:
+        out = out * tf.cast(layer.gamma, h.dtype)
+    if layer.center:
+        out = out + tf.cast(layer.beta, h.dtype)
+    return out, mean, variance
+
+
+def update_batch_norm_moving(layer, mean, variance):
+    """moving <- momentum moving + (1 - momentum) statistic (Keras' update), once."""
+    m = layer.momentum
+    layer.moving_mean.assign(m * layer.moving_mean + (1.0 - m) * tf.cast(
+        mean, layer.moving_mean.dtype))
+    layer.moving_variance.assign(m * layer.moving_variance + (1.0 - m) * tf.cast(
+        variance, layer.moving_variance.dtype))
+
+
+def feedforward_step(plan, x_t, voltages, training, differentiable=False, records=None,
+                     bn_stats=None):
+    """One step of a feed-forward deep SNN (``FeedForwardPlan``), with kspike's node step.
+
+    Args:
+        x_t: (B, *features) input of the step.
+        voltages: per neuron op (in order), V_{t-1}.
+        training: BatchNormalization with the step's batch statistics (else moving ones).
+        differentiable: spikes carry the surrogate gradient; V_{t-1} is always detached (no
+            gradient through time).
+        records: optional dict filled per synapse op index with ``pre`` (its input), ``out``
+            (its output current), ``current`` (the neuron input), ``h`` (H_t), ``spikes``.
+        bn_stats: optional dict filled per BatchNormalization op index with (mean, variance).
+
+    Returns:
+        (y_t, new voltages).
+    """
+    h = x_t
+    new_voltages = []
+    k = 0
+    synapse = None
+    for i, op in enumerate(plan.ops):
+        if op.kind == "neuron":
+            params = op.layer.parameters
+            current = tf.cast(h, voltages[k].dtype)
+            s, v, charged = dynamics.node_step(tf.stop_gradient(voltages[k]), current, params,
+                                               differentiable)
+            if records is not None:
+                records[op.synapse].update(current=current, h=charged, spikes=s)
+            new_voltages.append(v)
+            k += 1
+            h = s
+        elif op.kind in ("synapse", "readout"):
+            out = op.fn(h)
+            if records is not None and op.kind == "synapse":
+                records[i] = {"pre": h, "out": out}
+            h = out
+        elif isinstance(op.fn, keras.layers.BatchNormalization):
+            if training:
+                h, mean, variance = batch_norm_train(op.fn, h)
+                if bn_stats is not None:
+                    bn_stats[i] = (mean, variance)
+            else:
+                h = op.fn(h, training=False)
+        else:
+            h = op.fn(h)
+    return h, new_voltages
+
+
+def feedforward_initial_voltages(plan, x_t):
+    """V_0 of every neuron op for a batch whose first step is ``x_t`` (shapes by a dry run)."""
+    voltages = []
+    h = x_t
+    for op in plan.ops:
+        if op.kind == "neuron":
+            params = op.layer.parameters
+            v0 = tf.fill(tf.shape(h), tf.constant(dynamics.node_initial_voltage(params),
+                                                  op.layer.state_dtype))
+            voltages.append(v0)
+            h = tf.zeros_like(v0)
+        elif isinstance(op.fn, keras.layers.BatchNormalization):
+            continue
+        else:
+            h = op.fn(h)
+    return voltages

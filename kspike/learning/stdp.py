@@ -26,9 +26,10 @@ with TensorFlow's padding rule) followed by spiking neurons, either wrapped in
 cells (bare or inside ``keras.layers.RNN`` / ``kspike.SpikingRNN``). The recurrent kernel's
 presynaptic spikes at step t are the layer's own spikes z_{t-1}; its diagonal change is 0.
 Not supported (a clear error is raised): Conv2D with dilation > 1 or groups > 1, other layer
-types, and cells with sparse rewired kernels (``connectivity``/``dale``). kspike has no
-weight-free spiking layer for (B, T, H, W, C) maps: for Conv2D the postsynaptic spikes are
-whatever the ``neurons`` layer outputs, or are passed to ``record`` directly.
+types, and cells with sparse rewired kernels (``connectivity``/``dale``). For a Dense/Conv2D
+synapse (also inside ``kspike.FoldTime``) the postsynaptic spikes are those of the
+``kspike.IFNeurons``/``kspike.LIFNeurons`` layer that follows it in the model, found by
+``kspike.graph.parse`` (``postsynaptic_neurons``), or of the layer given as ``neurons``.
 """
 import math
 
@@ -37,10 +38,11 @@ import numpy as np
 import tensorflow as tf
 
 from kspike import graph
+from kspike.layers import FoldTime
 from kspike.learning.base import LearningRule, RuleResult
 
-__all__ = ["STDP", "SoftBoundPre", "SoftBoundPost", "soft_bounds", "trace_sequence",
-           "dense_weight_change", "conv2d_weight_change"]
+__all__ = ["STDP", "SoftBoundPre", "SoftBoundPost", "Clamp", "soft_bounds", "trace_sequence",
+           "dense_weight_change", "conv2d_weight_change", "postsynaptic_neurons"]
 
 # Traces are linear filters; up to this many steps a chunk is one (T, T) product.
 _CHUNK = 256
@@ -77,6 +79,26 @@ class SoftBoundPost:
 
     def __repr__(self):
         return f"SoftBoundPost(w_max={self.w_max!r})"
+
+
+class Clamp:
+    """f(W) = clip(W, w_min, w_max), SpikingJelly's STDP tutorial weight dependence
+    (``torch.clamp(w, -1, 1)`` for both f_pre and f_post)."""
+
+    def __init__(self, w_min=-1.0, w_max=1.0):
+        self.w_min, self.w_max = float(w_min), float(w_max)
+        if not self.w_min < self.w_max:
+            raise ValueError(f"`w_min` must be < `w_max`, received w_min={w_min!r}, "
+                             f"w_max={w_max!r}.")
+
+    def __call__(self, w):
+        return tf.clip_by_value(w, tf.cast(self.w_min, w.dtype), tf.cast(self.w_max, w.dtype))
+
+    def get_config(self):
+        return {"w_min": self.w_min, "w_max": self.w_max}
+
+    def __repr__(self):
+        return f"Clamp(w_min={self.w_min!r}, w_max={self.w_max!r})"
 
 
 def soft_bounds(w_min=0.0, w_max=1.0):
@@ -227,7 +249,8 @@ class _Synapse:
         self.layer = layer
         self.neurons = neurons
         self.cell = graph.spiking_cell_of(layer)
-        inner = layer.layer if isinstance(layer, keras.layers.TimeDistributed) else layer
+        inner = layer.layer if isinstance(layer, (keras.layers.TimeDistributed,
+                                                  FoldTime)) else layer
         self.inner = inner
         if self.cell is not None:
             self.kind = "cell"
@@ -259,9 +282,6 @@ class _Synapse:
             raise TypeError("`synapse` must be a keras.layers.Dense, a keras.layers.Conv2D "
                             "(optionally inside TimeDistributed), a kspike LIF/ALIF cell or an "
                             f"RNN layer wrapping one; received {layer!r}.")
-        if self.kind != "cell" and neurons is None:
-            raise ValueError(f"`neurons` is required for a {type(inner).__name__} synapse: the "
-                             "layer whose output spikes are the postsynaptic activity.")
 
     def kernels(self, which):
         """[(name, variable)] of the kernels this rule trains."""
@@ -289,6 +309,96 @@ class _Synapse:
         return {"dense": 2, "conv2d": 4, "cell": 2}[self.kind]
 
 
+# Shape-preserving per-step layers allowed between a synapse and its neuron layer.
+_BETWEEN = (keras.layers.BatchNormalization, keras.layers.Dropout, keras.layers.Identity)
+_NEURONS = "a kspike.IFNeurons / kspike.LIFNeurons layer"
+
+
+def _synapse_index(stages, synapse):
+    for i, stage in enumerate(stages):
+        if stage.layer is synapse or getattr(stage, "inner", None) is synapse:
+            return i
+    return None
+
+
+def _is_synapse_stage(stage):
+    inner = getattr(stage, "inner", None)
+    return (isinstance(stage, graph.PerStepLayer)
+            and isinstance(inner, (keras.layers.Dense, keras.layers.Conv2D)))
+
+
+def _between(stage):
+    return isinstance(stage, graph.PerStepLayer) and isinstance(stage.inner, _BETWEEN)
+
+
+def postsynaptic_neurons(model, synapse, who="STDP"):
+    """The neuron layer whose spikes are the postsynaptic activity of ``synapse`` in ``model``.
+
+    ``model`` is parsed by ``kspike.graph.parse``; the answer is the first
+    ``kspike.IFNeurons``/``kspike.LIFNeurons`` layer after ``synapse`` (a Dense/Conv2D layer, or
+    its TimeDistributed/FoldTime wrapper), with only BatchNormalization, Dropout or Identity
+    layers in between (they keep the synapse's output shape).
+
+    Returns:
+        (synapse_layer, neuron_layer): the model's layer holding the synapse (the wrapper if
+        it is wrapped; its input is the presynaptic activity) and the neuron layer.
+
+    Raises:
+        ValueError: ``synapse`` is not a layer of the chain, or is not followed by a neuron
+            layer (the message names the layer found instead).
+
+    Example:
+
+    >>> import keras, kspike
+    >>> conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+    >>> model = keras.Sequential([keras.Input((8, 12, 12, 1)), kspike.FoldTime(conv),
+    ...                           kspike.IFNeurons(name="if1")])
+    >>> kspike.learning.stdp.postsynaptic_neurons(model, conv)[1].name
+    'if1'
+    """
+    stages = graph.parse(model, who)
+    index = _synapse_index(stages, synapse)
+    if index is None:
+        raise ValueError(f"{who}: the synapse {graph.describe(synapse)} is not a layer of the "
+                         f"chain of model {model.name!r}.")
+    for stage in stages[index + 1:]:
+        if isinstance(stage, graph.NeuronLayer):
+            return stages[index].layer, stage.layer
+        if not _between(stage):
+            raise ValueError(f"{who}: the synapse {graph.describe(synapse)} is followed by "
+                             f"{graph.describe(stage.layer)} before any neuron layer; the "
+                             f"postsynaptic spikes come from {_NEURONS} right after the synapse "
+                             "(only BatchNormalization, Dropout or Identity in between), or "
+                             "pass `neurons=` explicitly.")
+    raise ValueError(f"{who}: the synapse {graph.describe(synapse)} is not followed by "
+                     f"{_NEURONS} in model {model.name!r}; pass `neurons=` explicitly.")
+
+
+def _check_preceded(model, synapse, neurons, who="STDP"):
+    """A neuron layer given as ``neurons`` must be preceded by ``synapse`` (parser)."""
+    try:
+        stages = graph.parse(model, who)
+    except ValueError:
+        return None            # not a chain: the layers' own tensors are read as given
+    position = next((i for i, s in enumerate(stages) if s.layer is neurons), None)
+    if position is None:
+        return None
+    for stage in reversed(stages[:position]):
+        if _between(stage):
+            continue
+        if stage.layer is synapse or getattr(stage, "inner", None) is synapse:
+            return stage.layer
+        if _is_synapse_stage(stage):
+            raise ValueError(f"{who}: the neuron {graph.describe(neurons)} is preceded by the "
+                             f"synapse {graph.describe(stage.layer)}, not by the `synapse` "
+                             f"{graph.describe(synapse)}.")
+        break
+    raise ValueError(f"{who}: the neuron {graph.describe(neurons)} is not preceded by a "
+                     "synapse (a Dense or Conv2D layer, only BatchNormalization, Dropout or "
+                     "Identity in between), so it cannot be the postsynaptic side of "
+                     f"{graph.describe(synapse)}.")
+
+
 # ----------------------------------------------------------------------------- the rule
 class STDP(LearningRule):
     """Trace STDP of one synapse layer, SpikingJelly ``STDPLearner`` semantics.
@@ -304,7 +414,8 @@ class STDP(LearningRule):
             ``keras.layers.Conv2D`` (optionally inside ``TimeDistributed``), or a kspike cell /
             an RNN layer wrapping one. May be None for the functional helpers only.
         neurons: for Dense/Conv2D, the layer whose output spikes are the postsynaptic activity
-            (same shape as the synapse's output). None for cells.
+            (same shape as the synapse's output); None: the neuron layer that follows the
+            synapse in the model (``postsynaptic_neurons``). None for cells.
         kernels: for cells, "all" (input and recurrent), "input" or "recurrent".
 
     Use:
@@ -506,9 +617,17 @@ class STDP(LearningRule):
                     raise ValueError(f"The cell {syn.cell.name!r} is run by {len(wrappers)} "
                                      "layers of the model; pass the RNN layer as `synapse`.")
                 layer = wrappers[0]
+            post_layer = layer
+            if syn.kind != "cell":
+                if syn.neurons is None:
+                    layer, post_layer = postsynaptic_neurons(model, syn.layer)
+                else:
+                    post_layer = syn.neurons
+                    if graph.is_neuron_layer(post_layer):
+                        layer = _check_preceded(model, syn.layer, post_layer) or layer
             try:
                 pre = layer.input
-                post = (layer if syn.kind == "cell" else syn.neurons).output
+                post = post_layer.output
                 inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
                 probe = keras.Model(inputs, [pre, post] + list(tf.nest.flatten(model.outputs)))
             except (AttributeError, ValueError) as error:
@@ -530,6 +649,19 @@ class STDP(LearningRule):
         pre, post = self._check_pair(pre, post)
         changes = self._change(tf.stop_gradient(pre), tf.stop_gradient(post), {})
         return {id(var): tf.cast(self.scale * dw, var.dtype) for var, dw in changes.values()}
+
+    def activity_layers(self, model):
+        """(pre, post) symbolic tensors of ``model`` whose values are this rule's pre- and
+        postsynaptic activity (build one ``keras.Model`` reading several rules' activity)."""
+        probe = self._probe(model)
+        return probe.outputs[0], probe.outputs[1]
+
+    def batch_gradients(self, pre, post):
+        """[(-scale * dW, variable)] of one batch of activity (B, T, ...), traces from 0 (as
+        ``compute``; usable inside a ``tf.function``, unlike the streaming API)."""
+        changes = self._changes_for_batch(pre, post)
+        return [(-changes[id(var)], var) for _, var in self._need_synapse().kernels(
+            self.kernels)]
 
     def compute(self, model, x, y, loss, sample_weight=None, regularizers=(), training=True):
         """One batch: STDP kernels get -scale * dW as gradient, the rest backpropagation.
@@ -578,7 +710,7 @@ class STDP(LearningRule):
         def describe(f):
             if f is None:
                 return None
-            return repr(f) if isinstance(f, (SoftBoundPre, SoftBoundPost)) else getattr(
+            return repr(f) if isinstance(f, (SoftBoundPre, SoftBoundPost, Clamp)) else getattr(
                 f, "__name__", repr(f))
         return {"tau_pre": self.tau_pre, "tau_post": self.tau_post,
                 "f_pre": describe(self.f_pre), "f_post": describe(self.f_post),

@@ -21,7 +21,7 @@ from kspike.learning.base import RuleResult
 from kspike.learning.eprop import FeedbackRule
 from kspike.regularizers import SpikeRate, firing_rate_logs
 
-__all__ = ["STLLR", "stllr_secondary_activation"]
+__all__ = ["STLLR", "stllr_secondary_activation", "stllr_conv_secondary_activation"]
 
 _FEEDBACKS = ("bp", "dfa")
 
@@ -31,6 +31,12 @@ def stllr_secondary_activation(x):
     threshold x (dimensionless), same shape as ``x``."""
     d = 100.0 * tf.abs(x) + 1.0
     return 1.0 / (d * d)
+
+
+def stllr_conv_secondary_activation(x):
+    """S-TLLR's secondary activation of convolutional layers, psi = 0.3 max(0, 1 - |x|) of the
+    distance to threshold x, same shape as ``x``."""
+    return 0.3 * tf.nn.relu(1.0 - tf.abs(x))
 
 
 @keras.saving.register_keras_serializable(package="kspike")
@@ -61,7 +67,15 @@ class STLLR(FeedbackRule):
     a ``kspike.FiringRateRegularizer`` adds its per-spike gradient to L_t.
 
     Supported models: as ``kspike.learning.EProp`` (Input -> kspike spiking RNN layer(s) with
-    return_sequences=True -> kspike.LeakyReadout); anything else raises ValueError.
+    return_sequences=True -> kspike.LeakyReadout), and feed-forward / convolutional deep SNNs:
+    Dense and Conv2D synapses (bare, in TimeDistributed or kspike.FoldTime) each followed by a
+    ``kspike.IFNeurons``/``kspike.LIFNeurons`` layer, with BatchNormalization, pooling,
+    Flatten and Reshape layers, a Dense readout and optionally the mean over time
+    (docs/stllr.md, "Feed-forward and convolutional deep SNNs"). There the traces have the
+    shapes of each synapse's input and of its neurons, psi is by default the seed's function of
+    the layer type (``stllr_secondary_activation`` after a Dense,
+    ``stllr_conv_secondary_activation`` after a Conv2D) of H_t - V_th, and ``last_steps`` must
+    not exceed T. Anything else raises ValueError naming the layer.
 
     Scale of the updates: the spiking layers' updates are much smaller than BPTT's gradient
     (no propagation through time, and the paper's psi is ~1e-4 one threshold away from
@@ -93,6 +107,19 @@ class STLLR(FeedbackRule):
     >>> [tuple(g.shape) for g in grads]          # aligned with model.trainable_variables
     [(5, 8), (8, 8), (8, 2), (2,)]
     >>> keras.optimizers.Adam(1e-3).apply(grads, model.trainable_variables)
+
+    A convolutional deep SNN (T = 4 steps of 8x8 images):
+
+    >>> conv = keras.Sequential([keras.Input((4, 8, 8, 1)),
+    ...     kspike.FoldTime(keras.layers.Conv2D(4, 3, padding="same", use_bias=False)),
+    ...     kspike.LIFNeurons(), kspike.FoldTime(keras.layers.MaxPooling2D()),
+    ...     kspike.FoldTime(keras.layers.Flatten()), kspike.FoldTime(keras.layers.Dense(3)),
+    ...     keras.layers.GlobalAveragePooling1D()])
+    >>> images = rng.random((2, 4, 8, 8, 1)).astype("float32") * 3
+    >>> rule = kspike.learning.STLLR(last_steps=2)
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    >>> [tuple(g.shape) for g in rule.gradients(conv, images, np.array([0, 2]), loss)]
+    [(3, 3, 1, 4), (64, 3), (3,)]
     """
 
     name = "stllr"
@@ -138,6 +165,194 @@ class STLLR(FeedbackRule):
     def from_config(cls, config):
         return cls(**config)
 
+    # ------------------------------------------------------------------ dispatch
+    def check_model(self, model):
+        """The plan of ``model``: a recurrent chain (``online.check_chain``) or, when it has
+        kspike IF/LIF neuron layers, a feed-forward deep SNN (``online.check_feedforward``);
+        raises ValueError naming the first unsupported layer."""
+        if isinstance(model, keras.Model) and online_rules.has_neuron_layers(model):
+            return online_rules.check_feedforward(model, type(self).__name__)
+        return super().check_model(model)
+
+    def _check_inputs(self, plan, x):
+        if not isinstance(plan, online_rules.FeedForwardPlan):
+            super()._check_inputs(plan, x)
+            if self.last_steps is not None:
+                steps = getattr(x, "shape", (None, None))[1]
+                if steps is not None and self.last_steps > steps:
+                    raise ValueError(f"`last_steps`={self.last_steps} is larger than the "
+                                     f"{steps} time steps of `x`; use at most T = {steps}.")
+            return
+        shape = getattr(x, "shape", None)
+        expected = (None,) + tuple(plan.input_shape)
+        if shape is None or len(shape) != len(expected) or any(
+                e is not None and d is not None and d != e
+                for d, e in zip(tuple(shape)[1:], expected[1:])):
+            raise ValueError(f"`x` must have shape {expected} (batch, time, *features), "
+                             f"received {None if shape is None else tuple(shape)}.")
+        steps = shape[1] if shape[1] is not None else plan.steps
+        if steps is None:
+            raise ValueError("STLLR on a feed-forward deep SNN needs a static number of time "
+                             f"steps: `x` of shape {tuple(shape)} and a model input of shape "
+                             f"{expected} leave T unknown.")
+        if self.last_steps is not None and self.last_steps > steps:
+            raise ValueError(f"`last_steps`={self.last_steps} is larger than the {steps} time "
+                             f"steps of `x`; use at most T = {steps}.")
+
+    def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
+        if isinstance(plan, online_rules.FeedForwardPlan):
+            return self._compute_feedforward(plan, model, x, y, loss, sample_weight,
+                                             regularizers, training)
+        return self._compute_recurrent(plan, model, x, y, loss, sample_weight, regularizers,
+                                       training)
+
+    # ------------------------------------------------------------------ feed-forward deep SNNs
+    def _node_psi(self, x, synapse_layer, params):
+        """psi of a neuron layer at the distance to threshold x = H_t - V_th."""
+        if self.secondary_activation == "surrogate":
+            return params.spike_function.pseudo_derivative(x)
+        if self.secondary_activation is not None:
+            return tf.cast(self.secondary_activation(x), x.dtype)
+        if isinstance(synapse_layer, keras.layers.Conv2D):
+            return stllr_conv_secondary_activation(x)
+        return stllr_secondary_activation(x)
+
+    @tf.autograph.experimental.do_not_convert
+    def _compute_feedforward(self, plan, model, x, y, loss, sample_weight, regularizers,
+                             training):
+        if regularizers:
+            raise ValueError("STLLR on a feed-forward deep SNN takes no regularizers, received "
+                             f"{list(regularizers)!r}.")
+        dtype = plan.dtype
+        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
+        x = tf.cast(x, dtype)
+        steps = x.shape[1] or plan.steps
+        first_update = 0 if self.last_steps is None else steps - self.last_steps
+        ops = plan.ops
+        synapses = [i for i, op in enumerate(ops) if op.kind == "synapse"]
+        neurons = [i for i, op in enumerate(ops) if op.kind == "neuron"]
+        batch_norms = [i for i, op in enumerate(ops)
+                       if isinstance(op.fn, keras.layers.BatchNormalization)]
+
+        # Pass 1: the outputs only (no tape), for the loss and dE/dy.
+        voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
+        outputs, stats = [], {i: [] for i in batch_norms}
+        spike_means = [tf.constant(0.0, dtype) for _ in neurons]
+        for t in range(steps):
+            step_stats = {}
+            records = {}
+            y_t, voltages = online_rules.feedforward_step(plan, x[:, t], voltages, training,
+                                                          False, records, step_stats)
+            for i, value in step_stats.items():
+                stats[i].append(value)
+            for k, i in enumerate(neurons):
+                spike_means[k] = spike_means[k] + tf.reduce_mean(
+                    records[ops[i].synapse]["spikes"]) / steps
+            outputs.append(y_t)
+        if plan.time_average:
+            predictions = tf.add_n(outputs) / steps
+        else:
+            predictions = tf.stack(outputs, axis=1)
+        del outputs
+        task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
+        if training:
+            for i in batch_norms:
+                means, variances = zip(*stats[i])
+                online_rules.update_batch_norm_moving(ops[i].fn, tf.add_n(means) / steps,
+                                                      tf.add_n(variances) / steps)
+        feedback = None
+        if self.feedback == "dfa":
+            n_out = int(predictions.shape[-1])
+            shapes = [(n_out, int(np.prod(ops[i].layer.output.shape[2:]))) for i in neurons]
+            feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
+
+        readout_vars = [v for op in ops if op.kind == "readout" for v in op.fn.trainable_variables]
+        layer_vars = [v for op in ops if op.kind == "layer" for v in op.fn.trainable_variables]
+        totals = {}
+
+        def add(var, grad):
+            if grad is None:
+                return
+            key = id(var)
+            grad = tf.cast(grad, var.dtype)
+            totals[key] = grad if key not in totals else totals[key] + grad
+
+        # Pass 2: the traces and the per-step learning signals.
+        voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
+        trace_pre = {i: None for i in synapses}
+        trace_post = {i: None for i in synapses}
+        trace_one = 0.0
+        for t in range(steps):
+            err_t = error / steps if plan.time_average else error[:, t]
+            err_t = tf.stop_gradient(tf.cast(err_t, dtype))
+            active = t >= first_update
+            records = {}
+            with tf.GradientTape(persistent=True) as tape:
+                y_t, new_voltages = online_rules.feedforward_step(plan, x[:, t], voltages,
+                                                                  training, True, records)
+                objective = tf.reduce_sum(tf.cast(y_t, dtype) * err_t)
+            for var, g in zip(readout_vars, tape.gradient(objective, readout_vars)):
+                add(var, g)
+            if active and layer_vars:
+                for var, g in zip(layer_vars, tape.gradient(objective, layer_vars)):
+                    add(var, g)
+            if self.feedback == "dfa":
+                signals = {ops[i].synapse: tf.reshape(
+                    tf.matmul(err_t, feedback[k]), tf.shape(records[ops[i].synapse]["spikes"]))
+                    for k, i in enumerate(neurons)}
+            elif active:
+                spikes = [records[i]["spikes"] for i in synapses]
+                grads = tape.gradient(objective, spikes)
+                signals = {i: tf.zeros_like(s) if g is None else g
+                           for i, s, g in zip(synapses, spikes, grads)}
+            trace_one = lambda_pre * trace_one + 1.0
+            for i in synapses:
+                op = ops[i]
+                rec = records[i]
+                neuron = next(ops[j] for j in neurons if ops[j].synapse == i)
+                params = neuron.layer.parameters
+                psi = tf.stop_gradient(self._node_psi(rec["h"] - params.thr, op.fn, params))
+                pre = tf.stop_gradient(rec["pre"])
+                trace_pre[i] = pre if trace_pre[i] is None else lambda_pre * trace_pre[i] + pre
+                if active:
+                    signal = tf.stop_gradient(signals[i])
+                    g_pre = alpha_pre * psi * signal
+                    delta_pre = tape.gradient(rec["current"], rec["out"], output_gradients=g_pre)
+                    with tf.GradientTape() as kernel_tape:
+                        traced = op.fn(trace_pre[i])
+                    add(op.fn.kernel, kernel_tape.gradient(traced, op.fn.kernel,
+                                                           output_gradients=delta_pre))
+                    axes = list(range(delta_pre.shape.rank - 1))
+                    bias = trace_one * tf.reduce_sum(delta_pre, axes)
+                    if trace_post[i] is not None and alpha_post != 0.0:
+                        g_post = alpha_post * trace_post[i] * signal
+                        delta_post = tape.gradient(rec["current"], rec["out"],
+                                                   output_gradients=g_post)
+                        add(op.fn.kernel, tape.gradient(rec["out"], op.fn.kernel,
+                                                        output_gradients=delta_post))
+                        bias = bias + tf.reduce_sum(delta_post, axes)
+                    if op.fn.use_bias:
+                        add(op.fn.bias, bias)
+                trace_post[i] = psi if trace_post[i] is None else (lambda_post * trace_post[i]
+                                                                   + psi)
+            del tape
+            voltages = [tf.stop_gradient(v) for v in new_voltages]
+
+        total = tf.cast(task_loss, dtype)
+        weight_losses = model.losses
+        if weight_losses:
+            with tf.GradientTape() as tape:
+                weight_loss = online_rules.model_weight_losses(model)
+            variables = model.trainable_variables
+            for var, g in zip(variables, tape.gradient(weight_loss, variables)):
+                add(var, g)
+            total = total + tf.cast(weight_loss, dtype)
+        gradients = [totals.get(id(v)) for v in model.trainable_variables]
+        logs = {f"spikes_per_step/{ops[i].layer.name}": tf.cast(m, tf.float32)
+                for i, m in zip(neurons, spike_means)}
+        return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=logs)
+
+    # ------------------------------------------------------------------ recurrent chains
     def _psi(self, state, A, params, allowed):
         if self.secondary_activation == "surrogate":
             return dynamics.spike_pseudo_derivative(state.v, A, params, allowed)
@@ -148,7 +363,8 @@ class STLLR(FeedbackRule):
         return psi
 
     @tf.autograph.experimental.do_not_convert
-    def _compute(self, plan, model, x, y, loss, sample_weight, regularizers, training):
+    def _compute_recurrent(self, plan, model, x, y, loss, sample_weight, regularizers,
+                           training):
         dtype = plan.dtype
         tape, weights, readout, weight_loss = online_rules.watched_weights(plan, model)
         feedback = None
