@@ -282,6 +282,10 @@ def why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile=False,
     fails, with its value; it does not say whether the loops compile (see
     ``kspike.native.unavailable_reason``). See docs/engine.md.
     """
+    n_delay = getattr(cell, "n_delay", 1)
+    if n_delay > 1:
+        return (f"the cell has synaptic delays (n_delay={n_delay}; the native and fused "
+                f"loops have no future-current buffer, Keras' generic RNN loop runs)")
     for role, dtype in (("state dtype", state_dtype), ("compute dtype of the matmuls",
                                                        compute_dtype)):
         if tf.as_dtype(dtype) != tf.float32:
@@ -839,6 +843,10 @@ class SpikingRNN(keras.layers.RNN):
         return _is_specialised(self.cell) and not self.unroll
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        if self.native is True and getattr(self.cell, "delayed", False):
+            raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
+                             f"call: {why_not_native(self.cell, 'float32', 'float32', False)}"
+                             f". Use native='auto' to fall back to the TensorFlow loop.")
         if not self.specialised:
             return super().inner_loop(sequences, initial_state, mask, training=training)
         cell = self.cell
