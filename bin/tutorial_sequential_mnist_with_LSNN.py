@@ -112,6 +112,11 @@ def parse_args(argv=None):
                         help="sign of the cue channel's synapses under Dale's law: excitatory, "
                              "or drawn like the other channels (LSNN: random, excitatory with "
                              "probability 0.75; an inhibitory cue slows learning ~2x)")
+    parser.add_argument("--n-delay", type=int, default=1,
+                        help="LSNN's synaptic delays: a random delay of 0..n_delay-1 steps per "
+                             "input and recurrent synapse (LSNN's tutorial: 10). Delayed cells "
+                             "run Keras' generic RNN loop, ~15x slower per iteration than "
+                             "the native loop (bin/bench_delays.py, docs/engine.md)")
     parser.add_argument("--dampening-factor", type=float, default=0.3,
                         help="peak of the triangular pseudo-derivative")
     parser.add_argument("--learning-rate", type=float, default=None,
@@ -283,7 +288,8 @@ def build_model(args):
                        tau_adaptation=args.tau_adaptation, beta=args.beta, thr=args.thr,
                        n_refractory=args.n_refractory, dampening_factor=args.dampening_factor,
                        connectivity=args.connectivity if sparse else None,
-                       dale=args.excitatory if sparse else None, seed=args.seed)
+                       dale=args.excitatory if sparse else None, seed=args.seed,
+                       n_delay=args.n_delay)
     inputs = keras.Input((None, 80))
     spikes = kspike.SpikingRNN(cell, return_sequences=True, name="lsnn",
                                jit_compile=args.xla)(inputs)
@@ -399,9 +405,14 @@ def main(argv=None):
     x, y = next(iter(test_ds.take(1)))
     activity = utils.ActivityProbe(model)(x[:1])
     probabilities = utils.softmax(activity["y"][0])
+    colors = None
+    cell = model.get_layer("lsnn").cell
+    if "recurrent" in cell.rewired_kernels:
+        # LSNN's colours: excitatory neurons black, inhibitory red.
+        colors = plotting.dale_colors(cell.rewired_kernels["recurrent"].sign.numpy()[:, 0])
     fig = plotting.activity_figure(
         x[0].numpy(), activity["z"][0], thresholds=activity["A"][0], outputs=probabilities,
-        n_regular=args.n_regular, output_labels=list(range(10)),
+        n_regular=args.n_regular, output_labels=list(range(10)), neuron_colors=colors,
         title=f"sequential MNIST, label {int(y[0])}, predicted "
               f"{int(np.argmax(probabilities[-args.readout_window:].mean(0)))}")
     written = plotting.save_figure(fig, os.path.join(out, "lsnn_activity"))

@@ -4,6 +4,7 @@ The cells are thin shells: they hold the parameters and weights and call
 ``kspike.dynamics.neuron_step`` once per time step. Use them inside ``keras.layers.RNN`` (or the
 faster ``kspike.SpikingRNN``) like any Keras cell.
 """
+import contextlib
 import math
 import types
 
@@ -160,6 +161,7 @@ class SpikingCell(keras.layers.Layer):
         self._rewired = {}
         self._input_delays = None
         self._recurrent_delays = None
+        self._fixed_kernels = None
 
     def _initializer(self, identifier, offset):
         if identifier is None:
@@ -355,6 +357,30 @@ class SpikingCell(keras.layers.Layer):
         bias = None if self.bias is None else tf.cast(self.bias, dtype)
         return w_in, w_rec, bias
 
+    def step_kernels(self, dtype=None):
+        """(W_in, W_rec, bias) as ``call`` uses them in ``dtype`` (default the compute dtype):
+        ``effective_kernels``, widened by ``kspike.dynamics.delay_kernel`` to (n_pre,
+        n_delay * units) for a delayed cell."""
+        dtype = dtype or keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
+        w_in, w_rec, bias = self.effective_kernels(dtype)
+        if self.delayed:
+            w_in = dynamics.delay_kernel(w_in, self._input_delays, self.n_delay)
+            if w_rec is not None:
+                w_rec = dynamics.delay_kernel(w_rec, self._recurrent_delays, self.n_delay)
+        return w_in, w_rec, bias
+
+    @contextlib.contextmanager
+    def fixed_kernels(self):
+        """Within this context ``call`` reuses the kernels of ``step_kernels`` computed once
+        on entering it, instead of recomputing them at every step (the same values and
+        gradients). ``kspike.SpikingRNN`` runs the time loop of a delayed cell in it."""
+        previous = self._fixed_kernels
+        self._fixed_kernels = self.step_kernels()
+        try:
+            yield self._fixed_kernels
+        finally:
+            self._fixed_kernels = previous
+
     def parameters(self, dtype=None):
         """``kspike.dynamics.NeuronParameters`` of this cell (beta as a constant tensor)."""
         return dynamics.NeuronParameters(alpha=self.alpha, rho=0.0, thr=self.thr, beta=None,
@@ -424,12 +450,12 @@ class SpikingCell(keras.layers.Layer):
             raise ValueError(f"{type(self).__name__} was built for {self.input_dim} input "
                              f"features, received inputs of shape {tuple(x.shape)}.")
         compute = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
-        w_in, w_rec, bias = self.effective_kernels(compute)
-        if self.delayed:
-            # LSNN's future-current buffer (docs/neurons.md, "Synaptic delays").
-            w_in = dynamics.delay_kernel(w_in, self._input_delays, self.n_delay)
-            if w_rec is not None:
-                w_rec = dynamics.delay_kernel(w_rec, self._recurrent_delays, self.n_delay)
+        if self._fixed_kernels is not None:
+            w_in, w_rec, bias = self._fixed_kernels
+        else:
+            # LSNN's future-current buffer for a delayed cell (docs/neurons.md, "Synaptic
+            # delays"): the kernels are widened to (n_pre, n_delay * units).
+            w_in, w_rec, bias = self.step_kernels(compute)
         current = tf.matmul(tf.cast(x, compute), w_in)
         if w_rec is not None:
             current = current + tf.matmul(tf.cast(state.z, compute), w_rec)

@@ -848,6 +848,12 @@ class SpikingRNN(keras.layers.RNN):
                              f"call: {why_not_native(self.cell, 'float32', 'float32', False)}"
                              f". Use native='auto' to fall back to the TensorFlow loop.")
         if not self.specialised:
+            if getattr(self.cell, "delayed", False) and graph.is_spiking_cell(self.cell):
+                # Keras' loop over cell.call, with the widened delay kernels computed once
+                # per sequence rather than at every step (docs/engine.md).
+                with self.cell.fixed_kernels():
+                    return super().inner_loop(sequences, initial_state, mask,
+                                              training=training)
             return super().inner_loop(sequences, initial_state, mask, training=training)
         cell = self.cell
         sequences, states = self._checked_inputs(sequences, initial_state)
