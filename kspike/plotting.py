@@ -286,7 +286,7 @@ def learning_curve(history, keys=None, ax=None, steps=None, xlabel=None, log=Fal
 def dale_colors(signs, excitatory="black", inhibitory="red"):
     """One colour per neuron from its sign under Dale's law (+1 excitatory, -1 inhibitory), as
     LSNN's figures draw them: excitatory black, inhibitory red. ``signs``: (n,) array."""
-    signs = _array("signs", signs).reshape(-1)
+    signs = _array("signs", signs, ndim=1)
     return [excitatory if s > 0 else inhibitory for s in signs]
 
 
