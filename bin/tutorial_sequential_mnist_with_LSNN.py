@@ -14,9 +14,12 @@ neurons (LIF neurons) are the inhibitory ones, and the readout is sparse and rew
 recurrent neurons' signs. One deliberate difference: the cue channel is always excitatory
 (``--cue-sign``); LSNN draws its sign like any input channel, and with seed 0 (whose random draw
 makes the cue inhibitory) test accuracy was 19% after 100 iterations and 33% after 200, against
-47% and 59% with an excitatory cue. Not reproduced (kspike's neuron
-equations, docs/neurons.md): LSNN's random synaptic delays of 1-10 ms (``n_delay=10``)
-and its one-step lag of the spike behind the voltage.
+47% and 59% with an excitatory cue. LSNN's random synaptic delays (``n_delay=10``: 0-9 extra
+steps per synapse) are ``--n-delay 10`` (docs/neurons.md), off by default because delayed cells
+run Keras' generic RNN loop, ~15x slower per iteration than the native loop
+(``bin/bench_delays.py``). Not reproduced (kspike's neuron equations, docs/neurons.md): LSNN's
+one-step lag of the spike behind the voltage. The activity figure draws excitatory neurons
+black and inhibitory ones red, as LSNN's.
 
 LSNN's reference curve: ~40% test accuracy after 100 iterations, ~60% after 200, >90% after
 20-30k, up to 96% after 36k. This script with its defaults (seed 0): 47% after 100 iterations,

@@ -53,7 +53,8 @@ neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than 
 product at every spike rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``): the
 gather costs more ops per step, which is what dominates there, and not in the native loop.
 
-Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
+Cells that are not kspike cells (or kspike cells whose ``call`` is overridden), cells with
+synaptic delays (``n_delay`` > 1: no backend carries the future-current buffer) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
@@ -749,7 +750,9 @@ class SpikingRNN(keras.layers.RNN):
     hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
     those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
     inputs, weights and initial states agree to float rounding. Any other cell, or
-    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop.
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop; so do cells with synaptic
+    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (~15x the
+    native loop's step time on the sMNIST LSNN, docs/engine.md).
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
