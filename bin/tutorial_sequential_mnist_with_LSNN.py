@@ -16,7 +16,7 @@ recurrent neurons' signs. One deliberate difference: the cue channel is always e
 makes the cue inhibitory) test accuracy was 19% after 100 iterations and 33% after 200, against
 47% and 59% with an excitatory cue. LSNN's random synaptic delays (``n_delay=10``: 0-9 extra
 steps per synapse) are ``--n-delay 10`` (docs/neurons.md), off by default because delayed cells
-run Keras' generic RNN loop, ~15x slower per iteration than the native loop
+run Keras' generic RNN loop, 11-15x slower per iteration than the native loop
 (``bin/bench_delays.py``). Not reproduced (kspike's neuron equations, docs/neurons.md): LSNN's
 one-step lag of the spike behind the voltage. The activity figure draws excitatory neurons
 black and inhibitory ones red, as LSNN's.
@@ -118,7 +118,7 @@ def parse_args(argv=None):
     parser.add_argument("--n-delay", type=int, default=1,
                         help="LSNN's synaptic delays: a random delay of 0..n_delay-1 steps per "
                              "input and recurrent synapse (LSNN's tutorial: 10). Delayed cells "
-                             "run Keras' generic RNN loop, ~15x slower per iteration than "
+                             "run Keras' generic RNN loop, 11-15x slower per iteration than "
                              "the native loop (bin/bench_delays.py, docs/engine.md)")
     parser.add_argument("--dampening-factor", type=float, default=0.3,
                         help="peak of the triangular pseudo-derivative")

@@ -751,7 +751,7 @@ class SpikingRNN(keras.layers.RNN):
     those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
     inputs, weights and initial states agree to float rounding. Any other cell, or
     ``unroll=True``, runs the generic ``keras.layers.RNN`` loop; so do cells with synaptic
-    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (~15x the
+    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (11-15x the
     native loop's step time on the sMNIST LSNN, docs/engine.md).
 
     Args:
