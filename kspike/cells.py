@@ -415,8 +415,8 @@ class SpikingCell(keras.layers.Layer):
         ``state_names``."""
         if len(states) != len(self.state_names):
             raise ValueError(f"{type(self).__name__} expects {len(self.state_names)} states "
-                             f"{self.state_names}, each (batch, size) with sizes {self.state_size}; received "
-                             f"{len(states)}.")
+                             f"{self.state_names}, each (batch, size) with sizes "
+                             f"{self.state_size}; received {len(states)}.")
         for name, size, s in zip(self.state_names, self.state_size, states):
             if s.shape.rank != 2 or (s.shape[-1] is not None and s.shape[-1] != size):
                 raise ValueError(f"State `{name}` of {type(self).__name__} must have shape "
