@@ -154,12 +154,12 @@ def test_delayed_gradients_match_finite_differences_of_smooth_network():
 
 
 def test_spiking_rnn_runs_delayed_cells_like_keras_rnn(rng):
-    x = tf.constant(_spike_inputs(rng, (3, 60, 5)), "float32")
+    x = tf.constant(_spike_inputs(rng, (3, 40, 5)), "float32")
     results = []
     for rnn in (keras.layers.RNN, kspike.SpikingRNN):
         cell = kspike.ALIF(12, n_adaptive=6, thr=0.02, n_refractory=2, n_delay=6, seed=9,
                            connectivity=0.5, dale=0.8)
-        model = keras.Sequential([keras.Input((60, 5)), rnn(cell, return_sequences=True),
+        model = keras.Sequential([keras.Input((40, 5)), rnn(cell, return_sequences=True),
                                   kspike.LeakyReadout(2, seed=1)])
 
         @tf.function
@@ -191,7 +191,7 @@ def _delayed_model(steps=None):
 
 def test_keras_round_trip_keeps_the_delays(tmp_path, rng):
     model = _delayed_model()      # no seed: the delays must come from the file
-    x = _spike_inputs(rng, (2, 40, 4)).astype("float32")
+    x = _spike_inputs(rng, (2, 30, 4)).astype("float32")
     y = model(x).numpy()
     path = tmp_path / "delayed.keras"
     model.save(path)
@@ -203,25 +203,20 @@ def test_keras_round_trip_keeps_the_delays(tmp_path, rng):
     np.testing.assert_array_equal(loaded_cell.recurrent_delays, cell.recurrent_delays)
     assert cell.input_delays.any()
     np.testing.assert_array_equal(loaded(x).numpy(), y)
-    # One DEEP R step trains the rewired kernels and leaves the delays alone.
-    optimizer = kspike.DeepR(keras.optimizers.Adam(1e-2), l1=1e-3)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(loaded(x) ** 2)
-    variables = loaded.trainable_variables
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-    np.testing.assert_array_equal(loaded_cell.input_delays, cell.input_delays)
-    assert not any("delays" in v.name for v in variables)
+    # The delays are weights, never trained (DEEP R trains only the magnitudes).
+    assert not any("delays" in v.name for v in loaded.trainable_variables)
+    assert {"input_delays", "recurrent_delays"} <= {v.name for v in loaded.non_trainable_variables}
 
 
 def test_export_step_streams_like_serve_with_the_buffer_in_the_state(tmp_path, rng):
-    model = _delayed_model(steps=20)
-    x = _spike_inputs(rng, (3, 20, 4)).astype("float32")
+    model = _delayed_model(steps=12)
+    x = _spike_inputs(rng, (3, 12, 4)).astype("float32")
     live = model(x).numpy()
     loaded = tf.saved_model.load(export.saved_model(model, tmp_path / "delayed"))
     np.testing.assert_allclose(loaded.serve(x).numpy(), live, rtol=0, atol=1e-6)
     states = loaded.initial_state(tf.constant(3))
     outputs = []
-    for t in range(20):
+    for t in range(12):
         y_t, states = loaded.step(x[:, t], states)
         outputs.append(y_t.numpy())
     np.testing.assert_allclose(np.stack(outputs, 1), live, rtol=1e-5, atol=1e-6)
