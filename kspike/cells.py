@@ -4,6 +4,7 @@ The cells are thin shells: they hold the parameters and weights and call
 ``kspike.dynamics.neuron_step`` once per time step. Use them inside ``keras.layers.RNN`` (or the
 faster ``kspike.SpikingRNN``) like any Keras cell.
 """
+import contextlib
 import math
 import types
 
@@ -84,7 +85,7 @@ class SpikingCell(keras.layers.Layer):
 
     def __init__(self, units, tau=20.0, thr=0.01, dt=1.0, n_refractory=0, dampening_factor=0.3,
                  surrogate="triangular", recurrent=True, connectivity=None, dale=None,
-                 output="spikes", seed=None, use_bias=False,
+                 output="spikes", seed=None, n_delay=1, use_bias=False,
                  input_initializer=None, recurrent_initializer=None, bias_initializer="zeros",
                  input_regularizer=None, recurrent_regularizer=None, bias_regularizer=None,
                  input_constraint=None, recurrent_constraint=None, bias_constraint=None,
@@ -142,6 +143,7 @@ class SpikingCell(keras.layers.Layer):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise TypeError(f"`seed` must be an integer or None, received {seed!r}.")
         self.seed = None if seed is None else int(seed)
+        self.n_delay = check_positive("n_delay", n_delay, integer=True)
         self.use_bias = bool(use_bias)
         self.input_initializer = self._initializer(input_initializer, 0)
         self.recurrent_initializer = self._initializer(recurrent_initializer, 1)
@@ -157,6 +159,9 @@ class SpikingCell(keras.layers.Layer):
         self._recurrent_kernel = None
         self.bias = None
         self._rewired = {}
+        self._input_delays = None
+        self._recurrent_delays = None
+        self._fixed_kernels = None
 
     def _initializer(self, identifier, offset):
         if identifier is None:
@@ -199,12 +204,44 @@ class SpikingCell(keras.layers.Layer):
         return types.MappingProxyType(self._rewired)
 
     @property
+    def delayed(self):
+        """True if the synapses have delays (``n_delay`` > 1): the state then ends with the
+        future-current buffer ``i_future``."""
+        return self.n_delay > 1
+
+    @property
     def state_names(self):
-        return ("v", "b", "z", "r") if self._adaptive else ("v", "z", "r")
+        names = ("v", "b", "z", "r") if self._adaptive else ("v", "z", "r")
+        return names + ("i_future",) if self.delayed else names
 
     @property
     def state_size(self):
-        return [self.units] * len(self.state_names)
+        return [self.units * self.n_delay if name == "i_future" else self.units
+                for name in self.state_names]
+
+    @property
+    def input_delays(self):
+        """Read-only (n_in, units) int32 NumPy array of the input synapses' delay indices in
+        {0, ..., n_delay - 1} (all 0 for ``n_delay=1``); None before ``build``."""
+        return self._delays(self._input_delays, getattr(self, "input_dim", None))
+
+    @property
+    def recurrent_delays(self):
+        """Read-only (units, units) int32 NumPy array of the recurrent synapses' delay indices
+        (all 0 for ``n_delay=1``); None before ``build`` or without recurrence."""
+        if not self.recurrent:
+            return None
+        return self._delays(self._recurrent_delays, self.units if self.built else None)
+
+    def _delays(self, variable, n_pre):
+        if n_pre is None:
+            return None
+        if variable is None:
+            values = np.zeros((n_pre, self.units), np.int32)
+        else:
+            values = np.array(keras.ops.convert_to_numpy(variable), np.int32)
+        values.setflags(write=False)
+        return values
 
     @property
     def output_size(self):
@@ -273,12 +310,32 @@ class SpikingCell(keras.layers.Layer):
                     initializer=self._zero_diagonal_initializer,
                     regularizer=self.recurrent_regularizer,
                     constraint=ZeroDiagonal(self.recurrent_constraint))
+        if self.delayed:
+            # LSNN: one fixed, uniformly drawn delay index per synapse (non-trainable weights,
+            # so they are saved with the cell and restored by a .keras round trip).
+            self._input_delays = self.add_weight(
+                name="input_delays", shape=(self.input_dim, self.units), dtype="int32",
+                initializer=self._delay_initializer(5), trainable=False)
+            if self.recurrent:
+                self._recurrent_delays = self.add_weight(
+                    name="recurrent_delays", shape=(self.units, self.units), dtype="int32",
+                    initializer=self._delay_initializer(6), trainable=False)
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(self.units,),
                                         initializer=self.bias_initializer,
                                         regularizer=self.bias_regularizer,
                                         constraint=self.bias_constraint)
         self.built = True
+
+    def _delay_initializer(self, offset):
+        """Initializer drawing delay indices uniformly in {0, ..., n_delay - 1}: from
+        ``seed + offset`` when the cell has a seed, else from NumPy's global generator (seeded
+        by ``keras.utils.set_random_seed``)."""
+        def draw(shape, dtype=None):
+            rng = np.random if self.seed is None else np.random.RandomState(self.seed + offset)
+            values = rng.randint(0, self.n_delay, size=tuple(shape))
+            return tf.constant(values, dtype=dtype or "int32")
+        return draw
 
     def _zero_diagonal_initializer(self, shape, dtype=None):
         w = self.recurrent_initializer(shape, dtype=dtype)
@@ -300,6 +357,30 @@ class SpikingCell(keras.layers.Layer):
         bias = None if self.bias is None else tf.cast(self.bias, dtype)
         return w_in, w_rec, bias
 
+    def step_kernels(self, dtype=None):
+        """(W_in, W_rec, bias) as ``call`` uses them in ``dtype`` (default the compute dtype):
+        ``effective_kernels``, widened by ``kspike.dynamics.delay_kernel`` to (n_pre,
+        n_delay * units) for a delayed cell."""
+        dtype = dtype or keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
+        w_in, w_rec, bias = self.effective_kernels(dtype)
+        if self.delayed:
+            w_in = dynamics.delay_kernel(w_in, self._input_delays, self.n_delay)
+            if w_rec is not None:
+                w_rec = dynamics.delay_kernel(w_rec, self._recurrent_delays, self.n_delay)
+        return w_in, w_rec, bias
+
+    @contextlib.contextmanager
+    def fixed_kernels(self):
+        """Within this context ``call`` reuses the kernels of ``step_kernels`` computed once
+        on entering it, instead of recomputing them at every step (the same values and
+        gradients). ``kspike.SpikingRNN`` runs the time loop of a delayed cell in it."""
+        previous = self._fixed_kernels
+        self._fixed_kernels = self.step_kernels()
+        try:
+            yield self._fixed_kernels
+        finally:
+            self._fixed_kernels = previous
+
     def parameters(self, dtype=None):
         """``kspike.dynamics.NeuronParameters`` of this cell (beta as a constant tensor)."""
         return dynamics.NeuronParameters(alpha=self.alpha, rho=0.0, thr=self.thr, beta=None,
@@ -308,12 +389,15 @@ class SpikingCell(keras.layers.Layer):
 
     # ----------------------------------------------------------------- states
     def get_initial_state(self, batch_size=None):
-        """Zero states (v, [b,] z, r), each (batch_size, units) in the state dtype."""
-        return [tf.zeros((batch_size, self.units), dtype=self.state_dtype)
-                for _ in self.state_names]
+        """Zero states (v, [b,] z, r[, i_future]), each (batch_size, units) in the state dtype
+        (the future-current buffer of a delayed cell (batch_size, n_delay * units))."""
+        return [tf.zeros((batch_size, size), dtype=self.state_dtype)
+                for size in self.state_size]
 
     def pack_state(self, states):
-        """List of state tensors (Keras order) -> ``dynamics.NeuronState``."""
+        """List of state tensors (Keras order) -> ``dynamics.NeuronState`` (the buffer
+        ``i_future`` of a delayed cell, the last state, is not part of it)."""
+        states = list(states)[:4 if self._adaptive else 3]
         if self._adaptive:
             v, b, z, r = states
         else:
@@ -331,12 +415,12 @@ class SpikingCell(keras.layers.Layer):
         ``state_names``."""
         if len(states) != len(self.state_names):
             raise ValueError(f"{type(self).__name__} expects {len(self.state_names)} states "
-                             f"{self.state_names}, each (batch, {self.units}); received "
-                             f"{len(states)}.")
-        for name, s in zip(self.state_names, states):
-            if s.shape.rank != 2 or (s.shape[-1] is not None and s.shape[-1] != self.units):
+                             f"{self.state_names}, each (batch, size) with sizes "
+                             f"{self.state_size}; received {len(states)}.")
+        for name, size, s in zip(self.state_names, self.state_size, states):
+            if s.shape.rank != 2 or (s.shape[-1] is not None and s.shape[-1] != size):
                 raise ValueError(f"State `{name}` of {type(self).__name__} must have shape "
-                                 f"(batch, {self.units}), received {tuple(s.shape)}.")
+                                 f"(batch, {size}), received {tuple(s.shape)}.")
 
     # The fused engine (kspike.engine) still calls the old private name.
     _check_states = check_states
@@ -366,11 +450,19 @@ class SpikingCell(keras.layers.Layer):
             raise ValueError(f"{type(self).__name__} was built for {self.input_dim} input "
                              f"features, received inputs of shape {tuple(x.shape)}.")
         compute = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
-        w_in, w_rec, bias = self.effective_kernels(compute)
+        if self._fixed_kernels is not None:
+            w_in, w_rec, bias = self._fixed_kernels
+        else:
+            # LSNN's future-current buffer for a delayed cell (docs/neurons.md, "Synaptic
+            # delays"): the kernels are widened to (n_pre, n_delay * units).
+            w_in, w_rec, bias = self.step_kernels(compute)
         current = tf.matmul(tf.cast(x, compute), w_in)
         if w_rec is not None:
             current = current + tf.matmul(tf.cast(state.z, compute), w_rec)
         current = tf.cast(current, dtype)
+        if self.delayed:
+            current, buffer = dynamics.delayed_current(tf.cast(states[-1], dtype), current,
+                                                       self.units)
         if bias is not None:
             current = current + tf.cast(bias, dtype)
         new_state, A = dynamics.neuron_step(current, state, self.parameters(dtype))
@@ -379,7 +471,10 @@ class SpikingCell(keras.layers.Layer):
             # convert_to_tensor, not cast: a Python float thr (LIF) would pass through float32.
             A = tf.broadcast_to(tf.convert_to_tensor(A, dtype=dtype), tf.shape(new_state.v))
             output = tf.concat([new_state.z, new_state.v, A], axis=-1)
-        return tf.cast(output, compute), self.unpack_state(new_state)
+        new_states = self.unpack_state(new_state)
+        if self.delayed:
+            new_states.append(buffer)
+        return tf.cast(output, compute), new_states
 
     # ----------------------------------------------------------------- config
     def get_config(self):
@@ -396,6 +491,7 @@ class SpikingCell(keras.layers.Layer):
             "dale": self.dale,
             "output": self.output_mode,
             "seed": self.seed,
+            "n_delay": self.n_delay,
             "use_bias": self.use_bias,
             "input_initializer": initializers.serialize(self.input_initializer),
             "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
@@ -437,6 +533,11 @@ class LIF(SpikingCell):
         output: "spikes" emits z (B, units); "all" emits concat([z, v, A]) (B, 3 units), split
             with ``kspike.split_outputs``.
         seed: integer seed of the weight initialisers (and signs/masks of sparse kernels).
+        n_delay: synaptic delays as in LSNN (int >= 1): every input and recurrent synapse gets
+            a fixed random delay index in {0, ..., n_delay - 1} (``input_delays``,
+            ``recurrent_delays``) and its current arrives that many steps later, through a
+            future-current buffer state ``i_future`` (B, n_delay * units). 1: no delays
+            (docs/neurons.md, "Synaptic delays").
         use_bias: add a trainable bias to the input current.
         input_initializer, recurrent_initializer, bias_initializer: Keras initialisers
             (default N(0, 1) / sqrt(fan_in) for kernels, as in LSNN).
@@ -463,11 +564,11 @@ class LIF(SpikingCell):
 
     def __init__(self, units, tau=20.0, thr=0.03, dt=1.0, n_refractory=0, dampening_factor=0.3,
                  surrogate="triangular", recurrent=True, connectivity=None, dale=None,
-                 output="spikes", seed=None, **kwargs):
+                 output="spikes", seed=None, n_delay=1, **kwargs):
         super().__init__(units, tau=tau, thr=thr, dt=dt, n_refractory=n_refractory,
                          dampening_factor=dampening_factor, surrogate=surrogate,
                          recurrent=recurrent, connectivity=connectivity, dale=dale,
-                         output=output, seed=seed, **kwargs)
+                         output=output, seed=seed, n_delay=n_delay, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="kspike")
@@ -507,11 +608,11 @@ class ALIF(SpikingCell):
     def __init__(self, units, n_adaptive=None, tau=20.0, tau_adaptation=700.0, beta=1.8,
                  thr=0.01, dt=1.0, n_refractory=0, dampening_factor=0.3,
                  surrogate="triangular", recurrent=True, connectivity=None, dale=None,
-                 output="spikes", seed=None, **kwargs):
+                 output="spikes", seed=None, n_delay=1, **kwargs):
         super().__init__(units, tau=tau, thr=thr, dt=dt, n_refractory=n_refractory,
                          dampening_factor=dampening_factor, surrogate=surrogate,
                          recurrent=recurrent, connectivity=connectivity, dale=dale,
-                         output=output, seed=seed, **kwargs)
+                         output=output, seed=seed, n_delay=n_delay, **kwargs)
         if n_adaptive is not None:
             n_adaptive = check_positive("n_adaptive", n_adaptive, integer=True, allow_zero=True)
             if n_adaptive > self.units:

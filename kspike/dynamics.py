@@ -70,6 +70,48 @@ def input_current(x, z_previous, input_kernel, recurrent_kernel=None, bias=None)
     return current
 
 
+def delay_kernel(kernel, delays, n_delay):
+    """LSNN's synaptic delays as one wider kernel.
+
+    Args:
+        kernel: (n_pre, n) weights W.
+        delays: (n_pre, n) integer delay indices d_ji in {0, ..., n_delay - 1}.
+        n_delay: number of delay slots D.
+
+    Returns:
+        (n_pre, D * n) kernel whose column d * n + j holds W_ij where d_ij == d and 0
+        elsewhere, so ``x @ delay_kernel(W, d, D)`` is the contribution of x to every slot of
+        the future-current buffer of ``delayed_current``.
+    """
+    onehot = tf.one_hot(delays, n_delay, axis=1, dtype=kernel.dtype)        # (n_pre, D, n)
+    n_pre, n = kernel.shape
+    return tf.reshape(kernel[:, None, :] * onehot, (n_pre, n_delay * n))
+
+
+def delayed_current(buffer, contributions, units):
+    """One step of LSNN's future-current buffer (docs/neurons.md, "Synaptic delays").
+
+    Slot d of the buffer holds the current due in d steps. This step's contributions
+    (x_t W_in and z_{t-1} W_rec, each synapse into the slot of its delay, from
+    ``delay_kernel``) are added, slot 0 is the current I_t used now, and the buffer shifts by
+    one slot (a zero slot enters at the end)::
+
+        I_t = sum_d ( x_{t-d} W_in^(d) + z_{t-1-d} W_rec^(d) )
+
+    Args:
+        buffer: (B, D * units) buffer of the previous step, slot-major (slot d in columns
+            d * units .. (d + 1) * units - 1).
+        contributions: (B, D * units), the same layout.
+        units: n.
+
+    Returns:
+        (I_t, new_buffer): (B, units) and (B, D * units).
+    """
+    total = buffer + contributions
+    current = total[:, :units]
+    return current, tf.concat([total[:, units:], tf.zeros_like(current)], axis=1)
+
+
 def threshold(b, params):
     """Adaptive threshold A_t = thr + beta * b_t (the constant thr for LIF, b None)."""
     if b is None or params.beta is None:

@@ -53,7 +53,8 @@ neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than 
 product at every spike rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``): the
 gather costs more ops per step, which is what dominates there, and not in the native loop.
 
-Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) and
+Cells that are not kspike cells (or kspike cells whose ``call`` is overridden), cells with
+synaptic delays (``n_delay`` > 1: no backend carries the future-current buffer) and
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
@@ -282,6 +283,10 @@ def why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile=False,
     fails, with its value; it does not say whether the loops compile (see
     ``kspike.native.unavailable_reason``). See docs/engine.md.
     """
+    n_delay = getattr(cell, "n_delay", 1)
+    if n_delay > 1:
+        return (f"the cell has synaptic delays (n_delay={n_delay}; the native and fused "
+                f"loops have no future-current buffer, Keras' generic RNN loop runs)")
     for role, dtype in (("state dtype", state_dtype), ("compute dtype of the matmuls",
                                                        compute_dtype)):
         if tf.as_dtype(dtype) != tf.float32:
@@ -745,7 +750,9 @@ class SpikingRNN(keras.layers.RNN):
     hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
     those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
     inputs, weights and initial states agree to float rounding. Any other cell, or
-    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop.
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop; so do cells with synaptic
+    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (11-15x the
+    native loop's step time on the sMNIST LSNN, docs/engine.md).
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
@@ -839,7 +846,17 @@ class SpikingRNN(keras.layers.RNN):
         return _is_specialised(self.cell) and not self.unroll
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
+        if self.native is True and getattr(self.cell, "delayed", False):
+            raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
+                             f"call: {why_not_native(self.cell, 'float32', 'float32', False)}"
+                             f". Use native='auto' to fall back to the TensorFlow loop.")
         if not self.specialised:
+            if getattr(self.cell, "delayed", False) and graph.is_spiking_cell(self.cell):
+                # Keras' loop over cell.call, with the widened delay kernels computed once
+                # per sequence rather than at every step (docs/engine.md).
+                with self.cell.fixed_kernels():
+                    return super().inner_loop(sequences, initial_state, mask,
+                                              training=training)
             return super().inner_loop(sequences, initial_state, mask, training=training)
         cell = self.cell
         sequences, states = self._checked_inputs(sequences, initial_state)

@@ -33,9 +33,9 @@ from kspike.cells import SpikingCell
 from kspike.layers import FoldTime, IFNeurons, LeakyReadout, LIFNeurons
 
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
-           "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
-           "Readout", "NeuronLayer", "PerStepLayer", "TimeAverage", "UnsupportedLayer",
-           "is_neuron_layer", "parse", "refuse",
+           "is_specialised_cell", "check_undelayed", "describe", "Stage", "SpikingLayer",
+           "RecurrentLayer", "Readout", "NeuronLayer", "PerStepLayer", "TimeAverage",
+           "UnsupportedLayer", "is_neuron_layer", "parse", "refuse",
            "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
 
@@ -72,11 +72,24 @@ def is_neuron_layer(layer):
 
 def is_specialised_cell(cell):
     """True if ``cell`` is a kspike cell whose step is kspike's own (its class overrides none
-    of ``call``, ``pack_state``, ``unpack_state``), so a fused loop may replace the step."""
+    of ``call``, ``pack_state``, ``unpack_state``) and without synaptic delays (``n_delay=1``),
+    so a fused loop may replace the step."""
     return (is_spiking_cell(cell)
+            and not getattr(cell, "delayed", False)
             and type(cell).call is SpikingCell.call
             and type(cell).pack_state is SpikingCell.pack_state
             and type(cell).unpack_state is SpikingCell.unpack_state)
+
+
+def check_undelayed(cell, who, layer=None, error=ValueError):
+    """Raise ``error`` if the kspike ``cell`` has synaptic delays (``n_delay`` > 1), which
+    ``who`` (a learning rule, a converter) does not handle; ``layer`` names where it is."""
+    n_delay = getattr(cell, "n_delay", 1)
+    if n_delay > 1:
+        where = describe(layer) if layer is not None else f"cell {cell.name!r}"
+        raise error(f"{who} does not support synaptic delays: {where} has a cell with "
+                    f"n_delay={n_delay!r}; expected n_delay=1 (train delayed cells with "
+                    "BPTT, kspike.Trainer's default rule).")
 
 
 def describe(layer):

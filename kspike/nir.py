@@ -344,6 +344,10 @@ def to_nir(model, dt=1.0):
         parts = None
         if isinstance(stage, kgraph.SpikingLayer) or hasattr(layer, "cell"):
             kgraph.check_stateless(stage, "kspike.nir.to_nir", NIRExportError)
+            if getattr(layer.cell, "n_delay", 1) > 1:
+                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: synaptic "
+                                     f"delays (n_delay={layer.cell.n_delay}) have no NIR form; "
+                                     "expected n_delay=1.")
             if not layer.return_sequences:
                 raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: "
                                      "return_sequences=False has no NIR form (NIR graphs "

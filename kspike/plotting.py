@@ -23,7 +23,7 @@ import numpy as np
 from kspike.probe import Probe, probe  # noqa: F401  (voltages of output="spikes" models)
 
 __all__ = ["raster", "voltage", "thresholds", "output_traces", "learning_curve",
-           "activity_figure", "conv_filters", "save_figure", "probe", "Probe"]
+           "activity_figure", "conv_filters", "dale_colors", "save_figure", "probe", "Probe"]
 
 
 def _pyplot():
@@ -62,17 +62,27 @@ def _select(n, max_neurons):
     return np.linspace(0, n - 1, int(max_neurons)).astype(int)
 
 
-def raster(ax, spikes, dt=1.0, max_neurons=None, color="black", marker_size=2.0, label=None):
+def raster(ax, spikes, dt=1.0, max_neurons=None, color="black", marker_size=2.0, label=None,
+           colors=None):
     """Raster plot of spikes (T, n) on ``ax``: a dot at (t * dt ms, neuron index) per spike.
 
-    ``max_neurons`` keeps at most that many neurons, evenly spread over the layer. The x axis
+    ``max_neurons`` keeps at most that many neurons, evenly spread over the layer. ``colors``:
+    optional sequence of n matplotlib colours, one per neuron (e.g. LSNN's excitatory black
+    and inhibitory red, ``dale_colors``), drawn instead of the single ``color``. The x axis
     is labelled "time (ms)", the y axis ``label`` or "neuron index". Returns ax.
     """
     spikes = _array("spikes", spikes)
     dt = _check_dt(dt)
     chosen = _select(spikes.shape[1], max_neurons)
     steps, rows = np.nonzero(spikes[:, chosen] > 0)
-    ax.scatter(steps * dt, rows, s=marker_size, c=color, marker="|" if marker_size > 3 else ".",
+    c = color
+    if colors is not None:
+        colors = list(colors)
+        if len(colors) != spikes.shape[1]:
+            raise ValueError(f"`colors` must give one colour per neuron ({spikes.shape[1]}), "
+                             f"received {len(colors)}.")
+        c = [colors[chosen[row]] for row in rows]
+    ax.scatter(steps * dt, rows, s=marker_size, c=c, marker="|" if marker_size > 3 else ".",
                linewidths=0.5, label=label)
     ax.set_xlim(0, spikes.shape[0] * dt)
     ax.set_ylim(-0.5, len(chosen) - 0.5)
@@ -275,8 +285,16 @@ def learning_curve(history, keys=None, ax=None, steps=None, xlabel=None, log=Fal
     return fig
 
 
+def dale_colors(signs, excitatory="black", inhibitory="red"):
+    """One colour per neuron from its sign under Dale's law (+1 excitatory, -1 inhibitory), as
+    LSNN's figures draw them: excitatory black, inhibitory red. ``signs``: (n,) array."""
+    signs = _array("signs", signs, ndim=1)
+    return [excitatory if s > 0 else inhibitory for s in signs]
+
+
 def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=None, dt=1.0,
-                    output_labels=None, targets=None, max_neurons=100, title=None):
+                    output_labels=None, targets=None, max_neurons=100, title=None,
+                    neuron_colors=None):
     """The LSNN figure of one sample: input raster, LIF raster, ALIF raster, thresholds of the
     ALIF neurons and outputs over time.
 
@@ -292,6 +310,8 @@ def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=Non
         targets: optional (T,) target class per step (-1 where undefined).
         max_neurons: most neurons shown per raster.
         title: figure title.
+        neuron_colors: optional n colours of the recurrent neurons (e.g. ``dale_colors`` of
+            their signs: excitatory black, inhibitory red, as LSNN).
 
     Returns:
         The matplotlib Figure.
@@ -305,19 +325,26 @@ def activity_figure(inputs, spikes, thresholds=None, outputs=None, n_regular=Non
                          "steps) must have the same length.")
     if n_regular is not None and not 0 <= int(n_regular) <= spikes.shape[1]:
         raise ValueError(f"`n_regular` must be in 0..{spikes.shape[1]}, received {n_regular!r}.")
-    groups = [("input", inputs)]
+    if neuron_colors is not None:
+        neuron_colors = list(neuron_colors)
+        if len(neuron_colors) != spikes.shape[1]:
+            raise ValueError(f"`neuron_colors` must give one colour per neuron "
+                             f"({spikes.shape[1]}), received {len(neuron_colors)}.")
+    groups = [("input", inputs, None)]
     if n_regular is None or n_regular in (0, spikes.shape[1]):
-        groups.append(("spikes", spikes))
+        groups.append(("spikes", spikes, neuron_colors))
     else:
-        groups += [("LIF", spikes[:, :n_regular]), ("ALIF", spikes[:, n_regular:])]
+        k = int(n_regular)
+        groups += [("LIF", spikes[:, :k], None if neuron_colors is None else neuron_colors[:k]),
+                   ("ALIF", spikes[:, k:], None if neuron_colors is None else neuron_colors[k:])]
     n_panels = len(groups) + (thresholds is not None) + (outputs is not None)
     fig, axes = plt.subplots(n_panels, 1, sharex=True, figsize=(7, 1.5 * n_panels + 0.5))
     axes = np.atleast_1d(axes)
-    for ax, (name, data) in zip(axes, groups):
+    for ax, (name, data, colors) in zip(axes, groups):
         if name == "input" and not np.all(np.isin(data, (0.0, 1.0))):
             _traces(ax, "inputs", data, dt, _select(data.shape[1], 8), "input")
         else:
-            raster(ax, data, dt=dt, max_neurons=max_neurons, label=name)
+            raster(ax, data, dt=dt, max_neurons=max_neurons, label=name, colors=colors)
     k = len(groups)
     if thresholds is not None:
         A = _array("thresholds", thresholds)

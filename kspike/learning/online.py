@@ -79,6 +79,7 @@ def check_chain(model, rule_name):
             if getattr(layer, flag, False):
                 problems.append(f"{flag}=True")
         cell = stage.cell
+        graph.check_undelayed(cell, rule_name, layer)
         if cell.output_mode != "spikes":
             problems.append(f"cell output={cell.output_mode!r}")
         if problems:

@@ -107,6 +107,7 @@ class RateBP(LearningRule):
             if isinstance(stage, graph.SpikingLayer):
                 cell = stage.cell
                 graph.check_stateless(stage, "RateBP")
+                graph.check_undelayed(cell, "RateBP", layer)
                 if not getattr(layer, "return_sequences", False):
                     raise ValueError(f"RateBP needs return_sequences=True on spiking layer "
                                      f"{layer.name!r} (its output rate is a time average).")

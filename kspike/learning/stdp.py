@@ -254,6 +254,7 @@ class _Synapse:
         self.inner = inner
         if self.cell is not None:
             self.kind = "cell"
+            graph.check_undelayed(self.cell, "STDP", layer)
             if self.cell.rewired:
                 raise ValueError("STDP does not support cells with sparse rewired kernels "
                                  f"(connectivity={self.cell.connectivity!r}, "
