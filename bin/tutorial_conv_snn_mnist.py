@@ -24,7 +24,7 @@ import _tutorial_utils as utils  # noqa: E402
 
 utils.quiet_tensorflow()
 
-RULES = ("bptt",)          # the rules that train these layers in this script
+RULES = ("bptt", "ratebp")  # the rules that train these layers in this script
 LIF_LAYERS = ("lif1", "lif2", "lif3")
 
 
@@ -210,7 +210,8 @@ def main(argv=None):
 
     train_ds, test_ds = flatten(train_ds), flatten(test_ds)
     model = build_model(args)
-    rule = kspike.learning.BPTT()
+    # --rule ratebp: rate-based backpropagation (docs/ratebp.md), the same network and loss.
+    rule = kspike.learning.RateBP() if args.rule == "ratebp" else kspike.learning.BPTT()
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(args.learning_rate),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), rule=rule,

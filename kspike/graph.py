@@ -30,11 +30,12 @@ import keras
 
 from kspike import compat
 from kspike.cells import SpikingCell
-from kspike.layers import LeakyReadout
+from kspike.layers import FoldTime, IFNeurons, LIFNeurons, LeakyReadout
 
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
-           "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
-           "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer", "parse", "refuse",
+           "is_specialised_cell", "is_neuron_layer", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
+           "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer", "NeuronLayer",
+           "FoldTimeLayer", "Merge", "SequenceReshape", "Node", "parse", "parse_graph", "refuse",
            "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
 
@@ -62,6 +63,11 @@ def is_spiking_layer(layer):
 def is_readout(layer):
     """True if ``layer`` is a ``kspike.LeakyReadout``."""
     return isinstance(layer, LeakyReadout)
+
+
+def is_neuron_layer(layer):
+    """True if ``layer`` is a weight-free ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` layer."""
+    return isinstance(layer, (IFNeurons, LIFNeurons))
 
 
 def is_specialised_cell(cell):
@@ -163,6 +169,40 @@ class UnsupportedLayer(Stage):
     reason: Optional[str] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class NeuronLayer(Stage):
+    """A ``kspike.IFNeurons`` / ``kspike.LIFNeurons`` layer (B, T, *features) -> the same."""
+
+    @property
+    def sequence_out(self):
+        return bool(getattr(self.layer, "return_sequences", True))
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldTimeLayer(Stage):
+    """A ``kspike.FoldTime`` wrapper: ``inner`` applied once to all B * T frames."""
+    inner: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Merge(Stage):
+    """A ``keras.layers.Add`` of several inputs of the same shape (residual blocks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceReshape(Stage):
+    """A ``keras.layers.Reshape`` that keeps the time axis: (B, T, ...) -> (B, T, *step_shape)."""
+    step_shape: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One layer of a parsed graph (``parse_graph``): its ``stage`` and the indices of the
+    nodes feeding it (-1: the model input), in the order of the layer's call."""
+    stage: Stage
+    inputs: tuple
+
+
 def _last_axis_only(layer):
     axis = layer.axis
     axis = list(axis) if isinstance(axis, (list, tuple)) else [axis]
@@ -185,6 +225,19 @@ def _stage(layer, sequence_in):
         return RecurrentLayer(layer, sequence_in, layer.cell)
     if is_readout(layer):
         return Readout(layer, sequence_in)
+    if is_neuron_layer(layer):
+        return NeuronLayer(layer, sequence_in)
+    if isinstance(layer, FoldTime):
+        return FoldTimeLayer(layer, sequence_in, layer.layer)
+    if isinstance(layer, keras.layers.Add):
+        return Merge(layer, sequence_in)
+    if isinstance(layer, keras.layers.Reshape):
+        target = tuple(layer.target_shape)
+        steps = layer.input.shape[1] if _has_single_input(layer) else None
+        if sequence_in and steps is not None and target and target[0] == steps:
+            return SequenceReshape(layer, sequence_in, target[1:])
+        return UnsupportedLayer(layer, sequence_in, "it does not keep the time axis (the "
+                                "target shape must start with T)")
     if isinstance(layer, keras.layers.TimeDistributed):
         inner = layer.layer
         if getattr(inner, "stateful", False) or hasattr(inner, "cell"):
@@ -275,6 +328,69 @@ def parse(model, who, error=ValueError, flatten_nested=False):
         stages.append(stage)
         sequence = stage.sequence_out
     return stages
+
+
+def parse_graph(model, who, error=ValueError):
+    """A model of any acyclic topology (e.g. residual ``Add`` blocks) as ``Node`` objects in an
+    order where every node comes after the nodes feeding it.
+
+    Args: as ``parse`` (nested models are ``UnsupportedLayer`` stages).
+
+    Returns:
+        (nodes, output): the list of ``Node`` and the index of the node giving the model's
+        output.
+
+    Raises:
+        TypeError: ``model`` is not a ``keras.Model``.
+        ``error``: the model is not built, has several inputs or outputs, or uses a layer
+        more than once.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{who} needs a keras.Model (Sequential or functional), received "
+                        f"{model!r} of type {type(model).__name__}.")
+    if isinstance(model, keras.Sequential):
+        stages = parse(model, who, error)
+        nodes = [Node(stage, (i - 1,)) for i, stage in enumerate(stages)]
+        return nodes, len(nodes) - 1
+    if not model.built:
+        raise error(f"{who}: model {model.name!r} is not built; start it with "
+                    "keras.Input((T, n_in)) or call it once on a batch.")
+    inputs, outputs = model.inputs, model.outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise error(f"{who}: model {model.name!r} has {len(inputs)} inputs and "
+                    f"{len(outputs)} outputs; a single input (B, T, n_in) and a single output "
+                    "are needed.")
+    pending = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    for layer in pending:
+        calls = compat.call_count(layer)
+        if calls != 1:
+            raise error(f"{who}: {describe(layer)} is used {calls} times in model "
+                        f"{model.name!r}; every layer must be called once.")
+    index = {id(inputs[0]): -1}
+    sequence = {-1: True}
+    nodes = []
+    while pending:
+        progress = False
+        for layer in list(pending):
+            fed = compat.inbound_input_tensors(layer)[0]
+            if not all(id(t) in index for t in fed):
+                continue
+            sources = tuple(index[id(t)] for t in fed)
+            stage = _stage(layer, all(sequence[i] for i in sources))
+            if isinstance(layer, keras.Model) and not isinstance(stage, (SpikingLayer,
+                                                                          RecurrentLayer)):
+                stage = UnsupportedLayer(layer, stage.sequence_in, "a nested model")
+            nodes.append(Node(stage, sources))
+            index[id(layer.output)] = len(nodes) - 1
+            sequence[len(nodes) - 1] = stage.sequence_out
+            pending.remove(layer)
+            progress = True
+        if not progress:
+            raise error(f"{who}: the layers {[layer.name for layer in pending]} of model "
+                        f"{model.name!r} are not fed by the model input.")
+    if id(outputs[0]) not in index:
+        raise error(f"{who}: the output of model {model.name!r} is not a layer output.")
+    return nodes, index[id(outputs[0])]
 
 
 def refuse(stage, who, supported, error=ValueError):
