@@ -13,6 +13,10 @@ Two parts (docs/architecture.md):
   (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
   with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
   what is supported.
+* ``parse_graph(model, who)``: a model of any acyclic topology (residual ``Add`` blocks) as
+  ``Node`` objects (a stage and the indices of the nodes feeding it), in dependency order; the
+  stages add ``NeuronLayer`` (``kspike.IFNeurons`` / ``LIFNeurons``), ``FoldTimeLayer``,
+  ``Merge`` (``Add``) and ``SequenceReshape`` (a ``Reshape`` keeping the time axis).
 
 Example:
 

@@ -33,6 +33,14 @@ Supported models: chains (``keras.Sequential`` or a functional chain) of ``keras
 ``kspike.SpikingRNN`` over kspike ``LIF``/``ALIF`` cells (``return_sequences=True``,
 ``output="spikes"``, dense kernels), ``keras.layers.Dense`` without activation,
 ``kspike.LeakyReadout`` and ``keras.layers.GlobalAveragePooling1D``.
+
+Deep SNNs (docs/ratebp.md "Deep SNNs"): models of ``kspike.IFNeurons`` / ``kspike.LIFNeurons``
+between ``TimeDistributed`` / ``kspike.FoldTime`` weight layers (Conv, Dense, BatchNormalization,
+pooling, Flatten, Dropout), residual ``keras.layers.Add`` blocks and the time-mean readout
+(``GlobalAveragePooling1D`` as output), in the paper's form: the eligibility recursion of the
+hard reset, the soft reset and detach_reset; BatchNorm in the rate phase with the spike phase's
+statistics as values and the rate's as derivatives (running statistics from the spike phase
+only); the loss gradient divided by T.
 """
 import keras
 import numpy as np
