@@ -165,10 +165,10 @@ def test_batchnorm_rate_phase_and_running_statistics():
     np.testing.assert_allclose(result.predictions.numpy(), (rate @ w2 + b2), atol=1e-5)
 
 
-def conv_residual_model(td):
+def conv_residual_model(td, bn_wrapper=kspike.FoldTime):
     inputs = keras.Input((T, 6, 6, 2))
     h = td(keras.layers.Conv2D(4, 3, padding="same", use_bias=False))(inputs)
-    h = kspike.FoldTime(keras.layers.BatchNormalization())(h)
+    h = bn_wrapper(keras.layers.BatchNormalization(momentum=0.8), name="bn")(h)
     a = kspike.LIFNeurons(tau=2.0)(h)
     h = td(keras.layers.Conv2D(4, 3, padding="same"))(a)
     h = kspike.IFNeurons(v_reset=None)(h)
@@ -180,16 +180,26 @@ def conv_residual_model(td):
     return keras.Model(inputs, keras.layers.GlobalAveragePooling1D()(h))
 
 
-@pytest.mark.parametrize("td", [kspike.FoldTime, keras.layers.TimeDistributed])
-def test_conv_residual_model_runs_the_network_exactly(td):
+@pytest.mark.parametrize("td, bn_wrapper", [
+    (kspike.FoldTime, kspike.FoldTime), (keras.layers.TimeDistributed, kspike.FoldTime),
+    (keras.layers.TimeDistributed, keras.layers.TimeDistributed)])
+def test_conv_residual_model_runs_the_network_exactly(td, bn_wrapper):
     keras.utils.set_random_seed(5)
-    model = conv_residual_model(td)
+    model = conv_residual_model(td, bn_wrapper)
     x = 2.0 * np.random.default_rng(6).random((B, T, 6, 6, 2)).astype("float32")
     y = np.arange(B) % N_OUT
-    expected = model(x, training=True).numpy()     # batch statistics over B*T frames
+    bn = model.get_layer("bn").layer
+    # Keras in training mode: batch statistics (over B*T frames, or per step), and the
+    # running statistics it leaves
+    expected = model(x, training=True).numpy()
+    moving = [bn.moving_mean.numpy().copy(), bn.moving_variance.numpy().copy()]
+    bn.moving_mean.assign(np.zeros(4, "float32"))
+    bn.moving_variance.assign(np.ones(4, "float32"))
     result = RateBP().compute(model, x, y,
                               keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     np.testing.assert_allclose(result.predictions.numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), moving[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), moving[1], rtol=1e-4, atol=1e-6)
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in result.gradients)
     assert float(result.logs["firing_rate"]) > 0
 
