@@ -588,7 +588,9 @@ def _deep_spike_phase(plan, x):
                                 s2 + tf.reduce_mean(tf.square(h), axes))
             return t + 1, new
 
-        _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry))
+        # one step at a time: steps running ahead would keep their frames alive
+        _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry),
+                                 parallel_iterations=1)
         return carry
 
     order = [i for i, item in enumerate(plan) if item.kind == "bn" and item.folded]
