@@ -24,7 +24,7 @@ import _tutorial_utils as utils  # noqa: E402
 
 utils.quiet_tensorflow()
 
-RULES = ("bptt", "stllr")  # the rules that train these layers in this script
+RULES = ("bptt", "stllr", "ratebp")  # the rules that train these layers in this script
 LIF_LAYERS = ("lif1", "lif2", "lif3")
 
 
@@ -222,6 +222,9 @@ def main(argv=None):
         # pseudo-derivative as secondary activation; the readout learns from its exact gradient.
         rule = kspike.learning.STLLR(factors=(0.2, 0.75, -1.0, 1.0), feedback="bp",
                                      secondary_activation=args.stllr_psi)
+    elif args.rule == "ratebp":
+        # rate-based backpropagation (docs/ratebp.md): the same network and loss.
+        rule = kspike.learning.RateBP()
     trainer = kspike.Trainer(
         model, keras.optimizers.Adam(args.learning_rate),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), rule=rule,

@@ -5,7 +5,7 @@ attributes or ``keras.src`` / ``tensorflow.python`` modules. Keeping them in one
 new Keras or TensorFlow release breaks (at most) this file, and each function says why no
 public API serves. The rest of kspike calls these functions and never touches the internals.
 """
-__all__ = ["call_count", "inbound_input_tensors", "nested_layers", "output_structure",
+__all__ = ["call_count", "call_keyword_arguments", "inbound_input_tensors", "nested_layers", "output_structure",
            "own_variables",
            "loss_function_wrapper", "wrap_loss_function", "wrapped_loss_function",
            "in_xla_context", "tape_may_record", "unscale_loss_for_distribution",
@@ -19,6 +19,12 @@ def call_count(layer):
     picks the first call when a layer is shared, so chain checks need the node list.
     """
     return len(layer._inbound_nodes)
+
+
+def call_keyword_arguments(layer):
+    """[{keyword arguments} per inbound node] of ``layer``: the keywords it was called with in
+    functional graphs (e.g. ``training=False``; see ``call_count`` for why)."""
+    return [dict(node.arguments.kwargs) for node in layer._inbound_nodes]
 
 
 def inbound_input_tensors(layer):

@@ -13,6 +13,9 @@ Two parts (docs/architecture.md):
   (e-prop, S-TLLR, RateBP, export) then accepts the stage types it supports and refuses the rest
   with ``refuse(stage, ...)`` or its own message, so every error names the layer, its type and
   what is supported.
+* ``parse_graph(model, who)``: a model of any acyclic topology (residual ``Add`` blocks) as
+  ``Node`` objects (a stage and the indices of the nodes feeding it), in dependency order; the
+  stages are those of ``parse`` plus ``Merge`` (``keras.layers.Add``).
 
 Example:
 
@@ -35,7 +38,8 @@ from kspike.layers import FoldTime, IFNeurons, LeakyReadout, LIFNeurons
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
            "is_specialised_cell", "check_undelayed", "describe", "Stage", "SpikingLayer",
            "RecurrentLayer", "Readout", "NeuronLayer", "PerStepLayer", "TimeAverage",
-           "UnsupportedLayer", "is_neuron_layer", "parse", "refuse",
+           "UnsupportedLayer", "Merge", "Node", "is_neuron_layer", "parse", "parse_graph",
+           "refuse",
            "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
 
@@ -193,6 +197,19 @@ class UnsupportedLayer(Stage):
     reason: Optional[str] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Merge(Stage):
+    """A ``keras.layers.Add`` of several inputs of the same shape (residual blocks)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One layer of a parsed graph (``parse_graph``): its ``stage`` and the indices of the
+    nodes feeding it (-1: the model input), in the order of the layer's call."""
+    stage: Stage
+    inputs: tuple
+
+
 def _last_axis_only(layer):
     axis = layer.axis
     axis = list(axis) if isinstance(axis, (list, tuple)) else [axis]
@@ -217,6 +234,8 @@ def _stage(layer, sequence_in):
         return Readout(layer, sequence_in)
     if is_neuron_layer(layer):
         return NeuronLayer(layer, sequence_in)
+    if isinstance(layer, keras.layers.Add):
+        return Merge(layer, sequence_in)
     if isinstance(layer, (keras.layers.TimeDistributed, FoldTime)):
         inner = layer.layer
         if getattr(inner, "stateful", False) or hasattr(inner, "cell"):
@@ -326,6 +345,69 @@ def parse(model, who, error=ValueError, flatten_nested=False):
         stages.append(stage)
         sequence = stage.sequence_out
     return stages
+
+
+def parse_graph(model, who, error=ValueError):
+    """A model of any acyclic topology (e.g. residual ``Add`` blocks) as ``Node`` objects in an
+    order where every node comes after the nodes feeding it.
+
+    Args: as ``parse`` (nested models are ``UnsupportedLayer`` stages).
+
+    Returns:
+        (nodes, output): the list of ``Node`` and the index of the node giving the model's
+        output.
+
+    Raises:
+        TypeError: ``model`` is not a ``keras.Model``.
+        ``error``: the model is not built, has several inputs or outputs, or uses a layer
+        more than once.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{who} needs a keras.Model (Sequential or functional), received "
+                        f"{model!r} of type {type(model).__name__}.")
+    if isinstance(model, keras.Sequential):
+        stages = parse(model, who, error)
+        nodes = [Node(stage, (i - 1,)) for i, stage in enumerate(stages)]
+        return nodes, len(nodes) - 1
+    if not model.built:
+        raise error(f"{who}: model {model.name!r} is not built; start it with "
+                    "keras.Input((T, n_in)) or call it once on a batch.")
+    inputs, outputs = model.inputs, model.outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise error(f"{who}: model {model.name!r} has {len(inputs)} inputs and "
+                    f"{len(outputs)} outputs; a single input (B, T, n_in) and a single output "
+                    "are needed.")
+    pending = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+    for layer in pending:
+        calls = compat.call_count(layer)
+        if calls != 1:
+            raise error(f"{who}: {describe(layer)} is used {calls} times in model "
+                        f"{model.name!r}; every layer must be called once.")
+    index = {id(inputs[0]): -1}
+    sequence = {-1: True}
+    nodes = []
+    while pending:
+        progress = False
+        for layer in list(pending):
+            fed = compat.inbound_input_tensors(layer)[0]
+            if not all(id(t) in index for t in fed):
+                continue
+            sources = tuple(index[id(t)] for t in fed)
+            stage = _stage(layer, all(sequence[i] for i in sources))
+            if isinstance(layer, keras.Model) and not isinstance(stage, (SpikingLayer,
+                                                                          RecurrentLayer)):
+                stage = UnsupportedLayer(layer, stage.sequence_in, "a nested model")
+            nodes.append(Node(stage, sources))
+            index[id(layer.output)] = len(nodes) - 1
+            sequence[len(nodes) - 1] = stage.sequence_out
+            pending.remove(layer)
+            progress = True
+        if not progress:
+            raise error(f"{who}: the layers {[layer.name for layer in pending]} of model "
+                        f"{model.name!r} are not fed by the model input.")
+    if id(outputs[0]) not in index:
+        raise error(f"{who}: the output of model {model.name!r} is not a layer output.")
+    return nodes, index[id(outputs[0])]
 
 
 def refuse(stage, who, supported, error=ValueError):

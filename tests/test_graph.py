@@ -164,3 +164,21 @@ def test_parse_deep_snn_stages():
     model = keras.Sequential([keras.Input((4, 6)), keras.layers.Reshape((6, 4), name="swap")])
     stage, = graph.parse(model, "test")
     assert isinstance(stage, graph.UnsupportedLayer) and "time axis" in stage.reason
+
+
+def test_parse_graph_residual_model():
+    inputs = keras.Input((4, 6, 6, 1))
+    h = keras.layers.Reshape((4, 36))(inputs)
+    h = kspike.FoldTime(keras.layers.Dense(8), name="fold")(h)
+    a = kspike.LIFNeurons(name="lif")(h)
+    b = keras.layers.TimeDistributed(keras.layers.Dense(8), name="td")(a)
+    merged = keras.layers.Add(name="add")([a, b])
+    out = keras.layers.GlobalAveragePooling1D(name="mean")(merged)
+    nodes, output = graph.parse_graph(keras.Model(inputs, out), "test")
+    assert [type(n.stage).__name__ for n in nodes] == [
+        "PerStepLayer", "PerStepLayer", "NeuronLayer", "PerStepLayer", "Merge", "TimeAverage"]
+    assert [n.inputs for n in nodes] == [(-1,), (0,), (1,), (2,), (2, 3), (4,)]
+    assert tuple(nodes[0].stage.inner.target_shape) == (36,) and output == 5
+    bad = keras.layers.Reshape((36, 4))(keras.layers.Reshape((4, 36))(inputs))
+    nodes, _ = graph.parse_graph(keras.Model(inputs, bad), "test")
+    assert isinstance(nodes[1].stage, graph.UnsupportedLayer) and "time axis" in nodes[1].stage.reason

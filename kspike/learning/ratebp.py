@@ -33,11 +33,20 @@ Supported models: chains (``keras.Sequential`` or a functional chain) of ``keras
 ``kspike.SpikingRNN`` over kspike ``LIF``/``ALIF`` cells (``return_sequences=True``,
 ``output="spikes"``, dense kernels), ``keras.layers.Dense`` without activation,
 ``kspike.LeakyReadout`` and ``keras.layers.GlobalAveragePooling1D``.
+
+Deep SNNs (docs/ratebp.md "Deep SNNs"): models of ``kspike.IFNeurons`` / ``kspike.LIFNeurons``
+between ``TimeDistributed`` / ``kspike.FoldTime`` weight layers (Conv, Dense, BatchNormalization,
+pooling, Flatten, Dropout), residual ``keras.layers.Add`` blocks and the time-mean readout
+(``GlobalAveragePooling1D`` as output), in the paper's form: the eligibility recursion of the
+hard reset, the soft reset and detach_reset; BatchNorm in the rate phase with the spike phase's
+statistics as values and the rate's as derivatives (running statistics from the spike phase
+only); the loss gradient divided by T.
 """
 import keras
+import numpy as np
 import tensorflow as tf
 
-from kspike import dynamics, graph
+from kspike import compat, dynamics, graph
 from kspike.learning.base import LearningRule, RuleResult
 from kspike.regularizers import SpikeRate, firing_rate_logs
 
@@ -101,6 +110,12 @@ class RateBP(LearningRule):
         if not model.built:
             raise ValueError("RateBP needs a built model: create it from keras.Input or call "
                              "it once before computing gradients.")
+        nodes, output = graph.parse_graph(model, "RateBP")
+        if any(isinstance(node.stage, graph.NeuronLayer) for node in nodes):
+            plan = _deep_plan(nodes, output)
+            self._plans[key] = ("deep", plan, output, tf.function(
+                lambda x: _deep_spike_phase(plan, x), reduce_retracing=True))
+            return self._plans[key]
         plan = []
         for stage in graph.parse(model, "RateBP"):
             layer = stage.layer
@@ -136,7 +151,7 @@ class RateBP(LearningRule):
         for i, item in enumerate(plan):
             if item.kind == "mean" and i != len(plan) - 1:
                 raise ValueError("GlobalAveragePooling1D must be the last layer for RateBP.")
-        self._plans[key] = (plan, tf.function(
+        self._plans[key] = ("chain", plan, None, tf.function(
             lambda x: self._spike_phase(plan, x), reduce_retracing=True))
         return self._plans[key]
 
@@ -211,7 +226,10 @@ class RateBP(LearningRule):
             raise ValueError("RateBP does not take sequence regularizers (the spike phase keeps "
                              "no spike sequences); received "
                              f"{list(regularizers)!r}.")
-        plan, spike_phase = self._plan(model)
+        kind, plan, output, spike_phase = self._plan(model)
+        if kind == "deep":
+            return self._compute_deep(model, plan, output, spike_phase, x, y, loss,
+                                      sample_weight, training)
         x = tf.convert_to_tensor(x)
         if x.shape.rank != 3:
             raise ValueError(f"RateBP expects inputs of shape (B, T, n_in), received "
@@ -237,6 +255,35 @@ class RateBP(LearningRule):
         if graph.parse(model, "RateBP")[-1].sequence_out:
             return tf.nest.map_structure(lambda t: tf.reduce_mean(t, axis=1), predictions)
         return predictions
+
+    @staticmethod
+    def _compute_deep(model, plan, output, spike_phase, x, y, loss, sample_weight, training):
+        x = tf.convert_to_tensor(x)
+        expected = tuple(model.inputs[0].shape)
+        if x.shape.rank != len(expected):
+            raise ValueError(f"RateBP expects inputs of shape {expected} (B, T, ...), "
+                             f"received {tuple(x.shape)}.")
+        if not x.dtype.is_floating:
+            x = tf.cast(x, "float32")
+        stats = tf.nest.map_structure(tf.stop_gradient, spike_phase(x))
+        variables = model.trainable_variables
+        with tf.GradientTape() as tape:
+            outputs, rates = _deep_rate_phase(plan, output, stats)
+            value = loss(y, outputs, sample_weight=sample_weight)
+            # the paper's loss: the same value, its gradient divided by T
+            scaled = value / tf.cast(stats["steps"], value.dtype)
+        gradients = tape.gradient(scaled, variables)
+        if training:
+            # running statistics: from the spike phase only (the rate phase leaves them)
+            for i, item in enumerate(plan):
+                if item.kind == "bn":
+                    bn, s = item.inner, stats["nodes"][i]
+                    bn.moving_mean.assign(tf.cast(s["moving_mean"], bn.moving_mean.dtype))
+                    bn.moving_variance.assign(tf.cast(s["moving_variance"],
+                                                      bn.moving_variance.dtype))
+        logs = firing_rate_logs([SpikeRate(layer.name, tf.reduce_mean(r), 1.0,
+                                           int(np.prod(r.shape[1:]))) for layer, r in rates])
+        return RuleResult(loss=value, gradients=list(gradients), predictions=outputs, logs=logs)
 
     def get_config(self):
         return {"detach_recurrent": self.detach_recurrent}
@@ -316,3 +363,342 @@ def _spike_phase_statistics(plan, carry, count):
         else:
             stats.append({})
     return stats
+
+# ====================================================================== deep (feed-forward) SNNs
+# docs/ratebp.md "Deep SNNs": IFNeurons/LIFNeurons between TimeDistributed/FoldTime weight
+# layers, BatchNormalization, residual Add blocks and the time-mean readout, as in the paper's
+# code (Tab-ct/rate-based-backpropagation).
+
+_DEEP_SUPPORTED = (
+    "kspike.IFNeurons/LIFNeurons (return_sequences=True, output='spikes', not stateful); "
+    "keras.layers.TimeDistributed or kspike.FoldTime of Conv1D/Conv2D/Conv3D/Dense (no "
+    "activation), BatchNormalization (channels last), MaxPooling1D/2D, AveragePooling1D/2D, "
+    "GlobalAveragePooling2D, GlobalMaxPooling2D, Flatten, Dropout; the same layers unwrapped when "
+    "they act on the last axis (Dense, Dropout, BatchNormalization); keras.layers.Add; a "
+    "keras.layers.Reshape that keeps the time axis; and a final keras.layers."
+    "GlobalAveragePooling1D (the time-mean readout)")
+_MAP_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
+               keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
+               keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+               keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+               keras.layers.Flatten, keras.layers.Identity)
+
+
+class _Deep:
+    """One node of a deep plan: ``kind`` in reshape, map, dropout, bn, neuron, add, mean."""
+
+    def __init__(self, kind, layer, inputs, inner=None, folded=False):
+        self.kind, self.layer, self.inputs = kind, layer, tuple(inputs)
+        self.inner, self.folded = inner, folded
+
+    @property
+    def step_shape(self):
+        """Static shape of one step of the node's output (without batch and time)."""
+        return tuple(self.layer.output.shape[2:])
+
+
+def _check_bn_training(stage, bn):
+    layer = stage.layer
+    if not bn.trainable or not layer.trainable:
+        raise ValueError(f"RateBP: BatchNormalization {describe_layer(layer)} is frozen "
+                         "(trainable=False), so Keras runs it in inference mode; RateBP's rate "
+                         "phase needs the batch statistics of training mode. Unfreeze it or "
+                         "remove it.")
+    for kwargs in compat.call_keyword_arguments(layer):
+        if kwargs.get("training", None) is False:
+            raise ValueError(f"RateBP: BatchNormalization {describe_layer(layer)} is called "
+                             "with training=False in the model, so it never uses batch "
+                             "statistics; RateBP's rate phase normalises with them. Call it "
+                             "without the training argument.")
+    axis = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    # rank of what the BatchNormalization itself sees: one frame (B, ...) when wrapped
+    rank = len(layer.input.shape) - (0 if stage.inner is layer else 1)
+    if len(axis) != 1 or axis[0] not in (-1, rank - 1):
+        raise ValueError(f"RateBP supports BatchNormalization over the last (channel) axis "
+                         f"only; {describe_layer(layer)} has axis={bn.axis!r}.")
+
+
+def describe_layer(layer):
+    return graph.describe(layer)
+
+
+def _deep_plan(nodes, output):
+    plan = []
+    for node in nodes:
+        stage, layer = node.stage, node.stage.layer
+        if isinstance(stage, graph.NeuronLayer):
+            for flag, ok in (("return_sequences", True), ("return_state", False),
+                             ("stateful", False)):
+                if getattr(layer, flag) is not ok:
+                    raise ValueError(f"RateBP needs {flag}={ok} on {describe_layer(layer)}.")
+            if layer.output_mode != "spikes":
+                raise ValueError(f"RateBP needs output='spikes' on {describe_layer(layer)}, "
+                                 f"received {layer.output_mode!r}.")
+            plan.append(_Deep("neuron", layer, node.inputs))
+            continue
+        if isinstance(stage, graph.Merge):
+            plan.append(_Deep("add", layer, node.inputs))
+            continue
+        if isinstance(stage, graph.PerStepLayer) and isinstance(layer, keras.layers.Reshape):
+            # a Reshape keeping the time axis; stage.inner is its one-step form
+            plan.append(_Deep("reshape", layer, node.inputs,
+                              inner=tuple(stage.inner.target_shape)))
+            continue
+        if isinstance(stage, graph.TimeAverage):
+            plan.append(_Deep("mean", layer, node.inputs))
+            continue
+        if isinstance(stage, graph.PerStepLayer) and stage.sequence_in:
+            inner = stage.inner
+            # A BatchNormalization over (B, T, n) or inside FoldTime normalises over all B*T
+            # frames; inside TimeDistributed, over each step's B frames.
+            folded = not isinstance(layer, keras.layers.TimeDistributed)
+            if type(inner) is keras.layers.BatchNormalization:
+                _check_bn_training(stage, inner)
+                plan.append(_Deep("bn", layer, node.inputs, inner, folded))
+                continue
+            if type(inner) is keras.layers.Dropout:
+                plan.append(_Deep("dropout", layer, node.inputs, inner))
+                continue
+            if type(inner) in _MAP_LAYERS:
+                activation = getattr(inner, "activation", None)
+                if activation not in (None, keras.activations.linear):
+                    raise ValueError(f"RateBP supports {type(inner).__name__} layers without "
+                                     f"activation only (the rate phase applies them to time "
+                                     f"averages); {describe_layer(layer)} has activation "
+                                     f"{activation!r}.")
+                if stage.inner is layer and not isinstance(
+                        inner, (keras.layers.Dense, keras.layers.Identity)):
+                    graph.refuse(stage, "RateBP", _DEEP_SUPPORTED)
+                plan.append(_Deep("map", layer, node.inputs, inner))
+                continue
+        if isinstance(stage, graph.SpikingLayer):
+            raise ValueError(f"RateBP does not support {describe_layer(layer)} in a model with "
+                             "IFNeurons/LIFNeurons layers (recurrent kspike cells are supported "
+                             "in chains of recurrent and Dense layers only). Supported here: "
+                             f"{_DEEP_SUPPORTED}.")
+        graph.refuse(stage, "RateBP", _DEEP_SUPPORTED)
+    if plan[output].kind != "mean" or any(output in item.inputs for item in plan):
+        raise ValueError("RateBP needs the time-mean readout, a keras.layers."
+                         "GlobalAveragePooling1D over time, as the model's output (the loss "
+                         "sees the time-averaged output); the model's output is "
+                         f"{describe_layer(plan[output].layer)}.")
+    for i, item in enumerate(plan):
+        if item.kind == "mean" and i != output:
+            raise ValueError(f"RateBP: {describe_layer(item.layer)} averages over time before "
+                             "the model's output; only the final readout may.")
+    return plan
+
+
+def _batch_shape(batch, dims):
+    return tf.concat([[batch], tf.constant(list(dims), tf.int32)], 0)
+
+
+def _ancestors(plan, roots):
+    seen, todo = set(), [r for r in roots if r >= 0]
+    while todo:
+        i = todo.pop()
+        if i not in seen:
+            seen.add(i)
+            todo.extend(j for j in plan[i].inputs if j >= 0)
+    return seen
+
+
+def _bn_affine(bn, xhat):
+    if bn.scale:
+        xhat = xhat * tf.cast(bn.gamma, xhat.dtype)
+    if bn.center:
+        xhat = xhat + tf.cast(bn.beta, xhat.dtype)
+    return xhat
+
+
+def _node_constants(layer):
+    params = layer.parameters
+    leak, gain = dynamics.node_charge_partials(params)
+    return params, leak, gain
+
+
+def _deep_spike_phase(plan, x):
+    """The T steps without tape, layer after layer at each step; returns per-node statistics.
+
+    A BatchNormalization over all B*T frames needs its statistics before its first step: one
+    extra pass over the T steps (through the nodes feeding it) computes them, in order, so
+    memory stays independent of T."""
+    x = tf.convert_to_tensor(x)
+    steps, batch = tf.shape(x)[1], tf.shape(x)[0]
+    rank = x.shape.rank
+    frames = tf.TensorArray(x.dtype, size=steps, element_shape=x.shape[:1] + x.shape[2:]
+                            ).unstack(tf.transpose(x, [1, 0] + list(range(2, rank))))
+    count = tf.cast(steps, x.dtype)
+    masks = {}
+    for i, item in enumerate(plan):
+        if item.kind == "dropout" and item.inner.rate > 0:
+            keep = 1.0 - item.inner.rate
+            shape = _batch_shape(batch, item.step_shape)
+            masks[i] = tf.cast(tf.random.uniform(shape) < keep, x.dtype) / keep
+    folded = {}
+
+    def run(needed, final, targets):
+        carry = {}
+        for i in sorted(needed):
+            item = plan[i]
+            shape = _batch_shape(batch, item.step_shape)
+            if item.kind == "neuron":
+                dtype = item.layer.state_dtype
+                params = item.layer.parameters
+                v0 = tf.fill(shape, tf.constant(dynamics.node_initial_voltage(params), dtype))
+                zeros = tf.zeros(shape, dtype)
+                carry[f"n{i}"] = (v0, zeros, zeros, tf.ones(shape, dtype)) if final else (v0,)
+            elif item.kind == "bn" and not item.folded and final:
+                bn = item.inner
+                channels = item.step_shape[-1]
+                zeros = tf.zeros((channels,), x.dtype)
+                carry[f"n{i}"] = (zeros, zeros, tf.cast(bn.moving_mean, x.dtype),
+                            tf.cast(bn.moving_variance, x.dtype))
+            elif item.kind == "mean" and final:
+                carry[f"n{i}"] = (tf.zeros(_batch_shape(batch, item.layer.input.shape[2:]),
+                                     x.dtype),)
+        for j in targets:
+            channels = plan[j].step_shape[-1]
+            carry[f"t{j}"] = (tf.zeros((channels,), x.dtype), tf.zeros((channels,), x.dtype))
+
+        def body(t, carry):
+            new = dict(carry)
+            out = {-1: frames.read(t)}
+            for i in sorted(needed):
+                item = plan[i]
+                h = out[item.inputs[0]]
+                if item.kind == "reshape":
+                    y = tf.reshape(h, _batch_shape(batch, item.inner))
+                elif item.kind == "map":
+                    y = item.inner(h)
+                elif item.kind == "dropout":
+                    y = h * tf.cast(masks[i], h.dtype) if i in masks else h
+                elif item.kind == "add":
+                    y = h
+                    for j in item.inputs[1:]:
+                        y = y + tf.cast(out[j], y.dtype)
+                elif item.kind == "bn":
+                    bn = item.inner
+                    if item.folded:
+                        mean, var = folded[i]
+                    else:
+                        axes = list(range(h.shape.rank - 1))
+                        mean = tf.reduce_mean(h, axes)
+                        var = tf.reduce_mean(tf.square(h - mean), axes)
+                        if final:
+                            s1, s2, mm, mv = carry[f"n{i}"]
+                            m = bn.momentum
+                            new[f"n{i}"] = (s1 + mean, s2 + var + tf.square(mean),
+                                      m * mm + (1.0 - m) * mean, m * mv + (1.0 - m) * var)
+                    y = _bn_affine(bn, (h - tf.cast(mean, h.dtype)) * tf.math.rsqrt(
+                        tf.cast(var, h.dtype) + bn.epsilon))
+                elif item.kind == "neuron":
+                    params, leak, _ = _node_constants(item.layer)
+                    v = carry[f"n{i}"][0]
+                    current = tf.cast(h, v.dtype)
+                    hv = dynamics.node_charge(v, current, params)
+                    s = dynamics.node_fire(hv, params, differentiable=False)
+                    v_new = dynamics.node_reset(hv, s, params)
+                    if final:
+                        _, s_sum, elig_sum, f = carry[f"n{i}"]
+                        sg = params.spike_function.pseudo_derivative(hv - params.thr)
+                        elig_sum = elig_sum + f * sg
+                        f = 1.0 + f * leak * _reset_slope(hv, s, sg, params)
+                        new[f"n{i}"] = (v_new, s_sum + s, elig_sum, f)
+                    else:
+                        new[f"n{i}"] = (v_new,)
+                    y = s
+                elif item.kind == "mean":
+                    new[f"n{i}"] = (carry[f"n{i}"][0] + tf.cast(h, x.dtype),)
+                    y = h
+                out[i] = y
+            for j in targets:
+                h = tf.cast(out[plan[j].inputs[0]], x.dtype)
+                axes = list(range(h.shape.rank - 1))
+                s1, s2 = carry[f"t{j}"]
+                new[f"t{j}"] = (s1 + tf.reduce_mean(h, axes),
+                                s2 + tf.reduce_mean(tf.square(h), axes))
+            return t + 1, new
+
+        # one step at a time: steps running ahead would keep their frames alive
+        _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry),
+                                 parallel_iterations=1)
+        return carry
+
+    order = [i for i, item in enumerate(plan) if item.kind == "bn" and item.folded]
+    for j in order:
+        carry = run(_ancestors(plan, plan[j].inputs), False, [j])
+        s1, s2 = carry[f"t{j}"]
+        mean = s1 / count
+        folded[j] = (mean, tf.nn.relu(s2 / count - tf.square(mean)))
+    carry = run(set(range(len(plan))), True, [])
+    stats = {}
+    for i, item in enumerate(plan):
+        if item.kind == "neuron":
+            _, _, gain = _node_constants(item.layer)
+            _, s_sum, elig_sum, _ = carry[f"n{i}"]
+            stats[i] = {"rate": s_sum / tf.cast(count, s_sum.dtype),
+                        "elig": gain * elig_sum / tf.cast(count, s_sum.dtype)}
+        elif item.kind == "bn":
+            if item.folded:
+                mean, var = folded[i]
+                m = item.inner.momentum
+                moving = (m * tf.cast(item.inner.moving_mean, mean.dtype) + (1.0 - m) * mean,
+                          m * tf.cast(item.inner.moving_variance, var.dtype) + (1.0 - m) * var)
+            else:
+                s1, s2, mm, mv = carry[f"n{i}"]
+                mean = s1 / count
+                var = tf.nn.relu(s2 / count - tf.square(mean))
+                moving = (mm, mv)
+            stats[i] = {"mean": mean, "var": var, "moving_mean": moving[0],
+                        "moving_variance": moving[1]}
+        elif item.kind == "mean":
+            stats[i] = {"mean": carry[f"n{i}"][0] / count}
+        elif item.kind == "dropout" and i in masks:
+            stats[i] = {"mask": masks[i]}
+    return {"input_mean": tf.reduce_mean(x, axis=1), "nodes": stats, "steps": count}
+
+
+def _reset_slope(h, s, sg, params):
+    """dV_t/dH_t of the reset (``dynamics.node_step_vjp``): the paper's hard-reset factor
+    (1 - S) - H sg for V_reset = 0, 1 - V_th sg for the soft reset, 1 with detach_reset."""
+    if params.v_reset is None:
+        return tf.ones_like(h) if params.detach_reset else 1.0 - params.thr * sg
+    slope = 1.0 - s
+    if not params.detach_reset:
+        slope = slope + (params.v_reset - h) * sg
+    return slope
+
+
+def _deep_rate_phase(plan, output, stats):
+    out = {-1: stats["input_mean"]}
+    rates = []
+    for i, item in enumerate(plan):
+        h = out[item.inputs[0]]
+        s = stats["nodes"].get(i, {})
+        if item.kind == "reshape":
+            y = tf.reshape(h, _batch_shape(tf.shape(h)[0], item.inner))
+        elif item.kind == "map":
+            y = item.inner(h)
+        elif item.kind == "dropout":
+            y = h * tf.cast(s["mask"], h.dtype) if "mask" in s else h
+        elif item.kind == "add":
+            y = h
+            for j in item.inputs[1:]:
+                y = y + tf.cast(out[j], y.dtype)
+        elif item.kind == "bn":
+            # value: the spike phase's statistics; derivative: the rate's own statistics.
+            axes = list(range(h.shape.rank - 1))
+            m_rate = tf.reduce_mean(h, axes)
+            mean = tf.cast(s["mean"], h.dtype) + m_rate - tf.stop_gradient(m_rate)
+            v_rate = tf.reduce_mean(tf.square(h - mean), axes)
+            var = tf.nn.relu(tf.cast(s["var"], h.dtype) + v_rate - tf.stop_gradient(v_rate))
+            y = _bn_affine(item.inner, (h - mean) / tf.sqrt(var + item.inner.epsilon))
+        elif item.kind == "neuron":
+            current = tf.cast(h, s["elig"].dtype) * s["elig"]
+            y = s["rate"] + current - tf.stop_gradient(current)
+            rates.append((item.layer, s["rate"]))
+        elif item.kind == "mean":
+            y = tf.cast(s["mean"], h.dtype) + h - tf.stop_gradient(h)
+        out[i] = y
+    return out[output], rates
