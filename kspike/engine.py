@@ -36,15 +36,19 @@ that decides which backend runs a call:
   compiled as one XLA cluster. XLA rounds differently, so a spike sitting within float
   rounding of its threshold may flip: not the default.
 
-Dispatch, under a gradient tape: native where it applies (``native="auto"``, the default:
+Dispatch: native where it applies (``native="auto"``, the default:
 float32 states and matmuls, no mask, no XLA, a catalogue surrogate, no GPU in the process, and
 the C++ loops compile; ``native=True`` raises a ValueError naming the condition that failed),
-else XLA with ``jit_compile=True``, else TensorFlow. Without a tape (inference,
-``model.predict``, SavedModel export) the TensorFlow (or XLA) forward loop runs alone
-(``_plain_loop``) with the cell's own spike function and keeps no buffers; TensorFlow can
-still differentiate it, with the gradients of ``keras.layers.RNN``, should the traced function
-be differentiated later. The native ops therefore never enter an exported graph: a SavedModel
-of a ``SpikingRNN`` model loads and runs without kspike. Speeds are measured by
+else XLA with ``jit_compile=True``, else TensorFlow. Without a gradient tape (inference) only
+the forward loop runs (``_plain_loop``) and keeps no buffers, and the native forward runs
+only eagerly and in the functions Keras builds for fit / evaluate / predict and kspike's
+Trainer for its evaluation, which are never exported (``compat.native_inference_allowed``);
+in every other traced function (``kspike.export``, ``model.export``, ``tf.saved_model.save``,
+a user's ``tf.function``) the TensorFlow (or XLA) forward loop runs with the cell's own spike
+function. TensorFlow can still differentiate that loop, with the gradients of
+``keras.layers.RNN``, should the traced function be differentiated later, and no native op
+enters an exported graph: a SavedModel of a ``SpikingRNN`` model loads and runs without
+kspike. Speeds are measured by
 ``bin/bench_engine.py`` (variants ``spiking_rnn``, ``spiking_rnn_tf``, ``spiking_rnn_xla``);
 the rules and guarantees are in docs/engine.md.
 
@@ -57,7 +61,7 @@ Cells that are not kspike cells (or kspike cells whose ``call`` is overridden) a
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
-is why the export path (traced without a tape) is the plain loop: a model with ``SpikingRNN``
+is why the export path (traced without a tape) is the plain TensorFlow loop: a model with ``SpikingRNN``
 exported by ``kspike.export.saved_model`` serves whole sequences, streams with ``step`` (the
 cell's own ``call``) and gives gradients through the reloaded ``serve`` like the Keras model
 (autodiff of the plain loop, i.e. without the speed-up of the hand-written backward pass).
@@ -546,9 +550,12 @@ class _NativeBackend(_Backend):
 
     time_axis = 1
 
-    def __init__(self, ops, cell, params, output_all, sequences):
+    def __init__(self, ops, cell, params, output_all, sequences, for_backward=True):
         super().__init__(cell, params, output_all, sequences)
         self.ops = ops
+        # for_backward=False (inference): the forward op writes only the outputs and final
+        # states, none of the buffers of the backward op.
+        self.for_backward = for_backward
         self.attrs = _neuron_attrs(cell, params)
         self.surrogate_attrs = _native_surrogate_attrs(params.spike_function)
 
@@ -567,7 +574,9 @@ class _NativeBackend(_Backend):
                 bias=bias if bias is not None else tf.zeros((0,)), beta=self._beta(),
                 v0=state.v, b0=state.b if self.adaptive else tf.zeros((0, n)), z0=state.z,
                 r0=state.r, recurrent=w_rec is not None, has_bias=bias is not None,
-                **self.attrs)
+                store_z=self.for_backward or self.sequences,
+                store_v=self.for_backward or (self.sequences and self.output_all),
+                store_backward=self.for_backward, **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}
         if self.adaptive:
@@ -619,20 +628,24 @@ def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, maske
                     sequences):
     """The backend that runs one ``SpikingRNN`` call: the one dispatch rule (docs/engine.md).
 
-    Without a gradient tape that may record (inference, ``model.predict``, export) the
-    TensorFlow forward loop alone (compiled by XLA with ``jit_compile``), which keeps no
-    buffers; under one the native loops where ``native`` ("auto", True, False) lets them run
-    (``_load_native``), else the XLA loops with ``jit_compile``, else the TensorFlow loops.
+    The native loops where ``native`` ("auto", True, False) lets them run (``_load_native``),
+    else the XLA loops with ``jit_compile``, else the TensorFlow loops. Without a gradient
+    tape that may record, only the forward loop runs and keeps no buffers; there the native
+    forward runs only where its graph is never exported (``compat.native_inference_allowed``:
+    eagerly and in the functions Keras and kspike's Trainer build for fit / evaluate /
+    predict), and anywhere else (exports, user tf.functions) the TensorFlow (or XLA) forward
+    loop, whose graph holds TensorFlow ops only.
     """
     params = cell.parameters(state_dtype)
     output_all = cell.output_mode == "all"
     tensorflow_loops = _XlaBackend if jit_compile else _TensorFlowBackend
-    if not compat.tape_may_record():
+    for_backward = compat.tape_may_record()
+    if not for_backward and not compat.native_inference_allowed():
         return tensorflow_loops(cell, params, output_all, sequences, for_backward=False)
     ops = _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile)
     if ops is not None:
-        return _NativeBackend(ops, cell, params, output_all, sequences)
-    return tensorflow_loops(cell, params, output_all, sequences)
+        return _NativeBackend(ops, cell, params, output_all, sequences, for_backward)
+    return tensorflow_loops(cell, params, output_all, sequences, for_backward)
 
 
 def _plain_loop(backend, inputs):
@@ -765,7 +778,7 @@ class SpikingRNN(keras.layers.RNN):
             ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a whole
             ``keras.layers.RNN`` training step (which XLA differentiates itself and which
             was ~15x slower on CPU), only kspike's own loops are compiled here.
-        native: run the training loops in C++ (``kspike.native``, compiled on first use):
+        native: run the loops in C++ (``kspike.native``, compiled on first use):
             "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
             a catalogue surrogate, a CPU-only process) and compile, else the TensorFlow
             loop; True to require them (a ValueError naming the condition that failed,
@@ -781,9 +794,11 @@ class SpikingRNN(keras.layers.RNN):
         training: passed for API compatibility (spiking cells behave the same).
 
     Under a gradient tape the backward pass is a hand-written ``tf.custom_gradient`` around
-    the whole sequence; without one (inference, export) the plain loop runs, so a SavedModel
-    written by ``kspike.export`` serves and streams, and TensorFlow differentiates its
-    ``serve`` function by autodiff (correct gradients, generic speed).
+    the whole sequence; without one the forward loop runs alone: native eagerly and in
+    ``model.predict`` / ``evaluate`` / the Trainer's validation, TensorFlow's in exports and
+    other traced functions, so a SavedModel written by ``kspike.export`` (or ``model.export``,
+    ``tf.saved_model.save``) holds TensorFlow ops only, serves and streams, and TensorFlow
+    differentiates its ``serve`` function by autodiff (correct gradients, generic speed).
 
     Example:
 

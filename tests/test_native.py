@@ -286,10 +286,91 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     assert all(g is not None for g in grads)
 
 
+def _native_forward_calls(monkeypatch):
+    """The ``for_backward`` flag of every native forward traced or run from now on."""
+    calls = []
+    original = engine._NativeBackend.forward
+
+    def forward(self, inputs):
+        calls.append(self.for_backward)
+        return original(self, inputs)
+    monkeypatch.setattr(engine._NativeBackend, "forward", forward)
+    return calls
+
+
+def _twin_models(output="spikes", return_sequences=True, steps=T):
+    """The same model with native="auto" and native=False (equal weights), compiled."""
+    models = []
+    for native_flag in ("auto", False):
+        model = keras.Sequential([
+            keras.Input((steps, N_IN)),
+            kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2,
+                                          output=output, seed=3),
+                              return_sequences=return_sequences, native=native_flag),
+            kspike.LeakyReadout(3) if return_sequences else keras.layers.Dense(3)])
+        model.compile("adam", "mse")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    return models
+
+
 @needs_compiler
-def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
-    # The native ops run only under a gradient tape: the exported graph holds TensorFlow ops
-    # alone, so the SavedModel loads and serves in a process that never imports kspike.
+@pytest.mark.parametrize("output, return_sequences", [("spikes", True), ("all", True),
+                                                      ("spikes", False)])
+def test_inference_runs_the_native_forward(monkeypatch, output, return_sequences):
+    # predict, evaluate and eager calls (no tape) run the native forward alone, with the
+    # outputs of the TensorFlow loop (spikes identical).
+    assert native.available(), native._state["error"]
+    calls = _native_forward_calls(monkeypatch)
+    fast, reference = _twin_models(output, return_sequences)
+    x = _inputs(batch=B, steps=T, features=N_IN)
+    y = np.random.default_rng(0).random((B, T, 3) if return_sequences else (B, 3))
+    layer = fast.layers[0]
+    spikes = layer(x)[..., :UNITS].numpy()
+    assert spikes.mean() > 0.02
+    np.testing.assert_array_equal(spikes, reference.layers[0](x)[..., :UNITS].numpy())
+    np.testing.assert_allclose(layer(x).numpy(), reference.layers[0](x).numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(fast.predict(x, verbose=0), reference.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.evaluate(x, y, verbose=0),
+                               reference.evaluate(x, y, verbose=0), rtol=1e-5)
+    assert calls == [False, False, False, False], calls   # eager x2, predict, evaluate
+
+
+@needs_compiler
+def test_trainer_validation_runs_the_native_forward(monkeypatch):
+    calls = _native_forward_calls(monkeypatch)
+    fast, reference = _twin_models()
+    x = _inputs(batch=8, steps=T, features=N_IN)
+    y = np.random.default_rng(0).random((8, T, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    losses = [kspike.Trainer(model, "adam", "mse", verbose=0).evaluate(data)["loss"]
+              for model in (fast, reference)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert calls == [False]
+
+
+@needs_compiler
+def test_user_functions_run_the_tensorflow_forward(monkeypatch):
+    # A tf.function of the user (it may be saved later) traces the TensorFlow loop, also when
+    # it is traced inside Keras' predict function.
+    calls = _native_forward_calls(monkeypatch)
+    fast, _ = _twin_models()
+    x = _inputs(batch=4, steps=T, features=N_IN)
+    tf.function(lambda v: fast(v))(x)
+    assert calls == []
+    inner = tf.function(lambda v: fast.layers[0](v))
+    wrapped = keras.Sequential([keras.Input((T, N_IN)), keras.layers.Lambda(inner)])
+    wrapped.predict(x, verbose=0)
+    assert calls == []
+
+
+@needs_compiler
+def test_exports_hold_no_native_op(tmp_path):
+    # The native ops run under a gradient tape, eagerly and in Keras' fit / evaluate /
+    # predict functions only: every route of export, taken after all of these, writes a graph
+    # of TensorFlow ops alone, which loads and serves in a process that never imports kspike.
     assert native.available(), native._state["error"]
     model = keras.Sequential([
         keras.Input((T, N_IN)),
@@ -299,17 +380,44 @@ def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = _inputs(batch=B, steps=T, features=N_IN)
     y = np.random.default_rng(0).integers(0, 3, (B, T))
-    model.fit(x, y, epochs=1, batch_size=B, verbose=0)
-    path = kspike.export.saved_model(model, tmp_path / "native_trained")
+    model.fit(x, y, epochs=1, batch_size=B, verbose=0, validation_data=(x, y))
+    model.predict(x, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    expected = model(x).numpy()
+
+    class UserModule(tf.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec((None, T, N_IN))])
+        def serve(self, v):
+            return self.model(v)
+
+    user = UserModule(model)
+    np.testing.assert_allclose(user.serve(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    paths = {"kspike": kspike.export.saved_model(model, tmp_path / "kspike_export")}
+    paths["keras"] = str(tmp_path / "keras_export")
+    model.export(paths["keras"], verbose=False)
+    paths["tf"] = str(tmp_path / "tf_saved_model")
+    tf.saved_model.save(model, paths["tf"])
+    paths["user"] = str(tmp_path / "user_function")
+    tf.saved_model.save(user, paths["user"])
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model(x).numpy())
+    np.save(tmp_path / "y.npy", expected)
     code = (
         "import sys, numpy as np, tensorflow as tf\n"
-        f"loaded = tf.saved_model.load({str(path)!r})\n"
-        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"paths = {paths!r}\n"
+        f"x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))\n"
         f"expected = np.load({str(tmp_path / 'y.npy')!r})\n"
-        "np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected,\n"
-        "                           rtol=1e-5, atol=1e-5)\n"
+        "outputs = {\n"
+        "    'kspike': lambda m: m.serve(x),\n"
+        "    'keras': lambda m: m.serve(x),\n"
+        "    'tf': lambda m: list(m.signatures['serving_default'](x).values())[0],\n"
+        "    'user': lambda m: m.serve(x)}\n"
+        "for route, path in paths.items():\n"
+        "    y = outputs[route](tf.saved_model.load(path)).numpy()\n"
+        "    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=route)\n"
         "assert 'kspike' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))

@@ -432,6 +432,12 @@ REGISTER_OP("KspikeSpikingForward")
     .Input("z0: float")             // (B, n)
     .Input("r0: float")             // (B, n)
     KSPIKE_NEURON_ATTRS
+    // What is written besides the final states. Inference (no backward pass) keeps only the
+    // outputs it returns: store_z the spike sequence, store_v v and A (output="all"), and
+    // store_backward the refractory masks and packed spikes that only the backward op reads.
+    .Attr("store_z: bool = true")
+    .Attr("store_v: bool = true")
+    .Attr("store_backward: bool = true")
     .Output("z: float")             // (B, T, n): z_1 .. z_T, the layer's output
     .Output("v: float")             // (T, B, n): v_1 .. v_T (time-major: read back per step)
     .Output("threshold: float")     // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
@@ -445,17 +451,22 @@ REGISTER_OP("KspikeSpikingForward")
     .SetShapeFn([](InferenceContext* c) {
       auto x = c->input(0);
       auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(2), 1);
-      bool adaptive;
+      bool adaptive, store_z, store_v, store_backward;
       int n_refractory;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("n_refractory", &n_refractory));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_z", &store_z));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_v", &store_v));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_backward", &store_backward));
       tensorflow::shape_inference::DimensionHandle words = c->UnknownDim();
       if (c->ValueKnown(n)) words = c->MakeDim((c->Value(n) + 63) / 64);
-      c->set_output(0, c->MakeShape({batch, steps, n}));
-      c->set_output(1, c->MakeShape({steps, batch, n}));
-      c->set_output(2, c->MakeShape({adaptive ? steps : c->MakeDim(0), batch, n}));
-      c->set_output(3, c->MakeShape({n_refractory > 0 ? steps : c->MakeDim(0), batch, n}));
-      c->set_output(4, c->MakeShape({steps, batch, words}));
+      const auto none = c->MakeDim(0);
+      c->set_output(0, c->MakeShape({batch, store_z ? steps : none, n}));
+      c->set_output(1, c->MakeShape({store_v ? steps : none, batch, n}));
+      c->set_output(2, c->MakeShape({adaptive && store_v ? steps : none, batch, n}));
+      c->set_output(3, c->MakeShape({n_refractory > 0 && store_backward ? steps : none, batch,
+                                     n}));
+      c->set_output(4, c->MakeShape({store_backward ? steps : none, batch, words}));
       c->set_output(5, c->MakeShape({batch, n}));
       c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(7, c->MakeShape({batch, n}));
@@ -498,6 +509,9 @@ class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     ReadNeuronAttrs(ctx, &a_);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -532,13 +546,15 @@ class SpikingForwardOp : public OpKernel {
     const bool refractory = a_.n_refractory > 0;
     Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
         *r_final;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? T : 0, B, n}),
-                                             &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({refractory ? T : 0, B, n}),
+    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
+    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
                                              &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({T, B, n_words}), &bits_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
+                                                             n_words}), &bits_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
                                              &b_final));
@@ -556,8 +572,8 @@ class SpikingForwardOp : public OpKernel {
     const float* r0 = ctx->input(9).flat<float>().data();
     float* Z = z_out->flat<float>().data();
     float* V = v_out->flat<float>().data();
-    float* Aseq = a_.adaptive ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = refractory ? allowed_out->flat<uint8_t>().data() : nullptr;
+    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
+    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
     uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
     float* vf = v_final->flat<float>().data();
     float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
@@ -575,6 +591,9 @@ class SpikingForwardOp : public OpKernel {
       std::vector<float> current(n), projected(rows * n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
+      // Where v_t, A_t and the refractory mask go when they are not kept: one row, reused.
+      std::vector<float> v_scratch(n), a_scratch(n);
+      std::vector<uint8_t> allowed_scratch(n);
       for (int64_t t = 0; t < T; ++t) {
         if (!sparse_inputs) {
           // x_t W_in for the shard's rows as one small product.
@@ -605,10 +624,13 @@ class SpikingForwardOp : public OpKernel {
           const int64_t at = step_at + i * n;
           float* z_new = z_next.data() + i * n;
           step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, V + at,
-               a.adaptive ? Aseq + at : nullptr, refractory ? allowed + at : nullptr, z_new);
-          std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          PackBits(z_new, n, bits + (t * B + row) * n_words);
+               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+               store_v ? V + at : v_scratch.data(),
+               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
+               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
+               z_new);
+          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
+          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
         }
         z.swap(z_next);
       }
@@ -621,6 +643,7 @@ class SpikingForwardOp : public OpKernel {
 
  private:
   NeuronAttrs a_;
+  bool store_z_ = true, store_v_ = true, store_backward_ = true;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), SpikingForwardOp);

@@ -6,6 +6,7 @@ rule's gradients only when every replica's loss and gradients are finite (docs/t
 import numpy as np
 import tensorflow as tf
 
+from kspike import compat
 from kspike import regularizers as _regularizers
 # The one place the Trainer takes its firing-rate logs from ("firing_rate" in Hz plus one key
 # per layer): swapping the helper is this single line.
@@ -101,6 +102,12 @@ def apply_if_finite(optimizer, strategy, pairs, finite):
     return finite
 
 
+# Traced only into the Trainer's evaluation function, which is never exported, so SpikingRNN
+# may run its native forward loop in it (compat.native_inference_allowed; the mark needs the
+# function's own code, which AutoGraph would replace, and it needs no AutoGraph: Keras'
+# evaluate runs the same model code without it).
+@tf.autograph.experimental.do_not_convert
+@compat.mark_step_function
 def evaluate_step(model, loss, regularizers, metrics, x, y, sample_weight):
     """One replica's evaluation: loss (task + regularisation + model losses), metrics updated,
     firing rates in Hz."""
