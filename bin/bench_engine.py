@@ -140,6 +140,32 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     return lambda: train_step(x, y).numpy()
 
 
+def _pseudo_derivative_fraction(units, steps, n_inputs, batch, seed=0):
+    """(spike rate, fraction of nonzero psi_t, fraction of nonzero psi_t of the neurons
+    allowed to spike) of the ``_build`` ALIF layer on its inputs, at initialisation: the
+    share of the recurrent backward product the native backward op does."""
+    import keras
+    import numpy as np
+
+    import kspike
+
+    keras.utils.set_random_seed(seed)
+    n_refractory = 5
+    cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=n_refractory, seed=seed,
+                       output="all")
+    layer = kspike.SpikingRNN(cell, return_sequences=True)
+    rng = np.random.default_rng(seed)
+    x = (rng.uniform(size=(batch, steps, n_inputs)) < 0.05).astype("float32")
+    out = layer(x).numpy()
+    z, v, A = out[..., :units], out[..., units:2 * units], out[..., 2 * units:]
+    psi = keras.ops.convert_to_numpy(cell.spike_function.pseudo_derivative((v - A) / A))
+    # Refractory at t: a spike in the n_refractory steps before (psi is not applied there).
+    padded = np.concatenate([np.zeros((batch, n_refractory, units)), z], axis=1)
+    recent = sum(padded[:, n_refractory - k:n_refractory - k + steps]
+                 for k in range(1, n_refractory + 1))
+    return float(z.mean()), float(np.mean(psi != 0)), float(np.mean((psi != 0) & (recent == 0)))
+
+
 def _build_predict(variant, units, steps, n_inputs, batch, seed=0):
     """``model.predict`` of one batch of the model of ``_build`` (one call)."""
     import keras
@@ -440,6 +466,15 @@ def main(argv=None):
                 rows.append(row)
                 print("  " + _format_table([row]).splitlines()[-1], flush=True)
             del functions
+            if "spiking_rnn" in args.variants:
+                rate, nonzero, allowed = _pseudo_derivative_fraction(units, steps, args.inputs,
+                                                                     args.batch)
+                rows[len(rows) - len(args.variants) + list(args.variants).index("spiking_rnn")
+                     ]["nonzero_psi"] = allowed
+                print(f"  spike rate {rate:.3f} per step; nonzero pseudo-derivatives "
+                      f"{nonzero:.3f} of neurons x steps, {allowed:.3f} outside refractory "
+                      "periods (the share of the recurrent backward product the native "
+                      "backward op does)", flush=True)
     result = {"batch": args.batch, "inputs": args.inputs, "rows": rows,
               "load_average": os.getloadavg()[0]}
     if not args.no_streaming:

@@ -24,8 +24,10 @@ that decides which backend runs a call:
   over (B, n) arrays instead of ~30 TensorFlow ops, and use the sparsity of spikes: z_{t-1}
   W_rec and dW_rec = sum_t z_{t-1}^T dI_t add the rows of the neurons that spiked (B * spikes
   * n work instead of B * n * n), and so do x_t W_in and dW_in when at most a quarter of the
-  inputs are nonzero (spike inputs); the dense per-step product dI_t W_rec^T is a
-  register-blocked kernel; the batch is split into one shard per intra-op thread. The
+  inputs are nonzero (spike inputs); the backward product dI_t W_rec^T adds the rows of the
+  neurons whose pseudo-derivative term is nonzero (compact surrogates: most neurons are far
+  from threshold; docs/engine.md), else it is a register-blocked dense kernel; the batch is
+  split into one shard per intra-op thread. The
   element-wise updates are written in TensorFlow's order and round as TensorFlow's; the
   products sum in another order (differences of float rounding only). Batch-major.
 - TensorFlow: the input projection of all T steps as one matmul before a ``tf.while_loop``
@@ -538,6 +540,12 @@ class _XlaBackend(_TensorFlowBackend):
             step_buffers, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t)))
 
 
+# The native backward op forms dL/dz_{t-1} += dI_t W_rec^T from the rows of W_rec^T of the
+# neurons whose pseudo-derivative term dL/dz_t psi_t / A_t is nonzero, in a step where at most
+# this fraction of them is (compact surrogates, see spiking_ops.cc), else by the dense product.
+_SPARSE_BACKWARD_FRACTION = 0.3
+
+
 class _NativeBackend(_Backend):
     """The two C++ ops of ``kspike/native/spiking_ops.cc`` (batch-major, float32, no mask).
 
@@ -610,7 +618,7 @@ class _NativeBackend(_Backend):
             grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
             grad_b_final=g_final.b if self.adaptive else tf.zeros((0, n)),
             grad_z_final=g_final.z, recurrent=w_rec is not None, has_bias=False,
-            **self.attrs, **self.surrogate_attrs)
+            sparse_fraction=_SPARSE_BACKWARD_FRACTION, **self.attrs, **self.surrogate_attrs)
         g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
         x_time_major = tf.transpose(x, (1, 0, 2))
         # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.

@@ -48,18 +48,21 @@ def _three_layers(make_cell, x_shape, **layer_kwargs):
 
 
 def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_rate=0.02,
-           density=0.5):
+           density=0.5, generic=True):
     assert native.available(), native._state["error"]
     layer_kwargs = {"return_sequences": True, "return_state": True, **(layer_kwargs or {})}
     x = _inputs(batch=B, steps=T, features=N_IN, density=density) if x is None else x
-    generic, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
-    init = _initial_states(generic.cell, batch=x.shape[0]) if initial else None
-    results = [_outputs_and_grads(layer, x, init) for layer in (generic, tf_loop, native_loop)]
-    (out_g, grad_g), (out_t, grad_t), (out_n, grad_n) = results
-    units = generic.cell.units
+    generic_layer, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
+    init = _initial_states(generic_layer.cell, batch=x.shape[0]) if initial else None
+    # generic=False: against kspike's TensorFlow loop only (keras.layers.RNN is the slow one).
+    results = [_outputs_and_grads(layer, x, init) for layer in
+               ((generic_layer,) if generic else ()) + (tf_loop, native_loop)]
+    (out_t, grad_t), (out_n, grad_n) = results[-2:]
+    out_g, grad_g = results[0]          # keras.layers.RNN, or the TensorFlow loop again
+    units = generic_layer.cell.units
     rate = out_g[0][..., :units].mean()
     assert min_rate <= rate <= 0.6, f"uninformative firing rate {rate}"
-    z_final = 1 + list(generic.cell.state_names).index("z")
+    z_final = 1 + list(generic_layer.cell.state_names).index("z")
     for reference in (out_g, out_t):
         np.testing.assert_array_equal(reference[0][..., :units], out_n[0][..., :units])
         np.testing.assert_array_equal(reference[z_final], out_n[z_final])   # spikes
@@ -69,7 +72,7 @@ def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_ra
     for a, b in zip(out_t, out_n):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     names = ["inputs"] + [w.path for w in native_loop.trainable_variables] + \
-        [f"initial {s}" for s in (generic.cell.state_names if initial else ())]
+        [f"initial {s}" for s in (generic_layer.cell.state_names if initial else ())]
     assert len(grad_g) == len(grad_t) == len(grad_n) == len(names)
     for name, a, t, b in zip(names, grad_g, grad_t, grad_n):
         _assert_close(a, b, rtol=rtol, what=f"{name} (vs keras.layers.RNN)")
@@ -120,6 +123,33 @@ def test_every_catalogue_surrogate_with_parameters(name, extra):
     _check(lambda: kspike.ALIF(UNITS, n_adaptive=7, thr=0.05, tau_adaptation=30.0,
                                n_refractory=2, surrogate=spike_function, output="all",
                                seed=3))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,extra", SURROGATES, ids=[s[0] for s in SURROGATES])
+def test_sparse_backward_product_every_surrogate(name, extra, monkeypatch):
+    # dL/dz_{t-1} += dI_t W_rec^T formed in every step but the last from the rows of the
+    # neurons with a nonzero pseudo-derivative term (a threshold fraction of 1): the same
+    # gradients as the dense product of the TensorFlow loop, compact surrogate or not.
+    monkeypatch.setattr(engine, "_SPARSE_BACKWARD_FRACTION", 1.0)
+    spike_function = surrogates.get(name, dampening=0.45, sharpness=1.5, **extra)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=7, thr=0.05, tau_adaptation=30.0,
+                               n_refractory=2, surrogate=spike_function, seed=3),
+           generic=False)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_sparse_backward_product_lif_and_last_output(fraction, monkeypatch):
+    # Dense, mixed (the default threshold) and sparse steps; LIF neurons; and gradients that
+    # enter through the final states only.
+    monkeypatch.setattr(engine, "_SPARSE_BACKWARD_FRACTION", fraction)
+    triangular = surrogates.get("triangular", sharpness=3.0)
+    _check(lambda: kspike.LIF(UNITS, thr=0.05, n_refractory=2, surrogate=triangular,
+                              seed=3), generic=False)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0,
+                               surrogate=triangular, seed=3), dict(return_sequences=False),
+           generic=False)
 
 
 @needs_compiler
@@ -422,3 +452,36 @@ def test_exports_hold_no_native_op(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+
+@needs_compiler
+def test_stacked_layers_train_natively_end_to_end(monkeypatch):
+    # Two SpikingRNN layers (the lower one's spikes are the upper one's inputs): both run the
+    # native forward and backward ops, with the gradients of the TensorFlow loops.
+    backward_calls = []
+    original = engine._NativeBackend.backward
+
+    def backward(self, *args):
+        backward_calls.append(self.cell.name)
+        return original(self, *args)
+    monkeypatch.setattr(engine._NativeBackend, "backward", backward)
+    x = tf.constant(_inputs(batch=B, steps=T, features=N_IN))
+    results = []
+    for native_flag in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((T, N_IN))] + [
+            kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2,
+                                          seed=3 + i, name=f"alif_{i}"),
+                              return_sequences=True, native=native_flag)
+            for i in range(2)] + [kspike.LeakyReadout(3, seed=5)])
+        weights = np.linspace(-1.0, 1.0, 3).astype("float32")
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_sum(y * weights)
+        results.append((y.numpy(), tape.gradient(loss, model.trainable_variables)))
+    assert backward_calls == ["alif_1", "alif_0"]
+    (y_n, g_n), (y_t, g_t) = results
+    np.testing.assert_allclose(y_n, y_t, rtol=1e-5, atol=1e-6)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in g_t)
+    for variable, a, b in zip(model.trainable_variables, g_t, g_n):
+        _assert_close(a.numpy(), b.numpy(), rtol=2e-5, what=variable.path)

@@ -14,8 +14,11 @@
 // - z_{t-1} W_rec is summed over the rows of W_rec of the neurons that spiked (z is 0/1 and
 //   sparse, so this costs B * spikes * n instead of B * n * n);
 // - dW_rec = sum_t z_{t-1}^T dI_t is accumulated the same way inside the backward loop;
-// - the only dense per-step product, dI_t W_rec^T, is a register-blocked AVX-512 kernel over a
-//   W_rec^T packed once per call (Eigen's GEMM where AVX-512 is missing);
+// - the backward product dI_t W_rec^T is kept as h_t = gvt_t W_rec^T = alpha h_{t+1} +
+//   gxa_t W_rec^T, whose new term adds the rows of W_rec^T of the neurons with a nonzero
+//   pseudo-derivative term gxa_t (compact surrogates: few); steps with many of them take a
+//   register-blocked AVX-512 kernel over a W_rec^T packed once per call (Eigen's GEMM where
+//   AVX-512 is missing);
 // - the batch is split into one shard per intra-op thread, each running the whole recurrence
 //   for its rows (rows are independent), so the threads never wait on each other per step;
 // - the layer's inputs, outputs and output gradients stay batch-major (B, T, n), Keras' layout,
@@ -652,18 +655,22 @@ REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), Spiking
 // neuron_step_vjp of n neurons of one batch row (kspike/dynamics.py), given psi_t (0 where
 // refractory) and dL/dz_t, dL/dv_t (outputs already added), dL/db_t. Writes dL/dI_t and the
 // gradients with respect to the previous state (v, b in place; z without the recurrent
-// product).
+// product), and the two terms of the membrane gradient gvt = gv + gxa that the recurrent
+// product is formed from (see SpikingBackwardOp): gvt itself and gxa = dL/dz_t psi_t / A_t.
 template <bool ADAPTIVE, bool HAS_GA>
 static void BackwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __restrict psi,
                              const float* __restrict v, const float* __restrict A_seq,
                              const float* __restrict z_prev, const float* __restrict beta,
                              const float* __restrict grad_a_out, const float* __restrict gz,
                              float* __restrict gv, float* __restrict gb,
-                             float* __restrict grad_current, float* __restrict gz_prev) {
+                             float* __restrict grad_current, float* __restrict gz_prev,
+                             float* __restrict gvt_out, float* __restrict gxa_out) {
   for (int64_t k = 0; k < n; ++k) {
     const float A = ADAPTIVE ? A_seq[k] : a.thr;
     const float gxa = gz[k] * psi[k] / A;
     const float gvt = gv[k] + gxa;
+    gvt_out[k] = gvt;
+    gxa_out[k] = gxa;
     grad_current[k] = a.one_minus_alpha * gvt;
     gv[k] = a.alpha * gvt;
     if (ADAPTIVE) {
@@ -680,7 +687,7 @@ static void BackwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __res
 
 using BackwardFn = void (*)(const NeuronAttrs&, int64_t, const float*, const float*,
                             const float*, const float*, const float*, const float*,
-                            const float*, float*, float*, float*, float*);
+                            const float*, float*, float*, float*, float*, float*, float*);
 
 static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
   if (!a.adaptive) return BackwardNeuronsT<false, false>;
@@ -709,6 +716,9 @@ REGISTER_OP("KspikeSpikingBackward")
     .Attr("sharpness: float")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
+    // Largest fraction of nonzero dL/dz_t psi_t / A_t in a step (of a shard) for which the
+    // recurrent product adds rows of W_rec^T instead of the dense product.
+    .Attr("sparse_fraction: float = 0.3")
     .Output("grad_current: float")   // (T, B, n) dL/dI_t, time-major
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
@@ -741,6 +751,7 @@ class SpikingBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sparse_fraction", &sparse_fraction_));
     std::vector<float> mg;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
     if (s_.kind == kMultiGaussian) {
@@ -804,6 +815,7 @@ class SpikingBackwardOp : public OpKernel {
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
     const BackwardFn step = SelectBackward(a, has_ga);
+    const double sparse_fraction = sparse_fraction_;
 
     // W_rec^T, packed once for the per-step products.
     std::vector<float> wt;
@@ -823,6 +835,8 @@ class SpikingBackwardOp : public OpKernel {
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
       std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(n), z_row(n);
+      // h = gvt_t W_rec^T per row (see the comment of the recurrent product below).
+      std::vector<float> gvt(rows * n), gxa(rows * n), h(a.recurrent ? rows * n : 0);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       float* gw = nullptr;
@@ -881,7 +895,8 @@ class SpikingBackwardOp : public OpKernel {
           }
           float* gi = GI + at;
           step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n);
+               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n,
+               gvt.data() + i * n, gxa.data() + i * n);
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
             ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
@@ -894,9 +909,33 @@ class SpikingBackwardOp : public OpKernel {
           }
         }
         if (a.recurrent) {
-          // dL/dz_{t-1} += dI_t W_rec^T for the shard's rows.
-          Gemm(GI + step_at, n, rows, wt.data(), n, n, g_rec.data(), n);
-          for (int64_t e = 0; e < rows * n; ++e) gz_prev[e] = gz_prev[e] + g_rec[e];
+          // dL/dz_{t-1} += dI_t W_rec^T = (1 - alpha) h_t with h_t = gvt_t W_rec^T. The
+          // membrane gradient obeys gvt_t = alpha gvt_{t+1} + gxa_t (alpha is a scalar), so
+          // h_t = alpha h_{t+1} + gxa_t W_rec^T, and gxa_t = dL/dz_t psi_t / A_t is exactly 0
+          // wherever the pseudo-derivative is (compact surrogates: most neurons at most
+          // steps; refractory neurons): that product adds the rows of W_rec^T of the neurons
+          // with gxa != 0 only. The same sum in another order, so the same gradients to
+          // float rounding. A step with many nonzeros, the last step (gv of the final
+          // state) and output gradients of v (which also enter gvt) take the dense product
+          // h_t = gvt_t W_rec^T instead.
+          int64_t active = 0;
+          for (int64_t e = 0; e < rows * n; ++e) active += gxa[e] != 0.0f;
+          if (t == T - 1 || has_gv ||
+              static_cast<double>(active) > sparse_fraction * rows * n) {
+            Gemm(gvt.data(), n, rows, wt.data(), n, n, h.data(), n);
+          } else {
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t count = Nonzeros(gxa.data() + i * n, n, index.data(),
+                                             value.data());
+              float* hi = h.data() + i * n;
+              float* tmp = g_rec.data() + i * n;
+              GatherRows(index.data(), value.data(), count, wt.data(), n, tmp);
+              for (int64_t k = 0; k < n; ++k) hi[k] = a.alpha * hi[k] + tmp[k];
+            }
+          }
+          for (int64_t e = 0; e < rows * n; ++e) {
+            gz_prev[e] = gz_prev[e] + a.one_minus_alpha * h[e];
+          }
         }
         gz.swap(gz_prev);
       }
@@ -925,6 +964,7 @@ class SpikingBackwardOp : public OpKernel {
  private:
   NeuronAttrs a_;
   SurrogateParams s_;
+  float sparse_fraction_ = 0.3f;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), SpikingBackwardOp);
