@@ -150,6 +150,9 @@ def test_sparse_backward_product_lif_and_last_output(fraction, monkeypatch):
     _check(lambda: kspike.ALIF(UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0,
                                surrogate=triangular, seed=3), dict(return_sequences=False),
            generic=False)
+    # 268 neurons: one 256-column block of the vectorised product and a tail.
+    _check(lambda: kspike.ALIF(268, n_adaptive=100, thr=0.05, tau_adaptation=30.0,
+                               n_refractory=1, surrogate=triangular, seed=3), generic=False)
 
 
 @needs_compiler

@@ -273,6 +273,40 @@ static void GatherRows(const int32_t* __restrict index, const float* __restrict 
   }
 }
 
+// h[0..n) = alpha h + sum_c value[c] * M[index[c]][0..n): the step of the recurrent backward
+// product (SpikingBackwardOp), with fused multiply-adds (its products may round differently).
+static void DecayAndGatherRows(const int32_t* __restrict index, const float* __restrict value,
+                               int64_t count, const float* __restrict M, int64_t n,
+                               float alpha, float* __restrict h) {
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  constexpr int kVectors = 16;
+  const __m512 decay = _mm512_set1_ps(alpha);
+  for (; k0 + 16 * kVectors <= n; k0 += 16 * kVectors) {
+    __m512 acc[kVectors];
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) {
+      acc[r] = _mm512_mul_ps(decay, _mm512_loadu_ps(h + k0 + 16 * r));
+    }
+    for (int64_t c = 0; c < count; ++c) {
+      const float* row = M + index[c] * n + k0;
+      const __m512 s = _mm512_set1_ps(value[c]);
+#pragma GCC unroll 16
+      for (int r = 0; r < kVectors; ++r) {
+        acc[r] = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 16 * r), acc[r]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) _mm512_storeu_ps(h + k0 + 16 * r, acc[r]);
+  }
+#endif
+  for (int64_t k = k0; k < n; ++k) {
+    float acc = alpha * h[k];
+    for (int64_t c = 0; c < count; ++c) acc += value[c] * M[index[c] * n + k];
+    h[k] = acc;
+  }
+}
+
 // M[index[c]][0..n) += value[c] * g[0..n) for every c: the outer product of a sparse column
 // vector with g, added to M.
 static void ScatterRows(const int32_t* __restrict index, const float* __restrict value,
@@ -927,10 +961,8 @@ class SpikingBackwardOp : public OpKernel {
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t count = Nonzeros(gxa.data() + i * n, n, index.data(),
                                              value.data());
-              float* hi = h.data() + i * n;
-              float* tmp = g_rec.data() + i * n;
-              GatherRows(index.data(), value.data(), count, wt.data(), n, tmp);
-              for (int64_t k = 0; k < n; ++k) hi[k] = a.alpha * hi[k] + tmp[k];
+              DecayAndGatherRows(index.data(), value.data(), count, wt.data(), n, a.alpha,
+                                 h.data() + i * n);
             }
           }
           for (int64_t e = 0; e < rows * n; ++e) {
