@@ -7,6 +7,10 @@ One BPTT training step (forward, backward, Adam update) of
 averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half adaptive
 (n_refractory=5), for T in (100, 400, 784, 1568) and units in (256, 1024).
 
+- Stacked (``--variants stacked_spiking_rnn stacked_spiking_rnn_tf stacked_keras_rnn``): two
+  recurrent ALIF layers of ``units`` each (the SRNN shape of Yin et al.), SpikingRNN native,
+  SpikingRNN(native=False) and keras.layers.RNN, against the bound of the two layers'
+  products (the upper layer has ``units`` inputs) and the stacked keras.layers.RNN step.
 - Variants: ``spiking_rnn`` (kspike.SpikingRNN: its native C++ loops where they compile, see
   ``kspike.native``), ``spiking_rnn_tf`` (SpikingRNN(native=False): its TensorFlow loops),
   ``spiking_rnn_xla`` (SpikingRNN(jit_compile=True):
@@ -36,8 +40,14 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
   times a reloaded function of the same signature that does nothing (TensorFlow's fixed cost
   of one call from Python).
 
+- Inference (``--predict``): ``model.predict`` of one batch (``--predict-batch``, default 256)
+  of the same model, for ``spiking_rnn`` (the native forward op alone) and ``spiking_rnn_tf``
+  (the TensorFlow forward loop, which export and every function of the user's run), timed
+  in interleaved rounds; the ratio is the speed-up of the native forward.
+
 Usage:
     bin/bench_engine.py                   # the full table (takes several minutes)
+    bin/bench_engine.py --predict --steps 784 --units 256   # model.predict, native vs TF
     bin/bench_engine.py --quick           # T in (100, 784), 256 units, 5 repeats, no LSTM memory
     bin/bench_engine.py --json out.json   # also write the figures as JSON
 
@@ -54,7 +64,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+STACKED = ("stacked_spiking_rnn", "stacked_spiking_rnn_tf", "stacked_keras_rnn")
 VARIANTS = ("spiking_rnn", "spiking_rnn_tf", "spiking_rnn_xla", "spiking_rnn_xla_step",
+            *STACKED,
             "keras_rnn", "lstm")
 DEFAULT_VARIANTS = ("spiking_rnn", "spiking_rnn_tf", "spiking_rnn_xla", "keras_rnn", "lstm")
 MEMORY_BASELINE_STEPS = 50
@@ -83,7 +95,20 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     import kspike
 
     keras.utils.set_random_seed(seed)
-    if variant == "lstm":
+    if variant in STACKED:
+        # Two recurrent layers (the SRNN shape of Yin et al.): the lower one's spikes are the
+        # upper one's inputs.
+        def cell(offset):
+            return kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5,
+                               seed=seed + offset)
+        if variant == "stacked_keras_rnn":
+            layers = [keras.layers.RNN(cell(i), return_sequences=True) for i in range(2)]
+        else:
+            layers = [kspike.SpikingRNN(cell(i), return_sequences=True,
+                                        native=variant == "stacked_spiking_rnn" and "auto")
+                      for i in range(2)]
+        recurrent = keras.Sequential(layers)
+    elif variant == "lstm":
         recurrent = keras.layers.LSTM(units, return_sequences=True)
     else:
         cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
@@ -113,6 +138,70 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
         return loss
 
     return lambda: train_step(x, y).numpy()
+
+
+def _pseudo_derivative_fraction(units, steps, n_inputs, batch, seed=0):
+    """(spike rate, fraction of nonzero psi_t, fraction of nonzero psi_t of the neurons
+    allowed to spike) of the ``_build`` ALIF layer on its inputs, at initialisation: the
+    share of the recurrent backward product the native backward op does."""
+    import keras
+    import numpy as np
+
+    import kspike
+
+    keras.utils.set_random_seed(seed)
+    n_refractory = 5
+    cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=n_refractory, seed=seed,
+                       output="all")
+    layer = kspike.SpikingRNN(cell, return_sequences=True)
+    rng = np.random.default_rng(seed)
+    x = (rng.uniform(size=(batch, steps, n_inputs)) < 0.05).astype("float32")
+    out = layer(x).numpy()
+    z, v, A = out[..., :units], out[..., units:2 * units], out[..., 2 * units:]
+    psi = keras.ops.convert_to_numpy(cell.spike_function.pseudo_derivative((v - A) / A))
+    # Refractory at t: a spike in the n_refractory steps before (psi is not applied there).
+    padded = np.concatenate([np.zeros((batch, n_refractory, units)), z], axis=1)
+    recent = sum(padded[:, n_refractory - k:n_refractory - k + steps]
+                 for k in range(1, n_refractory + 1))
+    return float(z.mean()), float(np.mean(psi != 0)), float(np.mean((psi != 0) & (recent == 0)))
+
+
+def _build_predict(variant, units, steps, n_inputs, batch, seed=0):
+    """``model.predict`` of one batch of the model of ``_build`` (one call)."""
+    import keras
+    import numpy as np
+
+    import kspike
+
+    keras.utils.set_random_seed(seed)
+    cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
+    model = keras.Sequential([
+        keras.Input((steps, n_inputs)),
+        kspike.SpikingRNN(cell, return_sequences=True,
+                          native=False if variant == "spiking_rnn_tf" else "auto"),
+        kspike.LeakyReadout(10)])
+    rng = np.random.default_rng(seed)
+    x = (rng.uniform(size=(batch, steps, n_inputs)) < 0.05).astype("float32")
+    return lambda: model.predict(x, batch_size=batch, verbose=0)
+
+
+def _predict_table(args):
+    rows = []
+    for units in args.units or [256]:
+        for steps in args.steps or [784]:
+            functions = {variant: _build_predict(variant, units, steps, args.inputs,
+                                                 args.predict_batch)
+                         for variant in ("spiking_rnn_tf", "spiking_rnn")}
+            print(f"predict, units={units} T={steps} B={args.predict_batch}: timing "
+                  f"{list(functions)} ...", flush=True)
+            times = _time_interleaved(functions, args.repeats)
+            rows.append({"units": units, "steps": steps, "batch": args.predict_batch,
+                         "predict_s": times,
+                         "speedup_native": times["spiking_rnn_tf"] / times["spiking_rnn"]})
+            print(f"  model.predict: native {times['spiking_rnn']:.3f} s, TensorFlow loop "
+                  f"{times['spiking_rnn_tf']:.3f} s: native {rows[-1]['speedup_native']:.2f}x "
+                  "faster", flush=True)
+    return rows
 
 
 def _matmul_bound(units, steps, n_inputs, batch, seed=0):
@@ -295,6 +384,9 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
     parser.add_argument("--no-streaming", action="store_true",
                         help="skip the exported step latency")
+    parser.add_argument("--predict", action="store_true",
+                        help="time model.predict (native forward vs TensorFlow loop) only")
+    parser.add_argument("--predict-batch", type=int, default=256)
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--streaming-child", nargs=3, type=int, default=None,
@@ -315,6 +407,17 @@ def main(argv=None):
         return 0
     if args.repeats < 5:
         parser.error(f"--repeats must be >= 5 (median of at least 5), received {args.repeats}")
+    if args.predict:
+        import tensorflow as tf
+        print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
+              f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, load "
+              f"average {os.getloadavg()[0]:.2f}", flush=True)
+        rows = _predict_table(args)
+        print(json.dumps({"predict": rows, "load_average": os.getloadavg()[0]}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"predict": rows}, f, indent=1)
+        return 0
     steps_list = args.steps or ([100, 784] if args.quick else [100, 400, 784, 1568])
     units_list = args.units or ([256] if args.quick else [256, 1024])
 
@@ -327,18 +430,29 @@ def main(argv=None):
     for units in units_list:
         for steps in steps_list:
             functions = {"matmul_bound": _matmul_bound(units, steps, args.inputs, args.batch)}
+            if any(v in STACKED for v in args.variants):
+                # The bound of two layers: the upper one has `units` inputs.
+                lower, upper = functions["matmul_bound"], _matmul_bound(units, steps, units,
+                                                                        args.batch)
+                functions["matmul_bound_stacked"] = lambda: (lower(), upper())
             for variant in args.variants:
                 functions[variant] = _build(variant, units, steps, args.inputs, args.batch)
             print(f"units={units} T={steps}: timing {list(functions)} ...", flush=True)
             times = _time_interleaved(functions, args.repeats)
             bound = times["matmul_bound"]
+            bound_stacked = times.get("matmul_bound_stacked")
             reference = times.get("keras_rnn")
-            for variant in ["matmul_bound"] + list(args.variants):
+            for variant in (["matmul_bound"] + (["matmul_bound_stacked"] if bound_stacked else [])
+                            + list(args.variants)):
+                own_bound = bound_stacked if ("stacked" in variant) else bound
+                stacked_reference = times.get("stacked_keras_rnn")
                 row = {"units": units, "steps": steps, "variant": variant,
-                       "step_s": times[variant], "x_bound": times[variant] / bound,
-                       "speedup_vs_keras_rnn": (reference / times[variant]
-                                                if reference else None)}
-                if variant != "matmul_bound" and not args.no_memory and not (
+                       "step_s": times[variant], "x_bound": times[variant] / own_bound,
+                       "speedup_vs_keras_rnn": ((stacked_reference if "stacked" in variant
+                                                 else reference) / times[variant]
+                                                if (stacked_reference if "stacked" in variant
+                                                    else reference) else None)}
+                if not variant.startswith("matmul_bound") and not args.no_memory and not (
                         args.quick and variant == "lstm"):
                     print(f"  memory of {variant} ...", flush=True)
                     long = _memory(variant, units, steps, args.inputs, args.batch)
@@ -352,6 +466,15 @@ def main(argv=None):
                 rows.append(row)
                 print("  " + _format_table([row]).splitlines()[-1], flush=True)
             del functions
+            if "spiking_rnn" in args.variants:
+                rate, nonzero, allowed = _pseudo_derivative_fraction(units, steps, args.inputs,
+                                                                     args.batch)
+                rows[len(rows) - len(args.variants) + list(args.variants).index("spiking_rnn")
+                     ]["nonzero_psi"] = allowed
+                print(f"  spike rate {rate:.3f} per step; nonzero pseudo-derivatives "
+                      f"{nonzero:.3f} of neurons x steps, {allowed:.3f} outside refractory "
+                      "periods (the share of the recurrent backward product the native "
+                      "backward op does)", flush=True)
     result = {"batch": args.batch, "inputs": args.inputs, "rows": rows,
               "load_average": os.getloadavg()[0]}
     if not args.no_streaming:

@@ -5,10 +5,14 @@ attributes or ``keras.src`` / ``tensorflow.python`` modules. Keeping them in one
 new Keras or TensorFlow release breaks (at most) this file, and each function says why no
 public API serves. The rest of kspike calls these functions and never touches the internals.
 """
-__all__ = ["call_count", "call_keyword_arguments", "inbound_input_tensors", "nested_layers", "output_structure",
+import os
+
+__all__ = ["call_count", "call_keyword_arguments", "inbound_input_tensors", "nested_layers",
+           "output_structure",
            "own_variables",
            "loss_function_wrapper", "wrap_loss_function", "wrapped_loss_function",
-           "in_xla_context", "tape_may_record", "unscale_loss_for_distribution",
+           "in_xla_context", "tape_may_record", "native_inference_allowed",
+           "mark_step_function", "unscale_loss_for_distribution",
            "keras_seed_state", "freeze_concrete_function"]
 
 
@@ -104,6 +108,74 @@ def tape_may_record():
     except ImportError:
         return True
     return bool(record.could_possibly_record())
+
+
+_STEP_CODES = set()
+
+
+def mark_step_function(fn):
+    """Mark the Python function ``fn`` (which kspike wraps in a ``tf.function`` of its own and
+    never exports, e.g. the Trainer's steps) as one in which ``native_inference_allowed``
+    holds. Returns ``fn``."""
+    _STEP_CODES.add(fn.__code__)
+    return fn
+
+
+def native_inference_allowed():
+    """True where a forward pass without a gradient tape may run kspike's native ops.
+
+    Why: a graph holding a native op loads only in a process that has compiled and loaded
+    kspike's library, so the native forward must never be traced into a function that a
+    user can export (``tf.saved_model.save``, ``model.export``, ``kspike.export``). Such
+    functions are built outside Keras' step functions, and TensorFlow gives no way to ask
+    which function is being traced, so this allows exactly: eager execution (no graph at
+    all), and tracing of the functions Keras builds for fit / evaluate / predict (the
+    ``tf.function``s of ``TensorFlowTrainer._make_function`` / ``make_predict_function``,
+    which Keras itself leaves out of every SavedModel) or that kspike marked with
+    ``mark_step_function`` - recognised by their code being on the Python stack of the
+    trace. Never while a SavedModel is written (``save_context``), nor in a ``tf.function``
+    traced inside one of those functions (a frame of TensorFlow's tracing code comes first:
+    that inner function might be saved later). Under a ``MirroredStrategy`` the replica
+    function runs in a thread of its own that does not see the step function's frame, so
+    there this answers False (the TensorFlow loop: same results, slower). False on a
+    TensorFlow or Keras without these internals.
+    """
+    import sys
+
+    import tensorflow as tf
+    if tf.executing_eagerly():
+        return True
+    try:
+        from tensorflow.python.eager.polymorphic_function import polymorphic_function
+        from tensorflow.python.saved_model import save_context
+        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+    except ImportError:
+        return False
+    if save_context.in_save_context():
+        return False
+    if not _KERAS_STEP_CODES:
+        for name in ("_make_function", "make_train_function", "make_test_function",
+                     "make_predict_function"):
+            method = getattr(TensorFlowTrainer, name, None)
+            codes = [method.__code__] if hasattr(method, "__code__") else []
+            while codes:   # the functions defined inside the method, at any depth
+                code = codes.pop()
+                nested = [c for c in code.co_consts if hasattr(c, "co_consts")]
+                _KERAS_STEP_CODES.update(nested)
+                codes.extend(nested)
+    tracing = os.path.dirname(polymorphic_function.__file__)
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code in _KERAS_STEP_CODES or code in _STEP_CODES:
+            return True
+        if code.co_filename.startswith(tracing):
+            return False
+        frame = frame.f_back
+    return False
+
+
+_KERAS_STEP_CODES = set()
 
 
 def unscale_loss_for_distribution(value):

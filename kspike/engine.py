@@ -24,8 +24,10 @@ that decides which backend runs a call:
   over (B, n) arrays instead of ~30 TensorFlow ops, and use the sparsity of spikes: z_{t-1}
   W_rec and dW_rec = sum_t z_{t-1}^T dI_t add the rows of the neurons that spiked (B * spikes
   * n work instead of B * n * n), and so do x_t W_in and dW_in when at most a quarter of the
-  inputs are nonzero (spike inputs); the dense per-step product dI_t W_rec^T is a
-  register-blocked kernel; the batch is split into one shard per intra-op thread. The
+  inputs are nonzero (spike inputs); the backward product dI_t W_rec^T adds the rows of the
+  neurons whose pseudo-derivative term is nonzero (compact surrogates: most neurons are far
+  from threshold; docs/engine.md), else it is a register-blocked dense kernel; the batch is
+  split into one shard per intra-op thread. The
   element-wise updates are written in TensorFlow's order and round as TensorFlow's; the
   products sum in another order (differences of float rounding only). Batch-major.
 - TensorFlow: the input projection of all T steps as one matmul before a ``tf.while_loop``
@@ -36,15 +38,19 @@ that decides which backend runs a call:
   compiled as one XLA cluster. XLA rounds differently, so a spike sitting within float
   rounding of its threshold may flip: not the default.
 
-Dispatch, under a gradient tape: native where it applies (``native="auto"``, the default:
+Dispatch: native where it applies (``native="auto"``, the default:
 float32 states and matmuls, no mask, no XLA, a catalogue surrogate, no GPU in the process, and
 the C++ loops compile; ``native=True`` raises a ValueError naming the condition that failed),
-else XLA with ``jit_compile=True``, else TensorFlow. Without a tape (inference,
-``model.predict``, SavedModel export) the TensorFlow (or XLA) forward loop runs alone
-(``_plain_loop``) with the cell's own spike function and keeps no buffers; TensorFlow can
-still differentiate it, with the gradients of ``keras.layers.RNN``, should the traced function
-be differentiated later. The native ops therefore never enter an exported graph: a SavedModel
-of a ``SpikingRNN`` model loads and runs without kspike. Speeds are measured by
+else XLA with ``jit_compile=True``, else TensorFlow. Without a gradient tape (inference) only
+the forward loop runs (``_plain_loop``) and keeps no buffers, and the native forward runs
+only eagerly and in the functions Keras builds for fit / evaluate / predict and kspike's
+Trainer for its evaluation, which are never exported (``compat.native_inference_allowed``);
+in every other traced function (``kspike.export``, ``model.export``, ``tf.saved_model.save``,
+a user's ``tf.function``) the TensorFlow (or XLA) forward loop runs with the cell's own spike
+function. TensorFlow can still differentiate that loop, with the gradients of
+``keras.layers.RNN``, should the traced function be differentiated later, and no native op
+enters an exported graph: a SavedModel of a ``SpikingRNN`` model loads and runs without
+kspike. Speeds are measured by
 ``bin/bench_engine.py`` (variants ``spiking_rnn``, ``spiking_rnn_tf``, ``spiking_rnn_xla``);
 the rules and guarantees are in docs/engine.md.
 
@@ -58,7 +64,7 @@ synaptic delays (``n_delay`` > 1: no backend carries the future-current buffer) 
 ``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
-is why the export path (traced without a tape) is the plain loop: a model with ``SpikingRNN``
+is why the export path (traced without a tape) is the plain TensorFlow loop: a model with ``SpikingRNN``
 exported by ``kspike.export.saved_model`` serves whole sequences, streams with ``step`` (the
 cell's own ``call``) and gives gradients through the reloaded ``serve`` like the Keras model
 (autodiff of the plain loop, i.e. without the speed-up of the hand-written backward pass).
@@ -539,6 +545,12 @@ class _XlaBackend(_TensorFlowBackend):
             step_buffers, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t)))
 
 
+# The native backward op forms dL/dz_{t-1} += dI_t W_rec^T from the rows of W_rec^T of the
+# neurons whose pseudo-derivative term dL/dz_t psi_t / A_t is nonzero, in a step where at most
+# this fraction of them is (compact surrogates, see spiking_ops.cc), else by the dense product.
+_SPARSE_BACKWARD_FRACTION = 0.3
+
+
 class _NativeBackend(_Backend):
     """The two C++ ops of ``kspike/native/spiking_ops.cc`` (batch-major, float32, no mask).
 
@@ -551,9 +563,12 @@ class _NativeBackend(_Backend):
 
     time_axis = 1
 
-    def __init__(self, ops, cell, params, output_all, sequences):
+    def __init__(self, ops, cell, params, output_all, sequences, for_backward=True):
         super().__init__(cell, params, output_all, sequences)
         self.ops = ops
+        # for_backward=False (inference): the forward op writes only the outputs and final
+        # states, none of the buffers of the backward op.
+        self.for_backward = for_backward
         self.attrs = _neuron_attrs(cell, params)
         self.surrogate_attrs = _native_surrogate_attrs(params.spike_function)
 
@@ -572,7 +587,9 @@ class _NativeBackend(_Backend):
                 bias=bias if bias is not None else tf.zeros((0,)), beta=self._beta(),
                 v0=state.v, b0=state.b if self.adaptive else tf.zeros((0, n)), z0=state.z,
                 r0=state.r, recurrent=w_rec is not None, has_bias=bias is not None,
-                **self.attrs)
+                store_z=self.for_backward or self.sequences,
+                store_v=self.for_backward or (self.sequences and self.output_all),
+                store_backward=self.for_backward, **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}
         if self.adaptive:
@@ -606,7 +623,7 @@ class _NativeBackend(_Backend):
             grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
             grad_b_final=g_final.b if self.adaptive else tf.zeros((0, n)),
             grad_z_final=g_final.z, recurrent=w_rec is not None, has_bias=False,
-            **self.attrs, **self.surrogate_attrs)
+            sparse_fraction=_SPARSE_BACKWARD_FRACTION, **self.attrs, **self.surrogate_attrs)
         g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
         x_time_major = tf.transpose(x, (1, 0, 2))
         # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.
@@ -624,20 +641,24 @@ def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, maske
                     sequences):
     """The backend that runs one ``SpikingRNN`` call: the one dispatch rule (docs/engine.md).
 
-    Without a gradient tape that may record (inference, ``model.predict``, export) the
-    TensorFlow forward loop alone (compiled by XLA with ``jit_compile``), which keeps no
-    buffers; under one the native loops where ``native`` ("auto", True, False) lets them run
-    (``_load_native``), else the XLA loops with ``jit_compile``, else the TensorFlow loops.
+    The native loops where ``native`` ("auto", True, False) lets them run (``_load_native``),
+    else the XLA loops with ``jit_compile``, else the TensorFlow loops. Without a gradient
+    tape that may record, only the forward loop runs and keeps no buffers; there the native
+    forward runs only where its graph is never exported (``compat.native_inference_allowed``:
+    eagerly and in the functions Keras and kspike's Trainer build for fit / evaluate /
+    predict), and anywhere else (exports, user tf.functions) the TensorFlow (or XLA) forward
+    loop, whose graph holds TensorFlow ops only.
     """
     params = cell.parameters(state_dtype)
     output_all = cell.output_mode == "all"
     tensorflow_loops = _XlaBackend if jit_compile else _TensorFlowBackend
-    if not compat.tape_may_record():
+    for_backward = compat.tape_may_record()
+    if not for_backward and not compat.native_inference_allowed():
         return tensorflow_loops(cell, params, output_all, sequences, for_backward=False)
     ops = _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile)
     if ops is not None:
-        return _NativeBackend(ops, cell, params, output_all, sequences)
-    return tensorflow_loops(cell, params, output_all, sequences)
+        return _NativeBackend(ops, cell, params, output_all, sequences, for_backward)
+    return tensorflow_loops(cell, params, output_all, sequences, for_backward)
 
 
 def _plain_loop(backend, inputs):
@@ -772,7 +793,7 @@ class SpikingRNN(keras.layers.RNN):
             ``keras.layers.RNN``): off by default. Unlike ``jit_compile`` on a whole
             ``keras.layers.RNN`` training step (which XLA differentiates itself and which
             was ~15x slower on CPU), only kspike's own loops are compiled here.
-        native: run the training loops in C++ (``kspike.native``, compiled on first use):
+        native: run the loops in C++ (``kspike.native``, compiled on first use):
             "auto" (default) where they apply (float32 states and matmuls, no mask, no XLA,
             a catalogue surrogate, a CPU-only process) and compile, else the TensorFlow
             loop; True to require them (a ValueError naming the condition that failed,
@@ -788,9 +809,11 @@ class SpikingRNN(keras.layers.RNN):
         training: passed for API compatibility (spiking cells behave the same).
 
     Under a gradient tape the backward pass is a hand-written ``tf.custom_gradient`` around
-    the whole sequence; without one (inference, export) the plain loop runs, so a SavedModel
-    written by ``kspike.export`` serves and streams, and TensorFlow differentiates its
-    ``serve`` function by autodiff (correct gradients, generic speed).
+    the whole sequence; without one the forward loop runs alone: native eagerly and in
+    ``model.predict`` / ``evaluate`` / the Trainer's validation, TensorFlow's in exports and
+    other traced functions, so a SavedModel written by ``kspike.export`` (or ``model.export``,
+    ``tf.saved_model.save``) holds TensorFlow ops only, serves and streams, and TensorFlow
+    differentiates its ``serve`` function by autodiff (correct gradients, generic speed).
 
     Example:
 

@@ -48,18 +48,21 @@ def _three_layers(make_cell, x_shape, **layer_kwargs):
 
 
 def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_rate=0.02,
-           density=0.5):
+           density=0.5, generic=True):
     assert native.available(), native._state["error"]
     layer_kwargs = {"return_sequences": True, "return_state": True, **(layer_kwargs or {})}
     x = _inputs(batch=B, steps=T, features=N_IN, density=density) if x is None else x
-    generic, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
-    init = _initial_states(generic.cell, batch=x.shape[0]) if initial else None
-    results = [_outputs_and_grads(layer, x, init) for layer in (generic, tf_loop, native_loop)]
-    (out_g, grad_g), (out_t, grad_t), (out_n, grad_n) = results
-    units = generic.cell.units
+    generic_layer, tf_loop, native_loop = _three_layers(make_cell, x.shape, **layer_kwargs)
+    init = _initial_states(generic_layer.cell, batch=x.shape[0]) if initial else None
+    # generic=False: against kspike's TensorFlow loop only (keras.layers.RNN is the slow one).
+    results = [_outputs_and_grads(layer, x, init) for layer in
+               ((generic_layer,) if generic else ()) + (tf_loop, native_loop)]
+    (out_t, grad_t), (out_n, grad_n) = results[-2:]
+    out_g, grad_g = results[0]          # keras.layers.RNN, or the TensorFlow loop again
+    units = generic_layer.cell.units
     rate = out_g[0][..., :units].mean()
     assert min_rate <= rate <= 0.6, f"uninformative firing rate {rate}"
-    z_final = 1 + list(generic.cell.state_names).index("z")
+    z_final = 1 + list(generic_layer.cell.state_names).index("z")
     for reference in (out_g, out_t):
         np.testing.assert_array_equal(reference[0][..., :units], out_n[0][..., :units])
         np.testing.assert_array_equal(reference[z_final], out_n[z_final])   # spikes
@@ -69,7 +72,7 @@ def _check(make_cell, layer_kwargs=None, initial=True, x=None, rtol=2e-5, min_ra
     for a, b in zip(out_t, out_n):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     names = ["inputs"] + [w.path for w in native_loop.trainable_variables] + \
-        [f"initial {s}" for s in (generic.cell.state_names if initial else ())]
+        [f"initial {s}" for s in (generic_layer.cell.state_names if initial else ())]
     assert len(grad_g) == len(grad_t) == len(grad_n) == len(names)
     for name, a, t, b in zip(names, grad_g, grad_t, grad_n):
         _assert_close(a, b, rtol=rtol, what=f"{name} (vs keras.layers.RNN)")
@@ -120,6 +123,36 @@ def test_every_catalogue_surrogate_with_parameters(name, extra):
     _check(lambda: kspike.ALIF(UNITS, n_adaptive=7, thr=0.05, tau_adaptation=30.0,
                                n_refractory=2, surrogate=spike_function, output="all",
                                seed=3))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name,extra", SURROGATES, ids=[s[0] for s in SURROGATES])
+def test_sparse_backward_product_every_surrogate(name, extra, monkeypatch):
+    # dL/dz_{t-1} += dI_t W_rec^T formed in every step but the last from the rows of the
+    # neurons with a nonzero pseudo-derivative term (a threshold fraction of 1): the same
+    # gradients as the dense product of the TensorFlow loop, compact surrogate or not.
+    monkeypatch.setattr(engine, "_SPARSE_BACKWARD_FRACTION", 1.0)
+    spike_function = surrogates.get(name, dampening=0.45, sharpness=1.5, **extra)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=7, thr=0.05, tau_adaptation=30.0,
+                               n_refractory=2, surrogate=spike_function, seed=3),
+           generic=False)
+
+
+@needs_compiler
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_sparse_backward_product_lif_and_last_output(fraction, monkeypatch):
+    # Dense, mixed (the default threshold) and sparse steps; LIF neurons; and gradients that
+    # enter through the final states only.
+    monkeypatch.setattr(engine, "_SPARSE_BACKWARD_FRACTION", fraction)
+    triangular = surrogates.get("triangular", sharpness=3.0)
+    _check(lambda: kspike.LIF(UNITS, thr=0.05, n_refractory=2, surrogate=triangular,
+                              seed=3), generic=False)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0,
+                               surrogate=triangular, seed=3), dict(return_sequences=False),
+           generic=False)
+    # 268 neurons: one 256-column block of the vectorised product and a tail.
+    _check(lambda: kspike.ALIF(268, n_adaptive=100, thr=0.05, tau_adaptation=30.0,
+                               n_refractory=1, surrogate=triangular, seed=3), generic=False)
 
 
 @needs_compiler
@@ -286,10 +319,91 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     assert all(g is not None for g in grads)
 
 
+def _native_forward_calls(monkeypatch):
+    """The ``for_backward`` flag of every native forward traced or run from now on."""
+    calls = []
+    original = engine._NativeBackend.forward
+
+    def forward(self, inputs):
+        calls.append(self.for_backward)
+        return original(self, inputs)
+    monkeypatch.setattr(engine._NativeBackend, "forward", forward)
+    return calls
+
+
+def _twin_models(output="spikes", return_sequences=True, steps=T):
+    """The same model with native="auto" and native=False (equal weights), compiled."""
+    models = []
+    for native_flag in ("auto", False):
+        model = keras.Sequential([
+            keras.Input((steps, N_IN)),
+            kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2,
+                                          output=output, seed=3),
+                              return_sequences=return_sequences, native=native_flag),
+            kspike.LeakyReadout(3) if return_sequences else keras.layers.Dense(3)])
+        model.compile("adam", "mse")
+        models.append(model)
+    models[1].set_weights(models[0].get_weights())
+    return models
+
+
 @needs_compiler
-def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
-    # The native ops run only under a gradient tape: the exported graph holds TensorFlow ops
-    # alone, so the SavedModel loads and serves in a process that never imports kspike.
+@pytest.mark.parametrize("output, return_sequences", [("spikes", True), ("all", True),
+                                                      ("spikes", False)])
+def test_inference_runs_the_native_forward(monkeypatch, output, return_sequences):
+    # predict, evaluate and eager calls (no tape) run the native forward alone, with the
+    # outputs of the TensorFlow loop (spikes identical).
+    assert native.available(), native._state["error"]
+    calls = _native_forward_calls(monkeypatch)
+    fast, reference = _twin_models(output, return_sequences)
+    x = _inputs(batch=B, steps=T, features=N_IN)
+    y = np.random.default_rng(0).random((B, T, 3) if return_sequences else (B, 3))
+    layer = fast.layers[0]
+    spikes = layer(x)[..., :UNITS].numpy()
+    assert spikes.mean() > 0.02
+    np.testing.assert_array_equal(spikes, reference.layers[0](x)[..., :UNITS].numpy())
+    np.testing.assert_allclose(layer(x).numpy(), reference.layers[0](x).numpy(), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(fast.predict(x, verbose=0), reference.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fast.evaluate(x, y, verbose=0),
+                               reference.evaluate(x, y, verbose=0), rtol=1e-5)
+    assert calls == [False, False, False, False], calls   # eager x2, predict, evaluate
+
+
+@needs_compiler
+def test_trainer_validation_runs_the_native_forward(monkeypatch):
+    calls = _native_forward_calls(monkeypatch)
+    fast, reference = _twin_models()
+    x = _inputs(batch=8, steps=T, features=N_IN)
+    y = np.random.default_rng(0).random((8, T, 3)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    losses = [kspike.Trainer(model, "adam", "mse", verbose=0).evaluate(data)["loss"]
+              for model in (fast, reference)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert calls == [False]
+
+
+@needs_compiler
+def test_user_functions_run_the_tensorflow_forward(monkeypatch):
+    # A tf.function of the user (it may be saved later) traces the TensorFlow loop, also when
+    # it is traced inside Keras' predict function.
+    calls = _native_forward_calls(monkeypatch)
+    fast, _ = _twin_models()
+    x = _inputs(batch=4, steps=T, features=N_IN)
+    tf.function(lambda v: fast(v))(x)
+    assert calls == []
+    inner = tf.function(lambda v: fast.layers[0](v))
+    wrapped = keras.Sequential([keras.Input((T, N_IN)), keras.layers.Lambda(inner)])
+    wrapped.predict(x, verbose=0)
+    assert calls == []
+
+
+@needs_compiler
+def test_exports_hold_no_native_op(tmp_path):
+    # The native ops run under a gradient tape, eagerly and in Keras' fit / evaluate /
+    # predict functions only: every route of export, taken after all of these, writes a graph
+    # of TensorFlow ops alone, which loads and serves in a process that never imports kspike.
     assert native.available(), native._state["error"]
     model = keras.Sequential([
         keras.Input((T, N_IN)),
@@ -299,18 +413,78 @@ def test_model_trained_with_native_loops_exports_without_native_ops(tmp_path):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = _inputs(batch=B, steps=T, features=N_IN)
     y = np.random.default_rng(0).integers(0, 3, (B, T))
-    model.fit(x, y, epochs=1, batch_size=B, verbose=0)
-    path = kspike.export.saved_model(model, tmp_path / "native_trained")
+    model.fit(x, y, epochs=1, batch_size=B, verbose=0, validation_data=(x, y))
+    model.predict(x, verbose=0)
+    model.evaluate(x, y, verbose=0)
+    expected = model(x).numpy()
+
+    class UserModule(tf.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec((None, T, N_IN))])
+        def serve(self, v):
+            return self.model(v)
+
+    user = UserModule(model)
+    np.testing.assert_allclose(user.serve(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    paths = {"kspike": kspike.export.saved_model(model, tmp_path / "kspike_export")}
+    paths["keras"] = str(tmp_path / "keras_export")
+    model.export(paths["keras"], verbose=False)
+    paths["tf"] = str(tmp_path / "tf_saved_model")
+    tf.saved_model.save(model, paths["tf"])
+    paths["user"] = str(tmp_path / "user_function")
+    tf.saved_model.save(user, paths["user"])
     np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", model(x).numpy())
+    np.save(tmp_path / "y.npy", expected)
     code = (
         "import sys, numpy as np, tensorflow as tf\n"
-        f"loaded = tf.saved_model.load({str(path)!r})\n"
-        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        f"paths = {paths!r}\n"
+        f"x = tf.constant(np.load({str(tmp_path / 'x.npy')!r}))\n"
         f"expected = np.load({str(tmp_path / 'y.npy')!r})\n"
-        "np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), expected,\n"
-        "                           rtol=1e-5, atol=1e-5)\n"
+        "outputs = {\n"
+        "    'kspike': lambda m: m.serve(x),\n"
+        "    'keras': lambda m: m.serve(x),\n"
+        "    'tf': lambda m: list(m.signatures['serving_default'](x).values())[0],\n"
+        "    'user': lambda m: m.serve(x)}\n"
+        "for route, path in paths.items():\n"
+        "    y = outputs[route](tf.saved_model.load(path)).numpy()\n"
+        "    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=route)\n"
         "assert 'kspike' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert result.returncode == 0, result.stderr.decode()[-3000:]
+
+
+@needs_compiler
+def test_stacked_layers_train_natively_end_to_end(monkeypatch):
+    # Two SpikingRNN layers (the lower one's spikes are the upper one's inputs): both run the
+    # native forward and backward ops, with the gradients of the TensorFlow loops.
+    backward_calls = []
+    original = engine._NativeBackend.backward
+
+    def backward(self, *args):
+        backward_calls.append(self.cell.name)
+        return original(self, *args)
+    monkeypatch.setattr(engine._NativeBackend, "backward", backward)
+    x = tf.constant(_inputs(batch=B, steps=T, features=N_IN))
+    results = []
+    for native_flag in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((T, N_IN))] + [
+            kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2,
+                                          seed=3 + i, name=f"alif_{i}"),
+                              return_sequences=True, native=native_flag)
+            for i in range(2)] + [kspike.LeakyReadout(3, seed=5)])
+        weights = np.linspace(-1.0, 1.0, 3).astype("float32")
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_sum(y * weights)
+        results.append((y.numpy(), tape.gradient(loss, model.trainable_variables)))
+    assert backward_calls == ["alif_1", "alif_0"]
+    (y_n, g_n), (y_t, g_t) = results
+    np.testing.assert_allclose(y_n, y_t, rtol=1e-5, atol=1e-6)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in g_t)
+    for variable, a, b in zip(model.trainable_variables, g_t, g_n):
+        _assert_close(a.numpy(), b.numpy(), rtol=2e-5, what=variable.path)

@@ -14,8 +14,11 @@
 // - z_{t-1} W_rec is summed over the rows of W_rec of the neurons that spiked (z is 0/1 and
 //   sparse, so this costs B * spikes * n instead of B * n * n);
 // - dW_rec = sum_t z_{t-1}^T dI_t is accumulated the same way inside the backward loop;
-// - the only dense per-step product, dI_t W_rec^T, is a register-blocked AVX-512 kernel over a
-//   W_rec^T packed once per call (Eigen's GEMM where AVX-512 is missing);
+// - the backward product dI_t W_rec^T is kept as h_t = gvt_t W_rec^T = alpha h_{t+1} +
+//   gxa_t W_rec^T, whose new term adds the rows of W_rec^T of the neurons with a nonzero
+//   pseudo-derivative term gxa_t (compact surrogates: few); steps with many of them take a
+//   register-blocked AVX-512 kernel over a W_rec^T packed once per call (Eigen's GEMM where
+//   AVX-512 is missing);
 // - the batch is split into one shard per intra-op thread, each running the whole recurrence
 //   for its rows (rows are independent), so the threads never wait on each other per step;
 // - the layer's inputs, outputs and output gradients stay batch-major (B, T, n), Keras' layout,
@@ -270,6 +273,40 @@ static void GatherRows(const int32_t* __restrict index, const float* __restrict 
   }
 }
 
+// h[0..n) = alpha h + sum_c value[c] * M[index[c]][0..n): the step of the recurrent backward
+// product (SpikingBackwardOp), with fused multiply-adds (its products may round differently).
+static void DecayAndGatherRows(const int32_t* __restrict index, const float* __restrict value,
+                               int64_t count, const float* __restrict M, int64_t n,
+                               float alpha, float* __restrict h) {
+  int64_t k0 = 0;
+#if defined(__AVX512F__)
+  constexpr int kVectors = 16;
+  const __m512 decay = _mm512_set1_ps(alpha);
+  for (; k0 + 16 * kVectors <= n; k0 += 16 * kVectors) {
+    __m512 acc[kVectors];
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) {
+      acc[r] = _mm512_mul_ps(decay, _mm512_loadu_ps(h + k0 + 16 * r));
+    }
+    for (int64_t c = 0; c < count; ++c) {
+      const float* row = M + index[c] * n + k0;
+      const __m512 s = _mm512_set1_ps(value[c]);
+#pragma GCC unroll 16
+      for (int r = 0; r < kVectors; ++r) {
+        acc[r] = _mm512_fmadd_ps(s, _mm512_loadu_ps(row + 16 * r), acc[r]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) _mm512_storeu_ps(h + k0 + 16 * r, acc[r]);
+  }
+#endif
+  for (int64_t k = k0; k < n; ++k) {
+    float acc = alpha * h[k];
+    for (int64_t c = 0; c < count; ++c) acc += value[c] * M[index[c] * n + k];
+    h[k] = acc;
+  }
+}
+
 // M[index[c]][0..n) += value[c] * g[0..n) for every c: the outer product of a sparse column
 // vector with g, added to M.
 static void ScatterRows(const int32_t* __restrict index, const float* __restrict value,
@@ -432,6 +469,12 @@ REGISTER_OP("KspikeSpikingForward")
     .Input("z0: float")             // (B, n)
     .Input("r0: float")             // (B, n)
     KSPIKE_NEURON_ATTRS
+    // What is written besides the final states. Inference (no backward pass) keeps only the
+    // outputs it returns: store_z the spike sequence, store_v v and A (output="all"), and
+    // store_backward the refractory masks and packed spikes that only the backward op reads.
+    .Attr("store_z: bool = true")
+    .Attr("store_v: bool = true")
+    .Attr("store_backward: bool = true")
     .Output("z: float")             // (B, T, n): z_1 .. z_T, the layer's output
     .Output("v: float")             // (T, B, n): v_1 .. v_T (time-major: read back per step)
     .Output("threshold: float")     // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
@@ -445,17 +488,22 @@ REGISTER_OP("KspikeSpikingForward")
     .SetShapeFn([](InferenceContext* c) {
       auto x = c->input(0);
       auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(2), 1);
-      bool adaptive;
+      bool adaptive, store_z, store_v, store_backward;
       int n_refractory;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("n_refractory", &n_refractory));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_z", &store_z));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_v", &store_v));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_backward", &store_backward));
       tensorflow::shape_inference::DimensionHandle words = c->UnknownDim();
       if (c->ValueKnown(n)) words = c->MakeDim((c->Value(n) + 63) / 64);
-      c->set_output(0, c->MakeShape({batch, steps, n}));
-      c->set_output(1, c->MakeShape({steps, batch, n}));
-      c->set_output(2, c->MakeShape({adaptive ? steps : c->MakeDim(0), batch, n}));
-      c->set_output(3, c->MakeShape({n_refractory > 0 ? steps : c->MakeDim(0), batch, n}));
-      c->set_output(4, c->MakeShape({steps, batch, words}));
+      const auto none = c->MakeDim(0);
+      c->set_output(0, c->MakeShape({batch, store_z ? steps : none, n}));
+      c->set_output(1, c->MakeShape({store_v ? steps : none, batch, n}));
+      c->set_output(2, c->MakeShape({adaptive && store_v ? steps : none, batch, n}));
+      c->set_output(3, c->MakeShape({n_refractory > 0 && store_backward ? steps : none, batch,
+                                     n}));
+      c->set_output(4, c->MakeShape({store_backward ? steps : none, batch, words}));
       c->set_output(5, c->MakeShape({batch, n}));
       c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(7, c->MakeShape({batch, n}));
@@ -498,6 +546,9 @@ class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     ReadNeuronAttrs(ctx, &a_);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -532,13 +583,15 @@ class SpikingForwardOp : public OpKernel {
     const bool refractory = a_.n_refractory > 0;
     Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
         *r_final;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? T : 0, B, n}),
-                                             &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({refractory ? T : 0, B, n}),
+    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
+    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
                                              &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({T, B, n_words}), &bits_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
+                                                             n_words}), &bits_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
                                              &b_final));
@@ -556,8 +609,8 @@ class SpikingForwardOp : public OpKernel {
     const float* r0 = ctx->input(9).flat<float>().data();
     float* Z = z_out->flat<float>().data();
     float* V = v_out->flat<float>().data();
-    float* Aseq = a_.adaptive ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = refractory ? allowed_out->flat<uint8_t>().data() : nullptr;
+    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
+    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
     uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
     float* vf = v_final->flat<float>().data();
     float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
@@ -575,6 +628,9 @@ class SpikingForwardOp : public OpKernel {
       std::vector<float> current(n), projected(rows * n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
+      // Where v_t, A_t and the refractory mask go when they are not kept: one row, reused.
+      std::vector<float> v_scratch(n), a_scratch(n);
+      std::vector<uint8_t> allowed_scratch(n);
       for (int64_t t = 0; t < T; ++t) {
         if (!sparse_inputs) {
           // x_t W_in for the shard's rows as one small product.
@@ -605,10 +661,13 @@ class SpikingForwardOp : public OpKernel {
           const int64_t at = step_at + i * n;
           float* z_new = z_next.data() + i * n;
           step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, V + at,
-               a.adaptive ? Aseq + at : nullptr, refractory ? allowed + at : nullptr, z_new);
-          std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          PackBits(z_new, n, bits + (t * B + row) * n_words);
+               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+               store_v ? V + at : v_scratch.data(),
+               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
+               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
+               z_new);
+          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
+          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
         }
         z.swap(z_next);
       }
@@ -621,6 +680,7 @@ class SpikingForwardOp : public OpKernel {
 
  private:
   NeuronAttrs a_;
+  bool store_z_ = true, store_v_ = true, store_backward_ = true;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), SpikingForwardOp);
@@ -629,18 +689,22 @@ REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), Spiking
 // neuron_step_vjp of n neurons of one batch row (kspike/dynamics.py), given psi_t (0 where
 // refractory) and dL/dz_t, dL/dv_t (outputs already added), dL/db_t. Writes dL/dI_t and the
 // gradients with respect to the previous state (v, b in place; z without the recurrent
-// product).
+// product), and the two terms of the membrane gradient gvt = gv + gxa that the recurrent
+// product is formed from (see SpikingBackwardOp): gvt itself and gxa = dL/dz_t psi_t / A_t.
 template <bool ADAPTIVE, bool HAS_GA>
 static void BackwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __restrict psi,
                              const float* __restrict v, const float* __restrict A_seq,
                              const float* __restrict z_prev, const float* __restrict beta,
                              const float* __restrict grad_a_out, const float* __restrict gz,
                              float* __restrict gv, float* __restrict gb,
-                             float* __restrict grad_current, float* __restrict gz_prev) {
+                             float* __restrict grad_current, float* __restrict gz_prev,
+                             float* __restrict gvt_out, float* __restrict gxa_out) {
   for (int64_t k = 0; k < n; ++k) {
     const float A = ADAPTIVE ? A_seq[k] : a.thr;
     const float gxa = gz[k] * psi[k] / A;
     const float gvt = gv[k] + gxa;
+    gvt_out[k] = gvt;
+    gxa_out[k] = gxa;
     grad_current[k] = a.one_minus_alpha * gvt;
     gv[k] = a.alpha * gvt;
     if (ADAPTIVE) {
@@ -657,7 +721,7 @@ static void BackwardNeuronsT(const NeuronAttrs& a, int64_t n, const float* __res
 
 using BackwardFn = void (*)(const NeuronAttrs&, int64_t, const float*, const float*,
                             const float*, const float*, const float*, const float*,
-                            const float*, float*, float*, float*, float*);
+                            const float*, float*, float*, float*, float*, float*, float*);
 
 static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
   if (!a.adaptive) return BackwardNeuronsT<false, false>;
@@ -686,6 +750,9 @@ REGISTER_OP("KspikeSpikingBackward")
     .Attr("sharpness: float")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
+    // Largest fraction of nonzero dL/dz_t psi_t / A_t in a step (of a shard) for which the
+    // recurrent product adds rows of W_rec^T instead of the dense product.
+    .Attr("sparse_fraction: float = 0.3")
     .Output("grad_current: float")   // (T, B, n) dL/dI_t, time-major
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
@@ -718,6 +785,7 @@ class SpikingBackwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sparse_fraction", &sparse_fraction_));
     std::vector<float> mg;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
     if (s_.kind == kMultiGaussian) {
@@ -781,6 +849,7 @@ class SpikingBackwardOp : public OpKernel {
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
     const BackwardFn step = SelectBackward(a, has_ga);
+    const double sparse_fraction = sparse_fraction_;
 
     // W_rec^T, packed once for the per-step products.
     std::vector<float> wt;
@@ -800,6 +869,8 @@ class SpikingBackwardOp : public OpKernel {
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
       std::vector<float> gz_prev(rows * n), g_rec(rows * n), psi(n), z_row(n);
+      // h = gvt_t W_rec^T per row (see the comment of the recurrent product below).
+      std::vector<float> gvt(rows * n), gxa(rows * n), h(a.recurrent ? rows * n : 0);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       float* gw = nullptr;
@@ -858,7 +929,8 @@ class SpikingBackwardOp : public OpKernel {
           }
           float* gi = GI + at;
           step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n);
+               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n,
+               gvt.data() + i * n, gxa.data() + i * n);
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
             ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
@@ -871,9 +943,31 @@ class SpikingBackwardOp : public OpKernel {
           }
         }
         if (a.recurrent) {
-          // dL/dz_{t-1} += dI_t W_rec^T for the shard's rows.
-          Gemm(GI + step_at, n, rows, wt.data(), n, n, g_rec.data(), n);
-          for (int64_t e = 0; e < rows * n; ++e) gz_prev[e] = gz_prev[e] + g_rec[e];
+          // dL/dz_{t-1} += dI_t W_rec^T = (1 - alpha) h_t with h_t = gvt_t W_rec^T. The
+          // membrane gradient obeys gvt_t = alpha gvt_{t+1} + gxa_t (alpha is a scalar), so
+          // h_t = alpha h_{t+1} + gxa_t W_rec^T, and gxa_t = dL/dz_t psi_t / A_t is exactly 0
+          // wherever the pseudo-derivative is (compact surrogates: most neurons at most
+          // steps; refractory neurons): that product adds the rows of W_rec^T of the neurons
+          // with gxa != 0 only. The same sum in another order, so the same gradients to
+          // float rounding. A step with many nonzeros, the last step (gv of the final
+          // state) and output gradients of v (which also enter gvt) take the dense product
+          // h_t = gvt_t W_rec^T instead.
+          int64_t active = 0;
+          for (int64_t e = 0; e < rows * n; ++e) active += gxa[e] != 0.0f;
+          if (t == T - 1 || has_gv ||
+              static_cast<double>(active) > sparse_fraction * rows * n) {
+            Gemm(gvt.data(), n, rows, wt.data(), n, n, h.data(), n);
+          } else {
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t count = Nonzeros(gxa.data() + i * n, n, index.data(),
+                                             value.data());
+              DecayAndGatherRows(index.data(), value.data(), count, wt.data(), n, a.alpha,
+                                 h.data() + i * n);
+            }
+          }
+          for (int64_t e = 0; e < rows * n; ++e) {
+            gz_prev[e] = gz_prev[e] + a.one_minus_alpha * h[e];
+          }
         }
         gz.swap(gz_prev);
       }
@@ -902,6 +996,7 @@ class SpikingBackwardOp : public OpKernel {
  private:
   NeuronAttrs a_;
   SurrogateParams s_;
+  float sparse_fraction_ = 0.3f;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), SpikingBackwardOp);

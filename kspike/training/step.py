@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kspike import compat
 from kspike import regularizers as _regularizers
 # The one place the Trainer takes its firing-rate logs from ("firing_rate" in Hz plus one key
 # per layer): swapping the helper is this single line.
@@ -143,6 +144,12 @@ def apply_if_finite(optimizer, strategy, pairs, finite):
     return finite
 
 
+# Traced only into the Trainer's evaluation function, which is never exported, so SpikingRNN
+# may run its native forward loop in it (compat.native_inference_allowed; the mark needs the
+# function's own code, which AutoGraph would replace, and it needs no AutoGraph: Keras'
+# evaluate runs the same model code without it).
+@tf.autograph.experimental.do_not_convert
+@compat.mark_step_function
 def evaluate_step(model, loss, regularizers, metrics, x, y, sample_weight, outputs=None,
                   check_numerics=False):
     """One replica's evaluation: loss (task + regularisation + model losses), metrics updated,
@@ -171,6 +178,8 @@ def evaluate_step(model, loss, regularizers, metrics, x, y, sample_weight, outpu
     return logs
 
 
+@tf.autograph.experimental.do_not_convert
+@compat.mark_step_function
 def predict_step(model, check_numerics, x):
     """One replica's predictions ``model(x, training=False)`` (and, with ``check_numerics``, a
     flag: 1 when ``x`` and the predictions are finite)."""
