@@ -46,7 +46,13 @@ def parse_args(argv=None):
                              "call per step, batch-norm statistics per step) instead of "
                              "kspike.FoldTime (T folded into the batch as in SpikingJelly; "
                              "about 4x faster on CPU, see bin/bench_deep_snn.py)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3,
+                        help="Adam's learning rate at the start")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate over the run: cosine decay from --learning-rate "
+                             "to 0 over all --epochs, or constant")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="decoupled weight decay (AdamW) per step; 0: plain Adam")
     parser.add_argument("--train-samples", type=int, default=None,
                         help="use only the first N training images")
     parser.add_argument("--rule", choices=RULES, default="bptt", help="learning rule")
@@ -182,6 +188,17 @@ def rate_figure(model, dataset, out, batches=4):
     return plotting.save_figure(fig, os.path.join(out, "firing_rates")), rates
 
 
+def make_optimizer(args, steps_per_epoch):
+    """Adam (AdamW with --weight-decay) with the --schedule learning rate."""
+    import keras
+    rate = args.learning_rate
+    if args.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, args.epochs * steps_per_epoch)
+    if args.weight_decay:
+        return keras.optimizers.AdamW(rate, weight_decay=args.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import keras
@@ -199,27 +216,24 @@ def main(argv=None):
         train_ds = tasks.static_images(images=train_x, labels=train_y, seed=args.seed, **common)
         test_ds = tasks.static_images(images=test_x, labels=test_y, split="test", **common)
     else:
-        if args.train_samples is not None:
-            train_x, train_y = tasks.load_image_arrays(args.mnist_path, "train")
-            train_ds = tasks.static_images(images=train_x[:args.train_samples],
-                                           labels=train_y[:args.train_samples], seed=args.seed,
-                                           **common)
-        else:
-            train_ds = tasks.static_images(path=args.mnist_path, seed=args.seed, **common)
+        train_x, train_y = tasks.load_image_arrays(args.mnist_path, "train")
+        train_x, train_y = train_x[:args.train_samples], train_y[:args.train_samples]
+        train_ds = tasks.static_images(images=train_x, labels=train_y, seed=args.seed, **common)
         test_ds = tasks.static_images(path=args.mnist_path, split="test", **common)
+    steps_per_epoch = len(train_x) // args.batch_size          # the last partial batch is dropped
 
     train_ds, test_ds = flatten(train_ds), flatten(test_ds)
     model = build_model(args)
     rule = kspike.learning.BPTT()
     trainer = kspike.Trainer(
-        model, keras.optimizers.Adam(args.learning_rate),
+        model, make_optimizer(args, steps_per_epoch),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), rule=rule,
         metrics=["accuracy"], checkpoint_dir=os.path.join(out, "checkpoints"),
         seed=args.seed, verbose=1)
     print(f"Conv SNN {tuple(args.channels)} + {args.hidden} LIF, T = {args.time_steps}, "
           f"{'FoldTime' if args.fold_time else 'TimeDistributed'} weight layers, "
           f"{args.encoding} encoding, rule {args.rule}, {args.epochs} epoch(s) of batch "
-          f"{args.batch_size}", flush=True)
+          f"{args.batch_size}, Adam {args.learning_rate:g} ({args.schedule})", flush=True)
     batch_log = BatchLog()
     start = time.time()
     history = trainer.fit(train_ds, epochs=args.epochs, validation_data=test_ds,

@@ -30,10 +30,10 @@ import keras
 
 from kspike import compat
 from kspike.cells import SpikingCell
-from kspike.layers import LeakyReadout
+from kspike.layers import IFNeurons, LeakyReadout, LIFNeurons
 
-__all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_readout",
-           "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
+__all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_neuron_layer",
+           "is_readout", "is_specialised_cell", "describe", "Stage", "SpikingLayer", "RecurrentLayer",
            "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer", "parse", "refuse",
            "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
 
@@ -57,6 +57,12 @@ def is_spiking_layer(layer):
     """True if ``layer`` is a sequence layer over a kspike cell (``keras.layers.RNN`` or
     ``kspike.SpikingRNN`` of a ``LIF``/``ALIF``); False for a bare cell."""
     return is_spiking_cell(getattr(layer, "cell", None))
+
+
+def is_neuron_layer(layer):
+    """True if ``layer`` is a weight-free neuron layer of deep SNNs (``kspike.IFNeurons``,
+    ``kspike.LIFNeurons``; docs/neuron_layers.md)."""
+    return isinstance(layer, (IFNeurons, LIFNeurons))
 
 
 def is_readout(layer):

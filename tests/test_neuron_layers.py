@@ -431,3 +431,62 @@ def test_fold_time_matches_time_distributed_and_pools_batch_statistics(rng, tmp_
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="time"):
         kspike.FoldTime(keras.layers.Dense(2))(np.zeros((2, 3), np.float32))
+
+
+# ------------------------------------------------------ activity recording and the Trainer
+def small_conv_snn(steps=4, size=6):
+    fold = kspike.FoldTime
+    inputs = keras.Input((steps, size, size, 1))
+    h = fold(keras.layers.Conv2D(3, 3, padding="same"), name="conv")(inputs)
+    h = kspike.LIFNeurons(thr=0.5, name="lif")(h)
+    h = fold(keras.layers.Flatten(), name="flatten")(h)
+    h = fold(keras.layers.Dense(5), name="dense")(h)
+    h, v = kspike.IFNeurons(thr=0.5, v_reset=None, output="all", name="if")(h)
+    scores = fold(keras.layers.Dense(2), name="readout")(h)
+    outputs = keras.layers.GlobalAveragePooling1D()(scores)
+    return keras.Model(inputs, outputs)
+
+
+def test_record_activity_and_firing_rate_logs_see_neuron_layers(rng):
+    model = small_conv_snn()
+    x = tf.constant(rng.random((3, 4, 6, 6, 1)).astype(np.float32) * 2.0)
+    predictions, acts = kspike.regularizers.record_activity(model, x)
+    np.testing.assert_array_equal(predictions.numpy(), model(x).numpy())
+    assert [a.name for a in acts] == ["lif", "if"]
+    inner = keras.Model(model.inputs, [model.get_layer("lif").output,
+                                       *model.get_layer("if").output])
+    z1, z2, v2 = [t.numpy() for t in inner(x)]
+    assert acts[0].spikes.shape == (3, 4, 6, 6, 3) and acts[0].voltage is None
+    np.testing.assert_array_equal(acts[0].spikes.numpy(), z1)
+    np.testing.assert_array_equal(acts[1].spikes.numpy(), z2)
+    np.testing.assert_array_equal(acts[1].voltage.numpy(), v2)
+    assert acts[1].threshold is None and acts[0].dt == acts[1].dt == 1.0
+    assert 0.0 < z1.mean() < 1.0 and 0.0 < z2.mean() < 1.0
+    logs = kspike.regularizers.firing_rate_logs(acts)
+    # Hz at dt = 1 ms per step; the overall rate weights each layer by its 108 and 5 neurons.
+    np.testing.assert_allclose(float(logs["firing_rate/lif"]), 1000 * z1.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate/if"]), 1000 * z2.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate"]),
+                               1000 * (108 * z1.mean() + 5 * z2.mean()) / 113, rtol=1e-6)
+    reg = kspike.FiringRateRegularizer(target=0.1, strength=0.5, layers=["lif"])
+    expected = 0.5 * np.sum((z1.mean(axis=(0, 1)) - 0.1) ** 2)       # per neuron (H, W, C)
+    np.testing.assert_allclose(float(reg(acts)), expected, rtol=1e-5)
+
+
+def test_trainer_trains_on_image_sequences_and_logs_layer_rates(rng):
+    model = small_conv_snn()
+    x = rng.random((8, 4, 6, 6, 1)).astype(np.float32) * 2.0
+    y = rng.integers(0, 2, 8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    trainer = kspike.Trainer(model, keras.optimizers.Adam(1e-2),
+                             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                             metrics=["accuracy"], seed=0, verbose=0)
+    before = model.get_layer("conv").get_weights()[0].copy()
+    history = trainer.fit(ds, epochs=1)
+    assert not np.allclose(before, model.get_layer("conv").get_weights()[0])
+    assert {"firing_rate", "firing_rate/lif", "firing_rate/if"} <= set(history.history)
+    assert history.history["firing_rate/lif"][-1] > 0.0
+    with pytest.raises(ValueError, match=r"rank >= 3.*\(8, 144\)"):
+        kspike.Trainer(model, "adam", keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), verbose=0).fit(
+            tf.data.Dataset.from_tensor_slices((x.reshape(8, -1), y)).batch(8), epochs=1)
