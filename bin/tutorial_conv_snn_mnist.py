@@ -82,12 +82,6 @@ def synthetic_digits(rng, n):
     return images, labels
 
 
-def flatten(dataset):
-    """(B, T, 28, 28, 1) -> (B, T, 784) batches (the layout kspike.Trainer takes)."""
-    import tensorflow as tf
-    return dataset.map(lambda x, y: (tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0)), y))
-
-
 def build_model(args, neurons="lif"):
     """The tutorial's network; ``neurons="relu"`` puts ReLUs in place of the LIF layers (the
     non-spiking baseline of bin/bench_deep_snn.py). ``args.fold_time`` wraps the weight layers
@@ -102,10 +96,8 @@ def build_model(args, neurons="lif"):
         return kspike.LIFNeurons(tau=args.tau, name=name)
 
     td = kspike.FoldTime if getattr(args, "fold_time", False) else keras.layers.TimeDistributed
-    # kspike.Trainer takes (B, T, features) batches: the images arrive flattened and are
-    # unflattened here.
-    inputs = keras.Input((args.time_steps, 28 * 28), name="images")
-    h = keras.layers.Reshape((args.time_steps, 28, 28, 1), name="unflatten")(inputs)
+    inputs = keras.Input((args.time_steps, 28, 28, 1), name="images")     # (B, T, H, W, C)
+    h = inputs
     for k, channels in enumerate(args.channels, start=1):
         h = td(keras.layers.Conv2D(channels, 3, padding="same", use_bias=False),
                name=f"conv{k}")(h)
@@ -166,22 +158,22 @@ def spike_figures(model, x, label, out):
 
 
 def rate_figure(model, dataset, out, batches=4):
-    """Mean spikes per neuron and step of every LIF layer over a few test batches."""
-    import keras
+    """Mean spikes per neuron and step of every neuron layer over a few test batches (the
+    spikes recorded by kspike.regularizers.record_activity, as the Trainer logs them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from kspike import plotting
-    probe = keras.Model(model.input, [model.get_layer(name).output for name in LIF_LAYERS])
-    totals = np.zeros(len(LIF_LAYERS))
-    count = 0
+    from kspike import plotting, regularizers
+    totals, count, names = 0.0, 0, None
     for x, _ in dataset.take(batches):
-        totals += [float(np.mean(s)) for s in probe(x)]
+        _, activities = regularizers.record_activity(model, x)
+        names = [a.name for a in activities]
+        totals = totals + np.array([float(np.mean(a.spikes)) for a in activities])
         count += 1
     rates = totals / max(count, 1)
     fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(LIF_LAYERS, rates, color="tab:blue")
+    ax.bar(names, rates, color="tab:blue")
     ax.set_ylabel("spikes per neuron and step")
     ax.set_title("firing rate per layer (test images)", fontsize=9)
     fig.tight_layout()
@@ -222,7 +214,6 @@ def main(argv=None):
         test_ds = tasks.static_images(path=args.mnist_path, split="test", **common)
     steps_per_epoch = len(train_x) // args.batch_size          # the last partial batch is dropped
 
-    train_ds, test_ds = flatten(train_ds), flatten(test_ds)
     model = build_model(args)
     rule = kspike.learning.BPTT()
     trainer = kspike.Trainer(

@@ -165,6 +165,54 @@ def test_hand_written_backward_equals_autodiff(rng, config, masked):
         np.testing.assert_array_equal(gx1.numpy()[held], 0.0)
 
 
+def sequence_and_gradients(x, v0, params, weights, **kwargs):
+    with tf.GradientTape() as tape:
+        tape.watch([x, v0])
+        s, v, vf = node_sequence(x, v0, params, return_voltages=True, **kwargs)
+        loss = loss_of(s, v, vf, weights)
+    return [t.numpy() for t in (s, v, vf) + tuple(tape.gradient(loss, [x, v0]))]
+
+
+def test_hand_written_backward_equals_autodiff_float64(rng):
+    x = tf.constant(currents(rng, (30, 2, 3, 4), mean=0.8, dtype=np.float64))
+    v0 = tf.constant(rng.normal(0.0, 0.5, (2, 3, 4)))
+    weights = [tf.constant(rng.normal(size=shape)) for shape in
+               ((30, 2, 3, 4), (30, 2, 3, 4), (2, 3, 4))]
+    for config in CONFIGS:
+        params = make_layer(*config, dtype="float64").parameters       # default sigmoid
+        hand = sequence_and_gradients(x, v0, params, weights)
+        auto = sequence_and_gradients(x, v0, params, weights, hand_written_backward=False)
+        np.testing.assert_array_equal(hand[0], auto[0])
+        for a, b in zip(hand[1:], auto[1:]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=str(config))
+        assert np.abs(hand[3]).max() > 0.1
+
+
+def test_native_loops_equal_the_tensorflow_loops(rng):
+    from kspike import native
+    if not native.available():
+        pytest.skip(f"native loops unavailable: {native.unavailable_reason()}")
+    x = tf.constant(currents(rng, (25, 3, 4, 2, 3), mean=0.8))
+    v0 = tf.constant(rng.normal(0.0, 0.5, (3, 4, 2, 3)).astype(np.float32))
+    weights = [tf.constant(rng.normal(size=shape).astype(np.float32)) for shape in
+               ((25, 3, 4, 2, 3), (25, 3, 4, 2, 3), (3, 4, 2, 3))]
+    for config in CONFIGS:
+        for surrogate, tol in (("triangular", 0.0), ("sigmoid", 2e-5)):
+            params = make_layer(*config, surrogate=surrogate).parameters
+            assert kspike.layers.native_node_ops(tf.float32, params) is not None
+            fast = sequence_and_gradients(x, v0, params, weights)
+            loop = sequence_and_gradients(x, v0, params, weights, native=False)
+            for a, b in zip(fast[:3], loop[:3]):             # spikes and voltages: to the bit
+                np.testing.assert_array_equal(a, b, err_msg=str(config))
+            # Gradients: to the bit with a rational surrogate; TensorFlow's sigmoid is its own
+            # approximation of 1 / (1 + exp(-x)), so float32 rounding there.
+            for a, b in zip(fast[3:], loop[3:]):
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(),
+                                           err_msg=f"{config} {surrogate}")
+    assert kspike.layers.native_node_ops(tf.float64, params) is None
+    assert kspike.layers.native_node_ops(tf.float32, params, masked=True) is None
+
+
 class _SmoothStandIn(surrogates.Sigmoid):
     """pseudo_derivative = the exact derivative of sig(4 x): the smooth forward below."""
     name = "smooth_stand_in_for_tests"
