@@ -46,7 +46,7 @@ def parse_args(argv=None):
                              "call per step, batch-norm statistics per step) instead of "
                              "kspike.FoldTime (T folded into the batch as in SpikingJelly; "
                              "about 4x faster on CPU, see bin/bench_deep_snn.py)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3,
+    parser.add_argument("--learning-rate", type=float, default=2e-3,
                         help="Adam's learning rate at the start")
     parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                         help="learning rate over the run: cosine decay from --learning-rate "
