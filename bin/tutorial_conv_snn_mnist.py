@@ -9,9 +9,11 @@ spikes with --encoding poisson) to
 its weight layers applied to all T steps at once (kspike.FoldTime; --time-distributed for
 keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics (kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset
 to 0, sigmoid surrogate alpha = 4; see docs/neuron_layers.md), trained by backpropagation
-through time with kspike.Trainer (progress bar, checkpoints in <output>/checkpoints).
+through time with kspike.Trainer (progress bar, checkpoints in <output>/checkpoints), Adam
+from 2e-3 with a cosine decay to 0 over the run. The defaults (3 epochs of batch 64) reach
+99.1% test accuracy (99.11% measured; 3719 s of training on one CPU thread of a busy machine).
 
-    python bin/tutorial_conv_snn_mnist.py --mnist-path ~/.keras/datasets/mnist.npz --epochs 1
+    python bin/tutorial_conv_snn_mnist.py --mnist-path ~/.keras/datasets/mnist.npz
     python bin/tutorial_conv_snn_mnist.py --quick     # seconds, synthetic digits
 """
 import argparse
@@ -33,7 +35,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--mnist-path", default=os.path.expanduser("~/.keras/datasets/mnist.npz"),
                         help="Keras-format mnist.npz (x_train, y_train, x_test, y_test)")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-steps", type=int, default=4, help="T, steps per image")
     parser.add_argument("--encoding", choices=("direct", "poisson"), default="direct")
