@@ -1056,6 +1056,22 @@ class NodeForwardOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("KspikeNodeForward").Device(DEVICE_CPU), NodeForwardOp);
 
+// psi(H_t - V_th) of `count` elements. The sigmoid is Eigen's vectorised logistic, the function
+// TensorFlow's tf.sigmoid evaluates (a scalar std::exp per element would dominate the step).
+template <Surrogate SG>
+static inline void NodePsi(const SurrogateParams& sp, float thr, const float* __restrict h,
+                           int64_t count, float* __restrict psi) {
+  if constexpr (SG == kSigmoid) {
+    const float scale = 4.0f * sp.sharpness, peak = 4.0f * sp.dampening;
+    for (int64_t e = 0; e < count; ++e) psi[e] = scale * (h[e] - thr);
+    Eigen::Map<Eigen::ArrayXf> sig(psi, count);
+    sig = sig.logistic();
+    for (int64_t e = 0; e < count; ++e) psi[e] = peak * psi[e] * (1.0f - psi[e]);
+  } else {
+    for (int64_t e = 0; e < count; ++e) psi[e] = PsiOf<SG>(sp, h[e] - thr);
+  }
+}
+
 template <Surrogate SG, bool HARD, bool DETACH, bool HAS_GVO>
 static void NodeBackwardBlock(const NodeAttrs& a, const SurrogateParams& sp, int64_t T,
                               int64_t M, int64_t first, int64_t count,
@@ -1063,16 +1079,18 @@ static void NodeBackwardBlock(const NodeAttrs& a, const SurrogateParams& sp, int
                               const float* __restrict GS, const float* __restrict GVO,
                               float* __restrict gv, float* __restrict GX) {
   const bool unit_gain = a.gain == 1.0f, unit_leak = a.leak == 1.0f;
+  float psi_block[kNodeBlock];
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t at = t * M + first;
     const float* __restrict h = Hs + at;
     const float* __restrict s = Ss + at;
     const float* __restrict gs = GS + at;
     float* __restrict gx = GX + at;
+    NodePsi<SG>(sp, a.thr, h, count, psi_block);
     for (int64_t e = 0; e < count; ++e) {
       float g_v = gv[e];
       if constexpr (HAS_GVO) g_v = g_v + GVO[at + e];
-      const float psi = PsiOf<SG>(sp, h[e] - a.thr);
+      const float psi = psi_block[e];
       float grad_h;
       if constexpr (HARD) {
         float dv_dh = 1.0f - s[e];
