@@ -7,8 +7,10 @@ not kspike's).
 
 in multi-step mode (step_mode="m": the weight layers see all T steps folded into the batch, as
 kspike.FoldTime does), LIFNode(tau=2, V_th=1, V_reset=0, decay_input, Sigmoid(alpha=4)),
-backend "torch" (SpikingJelly 2.0 has no other on the CPU and no backend argument), on the CPU; Adam 1e-3 and cross-entropy. Prints one JSON line:
-{"step_s": fastest step in seconds, "median_s": ..., "peak_rss_mb": ..., "baseline_rss_mb": ..., ...}.
+backend "torch" (SpikingJelly 2.0 has no other on the CPU and no backend argument), on the
+CPU; Adam 1e-3 and cross-entropy. Prints one JSON line:
+{"step_s": fastest step in seconds, "median_s": ..., "peak_rss_mb": ...,
+"baseline_rss_mb": ..., ...}.
 
     python bin/_spikingjelly_conv_snn.py --batch-size 64 --time-steps 4 --repeats 10
 """

@@ -16,13 +16,13 @@ steps, of
 and the LIF layer alone on a (B, T, 28, 28, 16) map (the first LIF layer of the network),
 forward and backward, with kspike's hand-written backward pass and with TensorFlow's autodiff
 of the plain loop. The kspike LIF figures are taken twice: with the native C++ loops of the
-neuron layers (the default where they compile, docs/neuron_layers.md) and with
-KSPIKE_NATIVE=0, the TensorFlow loops. Every measurement runs in its own process (so each peak RSS is its own),
+neuron layers (the default where they compile, docs/neuron_layers.md) and with KSPIKE_NATIVE=0,
+the TensorFlow loops. Every measurement runs in its own process (so each peak RSS is its own),
 one after another, with --threads intra-op threads in TensorFlow and torch alike. Figures are
 the fastest of --repeats steps after a warm-up step (on a machine shared with other work the
-fastest step is the least disturbed one; the medians are in the JSON output); peak memory is the process's peak resident
-set size and, in brackets, its growth from the start of the step (after imports, model and
-data).
+fastest step is the least disturbed one; the medians are in the JSON output); peak memory is
+the process's peak resident set size and, in brackets, its growth from the start of the steps
+(after imports, model and data).
 
     python bin/bench_deep_snn.py                              # B = 64, T = 4 and 16
     python bin/bench_deep_snn.py --time-steps 4 --repeats 5 --peer-python ~/sj/bin/python

@@ -7,11 +7,12 @@ spikes with --encoding poisson) to
     Dense(10), the class scores averaged over the T steps,
 
 its weight layers applied to all T steps at once (kspike.FoldTime; --time-distributed for
-keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics (kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset
-to 0, sigmoid surrogate alpha = 4; see docs/neuron_layers.md), trained by backpropagation
-through time with kspike.Trainer (progress bar, checkpoints in <output>/checkpoints), Adam
-from 2e-3 with a cosine decay to 0 over the run. The defaults (3 epochs of batch 64) reach
-99.1% test accuracy (99.11% measured; 3719 s of training on one CPU thread of a busy machine).
+keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics
+(kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset to 0, sigmoid surrogate alpha = 4; see
+docs/neuron_layers.md), trained by backpropagation through time with kspike.Trainer (progress
+bar, checkpoints in <output>/checkpoints), Adam from 2e-3 with a cosine decay to 0 over the
+run. The defaults (3 epochs of batch 64) reach 99.1% test accuracy (99.11% measured; 3719 s of
+training on one CPU thread of a busy machine).
 
     python bin/tutorial_conv_snn_mnist.py --mnist-path ~/.keras/datasets/mnist.npz
     python bin/tutorial_conv_snn_mnist.py --quick     # seconds, synthetic digits
