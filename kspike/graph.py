@@ -35,7 +35,8 @@ from kspike.layers import IFNeurons, LeakyReadout, LIFNeurons
 __all__ = ["is_spiking_cell", "spiking_cell_of", "is_spiking_layer", "is_neuron_layer",
            "is_readout", "is_specialised_cell", "describe", "Stage", "SpikingLayer",
            "RecurrentLayer", "Readout", "PerStepLayer", "TimeAverage", "UnsupportedLayer",
-           "parse", "refuse", "check_stateless", "spiking_stages", "PER_STEP_LAYERS", "LAST_AXIS_LAYERS"]
+           "parse", "refuse", "check_stateless", "spiking_stages", "PER_STEP_LAYERS",
+           "LAST_AXIS_LAYERS"]
 
 
 # ----------------------------------------------------------------------------- predicates
