@@ -1,24 +1,53 @@
-"""Training-step time of the convolutional SNN of bin/tutorial_conv_snn_mnist.py against the
-same network with ReLU in place of the LIF neuron layers, and the LIF layer alone with its
-hand-written backward pass against TensorFlow's autodiff of the plain loop.
+"""Training-step time and peak memory of the convolutional SNN of bin/tutorial_conv_snn_mnist.py
+in kspike, in SpikingJelly, and with ReLU in place of the LIF neuron layers, from one run.
 
-    python bin/bench_deep_snn.py                     # B = 64, T = 4 and 16
-    python bin/bench_deep_snn.py --batch-size 32 --time-steps 4 --repeats 5
+One training step (forward, backward, Adam) on a batch of B random 28x28 images shown for T
+steps, of
 
-Prints a table (median seconds per step over --repeats steps after a warm-up step) and writes
-it as JSON with --output.
+- ``kspike LIF``: the tutorial network (``tutorial_conv_snn_mnist.build_model``:
+  FoldTime(Conv-BN)-LIFNeurons-MaxPool x 2, Dense(128)-LIFNeurons, Dense(10), mean over T);
+- ``kspike ReLU``: the same network with ``keras.layers.ReLU`` in place of the LIF layers (the
+  baseline of the ratios: its time is that of the weight layers);
+- ``SpikingJelly``: the same network in SpikingJelly (``bin/_spikingjelly_conv_snn.py``:
+  multi-step mode, LIFNode with the torch backend, CPU), run with ``--peer-python``, a Python
+  that has torch and spikingjelly (neither is a kspike requirement; default
+  /work/peers-venv/bin/python when it exists);
+
+and the LIF layer alone on a (B, T, 28, 28, 16) map (the first LIF layer of the network),
+forward and backward, with kspike's hand-written backward pass and with TensorFlow's autodiff
+of the plain loop. The kspike LIF figures are taken twice: with the native C++ loops of the
+neuron layers (the default where they compile, docs/neuron_layers.md) and with KSPIKE_NATIVE=0,
+the TensorFlow loops. Every measurement runs in its own process (so each peak RSS is its own),
+one after another, with --threads intra-op threads in TensorFlow and torch alike. Figures are
+the fastest of --repeats steps after a warm-up step (on a machine shared with other work the
+fastest step is the least disturbed one; the medians are in the JSON output); peak memory is
+the process's peak resident set size and, in brackets, its growth from the start of the steps
+(after imports, model and data).
+
+    python bin/bench_deep_snn.py                              # B = 64, T = 4 and 16
+    python bin/bench_deep_snn.py --time-steps 4 --repeats 5 --peer-python ~/sj/bin/python
 """
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import _tutorial_utils as utils  # noqa: E402
 
 utils.quiet_tensorflow()
+
+DEFAULT_PEER = "/work/peers-venv/bin/python"
+PEER_SCRIPT = os.path.join(HERE, "_spikingjelly_conv_snn.py")
+# (kind, extra environment): "-tf" is the same measurement with KSPIKE_NATIVE=0, the
+# TensorFlow loops of the hand-written backward instead of the C++ ones.
+KINDS = ("kspike-relu", "kspike-lif", "kspike-lif-tf", "layer-hand", "layer-hand-tf",
+         "layer-autodiff")
 
 
 def parse_args(argv=None):
@@ -27,8 +56,26 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-steps", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of TensorFlow and of torch")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER)
+                        else None,
+                        help="a Python with torch and spikingjelly for the SpikingJelly column")
     parser.add_argument("--output", default=None, help="JSON file for the results (new file)")
-    return parser.parse_args(argv)
+    parser.add_argument("--child", choices=KINDS, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received "
+                         f"{getattr(args, name)}")
+    if any(t < 1 for t in args.time_steps):
+        parser.error(f"--time-steps must be >= 1, received {args.time_steps}")
+    return args
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def median_time(fn, repeats):
@@ -39,22 +86,22 @@ def median_time(fn, repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(times)), float(np.min(times))
 
 
-def train_step_time(neurons, batch, steps, repeats, fold_time=False):
+def network_step(neurons, batch, steps):
     import keras
     import numpy as np
     import tensorflow as tf
     import tutorial_conv_snn_mnist as tutorial
     keras.utils.set_random_seed(0)
     args = SimpleNamespace(time_steps=steps, channels=(16, 32), hidden=128, tau=2.0,
-                           fold_time=fold_time)
+                           fold_time=True)
     model = tutorial.build_model(args, neurons=neurons)
     optimizer = keras.optimizers.Adam(1e-3)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.random((batch, steps, 784)).astype(np.float32))
+    x = tf.constant(rng.random((batch,) + tuple(model.input.shape[1:])).astype(np.float32))
     y = tf.constant(rng.integers(0, 10, batch))
 
     @tf.function
@@ -65,10 +112,10 @@ def train_step_time(neurons, batch, steps, repeats, fold_time=False):
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 
-    return median_time(lambda: step().numpy(), repeats)
+    return lambda: step().numpy()
 
 
-def layer_time(hand_written, batch, steps, repeats):
+def layer_step(hand_written, batch, steps):
     import numpy as np
     import tensorflow as tf
     import kspike
@@ -86,38 +133,110 @@ def layer_time(hand_written, batch, steps, repeats):
             loss = tf.reduce_sum(spikes * x)
         return tape.gradient(loss, x)
 
-    return median_time(lambda: step().numpy(), repeats)
+    return lambda: step().numpy()
+
+
+def child(args):
+    steps = args.time_steps[0]
+    if args.child.startswith("kspike"):
+        fn = network_step(args.child.split("-")[1], args.batch_size, steps)
+    else:
+        fn = layer_step(args.child.startswith("layer-hand"), args.batch_size, steps)
+    baseline = rss_mb()
+    median, fastest = median_time(fn, args.repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"step_s": fastest, "median_s": median, "peak_rss_mb": peak,
+                      "baseline_rss_mb": baseline}))
+
+
+def run(command, env=None):
+    """Run one measurement process; its last output line is JSON. (result, error)."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"exit code {result.returncode}: {tail}"
+    try:
+        return json.loads(lines[-1]), None
+    except json.JSONDecodeError:
+        return None, f"unexpected output: {lines[-1]!r}"
+
+
+def memory(result):
+    return f"{result['peak_rss_mb']:.0f} (+{result['peak_rss_mb'] - result['baseline_rss_mb']:.0f})"
 
 
 def main(argv=None):
     args = parse_args(argv)
-    import tensorflow as tf
+    if args.child:
+        child(args)
+        return 0
+    threads = str(args.threads)
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(HERE)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    peer = args.peer_python
+    if peer is None or not os.path.exists(peer):
+        print(f"SpikingJelly not available: set --peer-python to a Python with torch and "
+              f"spikingjelly (e.g. python -m venv ~/sj && ~/sj/bin/pip install torch "
+              f"spikingjelly); {'none given' if peer is None else repr(peer) + ' not found'}. "
+              "Measuring kspike only.", flush=True)
+        peer = None
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, {threads} thread(s) "
+          f"per process, batch {args.batch_size}, fastest of {args.repeats} steps", flush=True)
     rows = []
-    threads = os.environ.get("TF_NUM_INTRAOP_THREADS", "TensorFlow's default")
-    print(f"TensorFlow {tf.__version__}, intra-op threads: {threads}, batch {args.batch_size}",
-          flush=True)
-    print("Training step (forward, backward, Adam) of the tutorial network; weight layers in "
-          "TimeDistributed (TD) or kspike.FoldTime (fold); seconds per step", flush=True)
-    print(f"{'T':>3} {'ReLU TD':>8} {'LIF TD':>8} {'LIF/ReLU':>9} {'ReLU fold':>10} "
-          f"{'LIF fold':>9} {'LIF/ReLU':>9} | {'LIF layer hand':>15} {'autodiff':>9} "
-          f"{'speed-up':>9}", flush=True)
     for steps in args.time_steps:
-        row = {"T": steps, "batch": args.batch_size}
-        for fold, key in ((False, "td"), (True, "fold")):
-            row[f"relu_{key}_s"] = train_step_time("relu", args.batch_size, steps,
-                                                   args.repeats, fold)
-            row[f"lif_{key}_s"] = train_step_time("lif", args.batch_size, steps, args.repeats,
-                                                  fold)
-            row[f"ratio_{key}"] = row[f"lif_{key}_s"] / row[f"relu_{key}_s"]
-        # The LIF layer alone on (B, T, 28, 28, 16) currents, forward and backward.
-        row["layer_hand_written_s"] = layer_time(True, args.batch_size, steps, args.repeats)
-        row["layer_autodiff_s"] = layer_time(False, args.batch_size, steps, args.repeats)
-        row["layer_speedup"] = row["layer_autodiff_s"] / row["layer_hand_written_s"]
+        row = {"T": steps, "batch": args.batch_size, "threads": args.threads}
+        common = ["--batch-size", str(args.batch_size), "--time-steps", str(steps),
+                  "--repeats", str(args.repeats)]
+        for kind in KINDS:
+            print(f"T = {steps}: {kind} ...", flush=True)
+            kind_env = {**env, "KSPIKE_NATIVE": "0"} if kind.endswith("-tf") else env
+            result, error = run([sys.executable, os.path.abspath(__file__), "--child", kind]
+                                + common, kind_env)
+            row[kind] = result if result is not None else {"error": error}
+            if error:
+                print(f"  {kind} failed: {error}", flush=True)
+        if peer is not None:
+            print(f"T = {steps}: spikingjelly ...", flush=True)
+            result, error = run([peer, PEER_SCRIPT, "--threads", threads] + common, env)
+            row["spikingjelly"] = result if result is not None else {"error": error}
+            if error:
+                print(f"  SpikingJelly failed: {error}", flush=True)
         rows.append(row)
-        print(f"{steps:>3} {row['relu_td_s']:>8.4f} {row['lif_td_s']:>8.4f} "
-              f"{row['ratio_td']:>9.2f} {row['relu_fold_s']:>10.4f} {row['lif_fold_s']:>9.4f} "
-              f"{row['ratio_fold']:>9.2f} | {row['layer_hand_written_s']:>15.4f} "
-              f"{row['layer_autodiff_s']:>9.4f} {row['layer_speedup']:>9.2f}", flush=True)
+
+    def seconds(row, kind):
+        return row.get(kind, {}).get("step_s")
+
+    print("\nTraining step of the tutorial network (seconds; peak RSS MB (+ growth during the "
+          "steps)); ratios from this run; 'TF loops': KSPIKE_NATIVE=0")
+    print("| T | kspike ReLU | kspike LIF | kspike LIF, TF loops | SpikingJelly LIF | "
+          "LIF/ReLU | LIF/ReLU, TF loops | SpikingJelly/kspike | kspike LIF memory | "
+          "SpikingJelly memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        relu, lif, lif_tf, sj = (seconds(row, k) for k in ("kspike-relu", "kspike-lif",
+                                                           "kspike-lif-tf", "spikingjelly"))
+        row["ratio_lif_relu"] = lif / relu if lif and relu else None
+        row["ratio_lif_tf_relu"] = lif_tf / relu if lif_tf and relu else None
+        row["ratio_spikingjelly_kspike"] = sj / lif if sj and lif else None
+        cells = [f"{v:.4f}" if v else "-" for v in (relu, lif, lif_tf, sj)]
+        ratios = [f"{v:.2f}x" if v else "-" for v in (
+            row["ratio_lif_relu"], row["ratio_lif_tf_relu"], row["ratio_spikingjelly_kspike"])]
+        mems = [memory(row[k]) if seconds(row, k) else "-" for k in ("kspike-lif",
+                                                                     "spikingjelly")]
+        print(f"| {row['T']} | " + " | ".join(cells + ratios + mems) + " |")
+    print("\nLIF layer alone on a (B, T, 28, 28, 16) map, forward + backward (seconds)")
+    print("| T | hand-written backward, C++ loops | the same, TF loops | autodiff of the TF loop "
+          "| C++ vs autodiff |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        hand, hand_tf, auto = (seconds(row, k) for k in ("layer-hand", "layer-hand-tf",
+                                                         "layer-autodiff"))
+        row["layer_speedup"] = auto / hand if hand and auto else None
+        print(f"| {row['T']} | " + " | ".join(f"{v:.4f}" if v else "-" for v in (
+            hand, hand_tf, auto)) + f" | {row['layer_speedup'] or 0:.2f}x |")
     if args.output:
         with open(args.output, "x") as f:
             json.dump(rows, f, indent=2)

@@ -7,11 +7,14 @@ spikes with --encoding poisson) to
     Dense(10), the class scores averaged over the T steps,
 
 its weight layers applied to all T steps at once (kspike.FoldTime; --time-distributed for
-keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics (kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset
-to 0, sigmoid surrogate alpha = 4; see docs/neuron_layers.md), trained by backpropagation
-through time with kspike.Trainer (progress bar, checkpoints in <output>/checkpoints).
+keras.layers.TimeDistributed), its neurons with SpikingJelly's LIF node semantics
+(kspike.LIFNeurons: tau = 2 steps, V_th = 1, hard reset to 0, sigmoid surrogate alpha = 4; see
+docs/neuron_layers.md), trained by backpropagation through time with kspike.Trainer (progress
+bar, checkpoints in <output>/checkpoints), Adam from 2e-3 with a cosine decay to 0 over the
+run. The defaults (3 epochs of batch 64) reach 99.1% test accuracy (99.11% measured; 3719 s of
+training on one CPU thread of a busy machine).
 
-    python bin/tutorial_conv_snn_mnist.py --mnist-path ~/.keras/datasets/mnist.npz --epochs 1
+    python bin/tutorial_conv_snn_mnist.py --mnist-path ~/.keras/datasets/mnist.npz
     python bin/tutorial_conv_snn_mnist.py --quick     # seconds, synthetic digits
 """
 import argparse
@@ -33,7 +36,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--mnist-path", default=os.path.expanduser("~/.keras/datasets/mnist.npz"),
                         help="Keras-format mnist.npz (x_train, y_train, x_test, y_test)")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--time-steps", type=int, default=4, help="T, steps per image")
     parser.add_argument("--encoding", choices=("direct", "poisson"), default="direct")
@@ -46,7 +49,13 @@ def parse_args(argv=None):
                              "call per step, batch-norm statistics per step) instead of "
                              "kspike.FoldTime (T folded into the batch as in SpikingJelly; "
                              "about 4x faster on CPU, see bin/bench_deep_snn.py)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3,
+                        help="Adam's learning rate at the start")
+    parser.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                        help="learning rate over the run: cosine decay from --learning-rate "
+                             "to 0 over all --epochs, or constant")
+    parser.add_argument("--weight-decay", type=float, default=0.0,
+                        help="decoupled weight decay (AdamW) per step; 0: plain Adam")
     parser.add_argument("--train-samples", type=int, default=None,
                         help="use only the first N training images")
     parser.add_argument("--rule", choices=RULES, default="bptt", help="learning rule")
@@ -81,12 +90,6 @@ def synthetic_digits(rng, n):
     return images, labels
 
 
-def flatten(dataset):
-    """(B, T, 28, 28, 1) -> (B, T, 784) batches (the layout kspike.Trainer takes)."""
-    import tensorflow as tf
-    return dataset.map(lambda x, y: (tf.reshape(x, tf.concat([tf.shape(x)[:2], [-1]], 0)), y))
-
-
 def build_model(args, neurons="lif"):
     """The tutorial's network; ``neurons="relu"`` puts ReLUs in place of the LIF layers (the
     non-spiking baseline of bin/bench_deep_snn.py). ``args.fold_time`` wraps the weight layers
@@ -101,10 +104,8 @@ def build_model(args, neurons="lif"):
         return kspike.LIFNeurons(tau=args.tau, name=name)
 
     td = kspike.FoldTime if getattr(args, "fold_time", False) else keras.layers.TimeDistributed
-    # kspike.Trainer takes (B, T, features) batches: the images arrive flattened and are
-    # unflattened here.
-    inputs = keras.Input((args.time_steps, 28 * 28), name="images")
-    h = keras.layers.Reshape((args.time_steps, 28, 28, 1), name="unflatten")(inputs)
+    inputs = keras.Input((args.time_steps, 28, 28, 1), name="images")     # (B, T, H, W, C)
+    h = inputs
     for k, channels in enumerate(args.channels, start=1):
         h = td(keras.layers.Conv2D(channels, 3, padding="same", use_bias=False),
                name=f"conv{k}")(h)
@@ -165,26 +166,37 @@ def spike_figures(model, x, label, out):
 
 
 def rate_figure(model, dataset, out, batches=4):
-    """Mean spikes per neuron and step of every LIF layer over a few test batches."""
-    import keras
+    """Mean spikes per neuron and step of every neuron layer over a few test batches (the
+    spikes recorded by kspike.regularizers.record_activity, as the Trainer logs them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from kspike import plotting
-    probe = keras.Model(model.input, [model.get_layer(name).output for name in LIF_LAYERS])
-    totals = np.zeros(len(LIF_LAYERS))
-    count = 0
+    from kspike import plotting, regularizers
+    totals, count, names = 0.0, 0, None
     for x, _ in dataset.take(batches):
-        totals += [float(np.mean(s)) for s in probe(x)]
+        _, activities = regularizers.record_activity(model, x)
+        names = [a.name for a in activities]
+        totals = totals + np.array([float(np.mean(a.spikes)) for a in activities])
         count += 1
     rates = totals / max(count, 1)
     fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(LIF_LAYERS, rates, color="tab:blue")
+    ax.bar(names, rates, color="tab:blue")
     ax.set_ylabel("spikes per neuron and step")
     ax.set_title("firing rate per layer (test images)", fontsize=9)
     fig.tight_layout()
     return plotting.save_figure(fig, os.path.join(out, "firing_rates")), rates
+
+
+def make_optimizer(args, steps_per_epoch):
+    """Adam (AdamW with --weight-decay) with the --schedule learning rate."""
+    import keras
+    rate = args.learning_rate
+    if args.schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(rate, args.epochs * steps_per_epoch)
+    if args.weight_decay:
+        return keras.optimizers.AdamW(rate, weight_decay=args.weight_decay)
+    return keras.optimizers.Adam(rate)
 
 
 def main(argv=None):
@@ -204,16 +216,12 @@ def main(argv=None):
         train_ds = tasks.static_images(images=train_x, labels=train_y, seed=args.seed, **common)
         test_ds = tasks.static_images(images=test_x, labels=test_y, split="test", **common)
     else:
-        if args.train_samples is not None:
-            train_x, train_y = tasks.load_image_arrays(args.mnist_path, "train")
-            train_ds = tasks.static_images(images=train_x[:args.train_samples],
-                                           labels=train_y[:args.train_samples], seed=args.seed,
-                                           **common)
-        else:
-            train_ds = tasks.static_images(path=args.mnist_path, seed=args.seed, **common)
+        train_x, train_y = tasks.load_image_arrays(args.mnist_path, "train")
+        train_x, train_y = train_x[:args.train_samples], train_y[:args.train_samples]
+        train_ds = tasks.static_images(images=train_x, labels=train_y, seed=args.seed, **common)
         test_ds = tasks.static_images(path=args.mnist_path, split="test", **common)
+    steps_per_epoch = len(train_x) // args.batch_size          # the last partial batch is dropped
 
-    train_ds, test_ds = flatten(train_ds), flatten(test_ds)
     model = build_model(args)
     rule = kspike.learning.BPTT()
     if args.rule == "stllr":
@@ -226,14 +234,14 @@ def main(argv=None):
         # rate-based backpropagation (docs/ratebp.md): the same network and loss.
         rule = kspike.learning.RateBP()
     trainer = kspike.Trainer(
-        model, keras.optimizers.Adam(args.learning_rate),
+        model, make_optimizer(args, steps_per_epoch),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True), rule=rule,
         metrics=["accuracy"], checkpoint_dir=os.path.join(out, "checkpoints"),
         seed=args.seed, verbose=1)
     print(f"Conv SNN {tuple(args.channels)} + {args.hidden} LIF, T = {args.time_steps}, "
           f"{'FoldTime' if args.fold_time else 'TimeDistributed'} weight layers, "
           f"{args.encoding} encoding, rule {args.rule}, {args.epochs} epoch(s) of batch "
-          f"{args.batch_size}", flush=True)
+          f"{args.batch_size}, Adam {args.learning_rate:g} ({args.schedule})", flush=True)
     batch_log = BatchLog()
     start = time.time()
     history = trainer.fit(train_ds, epochs=args.epochs, validation_data=test_ds,

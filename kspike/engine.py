@@ -257,8 +257,8 @@ _NATIVE_SURROGATES = {cls.name: cls for cls in (
     surrogates.MultiGaussian)}
 
 
-def _native_surrogate_attrs(spike_function):
-    """Attributes of the native backward op for a catalogue spike function, or None when the
+def native_surrogate_attrs(spike_function):
+    """Attributes of the native backward ops for a catalogue spike function, or None when the
     function is not one the C++ loop knows (a user subclass keeps the TensorFlow loop)."""
     cls = _NATIVE_SURROGATES.get(getattr(spike_function, "name", None))
     if cls is None or type(spike_function) is not cls:
@@ -276,6 +276,9 @@ def _native_surrogate_attrs(spike_function):
                                    sigma * math.sqrt(2.0 * math.pi),
                                    wide * math.sqrt(2.0 * math.pi), 1.0 + f.height, f.height]
     return attrs
+
+
+_native_surrogate_attrs = native_surrogate_attrs
 
 
 def why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile=False,

@@ -64,14 +64,15 @@ def is_spiking_layer(layer):
     return is_spiking_cell(getattr(layer, "cell", None))
 
 
+def is_neuron_layer(layer):
+    """True if ``layer`` is a weight-free neuron layer of deep SNNs (``kspike.IFNeurons``,
+    ``kspike.LIFNeurons``; docs/neuron_layers.md)."""
+    return isinstance(layer, (IFNeurons, LIFNeurons))
+
+
 def is_readout(layer):
     """True if ``layer`` is a ``kspike.LeakyReadout``."""
     return isinstance(layer, LeakyReadout)
-
-
-def is_neuron_layer(layer):
-    """True if ``layer`` is a weight-free ``kspike.IFNeurons`` / ``kspike.LIFNeurons``."""
-    return isinstance(layer, (IFNeurons, LIFNeurons))
 
 
 def is_specialised_cell(cell):

@@ -9,7 +9,8 @@ from keras import constraints, initializers, regularizers
 
 from kspike import dynamics, surrogates
 
-__all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "FoldTime", "node_sequence"]
+__all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "FoldTime", "node_sequence",
+           "native_node_ops"]
 
 # Up to this many steps the filter is one (T, T) matmul (fast, exact); beyond it a scan keeps
 # memory linear in T.
@@ -162,8 +163,78 @@ def _tape_may_record():
     return bool(record.could_possibly_record())
 
 
+def native_node_ops(dtype, params, masked=False):
+    """The native op module when ``node_sequence`` can run its loops in C++ (a float32,
+    unmasked sequence, a catalogue surrogate, outside XLA, no GPU, the ops compiled: see
+    kspike/native), else None."""
+    from kspike import compat, engine, native
+    if tf.as_dtype(dtype) != tf.float32 or masked or compat.in_xla_context():
+        return None
+    if engine.native_surrogate_attrs(params.spike_function) is None:
+        return None
+    if tf.config.list_logical_devices("GPU"):
+        return None
+    return native.load()
+
+
+def _native_node_attrs(params):
+    """Attributes of KspikeNodeForward/KspikeNodeBackward: the constants of node_charge and
+    node_step_vjp, rounded to float32 as TensorFlow rounds them."""
+    if params.tau is None:
+        charge, tau = 0, 1.0
+    else:
+        charge, tau = (1 if params.decay_input else 2), params.tau
+    leak, gain = dynamics.node_charge_partials(params)
+    zero_rest = params.v_reset is None or params.v_reset == 0.0
+    return dict(charge=charge, zero_rest=zero_rest, hard_reset=params.v_reset is not None,
+                detach_reset=params.detach_reset, tau=float(tau), leak=float(leak),
+                gain=float(gain),
+                thr=float(params.thr),
+                v_reset=0.0 if params.v_reset is None else float(params.v_reset))
+
+
+def _native_node_sequence(ops, x, v_initial, params, return_voltages):
+    """node_sequence with the C++ loops (KspikeNodeForward / KspikeNodeBackward)."""
+    from kspike import engine
+    attrs = _native_node_attrs(params)
+    surrogate_attrs = engine.native_surrogate_attrs(params.spike_function)
+    shape = tf.shape(x)
+    steps = shape[0]
+
+    def voltages_of(h, s):
+        # V_t of node_reset for S in {0, 1}, from H_t and S_t as the TensorFlow loop forms it.
+        if params.v_reset is None:
+            return h - s * params.thr
+        return tf.where(s > 0.5, tf.constant(params.v_reset, h.dtype), h)
+
+    @tf.custom_gradient
+    def run(x, v_initial):
+        flat_x = tf.reshape(x, tf.stack([steps, -1]))
+        s, h, v_final = ops.kspike_node_forward(flat_x, tf.reshape(v_initial, [-1]), **attrs)
+        outputs = [tf.reshape(s, shape)]
+        if return_voltages:
+            outputs.append(tf.reshape(voltages_of(h, s), shape))
+        outputs.append(tf.reshape(v_final, tf.shape(v_initial)))
+
+        def grad_fn(*grads):
+            grads = [tf.zeros_like(o) if g is None else tf.convert_to_tensor(g, tf.float32)
+                     for g, o in zip(grads, outputs)]
+            grad_voltages = (tf.reshape(grads[1], tf.shape(h)) if return_voltages
+                             else tf.zeros([0, tf.shape(h)[1]], tf.float32))
+            grad_x, grad_v0 = ops.kspike_node_backward(
+                h, s, tf.reshape(grads[0], tf.shape(h)), grad_voltages,
+                tf.reshape(grads[-1], [-1]), **attrs, **surrogate_attrs)
+            return tf.reshape(grad_x, shape), tf.reshape(grad_v0, tf.shape(v_initial))
+
+        return tuple(outputs), grad_fn
+
+    results = run(x, v_initial)
+    voltages = results[1] if return_voltages else None
+    return _with_static_shape(results[0], x), _with_static_shape(voltages, x), results[-1]
+
+
 def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
-                  hand_written_backward=True):
+                  hand_written_backward=True, native="auto"):
     """Run an IF/LIF node layer (``kspike.dynamics.node_step``) over a whole sequence.
 
     The loop is a ``tf.while_loop`` over TensorArrays (per-step reads from a TensorArray are
@@ -181,6 +252,11 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
             spike is emitted.
         return_voltages: also return the voltages V_t after each step's reset.
         hand_written_backward: see above.
+        native: with ``hand_written_backward``, run the forward loop and the backward
+            recurrence as two C++ ops (kspike/native: one pass over each step's elements
+            instead of a TensorFlow op per element-wise update; the same spikes, voltages
+            within float32 rounding of the TensorFlow loop) where ``native_node_ops`` finds
+            them usable: "auto" (default), or False for the TensorFlow loops.
 
     Returns:
         (spikes, voltages, v_final): spikes (T, B, *features) 0/1, voltages the same shape or
@@ -223,6 +299,11 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
             lambda t, *_: t < steps, body,
             (tf.constant(0), v_initial, {k: new_ta(steps) for k in names}))
         return tas, v_final
+
+    if hand_written_backward and native:
+        ops = native_node_ops(dtype, params, masked)
+        if ops is not None:
+            return _native_node_sequence(ops, x, v_initial, params, return_voltages)
 
     if not hand_written_backward:
         tas, v_final = forward(x, v_initial, mask, True, False)

@@ -12,9 +12,12 @@ Two pieces live here:
   ``with_regularization(model, regularizers)``, which adds their terms with ``add_loss``.
 
 A spiking layer is a ``keras.layers.RNN`` or ``kspike.SpikingRNN`` (anything with a ``.cell``)
-whose ``.cell`` is a ``kspike.LIF`` or ``kspike.ALIF``. The probe works on functional and
-``Sequential`` models (it reads the layers' outputs from the model's graph); the spiking layers
-must sit at the top level of the model and return whole sequences (``return_sequences=True``).
+whose ``.cell`` is a ``kspike.LIF`` or ``kspike.ALIF``, or a neuron layer of deep SNNs
+(``kspike.IFNeurons``, ``kspike.LIFNeurons``; spikes of shape (B, T, *features), time step
+dt = 1 ms by convention, so rates in Hz are 1000 x spikes per neuron and step). The probe works
+on functional and ``Sequential`` models (it reads the layers' outputs from the model's graph);
+the spiking layers must sit at the top level of the model and return whole sequences
+(``return_sequences=True``).
 """
 import warnings
 import weakref
@@ -37,11 +40,13 @@ class LayerActivity(NamedTuple):
 
     Attributes:
         name: the layer's name.
-        spikes: z, (B, T, n) float32 tensor of 0/1, or None when the layer returns only its last
-            step (``return_sequences=False``).
-        voltage: v, (B, T, n) float32, or None unless the cell has ``output="all"``.
-        threshold: A (adaptive threshold), (B, T, n) float32, or None unless ``output="all"``.
-        dt: the cell's time step in ms.
+        spikes: z, (B, T, n) float32 tensor of 0/1 ((B, T, *features) for a neuron layer), or
+            None when the layer returns only its last step (``return_sequences=False``).
+        voltage: v, (B, T, n) float32, or None unless the cell (the neuron layer) has
+            ``output="all"``.
+        threshold: A (adaptive threshold), (B, T, n) float32, or None unless ``output="all"``
+            (always None for a neuron layer: its threshold is the constant ``layer.thr``).
+        dt: the cell's time step in ms (1.0 for a neuron layer).
         layer: the Keras layer itself.
     """
     name: str
@@ -53,17 +58,19 @@ class LayerActivity(NamedTuple):
 
 
 def spiking_layers(model):
-    """The top-level kspike spiking layers of ``model``, in graph order.
+    """The top-level kspike spiking layers of ``model`` (recurrent layers over kspike cells and
+    the neuron layers ``kspike.IFNeurons`` / ``kspike.LIFNeurons``), in graph order.
 
     Raises:
         ValueError: if a spiking layer is nested inside a sub-model (its outputs are not in
             ``model``'s graph, so no probe can read them in the same forward pass).
     """
-    layers = [stage.layer for stage in graph.spiking_stages(model)]
+    layers = [layer for layer in getattr(model, "layers", [])
+              if graph.is_spiking_layer(layer) or graph.is_neuron_layer(layer)]
     for layer in getattr(model, "layers", []):
         if isinstance(layer, keras.Model):
             nested = [sub.name for sub in compat.nested_layers(layer)
-                      if graph.is_spiking_layer(sub)]
+                      if graph.is_spiking_layer(sub) or graph.is_neuron_layer(sub)]
             if nested:
                 raise ValueError(
                     f"Spiking layers {nested} sit inside the nested model '{layer.name}' of "
@@ -100,31 +107,66 @@ class _Probe:
                     f"Cannot read the output of spiking layer '{layer.name}' of model "
                     f"'{model.name}': it must be called exactly once in the model's graph "
                     f"({error}).") from None
-            if isinstance(out, (list, tuple)):  # return_state=True: [sequence, *states]
-                out = out[0]
+            if graph.is_neuron_layer(layer):
+                # [spikes, voltages] with output="all", then V_T with return_state=True.
+                out = list(out) if isinstance(out, (list, tuple)) else [out]
+                out = out[:2] if layer.output_mode == "all" else out[:1]
+            elif isinstance(out, (list, tuple)):  # return_state=True: [sequence, *states]
+                out = [out[0]]
+            else:
+                out = [out]
             records.append(out)
-        self.sequences = [len(r.shape) == 3 for r in records]
-        self.modes = [layer.cell.output_mode for layer in self.layers]
+        self.sequences = [layer.return_sequences if graph.is_neuron_layer(layer)
+                          else len(r[0].shape) == 3 for layer, r in zip(self.layers, records)]
+        self.modes = [layer.output_mode if graph.is_neuron_layer(layer)
+                      else layer.cell.output_mode for layer in self.layers]
         inputs = inputs[0] if len(inputs) == 1 else inputs
         self.inputs, self.outputs, self.records = inputs, outputs, records
         self.model = keras.Model(inputs, [outputs, records], name=f"{model.name}_activity_probe")
 
+    def specs(self):
+        """(name, dt, output mode, units, sequence, neuron layer) of each recorded layer."""
+        specs = []
+        for layer, sequence, mode in zip(self.layers, self.sequences, self.modes):
+            if graph.is_neuron_layer(layer):
+                specs.append((layer.name, 1.0, mode, None, sequence, True))
+            else:
+                specs.append((layer.name, float(layer.cell.dt), mode, layer.cell.units,
+                              sequence, False))
+        return specs
+
     def activities(self, records):
-        result = []
-        for layer, raw, sequence, mode in zip(self.layers, records, self.sequences, self.modes):
-            spikes = voltage = threshold = None
-            if sequence:
-                raw = tf.cast(raw, tf.float32)
-                if mode == "all":
-                    units = layer.cell.units
-                    spikes = raw[..., :units]
-                    voltage = raw[..., units:2 * units]
-                    threshold = raw[..., 2 * units:]
-                else:
-                    spikes = raw
-            result.append(LayerActivity(layer.name, spikes, voltage, threshold,
-                                        float(layer.cell.dt), layer))
-        return result
+        return [activity._replace(layer=layer) for activity, layer in
+                zip(_activities_of(self.specs(), records), self.layers)]
+
+
+def _activities_of(specs, records):
+    """``LayerActivity`` records (``layer`` None) from the raw outputs of the spiking layers.
+
+    Args:
+        specs: per layer (name, dt, output mode, units, sequence[, neuron layer]).
+        records: per layer its raw output: a tensor, or a list [spikes] / [spikes, voltages]
+            (neuron layers).
+    """
+    result = []
+    for spec, raw in zip(specs, records):
+        name, dt, mode, units, sequence = spec[:5]
+        neuron_layer = len(spec) > 5 and bool(spec[5])
+        parts = list(raw) if isinstance(raw, (list, tuple)) else [raw]
+        spikes = voltage = threshold = None
+        if sequence and neuron_layer:
+            spikes = tf.cast(parts[0], tf.float32)
+            if mode == "all":
+                voltage = tf.cast(parts[1], tf.float32)
+        elif sequence:
+            raw = tf.cast(parts[0], tf.float32)
+            if mode == "all":
+                spikes, voltage = raw[..., :units], raw[..., units:2 * units]
+                threshold = raw[..., 2 * units:]
+            else:
+                spikes = raw
+        result.append(LayerActivity(name, spikes, voltage, threshold, float(dt), None))
+    return result
 
 
 _PROBES = weakref.WeakKeyDictionary()
@@ -188,7 +230,8 @@ class SpikeRate(NamedTuple):
         spikes_per_step: mean of z over batch, time steps and neurons (a scalar: spikes per
             neuron per step).
         dt: the cell's time step in ms.
-        units: number of neurons n of the layer (weights the overall mean).
+        units: number of neurons n of the layer (weights the overall mean; the product of the
+            feature shape for a neuron layer).
     """
     name: str
     spikes_per_step: tf.Tensor
@@ -229,7 +272,7 @@ def firing_rate_logs(activities):
         elif isinstance(a, LayerActivity):
             if a.spikes is not None:
                 rates.append(SpikeRate(a.name, tf.reduce_mean(tf.cast(a.spikes, tf.float32)),
-                                       a.dt, int(a.spikes.shape[-1])))
+                                       a.dt, int(np.prod(a.spikes.shape[2:]))))
         else:
             raise TypeError("`activities` must hold LayerActivity or SpikeRate records, "
                             f"received {a!r} of type {type(a).__name__}.")
@@ -503,23 +546,12 @@ class ActivityPenalty(keras.layers.Layer):
         self.regularizers = check_regularizers(
             [keras.saving.deserialize_keras_object(r) if isinstance(r, dict) else r
              for r in regularizers])
-        # (name, dt, output mode, units, sequence) of each recorded layer.
+        # (name, dt, output mode, units, sequence[, neuron layer]) of each recorded layer.
         self.layer_specs = [tuple(s) for s in layer_specs]
 
     def call(self, inputs):
         outputs, records = inputs
-        activities = []
-        for (name, dt, mode, units, sequence), raw in zip(self.layer_specs, records):
-            spikes = voltage = threshold = None
-            if sequence:
-                raw = tf.cast(raw, tf.float32)
-                if mode == "all":
-                    spikes, voltage = raw[..., :units], raw[..., units:2 * units]
-                    threshold = raw[..., 2 * units:]
-                else:
-                    spikes = raw
-            activities.append(LayerActivity(name, spikes, voltage, threshold, dt, None))
-        self.add_loss(total_penalty(self.regularizers, activities))
+        self.add_loss(total_penalty(self.regularizers, _activities_of(self.layer_specs, records)))
         return outputs
 
     def get_config(self):
@@ -561,8 +593,7 @@ def with_regularization(model, regularizers):
     probe = activity_probe(model)
     if probe.model is None:
         raise ValueError(f"Model '{model.name}' has no kspike spiking layer to regularise.")
-    specs = [(layer.name, float(layer.cell.dt), layer.cell.output_mode, layer.cell.units, seq)
-             for layer, seq in zip(probe.layers, probe.sequences)]
+    specs = [spec if spec[5] else spec[:5] for spec in probe.specs()]
     penalised = ActivityPenalty(regularizers, specs, name=f"{model.name}_activity_penalty")(
         [probe.outputs, probe.records])
     return keras.Model(probe.inputs, penalised, name=f"{model.name}_regularized")

@@ -165,6 +165,54 @@ def test_hand_written_backward_equals_autodiff(rng, config, masked):
         np.testing.assert_array_equal(gx1.numpy()[held], 0.0)
 
 
+def sequence_and_gradients(x, v0, params, weights, **kwargs):
+    with tf.GradientTape() as tape:
+        tape.watch([x, v0])
+        s, v, vf = node_sequence(x, v0, params, return_voltages=True, **kwargs)
+        loss = loss_of(s, v, vf, weights)
+    return [t.numpy() for t in (s, v, vf) + tuple(tape.gradient(loss, [x, v0]))]
+
+
+def test_hand_written_backward_equals_autodiff_float64(rng):
+    x = tf.constant(currents(rng, (30, 2, 3, 4), mean=0.8, dtype=np.float64))
+    v0 = tf.constant(rng.normal(0.0, 0.5, (2, 3, 4)))
+    weights = [tf.constant(rng.normal(size=shape)) for shape in
+               ((30, 2, 3, 4), (30, 2, 3, 4), (2, 3, 4))]
+    for config in CONFIGS:
+        params = make_layer(*config, dtype="float64").parameters       # default sigmoid
+        hand = sequence_and_gradients(x, v0, params, weights)
+        auto = sequence_and_gradients(x, v0, params, weights, hand_written_backward=False)
+        np.testing.assert_array_equal(hand[0], auto[0])
+        for a, b in zip(hand[1:], auto[1:]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=str(config))
+        assert np.abs(hand[3]).max() > 0.1
+
+
+def test_native_loops_equal_the_tensorflow_loops(rng):
+    from kspike import native
+    if not native.available():
+        pytest.skip(f"native loops unavailable: {native.unavailable_reason()}")
+    x = tf.constant(currents(rng, (25, 3, 4, 2, 3), mean=0.8))
+    v0 = tf.constant(rng.normal(0.0, 0.5, (3, 4, 2, 3)).astype(np.float32))
+    weights = [tf.constant(rng.normal(size=shape).astype(np.float32)) for shape in
+               ((25, 3, 4, 2, 3), (25, 3, 4, 2, 3), (3, 4, 2, 3))]
+    for config in CONFIGS:
+        for surrogate, tol in (("triangular", 0.0), ("sigmoid", 2e-5)):
+            params = make_layer(*config, surrogate=surrogate).parameters
+            assert kspike.layers.native_node_ops(tf.float32, params) is not None
+            fast = sequence_and_gradients(x, v0, params, weights)
+            loop = sequence_and_gradients(x, v0, params, weights, native=False)
+            for a, b in zip(fast[:3], loop[:3]):             # spikes and voltages: to the bit
+                np.testing.assert_array_equal(a, b, err_msg=str(config))
+            # Gradients: to the bit with a rational surrogate; TensorFlow's sigmoid is its own
+            # approximation of 1 / (1 + exp(-x)), so float32 rounding there.
+            for a, b in zip(fast[3:], loop[3:]):
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(),
+                                           err_msg=f"{config} {surrogate}")
+    assert kspike.layers.native_node_ops(tf.float64, params) is None
+    assert kspike.layers.native_node_ops(tf.float32, params, masked=True) is None
+
+
 class _SmoothStandIn(surrogates.Sigmoid):
     """pseudo_derivative = the exact derivative of sig(4 x): the smooth forward below."""
     name = "smooth_stand_in_for_tests"
@@ -431,3 +479,63 @@ def test_fold_time_matches_time_distributed_and_pools_batch_statistics(rng, tmp_
                                rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="time"):
         kspike.FoldTime(keras.layers.Dense(2))(np.zeros((2, 3), np.float32))
+
+
+# ------------------------------------------------------ activity recording and the Trainer
+def small_conv_snn(steps=4, size=6):
+    fold = kspike.FoldTime
+    inputs = keras.Input((steps, size, size, 1))
+    h = fold(keras.layers.Conv2D(3, 3, padding="same"), name="conv")(inputs)
+    h = kspike.LIFNeurons(thr=0.5, name="lif")(h)
+    h = fold(keras.layers.Flatten(), name="flatten")(h)
+    h = fold(keras.layers.Dense(5), name="dense")(h)
+    h, v = kspike.IFNeurons(thr=0.5, v_reset=None, output="all", name="if")(h)
+    scores = fold(keras.layers.Dense(2), name="readout")(h)
+    outputs = keras.layers.GlobalAveragePooling1D()(scores)
+    return keras.Model(inputs, outputs)
+
+
+def test_record_activity_and_firing_rate_logs_see_neuron_layers(rng):
+    model = small_conv_snn()
+    x = tf.constant(rng.random((3, 4, 6, 6, 1)).astype(np.float32) * 2.0)
+    predictions, acts = kspike.regularizers.record_activity(model, x)
+    np.testing.assert_array_equal(predictions.numpy(), model(x).numpy())
+    assert [a.name for a in acts] == ["lif", "if"]
+    inner = keras.Model(model.inputs, [model.get_layer("lif").output,
+                                       *model.get_layer("if").output])
+    z1, z2, v2 = [t.numpy() for t in inner(x)]
+    assert acts[0].spikes.shape == (3, 4, 6, 6, 3) and acts[0].voltage is None
+    np.testing.assert_array_equal(acts[0].spikes.numpy(), z1)
+    np.testing.assert_array_equal(acts[1].spikes.numpy(), z2)
+    np.testing.assert_array_equal(acts[1].voltage.numpy(), v2)
+    assert acts[1].threshold is None and acts[0].dt == acts[1].dt == 1.0
+    assert 0.0 < z1.mean() < 1.0 and 0.0 < z2.mean() < 1.0
+    logs = kspike.regularizers.firing_rate_logs(acts)
+    # Hz at dt = 1 ms per step; the overall rate weights each layer by its 108 and 5 neurons.
+    np.testing.assert_allclose(float(logs["firing_rate/lif"]), 1000 * z1.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate/if"]), 1000 * z2.mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(logs["firing_rate"]),
+                               1000 * (108 * z1.mean() + 5 * z2.mean()) / 113, rtol=1e-6)
+    # target 100 Hz = 0.1 spikes per 1 ms step; the penalty is on spikes per ms
+    reg = kspike.FiringRateRegularizer(target=100.0, strength=0.5, layers=["lif"])
+    expected = 0.5 * np.sum((z1.mean(axis=(0, 1)) - 0.1) ** 2)       # per neuron (H, W, C)
+    np.testing.assert_allclose(float(reg(acts)), expected, rtol=1e-5)
+
+
+def test_trainer_trains_on_image_sequences_and_logs_layer_rates(rng):
+    model = small_conv_snn()
+    x = rng.random((8, 4, 6, 6, 1)).astype(np.float32) * 2.0
+    y = rng.integers(0, 2, 8)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
+    trainer = kspike.Trainer(model, keras.optimizers.Adam(1e-2),
+                             keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                             metrics=["accuracy"], seed=0, verbose=0)
+    before = model.get_layer("conv").get_weights()[0].copy()
+    history = trainer.fit(ds, epochs=1)
+    assert not np.allclose(before, model.get_layer("conv").get_weights()[0])
+    assert {"firing_rate", "firing_rate/lif", "firing_rate/if"} <= set(history.history)
+    assert history.history["firing_rate/lif"][-1] > 0.0
+    with pytest.raises(ValueError, match=r"rank >= 3.*\(8, 144\)"):
+        kspike.Trainer(model, "adam", keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), verbose=0).fit(
+            tf.data.Dataset.from_tensor_slices((x.reshape(8, -1), y)).batch(8), epochs=1)

@@ -1001,4 +1001,329 @@ class SpikingBackwardOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), SpikingBackwardOp);
 
+// ------------------------------------------------------------------ IF / LIF node layers
+// kspike.IFNeurons / kspike.LIFNeurons (node_step and node_step_vjp of kspike/dynamics.py,
+// docs/neuron_layers.md): element-wise neurons without weights over a (T, M) time-major
+// sequence, M = B * prod(features). One pass over each step's elements instead of one
+// TensorFlow op per element-wise update (about 6 forward and 15 backward); the voltage of a
+// block of elements stays in cache across the steps. Every expression is written in the order
+// of the TensorFlow one, so the results are the same to the bit (-ffp-contract=off).
+
+enum NodeCharge { kChargeIF = 0, kChargeDecayInput = 1, kChargeLeak = 2 };
+
+struct NodeAttrs {
+  int charge;
+  bool zero_rest, hard_reset, detach_reset;
+  float tau, leak, gain, thr, v_reset;
+};
+
+#define KSPIKE_NODE_ATTRS                \
+  .Attr("charge: int")                   \
+      .Attr("zero_rest: bool")           \
+      .Attr("hard_reset: bool")          \
+      .Attr("detach_reset: bool")        \
+      .Attr("tau: float")                \
+      .Attr("leak: float")               \
+      .Attr("gain: float")               \
+      .Attr("thr: float")                \
+      .Attr("v_reset: float")
+
+static void ReadNodeAttrs(OpKernelConstruction* ctx, NodeAttrs* a) {
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("charge", &a->charge));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("zero_rest", &a->zero_rest));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("hard_reset", &a->hard_reset));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("detach_reset", &a->detach_reset));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("tau", &a->tau));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("leak", &a->leak));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("gain", &a->gain));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("thr", &a->thr));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("v_reset", &a->v_reset));
+  OP_REQUIRES(ctx, a->charge >= 0 && a->charge <= 2, InvalidArgument("charge must be 0, 1 or 2"));
+}
+
+// Elements per block: the block's voltage (and gradient) stays in L1/L2 across the T steps.
+static constexpr int64_t kNodeBlock = 2048;
+
+// H_t of node_charge.
+template <int CHARGE, bool ZERO_REST>
+static inline float NodeCharge(const NodeAttrs& a, float v, float x) {
+  if constexpr (CHARGE == kChargeIF) {
+    return v + x;
+  } else if constexpr (CHARGE == kChargeDecayInput) {
+    if constexpr (ZERO_REST) return v + (x - v) / a.tau;
+    return v + (x - (v - a.v_reset)) / a.tau;
+  } else {
+    if constexpr (ZERO_REST) return v * a.leak + x;
+    return v - (v - a.v_reset) / a.tau + x;
+  }
+}
+
+template <int CHARGE, bool ZERO_REST, bool HARD>
+static void NodeForwardBlock(const NodeAttrs& a, int64_t T, int64_t M, int64_t first,
+                             int64_t count, const float* __restrict X, float* __restrict v,
+                             float* __restrict S, float* __restrict H) {
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t at = t * M + first;
+    const float* __restrict x = X + at;
+    float* __restrict s = S + at;
+    float* __restrict h_out = H + at;
+    for (int64_t e = 0; e < count; ++e) {
+      const float h = NodeCharge<CHARGE, ZERO_REST>(a, v[e], x[e]);
+      const bool fired = h >= a.thr;
+      h_out[e] = h;
+      s[e] = fired ? 1.0f : 0.0f;
+      if constexpr (HARD) {
+        v[e] = fired ? a.v_reset : h;
+      } else {
+        v[e] = h - (fired ? a.thr : 0.0f);
+      }
+    }
+  }
+}
+
+using NodeForwardFn = void (*)(const NodeAttrs&, int64_t, int64_t, int64_t, int64_t,
+                               const float*, float*, float*, float*);
+
+template <int CHARGE>
+static NodeForwardFn SelectNodeForwardCharge(const NodeAttrs& a) {
+  if (a.zero_rest) {
+    return a.hard_reset ? NodeForwardBlock<CHARGE, true, true>
+                        : NodeForwardBlock<CHARGE, true, false>;
+  }
+  return a.hard_reset ? NodeForwardBlock<CHARGE, false, true>
+                      : NodeForwardBlock<CHARGE, false, false>;
+}
+
+static NodeForwardFn SelectNodeForward(const NodeAttrs& a) {
+  if (a.charge == kChargeIF) return SelectNodeForwardCharge<kChargeIF>(a);
+  if (a.charge == kChargeDecayInput) return SelectNodeForwardCharge<kChargeDecayInput>(a);
+  return SelectNodeForwardCharge<kChargeLeak>(a);
+}
+
+REGISTER_OP("KspikeNodeForward")
+    .Input("x: float")              // (T, M) input currents X_1 .. X_T, time-major
+    .Input("v0: float")             // (M,) V_0
+    KSPIKE_NODE_ATTRS
+    .Output("spikes: float")        // (T, M) S_1 .. S_T (0/1)
+    .Output("h: float")             // (T, M) H_1 .. H_T (voltage before the reset)
+    .Output("v_final: float")       // (M,) V_T
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(0));
+      c->set_output(2, c->MakeShape({c->Dim(c->input(0), 1)}));
+      return tensorflow::OkStatus();
+    });
+
+class NodeForwardOp : public OpKernel {
+ public:
+  explicit NodeForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) { ReadNodeAttrs(ctx, &a_); }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& v0 = ctx->input(1);
+    OP_REQUIRES(ctx, x.dims() == 2, InvalidArgument("x must be (T, M)"));
+    const int64_t T = x.dim_size(0), M = x.dim_size(1);
+    OP_REQUIRES(ctx, v0.dims() == 1 && v0.dim_size(0) == M, InvalidArgument("v0 must be (M,)"));
+    Tensor *s_out, *h_out, *v_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, M}), &s_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, M}), &h_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({M}), &v_out));
+    const float* X = x.flat<float>().data();
+    const float* V0 = v0.flat<float>().data();
+    float* S = s_out->flat<float>().data();
+    float* H = h_out->flat<float>().data();
+    float* VF = v_out->flat<float>().data();
+    const NodeAttrs a = a_;
+    const NodeForwardFn block = SelectNodeForward(a);
+    ForEachShard(ctx, M, 4 * kNodeBlock, [&](int64_t first, int64_t last, int64_t) {
+      for (int64_t start = first; start < last; start += kNodeBlock) {
+        const int64_t count = std::min(kNodeBlock, last - start);
+        float* v = VF + start;
+        std::copy(V0 + start, V0 + start + count, v);
+        block(a, T, M, start, count, X, v, S, H);
+      }
+    });
+  }
+
+ private:
+  NodeAttrs a_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeNodeForward").Device(DEVICE_CPU), NodeForwardOp);
+
+// psi(H_t - V_th) of `count` elements. The sigmoid is Eigen's vectorised logistic, the function
+// TensorFlow's tf.sigmoid evaluates (a scalar std::exp per element would dominate the step).
+template <Surrogate SG>
+static inline void NodePsi(const SurrogateParams& sp, float thr, const float* __restrict h,
+                           int64_t count, float* __restrict psi) {
+  if constexpr (SG == kSigmoid) {
+    const float scale = 4.0f * sp.sharpness, peak = 4.0f * sp.dampening;
+    for (int64_t e = 0; e < count; ++e) psi[e] = scale * (h[e] - thr);
+    Eigen::Map<Eigen::ArrayXf> sig(psi, count);
+    sig = sig.logistic();
+    for (int64_t e = 0; e < count; ++e) psi[e] = peak * psi[e] * (1.0f - psi[e]);
+  } else {
+    for (int64_t e = 0; e < count; ++e) psi[e] = PsiOf<SG>(sp, h[e] - thr);
+  }
+}
+
+template <Surrogate SG, bool HARD, bool DETACH, bool HAS_GVO>
+static void NodeBackwardBlock(const NodeAttrs& a, const SurrogateParams& sp, int64_t T,
+                              int64_t M, int64_t first, int64_t count,
+                              const float* __restrict Hs, const float* __restrict Ss,
+                              const float* __restrict GS, const float* __restrict GVO,
+                              float* __restrict gv, float* __restrict GX) {
+  const bool unit_gain = a.gain == 1.0f, unit_leak = a.leak == 1.0f;
+  float psi_block[kNodeBlock];
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t at = t * M + first;
+    const float* __restrict h = Hs + at;
+    const float* __restrict s = Ss + at;
+    const float* __restrict gs = GS + at;
+    float* __restrict gx = GX + at;
+    NodePsi<SG>(sp, a.thr, h, count, psi_block);
+    for (int64_t e = 0; e < count; ++e) {
+      float g_v = gv[e];
+      if constexpr (HAS_GVO) g_v = g_v + GVO[at + e];
+      const float psi = psi_block[e];
+      float grad_h;
+      if constexpr (HARD) {
+        float dv_dh = 1.0f - s[e];
+        if constexpr (!DETACH) dv_dh = dv_dh + (a.v_reset - h[e]) * psi;
+        grad_h = gs[e] * psi + g_v * dv_dh;
+      } else if constexpr (DETACH) {
+        grad_h = gs[e] * psi + g_v;
+      } else {
+        grad_h = gs[e] * psi + g_v * (1.0f - a.thr * psi);
+      }
+      gx[e] = unit_gain ? grad_h : a.gain * grad_h;
+      gv[e] = unit_leak ? grad_h : a.leak * grad_h;
+    }
+  }
+}
+
+using NodeBackwardFn = void (*)(const NodeAttrs&, const SurrogateParams&, int64_t, int64_t,
+                                int64_t, int64_t, const float*, const float*, const float*,
+                                const float*, float*, float*);
+
+template <Surrogate SG>
+static NodeBackwardFn SelectNodeBackwardFor(const NodeAttrs& a, bool has_gvo) {
+  const int key = (a.hard_reset ? 4 : 0) + (a.detach_reset ? 2 : 0) + (has_gvo ? 1 : 0);
+  switch (key) {
+    case 0: return NodeBackwardBlock<SG, false, false, false>;
+    case 1: return NodeBackwardBlock<SG, false, false, true>;
+    case 2: return NodeBackwardBlock<SG, false, true, false>;
+    case 3: return NodeBackwardBlock<SG, false, true, true>;
+    case 4: return NodeBackwardBlock<SG, true, false, false>;
+    case 5: return NodeBackwardBlock<SG, true, false, true>;
+    case 6: return NodeBackwardBlock<SG, true, true, false>;
+    default: return NodeBackwardBlock<SG, true, true, true>;
+  }
+}
+
+static NodeBackwardFn SelectNodeBackward(const NodeAttrs& a, const SurrogateParams& sp,
+                                         bool has_gvo) {
+  switch (sp.kind) {
+    case kRectangular: return SelectNodeBackwardFor<kRectangular>(a, has_gvo);
+    case kTriangular: return SelectNodeBackwardFor<kTriangular>(a, has_gvo);
+    case kExponential: return SelectNodeBackwardFor<kExponential>(a, has_gvo);
+    case kGaussian: return SelectNodeBackwardFor<kGaussian>(a, has_gvo);
+    case kSigmoid: return SelectNodeBackwardFor<kSigmoid>(a, has_gvo);
+    case kFastSigmoid: return SelectNodeBackwardFor<kFastSigmoid>(a, has_gvo);
+    case kNTail: return SelectNodeBackwardFor<kNTail>(a, has_gvo);
+    case kCauchy: return SelectNodeBackwardFor<kCauchy>(a, has_gvo);
+    default: return SelectNodeBackwardFor<kMultiGaussian>(a, has_gvo);
+  }
+}
+
+REGISTER_OP("KspikeNodeBackward")
+    .Input("h: float")              // (T, M) H_t from the forward op
+    .Input("spikes: float")         // (T, M) S_t from the forward op
+    .Input("grad_spikes: float")    // (T, M) dL/dS_t
+    .Input("grad_voltages: float")  // (T, M) dL/dV_t of the voltage outputs, or (0, M)
+    .Input("grad_v_final: float")   // (M,) dL/dV_T
+    KSPIKE_NODE_ATTRS
+    .Attr("surrogate: string")
+    .Attr("dampening: float")
+    .Attr("sharpness: float")
+    .Attr("tail: float")
+    .Attr("multi_gaussian: list(float)")
+    .Output("grad_x: float")        // (T, M) dL/dX_t
+    .Output("grad_v0: float")       // (M,) dL/dV_0
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->MakeShape({c->Dim(c->input(0), 1)}));
+      return tensorflow::OkStatus();
+    });
+
+class NodeBackwardOp : public OpKernel {
+ public:
+  explicit NodeBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadNodeAttrs(ctx, &a_);
+    std::string name;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("surrogate", &name));
+    OP_REQUIRES(ctx, ParseSurrogate(name, &s_.kind),
+                InvalidArgument("unknown surrogate ", name));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
+    std::vector<float> mg;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
+    if (s_.kind == kMultiGaussian) {
+      OP_REQUIRES(ctx, mg.size() == 7, InvalidArgument("multi_gaussian needs 7 constants"));
+      s_.mg_scale = mg[0];
+      s_.mg_sigma = mg[1];
+      s_.mg_wide = mg[2];
+      s_.mg_norm_narrow = mg[3];
+      s_.mg_norm_wide = mg[4];
+      s_.mg_height_narrow = mg[5];
+      s_.mg_height = mg[6];
+    }
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& h = ctx->input(0);
+    const Tensor& s = ctx->input(1);
+    const Tensor& gs = ctx->input(2);
+    const Tensor& gvo = ctx->input(3);
+    const Tensor& gvf = ctx->input(4);
+    OP_REQUIRES(ctx, h.dims() == 2, InvalidArgument("h must be (T, M)"));
+    const int64_t T = h.dim_size(0), M = h.dim_size(1);
+    OP_REQUIRES(ctx, s.shape() == h.shape() && gs.shape() == h.shape(),
+                InvalidArgument("spikes and grad_spikes must have the shape of h"));
+    const bool has_gvo = gvo.NumElements() > 0;
+    OP_REQUIRES(ctx, !has_gvo || gvo.shape() == h.shape(),
+                InvalidArgument("grad_voltages must be (T, M) or (0, M)"));
+    OP_REQUIRES(ctx, gvf.dims() == 1 && gvf.dim_size(0) == M,
+                InvalidArgument("grad_v_final must be (M,)"));
+    Tensor *gx_out, *gv_out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, M}), &gx_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({M}), &gv_out));
+    const float* Hs = h.flat<float>().data();
+    const float* Ss = s.flat<float>().data();
+    const float* GS = gs.flat<float>().data();
+    const float* GVO = has_gvo ? gvo.flat<float>().data() : nullptr;
+    const float* GVF = gvf.flat<float>().data();
+    float* GX = gx_out->flat<float>().data();
+    float* GV = gv_out->flat<float>().data();
+    const NodeAttrs a = a_;
+    const SurrogateParams sp = s_;
+    const NodeBackwardFn block = SelectNodeBackward(a, sp, has_gvo);
+    ForEachShard(ctx, M, 4 * kNodeBlock, [&](int64_t first, int64_t last, int64_t) {
+      for (int64_t start = first; start < last; start += kNodeBlock) {
+        const int64_t count = std::min(kNodeBlock, last - start);
+        float* gv = GV + start;
+        std::copy(GVF + start, GVF + start + count, gv);
+        block(a, sp, T, M, start, count, Hs, Ss, GS, GVO, gv, GX);
+      }
+    });
+  }
+
+ private:
+  NodeAttrs a_;
+  SurrogateParams s_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeNodeBackward").Device(DEVICE_CPU), NodeBackwardOp);
+
 }  // namespace kspike

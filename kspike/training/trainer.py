@@ -126,8 +126,9 @@ class Trainer:
     def _prepare(self, batch):
         """Checks the first batch and builds metrics, optimizer variables and step functions."""
         x, y, _ = steps_module.unpack(batch)
-        if isinstance(x, (tf.Tensor, np.ndarray)) and len(x.shape) != 3:
-            raise ValueError("Inputs x must be shaped (batch, time, features), received shape "
+        if isinstance(x, (tf.Tensor, np.ndarray)) and len(x.shape) < 3:
+            raise ValueError("Inputs x must be shaped (batch, time, features), or (batch, time, "
+                             "*features) for deep SNNs (rank >= 3), received shape "
                              f"{tuple(x.shape)}.")
         if self.metrics is None:
             with self._scope():
