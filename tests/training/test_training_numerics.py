@@ -7,22 +7,13 @@ import pytest
 import kspike
 from kspike.training import NonFiniteInputError, Trainer
 
-T, N_IN = 8, 3
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _model():
-    inputs = keras.Input((T, N_IN))
-    h = keras.layers.RNN(kspike.LIF(6, thr=0.05, seed=0), return_sequences=True,
-                         name="hidden")(inputs)
-    outputs = keras.layers.GlobalAveragePooling1D()(kspike.LeakyReadout(2, seed=1)(h))
-    return keras.Model(inputs, outputs)
+from small_lif import LOSS, N_IN, T  # noqa: F401  (shared with the other array tests)
+from small_lif import model as _model
+import small_lif
 
 
 def _arrays(n=8):
-    rng = np.random.default_rng(0)
-    return ((rng.random((n, T, N_IN)) < 0.4).astype("float32"),
-            rng.integers(0, 2, n).astype("int32"))
+    return small_lif.arrays(n)
 
 
 def test_without_the_option_nan_inputs_pass_silently():
