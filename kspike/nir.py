@@ -279,6 +279,157 @@ def _readout_to_nir(nir, layer, name, dt):
     return nodes, edges, f"{name}.kernel", last
 
 
+def _check_exportable(model):
+    """The (batch, time, *features) input shape of a model ``to_nir`` can export."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"`model` must be a keras.Model, received {type(model).__name__}.")
+    if not model.built or not getattr(model, "inputs", None):
+        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: it has no known "
+                             "input shape; start it with keras.Input((T, *features)).")
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) < 3 or any(d is None for d in shape[2:]):
+        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: its input must be "
+                             f"sequences (batch, time, *features) with known features, "
+                             f"received {shape}.")
+    return shape
+
+
+def _output_shape(layer):
+    output = layer.output
+    return tuple((output[0] if isinstance(output, (list, tuple)) else output).shape)
+
+
+def _rnn_to_nir(nir, stage, layer, name, dt):
+    from kspike import graph as kgraph
+    kgraph.check_stateless(stage, "kspike.nir.to_nir", NIRExportError)
+    if getattr(layer.cell, "n_delay", 1) > 1:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: synaptic "
+                             f"delays (n_delay={layer.cell.n_delay}) have no NIR form; "
+                             "expected n_delay=1.")
+    if not layer.return_sequences:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: "
+                             "return_sequences=False has no NIR form (NIR graphs "
+                             "map a sequence to a sequence).")
+    return _lif_to_nir(nir, layer, name, dt)
+
+
+def _rescaling_to_nir(nir, layer, inner, name, features):
+    if np.any(np.asarray(inner.offset) != 0):
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: offset="
+                             f"{inner.offset}; NIR's Scale multiplies only.")
+    scale = np.full(_nir_shape(features), inner.scale, np.float32)
+    return ({name: nir.Scale(scale=scale, metadata=_metadata(
+        "Rescaling", inner, wrapper=_wrapped(layer)[1]))}, [], name, name)
+
+
+def _dense_to_nir(nir, layer, inner, name, features, flattened):
+    if inner.activation not in (None, keras.activations.linear):
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: activation "
+                             f"{inner.activation.__name__!r}; NIR's Affine is linear.")
+    if len(features) != 1:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: a Dense on "
+                             f"features of shape {tuple(features)}; flatten them "
+                             "first (TimeDistributed(Flatten())).")
+    kernel = np.asarray(inner.kernel)
+    if flattened is not None:
+        kernel = _hwc_rows_to_chw(kernel, flattened)
+    bias = None if inner.bias is None else np.asarray(inner.bias)
+    return ({name: _affine(nir, kernel, bias)}, [], name, name)
+
+
+def _per_step_to_nir(nir, layer, inner, name, features, flattened):
+    """A per-step layer (in TimeDistributed / FoldTime, or a Dense) as NIR parts, or None."""
+    if isinstance(inner, keras.layers.Conv2D) and type(inner) is keras.layers.Conv2D:
+        return _conv_to_nir(nir, layer, inner, name, features)
+    if type(inner) is keras.layers.AveragePooling2D:
+        return _pool_to_nir(nir, layer, inner, name)
+    if type(inner) is keras.layers.Flatten and inner is not layer:
+        return _flatten_to_nir(nir, layer, name, features)
+    if type(inner) is keras.layers.Rescaling and inner is not layer:
+        return _rescaling_to_nir(nir, layer, inner, name, features)
+    if type(inner) is keras.layers.Dense:
+        return _dense_to_nir(nir, layer, inner, name, features, flattened)
+    return None
+
+
+def _stage_to_nir(nir, stage, dt, features, flattened):
+    """One parsed stage as NIR parts (nodes, internal edges, first node, last node)."""
+    from kspike import graph as kgraph
+    from kspike.layers import LeakyReadout
+    layer = stage.layer
+    inner, _ = _wrapped(layer)
+    name = layer.name
+    parts = None
+    if isinstance(stage, kgraph.SpikingLayer) or hasattr(layer, "cell"):
+        parts = _rnn_to_nir(nir, stage, layer, name, dt)
+    elif isinstance(layer, LeakyReadout):
+        parts = _readout_to_nir(nir, layer, name, dt)
+    elif kgraph.is_neuron_layer(layer):
+        parts = _neuron_layer_to_nir(nir, layer, name, dt, features)
+    elif isinstance(stage, kgraph.TimeAverage):
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: NIR graphs map a "
+                             "sequence to a sequence and have no mean over time; export "
+                             "the model without it and average the outputs over time.")
+    elif isinstance(stage, kgraph.PerStepLayer):
+        parts = _per_step_to_nir(nir, layer, inner, name, features, flattened)
+    if parts is None:
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: kspike.nir knows "
+                             "no NIR form for it. Supported: RNN layers of kspike.LIF, "
+                             "kspike.LeakyReadout, kspike.IFNeurons / LIFNeurons, linear "
+                             "Dense, and in TimeDistributed / kspike.FoldTime: Conv2D, "
+                             "AveragePooling2D, Flatten, Dense.")
+    return parts
+
+
+def _flattens_image(stage, features):
+    """Whether ``stage`` is a per-step Flatten of (H, W, C) images (written as NIR's Flatten
+    of (C, H, W), the next Dense's rows reordered)."""
+    from kspike import graph as kgraph
+    layer = stage.layer
+    inner, _ = _wrapped(layer)
+    return (isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Flatten
+            and inner is not layer and len(features) == 3)
+
+
+def _check_after_flatten(nir, layer, parts, flattened):
+    if flattened is not None and not isinstance(parts[0][parts[2]], (nir.Affine,
+                                                                      nir.Linear)):
+        raise NIRExportError(f"Cannot export {_describe(layer)} to NIR after a Flatten of "
+                             f"{tuple(flattened)} features: kspike writes a Flatten "
+                             "followed by a Dense (whose rows it reorders from Keras' "
+                             "(H, W, C) order to NIR's (C, H, W)).")
+
+
+def _stages_to_nir(nir, stages, shape, dt, nodes, edges):
+    """Add the nodes and edges of ``stages`` after ``input``; returns the last node's name
+    and the model's output shape."""
+    previous = "input"
+    flattened = None        # the (H, W, C) a Flatten just flattened, for the next Dense
+    for stage in stages:
+        features = shape[2:]
+        shape = _output_shape(stage.layer)
+        if isinstance(_wrapped(stage.layer)[0], _SKIPPED):
+            continue
+        parts = _stage_to_nir(nir, stage, dt, features, flattened)
+        if _flattens_image(stage, features):
+            flattened = features
+            nodes.update(parts[0])
+            edges.append((previous, stage.layer.name))
+            previous = stage.layer.name
+            continue
+        _check_after_flatten(nir, stage.layer, parts, flattened)
+        flattened = None
+        layer_nodes, layer_edges, first, last = parts
+        nodes.update(layer_nodes)
+        edges += [(previous, first)] + layer_edges
+        previous = last
+    if flattened is not None:
+        raise NIRExportError("Cannot export to NIR: the model ends with a Flatten of "
+                             f"{tuple(flattened)} features; kspike writes a Flatten followed "
+                             "by a Dense.")
+    return previous, shape
+
+
 def to_nir(model, dt=1.0):
     """A kspike model as a ``nir.NIRGraph`` (mapping and discretisation: docs/nir.md).
 
@@ -314,110 +465,13 @@ def to_nir(model, dt=1.0):
     """
     nir = _nir()
     dt = _check_dt(dt)
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"`model` must be a keras.Model, received {type(model).__name__}.")
+    shape = _check_exportable(model)
     from kspike import graph as kgraph
-    from kspike.layers import LeakyReadout
-    if not model.built or not getattr(model, "inputs", None):
-        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: it has no known "
-                             "input shape; start it with keras.Input((T, *features)).")
-    shape = tuple(model.inputs[0].shape)
-    if len(shape) < 3 or any(d is None for d in shape[2:]):
-        raise NIRExportError(f"Cannot export model {model.name!r} to NIR: its input must be "
-                             f"sequences (batch, time, *features) with known features, "
-                             f"received {shape}.")
     stages = kgraph.parse(model, "Cannot export to NIR", error=NIRExportError,
                           flatten_nested=True)
     nodes = {"input": nir.Input(input_type={"input": np.array(_nir_shape(shape[2:]))})}
     edges = []
-    previous = "input"
-    flattened = None        # the (H, W, C) a Flatten just flattened, for the next Dense
-    for stage in stages:
-        layer = stage.layer
-        features = shape[2:]
-        inner, _ = _wrapped(layer)
-        output = layer.output
-        shape = tuple((output[0] if isinstance(output, (list, tuple)) else output).shape)
-        if isinstance(inner, _SKIPPED):
-            continue
-        name = layer.name
-        parts = None
-        if isinstance(stage, kgraph.SpikingLayer) or hasattr(layer, "cell"):
-            kgraph.check_stateless(stage, "kspike.nir.to_nir", NIRExportError)
-            if getattr(layer.cell, "n_delay", 1) > 1:
-                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: synaptic "
-                                     f"delays (n_delay={layer.cell.n_delay}) have no NIR form; "
-                                     "expected n_delay=1.")
-            if not layer.return_sequences:
-                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: "
-                                     "return_sequences=False has no NIR form (NIR graphs "
-                                     "map a sequence to a sequence).")
-            parts = _lif_to_nir(nir, layer, name, dt)
-        elif isinstance(layer, LeakyReadout):
-            parts = _readout_to_nir(nir, layer, name, dt)
-        elif kgraph.is_neuron_layer(layer):
-            parts = _neuron_layer_to_nir(nir, layer, name, dt, features)
-        elif isinstance(stage, kgraph.TimeAverage):
-            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: NIR graphs map a "
-                                 "sequence to a sequence and have no mean over time; export "
-                                 "the model without it and average the outputs over time.")
-        elif isinstance(stage, kgraph.PerStepLayer) and isinstance(inner, keras.layers.Conv2D) \
-                and type(inner) is keras.layers.Conv2D:
-            parts = _conv_to_nir(nir, layer, inner, name, features)
-        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is \
-                keras.layers.AveragePooling2D:
-            parts = _pool_to_nir(nir, layer, inner, name)
-        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Flatten \
-                and inner is not layer:
-            parts = _flatten_to_nir(nir, layer, name, features)
-            if len(features) == 3:
-                flattened = features
-                nodes.update(parts[0])
-                edges.append((previous, name))
-                previous = name
-                continue
-        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Rescaling \
-                and inner is not layer:
-            if np.any(np.asarray(inner.offset) != 0):
-                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: offset="
-                                     f"{inner.offset}; NIR's Scale multiplies only.")
-            scale = np.full(_nir_shape(features), inner.scale, np.float32)
-            parts = ({name: nir.Scale(scale=scale, metadata=_metadata(
-                "Rescaling", inner, wrapper=_wrapped(layer)[1]))}, [], name, name)
-        elif isinstance(stage, kgraph.PerStepLayer) and type(inner) is keras.layers.Dense:
-            if inner.activation not in (None, keras.activations.linear):
-                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: activation "
-                                     f"{inner.activation.__name__!r}; NIR's Affine is linear.")
-            if len(features) != 1:
-                raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: a Dense on "
-                                     f"features of shape {tuple(features)}; flatten them "
-                                     "first (TimeDistributed(Flatten())).")
-            kernel = np.asarray(inner.kernel)
-            if flattened is not None:
-                kernel = _hwc_rows_to_chw(kernel, flattened)
-            bias = None if inner.bias is None else np.asarray(inner.bias)
-            parts = ({name: _affine(nir, kernel, bias)}, [], name, name)
-        if parts is None:
-            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR: kspike.nir knows "
-                                 "no NIR form for it. Supported: RNN layers of kspike.LIF, "
-                                 "kspike.LeakyReadout, kspike.IFNeurons / LIFNeurons, linear "
-                                 "Dense, and in TimeDistributed / kspike.FoldTime: Conv2D, "
-                                 "AveragePooling2D, Flatten, Dense.")
-        if flattened is not None and not isinstance(parts[0][parts[2]], (nir.Affine,
-                                                                          nir.Linear)):
-            raise NIRExportError(f"Cannot export {_describe(layer)} to NIR after a Flatten of "
-                                 f"{tuple(flattened)} features: kspike writes a Flatten "
-                                 "followed by a Dense (whose rows it reorders from Keras' "
-                                 "(H, W, C) order to NIR's (C, H, W)).")
-        flattened = None
-        layer_nodes, layer_edges, first, last = parts
-        nodes.update(layer_nodes)
-        edges += [(previous, first)] + layer_edges
-        previous = last
-    if flattened is not None:
-        raise NIRExportError("Cannot export to NIR: the model ends with a Flatten of "
-                             f"{tuple(flattened)} features; kspike writes a Flatten followed "
-                             "by a Dense.")
+    previous, shape = _stages_to_nir(nir, stages, shape, dt, nodes, edges)
     nodes["output"] = nir.Output(output_type={"output": np.array(_nir_shape(shape[2:]))})
     edges.append((previous, "output"))
     return nir.NIRGraph(nodes=nodes, edges=edges,
@@ -588,6 +642,187 @@ class _Chain:
         return following[0]
 
 
+class _Imported:
+    """The kspike layers imported so far: their output features (kspike layout), the weight
+    node waiting for its neurons (``pending``), and the last layer with weights."""
+
+    def __init__(self, nir, features):
+        self.nir = nir
+        self.features = features
+        self.pending = None
+        self.weighted = None
+        self.layers = []
+        self.consumed = set()
+
+    def add(self, layer, weights=None):
+        shape = (None, None) + self.features
+        if not layer.built:
+            layer.build(shape)
+        if weights is not None:
+            layer.set_weights([np.asarray(w, np.float32) for w in weights])
+        self.features = tuple(layer.compute_output_shape(shape))[2:]
+        self.layers.append(layer)
+        self.weighted = None
+
+    def flush(self):
+        if self.pending is not None:
+            name, node = self.pending
+            self.pending = None
+            self.add(_dense(name, node, self.features[-1]))
+            self.weighted = self.layers[-1]
+
+    def scale_input(self, node_name):
+        return lambda gain, offset: self.fold_gain(node_name, gain, offset)
+
+    def fold_gain(self, node_name, gain, offset):
+        # X = gain I + offset, folded into the weights of the layer feeding the neurons.
+        if self.pending is not None:
+            name, node = self.pending
+            kernel, bias = _weights(node, self.features[-1])
+            bias = np.zeros(kernel.shape[1]) if bias is None else bias
+            self.pending = (name, self.nir.Affine(weight=(kernel * gain).T,
+                                                  bias=bias * gain + offset))
+            return
+        layer = self.weighted
+        if layer is None:
+            raise NIRExportError(
+                f"Cannot import NIR node {node_name!r}: its input gain {gain} (r dt / tau) "
+                "or leak offset needs a weight node (Affine, Linear, Conv2d) before it, "
+                "to be folded into.")
+        weights = layer.get_weights()
+        if len(weights) == 1 and offset != 0.0:
+            raise NIRExportError(f"Cannot import NIR node {node_name!r}: its leak offset "
+                                 f"needs a bias in {layer.name!r}.")
+        weights = [weights[0] * gain] + [b * gain + offset for b in weights[1:]]
+        layer.set_weights(weights)
+
+
+def _check_import_args(nir, graph, dt, lif_reset):
+    dt = _check_dt(dt)
+    if not isinstance(graph, nir.NIRGraph):
+        raise TypeError(f"`graph` must be a nir.NIRGraph, received {type(graph).__name__}.")
+    if lif_reset not in (None, "subtract"):
+        raise ValueError(f"`lif_reset` must be None or 'subtract', received {lif_reset!r}.")
+    return dt
+
+
+# Importers of one NIR node: (imported, chain, name, node, record, dt, lif_reset) -> the next
+# node's name, or None for the single successor of ``name``.
+def _import_weights(imported, chain, name, node, record, dt, lif_reset):
+    imported.flush()
+    imported.pending = (name, node)
+
+
+def _import_neurons_record(imported, chain, name, node, record, dt, lif_reset):
+    imported.flush()
+    imported.add(keras.saving.deserialize_keras_object(record["config"]))
+
+
+def _import_lif_cell(imported, chain, name, node, record, dt, lif_reset):
+    recurrent = chain.recurrent_of(name)
+    layer, following = _import_lif(chain, name, node, imported.pending, recurrent,
+                                   imported.features[-1], dt, lif_reset)
+    imported.consumed.add(recurrent)
+    imported.pending = None
+    imported.add(layer)
+    return following
+
+
+def _import_neurons(imported, chain, name, node, record, dt, lif_reset):
+    if chain.recurrent_of(name) is not None:
+        raise NIRExportError(f"Cannot import NIR node {name!r}: a recurrent hard-reset "
+                             f"{type(node).__name__} has no kspike layer (kspike.LIF "
+                             "cells reset by subtraction: lif_reset='subtract').")
+    layer = _neuron_from_nir(name, node, dt, imported.scale_input(name))
+    imported.flush()
+    imported.add(layer)
+
+
+def _import_leaky(imported, chain, name, node, record, dt, lif_reset):
+    from kspike.layers import LeakyReadout
+    new_layers, following = _import_li(chain, name, node, imported.pending,
+                                       imported.features[-1], dt, LeakyReadout)
+    imported.pending = None
+    for layer in new_layers:
+        imported.add(layer, None)
+    return following
+
+
+def _import_conv(imported, chain, name, node, record, dt, lif_reset):
+    imported.flush()
+    new_layers, conv, weights = _conv_from_nir(name, node, imported.features)
+    for layer in new_layers[:-1]:
+        imported.add(layer)
+    imported.add(new_layers[-1])
+    conv.set_weights([np.asarray(w, np.float32) for w in weights])
+    imported.weighted = conv
+
+
+def _import_pool(imported, chain, name, node, record, dt, lif_reset):
+    imported.flush()
+    if np.any(_pair(node.padding) != 0):
+        raise NIRExportError(f"Cannot import NIR node {name!r}: pooling with padding "
+                             f"{node.padding} has no kspike form; use padding 0.")
+    size = tuple(int(v) for v in _pair(node.kernel_size))
+    imported.add(_wrap(keras.layers.AveragePooling2D(
+        size, strides=tuple(int(v) for v in _pair(node.stride)),
+        name=_layer_name(name)), (record or {}).get("wrapper")))
+    if isinstance(node, imported.nir.SumPool2d):
+        # The sum is the average times the window size (exact for spikes).
+        imported.add(_wrap(keras.layers.Rescaling(float(size[0] * size[1]),
+                                                  name=_layer_name(name) + "_sum")))
+
+
+def _import_scale(imported, chain, name, node, record, dt, lif_reset):
+    imported.flush()
+    imported.add(_wrap(keras.layers.Rescaling(_uniform(name, "scale", node.scale),
+                                              name=_layer_name(name)),
+                       (record or {}).get("wrapper")))
+
+
+def _import_flatten(imported, chain, name, node, record, dt, lif_reset):
+    nir = imported.nir
+    imported.flush()
+    chw = _nir_shape(imported.features)
+    following = chain.next_of(name)
+    if len(chw) == 3 and isinstance(chain.nodes[following], (nir.Affine, nir.Linear)):
+        # NIR flattens (C, H, W), Keras (H, W, C): the next weights' columns are
+        # reordered instead of the data.
+        nxt = chain.nodes[following]
+        kernel = _chw_rows_to_hwc(np.asarray(nxt.weight, np.float64).T, chw)
+        bias = getattr(nxt, "bias", None)
+        imported.pending = (following, nir.Linear(weight=kernel.T) if bias is None
+                            else nir.Affine(weight=kernel.T, bias=np.asarray(bias)))
+        imported.add(_wrap(keras.layers.Flatten(name=_layer_name(name)),
+                           (record or {}).get("wrapper")))
+        return chain.next_of(following)
+    if len(chw) == 3:
+        imported.add(_wrap(keras.layers.Permute((3, 1, 2), name=_layer_name(name) + "_chw")))
+    imported.add(_wrap(keras.layers.Flatten(name=_layer_name(name))))
+    return None
+
+
+def _node_importer(nir, name, node, kind, lif_reset, features):
+    """The importer of one NIR node (the first of these that applies)."""
+    if isinstance(node, (nir.Affine, nir.Linear)):
+        return _import_weights
+    if isinstance(node, (nir.IF, nir.LIF)) and kind in ("IFNeurons", "LIFNeurons"):
+        return _import_neurons_record
+    if isinstance(node, nir.LIF) and (kind == "LIF" or (
+            lif_reset == "subtract" and len(features) == 1)):
+        return _import_lif_cell
+    table = [((nir.IF, nir.LIF), _import_neurons), (nir.LI, _import_leaky),
+             (nir.Conv2d, _import_conv), ((nir.AvgPool2d, nir.SumPool2d), _import_pool),
+             (nir.Scale, _import_scale), (nir.Flatten, _import_flatten)]
+    for types, importer in table:
+        if isinstance(node, types):
+            return importer
+    raise NIRExportError(f"Cannot import NIR node {name!r} ({type(node).__name__}): "
+                         "kspike imports Affine, Linear, Scale, IF, LIF (optionally "
+                         "recurrent), LI, Conv2d, AvgPool2d, SumPool2d and Flatten "
+                         "nodes.")
+
+
 def from_nir(graph, dt=1.0, lif_reset=None):
     """A Keras model of kspike layers from a ``nir.NIRGraph`` (mapping: docs/nir.md).
 
@@ -612,149 +847,22 @@ def from_nir(graph, dt=1.0, lif_reset=None):
         NIRExportError (a ValueError): a node or graph shape kspike cannot import, named.
     """
     nir = _nir()
-    dt = _check_dt(dt)
-    if not isinstance(graph, nir.NIRGraph):
-        raise TypeError(f"`graph` must be a nir.NIRGraph, received {type(graph).__name__}.")
-    if lif_reset not in (None, "subtract"):
-        raise ValueError(f"`lif_reset` must be None or 'subtract', received {lif_reset!r}.")
-    from kspike.layers import LeakyReadout
+    dt = _check_import_args(nir, graph, dt, lif_reset)
     chain = _Chain(nir, graph)
     input_shape = tuple(int(d) for d in
                         np.asarray(chain.nodes[chain.input].input_type["input"]).ravel())
-    state = {"features": _kspike_shape(input_shape), "pending": None, "weighted": None}
-    layers, consumed = [], set()
-
-    def add(layer, weights=None):
-        shape = (None, None) + state["features"]
-        if not layer.built:
-            layer.build(shape)
-        if weights is not None:
-            layer.set_weights([np.asarray(w, np.float32) for w in weights])
-        state["features"] = tuple(layer.compute_output_shape(shape))[2:]
-        layers.append(layer)
-        state["weighted"] = None
-
-    def flush():
-        if state["pending"] is not None:
-            name, node = state["pending"]
-            state["pending"] = None
-            add(_dense(name, node, state["features"][-1]))
-            state["weighted"] = layers[-1]
-
-    def scale_input(node_name):
-        def scale(gain, offset):
-            # X = gain I + offset, folded into the weights of the layer feeding the neurons.
-            if state["pending"] is not None:
-                name, node = state["pending"]
-                kernel, bias = _weights(node, state["features"][-1])
-                bias = np.zeros(kernel.shape[1]) if bias is None else bias
-                state["pending"] = (name, nir.Affine(weight=(kernel * gain).T,
-                                                     bias=bias * gain + offset))
-                return
-            layer = state["weighted"]
-            if layer is None:
-                raise NIRExportError(
-                    f"Cannot import NIR node {node_name!r}: its input gain {gain} (r dt / tau) "
-                    "or leak offset needs a weight node (Affine, Linear, Conv2d) before it, "
-                    "to be folded into.")
-            weights = layer.get_weights()
-            if len(weights) == 1 and offset != 0.0:
-                raise NIRExportError(f"Cannot import NIR node {node_name!r}: its leak offset "
-                                     f"needs a bias in {layer.name!r}.")
-            weights = [weights[0] * gain] + [b * gain + offset for b in weights[1:]]
-            layer.set_weights(weights)
-        return scale
-
+    imported = _Imported(nir, _kspike_shape(input_shape))
     name = chain.next_of(chain.input)
-    while True:
+    while not isinstance(chain.nodes[name], nir.Output):
         node = chain.nodes[name]
-        if isinstance(node, nir.Output):
-            break
-        following = None
         record = _read_metadata(node)
-        kind = (record or {}).get("kind")
-        if isinstance(node, (nir.Affine, nir.Linear)):
-            flush()
-            state["pending"] = (name, node)
-        elif isinstance(node, (nir.IF, nir.LIF)) and kind in ("IFNeurons", "LIFNeurons"):
-            flush()
-            add(keras.saving.deserialize_keras_object(record["config"]))
-        elif isinstance(node, nir.LIF) and (kind == "LIF" or (
-                lif_reset == "subtract" and len(state["features"]) == 1)):
-            recurrent = chain.recurrent_of(name)
-            layer, following = _import_lif(chain, name, node, state["pending"], recurrent,
-                                           state["features"][-1], dt, lif_reset)
-            consumed.add(recurrent)
-            state["pending"] = None
-            add(layer)
-        elif isinstance(node, (nir.IF, nir.LIF)):
-            if chain.recurrent_of(name) is not None:
-                raise NIRExportError(f"Cannot import NIR node {name!r}: a recurrent hard-reset "
-                                     f"{type(node).__name__} has no kspike layer (kspike.LIF "
-                                     "cells reset by subtraction: lif_reset='subtract').")
-            layer = _neuron_from_nir(name, node, dt, scale_input(name))
-            flush()
-            add(layer)
-        elif isinstance(node, nir.LI):
-            new_layers, following = _import_li(chain, name, node, state["pending"],
-                                               state["features"][-1], dt, LeakyReadout)
-            state["pending"] = None
-            for layer in new_layers:
-                add(layer, None)
-        elif isinstance(node, nir.Conv2d):
-            flush()
-            new_layers, conv, weights = _conv_from_nir(name, node, state["features"])
-            for layer in new_layers[:-1]:
-                add(layer)
-            add(new_layers[-1])
-            conv.set_weights([np.asarray(w, np.float32) for w in weights])
-            state["weighted"] = conv
-        elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
-            flush()
-            if np.any(_pair(node.padding) != 0):
-                raise NIRExportError(f"Cannot import NIR node {name!r}: pooling with padding "
-                                     f"{node.padding} has no kspike form; use padding 0.")
-            size = tuple(int(v) for v in _pair(node.kernel_size))
-            add(_wrap(keras.layers.AveragePooling2D(
-                size, strides=tuple(int(v) for v in _pair(node.stride)),
-                name=_layer_name(name)), (record or {}).get("wrapper")))
-            if isinstance(node, nir.SumPool2d):
-                # The sum is the average times the window size (exact for spikes).
-                add(_wrap(keras.layers.Rescaling(float(size[0] * size[1]),
-                                                 name=_layer_name(name) + "_sum")))
-        elif isinstance(node, nir.Scale):
-            flush()
-            add(_wrap(keras.layers.Rescaling(_uniform(name, "scale", node.scale),
-                                             name=_layer_name(name)),
-                      (record or {}).get("wrapper")))
-        elif isinstance(node, nir.Flatten):
-            flush()
-            chw = _nir_shape(state["features"])
-            following = chain.next_of(name)
-            if len(chw) == 3 and isinstance(chain.nodes[following], (nir.Affine, nir.Linear)):
-                # NIR flattens (C, H, W), Keras (H, W, C): the next weights' columns are
-                # reordered instead of the data.
-                nxt = chain.nodes[following]
-                kernel = _chw_rows_to_hwc(np.asarray(nxt.weight, np.float64).T, chw)
-                bias = getattr(nxt, "bias", None)
-                state["pending"] = (following, nir.Linear(weight=kernel.T) if bias is None
-                                    else nir.Affine(weight=kernel.T, bias=np.asarray(bias)))
-                add(_wrap(keras.layers.Flatten(name=_layer_name(name)),
-                          (record or {}).get("wrapper")))
-                name = chain.next_of(following)
-                continue
-            if len(chw) == 3:
-                add(_wrap(keras.layers.Permute((3, 1, 2), name=_layer_name(name) + "_chw")))
-            add(_wrap(keras.layers.Flatten(name=_layer_name(name))))
-            following = None
-        else:
-            raise NIRExportError(f"Cannot import NIR node {name!r} ({type(node).__name__}): "
-                                 "kspike imports Affine, Linear, Scale, IF, LIF (optionally "
-                                 "recurrent), LI, Conv2d, AvgPool2d, SumPool2d and Flatten "
-                                 "nodes.")
-        name = following or chain.next_of(name, skip=consumed)
-    flush()
-    return keras.Sequential([keras.Input((None,) + _kspike_shape(input_shape))] + layers)
+        importer = _node_importer(nir, name, node, (record or {}).get("kind"), lif_reset,
+                                  imported.features)
+        following = importer(imported, chain, name, node, record, dt, lif_reset)
+        name = following or chain.next_of(name, skip=imported.consumed)
+    imported.flush()
+    return keras.Sequential([keras.Input((None,) + _kspike_shape(input_shape))]
+                            + imported.layers)
 
 
 def _kspike_shape(nir_shape):
