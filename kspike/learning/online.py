@@ -589,20 +589,7 @@ def check_feedforward(model, rule_name):
             graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED}; the mean over time must "
                          "be the last layer")
         if isinstance(stage, graph.NeuronLayer):
-            problems = [flag for flag in ("stateful", "return_state")
-                        if getattr(layer, flag, False)]
-            if not layer.return_sequences:
-                problems.append("return_sequences=False")
-            if layer.output_mode != "spikes":
-                problems.append(f"output={layer.output_mode!r}")
-            if problems:
-                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
-                                 f"{', '.join(problems)}. Supported: {FEEDFORWARD_SUPPORTED}.")
-            if pending is None:
-                raise ValueError(f"{rule_name}: the neuron {graph.describe(layer)} is not "
-                                 "preceded by a synapse (a Dense or Conv2D layer since the "
-                                 "previous neuron layer), so it has no weights to learn. "
-                                 f"Supported: {FEEDFORWARD_SUPPORTED}.")
+            _check_feedforward_neuron(layer, rule_name, pending)
             ops.append(FeedForwardOp("neuron", layer, layer, pending))
             pending = None
             seen_neuron = True
@@ -614,51 +601,8 @@ def check_feedforward(model, rule_name):
             continue
         if not isinstance(stage, graph.PerStepLayer) or not stage.sequence_in:
             graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
-        inner = stage.inner
-        kind_name = type(inner).__name__
-        if kind_name in _SYNAPSE_TYPES and isinstance(inner, (keras.layers.Dense,
-                                                              keras.layers.Conv2D)):
-            if inner.activation not in (None, keras.activations.linear):
-                activation = getattr(inner.activation, "__name__", inner.activation)
-                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
-                                 f"activation {activation!r}: a synapse's output is the "
-                                 "neurons' input current. Supported: "
-                                 f"{FEEDFORWARD_SUPPORTED}.")
-            if kind_name == "Conv2D" and getattr(inner, "groups", 1) != 1:
-                raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
-                                 f"groups={inner.groups}. Supported: {FEEDFORWARD_SUPPORTED}.")
-            if pending is not None:
-                raise ValueError(f"{rule_name}: the synapse {graph.describe(layer)} follows the "
-                                 f"synapse {graph.describe(ops[pending].layer)} with no neuron "
-                                 "layer in between. Supported: "
-                                 f"{FEEDFORWARD_SUPPORTED}.")
-            if kind_name == "Dense" and _is_last_synapse_free(stages[i + 1:]):
-                if not seen_neuron:
-                    graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
-                ops.append(FeedForwardOp("readout", layer, inner))
-                continue
-            if kind_name == "Conv2D" and _is_last_synapse_free(stages[i + 1:]):
-                graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (a Conv2D must be "
-                             "followed by a neuron layer)")
-            pending = len(ops)
-            ops.append(FeedForwardOp("synapse", layer, inner))
-            continue
-        if isinstance(inner, keras.layers.BatchNormalization):
-            axis = inner.axis[0] if isinstance(inner.axis, (list, tuple)) and len(
-                inner.axis) == 1 else inner.axis
-            if axis not in (-1, len(layer.output.shape) - 2):
-                graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (BatchNormalization "
-                             "over the last axis)")
-            if pending is None:
-                raise ValueError(f"{rule_name} supports BatchNormalization only between a "
-                                 f"synapse and its neuron layer; {graph.describe(layer)} is "
-                                 f"not. Supported: {FEEDFORWARD_SUPPORTED}.")
-            ops.append(FeedForwardOp("layer", layer, inner))
-            continue
-        if isinstance(inner, _STRUCTURAL):
-            ops.append(FeedForwardOp("layer", layer, inner))
-            continue
-        graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+        pending = _feedforward_layer_op(stage, stages[i + 1:], rule_name, ops, pending,
+                                        seen_neuron)
     if pending is not None:
         raise ValueError(f"{rule_name}: the synapse {graph.describe(ops[pending].layer)} is not "
                          f"followed by a neuron layer. Supported: {FEEDFORWARD_SUPPORTED}.")
@@ -669,6 +613,80 @@ def check_feedforward(model, rule_name):
     dtype = next(op.layer.state_dtype for op in ops if op.kind == "neuron")
     return FeedForwardPlan(ops=ops, time_average=time_average, steps=input_shape[0],
                            input_shape=input_shape, dtype=dtype)
+
+
+def _check_feedforward_neuron(layer, rule_name, pending):
+    """Raise ValueError if the neuron ``layer`` has unsupported flags or no synapse before it."""
+    problems = [flag for flag in ("stateful", "return_state") if getattr(layer, flag, False)]
+    if not layer.return_sequences:
+        problems.append("return_sequences=False")
+    if layer.output_mode != "spikes":
+        problems.append(f"output={layer.output_mode!r}")
+    if problems:
+        raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                         f"{', '.join(problems)}. Supported: {FEEDFORWARD_SUPPORTED}.")
+    if pending is None:
+        raise ValueError(f"{rule_name}: the neuron {graph.describe(layer)} is not "
+                         "preceded by a synapse (a Dense or Conv2D layer since the "
+                         "previous neuron layer), so it has no weights to learn. "
+                         f"Supported: {FEEDFORWARD_SUPPORTED}.")
+
+
+def _feedforward_layer_op(stage, rest, rule_name, ops, pending, seen_neuron):
+    """Append the op of a per-step layer ``stage`` (synapse, readout, BatchNormalization or
+    structural layer) to ``ops``, or refuse it; returns the new pending synapse index."""
+    layer, inner = stage.layer, stage.inner
+    kind_name = type(inner).__name__
+    if kind_name in _SYNAPSE_TYPES and isinstance(inner, (keras.layers.Dense,
+                                                          keras.layers.Conv2D)):
+        return _feedforward_synapse_op(stage, rest, rule_name, ops, pending, seen_neuron)
+    if isinstance(inner, keras.layers.BatchNormalization):
+        axis = inner.axis[0] if isinstance(inner.axis, (list, tuple)) and len(
+            inner.axis) == 1 else inner.axis
+        if axis not in (-1, len(layer.output.shape) - 2):
+            graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (BatchNormalization "
+                         "over the last axis)")
+        if pending is None:
+            raise ValueError(f"{rule_name} supports BatchNormalization only between a "
+                             f"synapse and its neuron layer; {graph.describe(layer)} is "
+                             f"not. Supported: {FEEDFORWARD_SUPPORTED}.")
+        ops.append(FeedForwardOp("layer", layer, inner))
+        return pending
+    if isinstance(inner, _STRUCTURAL):
+        ops.append(FeedForwardOp("layer", layer, inner))
+        return pending
+    graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+
+
+def _feedforward_synapse_op(stage, rest, rule_name, ops, pending, seen_neuron):
+    """Append a Dense/Conv2D ``stage`` to ``ops`` as a synapse or the readout (no neuron
+    layer in ``rest``), or refuse it; returns the new pending synapse index."""
+    layer, inner = stage.layer, stage.inner
+    kind_name = type(inner).__name__
+    if inner.activation not in (None, keras.activations.linear):
+        activation = getattr(inner.activation, "__name__", inner.activation)
+        raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                         f"activation {activation!r}: a synapse's output is the "
+                         "neurons' input current. Supported: "
+                         f"{FEEDFORWARD_SUPPORTED}.")
+    if kind_name == "Conv2D" and getattr(inner, "groups", 1) != 1:
+        raise ValueError(f"{rule_name} does not support {graph.describe(layer)} with "
+                         f"groups={inner.groups}. Supported: {FEEDFORWARD_SUPPORTED}.")
+    if pending is not None:
+        raise ValueError(f"{rule_name}: the synapse {graph.describe(layer)} follows the "
+                         f"synapse {graph.describe(ops[pending].layer)} with no neuron "
+                         "layer in between. Supported: "
+                         f"{FEEDFORWARD_SUPPORTED}.")
+    if kind_name == "Dense" and _is_last_synapse_free(rest):
+        if not seen_neuron:
+            graph.refuse(stage, rule_name, FEEDFORWARD_SUPPORTED)
+        ops.append(FeedForwardOp("readout", layer, inner))
+        return pending
+    if kind_name == "Conv2D" and _is_last_synapse_free(rest):
+        graph.refuse(stage, rule_name, f"{FEEDFORWARD_SUPPORTED} (a Conv2D must be "
+                     "followed by a neuron layer)")
+    ops.append(FeedForwardOp("synapse", layer, inner))
+    return len(ops) - 1
 
 
 def _is_last_synapse_free(rest):

@@ -529,109 +529,150 @@ def _deep_spike_phase(plan, x):
     frames = tf.TensorArray(x.dtype, size=steps, element_shape=x.shape[:1] + x.shape[2:]
                             ).unstack(tf.transpose(x, [1, 0] + list(range(2, rank))))
     count = tf.cast(steps, x.dtype)
+    masks = _deep_dropout_masks(plan, batch, x.dtype)
+    folded = {}
+    ctx = (plan, frames, steps, batch, x.dtype, masks, folded)
+    order = [i for i, item in enumerate(plan) if item.kind == "bn" and item.folded]
+    for j in order:
+        carry = _deep_run(ctx, _ancestors(plan, plan[j].inputs), False, [j])
+        s1, s2 = carry[f"t{j}"]
+        mean = s1 / count
+        folded[j] = (mean, tf.nn.relu(s2 / count - tf.square(mean)))
+    carry = _deep_run(ctx, set(range(len(plan))), True, [])
+    stats = _deep_statistics(plan, carry, folded, masks, count)
+    return {"input_mean": tf.reduce_mean(x, axis=1), "nodes": stats, "steps": count}
+
+
+def _deep_dropout_masks(plan, batch, dtype):
+    """One dropout mask per Dropout node with rate > 0, shared by all T steps."""
     masks = {}
     for i, item in enumerate(plan):
         if item.kind == "dropout" and item.inner.rate > 0:
             keep = 1.0 - item.inner.rate
             shape = _batch_shape(batch, item.step_shape)
-            masks[i] = tf.cast(tf.random.uniform(shape) < keep, x.dtype) / keep
-    folded = {}
+            masks[i] = tf.cast(tf.random.uniform(shape) < keep, dtype) / keep
+    return masks
 
-    def run(needed, final, targets):
-        carry = {}
-        for i in sorted(needed):
-            item = plan[i]
-            shape = _batch_shape(batch, item.step_shape)
-            if item.kind == "neuron":
-                dtype = item.layer.state_dtype
-                params = item.layer.parameters
-                v0 = tf.fill(shape, tf.constant(dynamics.node_initial_voltage(params), dtype))
-                zeros = tf.zeros(shape, dtype)
-                carry[f"n{i}"] = (v0, zeros, zeros, tf.ones(shape, dtype)) if final else (v0,)
-            elif item.kind == "bn" and not item.folded and final:
-                bn = item.inner
-                channels = item.step_shape[-1]
-                zeros = tf.zeros((channels,), x.dtype)
-                carry[f"n{i}"] = (zeros, zeros, tf.cast(bn.moving_mean, x.dtype),
-                            tf.cast(bn.moving_variance, x.dtype))
-            elif item.kind == "mean" and final:
-                carry[f"n{i}"] = (tf.zeros(_batch_shape(batch, item.layer.input.shape[2:]),
-                                     x.dtype),)
-        for j in targets:
-            channels = plan[j].step_shape[-1]
-            carry[f"t{j}"] = (tf.zeros((channels,), x.dtype), tf.zeros((channels,), x.dtype))
 
-        def body(t, carry):
-            new = dict(carry)
-            out = {-1: frames.read(t)}
-            for i in sorted(needed):
-                item = plan[i]
-                h = out[item.inputs[0]]
-                if item.kind == "reshape":
-                    y = tf.reshape(h, _batch_shape(batch, item.inner))
-                elif item.kind == "map":
-                    y = item.inner(h)
-                elif item.kind == "dropout":
-                    y = h * tf.cast(masks[i], h.dtype) if i in masks else h
-                elif item.kind == "add":
-                    y = h
-                    for j in item.inputs[1:]:
-                        y = y + tf.cast(out[j], y.dtype)
-                elif item.kind == "bn":
-                    bn = item.inner
-                    if item.folded:
-                        mean, var = folded[i]
-                    else:
-                        axes = list(range(h.shape.rank - 1))
-                        mean = tf.reduce_mean(h, axes)
-                        var = tf.reduce_mean(tf.square(h - mean), axes)
-                        if final:
-                            s1, s2, mm, mv = carry[f"n{i}"]
-                            m = bn.momentum
-                            new[f"n{i}"] = (s1 + mean, s2 + var + tf.square(mean),
-                                      m * mm + (1.0 - m) * mean, m * mv + (1.0 - m) * var)
-                    y = _bn_affine(bn, (h - tf.cast(mean, h.dtype)) * tf.math.rsqrt(
-                        tf.cast(var, h.dtype) + bn.epsilon))
-                elif item.kind == "neuron":
-                    params, leak, _ = _node_constants(item.layer)
-                    v = carry[f"n{i}"][0]
-                    current = tf.cast(h, v.dtype)
-                    hv = dynamics.node_charge(v, current, params)
-                    s = dynamics.node_fire(hv, params, differentiable=False)
-                    v_new = dynamics.node_reset(hv, s, params)
-                    if final:
-                        _, s_sum, elig_sum, f = carry[f"n{i}"]
-                        sg = params.spike_function.pseudo_derivative(hv - params.thr)
-                        elig_sum = elig_sum + f * sg
-                        f = 1.0 + f * leak * _reset_slope(hv, s, sg, params)
-                        new[f"n{i}"] = (v_new, s_sum + s, elig_sum, f)
-                    else:
-                        new[f"n{i}"] = (v_new,)
-                    y = s
-                elif item.kind == "mean":
-                    new[f"n{i}"] = (carry[f"n{i}"][0] + tf.cast(h, x.dtype),)
-                    y = h
-                out[i] = y
-            for j in targets:
-                h = tf.cast(out[plan[j].inputs[0]], x.dtype)
-                axes = list(range(h.shape.rank - 1))
-                s1, s2 = carry[f"t{j}"]
-                new[f"t{j}"] = (s1 + tf.reduce_mean(h, axes),
-                                s2 + tf.reduce_mean(tf.square(h), axes))
-            return t + 1, new
+def _deep_initial_carry(plan, batch, dtype, needed, final, targets):
+    """The zero loop carry of one pass: "n{i}" per node with a state, "t{j}" per BatchNorm
+    whose (sum mean, sum mean of squares) over the steps this pass collects."""
+    carry = {}
+    for i in sorted(needed):
+        item = plan[i]
+        shape = _batch_shape(batch, item.step_shape)
+        if item.kind == "neuron":
+            state_dtype = item.layer.state_dtype
+            params = item.layer.parameters
+            v0 = tf.fill(shape, tf.constant(dynamics.node_initial_voltage(params), state_dtype))
+            zeros = tf.zeros(shape, state_dtype)
+            carry[f"n{i}"] = ((v0, zeros, zeros, tf.ones(shape, state_dtype)) if final
+                              else (v0,))
+        elif item.kind == "bn" and not item.folded and final:
+            bn = item.inner
+            channels = item.step_shape[-1]
+            zeros = tf.zeros((channels,), dtype)
+            carry[f"n{i}"] = (zeros, zeros, tf.cast(bn.moving_mean, dtype),
+                              tf.cast(bn.moving_variance, dtype))
+        elif item.kind == "mean" and final:
+            carry[f"n{i}"] = (tf.zeros(_batch_shape(batch, item.layer.input.shape[2:]),
+                                       dtype),)
+    for j in targets:
+        channels = plan[j].step_shape[-1]
+        carry[f"t{j}"] = (tf.zeros((channels,), dtype), tf.zeros((channels,), dtype))
+    return carry
 
-        # one step at a time: steps running ahead would keep their frames alive
-        _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry),
-                                 parallel_iterations=1)
-        return carry
 
-    order = [i for i, item in enumerate(plan) if item.kind == "bn" and item.folded]
-    for j in order:
-        carry = run(_ancestors(plan, plan[j].inputs), False, [j])
+def _deep_run(ctx, needed, final, targets):
+    """One pass over the T steps through the nodes ``needed``; returns the final carry."""
+    plan, frames, steps, batch, dtype, masks, folded = ctx
+    carry = _deep_initial_carry(plan, batch, dtype, needed, final, targets)
+
+    def body(t, carry):
+        return t + 1, _deep_step(ctx, needed, final, targets, frames.read(t), carry)
+
+    # one step at a time: steps running ahead would keep their frames alive
+    _, carry = tf.while_loop(lambda t, c: t < steps, body, (tf.constant(0), carry),
+                             parallel_iterations=1)
+    return carry
+
+
+def _deep_step(ctx, needed, final, targets, frame, carry):
+    """One step of every node in ``needed``; returns the new carry."""
+    plan, _, _, batch, dtype, masks, folded = ctx
+    new = dict(carry)
+    out = {-1: frame}
+    for i in sorted(needed):
+        item = plan[i]
+        h = out[item.inputs[0]]
+        if item.kind == "reshape":
+            y = tf.reshape(h, _batch_shape(batch, item.inner))
+        elif item.kind == "map":
+            y = item.inner(h)
+        elif item.kind == "dropout":
+            y = h * tf.cast(masks[i], h.dtype) if i in masks else h
+        elif item.kind == "add":
+            y = h
+            for j in item.inputs[1:]:
+                y = y + tf.cast(out[j], y.dtype)
+        elif item.kind == "bn":
+            y = _deep_bn_step(item, i, h, final, folded, carry, new)
+        elif item.kind == "neuron":
+            y = _deep_neuron_step(item, i, h, final, carry, new)
+        elif item.kind == "mean":
+            new[f"n{i}"] = (carry[f"n{i}"][0] + tf.cast(h, dtype),)
+            y = h
+        out[i] = y
+    for j in targets:
+        h = tf.cast(out[plan[j].inputs[0]], dtype)
+        axes = list(range(h.shape.rank - 1))
         s1, s2 = carry[f"t{j}"]
-        mean = s1 / count
-        folded[j] = (mean, tf.nn.relu(s2 / count - tf.square(mean)))
-    carry = run(set(range(len(plan))), True, [])
+        new[f"t{j}"] = (s1 + tf.reduce_mean(h, axes),
+                        s2 + tf.reduce_mean(tf.square(h), axes))
+    return new
+
+
+def _deep_bn_step(item, i, h, final, folded, carry, new):
+    """One step of BatchNorm node ``i``: folded statistics, or this step's batch statistics
+    (accumulated into ``new`` in the final pass)."""
+    bn = item.inner
+    if item.folded:
+        mean, var = folded[i]
+    else:
+        axes = list(range(h.shape.rank - 1))
+        mean = tf.reduce_mean(h, axes)
+        var = tf.reduce_mean(tf.square(h - mean), axes)
+        if final:
+            s1, s2, mm, mv = carry[f"n{i}"]
+            m = bn.momentum
+            new[f"n{i}"] = (s1 + mean, s2 + var + tf.square(mean),
+                            m * mm + (1.0 - m) * mean, m * mv + (1.0 - m) * var)
+    return _bn_affine(bn, (h - tf.cast(mean, h.dtype)) * tf.math.rsqrt(
+        tf.cast(var, h.dtype) + bn.epsilon))
+
+
+def _deep_neuron_step(item, i, h, final, carry, new):
+    """One step of neuron node ``i`` (its new state into ``new``); returns its spikes."""
+    params, leak, _ = _node_constants(item.layer)
+    v = carry[f"n{i}"][0]
+    current = tf.cast(h, v.dtype)
+    hv = dynamics.node_charge(v, current, params)
+    s = dynamics.node_fire(hv, params, differentiable=False)
+    v_new = dynamics.node_reset(hv, s, params)
+    if final:
+        _, s_sum, elig_sum, f = carry[f"n{i}"]
+        sg = params.spike_function.pseudo_derivative(hv - params.thr)
+        elig_sum = elig_sum + f * sg
+        f = 1.0 + f * leak * _reset_slope(hv, s, sg, params)
+        new[f"n{i}"] = (v_new, s_sum + s, elig_sum, f)
+    else:
+        new[f"n{i}"] = (v_new,)
+    return s
+
+
+def _deep_statistics(plan, carry, folded, masks, count):
+    """Per-node statistics of the final pass: neuron "rate"/"elig", BatchNorm batch and
+    running statistics, the readout "mean" and dropout "mask"."""
     stats = {}
     for i, item in enumerate(plan):
         if item.kind == "neuron":
@@ -640,23 +681,27 @@ def _deep_spike_phase(plan, x):
             stats[i] = {"rate": s_sum / tf.cast(count, s_sum.dtype),
                         "elig": gain * elig_sum / tf.cast(count, s_sum.dtype)}
         elif item.kind == "bn":
-            if item.folded:
-                mean, var = folded[i]
-                m = item.inner.momentum
-                moving = (m * tf.cast(item.inner.moving_mean, mean.dtype) + (1.0 - m) * mean,
-                          m * tf.cast(item.inner.moving_variance, var.dtype) + (1.0 - m) * var)
-            else:
-                s1, s2, mm, mv = carry[f"n{i}"]
-                mean = s1 / count
-                var = tf.nn.relu(s2 / count - tf.square(mean))
-                moving = (mm, mv)
-            stats[i] = {"mean": mean, "var": var, "moving_mean": moving[0],
-                        "moving_variance": moving[1]}
+            stats[i] = _deep_bn_statistics(item, carry.get(f"n{i}"), folded.get(i), count)
         elif item.kind == "mean":
             stats[i] = {"mean": carry[f"n{i}"][0] / count}
         elif item.kind == "dropout" and i in masks:
             stats[i] = {"mask": masks[i]}
-    return {"input_mean": tf.reduce_mean(x, axis=1), "nodes": stats, "steps": count}
+    return stats
+
+
+def _deep_bn_statistics(item, sums, folded_stats, count):
+    if item.folded:
+        mean, var = folded_stats
+        m = item.inner.momentum
+        moving = (m * tf.cast(item.inner.moving_mean, mean.dtype) + (1.0 - m) * mean,
+                  m * tf.cast(item.inner.moving_variance, var.dtype) + (1.0 - m) * var)
+    else:
+        s1, s2, mm, mv = sums
+        mean = s1 / count
+        var = tf.nn.relu(s2 / count - tf.square(mean))
+        moving = (mm, mv)
+    return {"mean": mean, "var": var, "moving_mean": moving[0],
+            "moving_variance": moving[1]}
 
 
 def _reset_slope(h, s, sg, params):

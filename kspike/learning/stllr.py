@@ -224,36 +224,17 @@ class STLLR(FeedbackRule):
             raise ValueError("STLLR on a feed-forward deep SNN takes no regularizers, received "
                              f"{list(regularizers)!r}.")
         dtype = plan.dtype
-        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
         x = tf.cast(x, dtype)
         steps = x.shape[1] or plan.steps
         first_update = 0 if self.last_steps is None else steps - self.last_steps
         ops = plan.ops
-        synapses = [i for i, op in enumerate(ops) if op.kind == "synapse"]
         neurons = [i for i, op in enumerate(ops) if op.kind == "neuron"]
         batch_norms = [i for i, op in enumerate(ops)
                        if isinstance(op.fn, keras.layers.BatchNormalization)]
 
         # Pass 1: the outputs only (no tape), for the loss and dE/dy.
-        voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
-        outputs, stats = [], {i: [] for i in batch_norms}
-        spike_means = [tf.constant(0.0, dtype) for _ in neurons]
-        for t in range(steps):
-            step_stats = {}
-            records = {}
-            y_t, voltages = online_rules.feedforward_step(plan, x[:, t], voltages, training,
-                                                          False, records, step_stats)
-            for i, value in step_stats.items():
-                stats[i].append(value)
-            for k, i in enumerate(neurons):
-                spike_means[k] = spike_means[k] + tf.reduce_mean(
-                    records[ops[i].synapse]["spikes"]) / steps
-            outputs.append(y_t)
-        if plan.time_average:
-            predictions = tf.add_n(outputs) / steps
-        else:
-            predictions = tf.stack(outputs, axis=1)
-        del outputs
+        predictions, stats, spike_means = _feedforward_outputs(plan, x, steps, training,
+                                                               neurons, batch_norms)
         task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
         if training:
             for i in batch_norms:
@@ -266,87 +247,11 @@ class STLLR(FeedbackRule):
             shapes = [(n_out, int(np.prod(ops[i].layer.output.shape[2:]))) for i in neurons]
             feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
 
-        readout_vars = [v for op in ops if op.kind == "readout" for v in op.fn.trainable_variables]
-        layer_vars = [v for op in ops if op.kind == "layer" for v in op.fn.trainable_variables]
-        totals = {}
-
-        def add(var, grad):
-            if grad is None:
-                return
-            key = id(var)
-            grad = tf.cast(grad, var.dtype)
-            totals[key] = grad if key not in totals else totals[key] + grad
-
         # Pass 2: the traces and the per-step learning signals.
-        voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
-        trace_pre = {i: None for i in synapses}
-        trace_post = {i: None for i in synapses}
-        trace_one = 0.0
-        for t in range(steps):
-            err_t = error / steps if plan.time_average else error[:, t]
-            err_t = tf.stop_gradient(tf.cast(err_t, dtype))
-            active = t >= first_update
-            records = {}
-            with tf.GradientTape(persistent=True) as tape:
-                y_t, new_voltages = online_rules.feedforward_step(plan, x[:, t], voltages,
-                                                                  training, True, records)
-                objective = tf.reduce_sum(tf.cast(y_t, dtype) * err_t)
-            for var, g in zip(readout_vars, tape.gradient(objective, readout_vars)):
-                add(var, g)
-            if active and layer_vars:
-                for var, g in zip(layer_vars, tape.gradient(objective, layer_vars)):
-                    add(var, g)
-            if self.feedback == "dfa":
-                signals = {ops[i].synapse: tf.reshape(
-                    tf.matmul(err_t, feedback[k]), tf.shape(records[ops[i].synapse]["spikes"]))
-                    for k, i in enumerate(neurons)}
-            elif active:
-                spikes = [records[i]["spikes"] for i in synapses]
-                grads = tape.gradient(objective, spikes)
-                signals = {i: tf.zeros_like(s) if g is None else g
-                           for i, s, g in zip(synapses, spikes, grads)}
-            trace_one = lambda_pre * trace_one + 1.0
-            for i in synapses:
-                op = ops[i]
-                rec = records[i]
-                neuron = next(ops[j] for j in neurons if ops[j].synapse == i)
-                params = neuron.layer.parameters
-                psi = tf.stop_gradient(self._node_psi(rec["h"] - params.thr, op.fn, params))
-                pre = tf.stop_gradient(rec["pre"])
-                trace_pre[i] = pre if trace_pre[i] is None else lambda_pre * trace_pre[i] + pre
-                if active:
-                    signal = tf.stop_gradient(signals[i])
-                    g_pre = alpha_pre * psi * signal
-                    delta_pre = tape.gradient(rec["current"], rec["out"], output_gradients=g_pre)
-                    with tf.GradientTape() as kernel_tape:
-                        traced = op.fn(trace_pre[i])
-                    add(op.fn.kernel, kernel_tape.gradient(traced, op.fn.kernel,
-                                                           output_gradients=delta_pre))
-                    axes = list(range(delta_pre.shape.rank - 1))
-                    bias = trace_one * tf.reduce_sum(delta_pre, axes)
-                    if trace_post[i] is not None and alpha_post != 0.0:
-                        g_post = alpha_post * trace_post[i] * signal
-                        delta_post = tape.gradient(rec["current"], rec["out"],
-                                                   output_gradients=g_post)
-                        add(op.fn.kernel, tape.gradient(rec["out"], op.fn.kernel,
-                                                        output_gradients=delta_post))
-                        bias = bias + tf.reduce_sum(delta_post, axes)
-                    if op.fn.use_bias:
-                        add(op.fn.bias, bias)
-                trace_post[i] = psi if trace_post[i] is None else (lambda_post * trace_post[i]
-                                                                   + psi)
-            del tape
-            voltages = [tf.stop_gradient(v) for v in new_voltages]
-
+        totals = _feedforward_traces(self, plan, x, steps, training, error, feedback,
+                                     first_update)
         total = tf.cast(task_loss, dtype)
-        weight_losses = model.losses
-        if weight_losses:
-            with tf.GradientTape() as tape:
-                weight_loss = online_rules.model_weight_losses(model)
-            variables = model.trainable_variables
-            for var, g in zip(variables, tape.gradient(weight_loss, variables)):
-                add(var, g)
-            total = total + tf.cast(weight_loss, dtype)
+        total = _add_weight_losses(model, totals, total, dtype)
         gradients = [totals.get(id(v)) for v in model.trainable_variables]
         logs = {f"spikes_per_step/{ops[i].layer.name}": tf.cast(m, tf.float32)
                 for i, m in zip(neurons, spike_means)}
@@ -448,6 +353,144 @@ class STLLR(FeedbackRule):
         grads = [online_rules.split_stacked(c["grad"], layer, w)
                  for c, layer, w in zip(carried, plan.layers, weights)]
         return grads, readout_grad
+
+
+# ---------------------------------------------------------------------- feed-forward deep SNNs
+def _accumulate(totals, var, grad):
+    """Add ``grad`` (cast to the variable's dtype) to the total of ``var``; None adds nothing."""
+    if grad is None:
+        return
+    key = id(var)
+    grad = tf.cast(grad, var.dtype)
+    totals[key] = grad if key not in totals else totals[key] + grad
+
+
+def _feedforward_outputs(plan, x, steps, training, neurons, batch_norms):
+    """Pass 1 over the T steps without tape: the predictions, the per-step BatchNorm
+    statistics and each neuron layer's mean spikes per step."""
+    dtype = plan.dtype
+    ops = plan.ops
+    voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
+    outputs, stats = [], {i: [] for i in batch_norms}
+    spike_means = [tf.constant(0.0, dtype) for _ in neurons]
+    for t in range(steps):
+        step_stats = {}
+        records = {}
+        y_t, voltages = online_rules.feedforward_step(plan, x[:, t], voltages, training,
+                                                      False, records, step_stats)
+        for i, value in step_stats.items():
+            stats[i].append(value)
+        for k, i in enumerate(neurons):
+            spike_means[k] = spike_means[k] + tf.reduce_mean(
+                records[ops[i].synapse]["spikes"]) / steps
+        outputs.append(y_t)
+    if plan.time_average:
+        predictions = tf.add_n(outputs) / steps
+    else:
+        predictions = tf.stack(outputs, axis=1)
+    del outputs
+    return predictions, stats, spike_means
+
+
+def _feedforward_traces(rule, plan, x, steps, training, error, feedback, first_update):
+    """Pass 2 over the T steps: the readout and layer gradients and the S-TLLR updates of
+    the synapses from their traces and per-step learning signals, as {id(variable): total}."""
+    dtype = plan.dtype
+    ops = plan.ops
+    synapses = [i for i, op in enumerate(ops) if op.kind == "synapse"]
+    neurons = [i for i, op in enumerate(ops) if op.kind == "neuron"]
+    readout_vars = [v for op in ops if op.kind == "readout" for v in op.fn.trainable_variables]
+    layer_vars = [v for op in ops if op.kind == "layer" for v in op.fn.trainable_variables]
+    totals = {}
+    voltages = online_rules.feedforward_initial_voltages(plan, x[:, 0])
+    traces = {"pre": {i: None for i in synapses}, "post": {i: None for i in synapses},
+              "one": 0.0}
+    for t in range(steps):
+        err_t = error / steps if plan.time_average else error[:, t]
+        err_t = tf.stop_gradient(tf.cast(err_t, dtype))
+        active = t >= first_update
+        records = {}
+        with tf.GradientTape(persistent=True) as tape:
+            y_t, new_voltages = online_rules.feedforward_step(plan, x[:, t], voltages,
+                                                              training, True, records)
+            objective = tf.reduce_sum(tf.cast(y_t, dtype) * err_t)
+        for var, g in zip(readout_vars, tape.gradient(objective, readout_vars)):
+            _accumulate(totals, var, g)
+        if active and layer_vars:
+            for var, g in zip(layer_vars, tape.gradient(objective, layer_vars)):
+                _accumulate(totals, var, g)
+        signals = _feedforward_signals(rule, ops, synapses, neurons, records, tape, objective,
+                                       err_t, feedback, active)
+        traces["one"] = rule.factors[1] * traces["one"] + 1.0
+        for i in synapses:
+            _feedforward_synapse_update(rule, ops, neurons, i, records[i], tape, traces,
+                                        signals, active, totals)
+        del tape
+        voltages = [tf.stop_gradient(v) for v in new_voltages]
+    return totals
+
+
+def _feedforward_signals(rule, ops, synapses, neurons, records, tape, objective, err_t,
+                         feedback, active):
+    """The learning signal of each synapse's spikes at one step (DFA: B @ error; bp:
+    dE/dspikes while the step updates the weights), or None."""
+    signals = None
+    if rule.feedback == "dfa":
+        signals = {ops[i].synapse: tf.reshape(
+            tf.matmul(err_t, feedback[k]), tf.shape(records[ops[i].synapse]["spikes"]))
+            for k, i in enumerate(neurons)}
+    elif active:
+        spikes = [records[i]["spikes"] for i in synapses]
+        grads = tape.gradient(objective, spikes)
+        signals = {i: tf.zeros_like(s) if g is None else g
+                   for i, s, g in zip(synapses, spikes, grads)}
+    return signals
+
+
+def _feedforward_synapse_update(rule, ops, neurons, i, rec, tape, traces, signals, active,
+                                totals):
+    """One step of synapse ``i``: its traces, and (when ``active``) its S-TLLR update."""
+    lambda_post, lambda_pre, alpha_post, alpha_pre = rule.factors
+    op = ops[i]
+    trace_pre, trace_post = traces["pre"], traces["post"]
+    neuron = next(ops[j] for j in neurons if ops[j].synapse == i)
+    params = neuron.layer.parameters
+    psi = tf.stop_gradient(rule._node_psi(rec["h"] - params.thr, op.fn, params))
+    pre = tf.stop_gradient(rec["pre"])
+    trace_pre[i] = pre if trace_pre[i] is None else lambda_pre * trace_pre[i] + pre
+    if active:
+        signal = tf.stop_gradient(signals[i])
+        g_pre = alpha_pre * psi * signal
+        delta_pre = tape.gradient(rec["current"], rec["out"], output_gradients=g_pre)
+        with tf.GradientTape() as kernel_tape:
+            traced = op.fn(trace_pre[i])
+        _accumulate(totals, op.fn.kernel, kernel_tape.gradient(
+            traced, op.fn.kernel, output_gradients=delta_pre))
+        axes = list(range(delta_pre.shape.rank - 1))
+        bias = traces["one"] * tf.reduce_sum(delta_pre, axes)
+        if trace_post[i] is not None and alpha_post != 0.0:
+            g_post = alpha_post * trace_post[i] * signal
+            delta_post = tape.gradient(rec["current"], rec["out"], output_gradients=g_post)
+            _accumulate(totals, op.fn.kernel, tape.gradient(rec["out"], op.fn.kernel,
+                                                            output_gradients=delta_post))
+            bias = bias + tf.reduce_sum(delta_post, axes)
+        if op.fn.use_bias:
+            _accumulate(totals, op.fn.bias, bias)
+    trace_post[i] = psi if trace_post[i] is None else lambda_post * trace_post[i] + psi
+
+
+def _add_weight_losses(model, totals, total, dtype):
+    """Add the gradients of the model's weight losses (model.losses) to ``totals``; returns
+    ``total`` plus their value."""
+    weight_losses = model.losses
+    if weight_losses:
+        with tf.GradientTape() as tape:
+            weight_loss = online_rules.model_weight_losses(model)
+        variables = model.trainable_variables
+        for var, g in zip(variables, tape.gradient(weight_loss, variables)):
+            _accumulate(totals, var, g)
+        total = total + tf.cast(weight_loss, dtype)
+    return total
 
 
 def _dfa_signals(error, feedback, reg_signals):
