@@ -1,0 +1,104 @@
+"""Native delayed loops of kspike.SpikingRNN (``n_delay`` > 1, the KspikeDelayed* ops) against
+the TensorFlow loop over ``cell.call`` (``SpikingRNN(native=False)``, Keras' loop with the
+widened delay kernels) and against the independent NumPy buffer of tests/test_delays.py:
+spikes identical, voltages, states and the future-current buffer to float rounding, gradients
+with respect to inputs, weights and initial states (the buffer included) to rtol 2e-5."""
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import kspike
+from kspike import engine, native
+
+from test_engine import _assert_close, _inputs, _outputs_and_grads
+from test_native import needs_compiler
+from test_delays import _spike_inputs, numpy_delayed_network
+
+# 17 rows: two shards of unequal size on a 2-thread pool.
+B, T, N_IN, UNITS = 17, 40, 6, 12
+
+
+def _initial_states(cell, seed=1, batch=B):
+    """Random initial states, the future-current buffer nonzero in every slot (its last slot
+    too, which only an initial state can fill)."""
+    rng = np.random.default_rng(seed)
+    n = cell.units
+    states = {"v": rng.uniform(-0.5, 1.0, (batch, n)) * cell.thr,
+              "b": rng.uniform(0.0, 0.05, (batch, n)),
+              "z": (rng.uniform(size=(batch, n)) < 0.3).astype(float),
+              "r": rng.integers(0, cell.n_refractory + 1, (batch, n)).astype(float),
+              "i_future": rng.uniform(-0.5, 1.0, (batch, cell.n_delay * n)) * cell.thr}
+    return [tf.constant(states[name], tf.float32) for name in cell.state_names]
+
+
+def _pair(make_cell, x_shape, **layer_kwargs):
+    layers = [kspike.SpikingRNN(make_cell(), native=flag, **layer_kwargs)
+              for flag in (False, True)]
+    for layer in layers:
+        layer.build(x_shape)
+    for source, target in zip(layers[0].weights, layers[1].weights):
+        target.assign(source)
+    return layers
+
+
+def _check(make_cell, initial=True, x=None, layer_kwargs=None, min_rate=0.02, rtol=2e-5):
+    assert native.available(), native._state["error"]
+    layer_kwargs = {"return_sequences": True, "return_state": True, **(layer_kwargs or {})}
+    x = _inputs(batch=B, steps=T, features=N_IN, density=0.5) if x is None else x
+    tf_loop, native_loop = _pair(make_cell, x.shape, **layer_kwargs)
+    assert native_loop.cell.delayed
+    calls = []
+    original = engine._NativeDelayedBackend.forward
+
+    def forward(self, inputs):
+        calls.append(self.for_backward)
+        return original(self, inputs)
+    engine._NativeDelayedBackend.forward = forward
+    try:
+        init = _initial_states(tf_loop.cell, batch=x.shape[0]) if initial else None
+        out_t, grad_t = _outputs_and_grads(tf_loop, x, init)
+        assert calls == []
+        out_n, grad_n = _outputs_and_grads(native_loop, x, init)
+        assert calls and all(calls), calls       # the native loop ran, for the backward pass
+    finally:
+        engine._NativeDelayedBackend.forward = original
+    units = tf_loop.cell.units
+    rate = out_t[0][..., :units].mean()
+    assert min_rate <= rate <= 0.6, f"uninformative firing rate {rate}"
+    z_final = 1 + list(tf_loop.cell.state_names).index("z")
+    np.testing.assert_array_equal(out_t[0][..., :units], out_n[0][..., :units])
+    np.testing.assert_array_equal(out_t[z_final], out_n[z_final])
+    assert len(out_t) == len(out_n) == 1 + len(tf_loop.cell.state_names)
+    for a, b in zip(out_t, out_n):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    names = ["inputs"] + [w.path for w in native_loop.trainable_variables] + \
+        [f"initial {s}" for s in (tf_loop.cell.state_names if initial else ())]
+    assert len(grad_t) == len(grad_n) == len(names)
+    for name, a, b in zip(names, grad_t, grad_n):
+        _assert_close(a, b, rtol=rtol, what=name)
+    return out_n, grad_n
+
+
+CELLS = {
+    "lif_d2": lambda: kspike.LIF(UNITS, thr=0.05, n_delay=2, seed=3),
+    "lif_d10_refractory_bias": lambda: kspike.LIF(
+        UNITS, thr=0.05, n_refractory=2, n_delay=10, use_bias=True,
+        bias_initializer=keras.initializers.RandomUniform(0.0, 0.05, seed=2), seed=3),
+    "lif_input_delays_only": lambda: kspike.LIF(UNITS, thr=0.05, recurrent=False, n_delay=4,
+                                                seed=3),
+    "alif_d3": lambda: kspike.ALIF(UNITS, thr=0.05, beta=1.8, tau_adaptation=30.0, n_delay=3,
+                                   seed=3),
+    "alif_mix_refractory_d10": lambda: kspike.ALIF(
+        UNITS, n_adaptive=5, thr=0.05, tau_adaptation=30.0, n_refractory=3, n_delay=10,
+        seed=3),
+    "alif_all_outputs_deep_r": lambda: kspike.ALIF(
+        UNITS, n_adaptive=6, thr=0.05, tau_adaptation=30.0, n_refractory=1, n_delay=5,
+        connectivity=0.5, dale=0.8, output="all", seed=3),
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_native_delayed_equals_tensorflow_loop(name):
+    _check(CELLS[name])
