@@ -102,3 +102,90 @@ CELLS = {
 @pytest.mark.parametrize("name", sorted(CELLS))
 def test_native_delayed_equals_tensorflow_loop(name):
     _check(CELLS[name])
+
+
+@needs_compiler
+def test_short_sequences_leave_currents_in_the_buffer():
+    # T < n_delay: initial slots due after the end pass to the final buffer, and its gradient
+    # back to them.
+    x = _inputs(batch=B, steps=4, features=N_IN, density=0.5)
+    _check(lambda: kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, tau_adaptation=30.0,
+                               n_delay=10, seed=3), x=x, min_rate=0.01)
+
+
+@needs_compiler
+@pytest.mark.parametrize("layer_kwargs", [{"return_sequences": False}, {"go_backwards": True}])
+def test_last_output_only_and_go_backwards(layer_kwargs):
+    _check(lambda: kspike.LIF(UNITS, thr=0.05, n_refractory=1, n_delay=3, seed=3),
+           layer_kwargs=layer_kwargs, min_rate=0.0)
+
+
+@needs_compiler
+def test_matches_numpy_buffer_over_300_steps(rng):
+    cell = kspike.ALIF(10, n_adaptive=5, thr=0.05, beta=1.0, tau_adaptation=50.0,
+                       n_refractory=2, n_delay=5, connectivity=0.6, dale=0.75, seed=3)
+    x = _spike_inputs(rng, (3, 300, 6))
+    layer = kspike.SpikingRNN(cell, native=True, return_sequences=True, return_state=True)
+    outputs = layer(x.astype("float32"))
+    spikes, v_final = outputs[0].numpy(), outputs[1].numpy()
+    w_in, w_rec = (w.numpy().astype("float64") for w in cell.effective_kernels()[:2])
+    expected, v = numpy_delayed_network(x, w_in, w_rec, cell.input_delays,
+                                        cell.recurrent_delays, cell.alpha, cell.rho, cell.thr,
+                                        cell.beta_vector, cell.n_refractory)
+    assert 200 < expected.sum() < 0.5 * expected.size
+    np.testing.assert_array_equal(spikes, expected)
+    np.testing.assert_allclose(v_final, v[:, -1], rtol=1e-4, atol=1e-5)
+
+
+@needs_compiler
+def test_two_calls_continue_one_sequence_stateful_and_with_states():
+    x = _inputs(batch=4, steps=30, features=N_IN, density=0.5)
+
+    def make():
+        return kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, tau_adaptation=30.0,
+                           n_refractory=1, n_delay=6, seed=5)
+    whole_tf, whole = _pair(make, x.shape, return_sequences=True, return_state=True)
+    reference = [o.numpy() for o in whole_tf(x)]
+    together = [o.numpy() for o in whole(x)]
+    np.testing.assert_array_equal(together[0], reference[0])
+    # Two calls, the states (the buffer last) passed from the first to the second.
+    first = whole(x[:, :13])
+    second = whole(x[:, 13:], initial_state=list(first[1:]))
+    np.testing.assert_array_equal(np.concatenate([first[0], second[0]], 1), reference[0])
+    for a, b in zip(second[1:], reference[1:]):
+        np.testing.assert_allclose(b, a.numpy(), rtol=1e-6, atol=1e-6)
+    # stateful=True keeps them between calls, natively as in the TensorFlow loop.
+    stateful = _pair(make, (4, None, N_IN), return_sequences=True, stateful=True)
+    for layer in stateful:
+        layer.build((4, None, N_IN))
+    runs = [[layer(x[:, :13]).numpy(), layer(x[:, 13:]).numpy()] for layer in stateful]
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.concatenate(runs[1], 1), reference[0])
+    for a, b in zip(stateful[0].states, stateful[1].states):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_native_dispatch_for_delayed_cells(monkeypatch):
+    calls = []
+    original = engine._NativeDelayedBackend.forward
+
+    def forward(self, inputs):
+        calls.append(self.for_backward)
+        return original(self, inputs)
+    monkeypatch.setattr(engine._NativeDelayedBackend, "forward", forward)
+    x = _inputs(batch=2, steps=8, features=N_IN)
+    layer = kspike.SpikingRNN(kspike.LIF(UNITS, n_delay=3, seed=1), return_sequences=True)
+    layer(x)                                    # eager inference: the native forward alone
+    assert calls == [False]
+    tf.function(lambda x: layer(x))(x)          # a user function: the TensorFlow loop
+    assert calls == [False]
+    fallback = kspike.SpikingRNN(kspike.LIF(UNITS, n_delay=3, seed=1), native=False)
+    fallback(x)
+    mask = np.ones((2, 8), bool)
+    layer(x, mask=mask)                         # masks: Keras' loop over cell.call
+    assert calls == [False]
+    strict = kspike.SpikingRNN(kspike.LIF(UNITS, n_delay=3, seed=1), native=True)
+    with pytest.raises(ValueError, match="native=True.*a mask was given"):
+        strict(x, mask=mask)
