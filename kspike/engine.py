@@ -59,9 +59,12 @@ neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than 
 product at every spike rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``): the
 gather costs more ops per step, which is what dominates there, and not in the native loop.
 
-Cells that are not kspike cells (or kspike cells whose ``call`` is overridden), cells with
-synaptic delays (``n_delay`` > 1: no backend carries the future-current buffer) and
-``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
+Cells with synaptic delays (``n_delay`` > 1) run a native backend of their own
+(``_NativeDelayedBackend``: the future-current buffer as a ring per batch row inside the C++
+loops, read from and written back to the ``i_future`` state) where the native loops apply;
+elsewhere, like cells that are not kspike cells (or kspike cells whose ``call`` is overridden)
+and ``unroll=True``, they run the generic ``keras.layers.RNN`` loop, so the layer is never
+silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
 is why the export path (traced without a tape) is the plain TensorFlow loop: a model with ``SpikingRNN``
@@ -847,9 +850,10 @@ class SpikingRNN(keras.layers.RNN):
     hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
     those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
     inputs, weights and initial states agree to float rounding. Any other cell, or
-    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop; so do cells with synaptic
-    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (11-15x the
-    native loop's step time on the sMNIST LSNN, docs/engine.md).
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop. Cells with synaptic delays
+    (``n_delay`` > 1) run native delayed loops where the native loops apply, else the generic
+    loop with their delay kernels computed once per sequence (docs/engine.md, "Cells with
+    synaptic delays").
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).

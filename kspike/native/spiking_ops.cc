@@ -1345,9 +1345,12 @@ namespace kspike {
 // Backward: with G(s) = dL/dI_s (s < T), and dL/d(final i_future) slot s - T for s >= T,
 // dL/dz_{t-1,i} gains sum_j W_ij G_j(t + d_ij), dL/dW_ij = sum_t z_{t-1,i} G_j(t + d_ij) (over
 // the spikes), and likewise for the inputs x_t; dL/d(initial i_future) slot d is G(d). G is
-// kept as a ring of the D steps t .. t + D - 1 ahead of the step being differentiated.
+// kept as a ring of the D steps t .. t + D - 1 ahead of the step being differentiated, each
+// step stored twice (2 D slots) so those D steps are contiguous; the gathers over W visit its
+// nonzero entries only (DelayedRows).
 
-// row[j] of the ring slot due at step `base + d_j` (ring of D slots of n, base in [0, D)).
+// ring[(base + d_ij) % D][j] += value[c] * W[i][j] for every i = index[c]: the contributions of
+// the nonzero presynaptic values of step `base` (ring of D slots of n, base in [0, D)).
 static inline void DelayedScatterRows(const int32_t* __restrict index,
                                       const float* __restrict value, int64_t count,
                                       const float* __restrict W, const int32_t* __restrict delays,
@@ -1361,42 +1364,6 @@ static inline void DelayedScatterRows(const int32_t* __restrict index,
       int64_t s = base + d[j];
       s = s >= D ? s - D : s;
       ring[s * n + j] += zc * row[j];
-    }
-  }
-}
-
-// out[i] = sum_j W[i][j] ring[(base + d_ij) % D][j] for every i < m (W, delays m x n).
-static inline void DelayedGather(const float* __restrict W, const int32_t* __restrict delays,
-                                 int64_t m, int64_t n, int64_t D, int64_t base,
-                                 const float* __restrict ring, float* __restrict out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const float* __restrict row = W + i * n;
-    const int32_t* __restrict d = delays + i * n;
-    float acc = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-      int64_t s = base + d[j];
-      s = s >= D ? s - D : s;
-      acc += row[j] * ring[s * n + j];
-    }
-    out[i] = acc;
-  }
-}
-
-// M[index[c]][j] += value[c] * ring[(base + d_{index[c] j}) % D][j]: dW over the nonzero
-// presynaptic values.
-static inline void DelayedScatterGrad(const int32_t* __restrict index,
-                                      const float* __restrict value, int64_t count,
-                                      const int32_t* __restrict delays, int64_t n, int64_t D,
-                                      int64_t base, const float* __restrict ring,
-                                      float* __restrict M) {
-  for (int64_t c = 0; c < count; ++c) {
-    float* __restrict row = M + index[c] * n;
-    const int32_t* __restrict d = delays + index[c] * n;
-    const float zc = value[c];
-    for (int64_t j = 0; j < n; ++j) {
-      int64_t s = base + d[j];
-      s = s >= D ? s - D : s;
-      row[j] += zc * ring[s * n + j];
     }
   }
 }
@@ -1631,6 +1598,58 @@ class DelayedForwardOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedForward").Device(DEVICE_CPU), DelayedForwardOp);
 
+// The nonzero weights of W (m x n, delays d) by rows, each with its offset d_ij * n + j in a
+// ring laid out as 2 D slots (every step written twice, at s % D and s % D + D, so the slots of
+// steps base .. base + D - 1 lie contiguously from slot base on: no wrap-around per entry).
+// DEEP R kernels are mostly zero, so the backward gathers visit only their connections.
+struct DelayedRows {
+  std::vector<int64_t> start;
+  std::vector<int32_t> offset;
+  std::vector<float> weight;
+};
+
+static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                             DelayedRows* rows) {
+  rows->start.assign(m + 1, 0);
+  rows->offset.clear();
+  rows->weight.clear();
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = W[i * n + j];
+      if (w != 0.0f) {
+        rows->offset.push_back(static_cast<int32_t>(delays[i * n + j] * n + j));
+        rows->weight.push_back(w);
+      }
+    }
+    rows->start[i + 1] = static_cast<int64_t>(rows->offset.size());
+  }
+}
+
+// out[i] = sum_j W_ij g[d_ij * n + j] for every row i of `rows` (g: the ring from slot base).
+static inline void DelayedRowsGather(const DelayedRows& rows, int64_t m,
+                                     const float* __restrict g, float* __restrict out) {
+  const int32_t* __restrict offset = rows.offset.data();
+  const float* __restrict weight = rows.weight.data();
+  for (int64_t i = 0; i < m; ++i) {
+    float acc = 0.0f;
+    for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) acc += weight[k] * g[offset[k]];
+    out[i] = acc;
+  }
+}
+
+// M[index[c]][j] += value[c] * g[d_{index[c] j} * n + j] (g: the doubled ring from slot base).
+static inline void DelayedRingGrad(const int32_t* __restrict index,
+                                   const float* __restrict value, int64_t count,
+                                   const int32_t* __restrict delays, int64_t n,
+                                   const float* __restrict g, float* __restrict M) {
+  for (int64_t c = 0; c < count; ++c) {
+    float* __restrict row = M + index[c] * n;
+    const int32_t* __restrict d = delays + index[c] * n;
+    const float zc = value[c];
+    for (int64_t j = 0; j < n; ++j) row[j] += zc * g[d[j] * n + j];
+  }
+}
+
 REGISTER_OP("KspikeDelayedBackward")
     .Input("spike_bits: int64")     // (T, B, ceil(n / 64)) from the forward op
     .Input("z0: float")             // (B, n)
@@ -1778,6 +1797,9 @@ class DelayedBackwardOp : public OpKernel {
     const SurrogateParams sp = s_;
     const BackwardFn step = SelectBackward(a, has_ga);
 
+    DelayedRows rec_rows, in_rows;
+    if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
+    BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
     std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
@@ -1790,13 +1812,15 @@ class DelayedBackwardOp : public OpKernel {
       std::vector<float> gz_prev(n), g_rec(n), psi(n), z_row(n), gvt(n), gxa(n);
       // G ring per row: slot s % D holds dL/dI_s for s in [t, t + D); before the loop the
       // steps T .. T + D - 1 (the final i_future's gradient; its last slot is never used).
-      std::vector<float> ring(rows * D * n, 0.0f);
+      // Each row's ring has 2 D slots: step s in slots s % D and s % D + D.
+      std::vector<float> ring(rows * 2 * D * n, 0.0f);
       for (int64_t i = 0; i < rows; ++i) {
         const float* g = gbuf_final + (first + i) * D * n;
-        float* rg = ring.data() + i * D * n;
+        float* rg = ring.data() + i * 2 * D * n;
         for (int64_t d = 0; d + 1 < D; ++d) {
           const int64_t s = (T + d) % D;
           std::copy(g + d * n, g + (d + 1) * n, rg + s * n);
+          std::copy(g + d * n, g + (d + 1) * n, rg + (s + D) * n);
         }
       }
       std::vector<int32_t> index(std::max(n, n_in));
@@ -1815,7 +1839,7 @@ class DelayedBackwardOp : public OpKernel {
           const int64_t row = first + i;
           const int64_t at = step_at + i * n;
           const int64_t out_at = (row * T + t) * n;
-          float* rg = ring.data() + i * D * n;
+          float* rg = ring.data() + i * 2 * D * n;
           const float* vt = V + at;
           const float* At = a.adaptive ? Aseq + at : nullptr;
           const float* zp;
@@ -1853,22 +1877,24 @@ class DelayedBackwardOp : public OpKernel {
                gxa.data());
           // dL/dI_t enters the ring in the slot of step t (step t + D is no longer needed).
           std::copy(gi, gi + n, rg + base * n);
+          std::copy(gi, gi + n, rg + (base + D) * n);
+          const float* ahead = rg + base * n;    // steps t .. t + D - 1, contiguous
           if (a.recurrent) {
             // dL/dz_{t-1,j} += sum_k W_jk dL/dI_k(t + d_jk); dW_rec over the spikes of z_{t-1}.
-            DelayedGather(W, Drec, n, n, D, base, rg, g_rec.data());
+            DelayedRowsGather(rec_rows, n, ahead, g_rec.data());
             for (int64_t k = 0; k < n; ++k) gz_prev[k] = gz_prev[k] + g_rec[k];
-            DelayedScatterGrad(index.data(), value.data(), n_spikes, Drec, n, D, base, rg, gw);
+            DelayedRingGrad(index.data(), value.data(), n_spikes, Drec, n, ahead, gw);
           }
           std::copy(gz_prev.begin(), gz_prev.end(), gzi);
-          DelayedGather(W_in, Din, n_in, n, D, base, rg, GX + (row * T + t) * n_in);
+          DelayedRowsGather(in_rows, n_in, ahead, GX + (row * T + t) * n_in);
           const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
                                          value.data());
-          DelayedScatterGrad(index.data(), value.data(), count, Din, n, D, base, rg, gw_in);
+          DelayedRingGrad(index.data(), value.data(), count, Din, n, ahead, gw_in);
         }
       }
       // dL/d(initial i_future) slot d = dL/dI_d (or the final buffer's gradient for d >= T).
       for (int64_t i = 0; i < rows; ++i) {
-        const float* rg = ring.data() + i * D * n;
+        const float* rg = ring.data() + i * 2 * D * n;
         float* out = gbuf0 + (first + i) * D * n;
         for (int64_t d = 0; d < D; ++d) {
           if (d < T || d - T + 1 < D) {
