@@ -596,13 +596,17 @@ class _NativeBackend(_Backend):
                 store_backward=self.for_backward, **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}
+        final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)
+        return buffers, self._outputs(buffers), self.cell.unpack_state(final)
+
+    def _kept(self, buffers, A, allowed, v_final, b_final, z_final, r_final):
+        """Adds A (ALIF) and the refractory masks to ``buffers``; the final NeuronState."""
         if self.adaptive:
             buffers["A"] = A
         if self.params.n_refractory > 0:
             buffers["allowed"] = allowed
-        final = dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
-                                     z=z_final, r=r_final)
-        return buffers, self._outputs(buffers), self.cell.unpack_state(final)
+        return dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
+                                    z=z_final, r=r_final)
 
     def _outputs(self, buffers):
         if not self.sequences:
@@ -676,12 +680,7 @@ class _NativeDelayedBackend(_NativeBackend):
                 store_v=self.for_backward or (self.sequences and self.output_all),
                 store_backward=self.for_backward, **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "v": v, "spike_bits": spike_bits}
-        if self.adaptive:
-            buffers["A"] = A
-        if self.params.n_refractory > 0:
-            buffers["allowed"] = allowed
-        final = dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
-                                     z=z_final, r=r_final)
+        final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)
         return buffers, self._outputs(buffers), self.cell.unpack_state(final) + [buffer_final]
 
     def backward(self, buffers, out_grads, g_final, inputs, g_buffer=None):

@@ -32,6 +32,18 @@ def _initial_states(cell, seed=1, batch=B):
     return [tf.constant(states[name], tf.float32) for name in cell.state_names]
 
 
+def _delayed_forward_calls(monkeypatch):
+    """The ``for_backward`` flag of every native delayed forward traced or run from now on."""
+    calls = []
+    original = engine._NativeDelayedBackend.forward
+
+    def forward(self, inputs):
+        calls.append(self.for_backward)
+        return original(self, inputs)
+    monkeypatch.setattr(engine._NativeDelayedBackend, "forward", forward)
+    return calls
+
+
 def _pair(make_cell, x_shape, **layer_kwargs):
     layers = [kspike.SpikingRNN(make_cell(), native=flag, **layer_kwargs)
               for flag in (False, True)]
@@ -48,21 +60,13 @@ def _check(make_cell, initial=True, x=None, layer_kwargs=None, min_rate=0.02, rt
     x = _inputs(batch=B, steps=T, features=N_IN, density=0.5) if x is None else x
     tf_loop, native_loop = _pair(make_cell, x.shape, **layer_kwargs)
     assert native_loop.cell.delayed
-    calls = []
-    original = engine._NativeDelayedBackend.forward
-
-    def forward(self, inputs):
-        calls.append(self.for_backward)
-        return original(self, inputs)
-    engine._NativeDelayedBackend.forward = forward
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _delayed_forward_calls(monkeypatch)
         init = _initial_states(tf_loop.cell, batch=x.shape[0]) if initial else None
         out_t, grad_t = _outputs_and_grads(tf_loop, x, init)
         assert calls == []
         out_n, grad_n = _outputs_and_grads(native_loop, x, init)
         assert calls and all(calls), calls       # the native loop ran, for the backward pass
-    finally:
-        engine._NativeDelayedBackend.forward = original
     units = tf_loop.cell.units
     rate = out_t[0][..., :units].mean()
     assert min_rate <= rate <= 0.6, f"uninformative firing rate {rate}"
@@ -168,13 +172,7 @@ def test_two_calls_continue_one_sequence_stateful_and_with_states():
 
 @needs_compiler
 def test_native_dispatch_for_delayed_cells(monkeypatch):
-    calls = []
-    original = engine._NativeDelayedBackend.forward
-
-    def forward(self, inputs):
-        calls.append(self.for_backward)
-        return original(self, inputs)
-    monkeypatch.setattr(engine._NativeDelayedBackend, "forward", forward)
+    calls = _delayed_forward_calls(monkeypatch)
     x = _inputs(batch=2, steps=8, features=N_IN)
     layer = kspike.SpikingRNN(kspike.LIF(UNITS, n_delay=3, seed=1), return_sequences=True)
     layer(x)                                    # eager inference: the native forward alone
