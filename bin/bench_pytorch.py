@@ -28,8 +28,23 @@ holds a core, its steps slow down many times over. Compare on an idle machine, o
 libraries on one core:
 ``OMP_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 taskset -c 0 ...``.
 
+``--workload lif-layer`` (the OpenNeuromorphic SNN-library benchmark): one Linear(n -> n) and
+one LIF layer, B=16, T=500, dense random input (B, T, n), forward and backward of the sum of
+the output spikes, at each n of ``--sizes`` (default 1024 and 4096), in kspike
+(``keras.layers.Dense(n)`` on the whole (B, T, n) tensor -> ``kspike.LIFNeurons``), norse
+(``LIFBoxCell``), snnTorch (``Leaky``), SpikingJelly (multi-step ``LIFNode``, torch backend)
+and a plain JAX ``lax.scan``, and the matmul bound: the Linear's forward and kernel-gradient
+products done alone by TensorFlow. Figures are medians of ``--repeats`` steps after 2 warm-up
+steps, each library in its own process; the footnote of the table lists how the neurons differ.
+
+The torch and JAX libraries run with ``--peer-python`` (default /work/peers-venv/bin/python
+when it exists), a Python that has them; kspike needs none of them. ``--threads 1`` pins every
+process to core 0 (``taskset -c 0``) with one thread in TensorFlow, torch, OpenMP and XLA;
+the default is all cores. A library that fails is reported with the end of its traceback.
+
 Usage:
     bin/bench_pytorch.py                    # 2 rounds of 5 timed steps each
+    bin/bench_pytorch.py --workload lif-layer --threads 1 --repeats 3
     bin/bench_pytorch.py --steps 100 --rounds 1 --repeats 3    # a quick check
 """
 import argparse
@@ -282,7 +297,10 @@ def _failure(result):
         text = text[text.rindex("Traceback (most recent call last)"):]
     lines = [line for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not (" I tensorflow/" in line or "oneDNN" in line
-                                            or line[:5] in ("I0000", "W0000", "E0000"))] or lines
+                                            or "absl::InitializeLog" in line
+                                            or line[:5] in ("I0000", "W0000", "E0000"))]
+    if result.returncode < 0:
+        lines.append(f"killed by signal {-result.returncode}")
     return " | ".join(line.strip() for line in lines[-3:]) or f"exit code {result.returncode}"
 
 
