@@ -134,6 +134,16 @@ def _dense_input(batch, steps, n, seed=0):
     return np.random.default_rng(seed).normal(size=(batch, steps, n)).astype("float32") * 3.0
 
 
+def _cell_loop(cell, currents, state):
+    """Step a torch neuron cell, (input, state) -> (spikes, state), over (T, ...) currents."""
+    import torch
+    spikes = []
+    for current in currents:
+        spike, state = cell(current, state)
+        spikes.append(spike)
+    return torch.stack(spikes)
+
+
 def _lif_step(library, n, steps, batch, threads):
     """A function that runs one forward + backward pass and returns the number of spikes."""
     if library in ("kspike", "bound"):
@@ -216,26 +226,14 @@ def _lif_step(library, n, steps, batch, threads):
                                                 v_reset=torch.tensor(0.0)), dt=1e-3)
 
         def forward():
-            currents = fc(x)                                        # one batched product
-            state = None
-            spikes = []
-            for t in range(steps):
-                z, state = lif(currents[t], state)
-                spikes.append(z)
-            return torch.stack(spikes)
+            return _cell_loop(lif, fc(x), None)                    # one batched product
     elif library == "snntorch":
         import snntorch
         # V = beta V + I (no 1/tau on the input), reset to 0 from the previous step's spike.
         lif = snntorch.Leaky(beta=1.0 - 1.0 / TAU, threshold=1.0, reset_mechanism="zero")
 
         def forward():
-            currents = fc(x) / TAU                                  # one batched product
-            mem = lif.init_leaky()
-            spikes = []
-            for t in range(steps):
-                spk, mem = lif(currents[t], mem)
-                spikes.append(spk)
-            return torch.stack(spikes)
+            return _cell_loop(lif, fc(x) / TAU, lif.init_leaky())  # one batched product
     elif library == "spikingjelly":
         from spikingjelly.activation_based import functional, layer, neuron, surrogate
         net = torch.nn.Sequential(
@@ -345,6 +343,16 @@ membrane (one step late) and its surrogate is atan. kspike: keras.layers.Dense(n
 and kernel-gradient products (B*T, n) x (n, n) done alone by TensorFlow in the same run."""
 
 
+def _report(result, path):
+    """Print the results as one JSON line and write them to `path` if given."""
+    print()
+    print(json.dumps(result))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def _lif_main(args):
     prefix, env = _environment(args.threads)
     peer = args.peer_python
@@ -397,12 +405,7 @@ def _lif_main(args):
     print("\n" + LIF_NOTE)
     result = {"workload": "lif-layer", "rows": rows, "load_average": os.getloadavg()[0],
               "peer_python": peer}
-    print()
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return _report(result, args.json)
 
 
 def main(argv=None):
@@ -496,12 +499,7 @@ def main(argv=None):
     result = {"units": args.units, "steps": args.steps, "inputs": args.inputs,
               "batch": args.batch, "threads": args.threads, "step_s": medians,
               "failed": failed, "load_average": os.getloadavg()[0]}
-    print()
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return _report(result, args.json)
 
 
 if __name__ == "__main__":
