@@ -257,18 +257,23 @@ def _lif_step(library, n, steps, batch, threads):
     return step
 
 
-def _lif_child(library, n, steps, batch, repeats, threads):
-    if library in PEER_LIBRARIES:
-        # SpikingJelly may import TensorFlow (and crash beside torch): never let it load.
-        sys.modules["tensorflow"] = None
-    step = _lif_step(library, n, steps, batch, threads)
-    spikes = step()
+def _time(step, repeats):
+    """(the first warm-up step's result, seconds of `repeats` steps after 2 warm-up steps)."""
+    first = step()
     step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    return first, times
+
+
+def _lif_child(library, n, steps, batch, repeats, threads):
+    if library in PEER_LIBRARIES:
+        # SpikingJelly may import TensorFlow (and crash beside torch): never let it load.
+        sys.modules["tensorflow"] = None
+    spikes, times = _time(_lif_step(library, n, steps, batch, threads), repeats)
     print(json.dumps({"times": times, "rate": float(spikes) / (batch * steps * n)}))
 
 
@@ -278,14 +283,7 @@ def _child(library, units, steps, n_inputs, batch, repeats):
     else:
         sys.modules["tensorflow"] = None      # a peer process never loads TensorFlow
         step = _torch_step(library, units, steps, n_inputs, batch)
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    print(json.dumps(times))
+    print(json.dumps(_time(step, repeats)[1]))
 
 
 def _failure(result):
