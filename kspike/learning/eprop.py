@@ -192,7 +192,7 @@ class EProp(FeedbackRule):
     name = "eprop"
 
     def __init__(self, feedback="symmetric", seed=None, online=False, weight_decay=0.0,
-                 feedback_optimizer=None, single_pass=False):
+                 feedback_optimizer=None, single_pass=False, memory_flat=False):
         super().__init__(seed)
         if feedback not in _FEEDBACKS:
             raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")
@@ -206,6 +206,9 @@ class EProp(FeedbackRule):
             raise ValueError(f"`single_pass` must be True, False or 'auto', received "
                              f"{single_pass!r}.")
         self.single_pass = single_pass
+        if not isinstance(memory_flat, (bool, np.bool_)):
+            raise TypeError(f"`memory_flat` must be True or False, received {memory_flat!r}.")
+        self.memory_flat = bool(memory_flat)
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                 or not np.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, received "
@@ -218,7 +221,8 @@ class EProp(FeedbackRule):
 
     def get_config(self):
         config = {"feedback": self.feedback, "seed": self.seed, "online": self.online,
-                  "weight_decay": self.weight_decay, "single_pass": self.single_pass}
+                  "weight_decay": self.weight_decay, "single_pass": self.single_pass,
+                  "memory_flat": self.memory_flat}
         if self.feedback_optimizer is not None:
             config["feedback_optimizer"] = keras.optimizers.serialize(self.feedback_optimizer)
         return config
@@ -281,6 +285,9 @@ class EProp(FeedbackRule):
         net = _Network(plan, weights, feedback, x, sequence, self.feedback == "adaptive")
         if single:
             result = _single_pass_terms(net, loss, y, sample_weight, regularizers, batch, steps)
+        elif not self.memory_flat:
+            result = _stored_state_terms(net, readout, loss, y, sample_weight, regularizers,
+                                         batch, steps)
         else:
             result = _two_pass_terms(net, readout, loss, y, sample_weight, regularizers,
                                      self.online, batch, steps)
@@ -621,3 +628,176 @@ def _readout_term(lv, error, z, kappa, online, wanted):
 def _joined(parts):
     """The plain and adaptive neurons' (P, n0), (P, k) blocks side by side."""
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+
+# ---------------------------------------------------------------------- the stored-state form
+# Two passes with every learning signal known before the second: the gradient
+# sum_{b,t} L_j(t) e_ji(t) factorises over synapses. With u = (1, 0) and J_j(t) the 2x2
+# state Jacobian dh_t/dh_{t-1} (``dynamics.eprop_state_jacobian``), eps_ji(t) =
+# sum_{s <= t} J_j(t) .. J_j(s + 1) u (1 - alpha) p_i(s), so
+#
+#     sum_t L_j(t) e_ji(t) = (1 - alpha) sum_s p_i(s) q^v_j(s),
+#     q_j(s) = L_j(s) d_j(s) + J_j(s + 1)^T q_j(s + 1),   q_j(T + 1) = 0,
+#
+# with d_j = (dz_j/dv_j, dz_j/db_j): a per-neuron backward recursion, then one matmul of the
+# presynaptic factors p (B T, P) with q^v (B T, n). Exact (the same sums, reordered).
+
+
+def _forward_states(layer, weights, inputs, batch, dtype):
+    """Runs one spiking layer over time-major ``inputs`` (T, B, n_in) from its initial state.
+
+    Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
+    threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness) and "z0"
+    (B, n). Float32 cells the native C++ loops can run use the native forward op
+    (``kspike.engine``); anything else runs ``dynamics`` in a ``tf.while_loop``."""
+    cell = layer.cell
+    state0 = cell.pack_state(cell.get_initial_state(batch))
+    ops = _native_forward_ops(layer, dtype)
+    if ops is not None:
+        return _native_forward(ops, layer, weights, inputs, state0)
+    steps = tf.shape(inputs)[0]
+    xs = tf.TensorArray(dtype, size=steps).unstack(inputs)
+    names = ["z", "v"] + (["A"] if state0.b is not None else []) + (
+        ["allowed"] if weights.params.n_refractory > 0 else [])
+    tas = {name: tf.TensorArray(dtype, size=steps) for name in names}
+
+    def body(t, flat, tas):
+        state = cell.pack_state(list(flat))
+        new_state, A, allowed = online_rules.layer_step(xs.read(t), state, weights)
+        tas = dict(tas)
+        tas["z"] = tas["z"].write(t, new_state.z)
+        tas["v"] = tas["v"].write(t, new_state.v)
+        if "A" in tas:
+            tas["A"] = tas["A"].write(t, A)
+        if "allowed" in tas:
+            tas["allowed"] = tas["allowed"].write(t, tf.cast(allowed, dtype))
+        return t + 1, tuple(cell.unpack_state(new_state)), tas
+
+    _, _, tas = tf.while_loop(lambda t, *_: t < steps, body,
+                              (0, tuple(cell.unpack_state(state0)), tas))
+    out = {name: ta.stack() for name, ta in tas.items()}
+    out.setdefault("A", None)
+    out.setdefault("allowed", None)
+    out["z0"] = state0.z
+    return out
+
+
+def _native_forward_ops(layer, dtype):
+    """The native op module if the native forward can run this layer (float32, a catalogue
+    surrogate, no delays, CPU only, not inside XLA, the layer not built with native=False)."""
+    from kspike import compat, engine
+    from kspike import native as native_module
+    if getattr(layer.layer, "native", "auto") is False:
+        return None
+    reason = engine.why_not_native(layer.cell, dtype, dtype, False, False,
+                                   compat.in_xla_context())
+    return native_module.load() if reason is None else None
+
+
+def _native_forward(ops, layer, weights, inputs, state0):
+    from kspike import engine
+    cell, params = layer.cell, weights.params
+    adaptive = state0.b is not None
+    n = cell.units
+    x = tf.transpose(inputs, (1, 0, 2))
+    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+    w_rec, bias = weights.recurrent_kernel, weights.bias
+    z, v, A, allowed, _, _, _, _, _ = ops.kspike_spiking_forward(
+        x=x, sparse_inputs=sparse_inputs, w_in=weights.input_kernel,
+        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+        bias=bias if bias is not None else tf.zeros((0,)),
+        beta=(tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))),
+        v0=state0.v, b0=state0.b if adaptive else tf.zeros((0, n)), z0=state0.z, r0=state0.r,
+        recurrent=w_rec is not None, has_bias=bias is not None, store_z=True, store_v=True,
+        store_backward=True, **engine._neuron_attrs(cell, params))
+    return {"z": tf.transpose(z, (1, 0, 2)), "v": v, "A": A if adaptive else None,
+            "allowed": (tf.cast(allowed, tf.float32) if params.n_refractory > 0 else None),
+            "z0": state0.z}
+
+
+def _adjoint(layer, params, states, learning):
+    """q^v (T, B, n) of the backward recursion above for one layer; ``learning`` (T, B, n) is
+    L_j(t) (readout-filtered error through B, plus the regulariser's signal)."""
+    v, A, z = states["v"], states["A"], states["z"]
+    threshold = params.thr if A is None else A
+    psi = params.spike_function.pseudo_derivative((v - threshold) / threshold)
+    if states["allowed"] is not None:
+        psi = psi * states["allowed"]
+    dz_dv = psi / threshold
+    alpha = params.alpha
+    if A is None or layer.n_plain == layer.units:
+        a = learning * dz_dv
+        return tf.scan(lambda q, a_s: a_s + alpha * q, a, initializer=tf.zeros_like(a[0]),
+                       reverse=True)
+    beta, rho = tf.constant(layer.cell.beta_vector, v.dtype), params.rho
+    dz_db = -psi * beta * v / (threshold * threshold)
+    # J(s + 1) from z_s and d(s): the coefficients of step s + 1 sit at index s.
+    b_v = (1.0 - rho) * dz_dv
+    b_b = rho + (1.0 - rho) * dz_db
+    beta_z = beta * z
+    v_v = alpha - beta_z * b_v
+    v_b = -beta_z * b_b
+
+    def step(q, elems):
+        q_v, q_b = q
+        a_s, c_s, vv, vb, bv, bb = elems
+        return (a_s + vv * q_v + bv * q_b, c_s + vb * q_v + bb * q_b)
+
+    zero = tf.zeros_like(v[0])
+    q_v, _ = tf.scan(step, (learning * dz_dv, learning * dz_db, v_v, v_b, b_v, b_b),
+                     initializer=(zero, zero), reverse=True)
+    return q_v
+
+
+def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batch, steps):
+    """Two passes from stored state sequences: the forward keeps every layer's z, v, A (memory
+    O(T B n)); the readout output, the user's loss and the readout-filtered learning signals
+    follow, then per layer one backward recursion per neuron and one matmul per weight."""
+    plan, dtype = net.plan, net.plan.dtype
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    inputs = tf.transpose(net.x, (1, 0, 2))
+    layer_inputs, records = [], []
+    for layer, w in zip(plan.layers, net.weights):
+        record = _forward_states(layer, w, inputs, batch, dtype)
+        layer_inputs.append(inputs)
+        records.append(record)
+        inputs = record["z"]
+    n_out = plan.readout.units
+    projected = tf.reshape(tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), kernel),
+                           (steps, batch, n_out))
+    filtered = tf.scan(lambda acc, u: kappa * acc + (1.0 - kappa) * u, projected,
+                       initializer=tf.zeros_like(projected[0]))
+    predictions = tf.transpose(filtered, (1, 0, 2))
+    if bias is not None:
+        predictions = predictions + bias
+    counts = [tf.reduce_sum(r["z"], axis=(0, 1)) for r in records]
+    task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
+    reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                             batch, steps, dtype)
+    signal = tf.transpose(online_rules.backward_filter(error, kappa), (1, 0, 2))
+    flat_signal = tf.reshape(signal, (-1, n_out))
+    grads, feedback_grads = [], []
+    for i, (layer, w, record, pre) in enumerate(zip(plan.layers, net.weights, records,
+                                                    layer_inputs)):
+        learning = tf.reshape(tf.matmul(flat_signal, net.feedback[i]),
+                              (steps, batch, layer.units))
+        if reg_signals[i] is not None:
+            learning = learning + reg_signals[i]
+        q = tf.reshape(_adjoint(layer, w.params, record, learning), (-1, layer.units))
+        q = (1.0 - w.params.alpha) * q
+        parts = [tf.matmul(tf.reshape(pre, (-1, layer.n_in)), q, transpose_a=True)]
+        if w.recurrent_kernel is not None:
+            previous = tf.concat([record["z0"][None], record["z"][:-1]], axis=0)
+            parts.append(tf.matmul(tf.reshape(previous, (-1, layer.units)), q,
+                                   transpose_a=True))
+        if w.bias is not None:
+            parts.append(tf.reduce_sum(q, axis=0, keepdims=True))
+        grads.append(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0])
+        if net.adaptive_feedback:
+            feedback_grads.append(tf.matmul(
+                flat_signal, tf.reshape(record["z"], (-1, layer.units)), transpose_a=True))
+    readout_grad = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), flat_signal,
+                             transpose_a=True)
+    return _Terms(grads, readout_grad, feedback_grads, task_loss, reg_loss, error, None,
+                  predictions, counts)
