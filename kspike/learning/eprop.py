@@ -717,36 +717,51 @@ def _native_forward(ops, layer, weights, inputs, state0):
 
 def _adjoint(layer, params, states, learning):
     """q^v (T, B, n) of the backward recursion above for one layer; ``learning`` (T, B, n) is
-    L_j(t) (readout-filtered error through B, plus the regulariser's signal)."""
-    v, A, z = states["v"], states["A"], states["z"]
-    threshold = params.thr if A is None else A
-    psi = params.spike_function.pseudo_derivative((v - threshold) / threshold)
-    if states["allowed"] is not None:
-        psi = psi * states["allowed"]
-    dz_dv = psi / threshold
-    alpha = params.alpha
-    if A is None or layer.n_plain == layer.units:
-        a = learning * dz_dv
-        return tf.scan(lambda q, a_s: a_s + alpha * q, a, initializer=tf.zeros_like(a[0]),
-                       reverse=True)
-    beta, rho = tf.constant(layer.cell.beta_vector, v.dtype), params.rho
-    dz_db = -psi * beta * v / (threshold * threshold)
-    # J(s + 1) from z_s and d(s): the coefficients of step s + 1 sit at index s.
-    b_v = (1.0 - rho) * dz_dv
-    b_b = rho + (1.0 - rho) * dz_db
-    beta_z = beta * z
-    v_v = alpha - beta_z * b_v
-    v_b = -beta_z * b_b
+    L_j(t) (readout-filtered error through B, plus the regulariser's signal).
 
-    def step(q, elems):
+    Runs as one loop compiled by XLA (the per-step work, elementwise on (B, n), is too small
+    for TensorFlow's per-op dispatch); each step forms the spike derivatives d(s) and the
+    Jacobian J(s + 1) (from z_s and d(s), ``dynamics.eprop_state_jacobian``) itself."""
+    adaptive = states["A"] is not None and layer.n_plain < layer.units
+    refractory = states["allowed"] is not None
+    beta = tf.constant(layer.cell.beta_vector, learning.dtype) if adaptive else None
+    alpha, rho, thr = params.alpha, params.rho, params.thr
+    pseudo_derivative = params.spike_function.pseudo_derivative
+
+    def derivatives(v, A, allowed):
+        psi = pseudo_derivative((v - A) / A)
+        return psi * allowed if refractory else psi
+
+    def lif_step(q_v, elems):
+        L, v, allowed = elems
+        return L * derivatives(v, thr, allowed) / thr + alpha * q_v
+
+    def alif_step(q, elems):
         q_v, q_b = q
-        a_s, c_s, vv, vb, bv, bb = elems
-        return (a_s + vv * q_v + bv * q_b, c_s + vb * q_v + bb * q_b)
+        L, v, A, z, allowed = elems
+        psi = derivatives(v, A, allowed)
+        dz_dv = psi / A
+        dz_db = -psi * beta * v / (A * A)
+        b_v = (1.0 - rho) * dz_dv
+        b_b = rho + (1.0 - rho) * dz_db
+        beta_z = beta * z
+        return (L * dz_dv + (alpha - beta_z * b_v) * q_v + b_v * q_b,
+                L * dz_db - beta_z * b_b * q_v + b_b * q_b)
 
-    zero = tf.zeros_like(v[0])
-    q_v, _ = tf.scan(step, (learning * dz_dv, learning * dz_db, v_v, v_b, b_v, b_b),
-                     initializer=(zero, zero), reverse=True)
-    return q_v
+    def run(learning, v, A, z, allowed):
+        zero = tf.zeros_like(learning[0])
+        if not adaptive:
+            return tf.scan(lambda q, e: lif_step(q, e), (learning, v, allowed),
+                           initializer=zero, reverse=True)
+        q_v, _ = tf.scan(alif_step, (learning, v, A, z, allowed), initializer=(zero, zero),
+                         reverse=True)
+        return q_v
+
+    v = states["v"]
+    A = states["A"] if adaptive else v
+    allowed = states["allowed"] if refractory else v
+    return tf.function(run, jit_compile=True, autograph=False)(learning, v, A, states["z"],
+                                                                allowed)
 
 
 def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batch, steps):
