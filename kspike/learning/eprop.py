@@ -105,10 +105,8 @@ class EProp(FeedbackRule):
 
     The gradient of every input, recurrent and bias weight of the spiking layers is
     ``sum_{batch, t} L_j(t) ebar_ji(t)`` (docs/eprop.md), with eligibility traces
-    ``e_ji(t)`` computed forward in time from kspike's own step, inside the ``tf.while_loop`` that
-    runs the network (no stored sequence of states: memory does not grow with T), and learning
-    signals ``L_j(t) = sum_k B_jk dE/dy_k(t)`` from the readout error. The readout (and its bias)
-    learns from its exact local gradient.
+    ``e_ji(t)`` from kspike's own step and learning signals ``L_j(t) = sum_k B_jk dE/dy_k(t)``
+    from the readout error. The readout (and its bias) learns from its exact local gradient.
 
     With ``feedback="symmetric"`` the result equals the autodiff gradient of the same network in
     which z_{t-1} is wrapped in ``stop_gradient`` where it enters the recurrent input and the
@@ -137,15 +135,25 @@ class EProp(FeedbackRule):
       regulariser needs the mean rate of the whole sequence: the loop sums the eligibility
       traces ``sum_{b,t} e_ji`` and contracts them with the regulariser's per-neuron derivative
       after the last step, which is exact.
-    - Two passes: a first pass runs the network and keeps only the readout output y (B, T,
-      n_out) and spike counts; the user's loss then gives dE/dy_t for every step (so any loss of
-      the output sequence works: window-averaged cross-entropy, custom losses); a second pass
-      recomputes the network step by step with the eligibility traces and accumulates the
-      gradient.
+    - Two passes (any loss of the output sequence: window-averaged cross-entropy, custom
+      losses), in one of two forms with the same gradient (tested to float64 round-off):
 
-    Memory in both: O(B n_pre n) for the traces (one (B, n_pre, n) trace more in single pass)
-    plus the inputs, targets and the outputs y (B, T, n_out) returned as predictions; nothing
-    scales with T otherwise.
+      * stored states (``memory_flat=False``, the default): one forward pass (the native C++
+        forward in float32 where it applies, else a ``tf.while_loop``) keeps every layer's
+        spikes, voltages and thresholds (B, T, n); the user's loss gives dE/dy, hence all
+        learning signals; since they are known before the traces are needed the sum
+        ``sum_t L_j(t) e_ji(t)`` factorises into a per-neuron backward recursion (one loop on
+        (B, n), compiled by XLA) and one matmul over batch and time per weight. Memory
+        O(T B n) per layer, like BPTT's; about as fast as BPTT.
+      * traces (``memory_flat=True``): a first pass keeps only the readout output y and spike
+        counts; a second pass recomputes the network step by step with per-synapse
+        eligibility traces (B, n_pre, n) and accumulates the gradient. Memory does not grow
+        with T apart from the inputs, targets and outputs, but every step updates the traces
+        of all synapses: tens of times slower than BPTT on large layers.
+
+    Memory of the single pass: O(B n_pre n) for the traces (one (B, n_pre, n) trace more than
+    the trace form of two passes) plus the inputs, targets and the outputs y (B, T, n_out)
+    returned as predictions; nothing scales with T otherwise.
 
     Args:
         feedback: "symmetric" (B = W_out^T), "random" (fixed random B, seeded) or "adaptive"
@@ -153,15 +161,19 @@ class EProp(FeedbackRule):
             ``weight_decay * B``, applied by ``feedback_optimizer``).
         seed: integer seed of the random feedback matrices (None: drawn from NumPy's global
             generator, fixed by ``keras.utils.set_random_seed``).
-        online: the form of the two-pass computation. False (default) applies the readout filter
-            kappa to the learning signal (``sum_t L_t ebar_t = sum_t Ltilde_t e_t``, identical
-            gradient, one trace fewer); True filters the eligibility traces (ebar) as in the
-            paper, each step using only L(t). The single pass always filters the traces.
-        single_pass: False (default): always two passes, the fastest form on CPU (the second
-            pass's signal filter needs no (B, n_pre, n) ebar trace, and a plain LIF neuron's
-            gradient is then one matmul per step). True: always the single pass; a loss, target
-            or sample weight it cannot take raises ValueError saying why. "auto": the single
-            pass when the loss qualifies, otherwise two passes.
+        online: the filter placement of the two-pass trace form (``memory_flat=True``). False
+            (default) applies the readout filter kappa to the learning signal
+            (``sum_t L_t ebar_t = sum_t Ltilde_t e_t``, identical gradient, one trace fewer);
+            True filters the eligibility traces (ebar) as in the paper, each step using only
+            L(t). The single pass always filters the traces; the stored-state form always
+            filters the signal (the same gradient either way).
+        single_pass: False (default): always two passes. True: always the single pass; a
+            loss, target or sample weight it cannot take raises ValueError saying why. "auto":
+            the single pass when the loss qualifies, otherwise two passes.
+        memory_flat: the form of two passes. False (default): from stored state sequences,
+            the fastest (about BPTT's time) with memory growing with T like BPTT's. True:
+            with per-synapse eligibility traces, memory independent of T (for sequences too
+            long to store), much slower.
         weight_decay: decay of the adaptive feedback matrices (the paper's option), >= 0.
         feedback_optimizer: Keras optimizer for adaptive feedback (default Adam(1e-3)).
 
