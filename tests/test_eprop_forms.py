@@ -16,20 +16,15 @@ import kspike.regularizers
 from kspike import engine
 from kspike import native as native_module
 from kspike.learning import EProp
+from test_eprop import _cells as single_layer_cells
 
 RTOL64 = 1e-10
 
 
 def _cells(kind):
+    if kind in ("lif", "alif", "mixed"):
+        return single_layer_cells(kind)
     init = dict(bias_initializer=keras.initializers.RandomNormal(0.0, 0.1, seed=5))
-    if kind == "lif":
-        return [kspike.LIF(7, thr=0.03, n_refractory=2, seed=1)]
-    if kind == "alif":
-        return [kspike.ALIF(6, thr=0.03, beta=1.0, tau_adaptation=30.0, seed=1, use_bias=True,
-                            **init)]
-    if kind == "mixed":
-        return [kspike.ALIF(7, n_adaptive=4, thr=0.03, beta=0.8, tau_adaptation=40.0,
-                            n_refractory=3, seed=1, use_bias=True, **init)]
     if kind == "stacked":
         return [kspike.LIF(6, thr=0.03, n_refractory=1, seed=1),
                 kspike.ALIF(5, n_adaptive=3, thr=0.03, beta=1.0, tau_adaptation=30.0, seed=2,
@@ -98,7 +93,6 @@ def test_stored_state_form_equals_trace_form(kind, feedback, online, regularized
     # The trace form with the other filter placement, too.
     other = EProp(feedback=feedback, seed=4, online=not online, memory_flat=True).compute(
         model, x, y, loss, **kwargs)
-    assert sum(float(tf.reduce_sum(c)) for c in [fast.predictions]) != 0.0
     _assert_same(fast, flat, RTOL64)
     _assert_same(fast, other, RTOL64)
 
