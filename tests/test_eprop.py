@@ -150,11 +150,12 @@ LOSSES = {
 }
 
 
+@pytest.mark.parametrize("memory_flat", [False, True])
 @pytest.mark.parametrize("kind,task,online", [("lif", "regression", False),
                                                ("alif", "classification", False),
                                                ("mixed", "regression", True),
                                                ("mixed", "classification", False)])
-def test_symmetric_eprop_equals_autodiff_with_stop_gradient(kind, task, online):
+def test_symmetric_eprop_equals_autodiff_with_stop_gradient(kind, task, online, memory_flat):
     keras.config.set_dtype_policy("float64")
     batch, steps, n_in, n_out = 3, 40, 5, 3
     model = build_model(_cells(kind), n_in, steps, n_out)
@@ -170,8 +171,8 @@ def test_symmetric_eprop_equals_autodiff_with_stop_gradient(kind, task, online):
         y = tf.constant(np.repeat(rng.integers(0, n_out, (batch, 1)), steps, axis=1))
         weight = tf.constant(np.where(np.arange(steps) >= steps - 10, 1.0, 0.0)[None].repeat(
             batch, 0))
-    result = EProp(feedback="symmetric", online=online).compute(model, x, y, loss,
-                                                                 sample_weight=weight)
+    result = EProp(feedback="symmetric", online=online, memory_flat=memory_flat).compute(
+        model, x, y, loss, sample_weight=weight)
     layers, readout = reference_variables(model)
     with tf.GradientTape() as tape:
         prediction, spikes = reference_forward(x, layers, readout)
@@ -181,7 +182,7 @@ def test_symmetric_eprop_equals_autodiff_with_stop_gradient(kind, task, online):
     np.testing.assert_allclose(result.predictions.numpy(), prediction.numpy(), atol=1e-12)
     np.testing.assert_allclose(float(result.loss), float(value), rtol=1e-12)
     error = assert_gradients_match(model, result.gradients, want, RTOL64)
-    print(f"{kind}/{task}/online={online}: float64 max relative error {error:.2e}")
+    print(f"{kind}/{task}/online={online}/memory_flat={memory_flat}: float64 max relative error {error:.2e}")
 
 
 def test_window_averaged_classification():
@@ -222,7 +223,8 @@ def test_float32_tolerance():
     print(f"float32 max relative error {error:.2e}")
 
 
-def test_firing_rate_regularizer_local_gradient():
+@pytest.mark.parametrize("memory_flat", [False, True])
+def test_firing_rate_regularizer_local_gradient(memory_flat):
     keras.config.set_dtype_policy("float64")
     batch, steps, n_in, n_out = 3, 30, 5, 2
     model = build_model(_cells("mixed"), n_in, steps, n_out)
@@ -230,7 +232,8 @@ def test_firing_rate_regularizer_local_gradient():
     y = tf.constant(np.random.default_rng(4).standard_normal((batch, steps, n_out)))
     loss = keras.losses.MeanSquaredError()
     regularizer = kspike.regularizers.FiringRateRegularizer(target=20.0, strength=3.0)
-    result = EProp().compute(model, x, y, loss, regularizers=[regularizer])
+    result = EProp(memory_flat=memory_flat).compute(model, x, y, loss,
+                                                    regularizers=[regularizer])
     layers, readout = reference_variables(model)
     with tf.GradientTape() as tape:
         prediction, spikes = reference_forward(x, layers, readout)
@@ -258,8 +261,9 @@ def test_random_feedback_and_stacked_layers():
     x = inputs(batch, steps, n_in, 0.4, "float64", seed=5)
     y = tf.constant(np.random.default_rng(5).standard_normal((batch, steps, n_out)))
     loss = keras.losses.MeanSquaredError()
-    for feedback in ("symmetric", "random"):
-        rule = EProp(feedback=feedback, seed=7)
+    for feedback, memory_flat in (("symmetric", False), ("random", False),
+                                  ("symmetric", True), ("random", True)):
+        rule = EProp(feedback=feedback, seed=7, memory_flat=memory_flat)
         result = rule.compute(model, x, y, loss)
         layers, readout = reference_variables(model)
         with tf.GradientTape(persistent=True) as tape:

@@ -105,10 +105,8 @@ class EProp(FeedbackRule):
 
     The gradient of every input, recurrent and bias weight of the spiking layers is
     ``sum_{batch, t} L_j(t) ebar_ji(t)`` (docs/eprop.md), with eligibility traces
-    ``e_ji(t)`` computed forward in time from kspike's own step, inside the ``tf.while_loop`` that
-    runs the network (no stored sequence of states: memory does not grow with T), and learning
-    signals ``L_j(t) = sum_k B_jk dE/dy_k(t)`` from the readout error. The readout (and its bias)
-    learns from its exact local gradient.
+    ``e_ji(t)`` from kspike's own step and learning signals ``L_j(t) = sum_k B_jk dE/dy_k(t)``
+    from the readout error. The readout (and its bias) learns from its exact local gradient.
 
     With ``feedback="symmetric"`` the result equals the autodiff gradient of the same network in
     which z_{t-1} is wrapped in ``stop_gradient`` where it enters the recurrent input and the
@@ -137,15 +135,25 @@ class EProp(FeedbackRule):
       regulariser needs the mean rate of the whole sequence: the loop sums the eligibility
       traces ``sum_{b,t} e_ji`` and contracts them with the regulariser's per-neuron derivative
       after the last step, which is exact.
-    - Two passes: a first pass runs the network and keeps only the readout output y (B, T,
-      n_out) and spike counts; the user's loss then gives dE/dy_t for every step (so any loss of
-      the output sequence works: window-averaged cross-entropy, custom losses); a second pass
-      recomputes the network step by step with the eligibility traces and accumulates the
-      gradient.
+    - Two passes (any loss of the output sequence: window-averaged cross-entropy, custom
+      losses), in one of two forms with the same gradient (tested to float64 round-off):
 
-    Memory in both: O(B n_pre n) for the traces (one (B, n_pre, n) trace more in single pass)
-    plus the inputs, targets and the outputs y (B, T, n_out) returned as predictions; nothing
-    scales with T otherwise.
+      * stored states (``memory_flat=False``, the default): one forward pass (the native C++
+        forward in float32 where it applies, else a ``tf.while_loop``) keeps every layer's
+        spikes, voltages and thresholds (B, T, n); the user's loss gives dE/dy, hence all
+        learning signals; since they are known before the traces are needed the sum
+        ``sum_t L_j(t) e_ji(t)`` factorises into a per-neuron backward recursion (one loop on
+        (B, n), compiled by XLA) and one matmul over batch and time per weight. Memory
+        O(T B n) per layer, like BPTT's; about as fast as BPTT.
+      * traces (``memory_flat=True``): a first pass keeps only the readout output y and spike
+        counts; a second pass recomputes the network step by step with per-synapse
+        eligibility traces (B, n_pre, n) and accumulates the gradient. Memory does not grow
+        with T apart from the inputs, targets and outputs, but every step updates the traces
+        of all synapses: tens of times slower than BPTT on large layers.
+
+    Memory of the single pass: O(B n_pre n) for the traces (one (B, n_pre, n) trace more than
+    the trace form of two passes) plus the inputs, targets and the outputs y (B, T, n_out)
+    returned as predictions; nothing scales with T otherwise.
 
     Args:
         feedback: "symmetric" (B = W_out^T), "random" (fixed random B, seeded) or "adaptive"
@@ -153,15 +161,19 @@ class EProp(FeedbackRule):
             ``weight_decay * B``, applied by ``feedback_optimizer``).
         seed: integer seed of the random feedback matrices (None: drawn from NumPy's global
             generator, fixed by ``keras.utils.set_random_seed``).
-        online: the form of the two-pass computation. False (default) applies the readout filter
-            kappa to the learning signal (``sum_t L_t ebar_t = sum_t Ltilde_t e_t``, identical
-            gradient, one trace fewer); True filters the eligibility traces (ebar) as in the
-            paper, each step using only L(t). The single pass always filters the traces.
-        single_pass: False (default): always two passes, the fastest form on CPU (the second
-            pass's signal filter needs no (B, n_pre, n) ebar trace, and a plain LIF neuron's
-            gradient is then one matmul per step). True: always the single pass; a loss, target
-            or sample weight it cannot take raises ValueError saying why. "auto": the single
-            pass when the loss qualifies, otherwise two passes.
+        online: the filter placement of the two-pass trace form (``memory_flat=True``). False
+            (default) applies the readout filter kappa to the learning signal
+            (``sum_t L_t ebar_t = sum_t Ltilde_t e_t``, identical gradient, one trace fewer);
+            True filters the eligibility traces (ebar) as in the paper, each step using only
+            L(t). The single pass always filters the traces; the stored-state form always
+            filters the signal (the same gradient either way).
+        single_pass: False (default): always two passes. True: always the single pass; a
+            loss, target or sample weight it cannot take raises ValueError saying why. "auto":
+            the single pass when the loss qualifies, otherwise two passes.
+        memory_flat: the form of two passes. False (default): from stored state sequences,
+            the fastest (about BPTT's time) with memory growing with T like BPTT's. True:
+            with per-synapse eligibility traces, memory independent of T (for sequences too
+            long to store), much slower.
         weight_decay: decay of the adaptive feedback matrices (the paper's option), >= 0.
         feedback_optimizer: Keras optimizer for adaptive feedback (default Adam(1e-3)).
 
@@ -192,7 +204,7 @@ class EProp(FeedbackRule):
     name = "eprop"
 
     def __init__(self, feedback="symmetric", seed=None, online=False, weight_decay=0.0,
-                 feedback_optimizer=None, single_pass=False):
+                 feedback_optimizer=None, single_pass=False, memory_flat=False):
         super().__init__(seed)
         if feedback not in _FEEDBACKS:
             raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")
@@ -206,6 +218,9 @@ class EProp(FeedbackRule):
             raise ValueError(f"`single_pass` must be True, False or 'auto', received "
                              f"{single_pass!r}.")
         self.single_pass = single_pass
+        if not isinstance(memory_flat, (bool, np.bool_)):
+            raise TypeError(f"`memory_flat` must be True or False, received {memory_flat!r}.")
+        self.memory_flat = bool(memory_flat)
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                 or not np.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, received "
@@ -218,7 +233,8 @@ class EProp(FeedbackRule):
 
     def get_config(self):
         config = {"feedback": self.feedback, "seed": self.seed, "online": self.online,
-                  "weight_decay": self.weight_decay, "single_pass": self.single_pass}
+                  "weight_decay": self.weight_decay, "single_pass": self.single_pass,
+                  "memory_flat": self.memory_flat}
         if self.feedback_optimizer is not None:
             config["feedback_optimizer"] = keras.optimizers.serialize(self.feedback_optimizer)
         return config
@@ -281,6 +297,9 @@ class EProp(FeedbackRule):
         net = _Network(plan, weights, feedback, x, sequence, self.feedback == "adaptive")
         if single:
             result = _single_pass_terms(net, loss, y, sample_weight, regularizers, batch, steps)
+        elif not self.memory_flat:
+            result = _stored_state_terms(net, readout, loss, y, sample_weight, regularizers,
+                                         batch, steps)
         else:
             result = _two_pass_terms(net, readout, loss, y, sample_weight, regularizers,
                                      self.online, batch, steps)
@@ -621,3 +640,191 @@ def _readout_term(lv, error, z, kappa, online, wanted):
 def _joined(parts):
     """The plain and adaptive neurons' (P, n0), (P, k) blocks side by side."""
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+
+# ---------------------------------------------------------------------- the stored-state form
+# Two passes with every learning signal known before the second: the gradient
+# sum_{b,t} L_j(t) e_ji(t) factorises over synapses. With u = (1, 0) and J_j(t) the 2x2
+# state Jacobian dh_t/dh_{t-1} (``dynamics.eprop_state_jacobian``), eps_ji(t) =
+# sum_{s <= t} J_j(t) .. J_j(s + 1) u (1 - alpha) p_i(s), so
+#
+#     sum_t L_j(t) e_ji(t) = (1 - alpha) sum_s p_i(s) q^v_j(s),
+#     q_j(s) = L_j(s) d_j(s) + J_j(s + 1)^T q_j(s + 1),   q_j(T + 1) = 0,
+#
+# with d_j = (dz_j/dv_j, dz_j/db_j): a per-neuron backward recursion, then one matmul of the
+# presynaptic factors p (B T, P) with q^v (B T, n). Exact (the same sums, reordered).
+
+
+def _forward_states(layer, weights, inputs, batch, dtype):
+    """Runs one spiking layer over time-major ``inputs`` (T, B, n_in) from its initial state.
+
+    Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
+    threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness) and "z0"
+    (B, n). Float32 cells the native C++ loops can run use the native forward op
+    (``kspike.engine``); anything else runs ``dynamics`` in a ``tf.while_loop``."""
+    cell = layer.cell
+    state0 = cell.pack_state(cell.get_initial_state(batch))
+    ops = _native_forward_ops(layer, dtype)
+    if ops is not None:
+        return _native_forward(ops, layer, weights, inputs, state0)
+    steps = tf.shape(inputs)[0]
+    xs = tf.TensorArray(dtype, size=steps).unstack(inputs)
+    names = ["z", "v"] + (["A"] if state0.b is not None else []) + (
+        ["allowed"] if weights.params.n_refractory > 0 else [])
+    tas = {name: tf.TensorArray(dtype, size=steps) for name in names}
+
+    def body(t, flat, tas):
+        state = cell.pack_state(list(flat))
+        new_state, A, allowed = online_rules.layer_step(xs.read(t), state, weights)
+        tas = dict(tas)
+        tas["z"] = tas["z"].write(t, new_state.z)
+        tas["v"] = tas["v"].write(t, new_state.v)
+        if "A" in tas:
+            tas["A"] = tas["A"].write(t, A)
+        if "allowed" in tas:
+            tas["allowed"] = tas["allowed"].write(t, tf.cast(allowed, dtype))
+        return t + 1, tuple(cell.unpack_state(new_state)), tas
+
+    _, _, tas = tf.while_loop(lambda t, *_: t < steps, body,
+                              (0, tuple(cell.unpack_state(state0)), tas))
+    out = {name: ta.stack() for name, ta in tas.items()}
+    out.setdefault("A", None)
+    out.setdefault("allowed", None)
+    out["z0"] = state0.z
+    return out
+
+
+def _native_forward_ops(layer, dtype):
+    """The native op module if the native forward can run this layer (float32, a catalogue
+    surrogate, no delays, CPU only, not inside XLA, the layer not built with native=False)."""
+    from kspike import compat, engine
+    from kspike import native as native_module
+    if getattr(layer.layer, "native", "auto") is False:
+        return None
+    reason = engine.why_not_native(layer.cell, dtype, dtype, False, False,
+                                   compat.in_xla_context())
+    return native_module.load() if reason is None else None
+
+
+def _native_forward(ops, layer, weights, inputs, state0):
+    from kspike import engine
+    cell, params = layer.cell, weights.params
+    adaptive = state0.b is not None
+    n = cell.units
+    x = tf.transpose(inputs, (1, 0, 2))
+    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+    w_rec, bias = weights.recurrent_kernel, weights.bias
+    z, v, A, allowed, _, _, _, _, _ = ops.kspike_spiking_forward(
+        x=x, sparse_inputs=sparse_inputs, w_in=weights.input_kernel,
+        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+        bias=bias if bias is not None else tf.zeros((0,)),
+        beta=(tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))),
+        v0=state0.v, b0=state0.b if adaptive else tf.zeros((0, n)), z0=state0.z, r0=state0.r,
+        recurrent=w_rec is not None, has_bias=bias is not None, store_z=True, store_v=True,
+        store_backward=True, **engine._neuron_attrs(cell, params))
+    return {"z": tf.transpose(z, (1, 0, 2)), "v": v, "A": A if adaptive else None,
+            "allowed": (tf.cast(allowed, tf.float32) if params.n_refractory > 0 else None),
+            "z0": state0.z}
+
+
+def _adjoint(layer, params, states, learning):
+    """q^v (T, B, n) of the backward recursion above for one layer; ``learning`` (T, B, n) is
+    L_j(t) (readout-filtered error through B, plus the regulariser's signal).
+
+    Runs as one loop compiled by XLA (the per-step work, elementwise on (B, n), is too small
+    for TensorFlow's per-op dispatch); each step forms the spike derivatives d(s) and the
+    Jacobian J(s + 1) (from z_s and d(s), ``dynamics.eprop_state_jacobian``) itself."""
+    adaptive = states["A"] is not None and layer.n_plain < layer.units
+    refractory = states["allowed"] is not None
+    beta = tf.constant(layer.cell.beta_vector, learning.dtype) if adaptive else None
+    alpha, rho, thr = params.alpha, params.rho, params.thr
+    pseudo_derivative = params.spike_function.pseudo_derivative
+
+    def derivatives(v, A, allowed):
+        psi = pseudo_derivative((v - A) / A)
+        return psi * allowed if refractory else psi
+
+    def lif_step(q_v, elems):
+        L, v, allowed = elems
+        return L * derivatives(v, thr, allowed) / thr + alpha * q_v
+
+    def alif_step(q, elems):
+        q_v, q_b = q
+        L, v, A, z, allowed = elems
+        psi = derivatives(v, A, allowed)
+        dz_dv = psi / A
+        dz_db = -psi * beta * v / (A * A)
+        b_v = (1.0 - rho) * dz_dv
+        b_b = rho + (1.0 - rho) * dz_db
+        beta_z = beta * z
+        return (L * dz_dv + (alpha - beta_z * b_v) * q_v + b_v * q_b,
+                L * dz_db - beta_z * b_b * q_v + b_b * q_b)
+
+    def run(learning, v, A, z, allowed):
+        zero = tf.zeros_like(learning[0])
+        if not adaptive:
+            return tf.scan(lambda q, e: lif_step(q, e), (learning, v, allowed),
+                           initializer=zero, reverse=True)
+        q_v, _ = tf.scan(alif_step, (learning, v, A, z, allowed), initializer=(zero, zero),
+                         reverse=True)
+        return q_v
+
+    v = states["v"]
+    A = states["A"] if adaptive else v
+    allowed = states["allowed"] if refractory else v
+    return tf.function(run, jit_compile=True, autograph=False)(learning, v, A, states["z"],
+                                                                allowed)
+
+
+def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batch, steps):
+    """Two passes from stored state sequences: the forward keeps every layer's z, v, A (memory
+    O(T B n)); the readout output, the user's loss and the readout-filtered learning signals
+    follow, then per layer one backward recursion per neuron and one matmul per weight."""
+    plan, dtype = net.plan, net.plan.dtype
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    inputs = tf.transpose(net.x, (1, 0, 2))
+    layer_inputs, records = [], []
+    for layer, w in zip(plan.layers, net.weights):
+        record = _forward_states(layer, w, inputs, batch, dtype)
+        layer_inputs.append(inputs)
+        records.append(record)
+        inputs = record["z"]
+    n_out = plan.readout.units
+    projected = tf.reshape(tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), kernel),
+                           (steps, batch, n_out))
+    filtered = tf.scan(lambda acc, u: kappa * acc + (1.0 - kappa) * u, projected,
+                       initializer=tf.zeros_like(projected[0]))
+    predictions = tf.transpose(filtered, (1, 0, 2))
+    if bias is not None:
+        predictions = predictions + bias
+    counts = [tf.reduce_sum(r["z"], axis=(0, 1)) for r in records]
+    task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
+    reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,
+                                                             batch, steps, dtype)
+    signal = tf.transpose(online_rules.backward_filter(error, kappa), (1, 0, 2))
+    flat_signal = tf.reshape(signal, (-1, n_out))
+    grads, feedback_grads = [], []
+    for i, (layer, w, record, pre) in enumerate(zip(plan.layers, net.weights, records,
+                                                    layer_inputs)):
+        learning = tf.reshape(tf.matmul(flat_signal, net.feedback[i]),
+                              (steps, batch, layer.units))
+        if reg_signals[i] is not None:
+            learning = learning + reg_signals[i]
+        q = tf.reshape(_adjoint(layer, w.params, record, learning), (-1, layer.units))
+        q = (1.0 - w.params.alpha) * q
+        parts = [tf.matmul(tf.reshape(pre, (-1, layer.n_in)), q, transpose_a=True)]
+        if w.recurrent_kernel is not None:
+            previous = tf.concat([record["z0"][None], record["z"][:-1]], axis=0)
+            parts.append(tf.matmul(tf.reshape(previous, (-1, layer.units)), q,
+                                   transpose_a=True))
+        if w.bias is not None:
+            parts.append(tf.reduce_sum(q, axis=0, keepdims=True))
+        grads.append(tf.concat(parts, axis=0) if len(parts) > 1 else parts[0])
+        if net.adaptive_feedback:
+            feedback_grads.append(tf.matmul(
+                flat_signal, tf.reshape(record["z"], (-1, layer.units)), transpose_a=True))
+    readout_grad = tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), flat_signal,
+                             transpose_a=True)
+    return _Terms(grads, readout_grad, feedback_grads, task_loss, reg_loss, error, None,
+                  predictions, counts)
