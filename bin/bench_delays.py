@@ -1,22 +1,23 @@
 #!/usr/bin/env python
-"""Cost of LSNN's synaptic delays (``n_delay``) in a training step of the sequential-MNIST LSNN.
+"""Cost of LSNN's synaptic delays (``n_delay``) in a training step of an sMNIST-sized LSNN.
 
 One BPTT training step (forward, backward, Adam update) of ``[kspike.SpikingRNN(ALIF) ->
-kspike.LeakyReadout(10)]`` with a softmax cross-entropy over the last 28 steps, the shapes of
-``bin/tutorial_sequential_mnist_with_LSNN.py`` (220 neurons of which 100 adaptive, 80 inputs,
-5 ms refractory, DEEP R kernels of 12% connectivity and Dale's law, spike inputs at ~2% rate)
-by default. Variants, timed in interleaved rounds in the same run:
+kspike.LeakyReadout(10)]`` with a softmax cross-entropy over the last 28 steps: 256 neurons of
+which 128 adaptive, 80 inputs, 5 ms refractory, DEEP R kernels of 12% connectivity and Dale's
+law, spike inputs at ~2% rate, B=64, T=784 by default (``--quick``: B=16, T=100). Variants,
+timed in interleaved rounds in the same run:
 
-- ``n_delay=1`` (the baseline): SpikingRNN's native C++ loops (where they compile);
-- ``n_delay=1, native=False``: SpikingRNN's TensorFlow loops;
-- ``n_delay=D``: delayed cells run Keras' generic RNN loop over ``cell.call`` (the native and
-  the fused TensorFlow loops have no future-current buffer; ``kspike.engine.why_not_native``
-  says so), differentiated by TensorFlow.
+- ``n_delay=1, native`` (the baseline): SpikingRNN's native C++ loops;
+- ``n_delay=D, native``: the native delayed loops (a ring of future currents per batch row,
+  docs/engine.md);
+- ``n_delay=D, native=False``: the fallback, Keras' generic RNN loop over ``cell.call`` with
+  the delay-widened kernels, differentiated by TensorFlow.
 
-Ratios are printed against the baseline step.
+Ratios are printed against the baseline step, and the fallback against the native delayed one.
 
 Usage:
-    bin/bench_delays.py [--batch 256] [--steps 840] [--n-delay 10] [--repeats 3]
+    bin/bench_delays.py [--batch 64] [--steps 784] [--n-delay 10] [--repeats 3] [--threads 1]
+    bin/bench_delays.py --quick --threads 1
 """
 import argparse
 import os
@@ -30,7 +31,7 @@ def build(n_delay, native, args, seed=0):
     import keras
     import tensorflow as tf
     import kspike
-    cell = kspike.ALIF(220, n_adaptive=100, n_refractory=5, connectivity=0.12, dale=0.75,
+    cell = kspike.ALIF(256, n_adaptive=128, n_refractory=5, connectivity=0.12, dale=0.75,
                        seed=seed, n_delay=n_delay)
     model = keras.Sequential([keras.Input((args.steps, 80)),
                               kspike.SpikingRNN(cell, return_sequences=True, native=native),
@@ -51,23 +52,30 @@ def build(n_delay, native, args, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=840)
+    parser.add_argument("--batch", type=int, default=None, help="default 64 (--quick: 16)")
+    parser.add_argument("--steps", type=int, default=None, help="default 784 (--quick: 100)")
     parser.add_argument("--n-delay", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="TensorFlow intra-op threads (default: TensorFlow's)")
+    parser.add_argument("--quick", action="store_true", help="a reduced size: B=16, T=100")
     args = parser.parse_args(argv)
+    if args.n_delay < 2:
+        parser.error(f"--n-delay must be >= 2, received {args.n_delay}")
+    args.batch = args.batch or (16 if args.quick else 64)
+    args.steps = args.steps or (100 if args.quick else 784)
     import numpy as np
     import tensorflow as tf
-    import kspike
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     rng = np.random.default_rng(0)
     x = tf.constant((rng.random((args.batch, args.steps, 80)) < 0.02).astype("float32"))
     y = tf.constant(rng.integers(0, 10, args.batch))
-    variants = {"n_delay=1 (native)": build(1, "auto", args),
-                "n_delay=1, native=False": build(1, False, args),
-                f"n_delay={args.n_delay}": build(args.n_delay, "auto", args)}
-    reason = kspike.engine.why_not_native(kspike.ALIF(4, n_delay=args.n_delay), "float32",
-                                          "float32", masked=False)
-    print(f"why_not_native for n_delay={args.n_delay}: {reason}")
+    d = args.n_delay
+    variants = {"n_delay=1, native": build(1, True, args),
+                f"n_delay={d}, native": build(d, True, args),
+                f"n_delay={d}, native=False": build(d, False, args)}
     for step in variants.values():          # trace and warm up
         step(x, y)
         step(x, y)
@@ -77,12 +85,15 @@ def main(argv=None):
             start = time.perf_counter()
             float(step(x, y))
             times[name].append(time.perf_counter() - start)
-    base = float(np.median(times["n_delay=1 (native)"]))
-    print(f"B={args.batch}, T={args.steps}, 220 ALIF/LIF, 80 inputs, median of "
-          f"{args.repeats} steps")
-    for name, values in times.items():
-        median = float(np.median(values))
-        print(f"  {name:28s} {median:8.3f} s/step   {median / base:6.2f}x the baseline")
+    medians = {name: float(np.median(values)) for name, values in times.items()}
+    base = medians["n_delay=1, native"]
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
+    print(f"B={args.batch}, T={args.steps}, 256 ALIF (128 adaptive), 80 inputs, intra-op "
+          f"threads {threads}, median of {args.repeats} training steps")
+    for name, median in medians.items():
+        print(f"  {name:26s} {median:8.3f} s/step   {median / base:6.2f}x n_delay=1, native")
+    fallback = medians[f"n_delay={d}, native=False"] / medians[f"n_delay={d}, native"]
+    print(f"  the native delayed loops are {fallback:.2f}x faster than the fallback")
     return 0
 
 

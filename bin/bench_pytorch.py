@@ -28,8 +28,23 @@ holds a core, its steps slow down many times over. Compare on an idle machine, o
 libraries on one core:
 ``OMP_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 taskset -c 0 ...``.
 
+``--workload lif-layer`` (the OpenNeuromorphic SNN-library benchmark): one Linear(n -> n) and
+one LIF layer, B=16, T=500, dense random input (B, T, n), forward and backward of the sum of
+the output spikes, at each n of ``--sizes`` (default 1024 and 4096), in kspike
+(``keras.layers.Dense(n)`` on the whole (B, T, n) tensor -> ``kspike.LIFNeurons``), norse
+(``LIFBoxCell``), snnTorch (``Leaky``), SpikingJelly (multi-step ``LIFNode``, torch backend)
+and a plain JAX ``lax.scan``, and the matmul bound: the Linear's forward and kernel-gradient
+products done alone by TensorFlow. Figures are medians of ``--repeats`` steps after 2 warm-up
+steps, each library in its own process; the footnote of the table lists how the neurons differ.
+
+The torch and JAX libraries run with ``--peer-python`` (default /work/peers-venv/bin/python
+when it exists), a Python that has them; kspike needs none of them. ``--threads 1`` pins every
+process to core 0 (``taskset -c 0``) with one thread in TensorFlow, torch, OpenMP and XLA;
+the default is all cores. A library that fails is reported with the end of its traceback.
+
 Usage:
     bin/bench_pytorch.py                    # 2 rounds of 5 timed steps each
+    bin/bench_pytorch.py --workload lif-layer --threads 1 --repeats 3
     bin/bench_pytorch.py --steps 100 --rounds 1 --repeats 3    # a quick check
 """
 import argparse
@@ -42,6 +57,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 LIBRARIES = ("kspike", "keras_rnn", "norse", "snntorch")
+DEFAULT_PEER = "/work/peers-venv/bin/python"
 CUE = 56
 
 
@@ -102,42 +118,354 @@ def _torch_step(library, units, steps, n_inputs, batch):
     return step
 
 
-def _child(library, units, steps, n_inputs, batch, repeats):
-    if library in ("kspike", "keras_rnn"):
-        step = _keras_step(library, units, steps, n_inputs, batch)
+# ---------------------------------------------------------------------------------------------
+# The "lif-layer" workload: Linear(n -> n) + LIF, B=16, T=500, dense random input (B, T, n),
+# forward and backward of the sum of the output spikes (the OpenNeuromorphic SNN-library
+# benchmark). All neurons: V_t = 0.9 V_{t-1} + 0.1 x_t (tau = 10 steps, input scaled by 1/tau),
+# threshold 1, hard reset to 0, unless the table's footnote says otherwise.
+
+LIF_LIBRARIES = ("kspike", "norse", "snntorch", "spikingjelly", "jax")
+PEER_LIBRARIES = ("norse", "snntorch", "spikingjelly", "jax")
+TAU = 10.0
+
+
+def _dense_input(batch, steps, n, seed=0):
+    import numpy as np
+    return np.random.default_rng(seed).normal(size=(batch, steps, n)).astype("float32") * 3.0
+
+
+def _cell_loop(cell, currents, state):
+    """Step a torch neuron cell, (input, state) -> (spikes, state), over (T, ...) currents."""
+    import torch
+    spikes = []
+    for current in currents:
+        spike, state = cell(current, state)
+        spikes.append(spike)
+    return torch.stack(spikes)
+
+
+def _lif_step(library, n, steps, batch, threads):
+    """A function that runs one forward + backward pass and returns the number of spikes."""
+    if library in ("kspike", "bound"):
+        import keras
+        import tensorflow as tf
+        keras.utils.set_random_seed(0)
+        x = tf.constant(_dense_input(batch, steps, n))
+        if library == "bound":
+            # The Linear's products alone: x W (forward) and x^T dY (the kernel's gradient;
+            # the input needs none), on the (B*T, n) matrix.
+            w = tf.Variable(tf.random.normal((n, n), stddev=n ** -0.5))
+            flat = tf.reshape(x, (batch * steps, n))
+
+            @tf.function
+            def step():
+                y = tf.matmul(flat, w)
+                return tf.reduce_sum(tf.matmul(flat, y, transpose_a=True)[0, :1])
+            return step
+        import kspike
+        # torch.nn.Linear's initialisation, as in the peers: U(-1/sqrt(n), 1/sqrt(n)).
+        init = keras.initializers.RandomUniform(-n ** -0.5, n ** -0.5)
+        model = keras.Sequential([keras.Input((steps, n)), keras.layers.Dense(n, kernel_initializer=init,
+                                                     bias_initializer=init),
+                                  kspike.LIFNeurons(tau=TAU, thr=1.0, v_reset=0.0)])
+
+        @tf.function
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(x))
+            grads = tape.gradient(loss, model.trainable_variables)
+            return loss + 0.0 * tf.reduce_sum(grads[0][0, :1])
+        return step
+    if library == "jax":
+        import jax
+        import jax.numpy as jnp
+        x = jnp.asarray(_dense_input(batch, steps, n)).transpose(1, 0, 2)      # (T, B, n)
+        key_w, key_b = jax.random.split(jax.random.PRNGKey(0))
+        bound = n ** -0.5                                        # torch.nn.Linear's init
+        params = {"w": jax.random.uniform(key_w, (n, n), minval=-bound, maxval=bound),
+                  "b": jax.random.uniform(key_b, (n,), minval=-bound, maxval=bound)}
+
+        @jax.custom_jvp
+        def spike(h):
+            return (h >= 0.0).astype(h.dtype)
+
+        @spike.defjvp
+        def _spike_jvp(primals, tangents):
+            h, = primals
+            s = jax.nn.sigmoid(4.0 * h)
+            return spike(h), tangents[0] * 4.0 * s * (1.0 - s)
+
+        def loss(params):
+            currents = x @ params["w"] + params["b"]
+
+            def cell(v, i):
+                h = v + (i - v) / TAU
+                s = spike(h - 1.0)
+                return h * (1.0 - s), s
+            _, spikes = jax.lax.scan(cell, jnp.zeros((batch, n)), currents)
+            return jnp.sum(spikes)
+        grad = jax.jit(jax.value_and_grad(loss))
+
+        def step():
+            value, g = grad(params)
+            g["w"].block_until_ready()
+            return float(value)
+        return step
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.from_numpy(_dense_input(batch, steps, n)).transpose(0, 1).contiguous()  # (T, B, n)
+    fc = torch.nn.Linear(n, n)
+    if library == "norse":
+        import norse.torch as nt
+        # LIFBoxCell: no synaptic current; dt * tau_mem_inv = 0.1: v = 0.9 v + 0.1 x. norse 1.1
+        # has no multi-step LIFBox module: the cell is stepped in Python.
+        lif = nt.LIFBoxCell(nt.LIFBoxParameters(tau_mem_inv=torch.tensor(1.0 / (TAU * 1e-3)),
+                                                v_leak=torch.tensor(0.0),
+                                                v_th=torch.tensor(1.0),
+                                                v_reset=torch.tensor(0.0)), dt=1e-3)
+
+        def forward():
+            return _cell_loop(lif, fc(x), None)                    # one batched product
+    elif library == "snntorch":
+        import snntorch
+        # V = beta V + I (no 1/tau on the input), reset to 0 from the previous step's spike.
+        lif = snntorch.Leaky(beta=1.0 - 1.0 / TAU, threshold=1.0, reset_mechanism="zero")
+
+        def forward():
+            return _cell_loop(lif, fc(x) / TAU, lif.init_leaky())  # one batched product
+    elif library == "spikingjelly":
+        from spikingjelly.activation_based import functional, layer, neuron, surrogate
+        net = torch.nn.Sequential(
+            layer.Linear(n, n, step_mode="m"),
+            neuron.LIFNode(tau=TAU, decay_input=True, v_threshold=1.0, v_reset=0.0,
+                           surrogate_function=surrogate.Sigmoid(alpha=4.0), step_mode="m"))
+        fc = net[0]
+
+        def forward():
+            functional.reset_net(net)
+            return net(x)
     else:
-        step = _torch_step(library, units, steps, n_inputs, batch)
-    for _ in range(2):
-        step()
+        raise ValueError(f"unknown library {library!r}")
+
+    def step():
+        fc.zero_grad(set_to_none=True)
+        spikes = forward()
+        loss = spikes.sum()
+        loss.backward()
+        return float(loss)
+    return step
+
+
+def _time(step, repeats):
+    """(the first warm-up step's result, seconds of `repeats` steps after 2 warm-up steps)."""
+    first = step()
+    step()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    print(json.dumps(times))
+    return first, times
+
+
+def _lif_child(library, n, steps, batch, repeats, threads):
+    if library in PEER_LIBRARIES:
+        # SpikingJelly may import TensorFlow (and crash beside torch): never let it load.
+        sys.modules["tensorflow"] = None
+    spikes, times = _time(_lif_step(library, n, steps, batch, threads), repeats)
+    print(json.dumps({"times": times, "rate": float(spikes) / (batch * steps * n)}))
+
+
+def _child(library, units, steps, n_inputs, batch, repeats):
+    if library in ("kspike", "keras_rnn"):
+        step = _keras_step(library, units, steps, n_inputs, batch)
+    else:
+        sys.modules["tensorflow"] = None      # a peer process never loads TensorFlow
+        step = _torch_step(library, units, steps, n_inputs, batch)
+    print(json.dumps(_time(step, repeats)[1]))
+
+
+def _failure(result):
+    """The real error of a failed child: the end of its last traceback, not TensorFlow's log."""
+    text = result.stderr.strip()
+    if "Traceback (most recent call last)" in text:
+        text = text[text.rindex("Traceback (most recent call last)"):]
+    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not (" I tensorflow/" in line or "oneDNN" in line
+                                            or "absl::InitializeLog" in line
+                                            or line[:5] in ("I0000", "W0000", "E0000"))]
+    if result.returncode < 0:
+        lines.append(f"killed by signal {-result.returncode}")
+    return " | ".join(line.strip() for line in lines[-3:]) or f"exit code {result.returncode}"
+
+
+def _environment(threads):
+    """(command prefix, environment) of a child process on `threads` threads/cores."""
+    t = str(threads)
+    env = {**os.environ, "TF_NUM_INTRAOP_THREADS": t, "TF_NUM_INTEROP_THREADS": "1",
+           "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t,
+           "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                         + ("false" if threads == 1 else "true")
+                         + f" intra_op_parallelism_threads={t}").strip()}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    prefix = []
+    if threads < (os.cpu_count() or 1):
+        prefix = ["taskset", "-c", "0" if threads == 1 else f"0-{threads - 1}"]
+    return prefix, env
+
+
+def _run_child(command, env):
+    """(result, error) of one child whose last output line is JSON."""
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return None, _failure(result)
+    try:
+        return json.loads(lines[-1]), None
+    except json.JSONDecodeError:
+        return None, f"unexpected output: {lines[-1]!r}"
+
+
+LIF_NOTE = """\
+Neurons (all per element, V_0 = 0, threshold 1, hard reset to 0, surrogate on H - 1):
+kspike LIFNeurons(tau=10), SpikingJelly LIFNode(tau=10, decay_input=True) and the JAX scan:
+H = V + (I - V)/10, sigmoid surrogate (alpha 4); norse LIFBoxCell stepped in Python (no synaptic current, dt/tau =
+0.1): the same charge, SuperSpike surrogate (alpha 100); snnTorch Leaky(beta=0.9,
+reset_mechanism="zero") on I/10: the same charge, but its reset comes from the previous step's
+membrane (one step late) and its surrogate is atan. kspike: keras.layers.Dense(n) on the whole
+(B, T, n) tensor -> kspike.LIFNeurons; the peers' Linear is also one product over all steps
+(snnTorch and norse then step their neuron cells in Python). bound: the Linear's forward
+and kernel-gradient products (B*T, n) x (n, n) done alone by TensorFlow in the same run."""
+
+
+def _report(result, path):
+    """Print the results as one JSON line and write them to `path` if given."""
+    print()
+    print(json.dumps(result))
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _lif_main(args):
+    prefix, env = _environment(args.threads)
+    peer = args.peer_python
+    if peer is None or not os.path.exists(peer):
+        print(f"no peer Python ({peer!r}): set --peer-python to a Python with torch, norse, "
+              "snntorch, spikingjelly, jax; measuring kspike and the bound only", flush=True)
+        peer = None
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, {args.threads} "
+          f"thread(s) per process{' (taskset -c ' + prefix[2] + ')' if prefix else ''}; "
+          f"B={args.batch}, T={args.steps}, median of {args.repeats} steps after 2 warm-up "
+          f"steps; peers: {peer}", flush=True)
+    rows = []
+    for n in args.sizes:
+        row = {"n": n, "batch": args.batch, "steps": args.steps, "threads": args.threads,
+               "step_s": {}, "rate": {}, "failed": {}}
+        for library in ("bound",) + tuple(args.libraries):
+            python = peer if library in PEER_LIBRARIES else sys.executable
+            if python is None:
+                continue
+            print(f"n = {n}: {library} ...", flush=True)
+            result, error = _run_child(
+                prefix + [python, os.path.abspath(__file__), "--workload", "lif-layer",
+                          "--child", library, "--sizes", str(n), "--steps", str(args.steps),
+                          "--batch", str(args.batch), "--repeats", str(args.repeats),
+                          "--threads", str(args.threads)], env)
+            if error:
+                row["failed"][library] = error
+                print(f"  {library} failed: {error}", flush=True)
+                continue
+            row["step_s"][library] = float(sorted(result["times"])[len(result["times"]) // 2])
+            row["times"] = {**row.get("times", {}), library: result["times"]}
+            row["rate"][library] = result["rate"]
+        rows.append(row)
+
+    print(f"\nLinear({'n'} -> n) + LIF, B={args.batch}, T={args.steps}, forward + backward of "
+          f"the summed spikes, {args.threads} thread(s); load average "
+          f"{os.getloadavg()[0]:.2f}")
+    print("| n | library | s per step | vs bound | kspike faster by | spike rate |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        t = row["step_s"]
+        for library, seconds in t.items():
+            bound = f"{seconds / t['bound']:.2f}x" if "bound" in t else "-"
+            faster = (f"{seconds / t['kspike']:.2f}x" if "kspike" in t and library not in
+                      ("kspike", "bound") else "-")
+            print(f"| {row['n']} | {library} | {seconds:.3f} | {bound} | {faster} | "
+                  f"{row['rate'][library] if library != 'bound' else float('nan'):.3f} |")
+        for library, error in row["failed"].items():
+            print(f"| {row['n']} | {library} | failed: {error[-150:]} | - | - | - |")
+    print("\n" + LIF_NOTE)
+    result = {"workload": "lif-layer", "rows": rows, "load_average": os.getloadavg()[0],
+              "peer_python": peer}
+    return _report(result, args.json)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", choices=("alif-rnn", "lif-layer"), default="alif-rnn",
+                        help="alif-rnn: the recurrent ALIF training step; lif-layer: "
+                             "Linear(n -> n) + LIF forward + backward")
     parser.add_argument("--units", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=784)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096],
+                        help="lif-layer: the layer widths n")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="time steps T (default 784; lif-layer 500)")
     parser.add_argument("--inputs", type=int, default=80)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="batch B (default 64; "
+                        "lif-layer 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per process (1: each pinned to core 0 with taskset; "
+                             "default all cores)")
+    parser.add_argument("--peer-python", default=DEFAULT_PEER if os.path.exists(DEFAULT_PEER)
+                        else sys.executable,
+                        help="the Python of the torch/JAX peers (default "
+                             f"{DEFAULT_PEER} when it exists, else this one)")
+    parser.add_argument("--libraries", nargs="+", default=None,
+                        choices=sorted(set(LIBRARIES + LIF_LIBRARIES)))
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("units", "steps", "inputs", "batch", "repeats", "rounds"):
+    lif = args.workload == "lif-layer"
+    if args.steps is None:
+        args.steps = 500 if lif else 784
+    if args.batch is None:
+        args.batch = 16 if lif else 64
+    if args.threads is None:
+        args.threads = os.cpu_count() or 1
+    if args.libraries is None:
+        args.libraries = list(LIF_LIBRARIES if lif else LIBRARIES)
+    allowed = LIF_LIBRARIES if lif else LIBRARIES
+    wrong = [name for name in args.libraries if name not in allowed]
+    if wrong:
+        parser.error(f"--libraries for --workload {args.workload} must be among {allowed}, "
+                     f"received {wrong}")
+    for name in ("units", "steps", "inputs", "batch", "repeats", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, received {getattr(args, name)}")
+    if any(n < 1 for n in args.sizes):
+        parser.error(f"--sizes must be >= 1, received {args.sizes}")
+    if args.child and lif:
+        _lif_child(args.child, args.sizes[0], args.steps, args.batch, args.repeats,
+                   args.threads)
+        return 0
     if args.child:
         _child(args.child, args.units, args.steps, args.inputs, args.batch, args.repeats)
         return 0
+    if lif:
+        return _lif_main(args)
 
+    prefix, env = _environment(args.threads)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; B={args.batch}, "
-          f"T={args.steps}, {args.inputs} inputs, {args.units} neurons", flush=True)
+          f"T={args.steps}, {args.inputs} inputs, {args.units} neurons, {args.threads} "
+          f"thread(s)", flush=True)
     times = {library: [] for library in args.libraries}
     failed = {}
     for round_ in range(args.rounds):
@@ -145,16 +473,17 @@ def main(argv=None):
             if library in failed:
                 continue
             print(f"round {round_ + 1}/{args.rounds}: {library} ...", flush=True)
-            result = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--child", library,
-                 "--units", str(args.units), "--steps", str(args.steps), "--inputs",
-                 str(args.inputs), "--batch", str(args.batch), "--repeats", str(args.repeats)],
-                capture_output=True, text=True)
-            if result.returncode != 0:
-                failed[library] = result.stderr.strip().splitlines()[-1:] or ["failed"]
-                print(f"  {library} failed: {failed[library][0]}", flush=True)
+            python = args.peer_python if library in PEER_LIBRARIES else sys.executable
+            result, error = _run_child(
+                prefix + [python, os.path.abspath(__file__), "--child", library,
+                          "--units", str(args.units), "--steps", str(args.steps), "--inputs",
+                          str(args.inputs), "--batch", str(args.batch), "--repeats",
+                          str(args.repeats)], env)
+            if error:
+                failed[library] = error
+                print(f"  {library} failed: {error}", flush=True)
                 continue
-            times[library] += json.loads(result.stdout.strip().splitlines()[-1])
+            times[library] += result
 
     import numpy as np
     medians = {library: float(np.median(t)) for library, t in times.items() if t}
@@ -166,14 +495,9 @@ def main(argv=None):
         versus_kspike = (f"{median / medians['kspike']:.2f}x" if "kspike" in medians else "-")
         print(f"{library} | {median:.3f} | {versus_rnn} | {versus_kspike}")
     result = {"units": args.units, "steps": args.steps, "inputs": args.inputs,
-              "batch": args.batch, "step_s": medians, "failed": failed,
-              "load_average": os.getloadavg()[0]}
-    print()
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+              "batch": args.batch, "threads": args.threads, "step_s": medians,
+              "failed": failed, "load_average": os.getloadavg()[0]}
+    return _report(result, args.json)
 
 
 if __name__ == "__main__":

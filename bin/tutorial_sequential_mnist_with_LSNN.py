@@ -16,7 +16,7 @@ recurrent neurons' signs. One deliberate difference: the cue channel is always e
 makes the cue inhibitory) test accuracy was 19% after 100 iterations and 33% after 200, against
 47% and 59% with an excitatory cue. LSNN's random synaptic delays (``n_delay=10``: 0-9 extra
 steps per synapse) are ``--n-delay 10`` (docs/neurons.md), off by default because delayed cells
-run Keras' generic RNN loop, 11-15x slower per iteration than the native loop
+are slower per iteration, on their own native loops, than undelayed ones
 (``bin/bench_delays.py``). Measured with seed 1, ``--batch-size 64 --iterations 100
 --eval-every 25 --eval-batches 8 --test-batches 32``: test accuracy 16.8 / 18.9 / 33.6 / 32.0%
 after 25 / 50 / 75 / 100 iterations with ``--n-delay 10`` (31.5% on 2048 test images at the
@@ -160,8 +160,8 @@ def parse_args(argv=None):
     parser.add_argument("--n-delay", type=int, default=1,
                         help="LSNN's synaptic delays: a random delay of 0..n_delay-1 steps per "
                              "input and recurrent synapse (LSNN's tutorial: 10). Delayed cells "
-                             "run Keras' generic RNN loop, 11-15x slower per iteration than "
-                             "the native loop (bin/bench_delays.py, docs/engine.md)")
+                             "run native delayed loops, slower per iteration than undelayed "
+                             "ones (bin/bench_delays.py, docs/engine.md)")
     parser.add_argument("--dampening-factor", type=float, default=0.3,
                         help="peak of the triangular pseudo-derivative")
     parser.add_argument("--learning-rate", type=float, default=None,

@@ -59,9 +59,12 @@ neurons that spiked (or a ``tf.SparseTensor`` product) was measured slower than 
 product at every spike rate tried, 1-15% per step (``bin/bench_sparse_recurrent.py``): the
 gather costs more ops per step, which is what dominates there, and not in the native loop.
 
-Cells that are not kspike cells (or kspike cells whose ``call`` is overridden), cells with
-synaptic delays (``n_delay`` > 1: no backend carries the future-current buffer) and
-``unroll=True`` run the generic ``keras.layers.RNN`` loop, so the layer is never silently wrong.
+Cells with synaptic delays (``n_delay`` > 1) run a native backend of their own
+(``_NativeDelayedBackend``: the future-current buffer as a ring per batch row inside the C++
+loops, read from and written back to the ``i_future`` state) where the native loops apply;
+elsewhere, like cells that are not kspike cells (or kspike cells whose ``call`` is overridden)
+and ``unroll=True``, they run the generic ``keras.layers.RNN`` loop, so the layer is never
+silently wrong.
 
 Export: ``tf.custom_gradient`` functions do not survive ``tf.saved_model`` for gradients, which
 is why the export path (traced without a tape) is the plain TensorFlow loop: a model with ``SpikingRNN``
@@ -116,7 +119,9 @@ _LoopInputs = collections.namedtuple("_LoopInputs", "x w_in w_rec bias initial m
 # What a backend's backward pass returns: dL/dI_t (T, B, n) (time-major for every backend),
 # dL/dx (the layout of x), dL/dW_in, dL/dW_rec (None without recurrence) and dL/d of the
 # initial v, b (None for LIF) and z.
-_LoopGradients = collections.namedtuple("_LoopGradients", "current x w_in w_rec v0 b0 z0")
+# buffer0: dL/d(initial i_future) of a delayed cell (None otherwise).
+_LoopGradients = collections.namedtuple("_LoopGradients", "current x w_in w_rec v0 b0 z0 buffer0",
+                                        defaults=(None,))
 
 
 def _flatten(inputs):
@@ -292,10 +297,6 @@ def why_not_native(cell, state_dtype, compute_dtype, masked, jit_compile=False,
     fails, with its value; it does not say whether the loops compile (see
     ``kspike.native.unavailable_reason``). See docs/engine.md.
     """
-    n_delay = getattr(cell, "n_delay", 1)
-    if n_delay > 1:
-        return (f"the cell has synaptic delays (n_delay={n_delay}; the native and fused "
-                f"loops have no future-current buffer, Keras' generic RNN loop runs)")
     for role, dtype in (("state dtype", state_dtype), ("compute dtype of the matmuls",
                                                        compute_dtype)):
         if tf.as_dtype(dtype) != tf.float32:
@@ -595,13 +596,17 @@ class _NativeBackend(_Backend):
                 store_backward=self.for_backward, **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}
+        final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)
+        return buffers, self._outputs(buffers), self.cell.unpack_state(final)
+
+    def _kept(self, buffers, A, allowed, v_final, b_final, z_final, r_final):
+        """Adds A (ALIF) and the refractory masks to ``buffers``; the final NeuronState."""
         if self.adaptive:
             buffers["A"] = A
         if self.params.n_refractory > 0:
             buffers["allowed"] = allowed
-        final = dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
-                                     z=z_final, r=r_final)
-        return buffers, self._outputs(buffers), self.cell.unpack_state(final)
+        return dynamics.NeuronState(v=v_final, b=b_final if self.adaptive else None,
+                                    z=z_final, r=r_final)
 
     def _outputs(self, buffers):
         if not self.sequences:
@@ -640,6 +645,67 @@ class _NativeBackend(_Backend):
                               gv0, gb0 if self.adaptive else None, gz0)
 
 
+class _NativeDelayedBackend(_NativeBackend):
+    """The delayed C++ ops of ``kspike/native/spiking_ops.cc`` for a cell with synaptic delays
+    (``n_delay`` > 1): the future-current buffer ``i_future`` is a ring of ``n_delay`` slots
+    per batch row inside the loop, read from the initial state and written back to the final
+    one in the layout of ``cell.call`` (slot d = the current due in d steps). ``inputs.w_in``
+    and ``inputs.w_rec`` are the undelayed kernels; the delay indices are the cell's.
+
+    Buffers: as ``_NativeBackend`` (without "sparse_inputs": every nonzero input adds its
+    weight row into the ring at its own delay).
+    """
+
+    def _delays(self):
+        cell = self.cell
+        d_in = tf.convert_to_tensor(cell._input_delays)
+        d_rec = (tf.convert_to_tensor(cell._recurrent_delays) if cell.recurrent
+                 else tf.zeros((0, 0), tf.int32))
+        return d_in, d_rec
+
+    def forward(self, inputs):
+        x, w_rec, bias, n = inputs.x, inputs.w_rec, inputs.bias, self.cell.units
+        state = self.cell.pack_state(inputs.initial)
+        d_in, d_rec = self._delays()
+        z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final, buffer_final = \
+            self.ops.kspike_delayed_forward(
+                x=x, w_in=inputs.w_in, input_delays=d_in,
+                w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+                recurrent_delays=d_rec,
+                bias=bias if bias is not None else tf.zeros((0,)), beta=self._beta(),
+                v0=state.v, b0=state.b if self.adaptive else tf.zeros((0, n)), z0=state.z,
+                r0=state.r, buffer0=inputs.initial[-1], recurrent=w_rec is not None,
+                has_bias=bias is not None, n_delay=self.cell.n_delay,
+                store_z=self.for_backward or self.sequences,
+                store_v=self.for_backward or (self.sequences and self.output_all),
+                store_backward=self.for_backward, **self.attrs)
+        buffers = {"z": z, "z0": state.z, "x": x, "v": v, "spike_bits": spike_bits}
+        final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)
+        return buffers, self._outputs(buffers), self.cell.unpack_state(final) + [buffer_final]
+
+    def backward(self, buffers, out_grads, g_final, inputs, g_buffer=None):
+        x, w_rec, n = buffers["x"], inputs.w_rec, self.cell.units
+        batch = tf.shape(x)[0]
+        gz_out, gv_out, gA_out = [tf.zeros((batch, 0, n)) if g is None else g
+                                  for g in out_grads]
+        d_in, d_rec = self._delays()
+        g_current, g_x, g_w_in, g_w_rec, gv0, gb0, gz0, g_buffer0 = \
+            self.ops.kspike_delayed_backward(
+                spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x, v=buffers["v"],
+                threshold=buffers.get("A", tf.zeros((0, batch, n))),
+                allowed=buffers.get("allowed", tf.zeros((0, batch, n), tf.uint8)),
+                w_in=inputs.w_in, input_delays=d_in,
+                w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+                recurrent_delays=d_rec, beta=self._beta(), grad_z_out=gz_out,
+                grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
+                grad_b_final=g_final.b if self.adaptive else tf.zeros((0, n)),
+                grad_z_final=g_final.z, grad_buffer_final=g_buffer,
+                recurrent=w_rec is not None, has_bias=False, n_delay=self.cell.n_delay,
+                **self.attrs, **self.surrogate_attrs)
+        return _LoopGradients(g_current, g_x, g_w_in, g_w_rec if w_rec is not None else None,
+                              gv0, gb0 if self.adaptive else None, gz0, g_buffer0)
+
+
 def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, masked,
                     sequences):
     """The backend that runs one ``SpikingRNN`` call: the one dispatch rule (docs/engine.md).
@@ -660,7 +726,8 @@ def _select_backend(cell, native, jit_compile, state_dtype, compute_dtype, maske
         return tensorflow_loops(cell, params, output_all, sequences, for_backward=False)
     ops = _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile)
     if ops is not None:
-        return _NativeBackend(ops, cell, params, output_all, sequences, for_backward)
+        native_loops = _NativeDelayedBackend if cell.delayed else _NativeBackend
+        return native_loops(ops, cell, params, output_all, sequences, for_backward)
     return tensorflow_loops(cell, params, output_all, sequences, for_backward)
 
 
@@ -700,13 +767,19 @@ def _sequence_loop(backend, inputs):
             n_out = len(outputs)
             out_grads = [tf.zeros_like(o) if g is None else g
                          for g, o in zip(grads[:n_out], outputs)]
-            g_final = cell.pack_state([tf.zeros_like(s) if g is None else g
-                                       for g, s in zip(grads[n_out:], final_states)])
+            g_states = [tf.zeros_like(s) if g is None else g
+                        for g, s in zip(grads[n_out:], final_states)]
+            g_final = cell.pack_state(g_states)
             # dL/dz_t, dL/dv_t, dL/dA_t of the per-step outputs (None where there are none).
             out_grads = (out_grads + [None, None, None])[:3]
             if not backend.adaptive:
                 out_grads[2] = None
-            gradients = backend.backward(buffers, out_grads, g_final, loop_inputs)
+            if cell.delayed:
+                # The gradient of the final future-current buffer, the last state.
+                gradients = backend.backward(buffers, out_grads, g_final, loop_inputs,
+                                             g_buffer=g_states[-1])
+            else:
+                gradients = backend.backward(buffers, out_grads, g_final, loop_inputs)
             return _input_gradients(backend, loop_inputs, gradients, g_final)
 
         return tuple(outputs) + tuple(final_states), grad_fn
@@ -738,6 +811,8 @@ def _input_gradients(backend, inputs, gradients, g_final):
         g_r = g_r * tf.cast(initial_r >= active_steps, state_dtype)
     result += backend.cell.unpack_state(dynamics.NeuronState(
         v=gradients.v0, b=gradients.b0 if backend.adaptive else None, z=gradients.z0, r=g_r))
+    if backend.cell.delayed:
+        result.append(gradients.buffer0)
     if inputs.mask is not None:
         result.append(tf.zeros_like(inputs.mask))
     return result
@@ -774,9 +849,10 @@ class SpikingRNN(keras.layers.RNN):
     hand-written backward pass (see ``kspike.engine`` and docs/engine.md): the outputs equal
     those of ``keras.layers.RNN(cell)`` (spikes identical) and the gradients with respect to
     inputs, weights and initial states agree to float rounding. Any other cell, or
-    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop; so do cells with synaptic
-    delays (``n_delay`` > 1), with their delay kernels computed once per sequence (11-15x the
-    native loop's step time on the sMNIST LSNN, docs/engine.md).
+    ``unroll=True``, runs the generic ``keras.layers.RNN`` loop. Cells with synaptic delays
+    (``n_delay`` > 1) run native delayed loops where the native loops apply, else the generic
+    loop with their delay kernels computed once per sequence (docs/engine.md, "Cells with
+    synaptic delays").
 
     Args:
         cell: a ``kspike.LIF`` / ``kspike.ALIF`` (or any Keras RNN cell, run generically).
@@ -872,10 +948,8 @@ class SpikingRNN(keras.layers.RNN):
         return _is_specialised(self.cell) and not self.unroll
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self.native is True and getattr(self.cell, "delayed", False):
-            raise ValueError(f"SpikingRNN(native=True) cannot run the native loops for this "
-                             f"call: {why_not_native(self.cell, 'float32', 'float32', False)}"
-                             f". Use native='auto' to fall back to the TensorFlow loop.")
+        if not self.specialised and self._runs_native_delayed(sequences, mask):
+            return self._specialised_loop(sequences, initial_state, mask)
         if not self.specialised:
             if getattr(self.cell, "delayed", False) and graph.is_spiking_cell(self.cell):
                 # Keras' loop over cell.call, with the widened delay kernels computed once
@@ -884,6 +958,34 @@ class SpikingRNN(keras.layers.RNN):
                     return super().inner_loop(sequences, initial_state, mask,
                                               training=training)
             return super().inner_loop(sequences, initial_state, mask, training=training)
+        return self._specialised_loop(sequences, initial_state, mask)
+
+    def _runs_native_delayed(self, sequences, mask):
+        """True when this call of a cell with synaptic delays runs the native delayed loops
+        (kspike's own cell step, no ``unroll``, and the native loops apply and load, both for
+        training and for inference; elsewhere Keras' generic loop over ``cell.call`` runs,
+        with a ValueError for ``native=True``)."""
+        cell = self.cell
+        if not (getattr(cell, "delayed", False) and graph.is_spiking_cell(cell)):
+            return False
+        step_is_kspike = (type(cell).call is graph.SpikingCell.call
+                          and type(cell).pack_state is graph.SpikingCell.pack_state
+                          and type(cell).unpack_state is graph.SpikingCell.unpack_state)
+        if self.unroll or not step_is_kspike:
+            if self.native is True:
+                raise ValueError("SpikingRNN(native=True) cannot run the native loops for "
+                                 "this call: "
+                                 + ("unroll=True" if self.unroll else
+                                    f"the cell class {type(cell).__name__} overrides its step")
+                                 + ". Use native='auto' to fall back to the generic loop.")
+            return False
+        if not compat.tape_may_record() and not compat.native_inference_allowed():
+            return False
+        state_dtype = cell.state_dtype
+        compute_dtype = keras.backend.standardize_dtype(cell.dtype_policy.compute_dtype)
+        return self._native_ops(state_dtype, compute_dtype, mask is not None) is not None
+
+    def _specialised_loop(self, sequences, initial_state, mask):
         cell = self.cell
         sequences, states = self._checked_inputs(sequences, initial_state)
         state_dtype = cell.state_dtype

@@ -12,9 +12,30 @@ from kspike import dynamics, surrogates
 __all__ = ["LeakyReadout", "leaky_filter", "IFNeurons", "LIFNeurons", "FoldTime", "node_sequence",
            "native_node_ops"]
 
-# Up to this many steps the filter is one (T, T) matmul (fast, exact); beyond it a scan keeps
-# memory linear in T.
-_TOEPLITZ_MAX_STEPS = 2048
+# The filter is exact linear algebra on blocks of _FILTER_BLOCK steps: inside a block one
+# (L, L) lower-triangular Toeplitz product, across blocks a carry. Cost per element: L
+# multiply-adds (a whole-sequence (T, T) product would cost T), memory linear in T.
+_FILTER_BLOCK = 64
+
+
+def _toeplitz(steps, kappa, dtype):
+    """(steps, steps) lower-triangular (1 - kappa) kappa^(t - s), computed in float64."""
+    t = np.arange(steps)
+    lag = t[:, None] - t[None, :]
+    weights = np.where(lag >= 0, (1.0 - kappa) * np.power(kappa, np.maximum(lag, 0)), 0.0)
+    return tf.constant(weights, dtype)
+
+
+def _decay_scan(u, decay):
+    """c_k = decay c_{k-1} + u_k along axis 1 of u (static length K), c_{-1} = 0, in
+    ceil(log2 K) shift-and-add rounds (each adds decay^(2^j) times the sequence shifted by 2^j)."""
+    blocks = u.shape[1]
+    shift, power = 1, decay
+    while shift < blocks:
+        shifted = tf.pad(u[:, :blocks - shift], [[0, 0], [shift, 0], [0, 0]])
+        u = u + tf.constant(power, u.dtype) * shifted
+        shift, power = 2 * shift, power * power
+    return u
 
 
 def leaky_filter(x, kappa, initial=None):
@@ -27,23 +48,41 @@ def leaky_filter(x, kappa, initial=None):
 
     Returns:
         (B, T, n) filtered sequence.
+
+    With a static T the filter runs on blocks of 64 steps (one small Toeplitz product per block
+    and a logarithmic carry across blocks): the same sums as the recursion, in another order
+    (float round-off only); an unknown T uses a ``tf.scan`` of the recursion.
     """
     x = tf.convert_to_tensor(x)
     steps = x.shape[1]
-    if steps is not None and steps <= _TOEPLITZ_MAX_STEPS:
-        t = np.arange(steps)
-        lag = t[:, None] - t[None, :]
-        # kappa ** lag in float64, zero above the diagonal, then cast once.
-        weights = np.where(lag >= 0, (1.0 - kappa) * np.power(kappa, np.maximum(lag, 0)), 0.0)
-        y = tf.einsum("ts,bsn->btn", tf.constant(weights, x.dtype), x)
-        if initial is not None:
-            powers = tf.constant(np.power(kappa, t + 1.0), x.dtype)
-            y = y + powers[None, :, None] * tf.cast(initial, x.dtype)[:, None, :]
-        return y
-    start = tf.zeros_like(x[:, 0]) if initial is None else tf.cast(initial, x.dtype)
-    y = tf.scan(lambda prev, xt: kappa * prev + (1.0 - kappa) * xt,
-                tf.transpose(x, (1, 0, 2)), initializer=start)
-    return tf.transpose(y, (1, 0, 2))
+    if steps is None:
+        start = tf.zeros_like(x[:, 0]) if initial is None else tf.cast(initial, x.dtype)
+        y = tf.scan(lambda prev, xt: kappa * prev + (1.0 - kappa) * xt,
+                    tf.transpose(x, (1, 0, 2)), initializer=start)
+        return tf.transpose(y, (1, 0, 2))
+    block = min(steps, _FILTER_BLOCK)
+    n_blocks = -(-steps // block)
+    padded = n_blocks * block
+    if padded != steps:
+        x = tf.pad(x, [[0, 0], [0, padded - steps], [0, 0]])
+    # (B, K, L, n): the filter of every block started from zero.
+    local = tf.einsum("ts,bksn->bktn", _toeplitz(block, kappa, x.dtype),
+                      tf.reshape(x, tf.concat([tf.shape(x)[:1], [n_blocks, block],
+                                               tf.shape(x)[2:]], 0)))
+    # zhat at the end of each block, carried across blocks; carry[k] enters block k + 1.
+    ends = local[:, :, block - 1]
+    carry = _decay_scan(ends, kappa ** block) if n_blocks > 1 else ends
+    if initial is not None:
+        initial = tf.cast(initial, x.dtype)
+        block_powers = tf.constant(np.power(kappa, block * (np.arange(n_blocks) + 1.0)), x.dtype)
+        carry = carry + block_powers[None, :, None] * initial[:, None, :]
+        previous = tf.concat([initial[:, None], carry[:, :-1]], axis=1)
+    else:
+        previous = tf.pad(carry[:, :-1], [[0, 0], [1, 0], [0, 0]])
+    powers = tf.constant(np.power(kappa, np.arange(block) + 1.0), x.dtype)
+    y = local + powers[None, None, :, None] * previous[:, :, None, :]
+    y = tf.reshape(y, tf.concat([tf.shape(y)[:1], [padded], tf.shape(y)[3:]], 0))
+    return y[:, :steps] if padded != steps else y
 
 
 @keras.saving.register_keras_serializable(package="kspike")

@@ -174,10 +174,11 @@ def test_spiking_rnn_runs_delayed_cells_like_keras_rnn(rng):
     np.testing.assert_allclose(y_fast, y_keras, rtol=1e-6, atol=1e-7)
     for a, b in zip(g_fast, g_keras):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    reason = kspike.engine.why_not_native(kspike.LIF(3, n_delay=4), "float32", "float32", False)
-    assert "n_delay=4" in reason
-    layer = kspike.SpikingRNN(kspike.LIF(3, n_delay=2), native=True)
-    with pytest.raises(ValueError, match="n_delay=2"):
+    # Delays no longer keep the native loops away (tests/test_native_delays.py); unroll does.
+    assert kspike.engine.why_not_native(kspike.LIF(3, n_delay=4), "float32", "float32",
+                                        False) is None
+    layer = kspike.SpikingRNN(kspike.LIF(3, n_delay=2), native=True, unroll=True)
+    with pytest.raises(ValueError, match="native=True.*unroll=True"):
         layer(np.zeros((1, 4, 2), "float32"))
 
 
@@ -243,6 +244,13 @@ def test_rules_and_nir_refuse_delayed_cells():
     for rule in (EProp(), STLLR(), RateBP()):
         with pytest.raises(ValueError, match=r"synaptic delays.*n_delay=3"):
             rule.check_model(model)
+    # The same with SpikingRNN, whose loops run delayed cells natively.
+    fast = keras.Sequential([keras.Input((10, 3)),
+                             kspike.SpikingRNN(kspike.LIF(5, n_delay=3), return_sequences=True),
+                             kspike.LeakyReadout(2)])
+    for rule in (EProp(), STLLR()):
+        with pytest.raises(ValueError, match=r"synaptic delays.*n_delay=3"):
+            rule.check_model(fast)
     with pytest.raises(ValueError, match=r"STDP does not support synaptic delays.*n_delay=3"):
         STDP(synapse=cell)
     from kspike import nir as knir

@@ -50,7 +50,7 @@ def test_float64_exact_and_no_bias():
     np.testing.assert_allclose(layer(z).numpy(), want, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("steps", [40, 2100])
+@pytest.mark.parametrize("steps", [1, 40, 64, 65, 200, 2100])
 def test_leaky_filter_initial_state(steps):
     keras.config.set_dtype_policy("float64")
     rng = np.random.default_rng(2)
@@ -94,3 +94,32 @@ def test_bad_arguments_and_inputs():
             kspike.LeakyReadout(**kwargs)
     with pytest.raises(ValueError, match=r"\(batch, time, features\)"):
         kspike.LeakyReadout(2)(np.zeros((3, 4), "float32"))
+
+
+def test_leaky_filter_gradient_is_the_transposed_filter():
+    # The gradient of sum(g * filter(x)) with respect to x is the filter run backwards in time:
+    # dx_s = (1 - kappa) sum_{t >= s} kappa^(t - s) g_t (NumPy loop), across block boundaries.
+    keras.config.set_dtype_policy("float64")
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(2, 150, 3)))
+    g = rng.normal(size=(2, 150, 3))
+    kappa = 0.93
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(leaky_filter(x, kappa) * g)
+    got = tape.gradient(loss, x).numpy()
+    want = np.zeros_like(g)
+    acc = np.zeros((2, 3))
+    for s in reversed(range(150)):
+        acc = kappa * acc + g[:, s]
+        want[:, s] = (1.0 - kappa) * acc
+    np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_leaky_filter_unknown_length_matches_static():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 90, 3)).astype("float32")
+    dynamic = tf.function(lambda x: leaky_filter(x, 0.9),
+                          input_signature=[tf.TensorSpec((None, None, 3), tf.float32)])
+    np.testing.assert_allclose(dynamic(x).numpy(), leaky_filter(tf.constant(x), 0.9).numpy(),
+                               rtol=1e-5, atol=1e-6)

@@ -37,7 +37,7 @@ def test_metadata_is_static_and_tensorflow_comes_from_extras():
     assert extras["cpu"] == ["tensorflow-cpu>=2.16"]
     assert extras["gpu"] == ["tensorflow[and-cuda]>=2.16"]
     assert extras["tf"] == ["tensorflow>=2.16"]
-    assert {"pytest", "matplotlib", "tensorboard"} <= set(extras["test"])
+    assert {"pytest", "pytest-xdist", "matplotlib", "tensorboard"} <= set(extras["test"])
     assert "matplotlib" in extras["plot"]
     assert "tensorflow-datasets" in extras["datasets"]
     assert project["dynamic"] == ["version"]

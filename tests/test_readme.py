@@ -35,7 +35,7 @@ def test_ci_runs_the_readme_commands():
                        'readme_command "<!-- ci:test -->"', ROOT],
         capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("python -m pip install -e")
-    assert out[1] == "python -m pytest -q"
+    assert out[1] == "python -m pytest -q -n 2 --dist loadfile"
 
 
 def test_readme_example_starts_in_a_sane_firing_regime(tmp_path, monkeypatch):

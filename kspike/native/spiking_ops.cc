@@ -247,12 +247,40 @@ static inline int64_t Nonzeros(const float* __restrict z, int64_t m, int32_t* __
 }
 
 // out[0..n) = sum_c value[c] * M[index[c]][0..n) (M row-major with n columns): the product of
-// a sparse row vector with M, summed in registers 64 columns at a time.
+// a sparse row vector with M, summed in registers (AVX-512: 256 columns in 16 independent
+// accumulators, so the additions of successive rows overlap; elsewhere 64 at a time). Every
+// column adds the rows in the order c = 0, 1, ... with one rounding per product and per sum
+// (value 1: the row itself), whatever the chunking.
 static void GatherRows(const int32_t* __restrict index, const float* __restrict value,
                        int64_t count, const float* __restrict M, int64_t n,
                        float* __restrict out) {
-  constexpr int64_t kChunk = 64;
   int64_t k0 = 0;
+#if defined(__AVX512F__)
+  constexpr int kVectors = 16;
+  for (; k0 + 16 * kVectors <= n; k0 += 16 * kVectors) {
+    __m512 acc[kVectors];
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < count; ++c) {
+      const float* row = M + index[c] * n + k0;
+      if (value[c] == 1.0f) {
+#pragma GCC unroll 16
+        for (int r = 0; r < kVectors; ++r) {
+          acc[r] = _mm512_add_ps(acc[r], _mm512_loadu_ps(row + 16 * r));
+        }
+      } else {
+        const __m512 s = _mm512_set1_ps(value[c]);
+#pragma GCC unroll 16
+        for (int r = 0; r < kVectors; ++r) {
+          acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(s, _mm512_loadu_ps(row + 16 * r)));
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kVectors; ++r) _mm512_storeu_ps(out + k0 + 16 * r, acc[r]);
+  }
+#endif
+  constexpr int64_t kChunk = 64;
   for (; k0 + kChunk <= n; k0 += kChunk) {
     float acc[kChunk] = {};
     for (int64_t c = 0; c < count; ++c) {
@@ -1325,5 +1353,611 @@ class NodeBackwardOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeNodeBackward").Device(DEVICE_CPU), NodeBackwardOp);
+
+}  // namespace kspike
+
+namespace kspike {
+
+// ------------------------------------------------------------------ synaptic delays
+// LSNN's synaptic delays (kspike/dynamics.py delayed_current, docs/neurons.md "Synaptic
+// delays"): synapse (i, j) carries a fixed delay index d_ij in {0, ..., D - 1}, and the
+// contribution of x_t (input synapses) or z_{t-1} (recurrent ones) reaches I_j at step t + d_ij.
+// The TensorFlow loop keeps a future-current buffer i_future (B, D * n), slot d (columns
+// d * n .. (d + 1) * n - 1) holding the current due in d steps. Here each batch row keeps the
+// same D slots as a ring indexed by time: slot s % D holds the current due at step s. Each
+// nonzero input / spike adds its weight row into the ring at its own delay (n work per spike,
+// as without delays), the slot of step t is consumed (I_t) and cleared. The ring is filled
+// from the initial i_future (slot d = step d) and read back into the final one (slot d = step
+// T + d; the last slot is always 0 there, as in the TensorFlow loop).
+//
+// Backward: with G(s) = dL/dI_s (s < T), and dL/d(final i_future) slot s - T for s >= T,
+// dL/dz_{t-1,i} gains sum_j W_ij G_j(t + d_ij), dL/dW_ij = sum_t z_{t-1,i} G_j(t + d_ij) (over
+// the spikes), and likewise for the inputs x_t; dL/d(initial i_future) slot d is G(d). G is
+// kept as a ring of the D steps t .. t + D - 1 ahead of the step being differentiated, each
+// step stored twice (2 D slots) so those D steps are contiguous; the gathers over W visit its
+// nonzero entries only (DelayedRows).
+
+// ring[(base + d_ij) % D][j] += value[c] * W[i][j] for every i = index[c]: the contributions of
+// the nonzero presynaptic values of step `base` (ring of D slots of n, base in [0, D)).
+static inline void DelayedScatterRows(const int32_t* __restrict index,
+                                      const float* __restrict value, int64_t count,
+                                      const float* __restrict W, const int32_t* __restrict delays,
+                                      int64_t n, int64_t D, int64_t base,
+                                      float* __restrict ring) {
+  for (int64_t c = 0; c < count; ++c) {
+    const float* __restrict row = W + index[c] * n;
+    const int32_t* __restrict d = delays + index[c] * n;
+    const float zc = value[c];
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t s = base + d[j];
+      s = s >= D ? s - D : s;
+      ring[s * n + j] += zc * row[j];
+    }
+  }
+}
+
+REGISTER_OP("KspikeDelayedForward")
+    .Input("x: float")              // (B, T, n_in) inputs
+    .Input("w_in: float")           // (n_in, n)
+    .Input("input_delays: int32")   // (n_in, n) delay indices in [0, D)
+    .Input("w_rec: float")          // (n, n), or (0, 0) without recurrence
+    .Input("recurrent_delays: int32")  // (n, n), or (0, 0)
+    .Input("bias: float")           // (n,), or (0,)
+    .Input("beta: float")           // (n,) or (0,) for LIF
+    .Input("v0: float")             // (B, n)
+    .Input("b0: float")             // (B, n), or (0, n) for LIF
+    .Input("z0: float")             // (B, n)
+    .Input("r0: float")             // (B, n)
+    .Input("buffer0: float")        // (B, D * n) initial i_future, slot-major
+    KSPIKE_NEURON_ATTRS
+    .Attr("n_delay: int")
+    .Attr("store_z: bool = true")
+    .Attr("store_v: bool = true")
+    .Attr("store_backward: bool = true")
+    .Output("z: float")             // (B, T, n)
+    .Output("v: float")             // (T, B, n)
+    .Output("threshold: float")     // (T, B, n) or (0, B, n) for LIF
+    .Output("allowed: uint8")       // (T, B, n) or (0, B, n)
+    .Output("spike_bits: int64")    // (T, B, ceil(n / 64))
+    .Output("v_final: float")
+    .Output("b_final: float")
+    .Output("z_final: float")
+    .Output("r_final: float")
+    .Output("buffer_final: float")  // (B, D * n) final i_future
+    .SetShapeFn([](InferenceContext* c) {
+      auto x = c->input(0);
+      auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(1), 1);
+      bool adaptive, store_z, store_v, store_backward;
+      int n_refractory, n_delay;
+      TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
+      TF_RETURN_IF_ERROR(c->GetAttr("n_refractory", &n_refractory));
+      TF_RETURN_IF_ERROR(c->GetAttr("n_delay", &n_delay));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_z", &store_z));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_v", &store_v));
+      TF_RETURN_IF_ERROR(c->GetAttr("store_backward", &store_backward));
+      tensorflow::shape_inference::DimensionHandle words = c->UnknownDim(), wide = c->UnknownDim();
+      if (c->ValueKnown(n)) {
+        words = c->MakeDim((c->Value(n) + 63) / 64);
+        wide = c->MakeDim(c->Value(n) * n_delay);
+      }
+      const auto none = c->MakeDim(0);
+      c->set_output(0, c->MakeShape({batch, store_z ? steps : none, n}));
+      c->set_output(1, c->MakeShape({store_v ? steps : none, batch, n}));
+      c->set_output(2, c->MakeShape({adaptive && store_v ? steps : none, batch, n}));
+      c->set_output(3, c->MakeShape({n_refractory > 0 && store_backward ? steps : none, batch,
+                                     n}));
+      c->set_output(4, c->MakeShape({store_backward ? steps : none, batch, words}));
+      c->set_output(5, c->MakeShape({batch, n}));
+      c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
+      c->set_output(7, c->MakeShape({batch, n}));
+      c->set_output(8, c->MakeShape({batch, n}));
+      c->set_output(9, c->MakeShape({batch, wide}));
+      return tensorflow::OkStatus();
+    });
+
+class DelayedForwardOp : public OpKernel {
+ public:
+  explicit DelayedForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadNeuronAttrs(ctx, &a_);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("n_delay", &n_delay_));
+    OP_REQUIRES(ctx, n_delay_ >= 1, InvalidArgument("n_delay must be >= 1"));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    const Tensor& w_in = ctx->input(1);
+    const Tensor& d_in = ctx->input(2);
+    const Tensor& w_rec = ctx->input(3);
+    const Tensor& d_rec = ctx->input(4);
+    const Tensor& bias = ctx->input(5);
+    const Tensor& beta = ctx->input(6);
+    OP_REQUIRES(ctx, x.dims() == 3, InvalidArgument("x must be (B, T, n_in)"));
+    const int64_t B = x.dim_size(0), T = x.dim_size(1), n_in = x.dim_size(2);
+    OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
+                InvalidArgument("w_in must be (n_in, n)"));
+    const int64_t n = w_in.dim_size(1), D = n_delay_;
+    const int64_t n_words = (n + 63) / 64;
+    OP_REQUIRES(ctx, d_in.shape() == w_in.shape(),
+                InvalidArgument("input_delays must have the shape of w_in"));
+    if (a_.recurrent) {
+      OP_REQUIRES(ctx, w_rec.dims() == 2 && w_rec.dim_size(0) == n && w_rec.dim_size(1) == n,
+                  InvalidArgument("w_rec must be (n, n)"));
+      OP_REQUIRES(ctx, d_rec.shape() == w_rec.shape(),
+                  InvalidArgument("recurrent_delays must have the shape of w_rec"));
+    }
+    if (a_.has_bias) {
+      OP_REQUIRES(ctx, bias.NumElements() == n, InvalidArgument("bias must be (n,)"));
+    }
+    if (a_.adaptive) {
+      OP_REQUIRES(ctx, beta.NumElements() == n, InvalidArgument("beta must be (n,)"));
+    }
+    for (int i = 7; i < 11; ++i) {
+      if (i == 8 && !a_.adaptive) continue;
+      OP_REQUIRES(ctx, ctx->input(i).dims() == 2 && ctx->input(i).dim_size(0) == B &&
+                           ctx->input(i).dim_size(1) == n,
+                  InvalidArgument("states must be (B, n)"));
+    }
+    OP_REQUIRES(ctx, ctx->input(11).dims() == 2 && ctx->input(11).dim_size(0) == B &&
+                         ctx->input(11).dim_size(1) == D * n,
+                InvalidArgument("buffer0 must be (B, n_delay * n)"));
+    // Delay indices outside [0, D) would address memory outside the ring.
+    for (const Tensor* d : {&d_in, &d_rec}) {
+      if (d == &d_rec && !a_.recurrent) continue;
+      auto flat = d->flat<int32_t>();
+      for (int64_t k = 0; k < flat.size(); ++k) {
+        OP_REQUIRES(ctx, flat(k) >= 0 && flat(k) < D,
+                    InvalidArgument("delay index ", flat(k), " outside [0, ", D, ")"));
+      }
+    }
+    const bool refractory = a_.n_refractory > 0;
+    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
+        *r_final, *buf_final;
+    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
+    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
+                                             &allowed_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
+                                                             n_words}), &bits_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
+                                             &b_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(9, TensorShape({B, D * n}), &buf_final));
+
+    const float* X = x.flat<float>().data();
+    const float* W_in = w_in.flat<float>().data();
+    const int32_t* Din = d_in.flat<int32_t>().data();
+    const float* W = a_.recurrent ? w_rec.flat<float>().data() : nullptr;
+    const int32_t* Drec = a_.recurrent ? d_rec.flat<int32_t>().data() : nullptr;
+    const float* bias_p = a_.has_bias ? bias.flat<float>().data() : nullptr;
+    const float* beta_p = a_.adaptive ? beta.flat<float>().data() : nullptr;
+    const float* v0 = ctx->input(7).flat<float>().data();
+    const float* b0 = a_.adaptive ? ctx->input(8).flat<float>().data() : nullptr;
+    const float* z0 = ctx->input(9).flat<float>().data();
+    const float* r0 = ctx->input(10).flat<float>().data();
+    const float* buf0 = ctx->input(11).flat<float>().data();
+    float* Z = z_out->flat<float>().data();
+    float* V = v_out->flat<float>().data();
+    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
+    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
+    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
+    float* vf = v_final->flat<float>().data();
+    float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
+    float* zf = z_final->flat<float>().data();
+    float* rf = r_final->flat<float>().data();
+    float* buff = buf_final->flat<float>().data();
+    const NeuronAttrs a = a_;
+    const ForwardFn step = SelectForward(a);
+
+    ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
+      const int64_t rows = last - first;
+      std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
+      std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
+      std::vector<float> b;
+      if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
+      // The rings of the shard's rows: slot d of i_future is step d, i.e. ring slot d.
+      std::vector<float> ring(buf0 + first * D * n, buf0 + last * D * n);
+      std::vector<float> current(n);
+      std::vector<int32_t> index(std::max(n, n_in));
+      std::vector<float> value(std::max(n, n_in));
+      std::vector<float> v_scratch(n), a_scratch(n);
+      std::vector<uint8_t> allowed_scratch(n);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t base = t % D;
+        const int64_t step_at = (t * B + first) * n;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = first + i;
+          float* rg = ring.data() + i * D * n;
+          const float* x_t = X + (row * T + t) * n_in;
+          int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
+          DelayedScatterRows(index.data(), value.data(), count, W_in, Din, n, D, base, rg);
+          const float* z_prev = z.data() + i * n;
+          if (W != nullptr) {
+            count = Nonzeros(z_prev, n, index.data(), value.data());
+            DelayedScatterRows(index.data(), value.data(), count, W, Drec, n, D, base, rg);
+          }
+          float* slot = rg + base * n;
+          float* cur = current.data();
+          std::copy(slot, slot + n, cur);
+          std::fill(slot, slot + n, 0.0f);
+          if (bias_p != nullptr) {
+            for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
+          }
+          const int64_t at = step_at + i * n;
+          float* z_new = z_next.data() + i * n;
+          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
+               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+               store_v ? V + at : v_scratch.data(),
+               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
+               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
+               z_new);
+          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
+          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
+        }
+        z.swap(z_next);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* rg = ring.data() + i * D * n;
+        float* out = buff + (first + i) * D * n;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t s = (T + d) % D;
+          std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
+        }
+      }
+      std::copy(v.begin(), v.end(), vf + first * n);
+      std::copy(r.begin(), r.end(), rf + first * n);
+      std::copy(z.begin(), z.end(), zf + first * n);
+      if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
+    });
+  }
+
+ private:
+  NeuronAttrs a_;
+  int n_delay_ = 1;
+  bool store_z_ = true, store_v_ = true, store_backward_ = true;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeDelayedForward").Device(DEVICE_CPU), DelayedForwardOp);
+
+// The nonzero weights of W (m x n, delays d) by rows, each with its offset d_ij * n + j in a
+// ring laid out as 2 D slots (every step written twice, at s % D and s % D + D, so the slots of
+// steps base .. base + D - 1 lie contiguously from slot base on: no wrap-around per entry).
+// DEEP R kernels are mostly zero, so the backward gathers visit only their connections.
+struct DelayedRows {
+  std::vector<int64_t> start;
+  std::vector<int32_t> offset;
+  std::vector<float> weight;
+};
+
+static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                             DelayedRows* rows) {
+  rows->start.assign(m + 1, 0);
+  rows->offset.clear();
+  rows->weight.clear();
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = W[i * n + j];
+      if (w != 0.0f) {
+        rows->offset.push_back(static_cast<int32_t>(delays[i * n + j] * n + j));
+        rows->weight.push_back(w);
+      }
+    }
+    rows->start[i + 1] = static_cast<int64_t>(rows->offset.size());
+  }
+}
+
+// out[i] = sum_j W_ij g[d_ij * n + j] for every row i of `rows` (g: the ring from slot base).
+static inline void DelayedRowsGather(const DelayedRows& rows, int64_t m,
+                                     const float* __restrict g, float* __restrict out) {
+  const int32_t* __restrict offset = rows.offset.data();
+  const float* __restrict weight = rows.weight.data();
+  for (int64_t i = 0; i < m; ++i) {
+    float acc = 0.0f;
+    for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) acc += weight[k] * g[offset[k]];
+    out[i] = acc;
+  }
+}
+
+// M[index[c]][j] += value[c] * g[d_{index[c] j} * n + j] (g: the doubled ring from slot base).
+static inline void DelayedRingGrad(const int32_t* __restrict index,
+                                   const float* __restrict value, int64_t count,
+                                   const int32_t* __restrict delays, int64_t n,
+                                   const float* __restrict g, float* __restrict M) {
+  for (int64_t c = 0; c < count; ++c) {
+    float* __restrict row = M + index[c] * n;
+    const int32_t* __restrict d = delays + index[c] * n;
+    const float zc = value[c];
+    for (int64_t j = 0; j < n; ++j) row[j] += zc * g[d[j] * n + j];
+  }
+}
+
+REGISTER_OP("KspikeDelayedBackward")
+    .Input("spike_bits: int64")     // (T, B, ceil(n / 64)) from the forward op
+    .Input("z0: float")             // (B, n)
+    .Input("x: float")              // (B, T, n_in)
+    .Input("v: float")              // (T, B, n)
+    .Input("threshold: float")      // (T, B, n) or (0, B, n)
+    .Input("allowed: uint8")        // (T, B, n) or (0, B, n)
+    .Input("w_in: float")           // (n_in, n)
+    .Input("input_delays: int32")   // (n_in, n)
+    .Input("w_rec: float")          // (n, n) or (0, 0)
+    .Input("recurrent_delays: int32")  // (n, n) or (0, 0)
+    .Input("beta: float")           // (n,) or (0,)
+    .Input("grad_z_out: float")     // (B, T, n) or (B, 0, n)
+    .Input("grad_v_out: float")     // (B, T, n) or (B, 0, n)
+    .Input("grad_a_out: float")     // (B, T, n) or (B, 0, n)
+    .Input("grad_v_final: float")   // (B, n)
+    .Input("grad_b_final: float")   // (B, n) or (0, n)
+    .Input("grad_z_final: float")   // (B, n)
+    .Input("grad_buffer_final: float")  // (B, D * n)
+    KSPIKE_NEURON_ATTRS
+    .Attr("n_delay: int")
+    .Attr("surrogate: string")
+    .Attr("dampening: float")
+    .Attr("sharpness: float")
+    .Attr("tail: float")
+    .Attr("multi_gaussian: list(float)")
+    .Output("grad_current: float")  // (T, B, n) dL/dI_t
+    .Output("grad_x: float")        // (B, T, n_in)
+    .Output("grad_w_in: float")     // (n_in, n)
+    .Output("grad_w_rec: float")    // (n, n) or (0, 0)
+    .Output("grad_v0: float")       // (B, n)
+    .Output("grad_b0: float")       // (B, n) or (0, n)
+    .Output("grad_z0: float")       // (B, n)
+    .Output("grad_buffer0: float")  // (B, D * n)
+    .SetShapeFn([](InferenceContext* c) {
+      auto v = c->input(3);
+      auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
+      auto x = c->input(2);
+      bool adaptive, recurrent;
+      TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
+      TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
+      c->set_output(0, c->MakeShape({steps, batch, n}));
+      c->set_output(1, x);
+      c->set_output(2, c->input(6));
+      c->set_output(3, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
+      c->set_output(4, c->MakeShape({batch, n}));
+      c->set_output(5, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
+      c->set_output(6, c->MakeShape({batch, n}));
+      c->set_output(7, c->input(17));
+      return tensorflow::OkStatus();
+    });
+
+class DelayedBackwardOp : public OpKernel {
+ public:
+  explicit DelayedBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadNeuronAttrs(ctx, &a_);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("n_delay", &n_delay_));
+    OP_REQUIRES(ctx, n_delay_ >= 1, InvalidArgument("n_delay must be >= 1"));
+    std::string name;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("surrogate", &name));
+    OP_REQUIRES(ctx, ParseSurrogate(name, &s_.kind),
+                InvalidArgument("unknown surrogate ", name));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
+    std::vector<float> mg;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
+    if (s_.kind == kMultiGaussian) {
+      OP_REQUIRES(ctx, mg.size() == 7, InvalidArgument("multi_gaussian needs 7 constants"));
+      s_.mg_scale = mg[0];
+      s_.mg_sigma = mg[1];
+      s_.mg_wide = mg[2];
+      s_.mg_norm_narrow = mg[3];
+      s_.mg_norm_wide = mg[4];
+      s_.mg_height_narrow = mg[5];
+      s_.mg_height = mg[6];
+    }
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& bits_t = ctx->input(0);
+    const Tensor& x = ctx->input(2);
+    const Tensor& v_seq = ctx->input(3);
+    OP_REQUIRES(ctx, v_seq.dims() == 3, InvalidArgument("v must be (T, B, n)"));
+    const int64_t T = v_seq.dim_size(0), B = v_seq.dim_size(1), n = v_seq.dim_size(2);
+    const int64_t n_words = (n + 63) / 64, D = n_delay_;
+    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(0) == B && x.dim_size(1) == T,
+                InvalidArgument("x must be (B, T, n_in)"));
+    OP_REQUIRES(ctx, bits_t.dims() == 3 && bits_t.dim_size(0) == T && bits_t.dim_size(1) == B &&
+                         bits_t.dim_size(2) == n_words,
+                InvalidArgument("spike_bits must be (T, B, ceil(n / 64))"));
+    const int64_t n_in = x.dim_size(2);
+    OP_REQUIRES(ctx, ctx->input(6).dim_size(0) == n_in && ctx->input(6).dim_size(1) == n &&
+                         ctx->input(7).shape() == ctx->input(6).shape(),
+                InvalidArgument("w_in and input_delays must be (n_in, n)"));
+    if (a_.recurrent) {
+      OP_REQUIRES(ctx, ctx->input(8).dims() == 2 && ctx->input(8).dim_size(0) == n &&
+                           ctx->input(8).dim_size(1) == n &&
+                           ctx->input(9).shape() == ctx->input(8).shape(),
+                  InvalidArgument("w_rec and recurrent_delays must be (n, n)"));
+    }
+    OP_REQUIRES(ctx, ctx->input(17).dims() == 2 && ctx->input(17).dim_size(0) == B &&
+                         ctx->input(17).dim_size(1) == D * n,
+                InvalidArgument("grad_buffer_final must be (B, n_delay * n)"));
+    const bool refractory = a_.n_refractory > 0;
+    const bool has_gz = T > 0 && ctx->input(11).dim_size(1) == T;
+    const bool has_gv = T > 0 && ctx->input(12).dim_size(1) == T;
+    const bool has_ga = a_.adaptive && T > 0 && ctx->input(13).dim_size(1) == T;
+    Tensor *g_current, *gx_t, *gw_in_t, *gw_t, *gv0_t, *gb0_t, *gz0_t, *gbuf0_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, B, n}), &g_current));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &gx_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n_in, n}), &gw_in_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            3, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({B, n}), &gv0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, n}), &gz0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, D * n}), &gbuf0_t));
+
+    const uint64_t* bits = reinterpret_cast<const uint64_t*>(bits_t.flat<int64_t>().data());
+    const float* z0 = ctx->input(1).flat<float>().data();
+    const float* X = x.flat<float>().data();
+    const float* V = v_seq.flat<float>().data();
+    const float* Aseq = a_.adaptive ? ctx->input(4).flat<float>().data() : nullptr;
+    const uint8_t* allowed = refractory ? ctx->input(5).flat<uint8_t>().data() : nullptr;
+    const float* W_in = ctx->input(6).flat<float>().data();
+    const int32_t* Din = ctx->input(7).flat<int32_t>().data();
+    const float* W = a_.recurrent ? ctx->input(8).flat<float>().data() : nullptr;
+    const int32_t* Drec = a_.recurrent ? ctx->input(9).flat<int32_t>().data() : nullptr;
+    const float* beta_p = a_.adaptive ? ctx->input(10).flat<float>().data() : nullptr;
+    const float* GZ = has_gz ? ctx->input(11).flat<float>().data() : nullptr;
+    const float* GV = has_gv ? ctx->input(12).flat<float>().data() : nullptr;
+    const float* GA = has_ga ? ctx->input(13).flat<float>().data() : nullptr;
+    const float* gv_final = ctx->input(14).flat<float>().data();
+    const float* gb_final = a_.adaptive ? ctx->input(15).flat<float>().data() : nullptr;
+    const float* gz_final = ctx->input(16).flat<float>().data();
+    const float* gbuf_final = ctx->input(17).flat<float>().data();
+    float* GI = g_current->flat<float>().data();
+    float* GX = gx_t->flat<float>().data();
+    float* gv0 = gv0_t->flat<float>().data();
+    float* gb0 = a_.adaptive ? gb0_t->flat<float>().data() : nullptr;
+    float* gz0 = gz0_t->flat<float>().data();
+    float* gbuf0 = gbuf0_t->flat<float>().data();
+    const NeuronAttrs a = a_;
+    const SurrogateParams sp = s_;
+    const BackwardFn step = SelectBackward(a, has_ga);
+
+    DelayedRows rec_rows, in_rows;
+    if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
+    BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
+    std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
+    ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t shard) {
+      const int64_t rows = last - first;
+      std::vector<float> gv(gv_final + first * n, gv_final + last * n);
+      std::vector<float> gz(gz_final + first * n, gz_final + last * n);
+      std::vector<float> gb;
+      if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
+      std::vector<float> gz_prev(n), g_rec(n), psi(n), z_row(n), gvt(n), gxa(n);
+      // G ring per row: slot s % D holds dL/dI_s for s in [t, t + D); before the loop the
+      // steps T .. T + D - 1 (the final i_future's gradient; its last slot is never used).
+      // Each row's ring has 2 D slots: step s in slots s % D and s % D + D.
+      std::vector<float> ring(rows * 2 * D * n, 0.0f);
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* g = gbuf_final + (first + i) * D * n;
+        float* rg = ring.data() + i * 2 * D * n;
+        for (int64_t d = 0; d + 1 < D; ++d) {
+          const int64_t s = (T + d) % D;
+          std::copy(g + d * n, g + (d + 1) * n, rg + s * n);
+          std::copy(g + d * n, g + (d + 1) * n, rg + (s + D) * n);
+        }
+      }
+      std::vector<int32_t> index(std::max(n, n_in));
+      std::vector<float> value(std::max(n, n_in));
+      float* gw = nullptr;
+      if (a.recurrent) {
+        gw_shards[shard].assign(n * n, 0.0f);
+        gw = gw_shards[shard].data();
+      }
+      gw_in_shards[shard].assign(n_in * n, 0.0f);
+      float* gw_in = gw_in_shards[shard].data();
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const int64_t base = t % D;
+        const int64_t step_at = (t * B + first) * n;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = first + i;
+          const int64_t at = step_at + i * n;
+          const int64_t out_at = (row * T + t) * n;
+          float* rg = ring.data() + i * 2 * D * n;
+          const float* vt = V + at;
+          const float* At = a.adaptive ? Aseq + at : nullptr;
+          const float* zp;
+          int64_t n_spikes;
+          if (t == 0) {
+            zp = z0 + row * n;
+            n_spikes = Nonzeros(zp, n, index.data(), value.data());
+          } else {
+            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
+                                  value.data(), z_row.data());
+            zp = z_row.data();
+          }
+          float* gzi = gz.data() + i * n;
+          float* gvi = gv.data() + i * n;
+          if (has_gz) {
+            const float* gzo = GZ + out_at;
+            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
+          }
+          if (has_gv) {
+            const float* gvo = GV + out_at;
+            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
+          }
+          if (a.adaptive) {
+            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
+          } else {
+            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
+          }
+          if (refractory) {
+            const uint8_t* al = allowed + at;
+            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
+          }
+          float* gi = GI + at;
+          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
+               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(), gvt.data(),
+               gxa.data());
+          // dL/dI_t enters the ring in the slot of step t (step t + D is no longer needed).
+          std::copy(gi, gi + n, rg + base * n);
+          std::copy(gi, gi + n, rg + (base + D) * n);
+          const float* ahead = rg + base * n;    // steps t .. t + D - 1, contiguous
+          if (a.recurrent) {
+            // dL/dz_{t-1,j} += sum_k W_jk dL/dI_k(t + d_jk); dW_rec over the spikes of z_{t-1}.
+            DelayedRowsGather(rec_rows, n, ahead, g_rec.data());
+            for (int64_t k = 0; k < n; ++k) gz_prev[k] = gz_prev[k] + g_rec[k];
+            DelayedRingGrad(index.data(), value.data(), n_spikes, Drec, n, ahead, gw);
+          }
+          std::copy(gz_prev.begin(), gz_prev.end(), gzi);
+          DelayedRowsGather(in_rows, n_in, ahead, GX + (row * T + t) * n_in);
+          const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
+                                         value.data());
+          DelayedRingGrad(index.data(), value.data(), count, Din, n, ahead, gw_in);
+        }
+      }
+      // dL/d(initial i_future) slot d = dL/dI_d (or the final buffer's gradient for d >= T).
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* rg = ring.data() + i * 2 * D * n;
+        float* out = gbuf0 + (first + i) * D * n;
+        for (int64_t d = 0; d < D; ++d) {
+          if (d < T || d - T + 1 < D) {
+            std::copy(rg + (d % D) * n, rg + (d % D + 1) * n, out + d * n);
+          } else {
+            std::fill(out + d * n, out + (d + 1) * n, 0.0f);
+          }
+        }
+      }
+      std::copy(gv.begin(), gv.end(), gv0 + first * n);
+      std::copy(gz.begin(), gz.end(), gz0 + first * n);
+      if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
+    });
+    float* gw_in_out = gw_in_t->flat<float>().data();
+    std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
+    for (auto& s : gw_in_shards) {
+      if (s.empty()) continue;
+      for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += s[k];
+    }
+    if (a.recurrent) {
+      float* gw_out = gw_t->flat<float>().data();
+      std::fill(gw_out, gw_out + n * n, 0.0f);
+      for (auto& s : gw_shards) {
+        if (s.empty()) continue;
+        for (int64_t k = 0; k < n * n; ++k) gw_out[k] += s[k];
+      }
+    }
+  }
+
+ private:
+  NeuronAttrs a_;
+  SurrogateParams s_;
+  int n_delay_ = 1;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeDelayedBackward").Device(DEVICE_CPU), DelayedBackwardOp);
 
 }  // namespace kspike
