@@ -67,19 +67,45 @@ def test_model_uses_balanced_sparse_kernels_and_lsnn_sign_order(tutorial):
     n_inhibitory = int(np.sum(row < 0))
     np.testing.assert_array_equal(row, np.r_[-np.ones(n_inhibitory), np.ones(n - n_inhibitory)])
     np.testing.assert_array_equal(readout._sparse_kernel.sign.numpy()[:, 0], row)
-    for cue_sign in ("excitatory", "random"):
-        for seed in range(4):
-            other = tutorial.parse_args(["--quick", "--seed", str(seed), "--cue-sign", cue_sign])
-            input_row = tutorial.build_model(other).get_layer("lsnn").cell._rewired[
-                "input"].sign.numpy()[:, 0]
-            assert int(np.sum(input_row > 0)) == 60          # round(0.75 * 80) kept
-            if cue_sign == "excitatory":
-                assert input_row[-1] == 1.0                  # the cue is the last channel
+    assert n - n_inhibitory == 15                             # round(0.75 * 20), the default
+    for sign_count, n_in_excitatory, n_rec_excitatory in (("lsnn", 61, 16),
+                                                          ("kspike", 60, 15)):
+        for cue_sign in ("excitatory", "random"):
+            for seed in range(4):
+                other = tutorial.parse_args(["--quick", "--seed", str(seed), "--cue-sign",
+                                             cue_sign, "--sign-count", sign_count])
+                other_cell = tutorial.build_model(other).get_layer("lsnn").cell
+                input_row = other_cell._rewired["input"].sign.numpy()[:, 0]
+                rec_row = other_cell._rewired["recurrent"].sign.numpy()[:, 0]
+                # int(0.75 * 80) + 1 (LSNN) or round(0.75 * 80) (kspike), cue swap included
+                assert int(np.sum(input_row > 0)) == n_in_excitatory
+                assert int(np.sum(rec_row > 0)) == n_rec_excitatory
+                assert set(np.unique(input_row)) == {-1.0, 1.0}
+                if cue_sign == "excitatory":
+                    assert input_row[-1] == 1.0              # the cue is the last channel
     counts = kspike.rewiring.active_connections_per_matrix(model)
     assert counts[readout._sparse_kernel.path] == int(n * 10 * args.connectivity)
     for kernel in list(cell._rewired.values()) + [readout._sparse_kernel]:
         theta, mask = kernel.magnitude.numpy(), kernel.mask.numpy()
         assert (theta[mask == 0] == 0).all() and (theta[mask > 0] > 0).all()
+
+
+def test_excitatory_counts(tutorial):
+    assert [tutorial.lsnn_excitatory_count(0.75, n) for n in (80, 220, 20, 4)] == [61, 166, 16, 4]
+    import keras
+    sign = keras.Variable(np.repeat(_signs(10, 5, 7)[:, None], 3, axis=1).astype("float32"))
+    before = sign.numpy()[:, 0].copy()
+    for target in (8, 2):
+        tutorial.set_excitatory_count(sign, target, seed=0)
+        row = sign.numpy()
+        assert int(np.sum(row[:, 0] > 0)) == target
+        np.testing.assert_array_equal(row, np.repeat(row[:, :1], 3, axis=1))
+    tutorial.set_excitatory_count(sign, 5, seed=0)
+    assert int(np.sum(sign.numpy()[:, 0] > 0)) == 5
+    # Only the rows needed change sign: going 5 -> 8 keeps the 5 excitatory rows.
+    sign.assign(np.repeat(before[:, None], 3, axis=1))
+    tutorial.set_excitatory_count(sign, 8, seed=1)
+    assert (sign.numpy()[before > 0, 0] == 1.0).all()
 
 
 def test_stllr_defaults_and_window_checks(tutorial):
