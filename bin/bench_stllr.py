@@ -73,10 +73,10 @@ def timing(batch, steps, repeats):
         print(f"{name:28s} {seconds:10.3f} {seconds / base:7.2f}")
 
 
-def memory(steps_list, repeats):
+def memory(steps_list, repeats, rules=("stllr_online", "stllr")):
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_local_rules.py")
     rows = []
-    for rule in ("stllr_online", "stllr"):
+    for rule in rules:
         for steps in steps_list:
             out = subprocess.run([sys.executable, script, "--worker", rule, str(steps), "32",
                                   "128", str(repeats)], capture_output=True, text=True)

@@ -6,8 +6,10 @@ docs/stllr.md. For every input, recurrent and bias weight of the spiking layers:
     trace_post(t) = lambda_post trace_post(t-1) + psi_t
     dW(t) = L_t (x) [ alpha_post trace_post(t-1) (x) p_t + alpha_pre psi_t (x) trace_pre(t) ]
 
-summed over the batch and the (last k) steps. The network runs with kspike's own step
-(``kspike.dynamics``); the traces are (B, n_pre) and (B, n): memory does not depend on T.
+summed over the batch and the (last k) steps. Recurrent chains: by default from the stored
+sequences of one forward pass (per-neuron filters and one matmul per kernel);
+``online=True`` runs kspike's own step (``kspike.dynamics``) with (B, n_pre) and (B, n)
+traces, memory independent of T.
 """
 import math
 
@@ -61,6 +63,11 @@ class STLLR(FeedbackRule):
             (``stllr_secondary_activation``); "surrogate": the cell's own pseudo-derivative;
             or a callable x -> psi. psi is 0 while a neuron is refractory.
         seed: seed of the DFA matrices (None: from NumPy's global generator).
+        online: recurrent chains only. False (default): one forward pass (kspike's native
+            loop where it applies) stores the (T, B, n) sequences and the gradient is formed
+            from them with per-neuron filters and one matmul per kernel: fastest, memory
+            grows with T. True: the step-by-step loops, memory independent of T (apart from
+            the inputs and the outputs). Same gradient (docs/stllr.md).
 
     dE/dy_t for every step comes from the user's loss on the whole output sequence (a first
     inference pass keeps only the (B, T, n_out) outputs), so any per-step or window loss works;
