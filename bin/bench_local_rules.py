@@ -13,7 +13,8 @@ baseline, i.e. what computing gradients adds. Time is the median over ``--repeat
 warm-up call (tracing), divided by T: milliseconds per time step. Each rule's gradient function is
 wrapped in one ``tf.function``. Rules: "bptt", "eprop" (two passes: outputs, then traces),
 "eprop1p" (e-prop in a single pass, ``EProp(single_pass=True)``: network, readout, per-step error
-and traces in one loop), "stllr". The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
+and traces in one loop), "stllr" (S-TLLR on the stored sequences) and "stllr_online"
+(``STLLR(online=True)``, the step-by-step form). The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
 100 neurons (50 LIF + 50 ALIF, kspike.SpikingRNN), a 2-unit LeakyReadout, MSE on a random target.
 
 The machine may be shared: compare the ratios printed (each rule against BPTT at the same T, each
@@ -56,7 +57,8 @@ def worker(rule_name, steps, batch, units, repeats):
     loss = keras.losses.MeanSquaredError()
     rule = {"bptt": kspike.learning.BPTT, "eprop": kspike.learning.EProp,
             "eprop1p": lambda: kspike.learning.EProp(single_pass=True),
-            "stllr": kspike.learning.STLLR}[rule_name]()
+            "stllr": kspike.learning.STLLR,
+            "stllr_online": lambda: kspike.learning.STLLR(online=True)}[rule_name]()
 
     @tf.function
     def gradients(x, y):
@@ -83,7 +85,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--rules", nargs="+", default=["bptt", "eprop", "stllr"],
-                        choices=["bptt", "eprop", "eprop1p", "stllr"])
+                        choices=["bptt", "eprop", "eprop1p", "stllr", "stllr_online"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--units", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)

@@ -142,14 +142,16 @@ def make_model(steps, n_in, n_out):
 
 @pytest.mark.parametrize("feedback,last_steps,factors", [("bp", None, (0.2, 0.75, -1.0, 1.0)),
                                                          ("dfa", 12, (0.5, 0.9, -0.5, 2.0))])
-def test_stllr_equals_numpy(feedback, last_steps, factors):
+@pytest.mark.parametrize("online", [False, True])
+def test_stllr_equals_numpy(feedback, last_steps, factors, online):
     keras.config.set_dtype_policy("float64")
     batch, steps, n_in, n_out = 3, 40, 5, 2
     model = make_model(steps, n_in, n_out)
     rng = np.random.default_rng(0)
     x = (rng.random((batch, steps, n_in)) < 0.4).astype("float64")
     y = rng.standard_normal((batch, steps, n_out))
-    rule = STLLR(factors=factors, last_steps=last_steps, feedback=feedback, seed=11)
+    rule = STLLR(factors=factors, last_steps=last_steps, feedback=feedback, seed=11,
+                 online=online)
     result = rule.compute(model, tf.constant(x), tf.constant(y), mse)
     layers = [layer_dict(l.cell) for l in model.layers[:-1]]
     ro = model.layers[-1]

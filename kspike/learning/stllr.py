@@ -6,8 +6,10 @@ docs/stllr.md. For every input, recurrent and bias weight of the spiking layers:
     trace_post(t) = lambda_post trace_post(t-1) + psi_t
     dW(t) = L_t (x) [ alpha_post trace_post(t-1) (x) p_t + alpha_pre psi_t (x) trace_pre(t) ]
 
-summed over the batch and the (last k) steps. The network runs with kspike's own step
-(``kspike.dynamics``); the traces are (B, n_pre) and (B, n): memory does not depend on T.
+summed over the batch and the (last k) steps. Recurrent chains: by default from the stored
+sequences of one forward pass (per-neuron filters and one matmul per kernel);
+``online=True`` runs kspike's own step (``kspike.dynamics``) with (B, n_pre) and (B, n)
+traces, memory independent of T.
 """
 import math
 
@@ -61,6 +63,11 @@ class STLLR(FeedbackRule):
             (``stllr_secondary_activation``); "surrogate": the cell's own pseudo-derivative;
             or a callable x -> psi. psi is 0 while a neuron is refractory.
         seed: seed of the DFA matrices (None: from NumPy's global generator).
+        online: recurrent chains only. False (default): one forward pass (kspike's native
+            loop where it applies) stores the (T, B, n) sequences and the gradient is formed
+            from them with per-neuron filters and one matmul per kernel: fastest, memory
+            grows with T. True: the step-by-step loops, memory independent of T (apart from
+            the inputs and the outputs). Same gradient (docs/stllr.md).
 
     dE/dy_t for every step comes from the user's loss on the whole output sequence (a first
     inference pass keeps only the (B, T, n_out) outputs), so any per-step or window loss works;
@@ -125,7 +132,7 @@ class STLLR(FeedbackRule):
     name = "stllr"
 
     def __init__(self, factors=(0.2, 0.75, -1.0, 1.0), last_steps=None, feedback="bp",
-                 secondary_activation=None, seed=None):
+                 secondary_activation=None, seed=None, online=False):
         super().__init__(seed)
         try:
             factors = tuple(float(f) for f in factors)
@@ -155,11 +162,14 @@ class STLLR(FeedbackRule):
                              " 'surrogate' or a callable x -> psi, received "
                              f"{secondary_activation!r}.")
         self.secondary_activation = secondary_activation
+        if not isinstance(online, (bool, np.bool_)):
+            raise TypeError(f"`online` must be True or False, received {online!r}.")
+        self.online = bool(online)
 
     def get_config(self):
         return {"factors": self.factors, "last_steps": self.last_steps,
                 "feedback": self.feedback, "secondary_activation": self.secondary_activation,
-                "seed": self.seed}
+                "seed": self.seed, "online": self.online}
 
     @classmethod
     def from_config(cls, config):
@@ -277,14 +287,23 @@ class STLLR(FeedbackRule):
             shapes = [(plan.readout.units, layer.units) for layer in plan.layers]
             feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
         x = tf.cast(x, dtype)
-        sequence = online_rules.time_major(x, dtype)
-        predictions, counts = online_rules.inference_pass(plan, weights, readout, x, sequence)
-        task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+        if self.online:
+            sequence = online_rules.time_major(x, dtype)
+            predictions, counts = online_rules.inference_pass(plan, weights, readout, x,
+                                                              sequence)
+        else:
+            records = _recurrent_sequences(plan, model, weights, x)
+            predictions, counts = _sequence_outputs(plan, readout, records)
+        task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
         reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
                                                                  steps, dtype)
-        grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence, error,
-                                               reg_signals)
+        if self.online:
+            grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence,
+                                                   error, reg_signals)
+        else:
+            grads, readout_grad = self._sequence_gradients(plan, weights, readout, feedback,
+                                                           records, error, reg_signals)
         gradients, total = online_rules.model_gradients(tape, model, weights, grads, readout,
                                                         readout_grad, error, task_loss + reg_loss,
                                                         weight_loss, dtype)
@@ -353,6 +372,173 @@ class STLLR(FeedbackRule):
         grads = [online_rules.split_stacked(c["grad"], layer, w)
                  for c, layer, w in zip(carried, plan.layers, weights)]
         return grads, readout_grad
+
+    def _sequence_gradients(self, plan, weights, readout, feedback, records, error,
+                            reg_signals):
+        """The sum over batch and steps of the rule's updates from the stored sequences
+        (``_recurrent_sequences``): per-neuron filters on (T, B, n) and one matmul per kernel.
+
+        sum_t trace_pre(t)^T u_t = sum_s p_s^T ubar_s with ubar the backward filter (decay
+        lambda_pre) of u_t = alpha_pre psi_t L_t, so every kernel's gradient is P^T M with
+        M_t = alpha_post trace_post(t-1) L_t + ubar_t over the updated steps t >= t0; the
+        steps before t0 enter only through trace_pre(t0 - 1) (one weighted sum over time).
+        """
+        dtype = plan.dtype
+        kappa = plan.readout.kappa
+        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
+        err = tf.transpose(error, (1, 0, 2))                                # (T, B, n_out)
+        steps = tf.shape(err)[0]
+        first = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
+        n_out = int(err.shape[-1])
+        flat_err = tf.reshape(err, (-1, n_out))
+        steps_out = []
+        for rec, w in zip(records, weights):
+            v = tf.reshape(rec["v"], (-1, rec["units"]))
+            A = rec["A"] if isinstance(rec["A"], float) else tf.reshape(rec["A"], tf.shape(v))
+            allowed = None if rec["allowed"] is None else tf.reshape(rec["allowed"],
+                                                                      tf.shape(v))
+            steps_out.append((None, dynamics.NeuronState(v=v, b=None, z=None, r=None), A,
+                              allowed))
+        if self.feedback == "dfa":
+            signals = _dfa_signals(flat_err, feedback, reg_signals)
+        else:
+            signals = _bp_signals(flat_err, readout[0], kappa, steps_out, weights, reg_signals)
+        grads = []
+        for rec, w, (_, state, A, allowed), signal in zip(records, weights, steps_out,
+                                                           signals):
+            shape = tf.shape(rec["v"])
+            psi = tf.reshape(self._psi(state, A, w.params, allowed), shape)   # (T, B, n)
+            signal = tf.reshape(signal, shape)
+            # trace_post(t0 - 1), then trace_post(t - 1) over the updated steps.
+            post_before = _decayed_sum(psi[:first], lambda_post)
+            psi_late, signal_late = psi[first:], signal[first:]
+            post = _forward_filter(psi_late, lambda_post, post_before)
+            post_previous = tf.concat([post_before[None], post[:-1]], axis=0)
+            u_filtered = _backward_filter(alpha_pre * psi_late * signal_late, lambda_pre)
+            m = alpha_post * post_previous * signal_late + u_filtered
+            m_flat = tf.reshape(m, (-1, rec["units"]))
+            carried = u_filtered[0] if self.last_steps is not None else None
+            parts = [rec["x"]] + ([rec["z_previous"]] if w.recurrent_kernel is not None
+                                  else [])
+            kernel_grads = []
+            for part in parts:
+                g = tf.matmul(tf.reshape(part[first:], (-1, part.shape[-1])), m_flat,
+                              transpose_a=True)
+                if carried is not None:
+                    # trace_pre(t0) = lambda_pre trace_pre(t0 - 1) + p_t0: the earlier
+                    # steps' part of the first updated step's trace.
+                    before = lambda_pre * _decayed_sum(part[:first], lambda_pre)
+                    g = g + tf.matmul(before, carried, transpose_a=True)
+                kernel_grads.append(g)
+            g_bias = None
+            if w.bias is not None:
+                ones = lambda_pre * tf.reduce_sum(tf.pow(tf.constant(lambda_pre, dtype),
+                                                         tf.cast(tf.range(first), dtype)))
+                g_bias = tf.reduce_sum(m_flat, axis=0)
+                if carried is not None:
+                    g_bias = g_bias + ones * tf.reduce_sum(carried, axis=0)
+            g_rec = kernel_grads[1] if w.recurrent_kernel is not None else None
+            grads.append((kernel_grads[0], g_rec, g_bias))
+        z_last = records[-1]["z"]
+        filtered = online_rules.backward_filter(error, kappa)              # (B, T, n_out)
+        readout_grad = tf.matmul(tf.reshape(z_last, (-1, z_last.shape[-1])),
+                                 tf.reshape(tf.transpose(filtered, (1, 0, 2)), (-1, n_out)),
+                                 transpose_a=True)
+        return grads, readout_grad
+
+
+def _decayed_sum(seq, decay):
+    """sum_s decay^(S - 1 - s) seq_s of a (S, B, n) sequence: its filter's value at the last
+    step (zeros for S = 0), (B, n)."""
+    length = tf.shape(seq)[0]
+    powers = tf.pow(tf.constant(decay, seq.dtype),
+                    tf.cast(tf.range(length - 1, -1, -1), seq.dtype))
+    flat = tf.reshape(seq, (length, -1))
+    out = tf.matmul(powers[None], flat)
+    return tf.reshape(out, tf.shape(seq)[1:])
+
+
+def _forward_filter(seq, decay, initial):
+    """trace_t = decay trace_{t-1} + seq_t with trace_{-1} = initial, (S, B, n)."""
+    return tf.scan(lambda carry, s: decay * carry + s, seq, initializer=initial)
+
+
+def _backward_filter(seq, decay):
+    """out_t = sum_{t' >= t} decay^(t' - t) seq_t', (S, B, n)."""
+    return tf.scan(lambda carry, s: decay * carry + s, seq,
+                   initializer=tf.zeros_like(seq[0]), reverse=True)
+
+
+def _recurrent_sequences(plan, model, weights, x):
+    """One forward pass of the spiking layers keeping, time-major (T, B, n), what the rule
+    needs: each layer's input ``x``, spikes ``z``, ``z_previous`` (z_{t-1}), voltage ``v``,
+    threshold ``A`` (the float thr for LIF cells) and refractory mask ``allowed`` (or None).
+
+    The loops are kspike's engine (``kspike.engine``): its native C++ forward loop where it
+    applies to the cell (float32, catalogue surrogate, CPU), else its TensorFlow loop; the
+    weights are detached (gradients are formed by the rule, not by autodiff)."""
+    from kspike import engine
+    records = []
+    inputs = x                                                    # (B, T, n_in)
+    batch = tf.shape(x)[0]
+    for layer, w in zip(plan.layers, weights):
+        cell = layer.cell
+        dtype = plan.dtype
+        params = cell.parameters(dtype)
+        native = getattr(layer.layer, "native", "auto")
+        ops = engine._load_native(cell, "auto" if native is True else native, dtype, dtype,
+                                  False, False)
+        initial = [tf.cast(s, dtype) for s in cell.get_initial_state(batch)]
+        w_rec = None if w.recurrent_kernel is None else tf.stop_gradient(w.recurrent_kernel)
+        bias = None if w.bias is None else tf.stop_gradient(w.bias)
+        w_in = tf.stop_gradient(w.input_kernel)
+        x_time = tf.transpose(inputs, (1, 0, 2))
+        if ops is not None:
+            backend = engine._NativeBackend(ops, cell, params, False, True)
+            buffers, _, _ = backend.forward(engine._LoopInputs(inputs, w_in, w_rec, bias,
+                                                               initial, None))
+            z_batch = buffers["z"]
+            z = tf.transpose(z_batch, (1, 0, 2))
+            z0 = buffers["z0"]
+            v = buffers["v"]
+            A = buffers.get("A")
+            allowed = buffers.get("allowed")
+        else:
+            backend = engine._TensorFlowBackend(cell, params, False, True)
+            buffers, _, _ = backend.forward(engine._LoopInputs(x_time, w_in, w_rec, bias,
+                                                               initial, None))
+            reads = buffers["reads"]
+            z_states = buffers["z"]
+            z0, z = z_states[0], z_states[1:]
+            z_batch = tf.transpose(z, (1, 0, 2))
+            v = reads["v"].stack()
+            A = reads["A"].stack() if "A" in reads else None
+            allowed = reads["allowed"].stack() if "allowed" in reads else None
+        if A is None:
+            A = float(params.thr)
+        if allowed is not None:
+            allowed = tf.not_equal(tf.cast(allowed, dtype), 0.0)
+        records.append({"x": x_time, "z": z, "z_previous": tf.concat([z0[None], z[:-1]], 0),
+                        "v": v, "A": A, "allowed": allowed, "units": layer.units})
+        inputs = z_batch
+    return records
+
+
+def _sequence_outputs(plan, readout, records):
+    """The readout sequence y (B, T, n_out) and every layer's spike counts (n,) from the
+    stored spikes: y_t = zhat_t W_out + b with zhat the leaky filter of the last layer's
+    spikes (the filter applied after the product, which is linear)."""
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    z = records[-1]["z"]                                             # (T, B, n)
+    projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
+                           tf.concat([tf.shape(z)[:2], tf.shape(kernel)[1:]], 0))
+    filtered = tf.scan(lambda carry, s: kappa * carry + (1.0 - kappa) * s, projected,
+                       initializer=tf.zeros_like(projected[0]))
+    if bias is not None:
+        filtered = filtered + bias
+    counts = [tf.reduce_sum(rec["z"], axis=(0, 1)) for rec in records]
+    return tf.transpose(filtered, (1, 0, 2)), counts
 
 
 # ---------------------------------------------------------------------- feed-forward deep SNNs

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Time of one recurrent S-TLLR gradient against the BPTT gradient, in one run, and the memory of
+S-TLLR's two forms at growing T.
+
+    python bin/bench_stllr.py                  # timing at B=64, T=784; memory at T=300, 3000
+    python bin/bench_stllr.py --skip-memory    # timing only
+
+Timing: B=64 Poisson inputs (80 channels, 5% per step), one kspike.SpikingRNN layer of 256
+neurons (128 LIF + 128 ALIF, the native C++ loops), LeakyReadout(10), MSE on the last 56
+steps (a (B, T) sample weight). Each gradient function is one ``tf.function``; the median over
+``--repeats`` calls after one warm-up call. Rows: BPTT (``kspike.learning.BPTT``), STLLR (the
+default form, the whole sequence at once), STLLR with ``last_steps=56`` and STLLR(online=True)
+(the step-by-step loop whose memory does not depend on T); the ratio column is each time over
+BPTT's in this run.
+
+Memory: ``bin/bench_local_rules.py`` (every configuration in its own subprocess, peak
+resident memory) for STLLR(online=True) and the default STLLR at T = 300 and 3000, B=32, 128
+neurons; the ratio peak(T=3000) / peak(T=300) is printed per form.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def timing(batch, steps, repeats):
+    import numpy as np
+    import keras
+    import tensorflow as tf
+    import kspike
+    import kspike.learning
+
+    keras.utils.set_random_seed(0)
+    n_in, units, n_out, window = 80, 256, 10, 56
+    cell = kspike.ALIF(units, n_adaptive=units // 2, tau_adaptation=700.0, thr=0.01, seed=0)
+    model = keras.Sequential([keras.Input((steps, n_in)),
+                              kspike.SpikingRNN(cell, return_sequences=True),
+                              kspike.LeakyReadout(n_out, seed=1)])
+    rng = np.random.default_rng(0)
+    x = tf.constant((rng.random((batch, steps, n_in)) < 0.05).astype("float32"))
+    y = tf.constant(rng.standard_normal((batch, steps, n_out)).astype("float32"))
+    mask = np.zeros((batch, steps), "float32")
+    mask[:, -window:] = 1.0
+    mask = tf.constant(mask)
+    loss = keras.losses.MeanSquaredError()
+    rules = [("BPTT", kspike.learning.BPTT()),
+             ("STLLR", kspike.learning.STLLR()),
+             (f"STLLR last_steps={window}", kspike.learning.STLLR(last_steps=window)),
+             ("STLLR online=True", kspike.learning.STLLR(online=True))]
+    results = []
+    for name, rule in rules:
+        @tf.function
+        def gradients(x, y, mask, rule=rule):
+            return rule.compute(model, x, y, loss, sample_weight=mask).gradients
+
+        _ = [g.numpy() for g in gradients(x, y, mask) if g is not None]
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _ = [g.numpy() for g in gradients(x, y, mask) if g is not None]
+            times.append(time.perf_counter() - start)
+        results.append((name, float(np.median(times))))
+        print(f"  {name}: {results[-1][1]:.3f} s", flush=True)
+    base = results[0][1]
+    print(f"\nB={batch}, T={steps}, 80 inputs, {units} neurons (half ALIF), LeakyReadout(10), "
+          f"MSE on the last {window} steps; median of {repeats} calls")
+    print(f"{'rule':28s} {'s/gradient':>10s} {'x BPTT':>7s}")
+    for name, seconds in results:
+        print(f"{name:28s} {seconds:10.3f} {seconds / base:7.2f}")
+
+
+def memory(steps_list, repeats, rules=("stllr_online", "stllr")):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_local_rules.py")
+    rows = []
+    for rule in rules:
+        for steps in steps_list:
+            out = subprocess.run([sys.executable, script, "--worker", rule, str(steps), "32",
+                                  "128", str(repeats)], capture_output=True, text=True)
+            lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+            if out.returncode != 0 or not lines:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"memory run {rule} T={steps} failed")
+            rows.append(json.loads(lines[-1]))
+    print(f"\nB=32, 40 inputs, 128 neurons (half ALIF); peak resident memory per configuration")
+    print(f"{'form':14s} {'T':>5s} {'peak MB':>8s} {'extra MB':>9s} {'peak/peak(T0)':>14s}")
+    for r in rows:
+        first = next(f for f in rows if f["rule"] == r["rule"])
+        print(f"{r['rule']:14s} {r['T']:5d} {r['peak_mb']:8.1f} {r['extra_mb']:9.1f} "
+              f"{r['peak_mb'] / first['peak_mb']:14.3f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=784)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-steps", type=int, nargs="+", default=[300, 3000])
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args(argv)
+    timing(args.batch, args.steps, args.repeats)
+    if not args.skip_memory:
+        memory(args.memory_steps, 2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
