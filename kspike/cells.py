@@ -73,151 +73,88 @@ def split_outputs(y):
     return y[..., :units], y[..., units:2 * units], y[..., 2 * units:]
 
 
-class SpikingCell(keras.layers.Layer):
-    """Shared shell of ``kspike.LIF`` and ``kspike.ALIF`` (weights, state handling, config).
+def _cell_spike_function(surrogate, dampening_factor):
+    """The ``kspike.surrogates.SpikeFunction`` of a cell's ``surrogate`` argument: an object
+    as given (it carries its own dampening and sharpness), a config dict, or a registered
+    name built with ``dampening_factor``."""
+    if isinstance(surrogate, surrogates.SpikeFunction):
+        return surrogate
+    if isinstance(surrogate, dict):
+        return surrogates.get(dict(surrogate))
+    return surrogates.get(surrogate, dampening=dampening_factor)
 
-    Not used directly: build a ``LIF`` or an ``ALIF``. ``isinstance(obj, SpikingCell)`` (or
-    ``kspike.graph.is_spiking_cell(obj)``) tells whether an object is a kspike cell; the
-    arguments are those of ``kspike.LIF`` (docs/neurons.md).
+
+def _check_sparsity(connectivity, dale, **dense_only):
+    """A cell's ``connectivity`` (in (0, 1] or None) and ``dale`` (in (0, 1) or None), checked;
+    ``dense_only`` are the initializer/constraint arguments that rewired kernels refuse."""
+    if connectivity is not None:
+        connectivity = check_positive("connectivity", connectivity)
+        if connectivity > 1.0:
+            raise ValueError("`connectivity` must be in (0, 1] (the fraction of active "
+                             f"connections), received {connectivity!r}.")
+    if dale is not None:
+        dale = check_positive("dale", dale)
+        if not 0.0 < dale < 1.0:
+            raise ValueError("`dale` must be in (0, 1) (the fraction of excitatory "
+                             f"presynaptic neurons), received {dale!r}.")
+    if connectivity is not None or dale is not None:
+        # Rewired/sign-constrained kernels are initialised by kspike.rewiring (magnitudes
+        # |N(0, 1)| / sqrt(n_in) on the active entries) and kept by DEEP R, so these
+        # arguments would be silently ignored.
+        for name, value in dense_only.items():
+            if value is not None:
+                raise ValueError(f"`{name}` cannot be used with connectivity="
+                                 f"{connectivity!r} / dale={dale!r}: rewired kernels are "
+                                 f"initialised and constrained by kspike.rewiring; received "
+                                 f"{name}={value!r}.")
+    return connectivity, dale
+
+
+def _step_input_dim(cell_name, input_shape):
+    """The feature size of the step shape (batch, features) an RNN layer builds a cell with,
+    or ValueError saying which axis is missing."""
+    if len(input_shape) == 1:
+        # keras.layers.RNN builds its cell with (batch,) + shape[2:]: rank 1 means the
+        # sequence had rank 2, so either its time or its feature axis is missing.
+        raise ValueError(f"{cell_name} received a sequence of rank 2 (its RNN "
+                         f"layer built it with step shape {tuple(input_shape)}): the "
+                         "time or the feature axis is missing. RNN inputs must be (batch, "
+                         "time, features): use x[..., None] for one input channel per "
+                         "step, or x[:, None, :] for a single time step.")
+    if len(input_shape) != 2:
+        # An RNN layer builds its cell with the shape of one step, (batch, features).
+        raise ValueError(f"{cell_name} expects step inputs of shape (batch, "
+                         "features), i.e. sequences of shape (batch, time, features) in "
+                         f"an RNN layer; received step shape {tuple(input_shape)}.")
+    input_dim = input_shape[-1]
+    if input_dim is None:
+        raise ValueError(f"{cell_name} needs a known input feature size, "
+                         f"received input shape {tuple(input_shape)}.")
+    return int(input_dim)
+
+
+class _CellWeights:
+    """The weights half of ``SpikingCell``: ``build`` (dense or rewired kernels, synaptic
+    delays, bias) and the kernels as ``call`` uses them.
+
+    Reads the cell's arguments (``units``, ``recurrent``, ``connectivity``, ``dale``,
+    ``n_delay``, ``seed``, initializers, regularizers, constraints) set by
+    ``SpikingCell.__init__``.
     """
 
-    _adaptive = False
-
-    def __init__(self, units, tau=20.0, thr=0.01, dt=1.0, n_refractory=0, dampening_factor=0.3,
-                 surrogate="triangular", recurrent=True, connectivity=None, dale=None,
-                 output="spikes", seed=None, n_delay=1, use_bias=False,
-                 input_initializer=None, recurrent_initializer=None, bias_initializer="zeros",
-                 input_regularizer=None, recurrent_regularizer=None, bias_regularizer=None,
-                 input_constraint=None, recurrent_constraint=None, bias_constraint=None,
-                 **kwargs):
-        kwargs.pop("autocast", None)
-        # States stay in float32 under mixed precision: the cell handles casts itself.
-        super().__init__(autocast=False, **kwargs)
-        self.units = check_positive("units", units, integer=True)
-        self.tau = check_positive("tau", tau)
-        self.thr = check_positive("thr", thr)
-        self.dt = check_positive("dt", dt)
-        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True,
-                                           allow_zero=True)
-        self.dampening_factor = check_positive("dampening_factor", dampening_factor)
-        if isinstance(surrogate, surrogates.SpikeFunction):
-            # An object carries its own dampening and sharpness.
-            self.spike_function = surrogate
-        else:
-            if isinstance(surrogate, dict):
-                surrogate = dict(surrogate)
-                self.spike_function = surrogates.get(surrogate)
-            else:
-                self.spike_function = surrogates.get(surrogate, dampening=self.dampening_factor)
-        if not isinstance(recurrent, (bool, np.bool_)):
-            raise TypeError(f"`recurrent` must be True or False, received {recurrent!r}.")
-        self.recurrent = bool(recurrent)
-        if connectivity is not None:
-            connectivity = check_positive("connectivity", connectivity)
-            if connectivity > 1.0:
-                raise ValueError("`connectivity` must be in (0, 1] (the fraction of active "
-                                 f"connections), received {connectivity!r}.")
-        self.connectivity = connectivity
-        if dale is not None:
-            dale = check_positive("dale", dale)
-            if not 0.0 < dale < 1.0:
-                raise ValueError("`dale` must be in (0, 1) (the fraction of excitatory "
-                                 f"presynaptic neurons), received {dale!r}.")
-        self.dale = dale
-        if connectivity is not None or dale is not None:
-            # Rewired/sign-constrained kernels are initialised by kspike.rewiring (magnitudes
-            # |N(0, 1)| / sqrt(n_in) on the active entries) and kept by DEEP R, so these
-            # arguments would be silently ignored.
-            for name, value in (("input_initializer", input_initializer),
-                                ("recurrent_initializer", recurrent_initializer),
-                                ("input_constraint", input_constraint),
-                                ("recurrent_constraint", recurrent_constraint)):
-                if value is not None:
-                    raise ValueError(f"`{name}` cannot be used with connectivity="
-                                     f"{connectivity!r} / dale={dale!r}: rewired kernels are "
-                                     f"initialised and constrained by kspike.rewiring; received "
-                                     f"{name}={value!r}.")
-        if output not in _OUTPUTS:
-            raise ValueError(f"`output` must be one of {_OUTPUTS}, received {output!r}.")
-        self.output_mode = output
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise TypeError(f"`seed` must be an integer or None, received {seed!r}.")
-        self.seed = None if seed is None else int(seed)
-        self.n_delay = check_positive("n_delay", n_delay, integer=True)
-        self.use_bias = bool(use_bias)
-        self.input_initializer = self._initializer(input_initializer, 0)
-        self.recurrent_initializer = self._initializer(recurrent_initializer, 1)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.input_regularizer = regularizers.get(input_regularizer)
-        self.recurrent_regularizer = regularizers.get(recurrent_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.input_constraint = constraints.get(input_constraint)
-        self.recurrent_constraint = constraints.get(recurrent_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
-        self.alpha = dynamics.decay(self.tau, self.dt)
-        self._input_kernel = None
-        self._recurrent_kernel = None
-        self.bias = None
-        self._rewired = {}
-        self._input_delays = None
-        self._recurrent_delays = None
-        self._fixed_kernels = None
-
-    def _initializer(self, identifier, offset):
-        if identifier is None:
-            # LSNN: weights N(0, 1) / sqrt(fan_in).
-            seed = None if self.seed is None else self.seed + offset
-            return initializers.VarianceScaling(1.0, "fan_in", "untruncated_normal", seed=seed)
-        return initializers.get(identifier)
-
-    # ----------------------------------------------------------------- properties
     @property
-    def state_dtype(self):
-        """dtype of the states: float32 under 16-bit mixed precision, else the compute dtype."""
-        dtype = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
-        return "float32" if dtype in ("float16", "bfloat16") else dtype
+    def input_kernel(self):
+        """Effective input weights (n_in, units): a variable, or a tensor for rewired cells."""
+        if "input" in self._rewired:
+            return self._rewired["input"].effective()
+        return self._input_kernel
 
     @property
-    def compute_dtype(self):
-        """The state dtype: ``keras.layers.RNN`` casts the initial states to the cell's
-        ``compute_dtype`` and its while-loop needs the states to keep one dtype, so under
-        mixed precision the cell reports float32 here. The matmuls and the output still use
-        the policy's 16-bit compute dtype (``dtype_policy.compute_dtype``)."""
-        return self.state_dtype
-
-    @property
-    def adaptive(self):
-        """True if the cell carries a threshold-adaptation state b (ALIF, even with
-        ``n_adaptive=0``), False for LIF."""
-        return self._adaptive
-
-    @property
-    def rewired(self):
-        """True if the kernels are sparse and sign-constrained (``connectivity`` or ``dale``
-        set), i.e. held by ``kspike.rewiring`` rather than plain variables."""
-        return bool(self._rewired) or self.connectivity is not None or self.dale is not None
-
-    @property
-    def rewired_kernels(self):
-        """Read-only {"input"|"recurrent": ``kspike.rewiring.RewiredKernel``} of a built rewired
-        cell (empty for dense kernels or before ``build``)."""
-        return types.MappingProxyType(self._rewired)
-
-    @property
-    def delayed(self):
-        """True if the synapses have delays (``n_delay`` > 1): the state then ends with the
-        future-current buffer ``i_future``."""
-        return self.n_delay > 1
-
-    @property
-    def state_names(self):
-        names = ("v", "b", "z", "r") if self._adaptive else ("v", "z", "r")
-        return names + ("i_future",) if self.delayed else names
-
-    @property
-    def state_size(self):
-        return [self.units * self.n_delay if name == "i_future" else self.units
-                for name in self.state_names]
+    def recurrent_kernel(self):
+        """Effective recurrent weights (units, units) with zero diagonal, or None."""
+        if "recurrent" in self._rewired:
+            return self._rewired["recurrent"].effective()
+        return self._recurrent_kernel
 
     @property
     def input_delays(self):
@@ -243,49 +180,9 @@ class SpikingCell(keras.layers.Layer):
         values.setflags(write=False)
         return values
 
-    @property
-    def output_size(self):
-        return self.units * (3 if self.output_mode == "all" else 1)
-
-    @property
-    def beta_vector(self):
-        """Per-neuron adaptation strength, (units,) NumPy array (0 for LIF neurons)."""
-        return np.zeros(self.units, np.float64)
-
-    @property
-    def input_kernel(self):
-        """Effective input weights (n_in, units): a variable, or a tensor for rewired cells."""
-        if "input" in self._rewired:
-            return self._rewired["input"].effective()
-        return self._input_kernel
-
-    @property
-    def recurrent_kernel(self):
-        """Effective recurrent weights (units, units) with zero diagonal, or None."""
-        if "recurrent" in self._rewired:
-            return self._rewired["recurrent"].effective()
-        return self._recurrent_kernel
-
     # ----------------------------------------------------------------- weights
     def build(self, input_shape):
-        if len(input_shape) == 1:
-            # keras.layers.RNN builds its cell with (batch,) + shape[2:]: rank 1 means the
-            # sequence had rank 2, so either its time or its feature axis is missing.
-            raise ValueError(f"{type(self).__name__} received a sequence of rank 2 (its RNN "
-                             f"layer built it with step shape {tuple(input_shape)}): the "
-                             "time or the feature axis is missing. RNN inputs must be (batch, "
-                             "time, features): use x[..., None] for one input channel per "
-                             "step, or x[:, None, :] for a single time step.")
-        if len(input_shape) != 2:
-            # An RNN layer builds its cell with the shape of one step, (batch, features).
-            raise ValueError(f"{type(self).__name__} expects step inputs of shape (batch, "
-                             "features), i.e. sequences of shape (batch, time, features) in "
-                             f"an RNN layer; received step shape {tuple(input_shape)}.")
-        input_dim = input_shape[-1]
-        if input_dim is None:
-            raise ValueError(f"{type(self).__name__} needs a known input feature size, "
-                             f"received input shape {tuple(input_shape)}.")
-        self.input_dim = int(input_dim)
+        self.input_dim = _step_input_dim(type(self).__name__, input_shape)
         sparse = self.connectivity is not None or self.dale is not None
         if sparse:
             from kspike import rewiring  # sign-constrained, rewirable kernels live there
@@ -380,6 +277,133 @@ class SpikingCell(keras.layers.Layer):
             yield self._fixed_kernels
         finally:
             self._fixed_kernels = previous
+
+
+class SpikingCell(_CellWeights, keras.layers.Layer):
+    """Shared shell of ``kspike.LIF`` and ``kspike.ALIF`` (weights, state handling, config).
+
+    Not used directly: build a ``LIF`` or an ``ALIF``. ``isinstance(obj, SpikingCell)`` (or
+    ``kspike.graph.is_spiking_cell(obj)``) tells whether an object is a kspike cell; the
+    arguments are those of ``kspike.LIF`` (docs/neurons.md).
+    """
+
+    _adaptive = False
+
+    def __init__(self, units, tau=20.0, thr=0.01, dt=1.0, n_refractory=0, dampening_factor=0.3,
+                 surrogate="triangular", recurrent=True, connectivity=None, dale=None,
+                 output="spikes", seed=None, n_delay=1, use_bias=False,
+                 input_initializer=None, recurrent_initializer=None, bias_initializer="zeros",
+                 input_regularizer=None, recurrent_regularizer=None, bias_regularizer=None,
+                 input_constraint=None, recurrent_constraint=None, bias_constraint=None,
+                 **kwargs):
+        kwargs.pop("autocast", None)
+        # States stay in float32 under mixed precision: the cell handles casts itself.
+        super().__init__(autocast=False, **kwargs)
+        self.units = check_positive("units", units, integer=True)
+        self.tau = check_positive("tau", tau)
+        self.thr = check_positive("thr", thr)
+        self.dt = check_positive("dt", dt)
+        self.n_refractory = check_positive("n_refractory", n_refractory, integer=True,
+                                           allow_zero=True)
+        self.dampening_factor = check_positive("dampening_factor", dampening_factor)
+        self.spike_function = _cell_spike_function(surrogate, self.dampening_factor)
+        if not isinstance(recurrent, (bool, np.bool_)):
+            raise TypeError(f"`recurrent` must be True or False, received {recurrent!r}.")
+        self.recurrent = bool(recurrent)
+        self.connectivity, self.dale = _check_sparsity(
+            connectivity, dale, input_initializer=input_initializer,
+            recurrent_initializer=recurrent_initializer, input_constraint=input_constraint,
+            recurrent_constraint=recurrent_constraint)
+        if output not in _OUTPUTS:
+            raise ValueError(f"`output` must be one of {_OUTPUTS}, received {output!r}.")
+        self.output_mode = output
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"`seed` must be an integer or None, received {seed!r}.")
+        self.seed = None if seed is None else int(seed)
+        self.n_delay = check_positive("n_delay", n_delay, integer=True)
+        self.use_bias = bool(use_bias)
+        self.input_initializer = self._initializer(input_initializer, 0)
+        self.recurrent_initializer = self._initializer(recurrent_initializer, 1)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.input_regularizer = regularizers.get(input_regularizer)
+        self.recurrent_regularizer = regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.input_constraint = constraints.get(input_constraint)
+        self.recurrent_constraint = constraints.get(recurrent_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.alpha = dynamics.decay(self.tau, self.dt)
+        self._input_kernel = None
+        self._recurrent_kernel = None
+        self.bias = None
+        self._rewired = {}
+        self._input_delays = None
+        self._recurrent_delays = None
+        self._fixed_kernels = None
+
+    def _initializer(self, identifier, offset):
+        if identifier is None:
+            # LSNN: weights N(0, 1) / sqrt(fan_in).
+            seed = None if self.seed is None else self.seed + offset
+            return initializers.VarianceScaling(1.0, "fan_in", "untruncated_normal", seed=seed)
+        return initializers.get(identifier)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def state_dtype(self):
+        """dtype of the states: float32 under 16-bit mixed precision, else the compute dtype."""
+        dtype = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
+        return "float32" if dtype in ("float16", "bfloat16") else dtype
+
+    @property
+    def compute_dtype(self):
+        """The state dtype: ``keras.layers.RNN`` casts the initial states to the cell's
+        ``compute_dtype`` and its while-loop needs the states to keep one dtype, so under
+        mixed precision the cell reports float32 here. The matmuls and the output still use
+        the policy's 16-bit compute dtype (``dtype_policy.compute_dtype``)."""
+        return self.state_dtype
+
+    @property
+    def adaptive(self):
+        """True if the cell carries a threshold-adaptation state b (ALIF, even with
+        ``n_adaptive=0``), False for LIF."""
+        return self._adaptive
+
+    @property
+    def rewired(self):
+        """True if the kernels are sparse and sign-constrained (``connectivity`` or ``dale``
+        set), i.e. held by ``kspike.rewiring`` rather than plain variables."""
+        return bool(self._rewired) or self.connectivity is not None or self.dale is not None
+
+    @property
+    def rewired_kernels(self):
+        """Read-only {"input"|"recurrent": ``kspike.rewiring.RewiredKernel``} of a built rewired
+        cell (empty for dense kernels or before ``build``)."""
+        return types.MappingProxyType(self._rewired)
+
+    @property
+    def delayed(self):
+        """True if the synapses have delays (``n_delay`` > 1): the state then ends with the
+        future-current buffer ``i_future``."""
+        return self.n_delay > 1
+
+    @property
+    def state_names(self):
+        names = ("v", "b", "z", "r") if self._adaptive else ("v", "z", "r")
+        return names + ("i_future",) if self.delayed else names
+
+    @property
+    def state_size(self):
+        return [self.units * self.n_delay if name == "i_future" else self.units
+                for name in self.state_names]
+
+    @property
+    def output_size(self):
+        return self.units * (3 if self.output_mode == "all" else 1)
+
+    @property
+    def beta_vector(self):
+        """Per-neuron adaptation strength, (units,) NumPy array (0 for LIF neurons)."""
+        return np.zeros(self.units, np.float64)
 
     def parameters(self, dtype=None):
         """``kspike.dynamics.NeuronParameters`` of this cell (beta as a constant tensor)."""

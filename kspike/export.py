@@ -903,28 +903,37 @@ def saved_model(model, directory, overwrite=False, jit_compile=False, streaming=
     os.mkdir(staging, 0o777)   # the umask decides, as for any new directory
     try:
         _crash_point("staging")
-        # serve and step hold no tf.custom_gradient of their own (kspike's surrogates are
-        # stop-gradient expressions, SpikingRNN is served by the generic loop); custom
-        # gradients traced elsewhere by the model (e.g. SpikingRNN's fused loop when the model
-        # was built) capture tensors of other graphs and cannot be serialised.
-        options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-        tf.saved_model.save(module, staging,
-                            signatures={"serving_default": module.serve.get_concrete_function()},
-                            options=options)
-        from kspike import __version__
-        with open(os.path.join(staging, MARKER_FILE), "w", encoding="utf-8") as f:
-            json.dump({"format": "kspike.export.saved_model", "kspike_version": __version__,
-                       "functions": functions,
-                       "fixed_steps": getattr(module, "fixed_steps", None)}, f)
-        if os.path.isdir(target):
-            # After writing, so that a read-only mode of the old export cannot block it.
-            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+        _write_export(module, functions, staging, target)
         _crash_point("saved")
         _swap_in(staging, target)
     finally:
         if os.path.lexists(staging):
             _remove_tree(staging)
     return directory
+
+
+def _write_export(module, functions, staging, target):
+    """Write the SavedModel of ``module`` and the kspike marker file into ``staging``.
+
+    ``functions`` are the names recorded in the marker; when ``target`` already holds an
+    export, ``staging`` takes its permissions.
+    """
+    # serve and step hold no tf.custom_gradient of their own (kspike's surrogates are
+    # stop-gradient expressions, SpikingRNN is served by the generic loop); custom
+    # gradients traced elsewhere by the model (e.g. SpikingRNN's fused loop when the model
+    # was built) capture tensors of other graphs and cannot be serialised.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, staging,
+                        signatures={"serving_default": module.serve.get_concrete_function()},
+                        options=options)
+    from kspike import __version__
+    with open(os.path.join(staging, MARKER_FILE), "w", encoding="utf-8") as f:
+        json.dump({"format": "kspike.export.saved_model", "kspike_version": __version__,
+                   "functions": functions,
+                   "fixed_steps": getattr(module, "fixed_steps", None)}, f)
+    if os.path.isdir(target):
+        # After writing, so that a read-only mode of the old export cannot block it.
+        os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
 
 
 from kspike.litert import litert, load_litert, LiteRTRunner  # noqa: E402  docs/litert.md

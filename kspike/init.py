@@ -463,6 +463,38 @@ class StabilizationReport(NamedTuple):
                     self.thr, self.n_rec, self.n_in, self.input_weight_var)
 
 
+def _stabilizable_cell(cell):
+    """The kspike cell of ``cell`` (a cell or an RNN layer wrapping one), checked for
+    ``stabilize``: built, recurrent, with dense kernels."""
+    found = graph.spiking_cell_of(cell)
+    if found is None:
+        raise TypeError(f"`cell` must be a kspike LIF/ALIF cell (or an RNN layer wrapping one), "
+                        f"received {cell!r}.")
+    cell = found
+    if not cell.built:
+        raise ValueError(f"The cell {cell.name!r} is not built; build its layer first, e.g. "
+                         "layer.build((None, None, n_in)).")
+    if not cell.recurrent:
+        raise ValueError("stabilize needs a recurrent cell (conditions I-IV concern W_rec); "
+                         f"received {cell.name!r} built with recurrent=False.")
+    if cell.rewired:
+        raise ValueError("stabilize does not support sparse rewired kernels (connectivity/dale).")
+    return cell
+
+
+def _recurrent_draw(n_rec, mean, variance, seed):
+    """(n_rec, n_rec) float64 recurrent kernel with a zero diagonal whose off-diagonal entries
+    have exactly ``mean`` and ``variance`` (a standardised normal sample); also returns the
+    off-diagonal bool mask."""
+    rng = np.random.default_rng(seed)
+    off = ~np.eye(n_rec, dtype=bool)
+    sample = rng.standard_normal(off.sum())
+    sample = (sample - sample.mean()) / sample.std()
+    w = np.zeros((n_rec, n_rec))
+    w[off] = mean + math.sqrt(variance) * sample
+    return w, off
+
+
 def stabilize(cell, input_mean, input_var, voltage_range=None, seed=None, verbose=False,
               sharpness_bounds=(1e-3, 1e3)):
     """Apply conditions I-IV to a built recurrent kspike cell before training.
@@ -498,19 +530,7 @@ def stabilize(cell, input_mean, input_var, voltage_range=None, seed=None, verbos
     Returns:
         ``StabilizationReport`` of the values chosen.
     """
-    found = graph.spiking_cell_of(cell)
-    if found is None:
-        raise TypeError(f"`cell` must be a kspike LIF/ALIF cell (or an RNN layer wrapping one), "
-                        f"received {cell!r}.")
-    cell = found
-    if not cell.built:
-        raise ValueError(f"The cell {cell.name!r} is not built; build its layer first, e.g. "
-                         "layer.build((None, None, n_in)).")
-    if not cell.recurrent:
-        raise ValueError("stabilize needs a recurrent cell (conditions I-IV concern W_rec); "
-                         f"received {cell.name!r} built with recurrent=False.")
-    if cell.rewired:
-        raise ValueError("stabilize does not support sparse rewired kernels (connectivity/dale).")
+    cell = _stabilizable_cell(cell)
     input_mean = _number("input_mean", input_mean)
     input_var = _number("input_var", input_var, positive=True)
     if voltage_range is not None:
@@ -520,12 +540,7 @@ def stabilize(cell, input_mean, input_var, voltage_range=None, seed=None, verbos
     input_weight_var = float(np.var(w_in))
     mu = recurrent_mean(n_rec, alpha, thr)
     var = recurrent_variance(n_rec, n_in, input_mean, input_var, input_weight_var, mu)
-    rng = np.random.default_rng(seed)
-    off = ~np.eye(n_rec, dtype=bool)
-    sample = rng.standard_normal(off.sum())
-    sample = (sample - sample.mean()) / sample.std()
-    w = np.zeros((n_rec, n_rec))
-    w[off] = mu + math.sqrt(var) * sample
+    w, off = _recurrent_draw(n_rec, mu, var, seed)
     gamma, _, _ = dampening(w, alpha, thr)      # before any assignment: may raise
     if voltage_range is None:
         bias = None if cell.bias is None else cell.bias.numpy()

@@ -304,7 +304,6 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
     x = tf.convert_to_tensor(x)
     dtype = x.dtype
     v_initial = tf.convert_to_tensor(v_initial, dtype)
-    element_shape = v_initial.shape
     masked = mask is not None
     if masked:
         mask = tf.cast(tf.convert_to_tensor(mask), dtype)
@@ -312,40 +311,14 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
         mask = tf.reshape(mask, tf.concat(
             [tf.shape(mask), tf.ones([x.shape.rank - 2], tf.int32)], axis=0))
 
-    def unstack(tensor):
-        return tf.TensorArray(tensor.dtype, size=tf.shape(tensor)[0],
-                              element_shape=tensor.shape[1:]).unstack(tensor)
-
-    def new_ta(size):
-        return tf.TensorArray(dtype, size=size, element_shape=element_shape)
-
-    def forward(x, v_initial, mask, differentiable, keep_h):
-        steps = tf.shape(x)[0]
-        x_ta = unstack(x)
-        mask_ta = unstack(mask) if masked else None
-        names = ["s"] + (["v"] if return_voltages else []) + (["h"] if keep_h else [])
-
-        def body(t, v, tas):
-            s, v_new, h = dynamics.node_step(v, x_ta.read(t), params, differentiable)
-            if masked:
-                m = mask_ta.read(t)
-                s = s * m
-                v_new = tf.where(m > 0.5, v_new, v)
-            values = {"s": s, "v": v_new, "h": h}
-            return t + 1, v_new, {k: ta.write(t, values[k]) for k, ta in tas.items()}
-
-        _, v_final, tas = tf.while_loop(
-            lambda t, *_: t < steps, body,
-            (tf.constant(0), v_initial, {k: new_ta(steps) for k in names}))
-        return tas, v_final
-
     if hand_written_backward and native:
         ops = native_node_ops(dtype, params, masked)
         if ops is not None:
             return _native_node_sequence(ops, x, v_initial, params, return_voltages)
 
     if not hand_written_backward:
-        tas, v_final = forward(x, v_initial, mask, True, False)
+        tas, v_final = _node_forward_loop(x, v_initial, mask, params, return_voltages,
+                                          differentiable=True, keep_h=False)
         voltages = tas["v"].stack() if return_voltages else None
         return (_with_static_shape(tas["s"].stack(), x), _with_static_shape(voltages, x),
                 v_final)
@@ -356,45 +329,111 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
     def run(*args):
         x, v_initial = args[0], args[1]
         mask_value = args[2] if masked else None
-        tas, v_final = forward(x, v_initial, mask_value, False, True)
+        tas, v_final = _node_forward_loop(x, v_initial, mask_value, params, return_voltages,
+                                          differentiable=False, keep_h=True)
         spikes = tas["s"].stack()
         outputs = [spikes] + ([tas["v"].stack()] if return_voltages else []) + [v_final]
-        h_ta, s_ta = tas["h"], tas["s"]
 
         def grad_fn(*grads):
             grads = [tf.zeros_like(o) if g is None else tf.convert_to_tensor(g, dtype)
                      for g, o in zip(grads, outputs)]
-            grad_spikes_ta = unstack(grads[0])
-            grad_voltages_ta = unstack(grads[1]) if return_voltages else None
-            steps = tf.shape(x)[0]
-            mask_ta = unstack(mask_value) if masked else None
-
-            def back_body(t, grad_v, grad_x_ta):
-                # grad_v: dL/dV_t from the steps after t (and the final state).
-                if grad_voltages_ta is not None:
-                    grad_v = grad_v + grad_voltages_ta.read(t)
-                # At a masked step S_t is 0 (its output gradient does not count) and
-                # V_t = V_{t-1}.
-                grad_x, grad_v_previous = dynamics.node_step_vjp(
-                    grad_spikes_ta.read(t), grad_v, h_ta.read(t), s_ta.read(t), params)
-                if masked:
-                    m = mask_ta.read(t)
-                    grad_x = grad_x * m
-                    grad_v_previous = m * grad_v_previous + (1.0 - m) * grad_v
-                return t - 1, grad_v_previous, grad_x_ta.write(t, grad_x)
-
-            _, grad_v0, grad_x_ta = tf.while_loop(
-                lambda t, *_: t >= 0, back_body, (steps - 1, grads[-1], new_ta(steps)))
-            result = [grad_x_ta.stack(), grad_v0]
-            if masked:
-                result.append(tf.zeros_like(mask_value))
-            return result
+            grad_x, grad_v0 = _node_backward_loop(
+                grads[0], grads[1] if return_voltages else None, grads[-1],
+                tas["h"], tas["s"], mask_value, params, v_initial)
+            return [grad_x, grad_v0] + ([tf.zeros_like(mask_value)] if masked else [])
 
         return tuple(outputs), grad_fn
 
     results = run(*inputs)
     voltages = results[1] if return_voltages else None
     return _with_static_shape(results[0], x), _with_static_shape(voltages, x), results[-1]
+
+
+def _unstack_time(tensor):
+    """A TensorArray over the leading (time) axis of ``tensor``."""
+    return tf.TensorArray(tensor.dtype, size=tf.shape(tensor)[0],
+                          element_shape=tensor.shape[1:]).unstack(tensor)
+
+
+def _node_forward_loop(x, v_initial, mask, params, return_voltages, differentiable, keep_h):
+    """The ``tf.while_loop`` of ``node_sequence``'s forward pass.
+
+    Args:
+        x: (T, B, *features) input currents.
+        v_initial: (B, *features) V_0.
+        mask: None, or (T, B, 1, ..., 1) 0/1 in the dtype of ``x``.
+        params: ``kspike.dynamics.NodeParameters``.
+        return_voltages: also keep V_t (key "v").
+        differentiable: passed to ``kspike.dynamics.node_step``.
+        keep_h: also keep H_t (key "h"), for the hand-written backward pass.
+
+    Returns:
+        (tas, v_final): a dict of (T, B, *features) TensorArrays ("s" always, "v" and "h"
+        as asked) and V_T.
+    """
+    steps = tf.shape(x)[0]
+    x_ta = _unstack_time(x)
+    masked = mask is not None
+    mask_ta = _unstack_time(mask) if masked else None
+    names = ["s"] + (["v"] if return_voltages else []) + (["h"] if keep_h else [])
+
+    def body(t, v, tas):
+        s, v_new, h = dynamics.node_step(v, x_ta.read(t), params, differentiable)
+        if masked:
+            m = mask_ta.read(t)
+            s = s * m
+            v_new = tf.where(m > 0.5, v_new, v)
+        values = {"s": s, "v": v_new, "h": h}
+        return t + 1, v_new, {k: ta.write(t, values[k]) for k, ta in tas.items()}
+
+    def new_ta():
+        return tf.TensorArray(x.dtype, size=steps, element_shape=v_initial.shape)
+
+    _, v_final, tas = tf.while_loop(
+        lambda t, *_: t < steps, body,
+        (tf.constant(0), v_initial, {k: new_ta() for k in names}))
+    return tas, v_final
+
+
+def _node_backward_loop(grad_spikes, grad_voltages, grad_v_final, h_ta, s_ta, mask, params,
+                        v_initial):
+    """The backward recurrence of ``node_sequence`` (``kspike.dynamics.node_step_vjp`` per step).
+
+    Args:
+        grad_spikes: (T, B, *features) dL/dS_t.
+        grad_voltages: None, or (T, B, *features) dL/dV_t from the returned voltages.
+        grad_v_final: (B, *features) dL/dV_T.
+        h_ta, s_ta: the forward pass's TensorArrays of H_t and S_t.
+        mask: None, or (T, B, 1, ..., 1) 0/1.
+        params: ``kspike.dynamics.NodeParameters``.
+        v_initial: V_0 (its shape and dtype shape the result).
+
+    Returns:
+        (grad_x, grad_v0): (T, B, *features) dL/dx_t and (B, *features) dL/dV_0.
+    """
+    grad_spikes_ta = _unstack_time(grad_spikes)
+    grad_voltages_ta = _unstack_time(grad_voltages) if grad_voltages is not None else None
+    steps = tf.shape(grad_spikes)[0]
+    masked = mask is not None
+    mask_ta = _unstack_time(mask) if masked else None
+
+    def back_body(t, grad_v, grad_x_ta):
+        # grad_v: dL/dV_t from the steps after t (and the final state).
+        if grad_voltages_ta is not None:
+            grad_v = grad_v + grad_voltages_ta.read(t)
+        # At a masked step S_t is 0 (its output gradient does not count) and V_t = V_{t-1}.
+        grad_x, grad_v_previous = dynamics.node_step_vjp(
+            grad_spikes_ta.read(t), grad_v, h_ta.read(t), s_ta.read(t), params)
+        if masked:
+            m = mask_ta.read(t)
+            grad_x = grad_x * m
+            grad_v_previous = m * grad_v_previous + (1.0 - m) * grad_v
+        return t - 1, grad_v_previous, grad_x_ta.write(t, grad_x)
+
+    grad_x_ta = tf.TensorArray(v_initial.dtype, size=steps, element_shape=v_initial.shape)
+    _, grad_v0, grad_x_ta = tf.while_loop(
+        lambda t, *_: t >= 0, back_body, (steps - 1, grad_v_final, grad_x_ta))
+    return grad_x_ta.stack(), grad_v0
 
 
 def _with_static_shape(sequence, like):

@@ -216,52 +216,18 @@ def rewiring_step(magnitudes, masks, learning_rate, l1=0.0, temperature=0.0, all
     """
     l1 = _check_non_negative("l1", l1)
     temperature = _check_non_negative("temperature", temperature)
-    magnitudes = [tf.convert_to_tensor(m) for m in magnitudes]
-    if not magnitudes:
-        raise ValueError("`magnitudes` must hold at least one kernel, received an empty list.")
+    magnitudes, masks, allowed = _check_rewiring_group(magnitudes, masks, allowed)
     dtype = magnitudes[0].dtype
-    masks = [tf.cast(m, dtype) for m in masks]
     shapes = [tuple(m.shape) for m in magnitudes]
-    if allowed is None:
-        allowed = [None] * len(magnitudes)
-    if len(masks) != len(magnitudes) or len(allowed) != len(magnitudes):
-        raise ValueError(f"`magnitudes`, `masks` and `allowed` must have the same length, "
-                         f"received {len(magnitudes)}, {len(masks)} and {len(allowed)}.")
-    for theta, mask in zip(magnitudes, masks):
-        if theta.shape != mask.shape:
-            raise ValueError(f"Each mask must have the shape of its magnitude, received "
-                             f"{tuple(mask.shape)} for {tuple(theta.shape)}.")
     if ((noise is None and temperature > 0) or keys is None) and seed is None:
         raise ValueError("rewiring_step needs `seed` unless `noise` and `keys` are given.")
     if noise is None and temperature > 0:
         noise, _ = rewiring_draws(seed, shapes, dtype, keys=False)
     learning_rate = tf.cast(learning_rate, dtype)
 
-    new_magnitudes, alive = [], []
-    n_before = tf.constant(0, tf.int32)
-    n_after = tf.constant(0, tf.int32)
-    for i, (theta, mask) in enumerate(zip(magnitudes, masks)):
-        was_active = mask > 0
-        if l1 > 0:
-            theta = theta - learning_rate * tf.cast(l1, dtype)
-        if temperature > 0:
-            scale = tf.sqrt(2.0 * learning_rate * tf.cast(temperature, dtype))
-            theta = theta + scale * tf.cast(noise[i], dtype)
-        still = tf.logical_and(was_active, theta > 0)
-        new_magnitudes.append(tf.where(still, theta, tf.zeros_like(theta)))
-        alive.append(still)
-        n_before += tf.reduce_sum(tf.cast(was_active, tf.int32))
-        n_after += tf.reduce_sum(tf.cast(still, tf.int32))
-    died = n_before - n_after
-
+    new_magnitudes, alive, died = _prune(magnitudes, masks, learning_rate, l1, temperature, noise)
     sizes = [int(np.prod(s)) for s in shapes]
-    candidates = []
-    for still, allow in zip(alive, allowed):
-        free = tf.logical_not(tf.reshape(still, (-1,)))
-        if allow is not None:
-            free = tf.logical_and(free, tf.reshape(tf.constant(np.asarray(allow, bool)), (-1,)))
-        candidates.append(free)
-    candidates = tf.concat(candidates, axis=0)
+    candidates = _rebirth_candidates(alive, allowed)
 
     def reborn():
         if keys is None:
@@ -281,6 +247,66 @@ def rewiring_step(magnitudes, masks, learning_rate, l1=0.0, temperature=0.0, all
         out_magnitudes.append(tf.where(new, tf.constant(REBIRTH_MAGNITUDE, dtype), theta))
         out_masks.append(tf.cast(tf.logical_or(still, new), dtype))
     return RewiringResult(out_magnitudes, out_masks, died)
+
+
+def _check_rewiring_group(magnitudes, masks, allowed):
+    """``rewiring_step``'s checks of its kernel group; returns (magnitudes, masks, allowed).
+
+    The magnitudes become tensors, the masks tensors of their dtype, and ``allowed=None`` a
+    list of None (every entry allowed).
+    """
+    magnitudes = [tf.convert_to_tensor(m) for m in magnitudes]
+    if not magnitudes:
+        raise ValueError("`magnitudes` must hold at least one kernel, received an empty list.")
+    dtype = magnitudes[0].dtype
+    masks = [tf.cast(m, dtype) for m in masks]
+    if allowed is None:
+        allowed = [None] * len(magnitudes)
+    if len(masks) != len(magnitudes) or len(allowed) != len(magnitudes):
+        raise ValueError(f"`magnitudes`, `masks` and `allowed` must have the same length, "
+                         f"received {len(magnitudes)}, {len(masks)} and {len(allowed)}.")
+    for theta, mask in zip(magnitudes, masks):
+        if theta.shape != mask.shape:
+            raise ValueError(f"Each mask must have the shape of its magnitude, received "
+                             f"{tuple(mask.shape)} for {tuple(theta.shape)}.")
+    return magnitudes, masks, allowed
+
+
+def _prune(magnitudes, masks, learning_rate, l1, temperature, noise):
+    """The L1 shrinkage, noise and pruning half of ``rewiring_step``.
+
+    Returns:
+        (new_magnitudes, alive, died): the magnitudes with dead and dormant entries at 0, the
+        bool masks of entries still active, and the int32 number of entries that died.
+    """
+    dtype = learning_rate.dtype
+    new_magnitudes, alive = [], []
+    n_before = tf.constant(0, tf.int32)
+    n_after = tf.constant(0, tf.int32)
+    for i, (theta, mask) in enumerate(zip(magnitudes, masks)):
+        was_active = mask > 0
+        if l1 > 0:
+            theta = theta - learning_rate * tf.cast(l1, dtype)
+        if temperature > 0:
+            scale = tf.sqrt(2.0 * learning_rate * tf.cast(temperature, dtype))
+            theta = theta + scale * tf.cast(noise[i], dtype)
+        still = tf.logical_and(was_active, theta > 0)
+        new_magnitudes.append(tf.where(still, theta, tf.zeros_like(theta)))
+        alive.append(still)
+        n_before += tf.reduce_sum(tf.cast(was_active, tf.int32))
+        n_after += tf.reduce_sum(tf.cast(still, tf.int32))
+    return new_magnitudes, alive, n_before - n_after
+
+
+def _rebirth_candidates(alive, allowed):
+    """(total size,) bool: the entries, over all kernels flattened, that may be reborn."""
+    candidates = []
+    for still, allow in zip(alive, allowed):
+        free = tf.logical_not(tf.reshape(still, (-1,)))
+        if allow is not None:
+            free = tf.logical_and(free, tf.reshape(tf.constant(np.asarray(allow, bool)), (-1,)))
+        candidates.append(free)
+    return tf.concat(candidates, axis=0)
 
 
 # --------------------------------------------------------------------------- Keras shell

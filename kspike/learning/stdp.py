@@ -400,6 +400,101 @@ def _check_preceded(model, synapse, neurons, who="STDP"):
                      f"{graph.describe(synapse)}.")
 
 
+def _check_trace_tau(name, value):
+    """A trace time constant ``tau_pre``/``tau_post`` as a float >= 1 (time steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a number (time steps), received {value!r}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 1.0:
+        raise ValueError(f"`{name}` must be a finite number >= 1 (time steps; the trace "
+                         f"decays by 1 - 1/{name} per step), received {value!r}.")
+    return value
+
+
+def _check_scale(scale):
+    """STDP's ``scale`` as a finite non-zero float."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"`scale` must be a number, received {scale!r}.") from None
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"`scale` must be a finite non-zero number, received {scale!r}.")
+    return scale
+
+
+def _record_change(rule, pre, post, state):
+    """{kernel name: (variable, dW)} of ``rule`` (an ``STDP``) for one multi-step record
+    (B, T, ...) of ``pre`` and ``post``; ``state`` holds the traces and is updated."""
+    syn = rule.synapse
+    out = {}
+    pre64 = tf.cast(pre, tf.float64)
+    post64 = tf.cast(post, tf.float64)
+    for name, var in syn.kernels(rule.kernels):
+        if syn.kind == "conv2d":
+            layer = syn.inner
+            p, q = pre64, post64
+            if layer.data_format == "channels_first":
+                p = tf.transpose(p, (0, 1, 3, 4, 2))
+                q = tf.transpose(q, (0, 1, 3, 4, 2))
+            dw, tr_pre, tr_post = conv2d_weight_change(
+                var, p, q, layer.strides, layer.padding, rule.tau_pre, rule.tau_post,
+                rule.f_pre, rule.f_post, state.get("pre"), state.get("post"))
+            state["pre"], state["post"] = tr_pre, tr_post
+        elif name == "recurrent":
+            z0 = state.get("last_z")
+            if z0 is None:
+                z0 = tf.zeros_like(post64[:, 0])
+            rec_pre = tf.concat([z0[:, None], post64[:, :-1]], axis=1)
+            dw, tr_pre, tr_post = dense_weight_change(
+                var, rec_pre, post64, rule.tau_pre, rule.tau_post, rule.f_pre, rule.f_post,
+                state.get("pre_rec"), state.get("post"))
+            dw = dw * (1.0 - tf.eye(dw.shape[0], dtype=dw.dtype))
+            state["pre_rec"], state["post_next"] = tr_pre, tr_post
+        else:
+            dw, tr_pre, tr_post = dense_weight_change(
+                var, pre64, post64, rule.tau_pre, rule.tau_post, rule.f_pre, rule.f_post,
+                state.get("pre"), state.get("post"))
+            state["pre"], state["post_next"] = tr_pre, tr_post
+        out[name] = (var, dw)
+    if "post_next" in state:
+        state["post"] = state.pop("post_next")
+    if syn.kind == "cell":
+        state["last_z"] = post64[:, -1]
+    return out
+
+
+def _activity_probe(syn, model):
+    """A ``keras.Model`` of ``model``'s input returning [pre, post, *outputs]: the activity
+    before and after the synapse ``syn`` (a ``_Synapse``) and the model's outputs."""
+    layer = syn.layer
+    if syn.kind == "cell" and layer is syn.cell:
+        # a bare cell: read the activity of the sequence layer that runs it
+        wrappers = [l for l in model.layers
+                    if graph.is_spiking_layer(l) and l.cell is syn.cell]
+        if len(wrappers) != 1:
+            raise ValueError(f"The cell {syn.cell.name!r} is run by {len(wrappers)} "
+                             "layers of the model; pass the RNN layer as `synapse`.")
+        layer = wrappers[0]
+    post_layer = layer
+    if syn.kind != "cell":
+        if syn.neurons is None:
+            layer, post_layer = postsynaptic_neurons(model, syn.layer)
+        else:
+            post_layer = syn.neurons
+            if graph.is_neuron_layer(post_layer):
+                layer = _check_preceded(model, syn.layer, post_layer) or layer
+    try:
+        pre = layer.input
+        post = post_layer.output
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        probe = keras.Model(inputs, [pre, post] + list(tf.nest.flatten(model.outputs)))
+    except (AttributeError, ValueError) as error:
+        raise ValueError("STDP.compute needs a functional or Sequential model (built "
+                         "from keras.Input) that contains the synapse and neuron "
+                         f"layers; could not read their activity: {error}") from None
+    return probe
+
+
 # ----------------------------------------------------------------------------- the rule
 class STDP(LearningRule):
     """Trace STDP of one synapse layer, SpikingJelly ``STDPLearner`` semantics.
@@ -451,21 +546,15 @@ class STDP(LearningRule):
 
     def __init__(self, tau_pre=2.0, tau_post=100.0, f_pre=None, f_post=None, scale=1.0,
                  synapse=None, neurons=None, kernels="all"):
-        self.tau_pre = self._tau("tau_pre", tau_pre)
-        self.tau_post = self._tau("tau_post", tau_post)
+        self.tau_pre = _check_trace_tau("tau_pre", tau_pre)
+        self.tau_post = _check_trace_tau("tau_post", tau_post)
         for name, f in (("f_pre", f_pre), ("f_post", f_post)):
             if f is not None and not callable(f):
                 raise TypeError(f"`{name}` must be a callable W -> tensor or None, received "
                                 f"{f!r}.")
         self.f_pre = f_pre
         self.f_post = f_post
-        try:
-            scale = float(scale)
-        except (TypeError, ValueError):
-            raise TypeError(f"`scale` must be a number, received {scale!r}.") from None
-        if not math.isfinite(scale) or scale == 0.0:
-            raise ValueError(f"`scale` must be a finite non-zero number, received {scale!r}.")
-        self.scale = scale
+        self.scale = _check_scale(scale)
         if kernels not in ("all", "input", "recurrent"):
             raise ValueError("`kernels` must be 'all', 'input' or 'recurrent', received "
                              f"{kernels!r}.")
@@ -474,61 +563,11 @@ class STDP(LearningRule):
         self._probes = {}
         self.reset()
 
-    @staticmethod
-    def _tau(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"`{name}` must be a number (time steps), received {value!r}.")
-        value = float(value)
-        if not math.isfinite(value) or value < 1.0:
-            raise ValueError(f"`{name}` must be a finite number >= 1 (time steps; the trace "
-                             f"decays by 1 - 1/{name} per step), received {value!r}.")
-        return value
-
     def _need_synapse(self):
         if self.synapse is None:
             raise ValueError("This STDP rule has no `synapse`: build it with "
                              "STDP(..., synapse=layer[, neurons=spiking_layer]).")
         return self.synapse
-
-    # ------------------------------------------------------------------ maths of one record
-    def _change(self, pre, post, state):
-        """dW per kernel name for one multi-step record; ``state`` holds the traces."""
-        syn = self.synapse
-        out = {}
-        pre64 = tf.cast(pre, tf.float64)
-        post64 = tf.cast(post, tf.float64)
-        for name, var in syn.kernels(self.kernels):
-            if syn.kind == "conv2d":
-                layer = syn.inner
-                p, q = pre64, post64
-                if layer.data_format == "channels_first":
-                    p = tf.transpose(p, (0, 1, 3, 4, 2))
-                    q = tf.transpose(q, (0, 1, 3, 4, 2))
-                dw, tr_pre, tr_post = conv2d_weight_change(
-                    var, p, q, layer.strides, layer.padding, self.tau_pre, self.tau_post,
-                    self.f_pre, self.f_post, state.get("pre"), state.get("post"))
-                state["pre"], state["post"] = tr_pre, tr_post
-            elif name == "recurrent":
-                z0 = state.get("last_z")
-                if z0 is None:
-                    z0 = tf.zeros_like(post64[:, 0])
-                rec_pre = tf.concat([z0[:, None], post64[:, :-1]], axis=1)
-                dw, tr_pre, tr_post = dense_weight_change(
-                    var, rec_pre, post64, self.tau_pre, self.tau_post, self.f_pre, self.f_post,
-                    state.get("pre_rec"), state.get("post"))
-                dw = dw * (1.0 - tf.eye(dw.shape[0], dtype=dw.dtype))
-                state["pre_rec"], state["post_next"] = tr_pre, tr_post
-            else:
-                dw, tr_pre, tr_post = dense_weight_change(
-                    var, pre64, post64, self.tau_pre, self.tau_post, self.f_pre, self.f_post,
-                    state.get("pre"), state.get("post"))
-                state["pre"], state["post_next"] = tr_pre, tr_post
-            out[name] = (var, dw)
-        if "post_next" in state:
-            state["post"] = state.pop("post_next")
-        if syn.kind == "cell":
-            state["last_z"] = post64[:, -1]
-        return out
 
     def _check_pair(self, pre, post):
         syn = self._need_synapse()
@@ -580,7 +619,7 @@ class STDP(LearningRule):
         total = {}
         records, self._records = self._records, []
         for pre, post in records:
-            for name, (var, dw) in self._change(pre, post, self._state).items():
+            for name, (var, dw) in _record_change(self, pre, post, self._state).items():
                 total[name] = (var, dw if name not in total else total[name][1] + dw)
         return [(var, tf.cast(self.scale * dw, var.dtype)) for var, dw in total.values()]
 
@@ -609,33 +648,7 @@ class STDP(LearningRule):
         syn = self._need_synapse()
         key = id(model)
         if key not in self._probes:
-            layer = syn.layer
-            if syn.kind == "cell" and layer is syn.cell:
-                # a bare cell: read the activity of the sequence layer that runs it
-                wrappers = [l for l in model.layers
-                            if graph.is_spiking_layer(l) and l.cell is syn.cell]
-                if len(wrappers) != 1:
-                    raise ValueError(f"The cell {syn.cell.name!r} is run by {len(wrappers)} "
-                                     "layers of the model; pass the RNN layer as `synapse`.")
-                layer = wrappers[0]
-            post_layer = layer
-            if syn.kind != "cell":
-                if syn.neurons is None:
-                    layer, post_layer = postsynaptic_neurons(model, syn.layer)
-                else:
-                    post_layer = syn.neurons
-                    if graph.is_neuron_layer(post_layer):
-                        layer = _check_preceded(model, syn.layer, post_layer) or layer
-            try:
-                pre = layer.input
-                post = post_layer.output
-                inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-                probe = keras.Model(inputs, [pre, post] + list(tf.nest.flatten(model.outputs)))
-            except (AttributeError, ValueError) as error:
-                raise ValueError("STDP.compute needs a functional or Sequential model (built "
-                                 "from keras.Input) that contains the synapse and neuron "
-                                 f"layers; could not read their activity: {error}") from None
-            self._probes[key] = probe
+            self._probes[key] = _activity_probe(syn, model)
         return self._probes[key]
 
     def _forward(self, model, x, training):
@@ -648,7 +661,7 @@ class STDP(LearningRule):
 
     def _changes_for_batch(self, pre, post):
         pre, post = self._check_pair(pre, post)
-        changes = self._change(tf.stop_gradient(pre), tf.stop_gradient(post), {})
+        changes = _record_change(self, tf.stop_gradient(pre), tf.stop_gradient(post), {})
         return {id(var): tf.cast(self.scale * dw, var.dtype) for var, dw in changes.values()}
 
     def activity_layers(self, model):

@@ -41,6 +41,44 @@ def stllr_conv_secondary_activation(x):
     return 0.3 * tf.nn.relu(1.0 - tf.abs(x))
 
 
+def _check_factors(factors):
+    """STLLR's ``factors`` as 4 floats (lambda_post, lambda_pre, alpha_post, alpha_pre), the
+    two trace decays in [0, 1]."""
+    try:
+        factors = tuple(float(f) for f in factors)
+    except (TypeError, ValueError):
+        raise TypeError("`factors` must be 4 numbers (lambda_post, lambda_pre, alpha_post, "
+                        f"alpha_pre), received {factors!r}.") from None
+    if len(factors) != 4 or not all(math.isfinite(f) for f in factors):
+        raise ValueError("`factors` must be 4 finite numbers (lambda_post, lambda_pre, "
+                         f"alpha_post, alpha_pre), received {factors!r}.")
+    if not (0.0 <= factors[0] <= 1.0 and 0.0 <= factors[1] <= 1.0):
+        raise ValueError("The trace decays lambda_post, lambda_pre (`factors[0]`, "
+                         f"`factors[1]`) must be in [0, 1], received {factors!r}.")
+    return factors
+
+
+def _check_last_steps(last_steps):
+    """STLLR's ``last_steps``: None or an int >= 1."""
+    if last_steps is not None:
+        if (isinstance(last_steps, bool) or not isinstance(last_steps, (int, np.integer))
+                or last_steps < 1):
+            raise ValueError(f"`last_steps` must be None or an integer >= 1, received "
+                             f"{last_steps!r}.")
+        last_steps = int(last_steps)
+    return last_steps
+
+
+def _check_secondary_activation(secondary_activation):
+    """STLLR's ``secondary_activation``: None, "surrogate" or a callable, unchanged."""
+    if not (secondary_activation is None or secondary_activation == "surrogate"
+            or callable(secondary_activation)):
+        raise ValueError("`secondary_activation` must be None (the paper's 1/(100|x|+1)^2),"
+                         " 'surrogate' or a callable x -> psi, received "
+                         f"{secondary_activation!r}.")
+    return secondary_activation
+
+
 @keras.saving.register_keras_serializable(package="kspike")
 class STLLR(FeedbackRule):
     """S-TLLR: STDP-like eligibility (pre and post traces) times an instantaneous learning signal.
@@ -134,34 +172,12 @@ class STLLR(FeedbackRule):
     def __init__(self, factors=(0.2, 0.75, -1.0, 1.0), last_steps=None, feedback="bp",
                  secondary_activation=None, seed=None, online=False):
         super().__init__(seed)
-        try:
-            factors = tuple(float(f) for f in factors)
-        except (TypeError, ValueError):
-            raise TypeError("`factors` must be 4 numbers (lambda_post, lambda_pre, alpha_post, "
-                            f"alpha_pre), received {factors!r}.") from None
-        if len(factors) != 4 or not all(math.isfinite(f) for f in factors):
-            raise ValueError("`factors` must be 4 finite numbers (lambda_post, lambda_pre, "
-                             f"alpha_post, alpha_pre), received {factors!r}.")
-        if not (0.0 <= factors[0] <= 1.0 and 0.0 <= factors[1] <= 1.0):
-            raise ValueError("The trace decays lambda_post, lambda_pre (`factors[0]`, "
-                             f"`factors[1]`) must be in [0, 1], received {factors!r}.")
-        self.factors = factors
-        if last_steps is not None:
-            if (isinstance(last_steps, bool) or not isinstance(last_steps, (int, np.integer))
-                    or last_steps < 1):
-                raise ValueError(f"`last_steps` must be None or an integer >= 1, received "
-                                 f"{last_steps!r}.")
-            last_steps = int(last_steps)
-        self.last_steps = last_steps
+        self.factors = _check_factors(factors)
+        self.last_steps = _check_last_steps(last_steps)
         if feedback not in _FEEDBACKS:
             raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")
         self.feedback = feedback
-        if not (secondary_activation is None or secondary_activation == "surrogate"
-                or callable(secondary_activation)):
-            raise ValueError("`secondary_activation` must be None (the paper's 1/(100|x|+1)^2),"
-                             " 'surrogate' or a callable x -> psi, received "
-                             f"{secondary_activation!r}.")
-        self.secondary_activation = secondary_activation
+        self.secondary_activation = _check_secondary_activation(secondary_activation)
         if not isinstance(online, (bool, np.bool_)):
             raise TypeError(f"`online` must be True or False, received {online!r}.")
         self.online = bool(online)

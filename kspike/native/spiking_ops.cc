@@ -163,6 +163,29 @@ struct NeuronAttrs {
       .Attr("recurrent: bool")                                                     \
       .Attr("has_bias: bool")
 
+// The surrogate attributes (name, dampening, sharpness, tail, multi_gaussian constants)
+// shared by the KspikeSpikingBackward (ALIF) and KspikeNodeBackward (IF/LIF node) ops.
+static void ReadSurrogateAttrs(OpKernelConstruction* ctx, SurrogateParams* s) {
+  std::string name;
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("surrogate", &name));
+  OP_REQUIRES(ctx, ParseSurrogate(name, &s->kind), InvalidArgument("unknown surrogate ", name));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s->dampening));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s->sharpness));
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s->tail));
+  std::vector<float> mg;
+  OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
+  if (s->kind == kMultiGaussian) {
+    OP_REQUIRES(ctx, mg.size() == 7, InvalidArgument("multi_gaussian needs 7 constants"));
+    s->mg_scale = mg[0];
+    s->mg_sigma = mg[1];
+    s->mg_wide = mg[2];
+    s->mg_norm_narrow = mg[3];
+    s->mg_norm_wide = mg[4];
+    s->mg_height_narrow = mg[5];
+    s->mg_height = mg[6];
+  }
+}
+
 static void ReadNeuronAttrs(OpKernelConstruction* ctx, NeuronAttrs* a) {
   OP_REQUIRES_OK(ctx, ctx->GetAttr("alpha", &a->alpha));
   OP_REQUIRES_OK(ctx, ctx->GetAttr("one_minus_alpha", &a->one_minus_alpha));
@@ -806,26 +829,9 @@ class SpikingBackwardOp : public OpKernel {
  public:
   explicit SpikingBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     ReadNeuronAttrs(ctx, &a_);
-    std::string name;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("surrogate", &name));
-    OP_REQUIRES(ctx, ParseSurrogate(name, &s_.kind),
-                InvalidArgument("unknown surrogate ", name));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
+    ReadSurrogateAttrs(ctx, &s_);
+    if (!ctx->status().ok()) return;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sparse_fraction", &sparse_fraction_));
-    std::vector<float> mg;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
-    if (s_.kind == kMultiGaussian) {
-      OP_REQUIRES(ctx, mg.size() == 7, InvalidArgument("multi_gaussian needs 7 constants"));
-      s_.mg_scale = mg[0];
-      s_.mg_sigma = mg[1];
-      s_.mg_wide = mg[2];
-      s_.mg_norm_narrow = mg[3];
-      s_.mg_norm_wide = mg[4];
-      s_.mg_height_narrow = mg[5];
-      s_.mg_height = mg[6];
-    }
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -1288,25 +1294,7 @@ class NodeBackwardOp : public OpKernel {
  public:
   explicit NodeBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     ReadNodeAttrs(ctx, &a_);
-    std::string name;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("surrogate", &name));
-    OP_REQUIRES(ctx, ParseSurrogate(name, &s_.kind),
-                InvalidArgument("unknown surrogate ", name));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("dampening", &s_.dampening));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("sharpness", &s_.sharpness));
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("tail", &s_.tail));
-    std::vector<float> mg;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("multi_gaussian", &mg));
-    if (s_.kind == kMultiGaussian) {
-      OP_REQUIRES(ctx, mg.size() == 7, InvalidArgument("multi_gaussian needs 7 constants"));
-      s_.mg_scale = mg[0];
-      s_.mg_sigma = mg[1];
-      s_.mg_wide = mg[2];
-      s_.mg_norm_narrow = mg[3];
-      s_.mg_norm_wide = mg[4];
-      s_.mg_height_narrow = mg[5];
-      s_.mg_height = mg[6];
-    }
+    ReadSurrogateAttrs(ctx, &s_);
   }
 
   void Compute(OpKernelContext* ctx) override {
