@@ -7,8 +7,8 @@
 The network: B x T inputs (80 channels, 5% active), one kspike.SpikingRNN of 256 ALIF neurons
 (half adaptive, tau_adaptation 700 ms), kspike.LeakyReadout(10), MSE on the last 56 steps
 (sample_weight mask). Rules, all in this process and each wrapped in one ``tf.function``:
-"bptt" (kspike.learning.BPTT, the native C++ loops in float32), "eprop" (two passes from
-stored states, the default), "eprop_flat" (``EProp(memory_flat=True)``: two passes with
+"bptt" (kspike.learning.BPTT, the native C++ loops in float32), "eprop" (``EProp(memory_flat=False)``: two passes from
+stored states), "eprop_flat" (``EProp()``, the default: two passes with
 per-synapse traces, memory independent of T), "eprop1p" (``EProp(single_pass=True)``).
 Time is the median over ``--repeats`` calls (``--slow-repeats`` for the two trace forms) after
 one warm-up call (tracing); the table gives
@@ -60,7 +60,7 @@ def main(argv=None):
     mask[:, -args.window:] = 1.0
     mask = tf.constant(mask)
     loss = keras.losses.MeanSquaredError()
-    rules = {"bptt": kspike.learning.BPTT(), "eprop": kspike.learning.EProp(),
+    rules = {"bptt": kspike.learning.BPTT(), "eprop": kspike.learning.EProp(memory_flat=False),
              "eprop_flat": kspike.learning.EProp(memory_flat=True),
              "eprop1p": kspike.learning.EProp(single_pass=True)}
     times = {}

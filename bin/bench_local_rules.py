@@ -57,7 +57,7 @@ def worker(rule_name, steps, batch, units, repeats):
     loss = keras.losses.MeanSquaredError()
     rule = {"bptt": kspike.learning.BPTT, "eprop": kspike.learning.EProp,
             "eprop1p": lambda: kspike.learning.EProp(single_pass=True),
-            "stllr": kspike.learning.STLLR,
+            "stllr": lambda: kspike.learning.STLLR(online=False),
             "stllr_online": lambda: kspike.learning.STLLR(online=True)}[rule_name]()
 
     @tf.function

@@ -8,13 +8,13 @@ S-TLLR's two forms at growing T.
 Timing: B=64 Poisson inputs (80 channels, 5% per step), one kspike.SpikingRNN layer of 256
 neurons (128 LIF + 128 ALIF, the native C++ loops), LeakyReadout(10), MSE on the last 56
 steps (a (B, T) sample weight). Each gradient function is one ``tf.function``; the median over
-``--repeats`` calls after one warm-up call. Rows: BPTT (``kspike.learning.BPTT``), STLLR (the
-default form, the whole sequence at once), STLLR with ``last_steps=56`` and STLLR(online=True)
-(the step-by-step loop whose memory does not depend on T); the ratio column is each time over
+``--repeats`` calls after one warm-up call. Rows: BPTT (``kspike.learning.BPTT``), STLLR(online=False)
+(the whole sequence at once), the same with ``last_steps=56`` and STLLR() (the default
+step-by-step loop whose memory does not depend on T); the ratio column is each time over
 BPTT's in this run.
 
 Memory: ``bin/bench_local_rules.py`` (every configuration in its own subprocess, peak
-resident memory) for STLLR(online=True) and the default STLLR at T = 300 and 3000, B=32, 128
+resident memory) for STLLR() (online, the default) and STLLR(online=False) at T = 300 and 3000, B=32, 128
 neurons; the ratio peak(T=3000) / peak(T=300) is printed per form.
 """
 import argparse
@@ -48,9 +48,9 @@ def timing(batch, steps, repeats):
     mask = tf.constant(mask)
     loss = keras.losses.MeanSquaredError()
     rules = [("BPTT", kspike.learning.BPTT()),
-             ("STLLR", kspike.learning.STLLR()),
-             (f"STLLR last_steps={window}", kspike.learning.STLLR(last_steps=window)),
-             ("STLLR online=True", kspike.learning.STLLR(online=True))]
+             ("STLLR online=False", kspike.learning.STLLR(online=False)),
+             (f"STLLR last_steps={window}", kspike.learning.STLLR(online=False, last_steps=window)),
+             ("STLLR (online, default)", kspike.learning.STLLR(online=True))]
     results = []
     for name, rule in rules:
         @tf.function

@@ -155,4 +155,4 @@ def test_memory_flat_argument_and_config():
     rule = EProp(feedback="random", seed=2, memory_flat=True)
     again = EProp.from_config(rule.get_config())
     assert again.memory_flat is True and again.get_config() == rule.get_config()
-    assert EProp().memory_flat is False
+    assert EProp().memory_flat is True       # forward in time, memory independent of T

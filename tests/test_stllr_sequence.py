@@ -93,3 +93,4 @@ def test_online_argument():
         STLLR(online="yes")
     rule = STLLR(online=True)
     assert STLLR.from_config(rule.get_config()).online is True
+    assert STLLR().online is True      # forward in time, memory independent of T

@@ -138,14 +138,14 @@ class EProp(FeedbackRule):
     - Two passes (any loss of the output sequence: window-averaged cross-entropy, custom
       losses), in one of two forms with the same gradient (tested to float64 round-off):
 
-      * stored states (``memory_flat=False``, the default): one forward pass (the native C++
+      * stored states (``memory_flat=False``): one forward pass (the native C++
         forward in float32 where it applies, else a ``tf.while_loop``) keeps every layer's
         spikes, voltages and thresholds (B, T, n); the user's loss gives dE/dy, hence all
         learning signals; since they are known before the traces are needed the sum
         ``sum_t L_j(t) e_ji(t)`` factorises into a per-neuron backward recursion (one loop on
         (B, n), compiled by XLA) and one matmul over batch and time per weight. Memory
         O(T B n) per layer, like BPTT's; about as fast as BPTT.
-      * traces (``memory_flat=True``): a first pass keeps only the readout output y and spike
+      * traces (``memory_flat=True``, the default): a first pass keeps only the readout output y and spike
         counts; a second pass recomputes the network step by step with per-synapse
         eligibility traces (B, n_pre, n) and accumulates the gradient. Memory does not grow
         with T apart from the inputs, targets and outputs, but every step updates the traces
@@ -170,10 +170,10 @@ class EProp(FeedbackRule):
         single_pass: False (default): always two passes. True: always the single pass; a
             loss, target or sample weight it cannot take raises ValueError saying why. "auto":
             the single pass when the loss qualifies, otherwise two passes.
-        memory_flat: the form of two passes. False (default): from stored state sequences,
-            the fastest (about BPTT's time) with memory growing with T like BPTT's. True:
-            with per-synapse eligibility traces, memory independent of T (for sequences too
-            long to store), much slower.
+        memory_flat: the form of two passes. True (default): with per-synapse eligibility
+            traces, memory independent of T (the rule's forward-in-time contract), much
+            slower on large layers. False: from stored state sequences, about BPTT's time,
+            with memory growing with T like BPTT's (choose it when the sequences fit).
         weight_decay: decay of the adaptive feedback matrices (the paper's option), >= 0.
         feedback_optimizer: Keras optimizer for adaptive feedback (default Adam(1e-3)).
 
@@ -204,7 +204,7 @@ class EProp(FeedbackRule):
     name = "eprop"
 
     def __init__(self, feedback="symmetric", seed=None, online=False, weight_decay=0.0,
-                 feedback_optimizer=None, single_pass=False, memory_flat=False):
+                 feedback_optimizer=None, single_pass=False, memory_flat=True):
         super().__init__(seed)
         if feedback not in _FEEDBACKS:
             raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")

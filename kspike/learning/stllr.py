@@ -6,10 +6,11 @@ docs/stllr.md. For every input, recurrent and bias weight of the spiking layers:
     trace_post(t) = lambda_post trace_post(t-1) + psi_t
     dW(t) = L_t (x) [ alpha_post trace_post(t-1) (x) p_t + alpha_pre psi_t (x) trace_pre(t) ]
 
-summed over the batch and the (last k) steps. Recurrent chains: by default from the stored
-sequences of one forward pass (per-neuron filters and one matmul per kernel);
-``online=True`` runs kspike's own step (``kspike.dynamics``) with (B, n_pre) and (B, n)
-traces, memory independent of T.
+summed over the batch and the (last k) steps. Recurrent chains: by default (``online=True``)
+kspike's own step (``kspike.dynamics``) runs forward in time with (B, n_pre) and (B, n)
+traces, memory independent of T; ``online=False`` forms the same gradient from the stored
+sequences of one forward pass (per-neuron filters and one matmul per kernel): faster, memory
+growing with T.
 """
 import math
 
@@ -101,11 +102,11 @@ class STLLR(FeedbackRule):
             (``stllr_secondary_activation``); "surrogate": the cell's own pseudo-derivative;
             or a callable x -> psi. psi is 0 while a neuron is refractory.
         seed: seed of the DFA matrices (None: from NumPy's global generator).
-        online: recurrent chains only. False (default): one forward pass (kspike's native
-            loop where it applies) stores the (T, B, n) sequences and the gradient is formed
-            from them with per-neuron filters and one matmul per kernel: fastest, memory
-            grows with T. True: the step-by-step loops, memory independent of T (apart from
-            the inputs and the outputs). Same gradient (docs/stllr.md).
+        online: recurrent chains only. True (default): the step-by-step loops, memory
+            independent of T (apart from the inputs and the outputs). False: one forward pass
+            (kspike's native loop where it applies) stores the (T, B, n) sequences and the
+            gradient is formed from them with per-neuron filters and one matmul per kernel:
+            about BPTT's time, memory growing with T. Same gradient (docs/stllr.md).
 
     dE/dy_t for every step comes from the user's loss on the whole output sequence (a first
     inference pass keeps only the (B, T, n_out) outputs), so any per-step or window loss works;
@@ -170,7 +171,7 @@ class STLLR(FeedbackRule):
     name = "stllr"
 
     def __init__(self, factors=(0.2, 0.75, -1.0, 1.0), last_steps=None, feedback="bp",
-                 secondary_activation=None, seed=None, online=False):
+                 secondary_activation=None, seed=None, online=True):
         super().__init__(seed)
         self.factors = _check_factors(factors)
         self.last_steps = _check_last_steps(last_steps)
