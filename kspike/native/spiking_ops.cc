@@ -779,6 +779,70 @@ static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
   return has_ga ? BackwardNeuronsT<true, true> : BackwardNeuronsT<true, false>;
 }
 
+// What one backward pass reads at every step: the stored forward sequences, the output
+// gradients and the neuron step. Shared by SpikingBackwardOp and DelayedBackwardOp.
+struct BackwardStepInputs {
+  NeuronAttrs a;
+  SurrogateParams sp;
+  BackwardFn step;
+  int64_t n, B, n_words;
+  bool refractory, has_gz, has_gv, has_ga;
+  const uint64_t* bits;
+  const float* z0;
+  const float* V;
+  const float* Aseq;
+  const uint8_t* allowed;
+  const float* beta_p;
+  const float* GZ;
+  const float* GV;
+  const float* GA;
+};
+
+// The per-row work of step t of a backward pass: unpacks z_{t-1} (its spikes into index,
+// value), adds the output gradients to gz, gv, forms psi_t (0 where refractory) and runs the
+// neuron step into gi, gz_prev, gvt, gxa. at: element (t, row, 0), time-major; out_at:
+// element (row, t, 0), batch-major. Returns the number of spikes of z_{t-1}.
+static inline int64_t BackwardRowStep(const BackwardStepInputs& in, int64_t t, int64_t row,
+                                      int64_t at, int64_t out_at, int32_t* index, float* value,
+                                      float* z_row, float* psi, float* gzi, float* gvi,
+                                      float* gbi, float* gi, float* gz_prev, float* gvt,
+                                      float* gxa) {
+  const NeuronAttrs& a = in.a;
+  const int64_t n = in.n;
+  const float* vt = in.V + at;
+  const float* At = a.adaptive ? in.Aseq + at : nullptr;
+  // z_{t-1} of step t: the initial state, or the packed spikes of step t - 1.
+  const float* zp;
+  int64_t n_spikes;
+  if (t == 0) {
+    zp = in.z0 + row * n;
+    n_spikes = Nonzeros(zp, n, index, value);
+  } else {
+    n_spikes = UnpackBits(in.bits + ((t - 1) * in.B + row) * in.n_words, n, index, value, z_row);
+    zp = z_row;
+  }
+  if (in.has_gz) {
+    const float* gzo = in.GZ + out_at;
+    for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
+  }
+  if (in.has_gv) {
+    const float* gvo = in.GV + out_at;
+    for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
+  }
+  if (a.adaptive) {
+    PsiDispatch<true>(in.sp, vt, At, a.thr, n, psi);
+  } else {
+    PsiDispatch<false>(in.sp, vt, nullptr, a.thr, n, psi);
+  }
+  if (in.refractory) {
+    const uint8_t* al = in.allowed + at;
+    for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
+  }
+  in.step(a, n, psi, vt, At, zp, in.beta_p, in.has_ga ? in.GA + out_at : nullptr, gzi, gvi,
+          gbi, gi, gz_prev, gvt, gxa);
+  return n_spikes;
+}
+
 REGISTER_OP("KspikeSpikingBackward")
     .Input("spike_bits: int64")     // (T, B, ceil(n / 64)) from the forward op
     .Input("z0: float")             // (B, n) initial z state
@@ -882,7 +946,9 @@ class SpikingBackwardOp : public OpKernel {
     float* gz0 = gz0_t->flat<float>().data();
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
-    const BackwardFn step = SelectBackward(a, has_ga);
+    const BackwardStepInputs in{a, sp, SelectBackward(a, has_ga), n, B, n_words, refractory,
+                                has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
+                                GZ, GV, GA};
     const double sparse_fraction = sparse_fraction_;
 
     // W_rec^T, packed once for the per-step products.
@@ -929,42 +995,11 @@ class SpikingBackwardOp : public OpKernel {
             if (has_gv) Prefetch(GV + out_at - n, bytes);
             if (has_ga) Prefetch(GA + out_at - n, bytes);
           }
-          const float* vt = V + at;
-          const float* At = a.adaptive ? Aseq + at : nullptr;
-          // z_{t-1} of step t: the initial state, or the packed spikes of step t - 1.
-          const float* zp;
-          int64_t n_spikes;
-          if (t == 0) {
-            zp = z0 + row * n;
-            n_spikes = Nonzeros(zp, n, index.data(), value.data());
-          } else {
-            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
-                                  value.data(), z_row.data());
-            zp = z_row.data();
-          }
-          float* gzi = gz.data() + i * n;
-          float* gvi = gv.data() + i * n;
-          if (has_gz) {
-            const float* gzo = GZ + out_at;
-            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
-          }
-          if (has_gv) {
-            const float* gvo = GV + out_at;
-            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
-          }
-          if (a.adaptive) {
-            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
-          } else {
-            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
-          }
-          if (refractory) {
-            const uint8_t* al = allowed + at;
-            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
-          }
           float* gi = GI + at;
-          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n,
-               gvt.data() + i * n, gxa.data() + i * n);
+          const int64_t n_spikes = BackwardRowStep(
+              in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(),
+              gz.data() + i * n, gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi,
+              gz_prev.data() + i * n, gvt.data() + i * n, gxa.data() + i * n);
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
             ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
@@ -1811,7 +1846,9 @@ class DelayedBackwardOp : public OpKernel {
     float* gbuf0 = gbuf0_t->flat<float>().data();
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
-    const BackwardFn step = SelectBackward(a, has_ga);
+    const BackwardStepInputs in{a, sp, SelectBackward(a, has_ga), n, B, n_words, refractory,
+                                has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
+                                GZ, GV, GA};
 
     DelayedRows rec_rows, in_rows;
     if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
@@ -1856,41 +1893,12 @@ class DelayedBackwardOp : public OpKernel {
           const int64_t at = step_at + i * n;
           const int64_t out_at = (row * T + t) * n;
           float* rg = ring.data() + i * 2 * D * n;
-          const float* vt = V + at;
-          const float* At = a.adaptive ? Aseq + at : nullptr;
-          const float* zp;
-          int64_t n_spikes;
-          if (t == 0) {
-            zp = z0 + row * n;
-            n_spikes = Nonzeros(zp, n, index.data(), value.data());
-          } else {
-            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
-                                  value.data(), z_row.data());
-            zp = z_row.data();
-          }
           float* gzi = gz.data() + i * n;
-          float* gvi = gv.data() + i * n;
-          if (has_gz) {
-            const float* gzo = GZ + out_at;
-            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
-          }
-          if (has_gv) {
-            const float* gvo = GV + out_at;
-            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
-          }
-          if (a.adaptive) {
-            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
-          } else {
-            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
-          }
-          if (refractory) {
-            const uint8_t* al = allowed + at;
-            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
-          }
           float* gi = GI + at;
-          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(), gvt.data(),
-               gxa.data());
+          const int64_t n_spikes = BackwardRowStep(
+              in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(), gzi,
+              gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(),
+              gvt.data(), gxa.data());
           // dL/dI_t enters the ring in the slot of step t (step t + D is no longer needed).
           std::copy(gi, gi + n, rg + base * n);
           std::copy(gi, gi + n, rg + (base + D) * n);
