@@ -593,6 +593,42 @@ static inline int64_t UnpackBits(const uint64_t* __restrict words, int64_t n,
   return count;
 }
 
+// What one forward pass writes at every step, and its neuron step. Shared by
+// SpikingForwardOp and DelayedForwardOp.
+struct ForwardStepOutputs {
+  NeuronAttrs a;
+  ForwardFn step;
+  int64_t n, T, B, n_words;
+  bool refractory, store_z, store_v, store_a, store_allowed, store_backward;
+  const float* bias_p;
+  const float* beta_p;
+  float* Z;
+  float* V;
+  float* Aseq;
+  uint8_t* allowed;
+  uint64_t* bits;
+};
+
+// The per-row work of step t of a forward pass once the row's synaptic current is in cur: adds
+// the bias, runs the neuron step (the row's v, b, r in place; z_{t-1} = z_prev, z_t into
+// z_new) and stores z_t, v_t, A_t, the refractory mask and the packed spikes as asked (the
+// scratch rows take what is not kept). at: element (t, row, 0), time-major.
+static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int64_t row,
+                                  int64_t at, float* cur, const float* z_prev, float* v,
+                                  float* b, float* r, float* z_new, float* v_scratch,
+                                  float* a_scratch, uint8_t* allowed_scratch) {
+  const int64_t n = out.n;
+  if (out.bias_p != nullptr) {
+    for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + out.bias_p[k];
+  }
+  out.step(out.a, n, cur, out.beta_p, z_prev, v, b, r, out.store_v ? out.V + at : v_scratch,
+           out.a.adaptive ? (out.store_a ? out.Aseq + at : a_scratch) : nullptr,
+           out.refractory ? (out.store_allowed ? out.allowed + at : allowed_scratch) : nullptr,
+           z_new);
+  if (out.store_z) std::copy(z_new, z_new + n, out.Z + (row * out.T + t) * n);
+  if (out.store_backward) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
+}
+
 class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -668,7 +704,9 @@ class SpikingForwardOp : public OpKernel {
     float* zf = z_final->flat<float>().data();
     float* rf = r_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardFn step = SelectForward(a);
+    const ForwardStepOutputs fwd{a, SelectForward(a), n, T, B, n_words, refractory, store_z,
+                                 store_v, store_a, store_allowed, store_backward, bias_p,
+                                 beta_p, Z, V, Aseq, allowed, bits};
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -706,19 +744,10 @@ class SpikingForwardOp : public OpKernel {
           } else {
             std::copy(proj, proj + n, cur);
           }
-          if (bias_p != nullptr) {
-            for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
-          }
-          const int64_t at = step_at + i * n;
-          float* z_new = z_next.data() + i * n;
-          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-               store_v ? V + at : v_scratch.data(),
-               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
-               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
-               z_new);
-          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
+          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                         allowed_scratch.data());
         }
         z.swap(z_next);
       }
@@ -1577,7 +1606,9 @@ class DelayedForwardOp : public OpKernel {
     float* rf = r_final->flat<float>().data();
     float* buff = buf_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardFn step = SelectForward(a);
+    const ForwardStepOutputs fwd{a, SelectForward(a), n, T, B, n_words, refractory, store_z,
+                                 store_v, store_a, store_allowed, store_backward, bias_p,
+                                 beta_p, Z, V, Aseq, allowed, bits};
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -1610,19 +1641,10 @@ class DelayedForwardOp : public OpKernel {
           float* cur = current.data();
           std::copy(slot, slot + n, cur);
           std::fill(slot, slot + n, 0.0f);
-          if (bias_p != nullptr) {
-            for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
-          }
-          const int64_t at = step_at + i * n;
-          float* z_new = z_next.data() + i * n;
-          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-               store_v ? V + at : v_scratch.data(),
-               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
-               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
-               z_new);
-          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
+          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                         allowed_scratch.data());
         }
         z.swap(z_next);
       }
