@@ -629,6 +629,49 @@ static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int6
   if (out.store_backward) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
 }
 
+// Where the forward ops leave the final state v, b (adaptive only), z, r.
+struct ForwardFinals {
+  float* v;
+  float* b;
+  float* z;
+  float* r;
+};
+
+// Allocates outputs 0 .. 8, which both forward ops share (z, v, A, the refractory mask and the
+// packed spikes as asked; the final v, b, z, r), and fills *step with the neuron step, the
+// flags and those outputs, *finals with the final state's. Check ctx->status() after it.
+static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, int64_t T,
+                                   int64_t B, int64_t n, bool store_z, bool store_v,
+                                   bool store_backward, const float* bias_p,
+                                   const float* beta_p, ForwardStepOutputs* step,
+                                   ForwardFinals* finals) {
+  const int64_t n_words = (n + 63) / 64;
+  const bool refractory = a.n_refractory > 0;
+  const bool store_a = a.adaptive && store_v, store_allowed = refractory && store_backward;
+  Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
+      *r_final;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
+                                           &allowed_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
+                                                           n_words}), &bits_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a.adaptive ? B : 0, n}), &b_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
+  *step = ForwardStepOutputs{
+      a, SelectForward(a), n, T, B, n_words, refractory, store_z, store_v, store_a,
+      store_allowed, store_backward, bias_p, beta_p, z_out->flat<float>().data(),
+      v_out->flat<float>().data(), store_a ? a_out->flat<float>().data() : nullptr,
+      store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr,
+      reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data())};
+  *finals = ForwardFinals{v_final->flat<float>().data(),
+                          a.adaptive ? b_final->flat<float>().data() : nullptr,
+                          z_final->flat<float>().data(), r_final->flat<float>().data()};
+}
+
 class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -649,7 +692,6 @@ class SpikingForwardOp : public OpKernel {
     OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
                 InvalidArgument("w_in must be (n_in, n)"));
     const int64_t n = w_in.dim_size(1);
-    const int64_t n_words = (n + 63) / 64;
     if (a_.recurrent) {
       OP_REQUIRES(ctx, w_rec.dims() == 2 && w_rec.dim_size(0) == n && w_rec.dim_size(1) == n,
                   InvalidArgument("w_rec must be (n, n)"));
@@ -667,23 +709,6 @@ class SpikingForwardOp : public OpKernel {
                   InvalidArgument("states must be (B, n)"));
     }
     const bool sparse_inputs = ctx->input(1).scalar<bool>()();
-    const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
-        *r_final;
-    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
-    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
-                                             &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
-                                                             n_words}), &bits_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
-                                             &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
 
     const float* X = x.flat<float>().data();
     const float* W_in = w_in.flat<float>().data();
@@ -694,19 +719,13 @@ class SpikingForwardOp : public OpKernel {
     const float* b0 = a_.adaptive ? ctx->input(7).flat<float>().data() : nullptr;
     const float* z0 = ctx->input(8).flat<float>().data();
     const float* r0 = ctx->input(9).flat<float>().data();
-    float* Z = z_out->flat<float>().data();
-    float* V = v_out->flat<float>().data();
-    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
-    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
-    float* vf = v_final->flat<float>().data();
-    float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
-    float* zf = z_final->flat<float>().data();
-    float* rf = r_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardStepOutputs fwd{a, SelectForward(a), n, T, B, n_words, refractory, store_z,
-                                 store_v, store_a, store_allowed, store_backward, bias_p,
-                                 beta_p, Z, V, Aseq, allowed, bits};
+    ForwardStepOutputs fwd;
+    ForwardFinals finals;
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
+                           &fwd, &finals);
+    if (!ctx->status().ok()) return;
+    float *vf = finals.v, *bf = finals.b, *zf = finals.z, *rf = finals.r;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -1531,7 +1550,6 @@ class DelayedForwardOp : public OpKernel {
     OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
                 InvalidArgument("w_in must be (n_in, n)"));
     const int64_t n = w_in.dim_size(1), D = n_delay_;
-    const int64_t n_words = (n + 63) / 64;
     OP_REQUIRES(ctx, d_in.shape() == w_in.shape(),
                 InvalidArgument("input_delays must have the shape of w_in"));
     if (a_.recurrent) {
@@ -1564,23 +1582,7 @@ class DelayedForwardOp : public OpKernel {
                     InvalidArgument("delay index ", flat(k), " outside [0, ", D, ")"));
       }
     }
-    const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
-        *r_final, *buf_final;
-    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
-    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
-                                             &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
-                                                             n_words}), &bits_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
-                                             &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
+    Tensor* buf_final;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(9, TensorShape({B, D * n}), &buf_final));
 
     const float* X = x.flat<float>().data();
@@ -1595,20 +1597,14 @@ class DelayedForwardOp : public OpKernel {
     const float* z0 = ctx->input(9).flat<float>().data();
     const float* r0 = ctx->input(10).flat<float>().data();
     const float* buf0 = ctx->input(11).flat<float>().data();
-    float* Z = z_out->flat<float>().data();
-    float* V = v_out->flat<float>().data();
-    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
-    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
-    float* vf = v_final->flat<float>().data();
-    float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
-    float* zf = z_final->flat<float>().data();
-    float* rf = r_final->flat<float>().data();
     float* buff = buf_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardStepOutputs fwd{a, SelectForward(a), n, T, B, n_words, refractory, store_z,
-                                 store_v, store_a, store_allowed, store_backward, bias_p,
-                                 beta_p, Z, V, Aseq, allowed, bits};
+    ForwardStepOutputs fwd;
+    ForwardFinals finals;
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
+                           &fwd, &finals);
+    if (!ctx->status().ok()) return;
+    float *vf = finals.v, *bf = finals.b, *zf = finals.z, *rf = finals.r;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
