@@ -629,22 +629,15 @@ static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int6
   if (out.store_backward) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
 }
 
-// Where the forward ops leave the final state v, b (adaptive only), z, r.
-struct ForwardFinals {
-  float* v;
-  float* b;
-  float* z;
-  float* r;
-};
-
 // Allocates outputs 0 .. 8, which both forward ops share (z, v, A, the refractory mask and the
 // packed spikes as asked; the final v, b, z, r), and fills *step with the neuron step, the
-// flags and those outputs, *finals with the final state's. Check ctx->status() after it.
+// flags and those outputs, *vf, *bf, *zf, *rf with the final v, b (adaptive only; else null),
+// z, r. Check ctx->status() after it.
 static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, int64_t T,
                                    int64_t B, int64_t n, bool store_z, bool store_v,
                                    bool store_backward, const float* bias_p,
-                                   const float* beta_p, ForwardStepOutputs* step,
-                                   ForwardFinals* finals) {
+                                   const float* beta_p, ForwardStepOutputs* step, float** vf,
+                                   float** bf, float** zf, float** rf) {
   const int64_t n_words = (n + 63) / 64;
   const bool refractory = a.n_refractory > 0;
   const bool store_a = a.adaptive && store_v, store_allowed = refractory && store_backward;
@@ -667,9 +660,10 @@ static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, i
       v_out->flat<float>().data(), store_a ? a_out->flat<float>().data() : nullptr,
       store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr,
       reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data())};
-  *finals = ForwardFinals{v_final->flat<float>().data(),
-                          a.adaptive ? b_final->flat<float>().data() : nullptr,
-                          z_final->flat<float>().data(), r_final->flat<float>().data()};
+  *vf = v_final->flat<float>().data();
+  *bf = a.adaptive ? b_final->flat<float>().data() : nullptr;
+  *zf = z_final->flat<float>().data();
+  *rf = r_final->flat<float>().data();
 }
 
 class SpikingForwardOp : public OpKernel {
@@ -721,11 +715,10 @@ class SpikingForwardOp : public OpKernel {
     const float* r0 = ctx->input(9).flat<float>().data();
     const NeuronAttrs a = a_;
     ForwardStepOutputs fwd;
-    ForwardFinals finals;
+    float *vf, *bf, *zf, *rf;
     AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
-                           &fwd, &finals);
+                           &fwd, &vf, &bf, &zf, &rf);
     if (!ctx->status().ok()) return;
-    float *vf = finals.v, *bf = finals.b, *zf = finals.z, *rf = finals.r;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -1600,11 +1593,10 @@ class DelayedForwardOp : public OpKernel {
     float* buff = buf_final->flat<float>().data();
     const NeuronAttrs a = a_;
     ForwardStepOutputs fwd;
-    ForwardFinals finals;
+    float *vf, *bf, *zf, *rf;
     AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
-                           &fwd, &finals);
+                           &fwd, &vf, &bf, &zf, &rf);
     if (!ctx->status().ok()) return;
-    float *vf = finals.v, *bf = finals.b, *zf = finals.z, *rf = finals.r;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
