@@ -930,6 +930,15 @@ REGISTER_OP("KspikeSpikingBackward")
       return tensorflow::OkStatus();
     });
 
+// out = the sum of the non-empty per-shard buffers of size elements, in shard order.
+static void SumShards(const std::vector<std::vector<float>>& shards, int64_t size, float* out) {
+  std::fill(out, out + size, 0.0f);
+  for (const auto& shard : shards) {
+    if (shard.empty()) continue;
+    for (int64_t k = 0; k < size; ++k) out[k] += shard[k];
+  }
+}
+
 class SpikingBackwardOp : public OpKernel {
  public:
   explicit SpikingBackwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -1085,22 +1094,8 @@ class SpikingBackwardOp : public OpKernel {
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
     });
-    if (sparse_inputs) {
-      float* gw_in_out = gw_in_t->flat<float>().data();
-      std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
-      for (auto& shard : gw_in_shards) {
-        if (shard.empty()) continue;
-        for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += shard[k];
-      }
-    }
-    if (a.recurrent) {
-      float* gw_out = gw_t->flat<float>().data();
-      std::fill(gw_out, gw_out + n * n, 0.0f);
-      for (auto& shard : gw_shards) {
-        if (shard.empty()) continue;
-        for (int64_t k = 0; k < n * n; ++k) gw_out[k] += shard[k];
-      }
-    }
+    if (sparse_inputs) SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
+    if (a.recurrent) SumShards(gw_shards, n * n, gw_t->flat<float>().data());
   }
 
  private:
@@ -1942,20 +1937,8 @@ class DelayedBackwardOp : public OpKernel {
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
     });
-    float* gw_in_out = gw_in_t->flat<float>().data();
-    std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
-    for (auto& s : gw_in_shards) {
-      if (s.empty()) continue;
-      for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += s[k];
-    }
-    if (a.recurrent) {
-      float* gw_out = gw_t->flat<float>().data();
-      std::fill(gw_out, gw_out + n * n, 0.0f);
-      for (auto& s : gw_shards) {
-        if (s.empty()) continue;
-        for (int64_t k = 0; k < n * n; ++k) gw_out[k] += s[k];
-      }
-    }
+    SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
+    if (a.recurrent) SumShards(gw_shards, n * n, gw_t->flat<float>().data());
   }
 
  private:
