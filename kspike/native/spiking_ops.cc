@@ -593,6 +593,79 @@ static inline int64_t UnpackBits(const uint64_t* __restrict words, int64_t n,
   return count;
 }
 
+// What one forward pass writes at every step, and its neuron step. Shared by
+// SpikingForwardOp and DelayedForwardOp.
+struct ForwardStepOutputs {
+  NeuronAttrs a;
+  ForwardFn step;
+  int64_t n, T, B, n_words;
+  bool refractory, store_z, store_v, store_a, store_allowed, store_backward;
+  const float* bias_p;
+  const float* beta_p;
+  float* Z;
+  float* V;
+  float* Aseq;
+  uint8_t* allowed;
+  uint64_t* bits;
+};
+
+// The per-row work of step t of a forward pass once the row's synaptic current is in cur: adds
+// the bias, runs the neuron step (the row's v, b, r in place; z_{t-1} = z_prev, z_t into
+// z_new) and stores z_t, v_t, A_t, the refractory mask and the packed spikes as asked (the
+// scratch rows take what is not kept). at: element (t, row, 0), time-major.
+static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int64_t row,
+                                  int64_t at, float* cur, const float* z_prev, float* v,
+                                  float* b, float* r, float* z_new, float* v_scratch,
+                                  float* a_scratch, uint8_t* allowed_scratch) {
+  const int64_t n = out.n;
+  if (out.bias_p != nullptr) {
+    for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + out.bias_p[k];
+  }
+  out.step(out.a, n, cur, out.beta_p, z_prev, v, b, r, out.store_v ? out.V + at : v_scratch,
+           out.a.adaptive ? (out.store_a ? out.Aseq + at : a_scratch) : nullptr,
+           out.refractory ? (out.store_allowed ? out.allowed + at : allowed_scratch) : nullptr,
+           z_new);
+  if (out.store_z) std::copy(z_new, z_new + n, out.Z + (row * out.T + t) * n);
+  if (out.store_backward) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
+}
+
+// Allocates outputs 0 .. 8, which both forward ops share (z, v, A, the refractory mask and the
+// packed spikes as asked; the final v, b, z, r), and fills *step with the neuron step, the
+// flags and those outputs, *vf, *bf, *zf, *rf with the final v, b (adaptive only; else null),
+// z, r. Check ctx->status() after it.
+static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, int64_t T,
+                                   int64_t B, int64_t n, bool store_z, bool store_v,
+                                   bool store_backward, const float* bias_p,
+                                   const float* beta_p, ForwardStepOutputs* step, float** vf,
+                                   float** bf, float** zf, float** rf) {
+  const int64_t n_words = (n + 63) / 64;
+  const bool refractory = a.n_refractory > 0;
+  const bool store_a = a.adaptive && store_v, store_allowed = refractory && store_backward;
+  Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
+      *r_final;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
+                                           &allowed_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
+                                                           n_words}), &bits_out));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a.adaptive ? B : 0, n}), &b_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
+  *step = ForwardStepOutputs{
+      a, SelectForward(a), n, T, B, n_words, refractory, store_z, store_v, store_a,
+      store_allowed, store_backward, bias_p, beta_p, z_out->flat<float>().data(),
+      v_out->flat<float>().data(), store_a ? a_out->flat<float>().data() : nullptr,
+      store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr,
+      reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data())};
+  *vf = v_final->flat<float>().data();
+  *bf = a.adaptive ? b_final->flat<float>().data() : nullptr;
+  *zf = z_final->flat<float>().data();
+  *rf = r_final->flat<float>().data();
+}
+
 class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -613,7 +686,6 @@ class SpikingForwardOp : public OpKernel {
     OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
                 InvalidArgument("w_in must be (n_in, n)"));
     const int64_t n = w_in.dim_size(1);
-    const int64_t n_words = (n + 63) / 64;
     if (a_.recurrent) {
       OP_REQUIRES(ctx, w_rec.dims() == 2 && w_rec.dim_size(0) == n && w_rec.dim_size(1) == n,
                   InvalidArgument("w_rec must be (n, n)"));
@@ -631,23 +703,6 @@ class SpikingForwardOp : public OpKernel {
                   InvalidArgument("states must be (B, n)"));
     }
     const bool sparse_inputs = ctx->input(1).scalar<bool>()();
-    const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
-        *r_final;
-    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
-    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
-                                             &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
-                                                             n_words}), &bits_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
-                                             &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
 
     const float* X = x.flat<float>().data();
     const float* W_in = w_in.flat<float>().data();
@@ -658,17 +713,12 @@ class SpikingForwardOp : public OpKernel {
     const float* b0 = a_.adaptive ? ctx->input(7).flat<float>().data() : nullptr;
     const float* z0 = ctx->input(8).flat<float>().data();
     const float* r0 = ctx->input(9).flat<float>().data();
-    float* Z = z_out->flat<float>().data();
-    float* V = v_out->flat<float>().data();
-    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
-    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
-    float* vf = v_final->flat<float>().data();
-    float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
-    float* zf = z_final->flat<float>().data();
-    float* rf = r_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardFn step = SelectForward(a);
+    ForwardStepOutputs fwd;
+    float *vf, *bf, *zf, *rf;
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
+                           &fwd, &vf, &bf, &zf, &rf);
+    if (!ctx->status().ok()) return;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -706,19 +756,10 @@ class SpikingForwardOp : public OpKernel {
           } else {
             std::copy(proj, proj + n, cur);
           }
-          if (bias_p != nullptr) {
-            for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
-          }
-          const int64_t at = step_at + i * n;
-          float* z_new = z_next.data() + i * n;
-          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-               store_v ? V + at : v_scratch.data(),
-               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
-               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
-               z_new);
-          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
+          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                         allowed_scratch.data());
         }
         z.swap(z_next);
       }
@@ -779,6 +820,70 @@ static BackwardFn SelectBackward(const NeuronAttrs& a, bool has_ga) {
   return has_ga ? BackwardNeuronsT<true, true> : BackwardNeuronsT<true, false>;
 }
 
+// What one backward pass reads at every step: the stored forward sequences, the output
+// gradients and the neuron step. Shared by SpikingBackwardOp and DelayedBackwardOp.
+struct BackwardStepInputs {
+  NeuronAttrs a;
+  SurrogateParams sp;
+  BackwardFn step;
+  int64_t n, B, n_words;
+  bool refractory, has_gz, has_gv, has_ga;
+  const uint64_t* bits;
+  const float* z0;
+  const float* V;
+  const float* Aseq;
+  const uint8_t* allowed;
+  const float* beta_p;
+  const float* GZ;
+  const float* GV;
+  const float* GA;
+};
+
+// The per-row work of step t of a backward pass: unpacks z_{t-1} (its spikes into index,
+// value), adds the output gradients to gz, gv, forms psi_t (0 where refractory) and runs the
+// neuron step into gi, gz_prev, gvt, gxa. at: element (t, row, 0), time-major; out_at:
+// element (row, t, 0), batch-major. Returns the number of spikes of z_{t-1}.
+static inline int64_t BackwardRowStep(const BackwardStepInputs& in, int64_t t, int64_t row,
+                                      int64_t at, int64_t out_at, int32_t* index, float* value,
+                                      float* z_row, float* psi, float* gzi, float* gvi,
+                                      float* gbi, float* gi, float* gz_prev, float* gvt,
+                                      float* gxa) {
+  const NeuronAttrs& a = in.a;
+  const int64_t n = in.n;
+  const float* vt = in.V + at;
+  const float* At = a.adaptive ? in.Aseq + at : nullptr;
+  // z_{t-1} of step t: the initial state, or the packed spikes of step t - 1.
+  const float* zp;
+  int64_t n_spikes;
+  if (t == 0) {
+    zp = in.z0 + row * n;
+    n_spikes = Nonzeros(zp, n, index, value);
+  } else {
+    n_spikes = UnpackBits(in.bits + ((t - 1) * in.B + row) * in.n_words, n, index, value, z_row);
+    zp = z_row;
+  }
+  if (in.has_gz) {
+    const float* gzo = in.GZ + out_at;
+    for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
+  }
+  if (in.has_gv) {
+    const float* gvo = in.GV + out_at;
+    for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
+  }
+  if (a.adaptive) {
+    PsiDispatch<true>(in.sp, vt, At, a.thr, n, psi);
+  } else {
+    PsiDispatch<false>(in.sp, vt, nullptr, a.thr, n, psi);
+  }
+  if (in.refractory) {
+    const uint8_t* al = in.allowed + at;
+    for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
+  }
+  in.step(a, n, psi, vt, At, zp, in.beta_p, in.has_ga ? in.GA + out_at : nullptr, gzi, gvi,
+          gbi, gi, gz_prev, gvt, gxa);
+  return n_spikes;
+}
+
 REGISTER_OP("KspikeSpikingBackward")
     .Input("spike_bits: int64")     // (T, B, ceil(n / 64)) from the forward op
     .Input("z0: float")             // (B, n) initial z state
@@ -824,6 +929,15 @@ REGISTER_OP("KspikeSpikingBackward")
       c->set_output(5, c->MakeShape({c->UnknownDim(), n}));
       return tensorflow::OkStatus();
     });
+
+// out = the sum of the non-empty per-shard buffers of size elements, in shard order.
+static void SumShards(const std::vector<std::vector<float>>& shards, int64_t size, float* out) {
+  std::fill(out, out + size, 0.0f);
+  for (const auto& shard : shards) {
+    if (shard.empty()) continue;
+    for (int64_t k = 0; k < size; ++k) out[k] += shard[k];
+  }
+}
 
 class SpikingBackwardOp : public OpKernel {
  public:
@@ -882,7 +996,9 @@ class SpikingBackwardOp : public OpKernel {
     float* gz0 = gz0_t->flat<float>().data();
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
-    const BackwardFn step = SelectBackward(a, has_ga);
+    const BackwardStepInputs in{a, sp, SelectBackward(a, has_ga), n, B, n_words, refractory,
+                                has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
+                                GZ, GV, GA};
     const double sparse_fraction = sparse_fraction_;
 
     // W_rec^T, packed once for the per-step products.
@@ -929,42 +1045,11 @@ class SpikingBackwardOp : public OpKernel {
             if (has_gv) Prefetch(GV + out_at - n, bytes);
             if (has_ga) Prefetch(GA + out_at - n, bytes);
           }
-          const float* vt = V + at;
-          const float* At = a.adaptive ? Aseq + at : nullptr;
-          // z_{t-1} of step t: the initial state, or the packed spikes of step t - 1.
-          const float* zp;
-          int64_t n_spikes;
-          if (t == 0) {
-            zp = z0 + row * n;
-            n_spikes = Nonzeros(zp, n, index.data(), value.data());
-          } else {
-            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
-                                  value.data(), z_row.data());
-            zp = z_row.data();
-          }
-          float* gzi = gz.data() + i * n;
-          float* gvi = gv.data() + i * n;
-          if (has_gz) {
-            const float* gzo = GZ + out_at;
-            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
-          }
-          if (has_gv) {
-            const float* gvo = GV + out_at;
-            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
-          }
-          if (a.adaptive) {
-            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
-          } else {
-            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
-          }
-          if (refractory) {
-            const uint8_t* al = allowed + at;
-            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
-          }
           float* gi = GI + at;
-          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data() + i * n,
-               gvt.data() + i * n, gxa.data() + i * n);
+          const int64_t n_spikes = BackwardRowStep(
+              in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(),
+              gz.data() + i * n, gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi,
+              gz_prev.data() + i * n, gvt.data() + i * n, gxa.data() + i * n);
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
             ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
@@ -1009,22 +1094,8 @@ class SpikingBackwardOp : public OpKernel {
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
     });
-    if (sparse_inputs) {
-      float* gw_in_out = gw_in_t->flat<float>().data();
-      std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
-      for (auto& shard : gw_in_shards) {
-        if (shard.empty()) continue;
-        for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += shard[k];
-      }
-    }
-    if (a.recurrent) {
-      float* gw_out = gw_t->flat<float>().data();
-      std::fill(gw_out, gw_out + n * n, 0.0f);
-      for (auto& shard : gw_shards) {
-        if (shard.empty()) continue;
-        for (int64_t k = 0; k < n * n; ++k) gw_out[k] += shard[k];
-      }
-    }
+    if (sparse_inputs) SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
+    if (a.recurrent) SumShards(gw_shards, n * n, gw_t->flat<float>().data());
   }
 
  private:
@@ -1467,7 +1538,6 @@ class DelayedForwardOp : public OpKernel {
     OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(0) == n_in,
                 InvalidArgument("w_in must be (n_in, n)"));
     const int64_t n = w_in.dim_size(1), D = n_delay_;
-    const int64_t n_words = (n + 63) / 64;
     OP_REQUIRES(ctx, d_in.shape() == w_in.shape(),
                 InvalidArgument("input_delays must have the shape of w_in"));
     if (a_.recurrent) {
@@ -1500,23 +1570,7 @@ class DelayedForwardOp : public OpKernel {
                     InvalidArgument("delay index ", flat(k), " outside [0, ", D, ")"));
       }
     }
-    const bool refractory = a_.n_refractory > 0;
-    Tensor *z_out, *v_out, *a_out, *allowed_out, *bits_out, *v_final, *b_final, *z_final,
-        *r_final, *buf_final;
-    const bool store_z = store_z_, store_v = store_v_, store_backward = store_backward_;
-    const bool store_a = a_.adaptive && store_v, store_allowed = refractory && store_backward;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, store_z ? T : 0, n}), &z_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({store_v ? T : 0, B, n}), &v_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
-                                             &allowed_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
-                                                             n_words}), &bits_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a_.adaptive ? B : 0, n}),
-                                             &b_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
+    Tensor* buf_final;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(9, TensorShape({B, D * n}), &buf_final));
 
     const float* X = x.flat<float>().data();
@@ -1531,18 +1585,13 @@ class DelayedForwardOp : public OpKernel {
     const float* z0 = ctx->input(9).flat<float>().data();
     const float* r0 = ctx->input(10).flat<float>().data();
     const float* buf0 = ctx->input(11).flat<float>().data();
-    float* Z = z_out->flat<float>().data();
-    float* V = v_out->flat<float>().data();
-    float* Aseq = store_a ? a_out->flat<float>().data() : nullptr;
-    uint8_t* allowed = store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr;
-    uint64_t* bits = reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data());
-    float* vf = v_final->flat<float>().data();
-    float* bf = a_.adaptive ? b_final->flat<float>().data() : nullptr;
-    float* zf = z_final->flat<float>().data();
-    float* rf = r_final->flat<float>().data();
     float* buff = buf_final->flat<float>().data();
     const NeuronAttrs a = a_;
-    const ForwardFn step = SelectForward(a);
+    ForwardStepOutputs fwd;
+    float *vf, *bf, *zf, *rf;
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
+                           &fwd, &vf, &bf, &zf, &rf);
+    if (!ctx->status().ok()) return;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
@@ -1575,19 +1624,10 @@ class DelayedForwardOp : public OpKernel {
           float* cur = current.data();
           std::copy(slot, slot + n, cur);
           std::fill(slot, slot + n, 0.0f);
-          if (bias_p != nullptr) {
-            for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + bias_p[k];
-          }
-          const int64_t at = step_at + i * n;
-          float* z_new = z_next.data() + i * n;
-          step(a, n, cur, beta_p, z_prev, v.data() + i * n,
-               a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-               store_v ? V + at : v_scratch.data(),
-               a.adaptive ? (store_a ? Aseq + at : a_scratch.data()) : nullptr,
-               refractory ? (store_allowed ? allowed + at : allowed_scratch.data()) : nullptr,
-               z_new);
-          if (store_z) std::copy(z_new, z_new + n, Z + (row * T + t) * n);
-          if (store_backward) PackBits(z_new, n, bits + (t * B + row) * n_words);
+          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                         allowed_scratch.data());
         }
         z.swap(z_next);
       }
@@ -1811,7 +1851,9 @@ class DelayedBackwardOp : public OpKernel {
     float* gbuf0 = gbuf0_t->flat<float>().data();
     const NeuronAttrs a = a_;
     const SurrogateParams sp = s_;
-    const BackwardFn step = SelectBackward(a, has_ga);
+    const BackwardStepInputs in{a, sp, SelectBackward(a, has_ga), n, B, n_words, refractory,
+                                has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
+                                GZ, GV, GA};
 
     DelayedRows rec_rows, in_rows;
     if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
@@ -1856,41 +1898,12 @@ class DelayedBackwardOp : public OpKernel {
           const int64_t at = step_at + i * n;
           const int64_t out_at = (row * T + t) * n;
           float* rg = ring.data() + i * 2 * D * n;
-          const float* vt = V + at;
-          const float* At = a.adaptive ? Aseq + at : nullptr;
-          const float* zp;
-          int64_t n_spikes;
-          if (t == 0) {
-            zp = z0 + row * n;
-            n_spikes = Nonzeros(zp, n, index.data(), value.data());
-          } else {
-            n_spikes = UnpackBits(bits + ((t - 1) * B + row) * n_words, n, index.data(),
-                                  value.data(), z_row.data());
-            zp = z_row.data();
-          }
           float* gzi = gz.data() + i * n;
-          float* gvi = gv.data() + i * n;
-          if (has_gz) {
-            const float* gzo = GZ + out_at;
-            for (int64_t k = 0; k < n; ++k) gzi[k] = gzi[k] + gzo[k];
-          }
-          if (has_gv) {
-            const float* gvo = GV + out_at;
-            for (int64_t k = 0; k < n; ++k) gvi[k] = gvi[k] + gvo[k];
-          }
-          if (a.adaptive) {
-            PsiDispatch<true>(sp, vt, At, a.thr, n, psi.data());
-          } else {
-            PsiDispatch<false>(sp, vt, nullptr, a.thr, n, psi.data());
-          }
-          if (refractory) {
-            const uint8_t* al = allowed + at;
-            for (int64_t k = 0; k < n; ++k) psi[k] = al[k] ? psi[k] : 0.0f;
-          }
           float* gi = GI + at;
-          step(a, n, psi.data(), vt, At, zp, beta_p, has_ga ? GA + out_at : nullptr, gzi, gvi,
-               a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(), gvt.data(),
-               gxa.data());
+          const int64_t n_spikes = BackwardRowStep(
+              in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(), gzi,
+              gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(),
+              gvt.data(), gxa.data());
           // dL/dI_t enters the ring in the slot of step t (step t + D is no longer needed).
           std::copy(gi, gi + n, rg + base * n);
           std::copy(gi, gi + n, rg + (base + D) * n);
@@ -1924,20 +1937,8 @@ class DelayedBackwardOp : public OpKernel {
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
     });
-    float* gw_in_out = gw_in_t->flat<float>().data();
-    std::fill(gw_in_out, gw_in_out + n_in * n, 0.0f);
-    for (auto& s : gw_in_shards) {
-      if (s.empty()) continue;
-      for (int64_t k = 0; k < n_in * n; ++k) gw_in_out[k] += s[k];
-    }
-    if (a.recurrent) {
-      float* gw_out = gw_t->flat<float>().data();
-      std::fill(gw_out, gw_out + n * n, 0.0f);
-      for (auto& s : gw_shards) {
-        if (s.empty()) continue;
-        for (int64_t k = 0; k < n * n; ++k) gw_out[k] += s[k];
-      }
-    }
+    SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
+    if (a.recurrent) SumShards(gw_shards, n * n, gw_t->flat<float>().data());
   }
 
  private:
