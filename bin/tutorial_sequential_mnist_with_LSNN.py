@@ -20,8 +20,9 @@ are slower per iteration, on their own native loops, than undelayed ones
 (``bin/bench_delays.py``). Measured with seed 1, ``--batch-size 64 --iterations 100
 --eval-every 25 --eval-batches 8 --test-batches 32``: test accuracy 16.8 / 18.9 / 33.6 / 32.0%
 after 25 / 50 / 75 / 100 iterations with ``--n-delay 10`` (31.5% on 2048 test images at the
-end, 1669 s of training on a loaded machine) against 10.0 / 22.3 / 32.0 / 32.2% without delays
-(30.7%, 180 s): no clear gain this early. The activity figure draws excitatory neurons
+end; 1669 s of training on a loaded machine, measured when delayed cells still ran Keras'
+generic loop) against 10.0 / 22.3 / 32.0 / 32.2% without delays (30.7%, 180 s): no clear gain
+this early. The activity figure draws excitatory neurons
 black and inhibitory ones red, as LSNN's.
 
 Differences from LSNN-official's tutorial that remain (its lsnn/spiking_models.py,
