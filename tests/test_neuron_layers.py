@@ -190,8 +190,7 @@ def test_hand_written_backward_equals_autodiff_float64(rng):
 
 def test_native_loops_equal_the_tensorflow_loops(rng):
     from kspike import native
-    if not native.available():
-        pytest.skip(f"native loops unavailable: {native.unavailable_reason()}")
+    assert native.available(), f"native loops unavailable: {native.unavailable_reason()}"
     x = tf.constant(currents(rng, (25, 3, 4, 2, 3), mean=0.8))
     v0 = tf.constant(rng.normal(0.0, 0.5, (3, 4, 2, 3)).astype(np.float32))
     weights = [tf.constant(rng.normal(size=shape).astype(np.float32)) for shape in
