@@ -721,7 +721,7 @@ def _native_forward(ops, layer, weights, inputs, state0):
         beta=(tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))),
         v0=state0.v, b0=state0.b if adaptive else tf.zeros((0, n)), z0=state0.z, r0=state0.r,
         recurrent=w_rec is not None, has_bias=bias is not None, store_z=True, store_v=True,
-        store_backward=True, **engine._neuron_attrs(cell, params))
+        store_backward=True, **engine.native_neuron_attrs(cell, params))
     return {"z": tf.transpose(z, (1, 0, 2)), "v": v, "A": A if adaptive else None,
             "allowed": (tf.cast(allowed, tf.float32) if params.n_refractory > 0 else None),
             "z0": state0.z}

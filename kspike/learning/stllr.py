@@ -502,35 +502,15 @@ def _recurrent_sequences(plan, model, weights, x):
         cell = layer.cell
         dtype = plan.dtype
         params = cell.parameters(dtype)
-        native = getattr(layer.layer, "native", "auto")
-        ops = engine._load_native(cell, "auto" if native is True else native, dtype, dtype,
-                                  False, False)
         initial = [tf.cast(s, dtype) for s in cell.get_initial_state(batch)]
         w_rec = None if w.recurrent_kernel is None else tf.stop_gradient(w.recurrent_kernel)
         bias = None if w.bias is None else tf.stop_gradient(w.bias)
         w_in = tf.stop_gradient(w.input_kernel)
         x_time = tf.transpose(inputs, (1, 0, 2))
-        if ops is not None:
-            backend = engine._NativeBackend(ops, cell, params, False, True)
-            buffers, _, _ = backend.forward(engine._LoopInputs(inputs, w_in, w_rec, bias,
-                                                               initial, None))
-            z_batch = buffers["z"]
-            z = tf.transpose(z_batch, (1, 0, 2))
-            z0 = buffers["z0"]
-            v = buffers["v"]
-            A = buffers.get("A")
-            allowed = buffers.get("allowed")
-        else:
-            backend = engine._TensorFlowBackend(cell, params, False, True)
-            buffers, _, _ = backend.forward(engine._LoopInputs(x_time, w_in, w_rec, bias,
-                                                               initial, None))
-            reads = buffers["reads"]
-            z_states = buffers["z"]
-            z0, z = z_states[0], z_states[1:]
-            z_batch = tf.transpose(z, (1, 0, 2))
-            v = reads["v"].stack()
-            A = reads["A"].stack() if "A" in reads else None
-            allowed = reads["allowed"].stack() if "allowed" in reads else None
+        seq = engine.forward_sequences(cell, tf.cast(inputs, dtype), w_in, w_rec, bias, initial,
+                                       native=getattr(layer.layer, "native", "auto"))
+        z, z0, v, A, allowed = seq["z"], seq["z0"], seq["v"], seq["A"], seq["allowed"]
+        z_batch = tf.transpose(z, (1, 0, 2))
         if A is None:
             A = float(params.thr)
         if allowed is not None:
