@@ -232,13 +232,15 @@ def _native_node_attrs(params):
                 v_reset=0.0 if params.v_reset is None else float(params.v_reset))
 
 
-def _native_node_sequence(ops, x, v_initial, params, return_voltages):
-    """node_sequence with the C++ loops (KspikeNodeForward / KspikeNodeBackward)."""
+def _native_node_sequence(ops, x, v_initial, params, return_voltages, time_major=True):
+    """node_sequence with the C++ loops (KspikeNodeForward / KspikeNodeBackward), on x
+    time-major (T, B, *F) or batch-major (B, T, *F) as it comes (no transposes)."""
     from kspike import engine
     attrs = _native_node_attrs(params)
     surrogate_attrs = engine.native_surrogate_attrs(params.spike_function)
     shape = tf.shape(x)
-    steps = shape[0]
+    # The ops' layouts: time-major (T, M), batch-major (B, T, F).
+    layout = tf.stack([shape[0], -1]) if time_major else tf.stack([shape[0], shape[1], -1])
 
     def voltages_of(h, s):
         # V_t of node_reset for S in {0, 1}, from H_t and S_t as the TensorFlow loop forms it.
@@ -248,8 +250,8 @@ def _native_node_sequence(ops, x, v_initial, params, return_voltages):
 
     @tf.custom_gradient
     def run(x, v_initial):
-        flat_x = tf.reshape(x, tf.stack([steps, -1]))
-        s, h, v_final = ops.kspike_node_forward(flat_x, tf.reshape(v_initial, [-1]), **attrs)
+        s, h, v_final = ops.kspike_node_forward(tf.reshape(x, layout),
+                                                tf.reshape(v_initial, [-1]), **attrs)
         outputs = [tf.reshape(s, shape)]
         if return_voltages:
             outputs.append(tf.reshape(voltages_of(h, s), shape))
@@ -259,9 +261,9 @@ def _native_node_sequence(ops, x, v_initial, params, return_voltages):
             grads = [tf.zeros_like(o) if g is None else tf.convert_to_tensor(g, tf.float32)
                      for g, o in zip(grads, outputs)]
             grad_voltages = (tf.reshape(grads[1], tf.shape(h)) if return_voltages
-                             else tf.zeros([0, tf.shape(h)[1]], tf.float32))
+                             else tf.zeros([0], tf.float32))
             grad_x, grad_v0 = ops.kspike_node_backward(
-                h, s, tf.reshape(grads[0], tf.shape(h)), grad_voltages,
+                h, tf.reshape(grads[0], tf.shape(h)), grad_voltages,
                 tf.reshape(grads[-1], [-1]), **attrs, **surrogate_attrs)
             return tf.reshape(grad_x, shape), tf.reshape(grad_v0, tf.shape(v_initial))
 
@@ -273,7 +275,7 @@ def _native_node_sequence(ops, x, v_initial, params, return_voltages):
 
 
 def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
-                  hand_written_backward=True, native="auto"):
+                  hand_written_backward=True, native="auto", time_major=True):
     """Run an IF/LIF node layer (``kspike.dynamics.node_step``) over a whole sequence.
 
     The loop is a ``tf.while_loop`` over TensorArrays (per-step reads from a TensorArray are
@@ -296,15 +298,31 @@ def node_sequence(x, v_initial, params, mask=None, return_voltages=False,
             instead of a TensorFlow op per element-wise update; the same spikes, voltages
             within float32 rounding of the TensorFlow loop) where ``native_node_ops`` finds
             them usable: "auto" (default), or False for the TensorFlow loops.
+        time_major: x (and the outputs) are (T, B, *features) and the mask (T, B); with
+            False they are batch-major, (B, T, *features) and (B, T), Keras' layout: the
+            native ops run on that layout as it is, the TensorFlow loops on a transposed copy.
 
     Returns:
-        (spikes, voltages, v_final): spikes (T, B, *features) 0/1, voltages the same shape or
-        None, v_final (B, *features).
+        (spikes, voltages, v_final): spikes (T, B, *features) 0/1 ((B, T, *features) with
+        ``time_major=False``), voltages the same shape or None, v_final (B, *features).
     """
     x = tf.convert_to_tensor(x)
     dtype = x.dtype
     v_initial = tf.convert_to_tensor(v_initial, dtype)
     masked = mask is not None
+    if not time_major:
+        ops = (native_node_ops(dtype, params, masked) if hand_written_backward and native
+               else None)
+        if ops is not None:
+            return _native_node_sequence(ops, x, v_initial, params, return_voltages,
+                                         time_major=False)
+        swap = [1, 0] + list(range(2, x.shape.rank))
+        spikes, voltages, v_final = node_sequence(
+            tf.transpose(x, swap), v_initial, params,
+            mask=None if mask is None else tf.transpose(mask), return_voltages=return_voltages,
+            hand_written_backward=hand_written_backward, native=native)
+        return (tf.transpose(spikes, swap),
+                None if voltages is None else tf.transpose(voltages, swap), v_final)
     if masked:
         mask = tf.cast(tf.convert_to_tensor(mask), dtype)
         # (T, B) -> (T, B, 1, ..., 1): broadcasts against one step's (B, *features).
@@ -552,9 +570,8 @@ class _NeuronLayer(keras.layers.Layer):
         state_dtype = self.state_dtype
         compute_dtype = keras.backend.standardize_dtype(self.dtype_policy.compute_dtype)
         params = self.parameters
-        x = tf.cast(x, state_dtype)
+        x = tf.cast(x, state_dtype)                                         # (B, T, *F)
         rank = x.shape.rank
-        x = tf.transpose(x, [1, 0] + list(range(2, rank)))                  # (T, B, *F)
         if initial_state is not None:
             if isinstance(initial_state, (list, tuple)):
                 if len(initial_state) != 1:
@@ -566,35 +583,35 @@ class _NeuronLayer(keras.layers.Layer):
                 raise ValueError(f"`initial_state` must have shape (batch, *features) = "
                                  f"{(None,) + tuple(x.shape[2:])}, received {tuple(v0.shape)}.")
         elif self.stateful:
-            if x.shape[1] is not None and x.shape[1] != self.voltage.shape[0]:
+            if x.shape[0] is not None and x.shape[0] != self.voltage.shape[0]:
                 raise ValueError(f"{type(self).__name__}(stateful=True) was built for batch "
-                                 f"size {self.voltage.shape[0]}, received {x.shape[1]}.")
+                                 f"size {self.voltage.shape[0]}, received {x.shape[0]}.")
             v0 = tf.convert_to_tensor(self.voltage)
         else:
-            v0 = tf.fill(tf.shape(x)[1:], tf.constant(dynamics.node_initial_voltage(params),
-                                                      state_dtype))
+            shape = tf.shape(x)
+            v0 = tf.fill(tf.concat([shape[:1], shape[2:]], 0), tf.constant(
+                dynamics.node_initial_voltage(params), state_dtype))
         if mask is not None:
             mask = tf.convert_to_tensor(mask)
             if mask.shape.rank > 2:
                 # e.g. keras.layers.Masking on (B, T, H, W, C) gives (B, T, H, W): a step is
                 # skipped when all its elements are masked, as Masking does for (B, T, n).
                 mask = tf.reduce_any(tf.cast(mask, tf.bool), axis=list(range(2, mask.shape.rank)))
-            mask = tf.transpose(mask)                                        # (T, B)
         return_voltages = self.output_mode == "all"
         spikes, voltages, v_final = node_sequence(
             x, v0, params, mask=mask, return_voltages=return_voltages,
-            hand_written_backward=_tape_may_record())
+            hand_written_backward=_tape_may_record(), time_major=False)
         if self.stateful:
             self.voltage.assign(v_final)
 
-        def batch_major(sequence):
+        def emitted(sequence):
             if not self.return_sequences:
-                return tf.cast(sequence[-1], compute_dtype)
-            return tf.cast(tf.transpose(sequence, [1, 0] + list(range(2, rank))), compute_dtype)
+                sequence = sequence[:, -1]
+            return tf.cast(sequence, compute_dtype)
 
-        outputs = [batch_major(spikes)]
+        outputs = [emitted(spikes)]
         if return_voltages:
-            outputs.append(batch_major(voltages))
+            outputs.append(emitted(voltages))
         if self.return_state:
             outputs.append(tf.cast(v_final, compute_dtype))
         return outputs[0] if len(outputs) == 1 else outputs

@@ -212,6 +212,89 @@ def test_native_loops_equal_the_tensorflow_loops(rng):
     assert kspike.layers.native_node_ops(tf.float32, params, masked=True) is None
 
 
+def test_batch_major_native_ops_equal_the_time_major_tensorflow_loops(rng):
+    """node_sequence(time_major=False): the native ops on (B, T, *F) as it comes (no
+    transposes; rows of 2 blocks, the second 7 elements, shorter than a vector) against the
+    TensorFlow loops on the transposed sequence."""
+    shape = (3, 17, 5, 411)                                  # F = 2055 = 2048 + 7
+    x = tf.constant(currents(rng, shape, mean=0.8))
+    v0 = tf.constant(rng.normal(0.0, 0.5, (3, 5, 411)).astype(np.float32))
+    weights = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in (shape, shape,
+                                                                            (3, 5, 411))]
+    swap = (1, 0, 2, 3)
+    for config in CONFIGS:
+        for surrogate, tol in (("triangular", 0.0), ("sigmoid", 2e-5)):
+            params = make_layer(*config, surrogate=surrogate).parameters
+            fast = sequence_and_gradients(x, v0, params, weights, time_major=False)
+            with tf.GradientTape() as tape:
+                tape.watch([x, v0])
+                s, v, vf = node_sequence(tf.transpose(x, swap), v0, params,
+                                         return_voltages=True, native=False)
+                loss = loss_of(tf.transpose(s, swap), tf.transpose(v, swap), vf, weights)
+            loop = [tf.transpose(s, swap).numpy(), tf.transpose(v, swap).numpy(), vf.numpy()]
+            loop += [g.numpy() for g in tape.gradient(loss, [x, v0])]
+            for a, b in zip(fast[:3], loop[:3]):
+                np.testing.assert_array_equal(a, b, err_msg=str(config))
+            for a, b in zip(fast[3:], loop[3:]):
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(),
+                                           err_msg=f"{config} {surrogate}")
+            assert 0.05 < fast[0].mean() < 0.8 and np.abs(fast[3]).max() > 0.1
+    # The batch-major TensorFlow loop (a masked or float64 sequence) is the time-major one
+    # on the transposed sequence.
+    mask = rng.random((3, 17)) > 0.3
+    s_bm, v_bm, f_bm = node_sequence(x, v0, params, mask=mask, return_voltages=True,
+                                     time_major=False)
+    s_tm, v_tm, f_tm = node_sequence(tf.transpose(x, swap), v0, params, mask=mask.T,
+                                     return_voltages=True)
+    np.testing.assert_array_equal(s_bm.numpy(), tf.transpose(s_tm, swap).numpy())
+    np.testing.assert_array_equal(v_bm.numpy(), tf.transpose(v_tm, swap).numpy())
+    np.testing.assert_array_equal(f_bm.numpy(), f_tm.numpy())
+
+
+def test_training_layer_runs_the_native_ops_without_transposes(rng):
+    """Under a gradient tape LIFNeurons runs the native ops on its (B, T, *F) input: the
+    traced step holds no Transpose, and its spikes, voltages, final voltage and gradients
+    (the input buffer reused for H_t, the output gradient's for dL/dX_t) are those of the
+    SpikingJelly reference and of the TensorFlow loops."""
+    x = tf.constant(currents(rng, (4, 30, 6, 7), mean=1.0))
+    w = tf.constant(rng.normal(size=(4, 30, 6, 7)).astype(np.float32))
+    layer = kspike.LIFNeurons(tau=3.0, v_reset=0.0, output="all", return_state=True)
+    last = kspike.LIFNeurons(tau=3.0, v_reset=0.0, return_sequences=False)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            currents = x * 1.0                 # an intermediate: its buffer may be reused
+            spikes, voltages, v_final = layer(currents)
+            loss = (tf.reduce_sum(spikes * w) + tf.reduce_sum(voltages * w)
+                    + tf.reduce_sum(v_final) + tf.reduce_sum(last(currents) * w[:, -1]))
+        return spikes, voltages, v_final, tape.gradient(loss, x)
+
+    graph = step.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "KspikeNodeForward" in types and "KspikeNodeBackward" in types
+    assert "Transpose" not in types
+    spikes, voltages, v_final, grad = step(x)
+    ref_s, ref_v = spikingjelly_reference(x.numpy(), 3.0, 1.0, 0.0)
+    np.testing.assert_array_equal(spikes.numpy(), ref_s)
+    np.testing.assert_allclose(voltages.numpy(), ref_v, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(v_final.numpy(), ref_v[:, -1], rtol=1e-6, atol=1e-6)
+    assert 0.05 < ref_s.mean() < 0.8
+    params = layer.parameters
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        s, v, vf = node_sequence(tf.transpose(x, (1, 0, 2, 3)), tf.zeros((4, 6, 7)), params,
+                                 return_voltages=True, native=False)
+        s, v = tf.transpose(s, (1, 0, 2, 3)), tf.transpose(v, (1, 0, 2, 3))
+        loss = (tf.reduce_sum(s * w) + tf.reduce_sum(v * w) + tf.reduce_sum(vf)
+                + tf.reduce_sum(s[:, -1] * w[:, -1]))
+    expected = tape.gradient(loss, x).numpy()
+    np.testing.assert_allclose(grad.numpy(), expected, rtol=2e-5,
+                               atol=2e-5 * np.abs(expected).max())
+    assert np.abs(expected).max() > 0.1
+
+
 class _SmoothStandIn(surrogates.Sigmoid):
     """pseudo_derivative = the exact derivative of sig(4 x): the smooth forward below."""
     name = "smooth_stand_in_for_tests"

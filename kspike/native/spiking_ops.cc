@@ -1108,11 +1108,14 @@ REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), Spikin
 
 // ------------------------------------------------------------------ IF / LIF node layers
 // kspike.IFNeurons / kspike.LIFNeurons (node_step and node_step_vjp of kspike/dynamics.py,
-// docs/neuron_layers.md): element-wise neurons without weights over a (T, M) time-major
-// sequence, M = B * prod(features). One pass over each step's elements instead of one
-// TensorFlow op per element-wise update (about 6 forward and 15 backward); the voltage of a
-// block of elements stays in cache across the steps. Every expression is written in the order
-// of the TensorFlow one, so the results are the same to the bit (-ffp-contract=off).
+// docs/neuron_layers.md): element-wise neurons without weights over a sequence, either
+// time-major (T, M), M = B * prod(features), or batch-major (B, T, F), F = prod(features),
+// Keras' layout (no transposes around the ops; a time-major (T, M) sequence is the batch-major
+// case B = 1, F = M). One pass over each step's elements instead of one TensorFlow op per
+// element-wise update (about 6 forward and 15 backward); the voltage of a block of elements
+// stays in cache across the steps, and in the batch-major layout the steps of one row's block
+// follow each other in memory. Every expression is written in the order of the TensorFlow
+// one, so the results are the same to the bit (-ffp-contract=off).
 
 enum NodeCharge { kChargeIF = 0, kChargeDecayInput = 1, kChargeLeak = 2 };
 
@@ -1163,15 +1166,21 @@ static inline float NodeCharge(const NodeAttrs& a, float v, float x) {
   }
 }
 
+// One block of `count` elements over the T steps: element e of step t is at X[t * stride + e]
+// (X, S and H already offset to the block's first element).
 template <int CHARGE, bool ZERO_REST, bool HARD>
-static void NodeForwardBlock(const NodeAttrs& a, int64_t T, int64_t M, int64_t first,
-                             int64_t count, const float* __restrict X, float* __restrict v,
-                             float* __restrict S, float* __restrict H) {
+static void NodeForwardBlock(const NodeAttrs& attrs, int64_t T, int64_t stride,
+                             int64_t count, const float* X, float* __restrict v,
+                             float* __restrict S, float* H) {
+  const NodeAttrs a = attrs;   // a local copy: the stores through h_out cannot change it
   for (int64_t t = 0; t < T; ++t) {
-    const int64_t at = t * M + first;
-    const float* __restrict x = X + at;
+    const int64_t at = t * stride;
+    // H may be the buffer of X (the op forwards it): element e is read before it is written,
+    // so the only dependence between x and h_out is within one iteration.
+    const float* x = X + at;
     float* __restrict s = S + at;
-    float* __restrict h_out = H + at;
+    float* h_out = H + at;
+#pragma GCC ivdep
     for (int64_t e = 0; e < count; ++e) {
       const float h = NodeCharge<CHARGE, ZERO_REST>(a, v[e], x[e]);
       const bool fired = h >= a.thr;
@@ -1186,8 +1195,8 @@ static void NodeForwardBlock(const NodeAttrs& a, int64_t T, int64_t M, int64_t f
   }
 }
 
-using NodeForwardFn = void (*)(const NodeAttrs&, int64_t, int64_t, int64_t, int64_t,
-                               const float*, float*, float*, float*);
+using NodeForwardFn = void (*)(const NodeAttrs&, int64_t, int64_t, int64_t, const float*, float*,
+                               float*, float*);
 
 template <int CHARGE>
 static NodeForwardFn SelectNodeForwardCharge(const NodeAttrs& a) {
@@ -1205,18 +1214,64 @@ static NodeForwardFn SelectNodeForward(const NodeAttrs& a) {
   return SelectNodeForwardCharge<kChargeLeak>(a);
 }
 
+// The sequence layout of the node ops: (B, T, F) batch-major, or (T, M) time-major as B = 1.
+struct NodeLayout {
+  int64_t B, T, F;
+  int64_t elements() const { return B * F; }   // elements of one step (M)
+};
+
+static tensorflow::Status GetNodeLayout(const Tensor& x, const char* name, NodeLayout* out) {
+  if (x.dims() == 2) {
+    *out = {1, x.dim_size(0), x.dim_size(1)};
+  } else if (x.dims() == 3) {
+    *out = {x.dim_size(0), x.dim_size(1), x.dim_size(2)};
+  } else {
+    return InvalidArgument(name, " must be (T, M) time-major or (B, T, F) batch-major, received ",
+                           x.shape().DebugString());
+  }
+  return tensorflow::OkStatus();
+}
+
+// Runs fn(offset, element, count) over the blocks of the layout, sharded over the intra-op
+// threads: a block is `count` <= kNodeBlock elements of one row b, whose first element of step t
+// is at offset + t * F of the sequence and at `element` of the (M,) per-element state.
+template <typename Fn>
+static void ForEachNodeBlock(OpKernelContext* ctx, const NodeLayout& l, Fn fn) {
+  const int64_t per_row = std::max<int64_t>(1, (l.F + kNodeBlock - 1) / kNodeBlock);
+  const int64_t block = std::min(l.F, kNodeBlock);
+  const int64_t min_blocks = std::max<int64_t>(1, 4 * kNodeBlock / std::max<int64_t>(1, block));
+  ForEachShard(ctx, l.B * per_row, min_blocks, [&](int64_t first, int64_t last, int64_t) {
+    for (int64_t unit = first; unit < last; ++unit) {
+      const int64_t b = unit / per_row, start = (unit % per_row) * kNodeBlock;
+      const int64_t count = std::min(kNodeBlock, l.F - start);
+      if (count > 0) fn(b * l.T * l.F + start, b * l.F + start, count);
+    }
+  });
+}
+
+static tensorflow::Status NodeShape(InferenceContext* c, int output_state) {
+  auto x = c->input(0);
+  if (c->RankKnown(x) && c->Rank(x) == 3) {
+    tensorflow::shape_inference::DimensionHandle m;
+    TF_RETURN_IF_ERROR(c->Multiply(c->Dim(x, 0), c->Dim(x, 2), &m));
+    c->set_output(output_state, c->MakeShape({m}));
+  } else {
+    c->set_output(output_state, c->MakeShape({c->Dim(x, 1)}));
+  }
+  return tensorflow::OkStatus();
+}
+
 REGISTER_OP("KspikeNodeForward")
-    .Input("x: float")              // (T, M) input currents X_1 .. X_T, time-major
-    .Input("v0: float")             // (M,) V_0
+    .Input("x: float")              // (T, M) time-major or (B, T, F) batch-major X_1 .. X_T
+    .Input("v0: float")             // (M,) V_0 (M = B * F)
     KSPIKE_NODE_ATTRS
-    .Output("spikes: float")        // (T, M) S_1 .. S_T (0/1)
-    .Output("h: float")             // (T, M) H_1 .. H_T (voltage before the reset)
+    .Output("spikes: float")        // S_1 .. S_T (0/1), the shape of x
+    .Output("h: float")             // H_1 .. H_T (voltage before the reset), the shape of x
     .Output("v_final: float")       // (M,) V_T
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
       c->set_output(1, c->input(0));
-      c->set_output(2, c->MakeShape({c->Dim(c->input(0), 1)}));
-      return tensorflow::OkStatus();
+      return NodeShape(c, 2);
     });
 
 class NodeForwardOp : public OpKernel {
@@ -1226,12 +1281,16 @@ class NodeForwardOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
     const Tensor& v0 = ctx->input(1);
-    OP_REQUIRES(ctx, x.dims() == 2, InvalidArgument("x must be (T, M)"));
-    const int64_t T = x.dim_size(0), M = x.dim_size(1);
-    OP_REQUIRES(ctx, v0.dims() == 1 && v0.dim_size(0) == M, InvalidArgument("v0 must be (M,)"));
+    NodeLayout l;
+    OP_REQUIRES_OK(ctx, GetNodeLayout(x, "x", &l));
+    const int64_t M = l.elements();
+    OP_REQUIRES(ctx, v0.dims() == 1 && v0.dim_size(0) == M,
+                InvalidArgument("v0 must be (M,) = (", M, ",), received ",
+                                v0.shape().DebugString()));
     Tensor *s_out, *h_out, *v_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, M}), &s_out));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({T, M}), &h_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &s_out));
+    // H_t may take the buffer of X_t: each element is read before it is written.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 1, x.shape(), &h_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({M}), &v_out));
     const float* X = x.flat<float>().data();
     const float* V0 = v0.flat<float>().data();
@@ -1240,13 +1299,10 @@ class NodeForwardOp : public OpKernel {
     float* VF = v_out->flat<float>().data();
     const NodeAttrs a = a_;
     const NodeForwardFn block = SelectNodeForward(a);
-    ForEachShard(ctx, M, 4 * kNodeBlock, [&](int64_t first, int64_t last, int64_t) {
-      for (int64_t start = first; start < last; start += kNodeBlock) {
-        const int64_t count = std::min(kNodeBlock, last - start);
-        float* v = VF + start;
-        std::copy(V0 + start, V0 + start + count, v);
-        block(a, T, M, start, count, X, v, S, H);
-      }
+    ForEachNodeBlock(ctx, l, [&](int64_t offset, int64_t element, int64_t count) {
+      float* v = VF + element;
+      std::copy(V0 + element, V0 + element + count, v);
+      block(a, l.T, l.F, count, X + offset, v, S + offset, H + offset);
     });
   }
 
@@ -1272,28 +1328,107 @@ static inline void NodePsi(const SurrogateParams& sp, float thr, const float* __
   }
 }
 
+#if defined(EIGEN_VECTORIZE)
+// NodeBackwardBlock for the sigmoid surrogate (SpikingJelly's default) in one pass of Eigen
+// packets per step: psi from Eigen's packet logistic (the function NodePsi and tf.sigmoid
+// evaluate), then the same products and sums in the same order as the scalar loop, with no
+// psi buffer in between, so the exponential's arithmetic overlaps the loads of the step. The
+// last count % lanes elements go through the same packet code on a padded copy.
+template <bool HARD, bool DETACH, bool HAS_GVO>
+static void NodeBackwardSigmoidBlock(const NodeAttrs& a, const SurrogateParams& sp, int64_t T,
+                                     int64_t stride, int64_t count, const float* Hs,
+                                     const float* GS, const float* GVO, float* gv, float* GX) {
+  using namespace Eigen::internal;
+  using Packet = packet_traits<float>::type;
+  constexpr int64_t kLanes = unpacket_traits<Packet>::size;
+  const Packet thr = pset1<Packet>(a.thr), one = pset1<Packet>(1.0f),
+               zero = pset1<Packet>(0.0f), v_reset = pset1<Packet>(a.v_reset),
+               gain = pset1<Packet>(a.gain), leak = pset1<Packet>(a.leak),
+               scale = pset1<Packet>(4.0f * sp.sharpness),
+               peak = pset1<Packet>(4.0f * sp.dampening);
+  const scalar_logistic_op<float> logistic;
+  // One packet of elements; gs and gx may be the same memory (gs is read first). A gain or
+  // leak of 1 multiplies exactly, so the scalar loop's unit_gain / unit_leak shortcuts agree.
+  auto step = [&](const float* h_at, const float* gs_at, const float* gvo_at, float* gv_at,
+                  float* gx_at) {
+    const Packet h = ploadu<Packet>(h_at);
+    const Packet sig = logistic.packetOp(pmul(scale, psub(h, thr)));
+    const Packet psi = pmul(pmul(peak, sig), psub(one, sig));
+    Packet g_v = ploadu<Packet>(gv_at);
+    if constexpr (HAS_GVO) g_v = padd(g_v, ploadu<Packet>(gvo_at));
+    Packet grad_h;
+    if constexpr (HARD) {
+      Packet dv_dh = psub(one, pselect(pcmp_le(thr, h), one, zero));
+      if constexpr (!DETACH) dv_dh = padd(dv_dh, pmul(psub(v_reset, h), psi));
+      grad_h = padd(pmul(ploadu<Packet>(gs_at), psi), pmul(g_v, dv_dh));
+    } else if constexpr (DETACH) {
+      grad_h = padd(pmul(ploadu<Packet>(gs_at), psi), g_v);
+    } else {
+      grad_h = padd(pmul(ploadu<Packet>(gs_at), psi),
+                    pmul(g_v, psub(one, pmul(thr, psi))));
+    }
+    pstoreu(gx_at, pmul(gain, grad_h));
+    pstoreu(gv_at, pmul(leak, grad_h));
+  };
+  const int64_t full = count - count % kLanes, rest = count - full;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t at = t * stride;
+    const float* h = Hs + at;
+    const float* gs = GS + at;
+    const float* gvo = HAS_GVO ? GVO + at : nullptr;
+    float* gx = GX + at;
+    for (int64_t e = 0; e < full; e += kLanes) {
+      step(h + e, gs + e, HAS_GVO ? gvo + e : nullptr, gv + e, gx + e);
+    }
+    if (rest > 0) {
+      alignas(64) float ph[kLanes] = {}, pgs[kLanes] = {}, pgvo[kLanes] = {}, pgv[kLanes] = {},
+                        pgx[kLanes];
+      std::copy(h + full, h + count, ph);
+      std::copy(gs + full, gs + count, pgs);
+      if constexpr (HAS_GVO) std::copy(gvo + full, gvo + count, pgvo);
+      std::copy(gv + full, gv + count, pgv);
+      step(ph, pgs, pgvo, pgv, pgx);
+      std::copy(pgx, pgx + rest, gx + full);
+      std::copy(pgv, pgv + rest, gv + full);
+    }
+  }
+}
+#endif
+
+// One block of `count` elements from step T down to 1, laid out as in NodeForwardBlock (all
+// pointers offset to the block's first element). S_t is recomputed as 1[H_t >= V_th], the
+// forward op's test on the same H_t, so the spikes are not read back.
 template <Surrogate SG, bool HARD, bool DETACH, bool HAS_GVO>
-static void NodeBackwardBlock(const NodeAttrs& a, const SurrogateParams& sp, int64_t T,
-                              int64_t M, int64_t first, int64_t count,
-                              const float* __restrict Hs, const float* __restrict Ss,
-                              const float* __restrict GS, const float* __restrict GVO,
-                              float* __restrict gv, float* __restrict GX) {
+static void NodeBackwardBlock(const NodeAttrs& attrs, const SurrogateParams& surrogate,
+                              int64_t T, int64_t stride, int64_t count,
+                              const float* __restrict Hs, const float* GS,
+                              const float* __restrict GVO, float* __restrict gv, float* GX) {
+#if defined(EIGEN_VECTORIZE)
+  if constexpr (SG == kSigmoid) {
+    return NodeBackwardSigmoidBlock<HARD, DETACH, HAS_GVO>(attrs, surrogate, T, stride, count,
+                                                           Hs, GS, GVO, gv, GX);
+  }
+#endif
+  // Local copies: the stores through gx (which may alias gs) cannot change them.
+  const NodeAttrs a = attrs;
+  const SurrogateParams sp = surrogate;
   const bool unit_gain = a.gain == 1.0f, unit_leak = a.leak == 1.0f;
   float psi_block[kNodeBlock];
   for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t at = t * M + first;
+    const int64_t at = t * stride;
     const float* __restrict h = Hs + at;
-    const float* __restrict s = Ss + at;
-    const float* __restrict gs = GS + at;
-    float* __restrict gx = GX + at;
+    // GX may be the buffer of GS (the op forwards it): as x and h_out in NodeForwardBlock.
+    const float* gs = GS + at;
+    float* gx = GX + at;
     NodePsi<SG>(sp, a.thr, h, count, psi_block);
+#pragma GCC ivdep
     for (int64_t e = 0; e < count; ++e) {
       float g_v = gv[e];
       if constexpr (HAS_GVO) g_v = g_v + GVO[at + e];
       const float psi = psi_block[e];
       float grad_h;
       if constexpr (HARD) {
-        float dv_dh = 1.0f - s[e];
+        float dv_dh = 1.0f - (h[e] >= a.thr ? 1.0f : 0.0f);
         if constexpr (!DETACH) dv_dh = dv_dh + (a.v_reset - h[e]) * psi;
         grad_h = gs[e] * psi + g_v * dv_dh;
       } else if constexpr (DETACH) {
@@ -1308,8 +1443,8 @@ static void NodeBackwardBlock(const NodeAttrs& a, const SurrogateParams& sp, int
 }
 
 using NodeBackwardFn = void (*)(const NodeAttrs&, const SurrogateParams&, int64_t, int64_t,
-                                int64_t, int64_t, const float*, const float*, const float*,
-                                const float*, float*, float*);
+                                int64_t, const float*, const float*, const float*, float*,
+                                float*);
 
 template <Surrogate SG>
 static NodeBackwardFn SelectNodeBackwardFor(const NodeAttrs& a, bool has_gvo) {
@@ -1342,10 +1477,9 @@ static NodeBackwardFn SelectNodeBackward(const NodeAttrs& a, const SurrogatePara
 }
 
 REGISTER_OP("KspikeNodeBackward")
-    .Input("h: float")              // (T, M) H_t from the forward op
-    .Input("spikes: float")         // (T, M) S_t from the forward op
-    .Input("grad_spikes: float")    // (T, M) dL/dS_t
-    .Input("grad_voltages: float")  // (T, M) dL/dV_t of the voltage outputs, or (0, M)
+    .Input("h: float")              // H_t from the forward op: (T, M) or (B, T, F)
+    .Input("grad_spikes: float")    // dL/dS_t, the shape of h
+    .Input("grad_voltages: float")  // dL/dV_t of the voltage outputs (the shape of h), or empty
     .Input("grad_v_final: float")   // (M,) dL/dV_T
     KSPIKE_NODE_ATTRS
     .Attr("surrogate: string")
@@ -1353,12 +1487,11 @@ REGISTER_OP("KspikeNodeBackward")
     .Attr("sharpness: float")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
-    .Output("grad_x: float")        // (T, M) dL/dX_t
+    .Output("grad_x: float")        // dL/dX_t, the shape of h
     .Output("grad_v0: float")       // (M,) dL/dV_0
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
-      c->set_output(1, c->MakeShape({c->Dim(c->input(0), 1)}));
-      return tensorflow::OkStatus();
+      return NodeShape(c, 1);
     });
 
 class NodeBackwardOp : public OpKernel {
@@ -1370,24 +1503,24 @@ class NodeBackwardOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& h = ctx->input(0);
-    const Tensor& s = ctx->input(1);
-    const Tensor& gs = ctx->input(2);
-    const Tensor& gvo = ctx->input(3);
-    const Tensor& gvf = ctx->input(4);
-    OP_REQUIRES(ctx, h.dims() == 2, InvalidArgument("h must be (T, M)"));
-    const int64_t T = h.dim_size(0), M = h.dim_size(1);
-    OP_REQUIRES(ctx, s.shape() == h.shape() && gs.shape() == h.shape(),
-                InvalidArgument("spikes and grad_spikes must have the shape of h"));
+    const Tensor& gs = ctx->input(1);
+    const Tensor& gvo = ctx->input(2);
+    const Tensor& gvf = ctx->input(3);
+    NodeLayout l;
+    OP_REQUIRES_OK(ctx, GetNodeLayout(h, "h", &l));
+    const int64_t M = l.elements();
+    OP_REQUIRES(ctx, gs.shape() == h.shape(),
+                InvalidArgument("grad_spikes must have the shape of h"));
     const bool has_gvo = gvo.NumElements() > 0;
     OP_REQUIRES(ctx, !has_gvo || gvo.shape() == h.shape(),
-                InvalidArgument("grad_voltages must be (T, M) or (0, M)"));
+                InvalidArgument("grad_voltages must have the shape of h or be empty"));
     OP_REQUIRES(ctx, gvf.dims() == 1 && gvf.dim_size(0) == M,
                 InvalidArgument("grad_v_final must be (M,)"));
     Tensor *gx_out, *gv_out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, M}), &gx_out));
+    // dL/dX_t may take the buffer of dL/dS_t: each element is read before it is written.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, h.shape(), &gx_out));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({M}), &gv_out));
     const float* Hs = h.flat<float>().data();
-    const float* Ss = s.flat<float>().data();
     const float* GS = gs.flat<float>().data();
     const float* GVO = has_gvo ? gvo.flat<float>().data() : nullptr;
     const float* GVF = gvf.flat<float>().data();
@@ -1396,13 +1529,11 @@ class NodeBackwardOp : public OpKernel {
     const NodeAttrs a = a_;
     const SurrogateParams sp = s_;
     const NodeBackwardFn block = SelectNodeBackward(a, sp, has_gvo);
-    ForEachShard(ctx, M, 4 * kNodeBlock, [&](int64_t first, int64_t last, int64_t) {
-      for (int64_t start = first; start < last; start += kNodeBlock) {
-        const int64_t count = std::min(kNodeBlock, last - start);
-        float* gv = GV + start;
-        std::copy(GVF + start, GVF + start + count, gv);
-        block(a, sp, T, M, start, count, Hs, Ss, GS, GVO, gv, GX);
-      }
+    ForEachNodeBlock(ctx, l, [&](int64_t offset, int64_t element, int64_t count) {
+      float* gv = GV + element;
+      std::copy(GVF + element, GVF + element + count, gv);
+      block(a, sp, l.T, l.F, count, Hs + offset, GS + offset,
+            has_gvo ? GVO + offset : nullptr, gv, GX + offset);
     });
   }
 
