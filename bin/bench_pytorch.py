@@ -36,6 +36,9 @@ the output spikes, at each n of ``--sizes`` (default 1024 and 4096), in kspike
 and a plain JAX ``lax.scan``, and the matmul bound: the Linear's forward and kernel-gradient
 products done alone by TensorFlow. Figures are medians of ``--repeats`` steps after 2 warm-up
 steps, each library in its own process; the footnote of the table lists how the neurons differ.
+The kspike process also times the bound, one bound step before each kspike step, and prints
+kspike / bound from these pairs: on a loaded machine the load moves between processes, and
+the paired ratio is the one measured under the same load.
 
 The torch and JAX libraries run with ``--peer-python`` (default /work/peers-venv/bin/python
 when it exists), a Python that has them; kspike needs none of them. ``--threads 1`` pins every
@@ -269,12 +272,38 @@ def _time(step, repeats):
     return first, times
 
 
+def _time_paired(step, reference, repeats):
+    """_time of `step`, with a step of `reference` timed just before each of its steps:
+    (step's first result, step's seconds, reference's seconds), pair by pair under the same
+    machine load."""
+    first = step()
+    step()
+    reference()
+    reference()
+    times, reference_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        reference_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return first, times, reference_times
+
+
 def _lif_child(library, n, steps, batch, repeats, threads):
     if library in PEER_LIBRARIES:
         # SpikingJelly may import TensorFlow (and crash beside torch): never let it load.
         sys.modules["tensorflow"] = None
-    spikes, times = _time(_lif_step(library, n, steps, batch, threads), repeats)
-    print(json.dumps({"times": times, "rate": float(spikes) / (batch * steps * n)}))
+    result = {}
+    if library == "kspike":
+        # The bound again in this process, each of its steps next to one of kspike's.
+        spikes, times, result["bound_times"] = _time_paired(
+            _lif_step(library, n, steps, batch, threads),
+            _lif_step("bound", n, steps, batch, threads), repeats)
+    else:
+        spikes, times = _time(_lif_step(library, n, steps, batch, threads), repeats)
+    print(json.dumps({"times": times, "rate": float(spikes) / (batch * steps * n), **result}))
 
 
 def _child(library, units, steps, n_inputs, batch, repeats):
@@ -383,6 +412,10 @@ def _lif_main(args):
             row["step_s"][library] = float(sorted(result["times"])[len(result["times"]) // 2])
             row["times"] = {**row.get("times", {}), library: result["times"]}
             row["rate"][library] = result["rate"]
+            if "bound_times" in result:
+                ratios = sorted(t / b for t, b in zip(result["times"], result["bound_times"]))
+                row["times"]["bound_paired"] = result["bound_times"]
+                row["kspike_vs_bound_paired"] = ratios[len(ratios) // 2]
         rows.append(row)
 
     print(f"\nLinear({'n'} -> n) + LIF, B={args.batch}, T={args.steps}, forward + backward of "
@@ -400,6 +433,11 @@ def _lif_main(args):
                   f"{row['rate'][library] if library != 'bound' else float('nan'):.3f} |")
         for library, error in row["failed"].items():
             print(f"| {row['n']} | {library} | failed: {error[-150:]} | - | - | - |")
+    for row in rows:
+        if "kspike_vs_bound_paired" in row:
+            print(f"n = {row['n']}: kspike / bound with the bound timed in kspike's process, "
+                  f"each kspike step next to a bound step (median of the pairs' ratios): "
+                  f"{row['kspike_vs_bound_paired']:.3f}x")
     print("\n" + LIF_NOTE)
     result = {"workload": "lif-layer", "rows": rows, "load_average": os.getloadavg()[0],
               "peer_python": peer}
