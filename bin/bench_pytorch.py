@@ -34,7 +34,8 @@ the output spikes, at each n of ``--sizes`` (default 1024 and 4096), in kspike
 (``keras.layers.Dense(n)`` on the whole (B, T, n) tensor -> ``kspike.LIFNeurons``), norse
 (``LIFBoxCell``), snnTorch (``Leaky``), SpikingJelly (multi-step ``LIFNode``, torch backend)
 and a plain JAX ``lax.scan``, and the matmul bound: the Linear's forward and kernel-gradient
-products done alone by TensorFlow. Figures are medians of ``--repeats`` steps after 2 warm-up
+products done alone by TensorFlow (and ``torch_bound``: the same products done alone by
+torch, in the peers' Python). Figures are medians of ``--repeats`` steps after 2 warm-up
 steps, each library in its own process; the footnote of the table lists how the neurons differ.
 The kspike process also times the bound, one bound step before each kspike step, and prints
 kspike / bound from these pairs: on a loaded machine the load moves between processes, and
@@ -127,8 +128,8 @@ def _torch_step(library, units, steps, n_inputs, batch):
 # benchmark). All neurons: V_t = 0.9 V_{t-1} + 0.1 x_t (tau = 10 steps, input scaled by 1/tau),
 # threshold 1, hard reset to 0, unless the table's footnote says otherwise.
 
-LIF_LIBRARIES = ("kspike", "norse", "snntorch", "spikingjelly", "jax")
-PEER_LIBRARIES = ("norse", "snntorch", "spikingjelly", "jax")
+LIF_LIBRARIES = ("kspike", "norse", "snntorch", "spikingjelly", "jax", "torch_bound")
+PEER_LIBRARIES = ("norse", "snntorch", "spikingjelly", "jax", "torch_bound")
 TAU = 10.0
 
 
@@ -217,6 +218,15 @@ def _lif_step(library, n, steps, batch, threads):
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if library == "torch_bound":
+        # The bound's two products in torch: what the torch peers' matmuls cost alone.
+        flat = torch.from_numpy(_dense_input(batch, steps, n)).reshape(batch * steps, n)
+        w = torch.randn(n, n) * n ** -0.5
+
+        def step():
+            y = flat @ w
+            return float((flat.t() @ y)[0, 0]) * 0.0
+        return step
     x = torch.from_numpy(_dense_input(batch, steps, n)).transpose(0, 1).contiguous()  # (T, B, n)
     fc = torch.nn.Linear(n, n)
     if library == "norse":
@@ -367,7 +377,8 @@ reset_mechanism="zero") on I/10: the same charge, but its reset comes from the p
 membrane (one step late) and its surrogate is atan. kspike: keras.layers.Dense(n) on the whole
 (B, T, n) tensor -> kspike.LIFNeurons; the peers' Linear is also one product over all steps
 (snnTorch and norse then step their neuron cells in Python). bound: the Linear's forward
-and kernel-gradient products (B*T, n) x (n, n) done alone by TensorFlow in the same run."""
+and kernel-gradient products (B*T, n) x (n, n) done alone by TensorFlow in the same run;
+torch_bound: the same two products done alone by torch (the peers' Python)."""
 
 
 def _report(result, path):
@@ -429,8 +440,9 @@ def _lif_main(args):
             bound = f"{seconds / t['bound']:.2f}x" if "bound" in t else "-"
             faster = (f"{seconds / t['kspike']:.2f}x" if "kspike" in t and library not in
                       ("kspike", "bound") else "-")
-            print(f"| {row['n']} | {library} | {seconds:.3f} | {bound} | {faster} | "
-                  f"{row['rate'][library] if library != 'bound' else float('nan'):.3f} |")
+            rate = (row["rate"][library] if library not in ("bound", "torch_bound")
+                    else float("nan"))
+            print(f"| {row['n']} | {library} | {seconds:.3f} | {bound} | {faster} | {rate:.3f} |")
         for library, error in row["failed"].items():
             print(f"| {row['n']} | {library} | failed: {error[-150:]} | - | - | - |")
     for row in rows:
