@@ -87,7 +87,7 @@ def _reset_peak_rss():
         f.write("5")
 
 
-def _build(variant, units, steps, n_inputs, batch, seed=0):
+def _build(variant, units, steps, n_inputs, batch, seed=0, surrogate="triangular"):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -100,7 +100,7 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
         # upper one's inputs.
         def cell(offset):
             return kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5,
-                               seed=seed + offset)
+                               seed=seed + offset, surrogate=surrogate)
         if variant == "stacked_keras_rnn":
             layers = [keras.layers.RNN(cell(i), return_sequences=True) for i in range(2)]
         else:
@@ -111,7 +111,8 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     elif variant == "lstm":
         recurrent = keras.layers.LSTM(units, return_sequences=True)
     else:
-        cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
+        cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed,
+                           surrogate=surrogate)
         if variant == "keras_rnn":
             recurrent = keras.layers.RNN(cell, return_sequences=True)
         else:
