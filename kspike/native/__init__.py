@@ -153,7 +153,8 @@ def backward_stats(reset=False):
       term / took the dense product;
     - ``entries``: neurons x steps x batch rows differentiated;
     - ``nonzero_psi``: of those, the entries with a nonzero pseudo-derivative psi_t (0 in
-      refractory periods); ``nonzero_terms``: with a nonzero dL/dz_t psi_t / A_t;
+      refractory periods); ``nonzero_terms``: with a nonzero dL/dz_t psi_t / A_t (layers
+      with recurrent weights only);
     - ``psi_fraction``, ``term_fraction``: the last two over ``entries`` (None before any call).
 
     The counts cover every backward call of the process (all layers, all threads); ``reset``
