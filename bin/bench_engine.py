@@ -20,6 +20,10 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
 - Step time: median of ``--repeats`` (>= 5) timed steps after two warm-up steps; the variants of
   one configuration are timed in interleaved rounds so that a change of machine load hits them
   alike. Ratios are printed against the keras.layers.RNN step and against the matmul bound.
+- Surrogate (``--surrogate``, default triangular, LSNN's 0.3 max(0, 1 - |x|)): that of every
+  ALIF cell. With the native loops, the fraction of nonzero pseudo-derivatives (neurons x
+  steps x batch) and how many steps took the sparse recurrent backward product are counted in
+  the timed steps themselves (``kspike.native.backward_stats``) and printed.
 - Matmul bound: the dense products alone, timed in the same process: forward x W_in (one
   matmul) and T recurrent products z W_rec in a loop; backward T products g W_rec^T in a loop,
   g W_in^T, and the two weight gradients x^T g and z^T g.
@@ -50,6 +54,8 @@ Usage:
     bin/bench_engine.py --predict --steps 784 --units 256   # model.predict, native vs TF
     bin/bench_engine.py --quick           # T in (100, 784), 256 units, 5 repeats, no LSTM memory
     bin/bench_engine.py --json out.json   # also write the figures as JSON
+    bin/bench_engine.py --units 256 --steps 784 --variants spiking_rnn --no-memory \
+        --no-streaming --surrogate triangular --repeats 7   # native step vs the bound only
 
 Figures depend on the machine and on its load: compare the ratios, which are measured in the
 same run, rather than absolute times across runs.
@@ -87,7 +93,7 @@ def _reset_peak_rss():
         f.write("5")
 
 
-def _build(variant, units, steps, n_inputs, batch, seed=0):
+def _build(variant, units, steps, n_inputs, batch, seed=0, surrogate="triangular"):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -100,7 +106,7 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
         # upper one's inputs.
         def cell(offset):
             return kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5,
-                               seed=seed + offset)
+                               seed=seed + offset, surrogate=surrogate)
         if variant == "stacked_keras_rnn":
             layers = [keras.layers.RNN(cell(i), return_sequences=True) for i in range(2)]
         else:
@@ -111,7 +117,8 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     elif variant == "lstm":
         recurrent = keras.layers.LSTM(units, return_sequences=True)
     else:
-        cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed)
+        cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=5, seed=seed,
+                           surrogate=surrogate)
         if variant == "keras_rnn":
             recurrent = keras.layers.RNN(cell, return_sequences=True)
         else:
@@ -140,7 +147,7 @@ def _build(variant, units, steps, n_inputs, batch, seed=0):
     return lambda: train_step(x, y).numpy()
 
 
-def _pseudo_derivative_fraction(units, steps, n_inputs, batch, seed=0):
+def _pseudo_derivative_fraction(units, steps, n_inputs, batch, seed=0, surrogate="triangular"):
     """(spike rate, fraction of nonzero psi_t, fraction of nonzero psi_t of the neurons
     allowed to spike) of the ``_build`` ALIF layer on its inputs, at initialisation: the
     share of the recurrent backward product the native backward op does."""
@@ -152,7 +159,7 @@ def _pseudo_derivative_fraction(units, steps, n_inputs, batch, seed=0):
     keras.utils.set_random_seed(seed)
     n_refractory = 5
     cell = kspike.ALIF(units, n_adaptive=units // 2, n_refractory=n_refractory, seed=seed,
-                       output="all")
+                       output="all", surrogate=surrogate)
     layer = kspike.SpikingRNN(cell, return_sequences=True)
     rng = np.random.default_rng(seed)
     x = (rng.uniform(size=(batch, steps, n_inputs)) < 0.05).astype("float32")
@@ -378,6 +385,10 @@ def main(argv=None):
                              "spiking_rnn_xla_step: the whole training step of SpikingRNN "
                              "compiled by XLA (tf.function(jit_compile=True)); keras_rnn: "
                              "keras.layers.RNN(same cell); lstm: keras.layers.LSTM(units)")
+    parser.add_argument("--surrogate", default="triangular",
+                        help="surrogate of the ALIF cells (a name of "
+                             "kspike.surrogates.available(); default triangular, LSNN's "
+                             "0.3 * max(0, 1 - |x|))")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--inputs", type=int, default=80)
     parser.add_argument("--repeats", type=int, default=5, help="timed steps (>= 5)")
@@ -407,6 +418,10 @@ def main(argv=None):
         return 0
     if args.repeats < 5:
         parser.error(f"--repeats must be >= 5 (median of at least 5), received {args.repeats}")
+    import kspike
+    if args.surrogate not in kspike.surrogates.available():
+        parser.error(f"--surrogate must be one of {kspike.surrogates.available()}, received "
+                     f"{args.surrogate!r}")
     if args.predict:
         import tensorflow as tf
         print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
@@ -422,10 +437,11 @@ def main(argv=None):
     units_list = args.units or ([256] if args.quick else [256, 1024])
 
     import tensorflow as tf
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f}; B={args.batch}, {args.inputs} inputs, ALIF (half "
-          "adaptive, n_refractory=5) + LeakyReadout(10); note: figures taken on a shared, "
-          "loaded machine are noisy, compare the ratios", flush=True)
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
+          f"{os.environ.get('TF_NUM_INTRAOP_THREADS', 'default')}, load "
+          f"average {os.getloadavg()[0]:.2f}; B={args.batch}, {args.inputs} inputs, ALIF (half "
+          f"adaptive, n_refractory=5, {args.surrogate} surrogate) + LeakyReadout(10); note: "
+          "figures taken on a shared, loaded machine are noisy, compare the ratios", flush=True)
     rows = []
     for units in units_list:
         for steps in steps_list:
@@ -436,9 +452,13 @@ def main(argv=None):
                                                                         args.batch)
                 functions["matmul_bound_stacked"] = lambda: (lower(), upper())
             for variant in args.variants:
-                functions[variant] = _build(variant, units, steps, args.inputs, args.batch)
+                functions[variant] = _build(variant, units, steps, args.inputs, args.batch,
+                                            surrogate=args.surrogate)
             print(f"units={units} T={steps}: timing {list(functions)} ...", flush=True)
+            # What the native backward op did in these steps (warm-up and timed).
+            kspike.native.backward_stats(reset=True)
             times = _time_interleaved(functions, args.repeats)
+            stats = kspike.native.backward_stats(reset=True)
             bound = times["matmul_bound"]
             bound_stacked = times.get("matmul_bound_stacked")
             reference = times.get("keras_rnn")
@@ -466,9 +486,18 @@ def main(argv=None):
                 rows.append(row)
                 print("  " + _format_table([row]).splitlines()[-1], flush=True)
             del functions
+            if stats and stats["entries"]:
+                print(f"  native backward, measured in these steps: nonzero pseudo-derivatives "
+                      f"{stats['psi_fraction']:.3f} of neurons x steps x batch "
+                      f"(nonzero dL/dz psi / A terms {stats['term_fraction']:.3f}); recurrent "
+                      f"product sparse in {stats['sparse_steps']} steps, dense in "
+                      f"{stats['dense_steps']} (per batch shard)", flush=True)
+                for row in rows[len(rows) - len(args.variants):]:
+                    if row["variant"] in ("spiking_rnn", "stacked_spiking_rnn"):
+                        row["backward_stats"] = stats
             if "spiking_rnn" in args.variants:
-                rate, nonzero, allowed = _pseudo_derivative_fraction(units, steps, args.inputs,
-                                                                     args.batch)
+                rate, nonzero, allowed = _pseudo_derivative_fraction(
+                    units, steps, args.inputs, args.batch, surrogate=args.surrogate)
                 rows[len(rows) - len(args.variants) + list(args.variants).index("spiking_rnn")
                      ]["nonzero_psi"] = allowed
                 print(f"  spike rate {rate:.3f} per step; nonzero pseudo-derivatives "

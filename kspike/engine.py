@@ -584,6 +584,9 @@ class _XlaBackend(_TensorFlowBackend):
 # neurons whose pseudo-derivative term dL/dz_t psi_t / A_t is nonzero, in a step where at most
 # this fraction of them is (compact surrogates, see spiking_ops.cc), else by the dense product.
 _SPARSE_BACKWARD_FRACTION = 0.3
+# Steps per block over which the native backward op sums dW_rec and dW_in before adding them
+# (0: as many as keep the block's dL/dI rows within 512 KB; tests set small blocks).
+_WEIGHT_BLOCK_STEPS = 0
 
 
 class _NativeBackend(_Backend):
@@ -662,16 +665,18 @@ class _NativeBackend(_Backend):
             grad_z_out=gz_out, grad_v_out=gv_out, grad_a_out=gA_out, grad_v_final=g_final.v,
             grad_b_final=g_final.b if self.adaptive else tf.zeros((0, n)),
             grad_z_final=g_final.z, recurrent=w_rec is not None, has_bias=False,
-            sparse_fraction=_SPARSE_BACKWARD_FRACTION, **self.attrs, **self.surrogate_attrs)
+            sparse_fraction=_SPARSE_BACKWARD_FRACTION, weight_block_steps=_WEIGHT_BLOCK_STEPS,
+            **self.attrs, **self.surrogate_attrs)
         g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
-        x_time_major = tf.transpose(x, (1, 0, 2))
-        # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps.
+        # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps
+        # (x made time-major inside the branch, so sparse inputs are not transposed).
         g_w_in = tf.cond(
             buffers["sparse_inputs"], lambda: g_w_in_sparse,
-            lambda: tf.matmul(tf.reshape(x_time_major, (-1, x.shape[-1])), g_flat,
-                              transpose_a=True))
+            lambda: tf.matmul(tf.reshape(tf.transpose(x, (1, 0, 2)), (-1, x.shape[-1])),
+                              g_flat, transpose_a=True))
+        steps = tf.shape(g_current)[0]
         g_x = tf.transpose(tf.reshape(tf.matmul(g_flat, inputs.w_in, transpose_b=True),
-                                      tf.shape(x_time_major)), (1, 0, 2))
+                                      (steps, batch, tf.shape(x)[2])), (1, 0, 2))
         return _LoopGradients(g_current, g_x, g_w_in, g_w_rec if w_rec is not None else None,
                               gv0, gb0 if self.adaptive else None, gz0)
 

@@ -22,7 +22,7 @@ import threading
 import time
 import warnings
 
-__all__ = ["load", "available", "unavailable_reason", "cache_dir", "SOURCE"]
+__all__ = ["load", "available", "unavailable_reason", "cache_dir", "backward_stats", "SOURCE"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spiking_ops.cc")
 
@@ -139,3 +139,33 @@ def unavailable_reason():
     if load() is None:
         return f"the native loops did not compile or load ({_state['error']})"
     return None
+
+
+_STATS = ("sparse_steps", "dense_steps", "entries", "nonzero_psi", "nonzero_terms")
+
+
+def backward_stats(reset=False):
+    """What the native backward op (``KspikeSpikingBackward``) did since the library loaded
+    or the last ``reset=True``, as a dict, or None when the native loops do not load:
+
+    - ``sparse_steps`` / ``dense_steps``: steps (per batch shard) whose recurrent backward
+      product dI_t W_rec^T added only the rows of the neurons with a nonzero pseudo-derivative
+      term / took the dense product;
+    - ``entries``: neurons x steps x batch rows differentiated;
+    - ``nonzero_psi``: of those, the entries with a nonzero pseudo-derivative psi_t (0 in
+      refractory periods); ``nonzero_terms``: with a nonzero dL/dz_t psi_t / A_t (layers
+      with recurrent weights only);
+    - ``psi_fraction``, ``term_fraction``: the last two over ``entries`` (None before any call).
+
+    The counts cover every backward call of the process (all layers, all threads); ``reset``
+    returns them and sets them to zero.
+    """
+    module = load()
+    if module is None:
+        return None
+    counts = [int(c) for c in module.kspike_backward_stats(reset=bool(reset)).numpy()]
+    stats = dict(zip(_STATS, counts))
+    entries = stats["entries"]
+    stats["psi_fraction"] = stats["nonzero_psi"] / entries if entries else None
+    stats["term_fraction"] = stats["nonzero_terms"] / entries if entries else None
+    return stats

@@ -27,6 +27,7 @@
 //   the spikes are kept for it as bits.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <string>
@@ -373,6 +374,146 @@ static void ScatterRows(const int32_t* __restrict index, const float* __restrict
     }
   }
 }
+
+// Weight-gradient terms dW[i][0..n) += value * G[g][0..n) collected over a block of steps and
+// added per presynaptic row i at once: the pairs (i active before step t, row g = that step's
+// dL/dI_t row) of the block are sorted by i, and each row of dW is read and written once per
+// block instead of once per pair, its sum formed in registers (GatherRows) from the rows of G,
+// which a block keeps in cache. G = dL/dI (T, B, n) time-major, g = t * B + batch row.
+class WeightGradBlock {
+ public:
+  WeightGradBlock(int64_t n_pre, int64_t n) : n_(n), count_(n_pre + 1, 0), sum_(n) {}
+
+  // The pairs (index[c], g) with values value[c] of one row of one step.
+  void Add(const int32_t* index, const float* value, int64_t count, int64_t g) {
+    for (int64_t c = 0; c < count; ++c) {
+      pre_.push_back(index[c]);
+      row_.push_back(static_cast<int32_t>(g));
+      value_.push_back(value[c]);
+    }
+  }
+
+  // dW += the block's terms; empties the block.
+  void Flush(const float* G, float* dW) {
+    const int64_t pairs = static_cast<int64_t>(pre_.size());
+    if (pairs == 0) return;
+    std::fill(count_.begin(), count_.end(), 0);
+    for (int64_t e = 0; e < pairs; ++e) ++count_[pre_[e] + 1];
+    const int64_t n_pre = static_cast<int64_t>(count_.size()) - 1;
+    for (int64_t i = 0; i < n_pre; ++i) count_[i + 1] += count_[i];
+    sorted_row_.resize(pairs);
+    sorted_value_.resize(pairs);
+    std::vector<int64_t> next(count_.begin(), count_.end() - 1);
+    for (int64_t e = 0; e < pairs; ++e) {
+      const int64_t at = next[pre_[e]]++;
+      sorted_row_[at] = row_[e];
+      sorted_value_[at] = value_[e];
+    }
+    for (int64_t i = 0; i < n_pre; ++i) {
+      const int64_t begin = count_[i], end = count_[i + 1];
+      if (begin == end) continue;
+      GatherRows(sorted_row_.data() + begin, sorted_value_.data() + begin, end - begin, G, n_,
+                 sum_.data());
+      float* __restrict w = dW + i * n_;
+      for (int64_t k = 0; k < n_; ++k) w[k] += sum_[k];
+    }
+    pre_.clear();
+    row_.clear();
+    value_.clear();
+  }
+
+ private:
+  int64_t n_;
+  std::vector<int64_t> count_;
+  std::vector<float> sum_;
+  std::vector<int32_t> pre_, row_, sorted_row_;
+  std::vector<float> value_, sorted_value_;
+};
+
+// h_r[0..n) = alpha h_r + sum_c value_r[c] * M[index_r[c]][0..n) for each of `rows` rows r
+// (index_r = index + r * n, count[r] entries): DecayAndGatherRows for a whole step, swept in
+// blocks of 32 columns so that the 32 columns of M being read stay in the L1 cache for all
+// rows, each row's sum split into four partial sums (independent FMA chains). `packed` holds
+// M block by block (PackColumnBlocks), each block's n rows of 32 columns contiguous, so a block
+// is read without cache-set conflicts; `M` itself serves where AVX-512 is missing.
+static constexpr int64_t kColumnBlock = 32;
+
+// M (n x n, row-major) as ceil(n / 32) blocks of n rows x 32 columns, zero-padded.
+static std::vector<float> PackColumnBlocks(const float* M, int64_t n) {
+  const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
+  std::vector<float> packed(blocks * n * kColumnBlock, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < n; ++k) {
+      packed[((k / kColumnBlock) * n + j) * kColumnBlock + k % kColumnBlock] = M[j * n + k];
+    }
+  }
+  return packed;
+}
+
+static void DecayAndGatherStep(const int32_t* index, const float* value, const int64_t* count,
+                               int64_t rows, const float* __restrict M,
+                               const float* __restrict packed, int64_t n, float alpha,
+                               float* __restrict h) {
+#if defined(__AVX512F__)
+  const __m512 decay = _mm512_set1_ps(alpha);
+  for (int64_t j0 = 0; j0 < n; j0 += kColumnBlock) {
+    const int64_t left = n - j0;
+    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __mmask16 m1 = left >= 32 ? 0xFFFF
+                         : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
+    const float* Mj = packed + j0 * n;     // block j0 / 32: n rows of 32 columns
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* idx = index + r * n;
+      const float* val = value + r * n;
+      float* hr = h + r * n + j0;
+      __m512 a0 = _mm512_mul_ps(decay, _mm512_maskz_loadu_ps(m0, hr));
+      __m512 a1 = _mm512_mul_ps(decay, _mm512_maskz_loadu_ps(m1, hr + 16));
+      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+      __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
+      __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+      const int64_t cnt = count[r];
+      int64_t c = 0;
+      for (; c + 4 <= cnt; c += 4) {
+        const float* r0 = Mj + idx[c] * kColumnBlock;
+        const float* r1 = Mj + idx[c + 1] * kColumnBlock;
+        const float* r2 = Mj + idx[c + 2] * kColumnBlock;
+        const float* r3 = Mj + idx[c + 3] * kColumnBlock;
+        const __m512 s0 = _mm512_set1_ps(val[c]), s1 = _mm512_set1_ps(val[c + 1]);
+        const __m512 s2 = _mm512_set1_ps(val[c + 2]), s3 = _mm512_set1_ps(val[c + 3]);
+        a0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, r0), a0);
+        a1 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m1, r0 + 16), a1);
+        b0 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m0, r1), b0);
+        b1 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m1, r1 + 16), b1);
+        c0 = _mm512_fmadd_ps(s2, _mm512_maskz_loadu_ps(m0, r2), c0);
+        c1 = _mm512_fmadd_ps(s2, _mm512_maskz_loadu_ps(m1, r2 + 16), c1);
+        d0 = _mm512_fmadd_ps(s3, _mm512_maskz_loadu_ps(m0, r3), d0);
+        d1 = _mm512_fmadd_ps(s3, _mm512_maskz_loadu_ps(m1, r3 + 16), d1);
+      }
+      for (; c < cnt; ++c) {
+        const float* r0 = Mj + idx[c] * kColumnBlock;
+        const __m512 s0 = _mm512_set1_ps(val[c]);
+        a0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, r0), a0);
+        a1 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m1, r0 + 16), a1);
+      }
+      a0 = _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0, d0));
+      a1 = _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1));
+      _mm512_mask_storeu_ps(hr, m0, a0);
+      _mm512_mask_storeu_ps(hr + 16, m1, a1);
+    }
+  }
+#else
+  (void)packed;
+  for (int64_t r = 0; r < rows; ++r) {
+    DecayAndGatherRows(index + r * n, value + r * n, count[r], M, n, alpha, h + r * n);
+  }
+#endif
+}
+
+// Process-wide counts of the backward op's recurrent products (KspikeBackwardStats): steps x
+// shards taken sparse and dense, and of the neurons x steps x rows, those with a nonzero
+// pseudo-derivative (psi_t, 0 where refractory) and with a nonzero term dL/dz_t psi_t / A_t.
+static std::atomic<int64_t> g_sparse_steps{0}, g_dense_steps{0}, g_entries{0},
+    g_nonzero_psi{0}, g_nonzero_terms{0};
 
 // Prefetches the `bytes` bytes at p into the cache: the B rows of one step of a batch-major
 // (B, T, n) sequence lie 4 T n bytes apart, too many short streams for the hardware prefetcher.
@@ -909,6 +1050,9 @@ REGISTER_OP("KspikeSpikingBackward")
     // Largest fraction of nonzero dL/dz_t psi_t / A_t in a step (of a shard) for which the
     // recurrent product adds rows of W_rec^T instead of the dense product.
     .Attr("sparse_fraction: float = 0.3")
+    // Steps per block of the weight-gradient sums (WeightGradBlock); 0: as many as keep the
+    // block's dL/dI rows within 512 KB.
+    .Attr("weight_block_steps: int = 0")
     .Output("grad_current: float")   // (T, B, n) dL/dI_t, time-major
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
@@ -946,6 +1090,10 @@ class SpikingBackwardOp : public OpKernel {
     ReadSurrogateAttrs(ctx, &s_);
     if (!ctx->status().ok()) return;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("sparse_fraction", &sparse_fraction_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("weight_block_steps", &weight_block_steps_));
+    OP_REQUIRES(ctx, weight_block_steps_ >= 0,
+                InvalidArgument("weight_block_steps must be >= 0, received ",
+                                weight_block_steps_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -961,6 +1109,8 @@ class SpikingBackwardOp : public OpKernel {
                          bits_t.dim_size(2) == n_words,
                 InvalidArgument("spike_bits must be (T, B, ceil(n / 64))"));
     const int64_t n_in = x.dim_size(2);
+    OP_REQUIRES(ctx, T * B < (int64_t{1} << 31),
+                InvalidArgument("T * B must be below 2^31, received T=", T, ", B=", B));
     const bool sparse_inputs = ctx->input(3).scalar<bool>()();
     const bool refractory = a_.n_refractory > 0;
     const bool has_gz = T > 0 && ctx->input(9).dim_size(1) == T;
@@ -1000,6 +1150,7 @@ class SpikingBackwardOp : public OpKernel {
                                 has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
                                 GZ, GV, GA};
     const double sparse_fraction = sparse_fraction_;
+    const int64_t weight_block_steps = weight_block_steps_;
 
     // W_rec^T, packed once for the per-step products.
     std::vector<float> wt;
@@ -1008,6 +1159,9 @@ class SpikingBackwardOp : public OpKernel {
       for (int64_t j = 0; j < n; ++j)
         for (int64_t k = 0; k < n; ++k) wt[k * n + j] = W[j * n + k];
     }
+    // And in blocks of 32 columns for the sparse steps (DecayAndGatherStep).
+    std::vector<float> wt_blocks;
+    if (a.recurrent) wt_blocks = PackColumnBlocks(wt.data(), n);
     // One dW_rec and one dW_in buffer per shard, summed at the end.
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
@@ -1033,6 +1187,17 @@ class SpikingBackwardOp : public OpKernel {
         gw_in_shards[shard].assign(n_in * n, 0.0f);
         gw_in = gw_in_shards[shard].data();
       }
+      // dW_rec and dW_in summed per block of steps whose dL/dI rows (about 512 KB) stay
+      // in cache.
+      const int64_t block_steps =
+          weight_block_steps > 0 ? weight_block_steps
+                                 : std::max<int64_t>(1, (int64_t{1} << 17) / (rows * n));
+      WeightGradBlock rec_block(a.recurrent ? n : 0, n), in_block(sparse_inputs ? n_in : 0, n);
+      // The nonzero terms gxa of every row of a step, for the sparse recurrent product.
+      std::vector<int32_t> gxa_index(a.recurrent ? rows * n : 0);
+      std::vector<float> gxa_value(a.recurrent ? rows * n : 0);
+      std::vector<int64_t> gxa_count(rows);
+      int64_t sparse_steps = 0, dense_steps = 0, nonzero_psi = 0, nonzero_terms = 0;
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
         for (int64_t i = 0; i < rows; ++i) {
@@ -1044,22 +1209,28 @@ class SpikingBackwardOp : public OpKernel {
             if (has_gz) Prefetch(GZ + out_at - n, bytes);
             if (has_gv) Prefetch(GV + out_at - n, bytes);
             if (has_ga) Prefetch(GA + out_at - n, bytes);
+            if (sparse_inputs) Prefetch(X + (row * T + t - 1) * n_in, n_in * sizeof(float));
           }
           float* gi = GI + at;
           const int64_t n_spikes = BackwardRowStep(
               in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(),
               gz.data() + i * n, gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi,
               gz_prev.data() + i * n, gvt.data() + i * n, gxa.data() + i * n);
+          for (int64_t k = 0; k < n; ++k) nonzero_psi += psi[k] != 0.0f;
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
-            ScatterRows(index.data(), value.data(), n_spikes, gi, gw, n);
+            rec_block.Add(index.data(), value.data(), n_spikes, at / n);
           }
           if (sparse_inputs) {
             // dW_in += x_t^T dI_t, over the active inputs only.
             const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
                                            value.data());
-            ScatterRows(index.data(), value.data(), count, gi, gw_in, n);
+            in_block.Add(index.data(), value.data(), count, at / n);
           }
+        }
+        if ((T - t) % block_steps == 0 || t == 0) {
+          if (a.recurrent) rec_block.Flush(GI, gw);
+          if (sparse_inputs) in_block.Flush(GI, gw_in);
         }
         if (a.recurrent) {
           // dL/dz_{t-1} += dI_t W_rec^T = (1 - alpha) h_t with h_t = gvt_t W_rec^T. The
@@ -1073,16 +1244,19 @@ class SpikingBackwardOp : public OpKernel {
           // h_t = gvt_t W_rec^T instead.
           int64_t active = 0;
           for (int64_t e = 0; e < rows * n; ++e) active += gxa[e] != 0.0f;
+          nonzero_terms += active;
           if (t == T - 1 || has_gv ||
               static_cast<double>(active) > sparse_fraction * rows * n) {
             Gemm(gvt.data(), n, rows, wt.data(), n, n, h.data(), n);
+            ++dense_steps;
           } else {
             for (int64_t i = 0; i < rows; ++i) {
-              const int64_t count = Nonzeros(gxa.data() + i * n, n, index.data(),
-                                             value.data());
-              DecayAndGatherRows(index.data(), value.data(), count, wt.data(), n, a.alpha,
-                                 h.data() + i * n);
+              gxa_count[i] = Nonzeros(gxa.data() + i * n, n, gxa_index.data() + i * n,
+                                      gxa_value.data() + i * n);
             }
+            DecayAndGatherStep(gxa_index.data(), gxa_value.data(), gxa_count.data(), rows,
+                               wt.data(), wt_blocks.data(), n, a.alpha, h.data());
+            ++sparse_steps;
           }
           for (int64_t e = 0; e < rows * n; ++e) {
             gz_prev[e] = gz_prev[e] + a.one_minus_alpha * h[e];
@@ -1090,6 +1264,11 @@ class SpikingBackwardOp : public OpKernel {
         }
         gz.swap(gz_prev);
       }
+      g_sparse_steps += sparse_steps;
+      g_dense_steps += dense_steps;
+      g_entries += T * rows * n;
+      g_nonzero_psi += nonzero_psi;
+      g_nonzero_terms += nonzero_terms;
       std::copy(gv.begin(), gv.end(), gv0 + first * n);
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
@@ -1102,9 +1281,43 @@ class SpikingBackwardOp : public OpKernel {
   NeuronAttrs a_;
   SurrogateParams s_;
   float sparse_fraction_ = 0.3f;
+  int weight_block_steps_ = 0;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), SpikingBackwardOp);
+
+// The counts of KspikeSpikingBackward since the library was loaded (or last reset), in the
+// order [sparse steps, dense steps, entries, nonzero psi, nonzero terms] (steps counted per
+// shard; entries = neurons x steps x batch rows).
+REGISTER_OP("KspikeBackwardStats")
+    .Attr("reset: bool = false")
+    .Output("counts: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->MakeShape({5}));
+      return tensorflow::OkStatus();
+    });
+
+class BackwardStatsOp : public OpKernel {
+ public:
+  explicit BackwardStatsOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reset", &reset_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({5}), &out));
+    auto counts = out->flat<int64_t>();
+    std::atomic<int64_t>* all[] = {&g_sparse_steps, &g_dense_steps, &g_entries, &g_nonzero_psi,
+                                   &g_nonzero_terms};
+    for (int i = 0; i < 5; ++i) counts(i) = reset_ ? all[i]->exchange(0) : all[i]->load();
+  }
+
+ private:
+  bool reset_ = false;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeBackwardStats").Device(DEVICE_CPU), BackwardStatsOp);
 
 // ------------------------------------------------------------------ IF / LIF node layers
 // kspike.IFNeurons / kspike.LIFNeurons (node_step and node_step_vjp of kspike/dynamics.py,
