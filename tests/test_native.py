@@ -21,6 +21,8 @@ from kspike import engine, native, surrogates
 
 from test_engine import _assert_close, _initial_states, _inputs, _outputs_and_grads
 
+pytestmark = pytest.mark.heavy(60)
+
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++")) is not None
 # Where a compiler exists the native loops must build (the first test fails otherwise), so
 # these tests run on every machine that can run them, and only a machine without g++ skips.
