@@ -1,4 +1,5 @@
-"""Test settings shared by the whole suite: quiet TensorFlow, seeded, CPU only."""
+"""Test settings shared by the whole suite: quiet TensorFlow, seeded, CPU only; heavy modules
+scheduled first and the native loops compiled once per test run."""
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -28,15 +28,19 @@ def environment(tf_config=None):
     return env
 
 
-def start_single(tmp_path, name, checkpoint_dir, model="alif"):
-    """The one-process reference (no TF_CONFIG): started, not waited for (it needs no peer,
-    so it can run alongside workers). Returns the process and its output file."""
+def single_process(tmp_path, name, checkpoint_dir, model="alif", workers=()):
+    """The one-process reference (the worker script's main() without TF_CONFIG), run in this
+    process: it needs no peer, so it runs while the started ``workers`` are busy (they are
+    killed if it fails). Returns its result."""
+    import multiworker_worker
     out = str(tmp_path / f"{name}.json")
-    log = open(tmp_path / f"{name}_0.log", "w")
-    process = subprocess.Popen([sys.executable, WORKER, out, str(checkpoint_dir), str(STEPS),
-                                "--model", model], env=environment(), stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT)
-    return process, out
+    try:
+        multiworker_worker.main(out, str(checkpoint_dir), STEPS, model_name=model)
+    except BaseException:
+        for process in workers:
+            process.kill()
+        raise
+    return load(out)
 
 
 def start_workers(tmp_path, name, checkpoint_dir, pause_at=None, model="alif"):

@@ -11,34 +11,30 @@ import numpy as np
 import pytest
 
 from multiworker_common import (STEPS, TIMEOUT, assert_same, checkpoint_steps, load,
-                                start_single, start_workers, wait)
+                                single_process, start_workers, wait)
 
 pytestmark = pytest.mark.heavy(150)
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    """The one-process reference: started at once, so that it runs alongside the first test's
-    workers, and read (waited for) when a test first asks for it."""
+    """The one-process reference, computed when a test first asks for it (the first test asks
+    once its workers are running)."""
     tmp = tmp_path_factory.mktemp("single")
-    process, out = start_single(tmp, "single", tmp / "ckpt")
     result = {}
 
-    def reference():
+    def reference(workers=()):
         if not result:
-            wait([process], tmp, "single")
-            result.update(load(out))
+            result.update(single_process(tmp, "single", tmp / "ckpt", workers=workers))
         return result
 
-    yield reference
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    return reference
 
 
 def test_two_workers_match_one_process(tmp_path, single):
     checkpoint_dir = tmp_path / "ckpt"
     processes, outputs = start_workers(tmp_path, "run", checkpoint_dir)
+    single(processes)
     wait(processes, tmp_path, "run")
     chief, other = load(outputs[0]), load(outputs[1])
     assert_same(chief, single())

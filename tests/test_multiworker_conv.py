@@ -13,7 +13,7 @@ import pytest
 
 from kspike.distribute import free_ports, parse_tf_config
 from multiworker_common import (ROOT, STEPS, assert_same, checkpoint_steps, environment, load,
-                                start_single, start_workers, wait)
+                                single_process, start_workers, wait)
 
 pytestmark = pytest.mark.heavy(60)
 
@@ -21,14 +21,12 @@ pytestmark = pytest.mark.heavy(60)
 def test_conv_snn_two_workers_match_one_process(tmp_path):
     """A convolutional SNN (FoldTime(Conv2D) -> LIFNeurons -> TimeDistributed(Dense) -> mean
     over time, 8x8 images, T=4): two workers end at the weights of one process."""
-    # The one-process reference runs alongside the two workers (it needs no peer).
-    reference, reference_out = start_single(tmp_path, "conv_single", tmp_path / "single_ckpt",
-                                            model="conv")
     checkpoint_dir = tmp_path / "ckpt"
     processes, outputs = start_workers(tmp_path, "conv", checkpoint_dir, model="conv")
+    # The one-process reference runs while the two workers do (it needs no peer).
+    single = single_process(tmp_path, "conv_single", tmp_path / "single_ckpt", model="conv",
+                            workers=processes)
     wait(processes, tmp_path, "conv")
-    wait([reference], tmp_path, "conv_single")
-    single = load(reference_out)
     assert single["active"] == {}      # no rewired kernel: only the weights are compared
     assert_same(load(outputs[0]), single)
     assert_same(load(outputs[1]), single)
