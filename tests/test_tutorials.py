@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "bin")
 
-pytestmark = pytest.mark.heavy(200)
+pytestmark = pytest.mark.heavy(120)
 
 RUNS = {
     "smnist": ("tutorial_sequential_mnist_with_LSNN.py", [], ["lsnn_activity", "learning_curve"]),
