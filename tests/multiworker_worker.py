@@ -1,6 +1,7 @@
-"""One worker of the multi-worker tests (tests/test_multiworker.py), or the single-process
-reference when TF_CONFIG is unset: a small network trained by kspike.Trainer for a few steps;
-the final weights and sparsity patterns go to a JSON file.
+"""One worker of the multi-worker tests (tests/test_multiworker.py,
+tests/test_multiworker_conv.py), or the single-process reference when TF_CONFIG is unset (the
+tests call main() in their own process for it): a small network trained by kspike.Trainer for
+a few steps; the final weights and sparsity patterns go to a JSON file.
 
     python tests/multiworker_worker.py OUT.json CKPT_DIR STEPS [PAUSE_AT_STEP] [--model conv]
 

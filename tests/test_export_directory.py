@@ -15,6 +15,8 @@ import pytest
 import kspike
 from kspike import export
 
+pytestmark = pytest.mark.heavy(90)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -18,6 +18,8 @@ import tensorflow as tf
 import kspike
 from kspike import rewiring
 
+pytestmark = pytest.mark.heavy(100)
+
 # --------------------------------------------------------------------------- helpers
 
 

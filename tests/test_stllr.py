@@ -10,6 +10,8 @@ import kspike.learning
 import kspike.regularizers
 from kspike.learning import STLLR
 
+pytestmark = pytest.mark.heavy(50)
+
 RTOL = 1e-9   # float64
 
 

@@ -10,6 +10,8 @@ import kspike
 import kspike.learning
 from kspike.learning import STLLR
 
+pytestmark = pytest.mark.heavy(70)
+
 
 def make_model(dtype, layer_type, layers, lif, n_ref, steps=30, n_in=6):
     keras.utils.set_random_seed(0)

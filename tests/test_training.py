@@ -15,6 +15,8 @@ import tensorflow as tf
 import kspike
 from kspike.training import NonFiniteLossError, Trainer, latest_checkpoint
 
+pytestmark = pytest.mark.heavy(110)
+
 T = 30
 N_IN = 6
 

@@ -22,6 +22,8 @@ from test_training import LOSS, dataset, make_model
 
 HERE = os.path.dirname(__file__)
 
+pytestmark = pytest.mark.heavy(60)
+
 
 def _trainer(ckpt, lr=1e-2, **kwargs):
     keras.utils.set_random_seed(0)
@@ -56,18 +58,33 @@ def _delete_index(path):
     os.remove(os.path.join(path, "state.index"))
 
 
-@pytest.mark.parametrize("damage", [_truncate, _delete_index, _garbage_index, _flip])
-def test_damaged_latest_checkpoint_is_set_aside_and_training_falls_back(tmp_path, damage):
-    reference = _trainer(tmp_path / "reference")
+@pytest.fixture(scope="module")
+def six_steps_and_four(tmp_path_factory):
+    """The weights of an uninterrupted 6-step run, and a directory holding the checkpoints 2
+    and 4 of a run stopped after 4 steps (each test damages its own copy)."""
+    keras.utils.set_random_seed(1234)
+    base = tmp_path_factory.mktemp("damaged")
+    reference = _trainer(base / "reference")
     reference.fit(dataset(48, 16), steps=6)
+    _trainer(base / "ckpt").fit(dataset(48, 16), steps=4)
+    weights = _weights(reference)
+    keras.backend.clear_session()
+    return weights, base / "ckpt"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete_index, _garbage_index, _flip])
+def test_damaged_latest_checkpoint_is_set_aside_and_training_falls_back(tmp_path, damage,
+                                                                        six_steps_and_four):
+    reference, stopped = six_steps_and_four
     ckpt = tmp_path / "ckpt"
-    _trainer(ckpt).fit(dataset(48, 16), steps=4)  # checkpoints 2 and 4
+    shutil.copytree(stopped, ckpt)
+    assert sorted(os.listdir(ckpt)) == ["ckpt-0000000002", "ckpt-0000000004"]
     damage(str(ckpt / "ckpt-0000000004"))
     resumed = _trainer(ckpt)
     with pytest.warns(UserWarning, match=r"ckpt-0000000004.*damaged.*ckpt-0000000002"):
         resumed.fit(dataset(48, 16), steps=6)
     assert resumed.step == 6
-    for a, b in zip(_weights(resumed), _weights(reference)):
+    for a, b in zip(_weights(resumed), reference):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     aside = [n for n in os.listdir(ckpt) if n.startswith("ckpt-0000000004.damaged")]
     assert len(aside) == 1 and os.listdir(ckpt / aside[0])  # kept, not deleted
@@ -97,72 +114,56 @@ def test_a_checkpoint_without_marker_or_a_foreign_directory_is_moved_aside(tmp_p
 
 
 _HOLD_SCRIPT = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, sys, time
     sys.path.insert(0, {tests!r})
     import keras
     from test_training import LOSS, dataset, make_model
     from kspike.training import Trainer
 
-    ckpt, ready, go, mode = sys.argv[1:5]
+    ckpt, ready = sys.argv[1:3]
 
     class Hold(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             open(ready, "w").write(str(os.getpid()))
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            deadline = time.time() + 240
-            while not os.path.exists(go) and time.time() < deadline:
-                time.sleep(0.1)
+            time.sleep(240)          # until the test kills this process
 
     Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0).fit(
         dataset(16, 16), steps=1, callbacks=[Hold()])
 """)
 
 
-def _start_holder(tmp_path, ckpt, mode):
+def test_a_second_trainer_is_refused_and_takes_over_the_lock_of_a_killed_one(tmp_path):
+    ckpt = tmp_path / "ckpt"
     script = tmp_path / "hold.py"
     script.write_text(_HOLD_SCRIPT.format(tests=HERE))
-    ready, go = tmp_path / f"ready-{mode}", tmp_path / f"go-{mode}"
-    process = subprocess.Popen([sys.executable, str(script), str(ckpt), str(ready), str(go),
-                                mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-    deadline = time.time() + 240
-    while not ready.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert ready.exists(), process.communicate()[1][-2000:]
-    return process, go
-
-
-def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    holder, go = _start_holder(tmp_path, ckpt, "hold")
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen([sys.executable, str(script), str(ckpt), str(ready)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     try:
+        deadline = time.time() + 240
+        while not ready.exists() and holder.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), holder.communicate()[1][-2000:]
+        # A trainer holds the directory: a second one is refused and touches nothing.
         (ckpt / ".kspike-tmp-999999999-other").mkdir()
         second = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0)
         pattern = (rf"checkpoint directory .*ckpt.* is in use by "
                    rf"{socket.gethostname()}/{holder.pid} since ")
         with pytest.raises(RuntimeError, match=pattern):
             second.fit(dataset(16, 16), steps=2)
-        assert (ckpt / ".kspike-tmp-999999999-other").exists()  # a refused trainer touches nothing
+        assert (ckpt / ".kspike-tmp-999999999-other").exists()
+        assert second.step == 0
     finally:
-        go.write_text("")
+        holder.kill()
         holder.wait(timeout=240)
-    assert holder.returncode == 0, holder.stderr.read()[-2000:]
-    assert not (ckpt / "kspike.lock").exists()  # released on exit
-    second.fit(dataset(16, 16), steps=2)
-    assert second.step == 2
-
-
-def test_the_lock_of_a_killed_trainer_is_taken_over(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    killed, _ = _start_holder(tmp_path, ckpt, "kill")
-    killed.wait(timeout=240)
-    assert killed.returncode == -signal.SIGKILL
+    # Killed while holding it: the lock stays behind, and the next trainer takes it over.
+    assert holder.returncode == -signal.SIGKILL
     assert (ckpt / "kspike.lock").exists()
-    trainer = Trainer(make_model(), "adam", LOSS, checkpoint_dir=ckpt, verbose=0)
-    with pytest.warns(UserWarning, match=rf"stale lock of .*/{killed.pid} .*is gone"):
-        trainer.fit(dataset(16, 16), steps=2)
-    assert trainer.step == 2 and not (ckpt / "kspike.lock").exists()
+    with pytest.warns(UserWarning, match=rf"stale lock of .*/{holder.pid} .*is gone"):
+        second.fit(dataset(16, 16), steps=2)
+    assert second.step == 2
+    assert not (ckpt / "kspike.lock").exists()   # released when fit ends
 
 
 def test_a_lock_of_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path):

@@ -15,6 +15,8 @@ import tensorflow as tf
 
 from kspike.training import Trainer, arguments
 
+pytestmark = pytest.mark.heavy(50)
+
 _SCRIPT = textwrap.dedent("""
     import hashlib, json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
