@@ -47,11 +47,13 @@ averaged over the last 56 steps, B=64, 80 inputs, ALIF neurons of which half ada
 - Inference (``--predict``): ``model.predict`` of one batch (``--predict-batch``, default 256)
   of the same model, for ``spiking_rnn`` (the native forward op alone) and ``spiking_rnn_tf``
   (the TensorFlow forward loop, which export and every function of the user's run), timed
-  in interleaved rounds; the ratio is the speed-up of the native forward.
+  in interleaved rounds; the ratio is the speed-up of the native forward. The process CPU
+  time of the same calls is printed as well (a shared machine's load disturbs it less).
 
 Usage:
     bin/bench_engine.py                   # the full table (takes several minutes)
     bin/bench_engine.py --predict --steps 784 --units 256   # model.predict, native vs TF
+    bin/bench_engine.py --predict --steps 784 --units 256 --threads 1   # on one thread
     bin/bench_engine.py --quick           # T in (100, 784), 256 units, 5 repeats, no LSTM memory
     bin/bench_engine.py --json out.json   # also write the figures as JSON
     bin/bench_engine.py --units 256 --steps 784 --variants spiking_rnn --no-memory \
@@ -201,13 +203,18 @@ def _predict_table(args):
                          for variant in ("spiking_rnn_tf", "spiking_rnn")}
             print(f"predict, units={units} T={steps} B={args.predict_batch}: timing "
                   f"{list(functions)} ...", flush=True)
-            times = _time_interleaved(functions, args.repeats)
+            cpu = {}
+            times = _time_interleaved(functions, args.repeats, cpu_times=cpu)
             rows.append({"units": units, "steps": steps, "batch": args.predict_batch,
-                         "predict_s": times,
-                         "speedup_native": times["spiking_rnn_tf"] / times["spiking_rnn"]})
+                         "predict_s": times, "predict_cpu_s": cpu,
+                         "speedup_native": times["spiking_rnn_tf"] / times["spiking_rnn"],
+                         "load_average": os.getloadavg()[0]})
             print(f"  model.predict: native {times['spiking_rnn']:.3f} s, TensorFlow loop "
                   f"{times['spiking_rnn_tf']:.3f} s: native {rows[-1]['speedup_native']:.2f}x "
-                  "faster", flush=True)
+                  f"faster (process CPU time {cpu['spiking_rnn']:.3f} s and "
+                  f"{cpu['spiking_rnn_tf']:.3f} s: "
+                  f"{cpu['spiking_rnn_tf'] / cpu['spiking_rnn']:.2f}x; load average "
+                  f"{os.getloadavg()[0]:.2f})", flush=True)
     return rows
 
 
@@ -246,18 +253,25 @@ def _matmul_bound(units, steps, n_inputs, batch, seed=0):
     return lambda: bound().numpy()
 
 
-def _time_interleaved(functions, repeats, warmup=2):
+def _time_interleaved(functions, repeats, warmup=2, cpu_times=None):
+    """Median wall time of each function over interleaved rounds; ``cpu_times``, a dict,
+    also receives the median process CPU time (all threads), which a shared machine's load
+    disturbs less than the wall time."""
     import numpy as np
 
     for f in functions.values():
         for _ in range(warmup):
             f()
     times = {name: [] for name in functions}
+    cpu = {name: [] for name in functions}
     for _ in range(repeats):
         for name, f in functions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             f()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    if cpu_times is not None:
+        cpu_times.update({name: float(np.median(t)) for name, t in cpu.items()})
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -398,6 +412,9 @@ def main(argv=None):
     parser.add_argument("--predict", action="store_true",
                         help="time model.predict (native forward vs TensorFlow loop) only")
     parser.add_argument("--predict-batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="with --predict: TensorFlow's intra-op threads (0: its default, "
+                             "one per core; 1: one thread, with one inter-op thread)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.add_argument("--memory-child", nargs=5, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--streaming-child", nargs=3, type=int, default=None,
@@ -424,9 +441,16 @@ def main(argv=None):
                      f"{args.surrogate!r}")
     if args.predict:
         import tensorflow as tf
+        if args.threads < 0:
+            parser.error(f"--threads must be >= 0, received {args.threads}")
+        if args.threads:
+            tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+            if args.threads == 1:
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+        threads = (tf.config.threading.get_intra_op_parallelism_threads()
+                   or os.environ.get("TF_NUM_INTRAOP_THREADS") or "default")
         print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPUs, intra-op threads "
-              f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, load "
-              f"average {os.getloadavg()[0]:.2f}", flush=True)
+              f"{threads}, load average {os.getloadavg()[0]:.2f}", flush=True)
         rows = _predict_table(args)
         print(json.dumps({"predict": rows, "load_average": os.getloadavg()[0]}))
         if args.json:

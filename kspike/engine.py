@@ -358,7 +358,9 @@ def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto"):
     params = cell.parameters(dtype)
     ops = _load_native(cell, "auto" if native is True else native, dtype, dtype, False, False)
     if ops is not None:
-        buffers, _, _ = _NativeBackend(ops, cell, params, False, True).forward(
+        # The sequences the rules read, without the packed spikes of the native backward op.
+        buffers, _, _ = _NativeBackend(ops, cell, params, False, True,
+                                       packed_spikes=False).forward(
             _LoopInputs(x, w_in, w_rec, bias, initial, None))
         z = tf.transpose(buffers["z"], (1, 0, 2))
         return {"z": z, "z0": buffers["z0"], "v": buffers["v"], "A": buffers.get("A"),
@@ -580,6 +582,19 @@ class _XlaBackend(_TensorFlowBackend):
             step_buffers, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t)))
 
 
+# The batch rows the native forward op runs over all T steps at a time (0: its own choice, as
+# many as keep their states in cache); tests set a small value to run several blocks.
+_FORWARD_ROWS_PER_BLOCK = 0
+
+
+def _few_nonzero_inputs(x):
+    """True when at most a quarter of the entries of ``x`` are nonzero (counted exactly, the
+    rule of the native forward op's own count): the native loops then add the rows of W_in of
+    the active inputs instead of dense products."""
+    return (tf.math.count_nonzero(x, dtype=tf.int64) * 4
+            <= tf.size(x, out_type=tf.int64))
+
+
 # The native backward op forms dL/dz_{t-1} += dI_t W_rec^T from the rows of W_rec^T of the
 # neurons whose pseudo-derivative term dL/dz_t psi_t / A_t is nonzero, in a step where at most
 # this fraction of them is (compact surrogates, see spiking_ops.cc), else by the dense product.
@@ -601,12 +616,16 @@ class _NativeBackend(_Backend):
 
     time_axis = 1
 
-    def __init__(self, ops, cell, params, output_all, sequences, for_backward=True):
+    def __init__(self, ops, cell, params, output_all, sequences, for_backward=True,
+                 packed_spikes=True):
         super().__init__(cell, params, output_all, sequences)
         self.ops = ops
         # for_backward=False (inference): the forward op writes only the outputs and final
-        # states, none of the buffers of the backward op.
+        # states, none of the buffers of the backward op. packed_spikes=False: the buffers
+        # without "spike_bits" and "sparse_inputs", which only the backward op reads (for
+        # callers that read z, v, A and the refractory masks themselves).
         self.for_backward = for_backward
+        self.packed_spikes = packed_spikes
         self.attrs = _neuron_attrs(cell, params)
         self.surrogate_attrs = _native_surrogate_attrs(params.spike_function)
 
@@ -617,7 +636,10 @@ class _NativeBackend(_Backend):
     def forward(self, inputs):
         x, w_rec, bias, n = inputs.x, inputs.w_rec, inputs.bias, self.cell.units
         state = self.cell.pack_state(inputs.initial)
-        sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+        # The backward op reads the decision, so a pass for it counts here; otherwise the op
+        # counts (one pass over x in C++ instead of TensorFlow ops over the whole sequence).
+        for_backward_op = self.for_backward and self.packed_spikes
+        sparse_inputs = _few_nonzero_inputs(x) if for_backward_op else tf.constant(False)
         z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final = \
             self.ops.kspike_spiking_forward(
                 x=x, sparse_inputs=sparse_inputs, w_in=inputs.w_in,
@@ -627,7 +649,9 @@ class _NativeBackend(_Backend):
                 r0=state.r, recurrent=w_rec is not None, has_bias=bias is not None,
                 store_z=self.for_backward or self.sequences,
                 store_v=self.for_backward or (self.sequences and self.output_all),
-                store_backward=self.for_backward, **self.attrs)
+                store_backward=self.for_backward, store_bits=for_backward_op,
+                count_inputs=not for_backward_op, rows_per_block=_FORWARD_ROWS_PER_BLOCK,
+                **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}
         final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)

@@ -113,6 +113,65 @@ def test_sparse_inputs(name):
     _check(CELLS[name], x=x)
 
 
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("density", [0.15, 0.5])
+def test_forward_in_blocks_of_rows(rows, density, monkeypatch):
+    # The forward op runs the batch in blocks of rows over all steps (17 rows: blocks of 3
+    # with a tail of 2, within two shards on a 2-thread pool); sparse and dense inputs,
+    # training (forward and backward) and inference give the results of the TensorFlow loop.
+    monkeypatch.setattr(engine, "_FORWARD_ROWS_PER_BLOCK", rows)
+    x = _inputs(batch=B, steps=T, features=N_IN, density=density, scale=3.0)
+    out_n, _ = _check(CELLS["alif_all_outputs_bias"], x=x, generic=False)
+    layer = kspike.SpikingRNN(CELLS["alif_all_outputs_bias"](), return_sequences=True,
+                              return_state=True, native=True)
+    layer.build(x.shape)
+    inference = [np.asarray(o) for o in layer(x, initial_state=_initial_states(
+        layer.cell, batch=B))]
+    with tf.GradientTape():
+        training = [np.asarray(o) for o in layer(x, initial_state=_initial_states(
+            layer.cell, batch=B))]
+    for a, b in zip(training, inference):
+        np.testing.assert_array_equal(a, b)
+
+
+def _forward_op_v(x, sparse_inputs=None):
+    """v_1 .. v_T (T, B, n) of the native forward op for an ALIF layer on ``x``: the op
+    decides sparse or dense inputs itself (``sparse_inputs`` None), else as told."""
+    cell = kspike.ALIF(UNITS, n_adaptive=5, thr=0.05, seed=3)
+    layer = kspike.SpikingRNN(cell)
+    layer.build(x.shape)
+    params = cell.parameters("float32")
+    w_in, w_rec, _ = cell.effective_kernels("float32")
+    zeros = tf.zeros((x.shape[0], UNITS))
+    outputs = native.load().kspike_spiking_forward(
+        x=x, sparse_inputs=bool(sparse_inputs), w_in=tf.convert_to_tensor(w_in),
+        w_rec=tf.convert_to_tensor(w_rec), bias=tf.zeros((0,)),
+        beta=tf.constant(cell.beta_vector, tf.float32), v0=zeros, b0=zeros, z0=zeros,
+        r0=zeros, recurrent=True, has_bias=False, store_backward=False,
+        count_inputs=sparse_inputs is None, **engine.native_neuron_attrs(cell, params))
+    return outputs[1].numpy()
+
+
+@needs_compiler
+def test_forward_op_counts_its_inputs_like_the_training_pass():
+    # Inference lets the op decide sparse inputs (at most a quarter nonzero) by its own
+    # exact count, a training pass by engine._few_nonzero_inputs: the same decision on both
+    # sides of the boundary. The two products round differently on these inputs, so v tells
+    # which one ran.
+    assert native.available(), native._state["error"]
+    rng = np.random.default_rng(4)
+    size = B * T * N_IN
+    for nonzero, sparse in ((size // 4, True), (size // 4 + 1, False)):
+        flat = np.zeros(size, "float32")
+        flat[rng.permutation(size)[:nonzero]] = rng.uniform(0.1, 3.0, nonzero)
+        x = tf.constant(flat.reshape(B, T, N_IN))
+        assert bool(engine._few_nonzero_inputs(x)) is sparse
+        decided = _forward_op_v(x)
+        np.testing.assert_array_equal(decided, _forward_op_v(x, sparse))
+        assert np.any(decided != _forward_op_v(x, not sparse))
+
+
 SURROGATES = [("rectangular", {}), ("triangular", {}), ("exponential", {}), ("gaussian", {}),
               ("sigmoid", {}), ("fast_sigmoid", {}), ("ntail", {"tail": 2.5}),
               ("cauchy", {}), ("multi_gaussian", {})]
@@ -376,6 +435,29 @@ def test_inference_runs_the_native_forward(monkeypatch, output, return_sequences
     np.testing.assert_allclose(fast.evaluate(x, y, verbose=0),
                                reference.evaluate(x, y, verbose=0), rtol=1e-5)
     assert calls == [False, False, False, False], calls   # eager x2, predict, evaluate
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [0, 3])
+def test_predict_spikes_equal_the_tensorflow_loop(rows, monkeypatch):
+    # model.predict runs the forward op alone (no backward buffers, its own count of the
+    # inputs, rows in blocks) over batches of 16 and a partial one: the spikes of the
+    # TensorFlow loop exactly, v and A to float32 round-off, sparse and dense inputs.
+    monkeypatch.setattr(engine, "_FORWARD_ROWS_PER_BLOCK", rows)
+    calls = _native_forward_calls(monkeypatch)
+    models = [keras.Sequential([
+        keras.Input((T, N_IN)),
+        kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, n_refractory=2,
+                                      output="all", seed=3),
+                          return_sequences=True, native=flag)]) for flag in ("auto", False)]
+    models[1].set_weights(models[0].get_weights())
+    for density in (0.1, 0.5):
+        x = _inputs(batch=40, steps=T, features=N_IN, density=density, scale=3.0)
+        fast, reference = [m.predict(x, batch_size=16, verbose=0) for m in models]
+        assert 0.02 < reference[..., :UNITS].mean() < 0.6
+        np.testing.assert_array_equal(fast[..., :UNITS], reference[..., :UNITS])
+        np.testing.assert_allclose(fast, reference, rtol=1e-6, atol=1e-7)
+    assert calls and not any(calls), calls
 
 
 @needs_compiler

@@ -250,15 +250,18 @@ static inline int64_t Nonzeros(const float* __restrict z, int64_t m, int32_t* __
   int64_t count = 0;
   int64_t j = 0;
 #if defined(__AVX512F__)
+  // Branch-free: the nonzero lanes of 16 entries compressed to the front of a register and
+  // stored whole (the lanes past them are overwritten by the next group; count <= j, so the
+  // stores stay inside index[0..m) and value[0..m)).
   const __m512 zero = _mm512_setzero_ps();
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; j + 16 <= m; j += 16) {
-    unsigned mask = _mm512_cmp_ps_mask(_mm512_loadu_ps(z + j), zero, _CMP_NEQ_UQ);
-    while (mask) {
-      const int bit = __builtin_ctz(mask);
-      index[count] = static_cast<int32_t>(j + bit);
-      value[count++] = z[j + bit];
-      mask &= mask - 1;
-    }
+    const __m512 zj = _mm512_loadu_ps(z + j);
+    const __mmask16 mask = _mm512_cmp_ps_mask(zj, zero, _CMP_NEQ_UQ);
+    const __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(j)));
+    _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(mask, at));
+    _mm512_storeu_ps(value + count, _mm512_maskz_compress_ps(mask, zj));
+    count += __builtin_popcount(static_cast<unsigned>(mask));
   }
 #endif
   for (; j < m; ++j) {
@@ -522,6 +525,51 @@ static inline void Prefetch(const void* p, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
+// Copies the n floats of a spike row to dst, a row of a (B, T, n) output that is written once
+// and read only after the op: with AVX-512 and a 64-byte aligned row of whole vectors, by
+// non-temporal stores, which skip reading the destination's cache lines first (half the memory
+// traffic of the largest output). StreamFence() after the last row of a shard.
+static inline void StoreRow(float* __restrict dst, const float* __restrict src, int64_t n) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    for (int64_t k = 0; k < n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+    return;
+  }
+#endif
+  std::copy(src, src + n, dst);
+}
+
+static inline void StreamFence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// The number of nonzero entries of x[0..m), exactly.
+static int64_t CountNonzeros(const float* __restrict x, int64_t m) {
+  int64_t count = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
+  for (; j + 16 <= m; j += 16) {
+    count += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), zero, _CMP_NEQ_UQ));
+  }
+#endif
+  for (; j < m; ++j) count += x[j] != 0.0f;
+  return count;
+}
+
+// At most a quarter of the B x T x n_in inputs are nonzero (counted over the shards of the
+// batch in parallel): the rule by which x_t W_in adds the rows of the active inputs.
+static bool FewNonzeroInputs(OpKernelContext* ctx, const float* x, int64_t B, int64_t row_size) {
+  std::vector<int64_t> counts(std::max<int64_t>(B, 1), 0);
+  ForEachShard(ctx, B, 1, [&](int64_t first, int64_t last, int64_t shard) {
+    counts[shard] = CountNonzeros(x + first * row_size, (last - first) * row_size);
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  return 4 * total <= B * row_size;
+}
+
 // ------------------------------------------------------------------ small dense products
 // out (rows x N, row stride out_stride) = A (rows x K, row stride a_stride) x B (K x N,
 // row-major). Used per step for dI_t W_rec^T (B = W_rec^T, packed once per call) and for
@@ -607,6 +655,10 @@ static void Gemm(const float* a, int64_t a_stride, int64_t rows, const float* b,
 
 
 // ------------------------------------------------------------------ forward
+// The bytes of per-row state (6 rows of n floats per batch row) a block of the forward pass
+// keeps: about the L1 data cache plus a share of L2, next to W_rec and W_in.
+constexpr int64_t kForwardBlockBytes = 64 * 1024;
+
 // One neuron_step of n neurons of one batch row (kspike/dynamics.py), templated so the loop
 // has no branches and vectorises.
 template <bool ADAPTIVE, bool REFRACTORY>
@@ -667,6 +719,15 @@ REGISTER_OP("KspikeSpikingForward")
     .Attr("store_z: bool = true")
     .Attr("store_v: bool = true")
     .Attr("store_backward: bool = true")
+    // count_inputs: ignore the sparse_inputs input and decide it here, counting the nonzero
+    // inputs exactly (at most a quarter nonzero: sparse), as the caller's own count would.
+    .Attr("count_inputs: bool = false")
+    // store_bits=false: with store_backward, the refractory masks without the packed spikes
+    // (a caller that reads the spike sequence itself, e.g. the local learning rules).
+    .Attr("store_bits: bool = true")
+    // The batch rows one pass over all T steps runs at a time (0: as many as keep their
+    // states in the L1/L2 caches); any value gives the same results (rows are independent).
+    .Attr("rows_per_block: int = 0")
     .Output("z: float")             // (B, T, n): z_1 .. z_T, the layer's output
     .Output("v: float")             // (T, B, n): v_1 .. v_T (time-major: read back per step)
     .Output("threshold: float")     // (T, B, n): A_1 .. A_T, (0, B, n) for LIF
@@ -687,6 +748,8 @@ REGISTER_OP("KspikeSpikingForward")
       TF_RETURN_IF_ERROR(c->GetAttr("store_z", &store_z));
       TF_RETURN_IF_ERROR(c->GetAttr("store_v", &store_v));
       TF_RETURN_IF_ERROR(c->GetAttr("store_backward", &store_backward));
+      bool store_bits;
+      TF_RETURN_IF_ERROR(c->GetAttr("store_bits", &store_bits));
       tensorflow::shape_inference::DimensionHandle words = c->UnknownDim();
       if (c->ValueKnown(n)) words = c->MakeDim((c->Value(n) + 63) / 64);
       const auto none = c->MakeDim(0);
@@ -695,7 +758,8 @@ REGISTER_OP("KspikeSpikingForward")
       c->set_output(2, c->MakeShape({adaptive && store_v ? steps : none, batch, n}));
       c->set_output(3, c->MakeShape({n_refractory > 0 && store_backward ? steps : none, batch,
                                      n}));
-      c->set_output(4, c->MakeShape({store_backward ? steps : none, batch, words}));
+      c->set_output(4, c->MakeShape({store_backward && store_bits ? steps : none, batch,
+                                     words}));
       c->set_output(5, c->MakeShape({batch, n}));
       c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(7, c->MakeShape({batch, n}));
@@ -740,7 +804,7 @@ struct ForwardStepOutputs {
   NeuronAttrs a;
   ForwardFn step;
   int64_t n, T, B, n_words;
-  bool refractory, store_z, store_v, store_a, store_allowed, store_backward;
+  bool refractory, store_z, store_v, store_a, store_allowed, store_bits;
   const float* bias_p;
   const float* beta_p;
   float* Z;
@@ -766,8 +830,8 @@ static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int6
            out.a.adaptive ? (out.store_a ? out.Aseq + at : a_scratch) : nullptr,
            out.refractory ? (out.store_allowed ? out.allowed + at : allowed_scratch) : nullptr,
            z_new);
-  if (out.store_z) std::copy(z_new, z_new + n, out.Z + (row * out.T + t) * n);
-  if (out.store_backward) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
+  if (out.store_z) StoreRow(out.Z + (row * out.T + t) * n, z_new, n);
+  if (out.store_bits) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
 }
 
 // Allocates outputs 0 .. 8, which both forward ops share (z, v, A, the refractory mask and the
@@ -776,7 +840,7 @@ static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int6
 // z, r. Check ctx->status() after it.
 static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, int64_t T,
                                    int64_t B, int64_t n, bool store_z, bool store_v,
-                                   bool store_backward, const float* bias_p,
+                                   bool store_backward, bool store_bits, const float* bias_p,
                                    const float* beta_p, ForwardStepOutputs* step, float** vf,
                                    float** bf, float** zf, float** rf) {
   const int64_t n_words = (n + 63) / 64;
@@ -789,15 +853,16 @@ static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, i
   OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({store_a ? T : 0, B, n}), &a_out));
   OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({store_allowed ? T : 0, B, n}),
                                            &allowed_out));
-  OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_backward ? T : 0, B,
-                                                           n_words}), &bits_out));
+  store_bits = store_bits && store_backward;
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({store_bits ? T : 0, B, n_words}),
+                                           &bits_out));
   OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &v_final));
   OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({a.adaptive ? B : 0, n}), &b_final));
   OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, n}), &z_final));
   OP_REQUIRES_OK(ctx, ctx->allocate_output(8, TensorShape({B, n}), &r_final));
   *step = ForwardStepOutputs{
       a, SelectForward(a), n, T, B, n_words, refractory, store_z, store_v, store_a,
-      store_allowed, store_backward, bias_p, beta_p, z_out->flat<float>().data(),
+      store_allowed, store_bits, bias_p, beta_p, z_out->flat<float>().data(),
       v_out->flat<float>().data(), store_a ? a_out->flat<float>().data() : nullptr,
       store_allowed ? allowed_out->flat<uint8_t>().data() : nullptr,
       reinterpret_cast<uint64_t*>(bits_out->flat<int64_t>().data())};
@@ -814,6 +879,10 @@ class SpikingForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("count_inputs", &count_inputs_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("store_bits", &store_bits_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("rows_per_block", &rows_per_block_));
+    OP_REQUIRES(ctx, rows_per_block_ >= 0, InvalidArgument("rows_per_block must be >= 0"));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -843,9 +912,10 @@ class SpikingForwardOp : public OpKernel {
                            ctx->input(i).dim_size(1) == n,
                   InvalidArgument("states must be (B, n)"));
     }
-    const bool sparse_inputs = ctx->input(1).scalar<bool>()();
-
     const float* X = x.flat<float>().data();
+    const bool sparse_inputs = count_inputs_ ? FewNonzeroInputs(ctx, X, B, T * n_in)
+                                             : ctx->input(1).scalar<bool>()();
+
     const float* W_in = w_in.flat<float>().data();
     const float* W = a_.recurrent ? w_rec.flat<float>().data() : nullptr;
     const float* bias_p = a_.has_bias ? bias.flat<float>().data() : nullptr;
@@ -857,63 +927,76 @@ class SpikingForwardOp : public OpKernel {
     const NeuronAttrs a = a_;
     ForwardStepOutputs fwd;
     float *vf, *bf, *zf, *rf;
-    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
-                           &fwd, &vf, &bf, &zf, &rf);
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, store_bits_,
+                           bias_p, beta_p, &fwd, &vf, &bf, &zf, &rf);
     if (!ctx->status().ok()) return;
 
-    ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
-      const int64_t rows = last - first;
-      std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
-      std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
-      std::vector<float> b;
-      if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
-      std::vector<float> current(n), projected(rows * n);
+    // A shard runs its rows in blocks, each over all T steps: the per-row states (v, b, r,
+    // z_{t-1}, z_t, x_t W_in) of a block stay in cache from one step to the next, where those
+    // of a whole shard (6 n floats a row) would be read back from memory at every step.
+    const int64_t block = rows_per_block_ > 0 ? rows_per_block_
+                          : std::max<int64_t>(1, kForwardBlockBytes / (6 * 4 * n));
+    ForEachShard(ctx, B, 8, [&](int64_t shard_first, int64_t shard_last, int64_t) {
+      const int64_t max_rows = std::min(block, shard_last - shard_first);
+      std::vector<float> v(max_rows * n), r(max_rows * n), z(max_rows * n), z_next(max_rows * n);
+      std::vector<float> b(a.adaptive ? max_rows * n : 0);
+      std::vector<float> current(n), projected(max_rows * n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       // Where v_t, A_t and the refractory mask go when they are not kept: one row, reused.
       std::vector<float> v_scratch(n), a_scratch(n);
       std::vector<uint8_t> allowed_scratch(n);
-      for (int64_t t = 0; t < T; ++t) {
-        if (!sparse_inputs) {
-          // x_t W_in for the shard's rows as one small product.
-          Gemm(X + (first * T + t) * n_in, T * n_in, rows, W_in, n_in, n, projected.data(), n);
-        }
-        const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = first + i;
-          const float* x_t = X + (row * T + t) * n_in;
-          float* proj = projected.data() + i * n;
-          if (sparse_inputs) {
-            const int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
-            GatherRows(index.data(), value.data(), count, W_in, n, proj);
+      for (int64_t first = shard_first; first < shard_last; first += block) {
+        const int64_t last = std::min(shard_last, first + block), rows = last - first;
+        std::copy(v0 + first * n, v0 + last * n, v.begin());
+        std::copy(r0 + first * n, r0 + last * n, r.begin());
+        std::copy(z0 + first * n, z0 + last * n, z.begin());
+        if (a.adaptive) std::copy(b0 + first * n, b0 + last * n, b.begin());
+        for (int64_t t = 0; t < T; ++t) {
+          if (!sparse_inputs) {
+            // x_t W_in for the block's rows as one small product.
+            Gemm(X + (first * T + t) * n_in, T * n_in, rows, W_in, n_in, n, projected.data(), n);
           }
-          if (t + 1 < T) Prefetch(x_t + n_in, n_in * sizeof(float));
-          const float* z_prev = z.data() + i * n;
-          float* cur = current.data();
-          if (W != nullptr) {
-            const int64_t count = Nonzeros(z_prev, n, index.data(), value.data());
-            GatherRows(index.data(), value.data(), count, W, n, cur);
-            for (int64_t k = 0; k < n; ++k) cur[k] = proj[k] + cur[k];
-          } else {
-            std::copy(proj, proj + n, cur);
+          const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t row = first + i;
+            const float* x_t = X + (row * T + t) * n_in;
+            float* proj = projected.data() + i * n;
+            if (sparse_inputs) {
+              const int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
+              GatherRows(index.data(), value.data(), count, W_in, n, proj);
+            }
+            if (t + 1 < T) Prefetch(x_t + n_in, n_in * sizeof(float));
+            const float* z_prev = z.data() + i * n;
+            float* cur = current.data();
+            if (W != nullptr) {
+              const int64_t count = Nonzeros(z_prev, n, index.data(), value.data());
+              GatherRows(index.data(), value.data(), count, W, n, cur);
+              for (int64_t k = 0; k < n; ++k) cur[k] = proj[k] + cur[k];
+            } else {
+              std::copy(proj, proj + n, cur);
+            }
+            ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                           a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                           z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                           allowed_scratch.data());
           }
-          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
-                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
-                         allowed_scratch.data());
+          z.swap(z_next);
         }
-        z.swap(z_next);
+        std::copy(v.begin(), v.begin() + rows * n, vf + first * n);
+        std::copy(r.begin(), r.begin() + rows * n, rf + first * n);
+        std::copy(z.begin(), z.begin() + rows * n, zf + first * n);
+        if (a.adaptive) std::copy(b.begin(), b.begin() + rows * n, bf + first * n);
       }
-      std::copy(v.begin(), v.end(), vf + first * n);
-      std::copy(r.begin(), r.end(), rf + first * n);
-      std::copy(z.begin(), z.end(), zf + first * n);
-      if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
+      StreamFence();
     });
   }
 
  private:
   NeuronAttrs a_;
-  bool store_z_ = true, store_v_ = true, store_backward_ = true;
+  bool store_z_ = true, store_v_ = true, store_backward_ = true, count_inputs_ = false;
+  bool store_bits_ = true;
+  int rows_per_block_ = 0;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingForward").Device(DEVICE_CPU), SpikingForwardOp);
@@ -1933,8 +2016,8 @@ class DelayedForwardOp : public OpKernel {
     const NeuronAttrs a = a_;
     ForwardStepOutputs fwd;
     float *vf, *bf, *zf, *rf;
-    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, bias_p, beta_p,
-                           &fwd, &vf, &bf, &zf, &rf);
+    AllocateForwardOutputs(ctx, a, T, B, n, store_z_, store_v_, store_backward_, true, bias_p,
+                           beta_p, &fwd, &vf, &bf, &zf, &rf);
     if (!ctx->status().ok()) return;
 
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
@@ -1987,6 +2070,7 @@ class DelayedForwardOp : public OpKernel {
       std::copy(r.begin(), r.end(), rf + first * n);
       std::copy(z.begin(), z.end(), zf + first * n);
       if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
+     StreamFence();
     });
   }
 
