@@ -297,10 +297,12 @@ class EProp(FeedbackRule):
         tape, weights, readout, weight_loss = online_rules.watched_weights(plan, model)
         feedback = self._feedback_matrices(plan, readout[0])
         x = tf.cast(x, dtype)
-        sequence = online_rules.time_major(x, dtype)
+        ops = self._native_traces(plan) if single else None
+        # The per-step copy of the inputs the TensorFlow loops read (the native single pass
+        # slices x per chunk instead).
+        sequence = online_rules.time_major(x, dtype) if ops is None else None
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         net = _Network(plan, weights, feedback, x, sequence, self.feedback == "adaptive")
-        ops = self._native_traces(plan) if single else None
         if ops is not None:
             result = _native_single_pass_terms(ops, net, readout, loss, y, sample_weight,
                                                regularizers, batch, steps)
@@ -360,7 +362,7 @@ class _Network(NamedTuple):
     weights: list
     feedback: list
     x: tf.Tensor
-    sequence: tuple
+    sequence: Optional[tuple]   # (TensorArray of the (B, n_in) steps, T); None if unused
     adaptive_feedback: bool   # every layer's B learns (else only the readout's term is formed)
 
 
@@ -901,7 +903,6 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
     last = len(plan.layers) - 1
     sum_traces = bool(regularizers)
     stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype, chunked=True)
-    inputs_tm = tf.transpose(net.x, (1, 0, 2))
     chunk = _CHUNK_STEPS
     n_chunks = (steps + chunk - 1) // chunk
     adaptive_params = [_adaptive_parameters(layer, w, dtype)
@@ -934,7 +935,7 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
         t0 = c * chunk
         t1 = tf.minimum(t0 + chunk, steps)
         states = online_rules.nested_state(plan, flat)
-        inputs = inputs_tm[t0:t1]
+        inputs = tf.transpose(net.x[:, t0:t1], (1, 0, 2))
         records, layer_inputs = [], []
         for layer, w, state in zip(plan.layers, net.weights, states):
             record = _forward_states(layer, w, inputs, batch, dtype, state0=state)
@@ -986,9 +987,11 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
         return c + 1, new_flat, new_vars, carry
 
     states = online_rules.initial_states(plan, batch)
+    # parallel_iterations=1: the forward of later chunks does not depend on the traces and
+    # would otherwise run ahead, holding the buffers of up to 10 chunks at once.
     _, _, layer_vars, carry = tf.while_loop(
         lambda c, *_: c < n_chunks, body,
-        (0, online_rules.flat_state(plan, states), layer_vars, carry))
+        (0, online_rules.flat_state(plan, states), layer_vars, carry), parallel_iterations=1)
     counts = carry["counts"]
     reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
                                                              steps, dtype)
