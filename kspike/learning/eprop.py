@@ -121,11 +121,14 @@ class EProp(FeedbackRule):
 
     How it runs, two ways with the same gradient:
 
-    - Single pass (truly online, as in the paper): ONE ``tf.while_loop`` runs the spiking
-      layers and the leaky readout (``LeakyReadout.step``); at every step t it forms the output
-      error dE/dy_t from the target at t (autodiff of the user's loss on the slice t, rescaled
-      from the slice's reduction to the sequence's), the learning signals L_t = dE/dy_t B, the
-      readout-filtered traces ebar_t, and accumulates the gradients. It needs a loss that is a sum
+    - Single pass (truly online, as in the paper): the spiking layers and the leaky readout
+      (``LeakyReadout.step``) run forward; the output error dE/dy_t comes from the target at t
+      (autodiff of the user's loss on the slice, rescaled from the slice's reduction to the
+      sequence's), then the learning signals L_t = dE/dy_t B and the readout-filtered traces
+      ebar_t, and the gradients accumulate. With ``native="auto"`` (default) this runs in
+      chunks of 64 steps, the per-synapse traces advanced by a native C++ op (docs/eprop.md,
+      "The native single pass"; a few times BPTT's time instead of ~85x); with
+      ``native=False`` as one ``tf.while_loop``, step by step. It needs a loss that is a sum
       of per-step terms: ``keras.losses.MeanSquaredError``, ``CategoricalCrossentropy``,
       ``SparseCategoricalCrossentropy`` (without ``ignore_class``) or ``BinaryCrossentropy``
       (objects with any ``from_logits``/``label_smoothing`` and a scalar reduction, or their
@@ -176,6 +179,11 @@ class EProp(FeedbackRule):
             with memory growing with T like BPTT's (choose it when the sequences fit).
         weight_decay: decay of the adaptive feedback matrices (the paper's option), >= 0.
         feedback_optimizer: Keras optimizer for adaptive feedback (default Adam(1e-3)).
+        native: the single pass's implementation. "auto" (default): the native trace op where
+            it can run (the native ops load; CPU; float32 or float64; not inside XLA; no layer
+            built with ``native=False``), else the TensorFlow loop. True: the native op, or
+            ValueError saying why not. False: the TensorFlow loop. The same gradient (tested
+            to float64 round-off); the two-pass forms are unaffected.
 
     The feedback matrices are variables of the rule (``rule.feedback_weights``, saved by
     ``tf.train.Checkpoint(rule=rule)``; random ones are also reproducible from ``seed``).
@@ -335,7 +343,7 @@ class EProp(FeedbackRule):
         loop."""
         if self.native is False:
             return None
-        reason = native_trace_reason(plan, plan.dtype)
+        reason = _native_trace_reason(plan, plan.dtype)
         if reason is None:
             from kspike import native as native_module
             return native_module.load()
@@ -875,7 +883,7 @@ def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batc
 _CHUNK_STEPS = 64
 
 
-def native_trace_reason(plan, dtype):
+def _native_trace_reason(plan, dtype):
     """Why the native trace op cannot run the single pass of this chain, or None when it can."""
     from kspike import compat
     from kspike import native as native_module

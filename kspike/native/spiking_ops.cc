@@ -1,5 +1,7 @@
 // Native kernels of kspike.SpikingRNN: the whole time loop of one LIF/ALIF layer, forward and
-// backward, as two TensorFlow ops (float32, no mask).
+// backward, as two TensorFlow ops (float32, no mask); the same for cells with synaptic delays;
+// and, at the end of the file, the eligibility-trace recursions of single-pass e-prop
+// (KspikeEpropTraces, float32 and float64).
 //
 // The equations are those of kspike/dynamics.py (neuron_step and neuron_step_vjp, docs/neurons.md)
 // and of the catalogue in kspike/surrogates.py; tests/test_native.py compares both
