@@ -2158,8 +2158,22 @@ static void EpropPlainColumns(const EpropDims& d, const T* eps_k, const T* coef,
   }
 }
 
-// One column block of sample b: packs its factors, then runs the block's columns (the lanes
-// of V at once when the block is full, else one column at a time).
+// Columns [j, j + lanes of V) of sample b: packs their factors, then runs every row.
+template <typename V, typename T, bool SUM>
+static void EpropLanes(const EpropDims& d, const EpropInputs& in, bool adaptive, int64_t b,
+                       int64_t j, const T* c, const T* eps_k, T kappa, T omk, T* const* state,
+                       T* grad, T* tsum, T* coef) {
+  EpropPack<T>(d, in, adaptive, b, j, sizeof(V) / sizeof(T), SUM ? T(1) : omk, coef);
+  if (adaptive) {
+    EpropAdaptiveColumns<V, T, SUM>(d, c, coef, kappa, omk, b, j, state[2], state[3], state[4],
+                                    grad, tsum);
+  } else {
+    EpropPlainColumns<V, T, SUM>(d, eps_k, coef, kappa, omk, b, j, state[1], grad, tsum);
+  }
+}
+
+// One column block of sample b: the lanes of V at once when the block is full, else one
+// column at a time.
 template <typename T, bool SUM>
 static void EpropBlock(const EpropDims& d, const EpropInputs& in, bool adaptive, int64_t b,
                        int64_t j0, int64_t width, const T* c, const T* eps_k, T kappa, T omk,
@@ -2168,25 +2182,13 @@ static void EpropBlock(const EpropDims& d, const EpropInputs& in, bool adaptive,
   constexpr int64_t W = EpropVector<T>::kLanes;
   coef.resize(d.K * 7 * W);
   if (width == W) {
-    EpropPack<T>(d, in, adaptive, b, j0, W, SUM ? T(1) : omk, coef.data());
-    if (adaptive) {
-      EpropAdaptiveColumns<V, T, SUM>(d, c, coef.data(), kappa, omk, b, j0, state[2], state[3],
-                                      state[4], grad, tsum);
-    } else {
-      EpropPlainColumns<V, T, SUM>(d, eps_k, coef.data(), kappa, omk, b, j0, state[1], grad,
-                                   tsum);
-    }
+    EpropLanes<V, T, SUM>(d, in, adaptive, b, j0, c, eps_k, kappa, omk, state, grad, tsum,
+                          coef.data());
     return;
   }
   for (int64_t j = j0; j < j0 + width; ++j) {
-    EpropPack<T>(d, in, adaptive, b, j, 1, SUM ? T(1) : omk, coef.data());
-    if (adaptive) {
-      EpropAdaptiveColumns<T, T, SUM>(d, c, coef.data(), kappa, omk, b, j, state[2], state[3],
-                                      state[4], grad, tsum);
-    } else {
-      EpropPlainColumns<T, T, SUM>(d, eps_k, coef.data(), kappa, omk, b, j, state[1], grad,
-                                   tsum);
-    }
+    EpropLanes<T, T, SUM>(d, in, adaptive, b, j, c, eps_k, kappa, omk, state, grad, tsum,
+                          coef.data());
   }
 }
 
