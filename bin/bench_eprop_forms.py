@@ -9,8 +9,11 @@ The network: B x T inputs (80 channels, 5% active), one kspike.SpikingRNN of 256
 (sample_weight mask). Rules, all in this process and each wrapped in one ``tf.function``:
 "bptt" (kspike.learning.BPTT, the native C++ loops in float32), "eprop" (``EProp(memory_flat=False)``: two passes from
 stored states), "eprop_flat" (``EProp()``, the default: two passes with
-per-synapse traces, memory independent of T), "eprop1p" (``EProp(single_pass=True)``).
-Time is the median over ``--repeats`` calls (``--slow-repeats`` for the two trace forms) after
+per-synapse traces, memory independent of T), "eprop1p" (``EProp(single_pass=True)``: the
+single pass, its per-synapse traces advanced by the native op in chunks of steps) and
+"eprop1p_tf" (``EProp(single_pass=True, native=False)``: the single pass as one TensorFlow
+loop, step by step).
+Time is the median over ``--repeats`` calls (``--slow-repeats`` for the TensorFlow trace forms) after
 one warm-up call (tracing); the table gives
 each rule's ratio to BPTT measured in the same run. The machine may be shared: read the
 ratios.
@@ -31,11 +34,11 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=56, help="loss on the last steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slow-repeats", type=int, default=1,
-                        help="timed calls of the trace forms (eprop_flat, eprop1p)")
+                        help="timed calls of the TensorFlow trace forms (eprop_flat, eprop1p_tf)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow intra-op threads")
     parser.add_argument("--rules", nargs="+", default=["bptt", "eprop", "eprop_flat",
                                                        "eprop1p"],
-                        choices=["bptt", "eprop", "eprop_flat", "eprop1p"])
+                        choices=["bptt", "eprop", "eprop_flat", "eprop1p", "eprop1p_tf"])
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
@@ -62,7 +65,8 @@ def main(argv=None):
     loss = keras.losses.MeanSquaredError()
     rules = {"bptt": kspike.learning.BPTT(), "eprop": kspike.learning.EProp(memory_flat=False),
              "eprop_flat": kspike.learning.EProp(memory_flat=True),
-             "eprop1p": kspike.learning.EProp(single_pass=True)}
+             "eprop1p": kspike.learning.EProp(single_pass=True),
+             "eprop1p_tf": kspike.learning.EProp(single_pass=True, native=False)}
     times = {}
     grads_of = {}
     for name in args.rules:
@@ -74,7 +78,7 @@ def main(argv=None):
 
         grads_of[name] = [g.numpy() for g in gradients(x, y, mask)]
         samples = []
-        repeats = args.slow_repeats if name in ("eprop_flat", "eprop1p") else args.repeats
+        repeats = args.slow_repeats if name in ("eprop_flat", "eprop1p_tf") else args.repeats
         for _ in range(repeats):
             start = time.perf_counter()
             _ = [g.numpy() for g in gradients(x, y, mask)]
@@ -85,7 +89,7 @@ def main(argv=None):
     print(f"B={batch}, {args.inputs} inputs (5% active), {args.units} ALIF (half adaptive), "
           f"T={steps}, LeakyReadout(10), MSE on the last {args.window} steps; "
           f"threads: intra {tf.config.threading.get_intra_op_parallelism_threads()}, "
-          f"median of {args.repeats} calls ({args.slow_repeats} for the trace forms)")
+          f"median of {args.repeats} calls ({args.slow_repeats} for eprop_flat, eprop1p_tf)")
     print(f"{'rule':11s} {'s/call':>8s} {'x BPTT':>8s}")
     base = times.get("bptt")
     for name in args.rules:
@@ -95,6 +99,13 @@ def main(argv=None):
         diff = max(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
                    for a, b in zip(grads_of["eprop"], grads_of["eprop_flat"]))
         print(f"eprop vs eprop_flat: max relative difference {diff:.2e} (float32)")
+    for other in ("eprop1p_tf", "eprop_flat", "eprop"):
+        if "eprop1p" in grads_of and other in grads_of:
+            diff = max(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+                       for a, b in zip(grads_of["eprop1p"], grads_of[other]))
+            print(f"eprop1p vs {other}: max relative difference {diff:.2e} (float32)")
+            break
+    print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
 

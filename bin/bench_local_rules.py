@@ -13,7 +13,8 @@ baseline, i.e. what computing gradients adds. Time is the median over ``--repeat
 warm-up call (tracing), divided by T: milliseconds per time step. Each rule's gradient function is
 wrapped in one ``tf.function``. Rules: "bptt", "eprop" (two passes: outputs, then traces),
 "eprop1p" (e-prop in a single pass, ``EProp(single_pass=True)``: network, readout, per-step error
-and traces in one loop), "stllr" (S-TLLR on the stored sequences) and "stllr_online"
+and traces forward in time, the traces advanced by the native op in chunks of steps),
+"eprop1p_tf" (the same as one TensorFlow loop, ``native=False``), "stllr" (S-TLLR on the stored sequences) and "stllr_online"
 (``STLLR(online=True)``, the step-by-step form). The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
 100 neurons (50 LIF + 50 ALIF, kspike.SpikingRNN), a 2-unit LeakyReadout, MSE on a random target.
 
@@ -57,6 +58,7 @@ def worker(rule_name, steps, batch, units, repeats):
     loss = keras.losses.MeanSquaredError()
     rule = {"bptt": kspike.learning.BPTT, "eprop": kspike.learning.EProp,
             "eprop1p": lambda: kspike.learning.EProp(single_pass=True),
+            "eprop1p_tf": lambda: kspike.learning.EProp(single_pass=True, native=False),
             "stllr": lambda: kspike.learning.STLLR(online=False),
             "stllr_online": lambda: kspike.learning.STLLR(online=True)}[rule_name]()
 
@@ -85,7 +87,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--rules", nargs="+", default=["bptt", "eprop", "stllr"],
-                        choices=["bptt", "eprop", "eprop1p", "stllr", "stllr_online"])
+                        choices=["bptt", "eprop", "eprop1p", "eprop1p_tf", "stllr",
+                                 "stllr_online"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--units", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
@@ -121,7 +124,7 @@ def main(argv=None):
     print()
     print(f"B={batch}, 40 inputs, {args.units} neurons (half ALIF), {repeats} timed calls; "
           "machine possibly loaded: read the ratios")
-    header = (f"{'rule':8s} {'T':>5s} {'ms/step':>8s} {'x BPTT':>7s} {'peak MB':>8s} "
+    header = (f"{'rule':10s} {'T':>5s} {'ms/step':>8s} {'x BPTT':>7s} {'peak MB':>8s} "
               f"{'extra MB':>9s} {'peak/peak(T0)':>14s} {'extra/extra(T0)':>16s}")
     print(header)
     print("-" * len(header))
@@ -130,7 +133,7 @@ def main(argv=None):
         bptt = by.get(("bptt", r["T"]))
         speed = f"{r['ms_per_step'] / bptt['ms_per_step']:7.2f}" if bptt else f"{'-':>7s}"
         extra_ratio = r["extra_mb"] / max(first["extra_mb"], 1e-9)
-        print(f"{r['rule']:8s} {r['T']:5d} {r['ms_per_step']:8.3f} {speed} {r['peak_mb']:8.1f} "
+        print(f"{r['rule']:10s} {r['T']:5d} {r['ms_per_step']:8.3f} {speed} {r['peak_mb']:8.1f} "
               f"{r['extra_mb']:9.1f} {r['peak_mb'] / first['peak_mb']:14.3f} "
               f"{extra_ratio:16.2f}")
     if args.json:

@@ -121,11 +121,14 @@ class EProp(FeedbackRule):
 
     How it runs, two ways with the same gradient:
 
-    - Single pass (truly online, as in the paper): ONE ``tf.while_loop`` runs the spiking
-      layers and the leaky readout (``LeakyReadout.step``); at every step t it forms the output
-      error dE/dy_t from the target at t (autodiff of the user's loss on the slice t, rescaled
-      from the slice's reduction to the sequence's), the learning signals L_t = dE/dy_t B, the
-      readout-filtered traces ebar_t, and accumulates the gradients. It needs a loss that is a sum
+    - Single pass (truly online, as in the paper): the spiking layers and the leaky readout
+      (``LeakyReadout.step``) run forward; the output error dE/dy_t comes from the target at t
+      (autodiff of the user's loss on the slice, rescaled from the slice's reduction to the
+      sequence's), then the learning signals L_t = dE/dy_t B and the readout-filtered traces
+      ebar_t, and the gradients accumulate. With ``native="auto"`` (default) this runs in
+      chunks of 64 steps, the per-synapse traces advanced by a native C++ op (docs/eprop.md,
+      "The native single pass"; a few times BPTT's time instead of ~85x); with
+      ``native=False`` as one ``tf.while_loop``, step by step. It needs a loss that is a sum
       of per-step terms: ``keras.losses.MeanSquaredError``, ``CategoricalCrossentropy``,
       ``SparseCategoricalCrossentropy`` (without ``ignore_class``) or ``BinaryCrossentropy``
       (objects with any ``from_logits``/``label_smoothing`` and a scalar reduction, or their
@@ -176,6 +179,11 @@ class EProp(FeedbackRule):
             with memory growing with T like BPTT's (choose it when the sequences fit).
         weight_decay: decay of the adaptive feedback matrices (the paper's option), >= 0.
         feedback_optimizer: Keras optimizer for adaptive feedback (default Adam(1e-3)).
+        native: the single pass's implementation. "auto" (default): the native trace op where
+            it can run (the native ops load; CPU; float32 or float64; not inside XLA; no layer
+            built with ``native=False``), else the TensorFlow loop. True: the native op, or
+            ValueError saying why not. False: the TensorFlow loop. The same gradient (tested
+            to float64 round-off); the two-pass forms are unaffected.
 
     The feedback matrices are variables of the rule (``rule.feedback_weights``, saved by
     ``tf.train.Checkpoint(rule=rule)``; random ones are also reproducible from ``seed``).
@@ -204,7 +212,7 @@ class EProp(FeedbackRule):
     name = "eprop"
 
     def __init__(self, feedback="symmetric", seed=None, online=False, weight_decay=0.0,
-                 feedback_optimizer=None, single_pass=False, memory_flat=True):
+                 feedback_optimizer=None, single_pass=False, memory_flat=True, native="auto"):
         super().__init__(seed)
         if feedback not in _FEEDBACKS:
             raise ValueError(f"`feedback` must be one of {_FEEDBACKS}, received {feedback!r}.")
@@ -221,6 +229,11 @@ class EProp(FeedbackRule):
         if not isinstance(memory_flat, (bool, np.bool_)):
             raise TypeError(f"`memory_flat` must be True or False, received {memory_flat!r}.")
         self.memory_flat = bool(memory_flat)
+        if isinstance(native, (bool, np.bool_)):
+            native = bool(native)
+        elif native != "auto":
+            raise ValueError(f"`native` must be True, False or 'auto', received {native!r}.")
+        self.native = native
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                 or not np.isfinite(weight_decay) or weight_decay < 0):
             raise ValueError(f"`weight_decay` must be a finite number >= 0, received "
@@ -234,7 +247,7 @@ class EProp(FeedbackRule):
     def get_config(self):
         config = {"feedback": self.feedback, "seed": self.seed, "online": self.online,
                   "weight_decay": self.weight_decay, "single_pass": self.single_pass,
-                  "memory_flat": self.memory_flat}
+                  "memory_flat": self.memory_flat, "native": self.native}
         if self.feedback_optimizer is not None:
             config["feedback_optimizer"] = keras.optimizers.serialize(self.feedback_optimizer)
         return config
@@ -292,10 +305,16 @@ class EProp(FeedbackRule):
         tape, weights, readout, weight_loss = online_rules.watched_weights(plan, model)
         feedback = self._feedback_matrices(plan, readout[0])
         x = tf.cast(x, dtype)
-        sequence = online_rules.time_major(x, dtype)
+        ops = self._native_traces(plan) if single else None
+        # The per-step copy of the inputs the TensorFlow loops read (the native single pass
+        # slices x per chunk instead).
+        sequence = online_rules.time_major(x, dtype) if ops is None else None
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         net = _Network(plan, weights, feedback, x, sequence, self.feedback == "adaptive")
-        if single:
+        if ops is not None:
+            result = _native_single_pass_terms(ops, net, readout, loss, y, sample_weight,
+                                               regularizers, batch, steps)
+        elif single:
             result = _single_pass_terms(net, loss, y, sample_weight, regularizers, batch, steps)
         elif not self.memory_flat:
             result = _stored_state_terms(net, readout, loss, y, sample_weight, regularizers,
@@ -319,6 +338,20 @@ class EProp(FeedbackRule):
         return RuleResult(loss=total, gradients=gradients, predictions=result.predictions,
                           logs=rates)
 
+    def _native_traces(self, plan):
+        """The native op module for the single pass (``native``), or None: the TensorFlow
+        loop."""
+        if self.native is False:
+            return None
+        reason = _native_trace_reason(plan, plan.dtype)
+        if reason is None:
+            from kspike import native as native_module
+            return native_module.load()
+        if self.native is True:
+            raise ValueError(f"EProp(native=True) cannot run the single pass natively: {reason}. "
+                             "Use native='auto' (the TensorFlow loop then) or False.")
+        return None
+
     def _update_feedback(self, feedback_grads, dtype):
         """Adaptive feedback: B receives the readout's gradient (transposed) plus
         ``weight_decay * B``, applied by ``feedback_optimizer``."""
@@ -337,7 +370,7 @@ class _Network(NamedTuple):
     weights: list
     feedback: list
     x: tf.Tensor
-    sequence: tuple
+    sequence: Optional[tuple]   # (TensorArray of the (B, n_in) steps, T); None if unused
     adaptive_feedback: bool   # every layer's B learns (else only the readout's term is formed)
 
 
@@ -655,26 +688,21 @@ def _joined(parts):
 # presynaptic factors p (B T, P) with q^v (B T, n). Exact (the same sums, reordered).
 
 
-def _forward_states(layer, weights, inputs, batch, dtype):
-    """Runs one spiking layer over time-major ``inputs`` (T, B, n_in) from its initial state.
+def _forward_states(layer, weights, inputs, batch, dtype, state0=None):
+    """Runs one spiking layer over time-major ``inputs`` (T, B, n_in) from ``state0`` (a
+    ``NeuronState``; default the initial state).
 
     Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
-    threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness) and "z0"
-    (B, n). Float32 cells the native C++ loops can run use the native forward op through
-    ``kspike.engine.forward_sequences``; anything else runs ``dynamics`` in a
-    ``tf.while_loop``."""
+    threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness), "z0"
+    (B, n) and "final" (the ``NeuronState`` after the last step). Float32 cells the native
+    C++ loops can run use the native forward op (``kspike.engine``); anything else runs
+    ``dynamics`` in a ``tf.while_loop``."""
     cell = layer.cell
-    initial = cell.get_initial_state(batch)
-    state0 = cell.pack_state(initial)
-    if _native_forward_applies(layer, dtype):
-        from kspike import engine
-        seq = engine.forward_sequences(
-            cell, tf.transpose(inputs, (1, 0, 2)), weights.input_kernel,
-            weights.recurrent_kernel, weights.bias, initial,
-            native=getattr(layer.layer, "native", "auto"))
-        allowed = seq["allowed"]
-        return {"z": seq["z"], "v": seq["v"], "A": seq["A"], "z0": seq["z0"],
-                "allowed": None if allowed is None else tf.cast(allowed, dtype)}
+    if state0 is None:
+        state0 = cell.pack_state(cell.get_initial_state(batch))
+    ops = _native_forward_ops(layer, dtype)
+    if ops is not None:
+        return _native_forward(ops, layer, weights, inputs, state0)
     steps = tf.shape(inputs)[0]
     xs = tf.TensorArray(dtype, size=steps).unstack(inputs)
     names = ["z", "v"] + (["A"] if state0.b is not None else []) + (
@@ -693,25 +721,49 @@ def _forward_states(layer, weights, inputs, batch, dtype):
             tas["allowed"] = tas["allowed"].write(t, tf.cast(allowed, dtype))
         return t + 1, tuple(cell.unpack_state(new_state)), tas
 
-    _, _, tas = tf.while_loop(lambda t, *_: t < steps, body,
-                              (0, tuple(cell.unpack_state(state0)), tas))
+    _, final, tas = tf.while_loop(lambda t, *_: t < steps, body,
+                                  (0, tuple(cell.unpack_state(state0)), tas))
     out = {name: ta.stack() for name, ta in tas.items()}
     out.setdefault("A", None)
     out.setdefault("allowed", None)
     out["z0"] = state0.z
+    out["final"] = cell.pack_state(list(final))
     return out
 
 
-def _native_forward_applies(layer, dtype):
-    """True if the native forward can run this layer (float32, a catalogue surrogate, CPU
-    only, not inside XLA, the layer not built with native=False) and the ops load."""
+def _native_forward_ops(layer, dtype):
+    """The native op module if the native forward can run this layer (float32, a catalogue
+    surrogate, no delays, CPU only, not inside XLA, the layer not built with native=False)."""
     from kspike import compat, engine
     from kspike import native as native_module
     if getattr(layer.layer, "native", "auto") is False:
-        return False
+        return None
     reason = engine.why_not_native(layer.cell, dtype, dtype, False, False,
                                    compat.in_xla_context())
-    return reason is None and native_module.load() is not None
+    return native_module.load() if reason is None else None
+
+
+def _native_forward(ops, layer, weights, inputs, state0):
+    from kspike import engine
+    cell, params = layer.cell, weights.params
+    adaptive = state0.b is not None
+    n = cell.units
+    x = tf.transpose(inputs, (1, 0, 2))
+    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
+    w_rec, bias = weights.recurrent_kernel, weights.bias
+    z, v, A, allowed, _, v_final, b_final, z_final, r_final = ops.kspike_spiking_forward(
+        x=x, sparse_inputs=sparse_inputs, w_in=weights.input_kernel,
+        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
+        bias=bias if bias is not None else tf.zeros((0,)),
+        beta=(tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))),
+        v0=state0.v, b0=state0.b if adaptive else tf.zeros((0, n)), z0=state0.z, r0=state0.r,
+        recurrent=w_rec is not None, has_bias=bias is not None, store_z=True, store_v=True,
+        store_backward=True, **engine.native_neuron_attrs(cell, params))
+    return {"z": tf.transpose(z, (1, 0, 2)), "v": v, "A": A if adaptive else None,
+            "allowed": (tf.cast(allowed, tf.float32) if params.n_refractory > 0 else None),
+            "z0": state0.z,
+            "final": dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z_final,
+                                          r=r_final)}
 
 
 def _adjoint(layer, params, states, learning):
@@ -815,3 +867,182 @@ def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batc
                              transpose_a=True)
     return _Terms(grads, readout_grad, feedback_grads, task_loss, reg_loss, error, None,
                   predictions, counts)
+
+
+# ---------------------------------------------------------------------- the native single pass
+# The single pass with the per-synapse recursions in C++ (``KspikeEpropTraces``,
+# kspike/native/spiking_ops.cc). Time advances in chunks of ``_CHUNK_STEPS`` steps: the layers
+# run forward for the chunk (the native forward op in float32, else ``dynamics`` in a loop) from
+# the state where the previous chunk ended, the readout, the chunk's loss terms, output errors
+# and learning signals follow, and every per-neuron factor of the trace recursions (spike
+# derivatives, the state Jacobian) is formed for the whole chunk at once; the op then advances
+# every synapse's traces through the chunk and returns the chunk's gradient. The gradient is
+# still accumulated forward in time, from the targets up to the chunk's end, and memory holds one
+# chunk: it does not grow with T apart from the inputs, targets and outputs.
+
+_CHUNK_STEPS = 64
+
+
+def _native_trace_reason(plan, dtype):
+    """Why the native trace op cannot run the single pass of this chain, or None when it can."""
+    from kspike import compat
+    from kspike import native as native_module
+    if tf.as_dtype(dtype) not in (tf.float32, tf.float64):
+        return f"the state dtype is {tf.as_dtype(dtype).name} (the op runs float32 and float64)"
+    for layer in plan.layers:
+        if getattr(layer.layer, "native", "auto") is False:
+            return f"layer {layer.layer.name!r} was built with native=False"
+    if compat.in_xla_context():
+        return ("the call is traced inside an XLA-compiled function (XLA cannot compile the "
+                "native ops)")
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return (f"the process has {len(gpus)} GPU(s) and the native ops have CPU kernels only")
+    return native_module.unavailable_reason()
+
+
+def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regularizers, batch,
+                              steps):
+    """The single pass in chunks, the traces advanced by the native op (see above)."""
+    plan, dtype = net.plan, net.plan.dtype
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    n_out = plan.readout.units
+    last = len(plan.layers) - 1
+    sum_traces = bool(regularizers)
+    stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype, chunked=True)
+    chunk = _CHUNK_STEPS
+    n_chunks = (steps + chunk - 1) // chunk
+    adaptive_params = [_adaptive_parameters(layer, w, dtype)
+                       for layer, w in zip(plan.layers, net.weights)]
+    constants = [tf.constant([w.params.alpha, kappa, 1.0 - kappa], dtype) for w in net.weights]
+
+    def zero_vars(layer, w):
+        size = online_rules.presynaptic_size(layer, w)
+        n0, ka = layer.n_plain, layer.units - layer.n_plain
+        lv = {"eps_plain": tf.zeros((batch, size), dtype),
+              "ebar_plain": tf.zeros((batch, size, n0), dtype),
+              "eps_v": tf.zeros((batch, size, ka), dtype),
+              "eps_b": tf.zeros((batch, size, ka), dtype),
+              "ebar_a": tf.zeros((batch, size, ka), dtype),
+              "dz_dv": tf.zeros((batch, ka), dtype), "dz_db": tf.zeros((batch, ka), dtype),
+              "grad": tf.zeros((size, layer.units), dtype),
+              "zhat": tf.zeros((batch, layer.units), dtype),
+              "feedback_grad": tf.zeros((n_out, layer.units), dtype)}
+        if sum_traces:
+            lv["trace_sum"] = tf.zeros((size, layer.units), dtype)
+        return lv
+
+    carry = {"counts": [tf.zeros((layer.units,), dtype) for layer in plan.layers],
+             "filtered": tf.zeros((batch, n_out), dtype), "loss": tf.zeros((), dtype),
+             "bias_grad": tf.zeros((n_out,), dtype),
+             "ys": tf.TensorArray(dtype, size=n_chunks, infer_shape=False)}
+    layer_vars = [zero_vars(layer, w) for layer, w in zip(plan.layers, net.weights)]
+
+    def body(c, flat, layer_vars, carry):
+        t0 = c * chunk
+        t1 = tf.minimum(t0 + chunk, steps)
+        states = online_rules.nested_state(plan, flat)
+        inputs = tf.transpose(net.x[:, t0:t1], (1, 0, 2))
+        records, layer_inputs = [], []
+        for layer, w, state in zip(plan.layers, net.weights, states):
+            record = _forward_states(layer, w, inputs, batch, dtype, state0=state)
+            records.append(record)
+            layer_inputs.append(inputs)
+            inputs = record["z"]
+        carry = dict(carry)
+        carry["counts"] = [n + tf.reduce_sum(r["z"], axis=(0, 1))
+                           for n, r in zip(carry["counts"], records)]
+        # The readout of the chunk (LeakyReadout.step), its loss terms and output errors.
+        projected = tf.einsum("tbn,no->tbo", inputs, kernel)
+        filtered = tf.scan(lambda acc, u: kappa * acc + (1.0 - kappa) * u, projected,
+                           initializer=carry["filtered"])
+        carry["filtered"] = filtered[-1]
+        outputs = filtered if bias is None else filtered + bias
+        carry["ys"] = carry["ys"].write(c, outputs)
+        value, error = stream.chunk(t0, t1, tf.transpose(outputs, (1, 0, 2)))
+        carry["loss"] = carry["loss"] + value
+        carry["bias_grad"] = carry["bias_grad"] + tf.reduce_sum(error, axis=(0, 1))
+        error = tf.transpose(error, (1, 0, 2))
+        flat_error = tf.reshape(error, (-1, n_out))
+        new_vars = []
+        for i, (layer, w, record, state, lv) in enumerate(zip(
+                plan.layers, net.weights, records, states, layer_vars)):
+            lv = dict(lv)
+            learning = tf.einsum("tbo,on->tbn", error, net.feedback[i])
+            factors = _chunk_factors(layer, w, adaptive_params[i], record, state, lv,
+                                     layer_inputs[i])
+            traces = ops.kspike_eprop_traces(
+                scaled_presynaptic=factors["scaled"], learning=learning,
+                dz_dv=factors["dz_dv"], dz_db=factors["dz_db"], jacobian=factors["jacobian"],
+                constants=constants[i], eps_plain=lv["eps_plain"], ebar_plain=lv["ebar_plain"],
+                eps_v=lv["eps_v"], eps_b=lv["eps_b"], ebar_adaptive=lv["ebar_a"],
+                sum_traces=sum_traces)
+            (lv["eps_plain"], lv["ebar_plain"], lv["eps_v"], lv["eps_b"], lv["ebar_a"],
+             gradient, trace_sum) = traces
+            lv["grad"] = lv["grad"] + gradient
+            if sum_traces:
+                lv["trace_sum"] = lv["trace_sum"] + trace_sum
+            if i == last or net.adaptive_feedback:
+                # dE/dW_out^T = sum_t err_t^T zhat_t with zhat the readout-filtered spikes.
+                zhat = tf.scan(lambda acc, z: kappa * acc + (1.0 - kappa) * z, record["z"],
+                               initializer=lv["zhat"])
+                lv["zhat"] = zhat[-1]
+                lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(
+                    flat_error, tf.reshape(zhat, (-1, layer.units)), transpose_a=True)
+            new_vars.append(lv)
+        new_flat = online_rules.flat_state(plan, [r["final"] for r in records])
+        return c + 1, new_flat, new_vars, carry
+
+    states = online_rules.initial_states(plan, batch)
+    # parallel_iterations=1: the forward of later chunks does not depend on the traces and
+    # would otherwise run ahead, holding the buffers of up to 10 chunks at once.
+    _, _, layer_vars, carry = tf.while_loop(
+        lambda c, *_: c < n_chunks, body,
+        (0, online_rules.flat_state(plan, states), layer_vars, carry), parallel_iterations=1)
+    counts = carry["counts"]
+    reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
+                                                             steps, dtype)
+    grads = [lv["grad"] for lv in layer_vars]
+    if regularizers:
+        grads = [g if r is None else g + r[None, :] * lv["trace_sum"]
+                 for g, r, lv in zip(grads, reg_signals, layer_vars)]
+    predictions = tf.transpose(carry["ys"].concat(), (1, 0, 2))
+    feedback_grads = [lv["feedback_grad"] for lv in layer_vars] if net.adaptive_feedback else []
+    return _Terms(grads, tf.transpose(layer_vars[-1]["feedback_grad"]), feedback_grads,
+                  carry["loss"], reg_loss, None, carry["bias_grad"], predictions, counts)
+
+
+def _chunk_factors(layer, weights, adaptive_params, record, state, lv, inputs):
+    """The per-step factors of one layer's trace recursions for a chunk, (K, B, ...): "scaled"
+    (1 - alpha) p, "dz_dv" (every neuron), "dz_db" and "jacobian" (4, K, B, k) of the adaptive
+    neurons. Updates ``lv`` with the last step's spike derivatives (the next chunk's
+    Jacobian needs them)."""
+    params = weights.params
+    z_previous = tf.concat([state.z[None], record["z"][:-1]], axis=0)
+    parts = [inputs]
+    if weights.recurrent_kernel is not None:
+        parts.append(z_previous)
+    if weights.bias is not None:
+        parts.append(tf.ones_like(inputs[..., :1]))
+    p = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+    A = record["A"] if record["A"] is not None else params.thr
+    psi = dynamics.spike_pseudo_derivative(record["v"], A, params, record["allowed"])
+    dz_dv = psi / A
+    n0 = layer.n_plain
+    out = {"scaled": (1.0 - params.alpha) * p, "dz_dv": dz_dv}
+    if layer.units == n0:
+        shape = tf.concat([tf.shape(dz_dv)[:2], [0]], axis=0)
+        out["dz_db"] = tf.zeros(shape, dz_dv.dtype)
+        out["jacobian"] = tf.zeros(tf.concat([[4], shape], axis=0), dz_dv.dtype)
+        return out
+    v_a, A_a, psi_a = record["v"][..., n0:], A[..., n0:], psi[..., n0:]
+    dz_db = -psi_a * adaptive_params.beta * v_a / (A_a * A_a)
+    dz_dv_a = dz_dv[..., n0:]
+    previous = dynamics.SpikeDerivatives(tf.concat([lv["dz_dv"][None], dz_dv_a[:-1]], axis=0),
+                                         tf.concat([lv["dz_db"][None], dz_db[:-1]], axis=0))
+    jac = dynamics.eprop_state_jacobian(z_previous[..., n0:], previous, adaptive_params)
+    lv["dz_dv"], lv["dz_db"] = dz_dv_a[-1], dz_db[-1]
+    out["dz_db"] = dz_db
+    out["jacobian"] = tf.stack([jac.v_v, jac.v_b, jac.b_v, jac.b_b])
+    return out

@@ -477,10 +477,13 @@ class PerStepLoss:
     terms; "sum_over_batch_size" (and "mean") divides their sum by the number of loss entries,
     B*T for the sequence against B for a slice (with or without sample weights): factor 1/T;
     "mean_with_sample_weight" divides by the sum of the weights: factor sum(w_t) / sum(w).
+    ``chunk(t0, t1, y)`` does the same for the steps t0 .. t1 - 1 at once (the loss called on
+    (B, t1 - t0, ...) slices); build the object with ``chunked=True`` for that use (it then
+    keeps the targets and weights as they are instead of as per-step TensorArrays).
     Build it inside the traced function (it holds TensorArrays).
     """
 
-    def __init__(self, loss, y_true, sample_weight, steps, dtype):
+    def __init__(self, loss, y_true, sample_weight, steps, dtype, chunked=False):
         inner, _, _ = _unwrap_loss(loss)
         self.loss = loss
         self.dtype = dtype
@@ -493,16 +496,23 @@ class PerStepLoss:
             with tf.control_dependencies([check]):
                 y_true = tf.identity(y_true)
         perm = [1, 0] + list(range(2, len(y_true.shape)))
-        self.targets = tf.TensorArray(y_true.dtype, size=steps).unstack(
-            tf.transpose(y_true, perm))
+        self.chunked = chunked
+        self.y_true = y_true if chunked else None
+        if not chunked:
+            self.targets = tf.TensorArray(y_true.dtype, size=steps).unstack(
+                tf.transpose(y_true, perm))
         reduction = getattr(inner, "reduction", "sum_over_batch_size")
+        self.sum_reduction = reduction == "sum"
         inv_steps = 1.0 / tf.cast(steps, dtype)
-        self.weights = self.total_weight = None
+        self.weights = self.total_weight = self.sample_weight = None
         if sample_weight is not None:
             w = tf.cast(sample_weight, dtype)
             if len(w.shape) == 3:
                 w = tf.squeeze(w, axis=-1)
-            self.weights = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(w))
+            if chunked:
+                self.sample_weight = w
+            else:
+                self.weights = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(w))
             if reduction == "mean_with_sample_weight":
                 self.total_weight = tf.reduce_sum(w)
         self.factor = tf.constant(1.0, dtype) if reduction == "sum" else inv_steps
@@ -522,11 +532,33 @@ class PerStepLoss:
                 value = value * tf.math.divide_no_nan(tf.reduce_sum(weight), self.total_weight)
             else:
                 value = value * self.factor
-        error = tape.gradient(value, y_t)
+        return value, self._error(tape, value, y_t)
+
+    def chunk(self, t0, t1, y):
+        """(sum of the terms of steps t0 .. t1 - 1, dE/dy (B, t1 - t0, n_out)) for the outputs
+        y (B, t1 - t0, n_out) of those steps (``chunked=True``)."""
+        target = self.y_true[:, t0:t1]
+        weight = None if self.sample_weight is None else self.sample_weight[:, t0:t1]
+        with tf.GradientTape() as tape:
+            tape.watch(y)
+            if weight is None:
+                value = self.loss(target, y)
+            else:
+                value = self.loss(target, y, sample_weight=weight)
+            value = tf.cast(value, self.dtype)
+            if self.total_weight is not None:
+                value = value * tf.math.divide_no_nan(tf.reduce_sum(weight), self.total_weight)
+            elif not self.sum_reduction:
+                # The slice's mean is over B (t1 - t0) entries, the sequence's over B T.
+                value = value * (tf.cast(t1 - t0, self.dtype) * self.factor)
+        return value, self._error(tape, value, y)
+
+    def _error(self, tape, value, y):
+        error = tape.gradient(value, y)
         if error is None:
             raise ValueError(f"The loss {self.loss!r} does not depend on the model output: no "
                              "learning signal can be formed.")
-        return value, error
+        return error
 
 
 # ---------------------------------------------------------------------- feed-forward deep SNNs

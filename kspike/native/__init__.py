@@ -2,14 +2,16 @@
 
 ``spiking_ops.cc`` holds two TensorFlow ops that run the whole sequence of one LIF/ALIF layer
 (forward, and the hand-written backward recurrence with dW_rec) without a TensorFlow op per
-element-wise update. They are compiled against the installed TensorFlow the first time they
+element-wise update (cells with synaptic delays have their own pair), and the per-synapse
+eligibility-trace recursions of single-pass e-prop (``KspikeEpropTraces``, docs/eprop.md).
+They are compiled against the installed TensorFlow the first time they
 are needed (10-60 s with g++) and cached, keyed by the source, the TensorFlow version,
 the compiler flags and the CPU, in ``$KSPIKE_CACHE_DIR`` (default ``~/.cache/kspike``).
 
 Nothing else depends on them: without a C++ compiler, on a TensorFlow whose headers do not
 compile, or with ``KSPIKE_NATIVE=0`` in the environment, ``load()`` returns None (warning once
-with the reason, except when disabled on purpose) and ``kspike.SpikingRNN`` runs its
-TensorFlow loop, which gives the same results.
+with the reason, except when disabled on purpose) and ``kspike.SpikingRNN`` (and
+``EProp(single_pass=True)``) run their TensorFlow loops, which give the same results.
 """
 import hashlib
 import os

@@ -1,5 +1,7 @@
 // Native kernels of kspike.SpikingRNN: the whole time loop of one LIF/ALIF layer, forward and
-// backward, as two TensorFlow ops (float32, no mask).
+// backward, as two TensorFlow ops (float32, no mask); the same for cells with synaptic delays;
+// and, at the end of the file, the eligibility-trace recursions of single-pass e-prop
+// (KspikeEpropTraces, float32 and float64).
 //
 // The equations are those of kspike/dynamics.py (neuron_step and neuron_step_vjp, docs/neurons.md)
 // and of the catalogue in kspike/surrogates.py; tests/test_native.py compares both
@@ -29,6 +31,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -2376,5 +2379,415 @@ class DelayedBackwardOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedBackward").Device(DEVICE_CPU), DelayedBackwardOp);
+
+// ------------------------------------------------------------------ e-prop eligibility traces
+// KspikeEpropTraces advances the per-synapse eligibility traces of single-pass e-prop
+// (kspike/learning/eprop.py, docs/eprop.md) over a chunk of K steps of one layer and returns the
+// chunk's gradient sum_{b,t} L_j(t) ebar_ji(t) of the stacked kernel [W_in; W_rec; bias].
+// Everything per neuron (spike derivatives, the 2x2 state Jacobian, the learning signals) is
+// formed in TensorFlow for the whole chunk; here only the linear recursions per synapse run:
+//
+//   plain (LIF) neurons, eps_i shared by all j:
+//     eps_i(t)    = alpha eps_i(t-1) + c_i(t)                 c = (1 - alpha) p
+//     ebar_ji(t)  = kappa ebar_ji(t-1) + (1 - kappa) dz_j/dv_j(t) eps_i(t)
+//   adaptive neurons:
+//     eps^v(t)    = J^vv_j eps^v(t-1) + J^vb_j eps^b(t-1) + c_i(t)
+//     eps^b(t)    = J^bv_j eps^v(t-1) + J^bb_j eps^b(t-1)
+//     e_ji(t)     = dz_j/dv_j eps^v(t) + dz_j/db_j eps^b(t)
+//     ebar_ji(t)  = kappa ebar_ji(t-1) + (1 - kappa) e_ji(t)
+//   gradient     += L_j(t) ebar_ji(t)      (and, with sum_traces, the trace sum += e_ji(t))
+//
+// Loop order: per sample, per block of post-synaptic neurons (one SIMD register wide), per
+// tile of presynaptic rows, the K steps innermost: the traces of a tile stay in registers for
+// the whole chunk and the gradient is summed in registers, so memory traffic per synapse is
+// one load and store of its traces per chunk instead of per step. Shards (threads) own
+// disjoint column blocks, so they write disjoint gradient columns. Multiply-adds may be fused
+// here (unlike the neuron loops above): the tests compare these traces with tolerances.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+template <typename T>
+struct EpropVector {
+  static constexpr int kLanes = 64 / sizeof(T);
+  typedef T Type __attribute__((vector_size(64)));
+};
+
+template <typename V, typename T>
+static inline V LoadLanes(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+static inline void StoreLanes(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <typename V, typename T>
+static inline void AddLanes(T* p, V v) {
+  StoreLanes<V, T>(p, LoadLanes<V, T>(p) + v);
+}
+// Scalars and vectors through one interface (V = T is one column).
+template <typename V, typename T>
+static inline V Splat(T x) {
+  return V{} + x;
+}
+
+struct EpropDims {
+  int64_t K, B, P, n, n0, ka;   // steps, batch, presynaptic rows, units, plain, adaptive
+};
+
+struct EpropInputs {
+  const void* c;         // (K, B, P) (1 - alpha) p
+  const void* L;         // (K, B, n)
+  const void* dzdv;      // (K, B, n)
+  const void* dzdb;      // (K, B, ka)
+  const void* jac;       // (4, K, B, ka): v_v, v_b, b_v, b_b
+};
+
+// Adaptive neurons: columns [j, j + w) of the adaptive block (w the lanes of V), rows
+// [i, i + R) of sample b. ``coef`` holds the chunk's per-neuron factors of these columns packed
+// per step, [t][v_v, v_b, b_v, b_b, dz_dv, dz_db, L][w] (one contiguous block, read for every
+// row tile: the (K, B, n) layout would put the steps of a column a power of two apart and
+// thrash the L1 cache's sets); ``c`` is (1 - alpha) p of sample b, (K, P).
+template <typename V, typename T, int R, bool SUM>
+static inline void EpropAdaptiveTile(const EpropDims& d, const T* c, const T* coef, T kappa,
+                                     T omk, int64_t b, int64_t i, int64_t j, T* eps_v, T* eps_b,
+                                     T* ebar, T* grad, T* tsum) {
+  constexpr int64_t w = sizeof(V) / sizeof(T);
+  const int64_t ka = d.ka, P = d.P, n = d.n, K = d.K;
+  V ev[R], eb[R], eh[R], g[R], s[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t at = (b * P + i + r) * ka + j;
+    ev[r] = LoadLanes<V, T>(eps_v + at);
+    eb[r] = LoadLanes<V, T>(eps_b + at);
+    eh[r] = LoadLanes<V, T>(ebar + at);
+    g[r] = Splat<V, T>(T(0));
+    s[r] = Splat<V, T>(T(0));
+  }
+  const V vk = Splat<V, T>(kappa), vomk = Splat<V, T>(omk);
+  for (int64_t t = 0; t < K; ++t) {
+    const T* f = coef + t * 7 * w;
+    const V vv = LoadLanes<V, T>(f), vb = LoadLanes<V, T>(f + w);
+    const V bv = LoadLanes<V, T>(f + 2 * w), bb = LoadLanes<V, T>(f + 3 * w);
+    const V dv = LoadLanes<V, T>(f + 4 * w), db = LoadLanes<V, T>(f + 5 * w);
+    const V l = LoadLanes<V, T>(f + 6 * w);
+    const T* ct = c + t * P + i;
+    for (int r = 0; r < R; ++r) {
+      const V nv = vv * ev[r] + (vb * eb[r] + ct[r]);
+      const V nb = bv * ev[r] + bb * eb[r];
+      ev[r] = nv;
+      eb[r] = nb;
+      // Without SUM the pack has folded (1 - kappa) into dz_dv, dz_db: e is (1 - kappa) e.
+      const V e = dv * nv + db * nb;
+      eh[r] = SUM ? vk * eh[r] + vomk * e : vk * eh[r] + e;
+      g[r] = g[r] + l * eh[r];
+      if (SUM) s[r] = s[r] + e;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t at = (b * P + i + r) * ka + j;
+    StoreLanes<V, T>(eps_v + at, ev[r]);
+    StoreLanes<V, T>(eps_b + at, eb[r]);
+    StoreLanes<V, T>(ebar + at, eh[r]);
+    AddLanes<V, T>(grad + (i + r) * n + d.n0 + j, g[r]);
+    if (SUM) AddLanes<V, T>(tsum + (i + r) * n + d.n0 + j, s[r]);
+  }
+}
+
+// Plain neurons: eps (K, P) of sample b already advanced (``eps_k``), columns [j, j + w);
+// ``coef`` packed [t][dz_dv, L][w].
+template <typename V, typename T, int R, bool SUM>
+static inline void EpropPlainTile(const EpropDims& d, const T* eps_k, const T* coef, T kappa,
+                                  T omk, int64_t b, int64_t i, int64_t j, T* ebar, T* grad,
+                                  T* tsum) {
+  constexpr int64_t w = sizeof(V) / sizeof(T);
+  const int64_t n0 = d.n0, P = d.P, n = d.n, K = d.K;
+  V eh[R], g[R], s[R];
+  for (int r = 0; r < R; ++r) {
+    eh[r] = LoadLanes<V, T>(ebar + (b * P + i + r) * n0 + j);
+    g[r] = Splat<V, T>(T(0));
+    s[r] = Splat<V, T>(T(0));
+  }
+  const V vk = Splat<V, T>(kappa), vomk = Splat<V, T>(omk);
+  for (int64_t t = 0; t < K; ++t) {
+    const V dv = LoadLanes<V, T>(coef + t * 2 * w);
+    const V l = LoadLanes<V, T>(coef + t * 2 * w + w);
+    const T* et = eps_k + t * P + i;
+    for (int r = 0; r < R; ++r) {
+      const V e = dv * et[r];
+      eh[r] = SUM ? vk * eh[r] + vomk * e : vk * eh[r] + e;
+      g[r] = g[r] + l * eh[r];
+      if (SUM) s[r] = s[r] + e;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    StoreLanes<V, T>(ebar + (b * P + i + r) * n0 + j, eh[r]);
+    AddLanes<V, T>(grad + (i + r) * n + j, g[r]);
+    if (SUM) AddLanes<V, T>(tsum + (i + r) * n + j, s[r]);
+  }
+}
+
+// Packs the factors of columns [j, j + w) of sample b (see the tiles above); ``adaptive``
+// selects the 7 adaptive factors, else the 2 plain ones. The spike derivatives are multiplied
+// by ``scale`` (1 - kappa when the trace sum is not wanted: one multiplication fewer per
+// synapse and step).
+template <typename T>
+static void EpropPack(const EpropDims& d, const EpropInputs& in, bool adaptive, int64_t b,
+                      int64_t j, int64_t w, T scale, T* coef) {
+  const T* L = static_cast<const T*>(in.L);
+  const T* dzdv = static_cast<const T*>(in.dzdv);
+  const T* dzdb = static_cast<const T*>(in.dzdb);
+  const T* jac = static_cast<const T*>(in.jac);
+  const int64_t plane = d.K * d.B * d.ka;
+  for (int64_t t = 0; t < d.K; ++t) {
+    const int64_t row = t * d.B + b;
+    if (adaptive) {
+      const T* src[7] = {jac + row * d.ka + j, jac + plane + row * d.ka + j,
+                         jac + 2 * plane + row * d.ka + j, jac + 3 * plane + row * d.ka + j,
+                         dzdv + row * d.n + d.n0 + j, dzdb + row * d.ka + j,
+                         L + row * d.n + d.n0 + j};
+      for (int q = 0; q < 7; ++q) std::copy_n(src[q], w, coef + (t * 7 + q) * w);
+      for (int64_t k = 0; k < 2 * w; ++k) coef[(t * 7 + 4) * w + k] *= scale;
+    } else {
+      const T* dv = dzdv + row * d.n + j;
+      for (int64_t k = 0; k < w; ++k) coef[t * 2 * w + k] = scale * dv[k];
+      std::copy_n(L + row * d.n + j, w, coef + t * 2 * w + w);
+    }
+  }
+}
+
+// All rows of one column block (the lanes of V) of sample b.
+template <typename V, typename T, bool SUM>
+static void EpropAdaptiveColumns(const EpropDims& d, const T* c, const T* coef, T kappa, T omk,
+                                 int64_t b, int64_t j, T* eps_v, T* eps_b, T* ebar, T* grad,
+                                 T* tsum) {
+  constexpr int R = 4;
+  int64_t i = 0;
+  for (; i + R <= d.P; i += R) {
+    EpropAdaptiveTile<V, T, R, SUM>(d, c, coef, kappa, omk, b, i, j, eps_v, eps_b, ebar, grad,
+                                    tsum);
+  }
+  for (; i < d.P; ++i) {
+    EpropAdaptiveTile<V, T, 1, SUM>(d, c, coef, kappa, omk, b, i, j, eps_v, eps_b, ebar, grad,
+                                    tsum);
+  }
+}
+
+template <typename V, typename T, bool SUM>
+static void EpropPlainColumns(const EpropDims& d, const T* eps_k, const T* coef, T kappa, T omk,
+                              int64_t b, int64_t j, T* ebar, T* grad, T* tsum) {
+  constexpr int R = 6;
+  int64_t i = 0;
+  for (; i + R <= d.P; i += R) {
+    EpropPlainTile<V, T, R, SUM>(d, eps_k, coef, kappa, omk, b, i, j, ebar, grad, tsum);
+  }
+  for (; i < d.P; ++i) {
+    EpropPlainTile<V, T, 1, SUM>(d, eps_k, coef, kappa, omk, b, i, j, ebar, grad, tsum);
+  }
+}
+
+// Columns [j, j + lanes of V) of sample b: packs their factors, then runs every row.
+template <typename V, typename T, bool SUM>
+static void EpropLanes(const EpropDims& d, const EpropInputs& in, bool adaptive, int64_t b,
+                       int64_t j, const T* c, const T* eps_k, T kappa, T omk, T* const* state,
+                       T* grad, T* tsum, T* coef) {
+  EpropPack<T>(d, in, adaptive, b, j, sizeof(V) / sizeof(T), SUM ? T(1) : omk, coef);
+  if (adaptive) {
+    EpropAdaptiveColumns<V, T, SUM>(d, c, coef, kappa, omk, b, j, state[2], state[3], state[4],
+                                    grad, tsum);
+  } else {
+    EpropPlainColumns<V, T, SUM>(d, eps_k, coef, kappa, omk, b, j, state[1], grad, tsum);
+  }
+}
+
+// One column block of sample b: the lanes of V at once when the block is full, else one
+// column at a time.
+template <typename T, bool SUM>
+static void EpropBlock(const EpropDims& d, const EpropInputs& in, bool adaptive, int64_t b,
+                       int64_t j0, int64_t width, const T* c, const T* eps_k, T kappa, T omk,
+                       T* const* state, T* grad, T* tsum, std::vector<T>& coef) {
+  using V = typename EpropVector<T>::Type;
+  constexpr int64_t W = EpropVector<T>::kLanes;
+  coef.resize(d.K * 7 * W);
+  if (width == W) {
+    EpropLanes<V, T, SUM>(d, in, adaptive, b, j0, c, eps_k, kappa, omk, state, grad, tsum,
+                          coef.data());
+    return;
+  }
+  for (int64_t j = j0; j < j0 + width; ++j) {
+    EpropLanes<T, T, SUM>(d, in, adaptive, b, j, c, eps_k, kappa, omk, state, grad, tsum,
+                          coef.data());
+  }
+}
+
+REGISTER_OP("KspikeEpropTraces")
+    .Input("scaled_presynaptic: T")  // (K, B, P) (1 - alpha) p_i(t)
+    .Input("learning: T")            // (K, B, n) L_j(t)
+    .Input("dz_dv: T")               // (K, B, n)
+    .Input("dz_db: T")               // (K, B, ka) of the adaptive neurons (the last ka)
+    .Input("jacobian: T")            // (4, K, B, ka): dv/dv, dv/db, db/dv, db/db
+    .Input("constants: T")           // (3,): alpha, kappa, 1 - kappa
+    .Input("eps_plain: T")           // (B, P)
+    .Input("ebar_plain: T")          // (B, P, n - ka)
+    .Input("eps_v: T")               // (B, P, ka)
+    .Input("eps_b: T")               // (B, P, ka)
+    .Input("ebar_adaptive: T")       // (B, P, ka)
+    .Attr("T: {float, double}")
+    .Attr("sum_traces: bool = false")
+    .Output("new_eps_plain: T")
+    .Output("new_ebar_plain: T")
+    .Output("new_eps_v: T")
+    .Output("new_eps_b: T")
+    .Output("new_ebar_adaptive: T")
+    .Output("gradient: T")           // (P, n) sum over the chunk and batch of L ebar
+    .Output("trace_sum: T")          // (P, n) sum of e with sum_traces, else (0, n)
+    .SetShapeFn([](InferenceContext* c) {
+      for (int k = 0; k < 5; ++k) c->set_output(k, c->input(6 + k));
+      auto P = c->Dim(c->input(0), 2);
+      auto n = c->Dim(c->input(1), 2);
+      bool sum_traces;
+      TF_RETURN_IF_ERROR(c->GetAttr("sum_traces", &sum_traces));
+      c->set_output(5, c->Matrix(P, n));
+      c->set_output(6, c->Matrix(sum_traces ? P : c->MakeDim(0), n));
+      return tensorflow::OkStatus();
+    });
+
+template <typename T>
+class EpropTracesOp : public OpKernel {
+ public:
+  explicit EpropTracesOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sum_traces", &sum_traces_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& c_t = ctx->input(0);
+    const Tensor& L_t = ctx->input(1);
+    OP_REQUIRES(ctx, c_t.dims() == 3 && L_t.dims() == 3,
+                InvalidArgument("scaled_presynaptic and learning must be (K, B, P), (K, B, n)"));
+    EpropDims d;
+    d.K = c_t.dim_size(0);
+    d.B = c_t.dim_size(1);
+    d.P = c_t.dim_size(2);
+    d.n = L_t.dim_size(2);
+    d.ka = ctx->input(3).dim_size(2);
+    d.n0 = d.n - d.ka;
+    OP_REQUIRES(ctx, L_t.dim_size(0) == d.K && L_t.dim_size(1) == d.B,
+                InvalidArgument("learning must be (K, B, n)"));
+    OP_REQUIRES(ctx, ctx->input(2).shape() == L_t.shape(),
+                InvalidArgument("dz_dv must have the shape of learning"));
+    OP_REQUIRES(ctx, ctx->input(3).dims() == 3 && ctx->input(3).dim_size(0) == d.K &&
+                         ctx->input(3).dim_size(1) == d.B && d.ka <= d.n,
+                InvalidArgument("dz_db must be (K, B, ka) with ka <= n"));
+    OP_REQUIRES(ctx, ctx->input(4).shape() == TensorShape({4, d.K, d.B, d.ka}),
+                InvalidArgument("jacobian must be (4, K, B, ka)"));
+    OP_REQUIRES(ctx, ctx->input(5).NumElements() == 3,
+                InvalidArgument("constants must hold alpha, kappa, 1 - kappa"));
+    const TensorShape shapes[5] = {TensorShape({d.B, d.P}), TensorShape({d.B, d.P, d.n0}),
+                                   TensorShape({d.B, d.P, d.ka}), TensorShape({d.B, d.P, d.ka}),
+                                   TensorShape({d.B, d.P, d.ka})};
+    T* state[5];
+    for (int k = 0; k < 5; ++k) {
+      OP_REQUIRES(ctx, ctx->input(6 + k).shape() == shapes[k],
+                  InvalidArgument("trace state ", k, " has shape ",
+                                  ctx->input(6 + k).shape().DebugString(), ", expected ",
+                                  shapes[k].DebugString()));
+      Tensor* out = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({6 + k}, k, shapes[k], &out));
+      if (out->data() != ctx->input(6 + k).data()) {
+        std::copy_n(ctx->input(6 + k).flat<T>().data(), shapes[k].num_elements(),
+                    out->flat<T>().data());
+      }
+      state[k] = out->flat<T>().data();
+    }
+    Tensor* grad_t = nullptr;
+    Tensor* sum_t = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({d.P, d.n}), &grad_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({sum_traces_ ? d.P : 0, d.n}),
+                                             &sum_t));
+    T* grad = grad_t->flat<T>().data();
+    T* tsum = sum_t->flat<T>().data();
+    std::fill_n(grad, d.P * d.n, T(0));
+    std::fill_n(tsum, sum_t->NumElements(), T(0));
+    const T* constants = ctx->input(5).flat<T>().data();
+    const T alpha = constants[0], kappa = constants[1], omk = constants[2];
+    EpropInputs in{c_t.flat<T>().data(), L_t.flat<T>().data(), ctx->input(2).flat<T>().data(),
+                   ctx->input(3).flat<T>().data(), ctx->input(4).flat<T>().data()};
+    if (d.K == 0 || d.B == 0 || d.P == 0 || d.n == 0) return;
+
+    // Work units: column blocks of the plain and of the adaptive neurons (one SIMD register
+    // wide, a last narrower block done column by column).
+    constexpr int64_t W = EpropVector<T>::kLanes;
+    struct Block { bool adaptive; int64_t j, width; };
+    std::vector<Block> blocks;
+    for (int64_t j = 0; j < d.n0; j += W) blocks.push_back({false, j, std::min(W, d.n0 - j)});
+    for (int64_t j = 0; j < d.ka; j += W) blocks.push_back({true, j, std::min(W, d.ka - j)});
+    const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    const int64_t shards = std::max<int64_t>(1, std::min<int64_t>(workers->NumThreads(), n_blocks));
+    const int64_t per = (n_blocks + shards - 1) / shards;
+    T* eps_plain = state[0];
+    const T* c = static_cast<const T*>(in.c);
+    const bool sum = sum_traces_;
+    auto run = [&](int64_t shard) {
+      FlushDenormals flush;
+      const int64_t first = shard * per, last = std::min(n_blocks, (shard + 1) * per);
+      if (first >= last) return;
+      bool has_plain = false, has_adaptive = false;
+      for (int64_t k = first; k < last; ++k) {
+        has_plain = has_plain || !blocks[k].adaptive;
+        has_adaptive = has_adaptive || blocks[k].adaptive;
+      }
+      std::vector<T> eps_k(has_plain ? d.K * d.P : 0), c_b(has_adaptive ? d.K * d.P : 0), coef;
+      for (int64_t b = 0; b < d.B; ++b) {
+        for (int64_t t = 0; t < d.K; ++t) {
+          const T* ct = c + (t * d.B + b) * d.P;
+          if (has_adaptive) std::copy_n(ct, d.P, c_b.data() + t * d.P);
+          if (has_plain) {
+            // eps_i(t) of sample b for the chunk, from the state at its start (read-only
+            // here: it is advanced once every shard is done, below).
+            const T* prev = t ? eps_k.data() + (t - 1) * d.P : eps_plain + b * d.P;
+            T* et = eps_k.data() + t * d.P;
+            for (int64_t i = 0; i < d.P; ++i) et[i] = alpha * prev[i] + ct[i];
+          }
+        }
+        for (int64_t k = first; k < last; ++k) {
+          const Block& blk = blocks[k];
+          if (sum) {
+            EpropBlock<T, true>(d, in, blk.adaptive, b, blk.j, blk.width, c_b.data(),
+                                eps_k.data(), kappa, omk, state, grad, tsum, coef);
+          } else {
+            EpropBlock<T, false>(d, in, blk.adaptive, b, blk.j, blk.width, c_b.data(),
+                                 eps_k.data(), kappa, omk, state, grad, tsum, coef);
+          }
+        }
+      }
+    };
+    if (shards <= 1) {
+      run(0);
+    } else {
+      workers->ParallelFor(shards, int64_t{1} << 40, [&](int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) run(s);
+      });
+    }
+    // The plain trace eps_i at the end of the chunk (the same for every column).
+    for (int64_t b = 0; b < d.B; ++b) {
+      T* e = eps_plain + b * d.P;
+      for (int64_t t = 0; t < d.K; ++t) {
+        const T* ct = c + (t * d.B + b) * d.P;
+        for (int64_t i = 0; i < d.P; ++i) e[i] = alpha * e[i] + ct[i];
+      }
+    }
+  }
+
+ private:
+  bool sum_traces_ = false;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeEpropTraces").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        EpropTracesOp<float>);
+REGISTER_KERNEL_BUILDER(Name("KspikeEpropTraces").Device(DEVICE_CPU).TypeConstraint<double>("T"),
+                        EpropTracesOp<double>);
+
+#pragma GCC pop_options
 
 }  // namespace kspike
