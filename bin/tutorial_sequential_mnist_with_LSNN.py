@@ -99,6 +99,16 @@ with Adam 1e-2 15.3%, 17.4% and 18.9% (18.9% on the whole test set). BPTT: 59% a
         --iterations 400 [--train-readout-only]
     python bin/tutorial_sequential_mnist_with_LSNN.py --quick          # smoke test, no files
 
+A long run resumes: with ``--checkpoint-dir`` the Trainer saves a checkpoint at every evaluation
+and a run started again with the same folder (and the same arguments) goes on from the last one,
+skipping the batches already seen; every evaluation is appended to ``curve.jsonl`` in that
+folder (iteration, train and test accuracy, loss, firing rate, learning rate, wall-clock
+seconds over all runs), so the learning curve in ``results.json`` and the figure covers every
+run, not only the last:
+
+    python bin/tutorial_sequential_mnist_with_LSNN.py --mnist-path mnist.npz --iterations 6000 \\
+        --eval-every 250 --eval-batches 8 --checkpoint-dir checkpoints/smnist
+
 ``--mnist-path`` is the Keras mnist.npz (keras.datasets.mnist.load_data() stores it in
 ~/.keras/datasets/mnist.npz).
 """
@@ -203,6 +213,10 @@ def parse_args(argv=None):
                              "a rule for the recurrent network has to beat)")
     parser.add_argument("--test-batches", type=int, default=None,
                         help="batches of the final test (default the whole test set)")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="checkpoint folder (kspike.Trainer's, saved at every evaluation): "
+                             "a stopped run started again with the same folder resumes where "
+                             "it stopped; the curve of all runs is kept in curve.jsonl there")
     utils.add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -425,8 +439,60 @@ def make_trainer(args, model):
         regularizers=[kspike.FiringRateRegularizer(target=args.reg_rate,
                                                    strength=args.reg)],
         metrics=[tasks.window_accuracy(args.readout_window)], seed=args.seed,
-        verbose=2 if args.quick else 1)
+        checkpoint_dir=args.checkpoint_dir, verbose=2 if args.quick else 1)
     return trainer, rule
+
+
+CURVE_KEYS = ("loss", "accuracy", "val_accuracy", "val_loss", "firing_rate", "learning_rate",
+              "active_connections")
+
+
+def curve_file(checkpoint_dir):
+    return None if checkpoint_dir is None else os.path.join(checkpoint_dir, "curve.jsonl")
+
+
+def read_curve(path):
+    """{iteration: logs} of the evaluations recorded in ``path`` (a later line of the same
+    iteration, written when a run was stopped between its evaluation and its checkpoint and
+    then resumed, replaces the earlier one; a last line cut short by a kill is ignored)."""
+    import json
+    curve = {}
+    if path is None or not os.path.exists(path):
+        return curve
+    with open(path) as f:
+        lines = [line for line in f.read().split("\n") if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            curve[int(entry["iteration"])] = entry
+        except (ValueError, KeyError, TypeError) as error:
+            if number == len(lines):
+                break
+            sys.exit(f"{path}, line {number}: not a curve entry ({error}); "
+                     "move the file away to start a new curve")
+    return curve
+
+
+def curve_recorder(path, trainer):
+    """A Keras callback appending each evaluation's logs, with the iteration and the wall-clock
+    seconds of all runs so far, to ``path``."""
+    import json
+    import keras
+    previous = read_curve(path)
+    offset = previous[max(previous)].get("seconds", 0.0) if previous else 0.0
+    start = time.time()
+
+    class CurveRecorder(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            entry = {k: float(v) for k, v in (logs or {}).items() if k in CURVE_KEYS}
+            entry["iteration"] = int(trainer.step)
+            entry["seconds"] = offset + time.time() - start
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    return CurveRecorder()
 
 
 def main(argv=None):
@@ -459,11 +525,21 @@ def main(argv=None):
           f"loss over the last {args.loss_window} steps ({args.loss_average} averaged), "
           f"{args.iterations} iterations of batch {args.batch_size}", flush=True)
     start = time.time()
+    path = curve_file(args.checkpoint_dir)
+    callbacks = [] if path is None else [curve_recorder(path, trainer)]
     history = trainer.fit(train_ds, steps=args.iterations, steps_per_epoch=args.eval_every,
-                          validation_data=validation_ds, validation_steps=args.eval_batches)
+                          validation_data=validation_ds, validation_steps=args.eval_batches,
+                          callbacks=callbacks)
     train_time = time.time() - start
-    iterations = [args.eval_every * (k + 1) for k in range(len(history.history["loss"]))]
-    iterations[-1] = min(iterations[-1], args.iterations)
+    if path is None:
+        iterations = [args.eval_every * (k + 1) for k in range(len(history.history["loss"]))]
+        iterations[-1] = min(iterations[-1], args.iterations)
+    else:
+        # The whole curve, over every run that resumed from this checkpoint folder.
+        curve = read_curve(path)
+        iterations = sorted(curve)
+        history.history = {k: [curve[it].get(k, float("nan")) for it in iterations]
+                           for k in CURVE_KEYS if any(k in curve[it] for it in iterations)}
     for it, acc, val in zip(iterations, history.history["accuracy"],
                             history.history["val_accuracy"]):
         print(f"iteration {it:6d}: train accuracy {acc:.3f}, test accuracy {val:.3f}")

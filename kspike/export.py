@@ -383,18 +383,18 @@ class StreamingModel(tf.Module):
         self._input_dtype = dtype
         # Any number of steps: the stages never need the model's static T.
         self.serve = tf.function(
-            self._serve, input_signature=[tf.TensorSpec((None, None) + self.step_shape, dtype,
-                                                        name="x")])
+            self._serve, autograph=False,
+            input_signature=[tf.TensorSpec((None, None) + self.step_shape, dtype, name="x")])
         self.initial_state = tf.function(
-            self._initial_state, input_signature=[tf.TensorSpec((), tf.int32,
+            self._initial_state, autograph=False, input_signature=[tf.TensorSpec((), tf.int32,
                                                                 name="batch_size")])
         # ``step`` is kept as its one concrete function: a reloaded concrete function is
         # called without the signature matching of a restored ``tf.function``, which more
         # than halves the per-call latency of a 1-sample stream.
         self.step = tf.function(
-            self._step, input_signature=[tf.TensorSpec((None,) + self.step_shape, dtype,
-                                                       name="x_t"),
-                                         [spec for spec in self.state_specs]],
+            self._step, autograph=False,
+            input_signature=[tf.TensorSpec((None,) + self.step_shape, dtype, name="x_t"),
+                             [spec for spec in self.state_specs]],
             jit_compile=jit_compile).get_concrete_function()
 
     def _serve(self, x):
@@ -455,7 +455,7 @@ class ServingModel(tf.Module):
         dtype = tf.as_dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
         self.step_shape = tuple(int(d) for d in input_shape[2:])
         self.fixed_steps = None
-        serve = tf.function(self._serve, input_signature=[
+        serve = tf.function(self._serve, autograph=False, input_signature=[
             tf.TensorSpec((None, None) + self.step_shape, dtype, name="x")])
         try:
             serve.get_concrete_function()
@@ -471,7 +471,7 @@ class ServingModel(tf.Module):
                             "steps (%s: %s); the exported serve takes exactly T=%d steps.",
                             model.name, type(error).__name__, str(error)[:200],
                             self.fixed_steps)
-            serve = tf.function(self._serve, input_signature=[
+            serve = tf.function(self._serve, autograph=False, input_signature=[
                 tf.TensorSpec((None,) + tuple(input_shape[1:]), dtype, name="x")])
         self.serve = serve
 

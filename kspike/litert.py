@@ -72,7 +72,7 @@ def _fixed_step(model, module, batch_size):
                                 name=f"state_{i}")
                   for i, spec in enumerate(module.state_specs)]
 
-    @tf.function(input_signature=signature)
+    @tf.function(input_signature=signature, autograph=False)
     def step(x_t, *states):
         y_t, new_states = module.step(x_t, list(states))
         return [y_t] + list(new_states)

@@ -114,7 +114,7 @@ class RateBP(LearningRule):
         if any(isinstance(node.stage, graph.NeuronLayer) for node in nodes):
             plan = _deep_plan(nodes, output)
             self._plans[key] = ("deep", plan, output, tf.function(
-                lambda x: _deep_spike_phase(plan, x), reduce_retracing=True))
+                lambda x: _deep_spike_phase(plan, x), reduce_retracing=True, autograph=False))
             return self._plans[key]
         plan = []
         for stage in graph.parse(model, "RateBP"):
@@ -152,7 +152,7 @@ class RateBP(LearningRule):
             if item.kind == "mean" and i != len(plan) - 1:
                 raise ValueError("GlobalAveragePooling1D must be the last layer for RateBP.")
         self._plans[key] = ("chain", plan, None, tf.function(
-            lambda x: self._spike_phase(plan, x), reduce_retracing=True))
+            lambda x: self._spike_phase(plan, x), reduce_retracing=True, autograph=False))
         return self._plans[key]
 
     # ------------------------------------------------------------------ spike phase

@@ -97,7 +97,8 @@ def generated_dataset(make_batch, base, n_batches, rerandomize_each_iteration=Tr
     if n_batches is not None:
         draws = draws.take(n_batches)
     base = tf.constant(base, tf.int64)
-    dataset = draws.map(lambda r: make_batch(tf.stack([base, r])),
+    dataset = draws.map(tf.autograph.experimental.do_not_convert(
+                            lambda r: make_batch(tf.stack([base, r]))),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(2)
 

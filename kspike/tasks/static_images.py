@@ -159,5 +159,7 @@ def static_images(split="train", steps=4, encoding="direct", batch_size=64, path
         pair = tf.stack([tf.constant(noise_seed, tf.int64), index])
         return encode_images(x, steps, encoding, max_rate, seed=pair), y
 
-    dataset = dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # kspike's own graph code needs no AutoGraph conversion (and tracing skips its cost).
+    dataset = dataset.map(tf.autograph.experimental.do_not_convert(encode),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -221,7 +221,9 @@ def make_step_function(replica_fn, strategy, metrics, on_trace=None):
     # Traced for the shapes of the first batch (fully known shapes run measurably faster
     # than a signature with an unknown batch size); a batch of another shape (the last,
     # partial one) makes one more, shape-generic trace that every later shape reuses.
-    return tf.function(step, reduce_retracing=True)
+    # No AutoGraph, as in Keras' own model.fit: the graph code is written with TensorFlow's
+    # control flow, and converting kspike's functions cost seconds of every first trace.
+    return tf.function(step, reduce_retracing=True, autograph=False)
 
 
 def batch_share(x, strategy):
@@ -387,7 +389,7 @@ def predict_function(model, strategy, check_numerics, trace_counts):
             functools.partial(predict_step, model, check_numerics), args=(batch,))
         gathered = tf.nest.map_structure(lambda t: strategy.gather(t, axis=0), predictions)
         return gathered, strategy.reduce(tf.distribute.ReduceOp.MEAN, flags, axis=None)
-    return tf.function(predict, reduce_retracing=True)
+    return tf.function(predict, reduce_retracing=True, autograph=False)
 
 
 def run_prediction(function, dataset, strategy, steps, verbose, check):
