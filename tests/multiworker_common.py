@@ -32,8 +32,13 @@ def single_process(tmp_path, name, checkpoint_dir, model="alif", workers=()):
     """The one-process reference (the worker script's main() without TF_CONFIG), run in this
     process: it needs no peer, so it runs while the started ``workers`` are busy (they are
     killed if it fails). Returns its result."""
+    import keras
     import multiworker_worker
     out = str(tmp_path / f"{name}.json")
+    # Layers built earlier in this process (other test files on the same worker) would make
+    # Keras number the reference's layer names, so its weight paths would differ from the
+    # workers' (fresh processes).
+    keras.backend.clear_session()
     try:
         multiworker_worker.main(out, str(checkpoint_dir), STEPS, model_name=model)
     except BaseException:

