@@ -354,6 +354,22 @@ def test_command_line_build():
     assert "native loops ready" in result.stdout and ".so" in result.stdout
 
 
+def test_cache_key_is_independent_of_where_kspike_is_installed(monkeypatch, tmp_path):
+    # The same source in another folder (another checkout or virtual environment) reuses the
+    # compiled library; a changed source or compiler does not.
+    key = native._library_key(tf)
+    copy = tmp_path / "elsewhere" / "spiking_ops.cc"
+    copy.parent.mkdir()
+    shutil.copyfile(native.SOURCE, copy)
+    monkeypatch.setattr(native, "SOURCE", str(copy))
+    assert native._library_key(tf) == key
+    copy.write_text(copy.read_text() + "\n// changed\n")
+    assert native._library_key(tf) != key
+    shutil.copyfile(native.__file__.replace("__init__.py", "spiking_ops.cc"), copy)
+    monkeypatch.setenv("CXX", str(tmp_path / "another-compiler"))
+    assert native._library_key(tf) != key
+
+
 def test_disabled_by_environment_variable(monkeypatch, tmp_path):
     # As in a fresh process that has not loaded them yet; no compiler is looked for.
     monkeypatch.setattr(native, "_state", {"loaded": False, "module": None, "error": None,

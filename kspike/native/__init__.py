@@ -63,12 +63,20 @@ def _compiler_command(tf, output):
              "-o", output] + tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags())
 
 
-def _build(tf):
+def _library_key(tf):
+    """The cache key of the compiled library: the source's text, TensorFlow's version, the
+    compiler command and the CPU's flags. The command enters without the source's location,
+    so copies of kspike in several folders (virtual environments, checkouts) share one
+    compiled library."""
     with open(SOURCE, "rb") as f:
         source = f.read()
-    probe = _compiler_command(tf, "OUT")
-    key = hashlib.sha256(b"\0".join([source, tf.__version__.encode(), " ".join(probe).encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    probe = [os.path.basename(a) if a == SOURCE else a for a in _compiler_command(tf, "OUT")]
+    return hashlib.sha256(b"\0".join([source, tf.__version__.encode(), " ".join(probe).encode(),
+                                      _cpu_flags().encode()])).hexdigest()[:16]
+
+
+def _build(tf):
+    key = _library_key(tf)
     directory = cache_dir()
     try:
         os.makedirs(directory, exist_ok=True)
