@@ -261,8 +261,9 @@ def test_random_feedback_and_stacked_layers():
     x = inputs(batch, steps, n_in, 0.4, "float64", seed=5)
     y = tf.constant(np.random.default_rng(5).standard_normal((batch, steps, n_out)))
     loss = keras.losses.MeanSquaredError()
-    for feedback, memory_flat in (("symmetric", False), ("random", False),
-                                  ("symmetric", True), ("random", True)):
+    # Both memory forms against the reference; their equality for every feedback is
+    # tests/test_eprop_forms.py's.
+    for feedback, memory_flat in (("symmetric", False), ("random", True)):
         rule = EProp(feedback=feedback, seed=7, memory_flat=memory_flat)
         result = rule.compute(model, x, y, loss)
         layers, readout = reference_variables(model)

@@ -13,45 +13,17 @@ import pytest
 from multiworker_common import (STEPS, TIMEOUT, assert_same, checkpoint_steps, load,
                                 single_process, start_workers, wait)
 
-pytestmark = pytest.mark.heavy(150)
+pytestmark = pytest.mark.heavy(110)
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The one-process reference, computed when a test first asks for it (the first test asks
-    once its workers are running)."""
-    tmp = tmp_path_factory.mktemp("single")
-    result = {}
-
-    def reference(workers=()):
-        if not result:
-            result.update(single_process(tmp, "single", tmp / "ckpt", workers=workers))
-        return result
-
-    return reference
-
-
-def test_two_workers_match_one_process(tmp_path, single):
-    checkpoint_dir = tmp_path / "ckpt"
-    processes, outputs = start_workers(tmp_path, "run", checkpoint_dir)
-    single(processes)
-    wait(processes, tmp_path, "run")
-    chief, other = load(outputs[0]), load(outputs[1])
-    assert_same(chief, single())
-    assert_same(other, single())
-    # DEEP R really rewired during these steps: the active sets differ from the initial ones.
-    assert any(np.any(np.asarray(chief["active"][p]) != np.asarray(chief["initial_active"][p]))
-               for p in chief["active"])
-    # Only the chief writes into the shared directory: one checkpoint per kept step.
-    assert checkpoint_steps(checkpoint_dir) == [STEPS - 1, STEPS]
-    leftovers = [e for e in os.listdir(checkpoint_dir) if e.startswith(".")]
-    assert leftovers == []
-
-
-def test_killed_worker_resumes_to_the_same_weights(tmp_path, single):
+def test_two_workers_match_one_process_and_a_killed_worker_resumes(tmp_path):
+    """Two workers run to a checkpoint, one is killed, the job restarts from the chief's
+    checkpoint: both workers end with the weights of one uninterrupted process."""
     checkpoint_dir = tmp_path / "ckpt"
     pause_at = 3
     processes, outputs = start_workers(tmp_path, "killed", checkpoint_dir, pause_at=pause_at)
+    # The one-process reference runs here while the workers train.
+    single = single_process(tmp_path, "single", tmp_path / "single_ckpt", workers=processes)
     deadline = time.monotonic() + TIMEOUT
     while not (os.path.exists(outputs[1] + ".paused")
                and os.path.isdir(checkpoint_dir) and pause_at in checkpoint_steps(checkpoint_dir)):
@@ -71,5 +43,14 @@ def test_killed_worker_resumes_to_the_same_weights(tmp_path, single):
     processes, outputs = start_workers(tmp_path, "resumed", checkpoint_dir)
     wait(processes, tmp_path, "resumed")
     assert f"at step {pause_at}" in (tmp_path / "resumed_0.log").read_text()
-    assert_same(load(outputs[0]), single())
-    assert_same(load(outputs[1]), single())
+    chief, other = load(outputs[0]), load(outputs[1])
+    assert_same(chief, single)
+    assert_same(other, single)
+    # DEEP R really rewired during these steps: the active sets differ from the initial ones.
+    assert any(np.any(np.asarray(chief["active"][p]) != np.asarray(chief["initial_active"][p]))
+               for p in chief["active"])
+    # Only the chief writes into the shared directory: one checkpoint per kept step, no
+    # temporary entries left behind.
+    assert checkpoint_steps(checkpoint_dir) == [STEPS - 1, STEPS]
+    leftovers = [e for e in os.listdir(checkpoint_dir) if e.startswith(".")]
+    assert leftovers == []
