@@ -349,28 +349,31 @@ def _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile):
 def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto"):
     """One forward pass of a LIF/ALIF layer for the local rules, returning time-major
     sequences: ``z`` (T, B, n), ``z0`` (B, n), ``v`` (T, B, n), ``A`` (T, B, n) or None for
-    LIF cells, ``allowed`` (T, B, n) refractory mask or None.
+    LIF cells, ``allowed`` (T, B, n) refractory mask or None, and ``final``, the cell's state
+    list after the last step (the start of a following chunk of the same sequence).
 
-    ``x`` is (B, T, n_in); ``initial`` the cell's initial state list. The native C++ forward
-    loop runs where it applies (``native`` as in ``SpikingRNN``), else the TensorFlow loop.
+    ``x`` is (B, T, n_in); ``initial`` the cell's state list to start from (its initial
+    state, or where an earlier chunk ended). The native C++ forward loop runs where it
+    applies (``native`` as in ``SpikingRNN``), else the TensorFlow loop.
     """
     dtype = x.dtype
     params = cell.parameters(dtype)
     ops = _load_native(cell, "auto" if native is True else native, dtype, dtype, False, False)
     if ops is not None:
         # The sequences the rules read, without the packed spikes of the native backward op.
-        buffers, _, _ = _NativeBackend(ops, cell, params, False, True,
-                                       packed_spikes=False).forward(
+        buffers, _, final = _NativeBackend(ops, cell, params, False, True,
+                                           packed_spikes=False).forward(
             _LoopInputs(x, w_in, w_rec, bias, initial, None))
         z = tf.transpose(buffers["z"], (1, 0, 2))
         return {"z": z, "z0": buffers["z0"], "v": buffers["v"], "A": buffers.get("A"),
-                "allowed": buffers.get("allowed")}
-    buffers, _, _ = _TensorFlowBackend(cell, params, False, True).forward(
+                "allowed": buffers.get("allowed"), "final": list(final)}
+    buffers, _, final = _TensorFlowBackend(cell, params, False, True).forward(
         _LoopInputs(tf.transpose(x, (1, 0, 2)), w_in, w_rec, bias, initial, None))
     reads, z_states = buffers["reads"], buffers["z"]
     return {"z": z_states[1:], "z0": z_states[0], "v": reads["v"].stack(),
             "A": reads["A"].stack() if "A" in reads else None,
-            "allowed": reads["allowed"].stack() if "allowed" in reads else None}
+            "allowed": reads["allowed"].stack() if "allowed" in reads else None,
+            "final": list(final)}
 
 
 def native_neuron_attrs(cell, params):

@@ -695,14 +695,21 @@ def _forward_states(layer, weights, inputs, batch, dtype, state0=None):
     Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
     threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness), "z0"
     (B, n) and "final" (the ``NeuronState`` after the last step). Float32 cells the native
-    C++ loops can run use the native forward op (``kspike.engine``); anything else runs
-    ``dynamics`` in a ``tf.while_loop``."""
+    C++ loops can run use the native forward op through ``kspike.engine.forward_sequences``;
+    anything else runs ``dynamics`` in a ``tf.while_loop``."""
     cell = layer.cell
     if state0 is None:
         state0 = cell.pack_state(cell.get_initial_state(batch))
-    ops = _native_forward_ops(layer, dtype)
-    if ops is not None:
-        return _native_forward(ops, layer, weights, inputs, state0)
+    if _native_forward_applies(layer, dtype):
+        from kspike import engine
+        seq = engine.forward_sequences(
+            cell, tf.transpose(inputs, (1, 0, 2)), weights.input_kernel,
+            weights.recurrent_kernel, weights.bias, cell.unpack_state(state0),
+            native=getattr(layer.layer, "native", "auto"))
+        allowed = seq["allowed"]
+        return {"z": seq["z"], "v": seq["v"], "A": seq["A"], "z0": seq["z0"],
+                "allowed": None if allowed is None else tf.cast(allowed, dtype),
+                "final": cell.pack_state(seq["final"])}
     steps = tf.shape(inputs)[0]
     xs = tf.TensorArray(dtype, size=steps).unstack(inputs)
     names = ["z", "v"] + (["A"] if state0.b is not None else []) + (
@@ -731,39 +738,17 @@ def _forward_states(layer, weights, inputs, batch, dtype, state0=None):
     return out
 
 
-def _native_forward_ops(layer, dtype):
-    """The native op module if the native forward can run this layer (float32, a catalogue
-    surrogate, no delays, CPU only, not inside XLA, the layer not built with native=False)."""
+def _native_forward_applies(layer, dtype):
+    """True if the native forward can run this layer (float32, a catalogue surrogate, no
+    delays, CPU only, not inside XLA, the layer not built with native=False) and the ops
+    load."""
     from kspike import compat, engine
     from kspike import native as native_module
     if getattr(layer.layer, "native", "auto") is False:
-        return None
+        return False
     reason = engine.why_not_native(layer.cell, dtype, dtype, False, False,
                                    compat.in_xla_context())
-    return native_module.load() if reason is None else None
-
-
-def _native_forward(ops, layer, weights, inputs, state0):
-    from kspike import engine
-    cell, params = layer.cell, weights.params
-    adaptive = state0.b is not None
-    n = cell.units
-    x = tf.transpose(inputs, (1, 0, 2))
-    sparse_inputs = tf.reduce_mean(tf.cast(tf.not_equal(x, 0.0), tf.float32)) <= 0.25
-    w_rec, bias = weights.recurrent_kernel, weights.bias
-    z, v, A, allowed, _, v_final, b_final, z_final, r_final = ops.kspike_spiking_forward(
-        x=x, sparse_inputs=sparse_inputs, w_in=weights.input_kernel,
-        w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
-        bias=bias if bias is not None else tf.zeros((0,)),
-        beta=(tf.constant(cell.beta_vector, tf.float32) if adaptive else tf.zeros((0,))),
-        v0=state0.v, b0=state0.b if adaptive else tf.zeros((0, n)), z0=state0.z, r0=state0.r,
-        recurrent=w_rec is not None, has_bias=bias is not None, store_z=True, store_v=True,
-        store_backward=True, **engine.native_neuron_attrs(cell, params))
-    return {"z": tf.transpose(z, (1, 0, 2)), "v": v, "A": A if adaptive else None,
-            "allowed": (tf.cast(allowed, tf.float32) if params.n_refractory > 0 else None),
-            "z0": state0.z,
-            "final": dynamics.NeuronState(v=v_final, b=b_final if adaptive else None, z=z_final,
-                                          r=r_final)}
+    return reason is None and native_module.load() is not None
 
 
 def _adjoint(layer, params, states, learning):
