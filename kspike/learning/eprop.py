@@ -690,65 +690,23 @@ def _joined(parts):
 
 def _forward_states(layer, weights, inputs, batch, dtype, state0=None):
     """Runs one spiking layer over time-major ``inputs`` (T, B, n_in) from ``state0`` (a
-    ``NeuronState``; default the initial state).
+    ``NeuronState``; default the initial state), through ``kspike.engine.forward_sequences``
+    (the native forward op where it applies, else the TensorFlow loop).
 
     Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
     threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness), "z0"
-    (B, n) and "final" (the ``NeuronState`` after the last step). Float32 cells the native
-    C++ loops can run use the native forward op through ``kspike.engine.forward_sequences``;
-    anything else runs ``dynamics`` in a ``tf.while_loop``."""
+    (B, n) and "final" (the ``NeuronState`` after the last step)."""
+    from kspike import engine
     cell = layer.cell
-    if state0 is None:
-        state0 = cell.pack_state(cell.get_initial_state(batch))
-    if _native_forward_applies(layer, dtype):
-        from kspike import engine
-        seq = engine.forward_sequences(
-            cell, tf.transpose(inputs, (1, 0, 2)), weights.input_kernel,
-            weights.recurrent_kernel, weights.bias, cell.unpack_state(state0),
-            native=getattr(layer.layer, "native", "auto"))
-        allowed = seq["allowed"]
-        return {"z": seq["z"], "v": seq["v"], "A": seq["A"], "z0": seq["z0"],
-                "allowed": None if allowed is None else tf.cast(allowed, dtype),
-                "final": cell.pack_state(seq["final"])}
-    steps = tf.shape(inputs)[0]
-    xs = tf.TensorArray(dtype, size=steps).unstack(inputs)
-    names = ["z", "v"] + (["A"] if state0.b is not None else []) + (
-        ["allowed"] if weights.params.n_refractory > 0 else [])
-    tas = {name: tf.TensorArray(dtype, size=steps) for name in names}
-
-    def body(t, flat, tas):
-        state = cell.pack_state(list(flat))
-        new_state, A, allowed = online_rules.layer_step(xs.read(t), state, weights)
-        tas = dict(tas)
-        tas["z"] = tas["z"].write(t, new_state.z)
-        tas["v"] = tas["v"].write(t, new_state.v)
-        if "A" in tas:
-            tas["A"] = tas["A"].write(t, A)
-        if "allowed" in tas:
-            tas["allowed"] = tas["allowed"].write(t, tf.cast(allowed, dtype))
-        return t + 1, tuple(cell.unpack_state(new_state)), tas
-
-    _, final, tas = tf.while_loop(lambda t, *_: t < steps, body,
-                                  (0, tuple(cell.unpack_state(state0)), tas))
-    out = {name: ta.stack() for name, ta in tas.items()}
-    out.setdefault("A", None)
-    out.setdefault("allowed", None)
-    out["z0"] = state0.z
-    out["final"] = cell.pack_state(list(final))
-    return out
-
-
-def _native_forward_applies(layer, dtype):
-    """True if the native forward can run this layer (float32, a catalogue surrogate, no
-    delays, CPU only, not inside XLA, the layer not built with native=False) and the ops
-    load."""
-    from kspike import compat, engine
-    from kspike import native as native_module
-    if getattr(layer.layer, "native", "auto") is False:
-        return False
-    reason = engine.why_not_native(layer.cell, dtype, dtype, False, False,
-                                   compat.in_xla_context())
-    return reason is None and native_module.load() is not None
+    initial = (cell.get_initial_state(batch) if state0 is None
+               else cell.unpack_state(state0))
+    seq = engine.forward_sequences(
+        cell, tf.transpose(inputs, (1, 0, 2)), weights.input_kernel, weights.recurrent_kernel,
+        weights.bias, initial, native=getattr(layer.layer, "native", "auto"))
+    allowed = seq["allowed"]
+    return {"z": seq["z"], "v": seq["v"], "A": seq["A"], "z0": seq["z0"],
+            "allowed": None if allowed is None else tf.cast(allowed, dtype),
+            "final": cell.pack_state(seq["final"])}
 
 
 def _adjoint(layer, params, states, learning):
