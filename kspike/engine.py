@@ -752,7 +752,7 @@ class _NativeDelayedBackend(_NativeBackend):
         gz_out, gv_out, gA_out = [tf.zeros((batch, 0, n)) if g is None else g
                                   for g in out_grads]
         d_in, d_rec = self._delays()
-        g_current, g_x, g_w_in, g_w_rec, gv0, gb0, gz0, g_buffer0 = \
+        g_current, g_w_in, g_w_rec, gv0, gb0, gz0, g_buffer0 = \
             self.ops.kspike_delayed_backward(
                 spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x, v=buffers["v"],
                 threshold=buffers.get("A", tf.zeros((0, batch, n))),
@@ -765,6 +765,10 @@ class _NativeDelayedBackend(_NativeBackend):
                 grad_z_final=g_final.z, grad_buffer_final=g_buffer,
                 recurrent=w_rec is not None, has_bias=False, n_delay=self.cell.n_delay,
                 **self.attrs, **self.surrogate_attrs)
+        # A separate op, pruned from graphs that need no input gradient.
+        g_x = self.ops.kspike_delayed_input_grad(
+            grad_current=g_current, grad_buffer_final=g_buffer, w_in=inputs.w_in,
+            input_delays=d_in, n_delay=self.cell.n_delay)
         return _LoopGradients(g_current, g_x, g_w_in, g_w_rec if w_rec is not None else None,
                               gv0, gb0 if self.adaptive else None, gz0, g_buffer0)
 

@@ -1854,8 +1854,8 @@ namespace kspike {
 // The TensorFlow loop keeps a future-current buffer i_future (B, D * n), slot d (columns
 // d * n .. (d + 1) * n - 1) holding the current due in d steps. Here each batch row keeps the
 // same D slots as a ring indexed by time: slot s % D holds the current due at step s. Each
-// nonzero input / spike adds its weight row into the ring at its own delay (n work per spike,
-// as without delays), the slot of step t is consumed (I_t) and cleared. The ring is filled
+// nonzero input / spike adds its nonzero weights into the ring at their own delays (as many
+// terms per spike as the neuron has connections), the slot of step t is consumed (I_t) and cleared. The ring is filled
 // from the initial i_future (slot d = step d) and read back into the final one (slot d = step
 // T + d; the last slot is always 0 there, as in the TensorFlow loop).
 //
@@ -1864,23 +1864,52 @@ namespace kspike {
 // the spikes), and likewise for the inputs x_t; dL/d(initial i_future) slot d is G(d). G is
 // kept as a ring of the D steps t .. t + D - 1 ahead of the step being differentiated, each
 // step stored twice (2 D slots) so those D steps are contiguous; the gathers over W visit its
-// nonzero entries only (DelayedRows).
+// nonzero entries only (DelayedRows), and where the recursion of the membrane gradient allows,
+// the recurrent product scatters the columns of the nonzero terms only (DelayedCols).
 
-// ring[(base + d_ij) % D][j] += value[c] * W[i][j] for every i = index[c]: the contributions of
-// the nonzero presynaptic values of step `base` (ring of D slots of n, base in [0, D)).
-static inline void DelayedScatterRows(const int32_t* __restrict index,
-                                      const float* __restrict value, int64_t count,
-                                      const float* __restrict W, const int32_t* __restrict delays,
-                                      int64_t n, int64_t D, int64_t base,
-                                      float* __restrict ring) {
-  for (int64_t c = 0; c < count; ++c) {
-    const float* __restrict row = W + index[c] * n;
-    const int32_t* __restrict d = delays + index[c] * n;
-    const float zc = value[c];
+// The nonzero weights of W (m x n, delays d) by rows, each with its offset d_ij * n + j in a
+// ring laid out as 2 D slots (every step written twice, at s % D and s % D + D, so the slots of
+// steps base .. base + D - 1 lie contiguously from slot base on: no wrap-around per entry).
+// DEEP R kernels are mostly zero, so the forward's scatters and the backward's gathers visit
+// only their connections.
+struct DelayedRows {
+  std::vector<int64_t> start;
+  std::vector<int32_t> offset;
+  std::vector<float> weight;
+};
+
+static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                             DelayedRows* rows) {
+  rows->start.assign(m + 1, 0);
+  rows->offset.clear();
+  rows->weight.clear();
+  for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
-      int64_t s = base + d[j];
-      s = s >= D ? s - D : s;
-      ring[s * n + j] += zc * row[j];
+      const float w = W[i * n + j];
+      if (w != 0.0f) {
+        rows->offset.push_back(static_cast<int32_t>(delays[i * n + j] * n + j));
+        rows->weight.push_back(w);
+      }
+    }
+    rows->start[i + 1] = static_cast<int64_t>(rows->offset.size());
+  }
+}
+
+// ring[(base + d_ij) % D][j] += value[c] * W_ij for i = index[c], over the nonzero weights of
+// W only (DEEP R kernels are mostly zero): the forward's future currents (ring of D slots of n).
+static inline void DelayedRowsScatter(const DelayedRows& rows, const int32_t* __restrict index,
+                                      const float* __restrict value, int64_t count, int64_t n,
+                                      int64_t D, int64_t base, float* __restrict ring) {
+  const int32_t* __restrict offset = rows.offset.data();
+  const float* __restrict weight = rows.weight.data();
+  const int64_t at = base * n, size = D * n;
+  for (int64_t c = 0; c < count; ++c) {
+    const float zc = value[c];
+    const int64_t i = index[c];
+    for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) {
+      int64_t pos = at + offset[k];
+      pos = pos >= size ? pos - size : pos;
+      ring[pos] += zc * weight[k];
     }
   }
 }
@@ -2023,6 +2052,9 @@ class DelayedForwardOp : public OpKernel {
                            beta_p, &fwd, &vf, &bf, &zf, &rf);
     if (!ctx->status().ok()) return;
 
+    DelayedRows in_rows, rec_rows;
+    BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
+    if (W != nullptr) BuildDelayedRows(W, Drec, n, n, &rec_rows);
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
       const int64_t rows = last - first;
       std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
@@ -2044,11 +2076,11 @@ class DelayedForwardOp : public OpKernel {
           float* rg = ring.data() + i * D * n;
           const float* x_t = X + (row * T + t) * n_in;
           int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
-          DelayedScatterRows(index.data(), value.data(), count, W_in, Din, n, D, base, rg);
+          DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
           const float* z_prev = z.data() + i * n;
           if (W != nullptr) {
             count = Nonzeros(z_prev, n, index.data(), value.data());
-            DelayedScatterRows(index.data(), value.data(), count, W, Drec, n, D, base, rg);
+            DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
           }
           float* slot = rg + base * n;
           float* cur = current.data();
@@ -2085,33 +2117,6 @@ class DelayedForwardOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedForward").Device(DEVICE_CPU), DelayedForwardOp);
 
-// The nonzero weights of W (m x n, delays d) by rows, each with its offset d_ij * n + j in a
-// ring laid out as 2 D slots (every step written twice, at s % D and s % D + D, so the slots of
-// steps base .. base + D - 1 lie contiguously from slot base on: no wrap-around per entry).
-// DEEP R kernels are mostly zero, so the backward gathers visit only their connections.
-struct DelayedRows {
-  std::vector<int64_t> start;
-  std::vector<int32_t> offset;
-  std::vector<float> weight;
-};
-
-static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
-                             DelayedRows* rows) {
-  rows->start.assign(m + 1, 0);
-  rows->offset.clear();
-  rows->weight.clear();
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      const float w = W[i * n + j];
-      if (w != 0.0f) {
-        rows->offset.push_back(static_cast<int32_t>(delays[i * n + j] * n + j));
-        rows->weight.push_back(w);
-      }
-    }
-    rows->start[i + 1] = static_cast<int64_t>(rows->offset.size());
-  }
-}
-
 // out[i] = sum_j W_ij g[d_ij * n + j] for every row i of `rows` (g: the ring from slot base).
 static inline void DelayedRowsGather(const DelayedRows& rows, int64_t m,
                                      const float* __restrict g, float* __restrict out) {
@@ -2134,6 +2139,51 @@ static inline void DelayedRingGrad(const int32_t* __restrict index,
     const int32_t* __restrict d = delays + index[c] * n;
     const float zc = value[c];
     for (int64_t j = 0; j < n; ++j) row[j] += zc * g[d[j] * n + j];
+  }
+}
+
+// The nonzero weights of W (m x n, delays d) by columns j, each entry (i, d_ij) stored as
+// i - d_ij * n: the position, relative to slot `base` of a ring of D slots of m, of the
+// accumulator of step base - d_ij (wrapped into [0, D m) by adding D m when negative).
+struct DelayedCols {
+  std::vector<int64_t> start;
+  std::vector<int32_t> offset;
+  std::vector<float> weight;
+};
+
+static void BuildDelayedCols(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                             DelayedCols* cols) {
+  cols->start.assign(n + 1, 0);
+  cols->offset.clear();
+  cols->weight.clear();
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float w = W[i * n + j];
+      if (w != 0.0f) {
+        cols->offset.push_back(static_cast<int32_t>(i - delays[i * n + j] * m));
+        cols->weight.push_back(w);
+      }
+    }
+    cols->start[j + 1] = static_cast<int64_t>(cols->offset.size());
+  }
+}
+
+// acc[step t - d_ij][i] += W_ij value[c] for j = index[c]: the terms of step t (ring slot base)
+// scattered to the steps t - d_ij whose recurrent product they belong to (acc: D slots of m).
+static inline void DelayedColsScatter(const DelayedCols& cols, const int32_t* __restrict index,
+                                      const float* __restrict value, int64_t count, int64_t m,
+                                      int64_t D, int64_t base, float* __restrict acc) {
+  const int32_t* __restrict offset = cols.offset.data();
+  const float* __restrict weight = cols.weight.data();
+  const int64_t at = base * m, size = D * m;
+  for (int64_t c = 0; c < count; ++c) {
+    const float g = value[c];
+    const int64_t j = index[c];
+    for (int64_t k = cols.start[j]; k < cols.start[j + 1]; ++k) {
+      int64_t pos = at + offset[k];
+      pos = pos < 0 ? pos + size : pos;
+      acc[pos] += weight[k] * g;
+    }
   }
 }
 
@@ -2164,7 +2214,6 @@ REGISTER_OP("KspikeDelayedBackward")
     .Attr("tail: float")
     .Attr("multi_gaussian: list(float)")
     .Output("grad_current: float")  // (T, B, n) dL/dI_t
-    .Output("grad_x: float")        // (B, T, n_in)
     .Output("grad_w_in: float")     // (n_in, n)
     .Output("grad_w_rec: float")    // (n, n) or (0, 0)
     .Output("grad_v0: float")       // (B, n)
@@ -2174,18 +2223,16 @@ REGISTER_OP("KspikeDelayedBackward")
     .SetShapeFn([](InferenceContext* c) {
       auto v = c->input(3);
       auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
-      auto x = c->input(2);
       bool adaptive, recurrent;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
       c->set_output(0, c->MakeShape({steps, batch, n}));
-      c->set_output(1, x);
-      c->set_output(2, c->input(6));
-      c->set_output(3, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
-      c->set_output(4, c->MakeShape({batch, n}));
-      c->set_output(5, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
-      c->set_output(6, c->MakeShape({batch, n}));
-      c->set_output(7, c->input(17));
+      c->set_output(1, c->input(6));
+      c->set_output(2, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
+      c->set_output(3, c->MakeShape({batch, n}));
+      c->set_output(4, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
+      c->set_output(5, c->MakeShape({batch, n}));
+      c->set_output(6, c->input(17));
       return tensorflow::OkStatus();
     });
 
@@ -2245,16 +2292,15 @@ class DelayedBackwardOp : public OpKernel {
     const bool has_gz = T > 0 && ctx->input(11).dim_size(1) == T;
     const bool has_gv = T > 0 && ctx->input(12).dim_size(1) == T;
     const bool has_ga = a_.adaptive && T > 0 && ctx->input(13).dim_size(1) == T;
-    Tensor *g_current, *gx_t, *gw_in_t, *gw_t, *gv0_t, *gb0_t, *gz0_t, *gbuf0_t;
+    Tensor *g_current, *gw_in_t, *gw_t, *gv0_t, *gb0_t, *gz0_t, *gbuf0_t;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, B, n}), &g_current));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, x.shape(), &gx_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({n_in, n}), &gw_in_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({n_in, n}), &gw_in_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
-                            3, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({B, n}), &gv0_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, n}), &gz0_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(7, TensorShape({B, D * n}), &gbuf0_t));
+                            2, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, n}), &gv0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(4, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({B, n}), &gz0_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(6, TensorShape({B, D * n}), &gbuf0_t));
 
     const uint64_t* bits = reinterpret_cast<const uint64_t*>(bits_t.flat<int64_t>().data());
     const float* z0 = ctx->input(1).flat<float>().data();
@@ -2275,7 +2321,6 @@ class DelayedBackwardOp : public OpKernel {
     const float* gz_final = ctx->input(16).flat<float>().data();
     const float* gbuf_final = ctx->input(17).flat<float>().data();
     float* GI = g_current->flat<float>().data();
-    float* GX = gx_t->flat<float>().data();
     float* gv0 = gv0_t->flat<float>().data();
     float* gb0 = a_.adaptive ? gb0_t->flat<float>().data() : nullptr;
     float* gz0 = gz0_t->flat<float>().data();
@@ -2286,9 +2331,20 @@ class DelayedBackwardOp : public OpKernel {
                                 has_gz, has_gv, has_ga, bits, z0, V, Aseq, allowed, beta_p,
                                 GZ, GV, GA};
 
-    DelayedRows rec_rows, in_rows;
+    // The recurrent product dL/dz_{t-1,i} += h_i(t) = sum_j W_ij dL/dI_j(t + d_ij). The
+    // membrane gradient obeys gvt_s = alpha gvt_{s+1} + gxa_s for s <= T - 2 without output
+    // gradients of v (dL/dI_s = (1 - alpha) gvt_s, alpha a scalar), so for t + D < T
+    //   h(t) = alpha h(t + 1) + (1 - alpha) sum_j W_ij gxa_j(t + d_ij),
+    // and gxa = dL/dz psi / A is exactly 0 wherever the pseudo-derivative is: each step
+    // scatters the columns of its nonzero gxa only into the accumulators of the steps
+    // t - d_ij (a ring of D slots). The last D steps (which see the final buffer's gradient)
+    // and output gradients of v take the gather over every connection instead. The same sum
+    // in another order: the same gradients to float rounding.
+    const bool recursive = a.recurrent && !has_gv;
+    DelayedRows rec_rows;
+    DelayedCols rec_cols;
     if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
-    BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
+    if (recursive) BuildDelayedCols(W, Drec, n, n, &rec_cols);
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
     std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
@@ -2299,6 +2355,9 @@ class DelayedBackwardOp : public OpKernel {
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
       std::vector<float> gz_prev(n), g_rec(n), psi(n), z_row(n), gvt(n), gxa(n);
+      std::vector<float> h(recursive ? rows * n : 0), acc(recursive ? rows * D * n : 0);
+      std::vector<int32_t> gxa_index(recursive ? n : 0);
+      std::vector<float> gxa_value(recursive ? n : 0);
       // G ring per row: slot s % D holds dL/dI_s for s in [t, t + D); before the loop the
       // steps T .. T + D - 1 (the final i_future's gradient; its last slot is never used).
       // Each row's ring has 2 D slots: step s in slots s % D and s % D + D.
@@ -2339,14 +2398,30 @@ class DelayedBackwardOp : public OpKernel {
           std::copy(gi, gi + n, rg + base * n);
           std::copy(gi, gi + n, rg + (base + D) * n);
           const float* ahead = rg + base * n;    // steps t .. t + D - 1, contiguous
-          if (a.recurrent) {
-            // dL/dz_{t-1,j} += sum_k W_jk dL/dI_k(t + d_jk); dW_rec over the spikes of z_{t-1}.
+          if (recursive) {
+            float* acc_i = acc.data() + i * D * n;
+            float* hi = h.data() + i * n;
+            const int64_t terms = Nonzeros(gxa.data(), n, gxa_index.data(), gxa_value.data());
+            DelayedColsScatter(rec_cols, gxa_index.data(), gxa_value.data(), terms, n, D, base,
+                               acc_i);
+            float* slot = acc_i + base * n;
+            if (t + D < T) {
+              for (int64_t k = 0; k < n; ++k) {
+                hi[k] = a.alpha * hi[k] + a.one_minus_alpha * slot[k];
+              }
+            } else {
+              DelayedRowsGather(rec_rows, n, ahead, hi);
+            }
+            std::fill(slot, slot + n, 0.0f);
+            for (int64_t k = 0; k < n; ++k) gz_prev[k] = gz_prev[k] + hi[k];
+          } else if (a.recurrent) {
+            // dL/dz_{t-1,j} += sum_k W_jk dL/dI_k(t + d_jk).
             DelayedRowsGather(rec_rows, n, ahead, g_rec.data());
             for (int64_t k = 0; k < n; ++k) gz_prev[k] = gz_prev[k] + g_rec[k];
-            DelayedRingGrad(index.data(), value.data(), n_spikes, Drec, n, ahead, gw);
           }
+          // dW_rec over the spikes of z_{t-1}.
+          if (a.recurrent) DelayedRingGrad(index.data(), value.data(), n_spikes, Drec, n, ahead, gw);
           std::copy(gz_prev.begin(), gz_prev.end(), gzi);
-          DelayedRowsGather(in_rows, n_in, ahead, GX + (row * T + t) * n_in);
           const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
                                          value.data());
           DelayedRingGrad(index.data(), value.data(), count, Din, n, ahead, gw_in);
@@ -2379,6 +2454,73 @@ class DelayedBackwardOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedBackward").Device(DEVICE_CPU), DelayedBackwardOp);
+
+// dL/dx_{t,i} = sum_j W_in_ij dL/dI_j(t + d_ij) of a delayed layer: a separate op so that a
+// graph which needs no input gradient (the usual first layer) prunes it.
+REGISTER_OP("KspikeDelayedInputGrad")
+    .Input("grad_current: float")       // (T, B, n) dL/dI_t from KspikeDelayedBackward
+    .Input("grad_buffer_final: float")  // (B, D * n): dL/dI_s for s = T .. T + D - 1
+    .Input("w_in: float")               // (n_in, n)
+    .Input("input_delays: int32")       // (n_in, n)
+    .Attr("n_delay: int")
+    .Output("grad_x: float")            // (B, T, n_in)
+    .SetShapeFn([](InferenceContext* c) {
+      auto g = c->input(0);
+      c->set_output(0, c->MakeShape({c->Dim(g, 1), c->Dim(g, 0), c->Dim(c->input(2), 0)}));
+      return tensorflow::OkStatus();
+    });
+
+class DelayedInputGradOp : public OpKernel {
+ public:
+  explicit DelayedInputGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("n_delay", &n_delay_));
+    OP_REQUIRES(ctx, n_delay_ >= 1, InvalidArgument("n_delay must be >= 1"));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& g = ctx->input(0);
+    const Tensor& gbuf = ctx->input(1);
+    const Tensor& w_in = ctx->input(2);
+    const Tensor& d_in = ctx->input(3);
+    OP_REQUIRES(ctx, g.dims() == 3, InvalidArgument("grad_current must be (T, B, n)"));
+    const int64_t T = g.dim_size(0), B = g.dim_size(1), n = g.dim_size(2), D = n_delay_;
+    OP_REQUIRES(ctx, w_in.dims() == 2 && w_in.dim_size(1) == n && d_in.shape() == w_in.shape(),
+                InvalidArgument("w_in and input_delays must be (n_in, n)"));
+    OP_REQUIRES(ctx, gbuf.dims() == 2 && gbuf.dim_size(0) == B && gbuf.dim_size(1) == D * n,
+                InvalidArgument("grad_buffer_final must be (B, n_delay * n)"));
+    const int64_t n_in = w_in.dim_size(0);
+    auto d_flat = d_in.flat<int32_t>();
+    for (int64_t k = 0; k < d_flat.size(); ++k) {
+      OP_REQUIRES(ctx, d_flat(k) >= 0 && d_flat(k) < D,
+                  InvalidArgument("delay index ", d_flat(k), " outside [0, ", D, ")"));
+    }
+    Tensor* gx_t;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({B, T, n_in}), &gx_t));
+    const float* G = g.flat<float>().data();
+    const float* GB = gbuf.flat<float>().data();
+    float* GX = gx_t->flat<float>().data();
+    DelayedRows in_rows;
+    BuildDelayedRows(w_in.flat<float>().data(), d_flat.data(), n_in, n, &in_rows);
+    ForEachShard(ctx, B, 1, [&](int64_t first, int64_t last, int64_t) {
+      // One row's dL/dI over steps 0 .. T + D - 2, contiguous, the gathers read from step t.
+      std::vector<float> row_g((T + D) * n);
+      for (int64_t row = first; row < last; ++row) {
+        for (int64_t t = 0; t < T; ++t) {
+          std::copy(G + (t * B + row) * n, G + (t * B + row + 1) * n, row_g.data() + t * n);
+        }
+        std::copy(GB + row * D * n, GB + (row + 1) * D * n, row_g.data() + T * n);
+        for (int64_t t = 0; t < T; ++t) {
+          DelayedRowsGather(in_rows, n_in, row_g.data() + t * n, GX + (row * T + t) * n_in);
+        }
+      }
+    });
+  }
+
+ private:
+  int n_delay_ = 1;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeDelayedInputGrad").Device(DEVICE_CPU), DelayedInputGradOp);
 
 // ------------------------------------------------------------------ e-prop eligibility traces
 // KspikeEpropTraces advances the per-synapse eligibility traces of single-pass e-prop
