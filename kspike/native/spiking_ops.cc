@@ -1908,7 +1908,7 @@ static inline void DelayedRowsScatter(const DelayedRows& rows, const int32_t* __
     const int64_t i = index[c];
     for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) {
       int64_t pos = at + offset[k];
-      pos = pos >= size ? pos - size : pos;
+      pos -= size & -static_cast<int64_t>(pos >= size);   // wrap without a branch
       ring[pos] += zc * weight[k];
     }
   }
@@ -2061,41 +2061,41 @@ class DelayedForwardOp : public OpKernel {
       std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
       std::vector<float> b;
       if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
-      // The rings of the shard's rows: slot d of i_future is step d, i.e. ring slot d.
-      std::vector<float> ring(buf0 + first * D * n, buf0 + last * D * n);
-      std::vector<float> current(n);
+      std::vector<float> ring(D * n), current(n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       std::vector<float> v_scratch(n), a_scratch(n);
       std::vector<uint8_t> allowed_scratch(n);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t base = t % D;
-        const int64_t step_at = (t * B + first) * n;
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = first + i;
-          float* rg = ring.data() + i * D * n;
+      // Rows are independent: each runs all its steps while its ring of future currents and
+      // its inputs stream through the nearest cache.
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = first + i;
+        // The ring: slot d of i_future is step d, i.e. ring slot d.
+        float* rg = ring.data();
+        std::copy(buf0 + row * D * n, buf0 + (row + 1) * D * n, rg);
+        float* zi = z.data() + i * n;
+        float* zn = z_next.data() + i * n;
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t base = t % D;
           const float* x_t = X + (row * T + t) * n_in;
           int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
           DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
-          const float* z_prev = z.data() + i * n;
           if (W != nullptr) {
-            count = Nonzeros(z_prev, n, index.data(), value.data());
+            count = Nonzeros(zi, n, index.data(), value.data());
             DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
           }
           float* slot = rg + base * n;
           float* cur = current.data();
           std::copy(slot, slot + n, cur);
           std::fill(slot, slot + n, 0.0f);
-          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
-                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
-                         allowed_scratch.data());
+          ForwardRowStep(fwd, t, row, (t * B + row) * n, cur, zi, v.data() + i * n,
+                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, zn,
+                         v_scratch.data(), a_scratch.data(), allowed_scratch.data());
+          std::swap(zi, zn);
         }
-        z.swap(z_next);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* rg = ring.data() + i * D * n;
-        float* out = buff + (first + i) * D * n;
+        // zi holds z_T; keep it in z's row.
+        if (zi != z.data() + i * n) std::copy(zi, zi + n, z.data() + i * n);
+        float* out = buff + row * D * n;
         for (int64_t d = 0; d < D; ++d) {
           const int64_t s = (T + d) % D;
           std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
@@ -2129,16 +2129,26 @@ static inline void DelayedRowsGather(const DelayedRows& rows, int64_t m,
   }
 }
 
-// M[index[c]][j] += value[c] * g[d_{index[c] j} * n + j] (g: the doubled ring from slot base).
+// The ring offsets d_ij * n + j of every entry of an (m, n) delay table (32-bit, so the weight
+// gradients' reads below vectorise as gathers).
+static std::vector<int32_t> DelayedOffsets(const int32_t* delays, int64_t m, int64_t n) {
+  std::vector<int32_t> offsets(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      offsets[i * n + j] = static_cast<int32_t>(delays[i * n + j] * n + j);
+  return offsets;
+}
+
+// M[index[c]][j] += value[c] * g[offsets[index[c]][j]] (g: the doubled ring from slot base).
 static inline void DelayedRingGrad(const int32_t* __restrict index,
                                    const float* __restrict value, int64_t count,
-                                   const int32_t* __restrict delays, int64_t n,
+                                   const int32_t* __restrict offsets, int64_t n,
                                    const float* __restrict g, float* __restrict M) {
   for (int64_t c = 0; c < count; ++c) {
     float* __restrict row = M + index[c] * n;
-    const int32_t* __restrict d = delays + index[c] * n;
+    const int32_t* __restrict o = offsets + index[c] * n;
     const float zc = value[c];
-    for (int64_t j = 0; j < n; ++j) row[j] += zc * g[d[j] * n + j];
+    for (int64_t j = 0; j < n; ++j) row[j] += zc * g[o[j]];
   }
 }
 
@@ -2181,7 +2191,7 @@ static inline void DelayedColsScatter(const DelayedCols& cols, const int32_t* __
     const int64_t j = index[c];
     for (int64_t k = cols.start[j]; k < cols.start[j + 1]; ++k) {
       int64_t pos = at + offset[k];
-      pos = pos < 0 ? pos + size : pos;
+      pos += size & (pos >> 63);            // wrap without a branch (random: mispredicted)
       acc[pos] += weight[k] * g;
     }
   }
@@ -2345,6 +2355,9 @@ class DelayedBackwardOp : public OpKernel {
     DelayedCols rec_cols;
     if (a.recurrent) BuildDelayedRows(W, Drec, n, n, &rec_rows);
     if (recursive) BuildDelayedCols(W, Drec, n, n, &rec_cols);
+    const std::vector<int32_t> in_offsets = DelayedOffsets(Din, n_in, n);
+    const std::vector<int32_t> rec_offsets =
+        a.recurrent ? DelayedOffsets(Drec, n, n) : std::vector<int32_t>();
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
     std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
@@ -2355,22 +2368,13 @@ class DelayedBackwardOp : public OpKernel {
       std::vector<float> gb;
       if (a.adaptive) gb.assign(gb_final + first * n, gb_final + last * n);
       std::vector<float> gz_prev(n), g_rec(n), psi(n), z_row(n), gvt(n), gxa(n);
-      std::vector<float> h(recursive ? rows * n : 0), acc(recursive ? rows * D * n : 0);
+      std::vector<float> h(recursive ? n : 0), acc(recursive ? D * n : 0);
       std::vector<int32_t> gxa_index(recursive ? n : 0);
       std::vector<float> gxa_value(recursive ? n : 0);
-      // G ring per row: slot s % D holds dL/dI_s for s in [t, t + D); before the loop the
-      // steps T .. T + D - 1 (the final i_future's gradient; its last slot is never used).
-      // Each row's ring has 2 D slots: step s in slots s % D and s % D + D.
-      std::vector<float> ring(rows * 2 * D * n, 0.0f);
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* g = gbuf_final + (first + i) * D * n;
-        float* rg = ring.data() + i * 2 * D * n;
-        for (int64_t d = 0; d + 1 < D; ++d) {
-          const int64_t s = (T + d) % D;
-          std::copy(g + d * n, g + (d + 1) * n, rg + s * n);
-          std::copy(g + d * n, g + (d + 1) * n, rg + (s + D) * n);
-        }
-      }
+      // The G ring of the row being differentiated: slot s % D holds dL/dI_s for s in
+      // [t, t + D); before the loop the steps T .. T + D - 1 (the final i_future's gradient;
+      // its last slot is never used). 2 D slots: step s in slots s % D and s % D + D.
+      std::vector<float> ring(2 * D * n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       float* gw = nullptr;
@@ -2380,31 +2384,40 @@ class DelayedBackwardOp : public OpKernel {
       }
       gw_in_shards[shard].assign(n_in * n, 0.0f);
       float* gw_in = gw_in_shards[shard].data();
-      for (int64_t t = T - 1; t >= 0; --t) {
-        const int64_t base = t % D;
-        const int64_t step_at = (t * B + first) * n;
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = first + i;
-          const int64_t at = step_at + i * n;
+      // Rows are independent: each runs all its steps while its rings (a few tens of KB)
+      // stay in the nearest cache.
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t row = first + i;
+        float* rg = ring.data();
+        std::fill(ring.begin(), ring.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        const float* g0 = gbuf_final + row * D * n;
+        for (int64_t d = 0; d + 1 < D; ++d) {
+          const int64_t s = (T + d) % D;
+          std::copy(g0 + d * n, g0 + (d + 1) * n, rg + s * n);
+          std::copy(g0 + d * n, g0 + (d + 1) * n, rg + (s + D) * n);
+        }
+        float* gzi = gz.data() + i * n;
+        float* gvi = gv.data() + i * n;
+        float* gbi = a.adaptive ? gb.data() + i * n : nullptr;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t base = t % D;
+          const int64_t at = (t * B + row) * n;
           const int64_t out_at = (row * T + t) * n;
-          float* rg = ring.data() + i * 2 * D * n;
-          float* gzi = gz.data() + i * n;
           float* gi = GI + at;
           const int64_t n_spikes = BackwardRowStep(
               in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(), gzi,
-              gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi, gz_prev.data(),
-              gvt.data(), gxa.data());
+              gvi, gbi, gi, gz_prev.data(), gvt.data(), gxa.data());
           // dL/dI_t enters the ring in the slot of step t (step t + D is no longer needed).
           std::copy(gi, gi + n, rg + base * n);
           std::copy(gi, gi + n, rg + (base + D) * n);
           const float* ahead = rg + base * n;    // steps t .. t + D - 1, contiguous
           if (recursive) {
-            float* acc_i = acc.data() + i * D * n;
-            float* hi = h.data() + i * n;
+            float* hi = h.data();
             const int64_t terms = Nonzeros(gxa.data(), n, gxa_index.data(), gxa_value.data());
             DelayedColsScatter(rec_cols, gxa_index.data(), gxa_value.data(), terms, n, D, base,
-                               acc_i);
-            float* slot = acc_i + base * n;
+                               acc.data());
+            float* slot = acc.data() + base * n;
             if (t + D < T) {
               for (int64_t k = 0; k < n; ++k) {
                 hi[k] = a.alpha * hi[k] + a.one_minus_alpha * slot[k];
@@ -2420,17 +2433,17 @@ class DelayedBackwardOp : public OpKernel {
             for (int64_t k = 0; k < n; ++k) gz_prev[k] = gz_prev[k] + g_rec[k];
           }
           // dW_rec over the spikes of z_{t-1}.
-          if (a.recurrent) DelayedRingGrad(index.data(), value.data(), n_spikes, Drec, n, ahead, gw);
+          if (a.recurrent) {
+            DelayedRingGrad(index.data(), value.data(), n_spikes, rec_offsets.data(), n, ahead,
+                            gw);
+          }
           std::copy(gz_prev.begin(), gz_prev.end(), gzi);
           const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
                                          value.data());
-          DelayedRingGrad(index.data(), value.data(), count, Din, n, ahead, gw_in);
+          DelayedRingGrad(index.data(), value.data(), count, in_offsets.data(), n, ahead, gw_in);
         }
-      }
-      // dL/d(initial i_future) slot d = dL/dI_d (or the final buffer's gradient for d >= T).
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* rg = ring.data() + i * 2 * D * n;
-        float* out = gbuf0 + (first + i) * D * n;
+        // dL/d(initial i_future) slot d = dL/dI_d (or the final buffer's gradient for d >= T).
+        float* out = gbuf0 + row * D * n;
         for (int64_t d = 0; d < D; ++d) {
           if (d < T || d - T + 1 < D) {
             std::copy(rg + (d % D) * n, rg + (d % D + 1) * n, out + d * n);
