@@ -1932,6 +1932,7 @@ REGISTER_OP("KspikeDelayedForward")
     .Attr("store_z: bool = true")
     .Attr("store_v: bool = true")
     .Attr("store_backward: bool = true")
+    .Attr("rows_per_block: int = 0")   // rows run over all T steps at a time (0: own choice)
     .Output("z: float")             // (B, T, n)
     .Output("v: float")             // (T, B, n)
     .Output("threshold: float")     // (T, B, n) or (0, B, n) for LIF
@@ -1982,6 +1983,8 @@ class DelayedForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("rows_per_block", &rows_per_block_));
+    OP_REQUIRES(ctx, rows_per_block_ >= 0, InvalidArgument("rows_per_block must be >= 0"));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -2055,57 +2058,69 @@ class DelayedForwardOp : public OpKernel {
     DelayedRows in_rows, rec_rows;
     BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
     if (W != nullptr) BuildDelayedRows(W, Drec, n, n, &rec_rows);
-    ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
-      const int64_t rows = last - first;
-      std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
-      std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
-      std::vector<float> b;
-      if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
-      // The rings of the shard's rows: slot d of i_future is step d, i.e. ring slot d.
-      std::vector<float> ring(buf0 + first * D * n, buf0 + last * D * n);
+    // A shard runs its rows in blocks, each over all T steps (as SpikingForwardOp): the rings
+    // (D n floats a row) and states of a block stay in cache from one step to the next, where
+    // those of a whole shard would be read back from memory at every step.
+    const int64_t block = rows_per_block_ > 0 ? rows_per_block_
+                          : std::max<int64_t>(1, kForwardBlockBytes / (4 * n * (D + 6)));
+    ForEachShard(ctx, B, 8, [&](int64_t shard_first, int64_t shard_last, int64_t) {
+      const int64_t max_rows = std::min(block, shard_last - shard_first);
+      std::vector<float> v(max_rows * n), r(max_rows * n), z(max_rows * n);
+      std::vector<float> z_next(max_rows * n), b(a.adaptive ? max_rows * n : 0);
+      std::vector<float> ring(max_rows * D * n);
       std::vector<float> current(n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       std::vector<float> v_scratch(n), a_scratch(n);
       std::vector<uint8_t> allowed_scratch(n);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t base = t % D;
-        const int64_t step_at = (t * B + first) * n;
-        for (int64_t i = 0; i < rows; ++i) {
-          const int64_t row = first + i;
-          float* rg = ring.data() + i * D * n;
-          const float* x_t = X + (row * T + t) * n_in;
-          int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
-          DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
-          const float* z_prev = z.data() + i * n;
-          if (W != nullptr) {
-            count = Nonzeros(z_prev, n, index.data(), value.data());
-            DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
+      for (int64_t first = shard_first; first < shard_last; first += block) {
+        const int64_t last = std::min(shard_last, first + block), rows = last - first;
+        std::copy(v0 + first * n, v0 + last * n, v.begin());
+        std::copy(r0 + first * n, r0 + last * n, r.begin());
+        std::copy(z0 + first * n, z0 + last * n, z.begin());
+        if (a.adaptive) std::copy(b0 + first * n, b0 + last * n, b.begin());
+        // The rings of the block's rows: slot d of i_future is step d, i.e. ring slot d.
+        std::copy(buf0 + first * D * n, buf0 + last * D * n, ring.begin());
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t base = t % D;
+          const int64_t step_at = (t * B + first) * n;
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t row = first + i;
+            float* rg = ring.data() + i * D * n;
+            const float* x_t = X + (row * T + t) * n_in;
+            int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
+            DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
+            if (t + 1 < T) Prefetch(x_t + n_in, n_in * sizeof(float));
+            const float* z_prev = z.data() + i * n;
+            if (W != nullptr) {
+              count = Nonzeros(z_prev, n, index.data(), value.data());
+              DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
+            }
+            float* slot = rg + base * n;
+            float* cur = current.data();
+            std::copy(slot, slot + n, cur);
+            std::fill(slot, slot + n, 0.0f);
+            ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                           a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                           z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                           allowed_scratch.data());
           }
-          float* slot = rg + base * n;
-          float* cur = current.data();
-          std::copy(slot, slot + n, cur);
-          std::fill(slot, slot + n, 0.0f);
-          ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
-                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
-                         z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
-                         allowed_scratch.data());
+          z.swap(z_next);
         }
-        z.swap(z_next);
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        const float* rg = ring.data() + i * D * n;
-        float* out = buff + (first + i) * D * n;
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t s = (T + d) % D;
-          std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* rg = ring.data() + i * D * n;
+          float* out = buff + (first + i) * D * n;
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t s = (T + d) % D;
+            std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
+          }
         }
+        std::copy(v.begin(), v.begin() + rows * n, vf + first * n);
+        std::copy(r.begin(), r.begin() + rows * n, rf + first * n);
+        std::copy(z.begin(), z.begin() + rows * n, zf + first * n);
+        if (a.adaptive) std::copy(b.begin(), b.begin() + rows * n, bf + first * n);
       }
-      std::copy(v.begin(), v.end(), vf + first * n);
-      std::copy(r.begin(), r.end(), rf + first * n);
-      std::copy(z.begin(), z.end(), zf + first * n);
-      if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
-     StreamFence();
+      StreamFence();
     });
   }
 
@@ -2113,6 +2128,7 @@ class DelayedForwardOp : public OpKernel {
   NeuronAttrs a_;
   int n_delay_ = 1;
   bool store_z_ = true, store_v_ = true, store_backward_ = true;
+  int rows_per_block_ = 0;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedForward").Device(DEVICE_CPU), DelayedForwardOp);
