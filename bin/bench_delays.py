@@ -29,6 +29,7 @@ Ratios are printed against the undelayed ``predict`` forward of the same run.
 Usage:
     bin/bench_delays.py [--batch 64] [--steps 784] [--n-delay 10] [--repeats 3] [--threads 1]
     bin/bench_delays.py --quick --threads 1
+    bin/bench_delays.py --inference-only --batch 256 --steps 840 --threads 1
 """
 import argparse
 import os
@@ -86,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra-op threads (default: TensorFlow's)")
     parser.add_argument("--quick", action="store_true", help="a reduced size: B=16, T=100")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="time the forward passes without a tape only")
     args = parser.parse_args(argv)
     if args.n_delay < 2:
         parser.error(f"--n-delay must be >= 2, received {args.n_delay}")
@@ -102,18 +105,21 @@ def main(argv=None):
     d = args.n_delay
     undelayed, train_undelayed = build(1, True, args)
     delayed, train_delayed = build(d, True, args)
-    variants = {"n_delay=1, native": train_undelayed,
-                f"n_delay={d}, native": train_delayed,
-                f"n_delay={d}, native=False": build(d, False, args)[1]}
-    medians = timed_rounds(variants, args.repeats, x, y)
-    base = medians["n_delay=1, native"]
     threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
     print(f"B={args.batch}, T={args.steps}, 256 ALIF (128 adaptive), 80 inputs, intra-op "
-          f"threads {threads}, median of {args.repeats} training steps")
-    for name, median in medians.items():
-        print(f"  {name:26s} {median:8.3f} s/step   {median / base:6.2f}x n_delay=1, native")
-    fallback = medians[f"n_delay={d}, native=False"] / medians[f"n_delay={d}, native"]
-    print(f"  the native delayed loops are {fallback:.2f}x faster than the fallback")
+          f"threads {threads}")
+    if not args.inference_only:
+        variants = {"n_delay=1, native": train_undelayed,
+                    f"n_delay={d}, native": train_delayed,
+                    f"n_delay={d}, native=False": build(d, False, args)[1]}
+        medians = timed_rounds(variants, args.repeats, x, y)
+        base = medians["n_delay=1, native"]
+        print(f"training step, median of {args.repeats}")
+        for name, median in medians.items():
+            print(f"  {name:26s} {median:8.3f} s/step   {median / base:6.2f}x n_delay=1, "
+                  f"native")
+        fallback = medians[f"n_delay={d}, native=False"] / medians[f"n_delay={d}, native"]
+        print(f"  the native delayed loops are {fallback:.2f}x faster than the fallback")
 
     forward = {}
     for delays, model in ((1, undelayed), (d, delayed)):

@@ -1906,9 +1906,12 @@ static inline void DelayedRowsScatter(const DelayedRows& rows, const int32_t* __
   for (int64_t c = 0; c < count; ++c) {
     const float zc = value[c];
     const int64_t i = index[c];
+    // The entries of one row hit distinct ring positions (distinct j), so the compiler may
+    // gather and scatter them in vectors.
+#pragma GCC ivdep
     for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) {
-      int64_t pos = at + offset[k];
-      pos = pos >= size ? pos - size : pos;
+      int32_t pos = static_cast<int32_t>(at) + offset[k];
+      pos = pos >= static_cast<int32_t>(size) ? pos - static_cast<int32_t>(size) : pos;
       ring[pos] += zc * weight[k];
     }
   }
