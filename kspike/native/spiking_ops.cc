@@ -875,6 +875,17 @@ static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, i
   *rf = r_final->flat<float>().data();
 }
 
+// The v, b (adaptive only: b_from null otherwise), z and r of a block of rows of a forward op:
+// `size` floats of each from element `at` of the *_from arrays into the *_to ones.
+static void CopyBlockStates(int64_t at, int64_t size, const float* v_from, const float* b_from,
+                            const float* z_from, const float* r_from, float* v_to, float* b_to,
+                            float* z_to, float* r_to) {
+  std::copy(v_from + at, v_from + at + size, v_to);
+  std::copy(r_from + at, r_from + at + size, r_to);
+  std::copy(z_from + at, z_from + at + size, z_to);
+  if (b_from != nullptr) std::copy(b_from + at, b_from + at + size, b_to);
+}
+
 class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -951,10 +962,8 @@ class SpikingForwardOp : public OpKernel {
       std::vector<uint8_t> allowed_scratch(n);
       for (int64_t first = shard_first; first < shard_last; first += block) {
         const int64_t last = std::min(shard_last, first + block), rows = last - first;
-        std::copy(v0 + first * n, v0 + last * n, v.begin());
-        std::copy(r0 + first * n, r0 + last * n, r.begin());
-        std::copy(z0 + first * n, z0 + last * n, z.begin());
-        if (a.adaptive) std::copy(b0 + first * n, b0 + last * n, b.begin());
+        CopyBlockStates(first * n, (last - first) * n, v0, b0, z0, r0, v.data(), b.data(),
+                        z.data(), r.data());
         for (int64_t t = 0; t < T; ++t) {
           if (!sparse_inputs) {
             // x_t W_in for the block's rows as one small product.
@@ -986,10 +995,9 @@ class SpikingForwardOp : public OpKernel {
           }
           z.swap(z_next);
         }
-        std::copy(v.begin(), v.begin() + rows * n, vf + first * n);
-        std::copy(r.begin(), r.begin() + rows * n, rf + first * n);
-        std::copy(z.begin(), z.begin() + rows * n, zf + first * n);
-        if (a.adaptive) std::copy(b.begin(), b.begin() + rows * n, bf + first * n);
+        CopyBlockStates(0, rows * n, v.data(), a.adaptive ? b.data() : nullptr, z.data(),
+                        r.data(), vf + first * n, a.adaptive ? bf + first * n : nullptr,
+                        zf + first * n, rf + first * n);
       }
       StreamFence();
     });
@@ -2078,10 +2086,8 @@ class DelayedForwardOp : public OpKernel {
       std::vector<uint8_t> allowed_scratch(n);
       for (int64_t first = shard_first; first < shard_last; first += block) {
         const int64_t last = std::min(shard_last, first + block), rows = last - first;
-        std::copy(v0 + first * n, v0 + last * n, v.begin());
-        std::copy(r0 + first * n, r0 + last * n, r.begin());
-        std::copy(z0 + first * n, z0 + last * n, z.begin());
-        if (a.adaptive) std::copy(b0 + first * n, b0 + last * n, b.begin());
+        CopyBlockStates(first * n, (last - first) * n, v0, b0, z0, r0, v.data(), b.data(),
+                        z.data(), r.data());
         // The rings of the block's rows: slot d of i_future is step d, i.e. ring slot d.
         std::copy(buf0 + first * D * n, buf0 + last * D * n, ring.begin());
         for (int64_t t = 0; t < T; ++t) {
@@ -2118,10 +2124,9 @@ class DelayedForwardOp : public OpKernel {
             std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
           }
         }
-        std::copy(v.begin(), v.begin() + rows * n, vf + first * n);
-        std::copy(r.begin(), r.begin() + rows * n, rf + first * n);
-        std::copy(z.begin(), z.begin() + rows * n, zf + first * n);
-        if (a.adaptive) std::copy(b.begin(), b.begin() + rows * n, bf + first * n);
+        CopyBlockStates(0, rows * n, v.data(), a.adaptive ? b.data() : nullptr, z.data(),
+                        r.data(), vf + first * n, a.adaptive ? bf + first * n : nullptr,
+                        zf + first * n, rf + first * n);
       }
       StreamFence();
     });
