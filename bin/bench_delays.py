@@ -15,9 +15,21 @@ timed in interleaved rounds in the same run:
 
 Ratios are printed against the baseline step, and the fallback against the native delayed one.
 
+Then the forward pass alone, without a gradient tape (inference), of the n_delay=1 and
+n_delay=D models, timed in interleaved rounds of their own:
+
+- ``predict``: ``model.predict_on_batch``, i.e. Keras' predict function, where SpikingRNN runs
+  its native forward op alone (as in ``model.evaluate`` and kspike's Trainer evaluation);
+- ``user tf.function``: ``model(x)`` in a ``tf.function`` of the user, which may be exported,
+  so it runs TensorFlow ops only (the TensorFlow forward loop without delays, Keras' generic
+  loop over ``cell.call`` with the delay-widened kernels with them; docs/engine.md).
+
+Ratios are printed against the undelayed ``predict`` forward of the same run.
+
 Usage:
     bin/bench_delays.py [--batch 64] [--steps 784] [--n-delay 10] [--repeats 3] [--threads 1]
     bin/bench_delays.py --quick --threads 1
+    bin/bench_delays.py --inference-only --batch 256 --steps 840 --threads 1
 """
 import argparse
 import os
@@ -47,7 +59,23 @@ def build(n_delay, native, args, seed=0):
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss
-    return train_step
+    return model, train_step
+
+
+def timed_rounds(variants, repeats, *args):
+    """{name: median seconds} of ``variants`` ({name: callable}), warmed up twice, then called
+    in ``repeats`` interleaved rounds."""
+    import numpy as np
+    for run in variants.values():           # trace and warm up
+        run(*args)
+        run(*args)
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            np.asarray(run(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def main(argv=None):
@@ -59,6 +87,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="TensorFlow intra-op threads (default: TensorFlow's)")
     parser.add_argument("--quick", action="store_true", help="a reduced size: B=16, T=100")
+    parser.add_argument("--inference-only", action="store_true",
+                        help="time the forward passes without a tape only")
     args = parser.parse_args(argv)
     if args.n_delay < 2:
         parser.error(f"--n-delay must be >= 2, received {args.n_delay}")
@@ -73,27 +103,33 @@ def main(argv=None):
     x = tf.constant((rng.random((args.batch, args.steps, 80)) < 0.02).astype("float32"))
     y = tf.constant(rng.integers(0, 10, args.batch))
     d = args.n_delay
-    variants = {"n_delay=1, native": build(1, True, args),
-                f"n_delay={d}, native": build(d, True, args),
-                f"n_delay={d}, native=False": build(d, False, args)}
-    for step in variants.values():          # trace and warm up
-        step(x, y)
-        step(x, y)
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, step in variants.items():
-            start = time.perf_counter()
-            float(step(x, y))
-            times[name].append(time.perf_counter() - start)
-    medians = {name: float(np.median(values)) for name, values in times.items()}
-    base = medians["n_delay=1, native"]
+    undelayed, train_undelayed = build(1, True, args)
+    delayed, train_delayed = build(d, True, args)
     threads = tf.config.threading.get_intra_op_parallelism_threads() or "default"
     print(f"B={args.batch}, T={args.steps}, 256 ALIF (128 adaptive), 80 inputs, intra-op "
-          f"threads {threads}, median of {args.repeats} training steps")
+          f"threads {threads}")
+    if not args.inference_only:
+        variants = {"n_delay=1, native": train_undelayed,
+                    f"n_delay={d}, native": train_delayed,
+                    f"n_delay={d}, native=False": build(d, False, args)[1]}
+        medians = timed_rounds(variants, args.repeats, x, y)
+        base = medians["n_delay=1, native"]
+        print(f"training step, median of {args.repeats}")
+        for name, median in medians.items():
+            print(f"  {name:26s} {median:8.3f} s/step   {median / base:6.2f}x n_delay=1, "
+                  f"native")
+        fallback = medians[f"n_delay={d}, native=False"] / medians[f"n_delay={d}, native"]
+        print(f"  the native delayed loops are {fallback:.2f}x faster than the fallback")
+
+    forward = {}
+    for delays, model in ((1, undelayed), (d, delayed)):
+        forward[f"n_delay={delays}, predict"] = model.predict_on_batch
+        forward[f"n_delay={delays}, user tf.function"] = tf.function(lambda v, m=model: m(v))
+    medians = timed_rounds(forward, args.repeats, x)
+    base = medians["n_delay=1, predict"]
+    print(f"forward pass without a tape (inference), median of {args.repeats} calls")
     for name, median in medians.items():
-        print(f"  {name:26s} {median:8.3f} s/step   {median / base:6.2f}x n_delay=1, native")
-    fallback = medians[f"n_delay={d}, native=False"] / medians[f"n_delay={d}, native"]
-    print(f"  the native delayed loops are {fallback:.2f}x faster than the fallback")
+        print(f"  {name:32s} {median:8.3f} s   {median / base:6.2f}x n_delay=1, predict")
     return 0
 
 

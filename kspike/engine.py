@@ -585,8 +585,9 @@ class _XlaBackend(_TensorFlowBackend):
             step_buffers, out_grads, mask, g_final_v, gb_final, g_final_z, w_rec_t)))
 
 
-# The batch rows the native forward op runs over all T steps at a time (0: its own choice, as
-# many as keep their states in cache); tests set a small value to run several blocks.
+# The batch rows the native forward ops (undelayed and delayed) run over all T steps at a time
+# (0: their own choice, as many as keep their states in cache); tests set a small value to run
+# several blocks.
 _FORWARD_ROWS_PER_BLOCK = 0
 
 
@@ -741,7 +742,8 @@ class _NativeDelayedBackend(_NativeBackend):
                 has_bias=bias is not None, n_delay=self.cell.n_delay,
                 store_z=self.for_backward or self.sequences,
                 store_v=self.for_backward or (self.sequences and self.output_all),
-                store_backward=self.for_backward, **self.attrs)
+                store_backward=self.for_backward, rows_per_block=_FORWARD_ROWS_PER_BLOCK,
+                **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "v": v, "spike_bits": spike_bits}
         final = self._kept(buffers, A, allowed, v_final, b_final, z_final, r_final)
         return buffers, self._outputs(buffers), self.cell.unpack_state(final) + [buffer_final]

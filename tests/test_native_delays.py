@@ -109,6 +109,27 @@ def test_native_delayed_equals_tensorflow_loop(name):
 
 
 @needs_compiler
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("name", ["alif_all_outputs_deep_r", "lif_d10_refractory_bias"])
+def test_rows_in_blocks_over_all_steps(rows, name, monkeypatch):
+    # The forward op runs its batch rows in blocks, each over all T steps (17 rows: blocks of
+    # 1 or of 3 and a partial one, in each shard); the zero weights of DEEP R kernels add
+    # nothing. Training and inference (the forward op alone) as the TensorFlow loop.
+    monkeypatch.setattr(engine, "_FORWARD_ROWS_PER_BLOCK", rows)
+    _check(CELLS[name])
+    tf_loop, native_loop = _pair(CELLS[name], (B, T, N_IN), return_sequences=True,
+                                 return_state=True)
+    x = _inputs(batch=B, steps=T, features=N_IN, density=0.5, seed=4)
+    init = _initial_states(tf_loop.cell, seed=5)
+    calls = _delayed_forward_calls(monkeypatch)
+    reference, fast = (layer(x, initial_state=init) for layer in (tf_loop, native_loop))
+    assert calls == [False]
+    np.testing.assert_array_equal(fast[0][..., :UNITS], reference[0][..., :UNITS])
+    for a, b in zip(reference, fast):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
 def test_short_sequences_leave_currents_in_the_buffer():
     # T < n_delay: initial slots due after the end pass to the final buffer, and its gradient
     # back to them.
@@ -187,3 +208,41 @@ def test_native_dispatch_for_delayed_cells(monkeypatch):
     strict = kspike.SpikingRNN(kspike.LIF(UNITS, n_delay=3, seed=1), native=True)
     with pytest.raises(ValueError, match="native=True.*a mask was given"):
         strict(x, mask=mask)
+
+
+@needs_compiler
+def test_predict_evaluate_and_trainer_run_the_native_delayed_forward(monkeypatch):
+    # Without a tape, model.predict, model.evaluate and the Trainer's evaluation trace the
+    # native delayed forward alone (no backward buffers), with the spikes of the TensorFlow
+    # loop; a user's tf.function keeps the TensorFlow loop (it may be exported).
+    calls = _delayed_forward_calls(monkeypatch)
+    models = [keras.Sequential([
+        keras.Input((T, N_IN)),
+        kspike.SpikingRNN(kspike.ALIF(UNITS, n_adaptive=6, thr=0.05, tau_adaptation=30.0,
+                                      n_refractory=1, n_delay=10, connectivity=0.5,
+                                      output="all", seed=3),
+                          return_sequences=True, native=flag),
+        kspike.LeakyReadout(3, seed=1)]) for flag in ("auto", False)]
+    fast, reference = models
+    reference.set_weights(fast.get_weights())
+    x = _inputs(batch=B, steps=T, features=N_IN, density=0.5)
+    y = np.random.default_rng(0).random((B, T, 3)).astype("float32")
+    spikes = [keras.Model(m.inputs, m.layers[0].output).predict(x, batch_size=8, verbose=0)
+              for m in models]
+    assert calls == [False, False], calls            # a full batch of 8 and a partial one
+    assert 0.02 < spikes[1][..., :UNITS].mean() < 0.6
+    np.testing.assert_array_equal(spikes[0][..., :UNITS], spikes[1][..., :UNITS])
+    np.testing.assert_allclose(spikes[0], spikes[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fast.predict(x, verbose=0), reference.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    for model in models:
+        model.compile(loss="mse")
+    np.testing.assert_allclose(fast.evaluate(x, y, verbose=0),
+                               reference.evaluate(x, y, verbose=0), rtol=1e-5)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(B)
+    losses = [kspike.Trainer(model, "adam", "mse", verbose=0).evaluate(data)["loss"]
+              for model in models]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    assert calls == [False] * 5, calls               # and predict, evaluate, the Trainer
+    tf.function(lambda v: fast(v))(x)
+    assert calls == [False] * 5, calls

@@ -875,6 +875,17 @@ static void AllocateForwardOutputs(OpKernelContext* ctx, const NeuronAttrs& a, i
   *rf = r_final->flat<float>().data();
 }
 
+// The v, b (adaptive only: b_from null otherwise), z and r of a block of rows of a forward op:
+// `size` floats of each from element `at` of the *_from arrays into the *_to ones.
+static void CopyBlockStates(int64_t at, int64_t size, const float* v_from, const float* b_from,
+                            const float* z_from, const float* r_from, float* v_to, float* b_to,
+                            float* z_to, float* r_to) {
+  std::copy(v_from + at, v_from + at + size, v_to);
+  std::copy(r_from + at, r_from + at + size, r_to);
+  std::copy(z_from + at, z_from + at + size, z_to);
+  if (b_from != nullptr) std::copy(b_from + at, b_from + at + size, b_to);
+}
+
 class SpikingForwardOp : public OpKernel {
  public:
   explicit SpikingForwardOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -951,10 +962,8 @@ class SpikingForwardOp : public OpKernel {
       std::vector<uint8_t> allowed_scratch(n);
       for (int64_t first = shard_first; first < shard_last; first += block) {
         const int64_t last = std::min(shard_last, first + block), rows = last - first;
-        std::copy(v0 + first * n, v0 + last * n, v.begin());
-        std::copy(r0 + first * n, r0 + last * n, r.begin());
-        std::copy(z0 + first * n, z0 + last * n, z.begin());
-        if (a.adaptive) std::copy(b0 + first * n, b0 + last * n, b.begin());
+        CopyBlockStates(first * n, (last - first) * n, v0, b0, z0, r0, v.data(), b.data(),
+                        z.data(), r.data());
         for (int64_t t = 0; t < T; ++t) {
           if (!sparse_inputs) {
             // x_t W_in for the block's rows as one small product.
@@ -986,10 +995,9 @@ class SpikingForwardOp : public OpKernel {
           }
           z.swap(z_next);
         }
-        std::copy(v.begin(), v.begin() + rows * n, vf + first * n);
-        std::copy(r.begin(), r.begin() + rows * n, rf + first * n);
-        std::copy(z.begin(), z.begin() + rows * n, zf + first * n);
-        if (a.adaptive) std::copy(b.begin(), b.begin() + rows * n, bf + first * n);
+        CopyBlockStates(0, rows * n, v.data(), a.adaptive ? b.data() : nullptr, z.data(),
+                        r.data(), vf + first * n, a.adaptive ? bf + first * n : nullptr,
+                        zf + first * n, rf + first * n);
       }
       StreamFence();
     });
@@ -1906,9 +1914,12 @@ static inline void DelayedRowsScatter(const DelayedRows& rows, const int32_t* __
   for (int64_t c = 0; c < count; ++c) {
     const float zc = value[c];
     const int64_t i = index[c];
+    // The entries of one row hit distinct ring positions (distinct j), so the compiler may
+    // gather and scatter them in vectors.
+#pragma GCC ivdep
     for (int64_t k = rows.start[i]; k < rows.start[i + 1]; ++k) {
-      int64_t pos = at + offset[k];
-      pos -= size & -static_cast<int64_t>(pos >= size);   // wrap without a branch
+      int32_t pos = static_cast<int32_t>(at) + offset[k];
+      pos = pos >= static_cast<int32_t>(size) ? pos - static_cast<int32_t>(size) : pos;
       ring[pos] += zc * weight[k];
     }
   }
@@ -1932,6 +1943,7 @@ REGISTER_OP("KspikeDelayedForward")
     .Attr("store_z: bool = true")
     .Attr("store_v: bool = true")
     .Attr("store_backward: bool = true")
+    .Attr("rows_per_block: int = 0")   // rows run over all T steps at a time (0: own choice)
     .Output("z: float")             // (B, T, n)
     .Output("v: float")             // (T, B, n)
     .Output("threshold: float")     // (T, B, n) or (0, B, n) for LIF
@@ -1982,6 +1994,8 @@ class DelayedForwardOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_z", &store_z_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_v", &store_v_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("store_backward", &store_backward_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("rows_per_block", &rows_per_block_));
+    OP_REQUIRES(ctx, rows_per_block_ >= 0, InvalidArgument("rows_per_block must be >= 0"));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -2055,57 +2069,66 @@ class DelayedForwardOp : public OpKernel {
     DelayedRows in_rows, rec_rows;
     BuildDelayedRows(W_in, Din, n_in, n, &in_rows);
     if (W != nullptr) BuildDelayedRows(W, Drec, n, n, &rec_rows);
-    ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t) {
-      const int64_t rows = last - first;
-      std::vector<float> v(v0 + first * n, v0 + last * n), r(r0 + first * n, r0 + last * n);
-      std::vector<float> z(z0 + first * n, z0 + last * n), z_next(rows * n);
-      std::vector<float> b;
-      if (a.adaptive) b.assign(b0 + first * n, b0 + last * n);
-      std::vector<float> ring(D * n), current(n);
+    // A shard runs its rows in blocks, each over all T steps (as SpikingForwardOp): the rings
+    // (D n floats a row) and states of a block stay in cache from one step to the next, where
+    // those of a whole shard would be read back from memory at every step.
+    const int64_t block = rows_per_block_ > 0 ? rows_per_block_
+                          : std::max<int64_t>(1, kForwardBlockBytes / (4 * n * (D + 6)));
+    ForEachShard(ctx, B, 8, [&](int64_t shard_first, int64_t shard_last, int64_t) {
+      const int64_t max_rows = std::min(block, shard_last - shard_first);
+      std::vector<float> v(max_rows * n), r(max_rows * n), z(max_rows * n);
+      std::vector<float> z_next(max_rows * n), b(a.adaptive ? max_rows * n : 0);
+      std::vector<float> ring(max_rows * D * n);
+      std::vector<float> current(n);
       std::vector<int32_t> index(std::max(n, n_in));
       std::vector<float> value(std::max(n, n_in));
       std::vector<float> v_scratch(n), a_scratch(n);
       std::vector<uint8_t> allowed_scratch(n);
-      // Rows are independent: each runs all its steps while its ring of future currents and
-      // its inputs stream through the nearest cache.
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t row = first + i;
-        // The ring: slot d of i_future is step d, i.e. ring slot d.
-        float* rg = ring.data();
-        std::copy(buf0 + row * D * n, buf0 + (row + 1) * D * n, rg);
-        float* zi = z.data() + i * n;
-        float* zn = z_next.data() + i * n;
+      for (int64_t first = shard_first; first < shard_last; first += block) {
+        const int64_t last = std::min(shard_last, first + block), rows = last - first;
+        CopyBlockStates(first * n, (last - first) * n, v0, b0, z0, r0, v.data(), b.data(),
+                        z.data(), r.data());
+        // The rings of the block's rows: slot d of i_future is step d, i.e. ring slot d.
+        std::copy(buf0 + first * D * n, buf0 + last * D * n, ring.begin());
         for (int64_t t = 0; t < T; ++t) {
           const int64_t base = t % D;
-          const float* x_t = X + (row * T + t) * n_in;
-          int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
-          DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
-          if (W != nullptr) {
-            count = Nonzeros(zi, n, index.data(), value.data());
-            DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
+          const int64_t step_at = (t * B + first) * n;
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t row = first + i;
+            float* rg = ring.data() + i * D * n;
+            const float* x_t = X + (row * T + t) * n_in;
+            int64_t count = Nonzeros(x_t, n_in, index.data(), value.data());
+            DelayedRowsScatter(in_rows, index.data(), value.data(), count, n, D, base, rg);
+            if (t + 1 < T) Prefetch(x_t + n_in, n_in * sizeof(float));
+            const float* z_prev = z.data() + i * n;
+            if (W != nullptr) {
+              count = Nonzeros(z_prev, n, index.data(), value.data());
+              DelayedRowsScatter(rec_rows, index.data(), value.data(), count, n, D, base, rg);
+            }
+            float* slot = rg + base * n;
+            float* cur = current.data();
+            std::copy(slot, slot + n, cur);
+            std::fill(slot, slot + n, 0.0f);
+            ForwardRowStep(fwd, t, row, step_at + i * n, cur, z_prev, v.data() + i * n,
+                           a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n,
+                           z_next.data() + i * n, v_scratch.data(), a_scratch.data(),
+                           allowed_scratch.data());
           }
-          float* slot = rg + base * n;
-          float* cur = current.data();
-          std::copy(slot, slot + n, cur);
-          std::fill(slot, slot + n, 0.0f);
-          ForwardRowStep(fwd, t, row, (t * B + row) * n, cur, zi, v.data() + i * n,
-                         a.adaptive ? b.data() + i * n : nullptr, r.data() + i * n, zn,
-                         v_scratch.data(), a_scratch.data(), allowed_scratch.data());
-          std::swap(zi, zn);
+          z.swap(z_next);
         }
-        // zi holds z_T; keep it in z's row.
-        if (zi != z.data() + i * n) std::copy(zi, zi + n, z.data() + i * n);
-        float* out = buff + row * D * n;
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t s = (T + d) % D;
-          std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
+        for (int64_t i = 0; i < rows; ++i) {
+          const float* rg = ring.data() + i * D * n;
+          float* out = buff + (first + i) * D * n;
+          for (int64_t d = 0; d < D; ++d) {
+            const int64_t s = (T + d) % D;
+            std::copy(rg + s * n, rg + (s + 1) * n, out + d * n);
+          }
         }
+        CopyBlockStates(0, rows * n, v.data(), a.adaptive ? b.data() : nullptr, z.data(),
+                        r.data(), vf + first * n, a.adaptive ? bf + first * n : nullptr,
+                        zf + first * n, rf + first * n);
       }
-      std::copy(v.begin(), v.end(), vf + first * n);
-      std::copy(r.begin(), r.end(), rf + first * n);
-      std::copy(z.begin(), z.end(), zf + first * n);
-      if (a.adaptive) std::copy(b.begin(), b.end(), bf + first * n);
-     StreamFence();
+      StreamFence();
     });
   }
 
@@ -2113,6 +2136,7 @@ class DelayedForwardOp : public OpKernel {
   NeuronAttrs a_;
   int n_delay_ = 1;
   bool store_z_ = true, store_v_ = true, store_backward_ = true;
+  int rows_per_block_ = 0;
 };
 
 REGISTER_KERNEL_BUILDER(Name("KspikeDelayedForward").Device(DEVICE_CPU), DelayedForwardOp);
