@@ -1886,21 +1886,31 @@ struct DelayedRows {
   std::vector<float> weight;
 };
 
-static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
-                             DelayedRows* rows) {
-  rows->start.assign(m + 1, 0);
-  rows->offset.clear();
-  rows->weight.clear();
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
+// The nonzero entries of W (m x n) by rows (offset d_ij * n + j) or, by_columns, by columns
+// (offset i - d_ij * m, see DelayedCols).
+static void BuildDelayedEntries(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                                bool by_columns, DelayedRows* out) {
+  const int64_t outer = by_columns ? n : m, inner = by_columns ? m : n;
+  out->start.assign(outer + 1, 0);
+  out->offset.clear();
+  out->weight.clear();
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t q = 0; q < inner; ++q) {
+      const int64_t i = by_columns ? q : o, j = by_columns ? o : q;
       const float w = W[i * n + j];
       if (w != 0.0f) {
-        rows->offset.push_back(static_cast<int32_t>(delays[i * n + j] * n + j));
-        rows->weight.push_back(w);
+        const int64_t d = delays[i * n + j];
+        out->offset.push_back(static_cast<int32_t>(by_columns ? i - d * m : d * n + j));
+        out->weight.push_back(w);
       }
     }
-    rows->start[i + 1] = static_cast<int64_t>(rows->offset.size());
+    out->start[o + 1] = static_cast<int64_t>(out->offset.size());
   }
+}
+
+static void BuildDelayedRows(const float* W, const int32_t* delays, int64_t m, int64_t n,
+                             DelayedRows* rows) {
+  BuildDelayedEntries(W, delays, m, n, false, rows);
 }
 
 // ring[(base + d_ij) % D][j] += value[c] * W_ij for i = index[c], over the nonzero weights of
@@ -2179,27 +2189,11 @@ static inline void DelayedRingGrad(const int32_t* __restrict index,
 // The nonzero weights of W (m x n, delays d) by columns j, each entry (i, d_ij) stored as
 // i - d_ij * n: the position, relative to slot `base` of a ring of D slots of m, of the
 // accumulator of step base - d_ij (wrapped into [0, D m) by adding D m when negative).
-struct DelayedCols {
-  std::vector<int64_t> start;
-  std::vector<int32_t> offset;
-  std::vector<float> weight;
-};
+using DelayedCols = DelayedRows;
 
 static void BuildDelayedCols(const float* W, const int32_t* delays, int64_t m, int64_t n,
                              DelayedCols* cols) {
-  cols->start.assign(n + 1, 0);
-  cols->offset.clear();
-  cols->weight.clear();
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < m; ++i) {
-      const float w = W[i * n + j];
-      if (w != 0.0f) {
-        cols->offset.push_back(static_cast<int32_t>(i - delays[i * n + j] * m));
-        cols->weight.push_back(w);
-      }
-    }
-    cols->start[j + 1] = static_cast<int64_t>(cols->offset.size());
-  }
+  BuildDelayedEntries(W, delays, m, n, true, cols);
 }
 
 // acc[step t - d_ij][i] += W_ij value[c] for j = index[c]: the terms of step t (ring slot base)
