@@ -8,7 +8,7 @@ S-TLLR's two forms at growing T.
 Timing: B=64 Poisson inputs (80 channels, 5% per step), one kspike.SpikingRNN layer of 256
 neurons (128 LIF + 128 ALIF, the native C++ loops), LeakyReadout(10), MSE on the last 56
 steps (a (B, T) sample weight). Each gradient function is one ``tf.function``; the median over
-``--repeats`` calls after one warm-up call. Rows: BPTT (``kspike.learning.BPTT``), STLLR(online=False)
+``--repeats`` calls after one warm-up call, the rules interleaved (each repeat times every rule once) so that all see the same load; wall and process CPU time. Rows: BPTT (``kspike.learning.BPTT``), STLLR(online=False)
 (the whole sequence at once), the same with ``last_steps=56`` and STLLR() (the default
 step-by-step loop whose memory does not depend on T); the ratio column is each time over
 BPTT's in this run.
@@ -51,26 +51,33 @@ def timing(batch, steps, repeats):
              ("STLLR online=False", kspike.learning.STLLR(online=False)),
              (f"STLLR last_steps={window}", kspike.learning.STLLR(online=False, last_steps=window)),
              ("STLLR (online, default)", kspike.learning.STLLR(online=True))]
-    results = []
+    functions = []
     for name, rule in rules:
         @tf.function
         def gradients(x, y, mask, rule=rule):
             return rule.compute(model, x, y, loss, sample_weight=mask).gradients
 
-        _ = [g.numpy() for g in gradients(x, y, mask) if g is not None]
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        _ = [g.numpy() for g in gradients(x, y, mask) if g is not None]       # trace, warm up
+        functions.append((name, gradients))
+    # Interleaved: every repeat times each rule once, so all rows see the same load.
+    wall = {name: [] for name, _ in functions}
+    cpu = {name: [] for name, _ in functions}
+    for _ in range(repeats):
+        for name, gradients in functions:
+            start, start_cpu = time.perf_counter(), time.process_time()
             _ = [g.numpy() for g in gradients(x, y, mask) if g is not None]
-            times.append(time.perf_counter() - start)
-        results.append((name, float(np.median(times))))
-        print(f"  {name}: {results[-1][1]:.3f} s", flush=True)
-    base = results[0][1]
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    results = [(name, float(np.median(wall[name])), float(np.median(cpu[name])))
+               for name, _ in functions]
+    base, base_cpu = results[0][1], results[0][2]
     print(f"\nB={batch}, T={steps}, 80 inputs, {units} neurons (half ALIF), LeakyReadout(10), "
-          f"MSE on the last {window} steps; median of {repeats} calls")
-    print(f"{'rule':28s} {'s/gradient':>10s} {'x BPTT':>7s}")
-    for name, seconds in results:
-        print(f"{name:28s} {seconds:10.3f} {seconds / base:7.2f}")
+          f"MSE on the last {window} steps; median of {repeats} interleaved calls "
+          f"(wall time and process CPU time)")
+    print(f"{'rule':28s} {'s/gradient':>10s} {'x BPTT':>7s} {'CPU s':>8s} {'x BPTT':>7s}")
+    for name, seconds, cpu_seconds in results:
+        print(f"{name:28s} {seconds:10.3f} {seconds / base:7.2f} {cpu_seconds:8.3f} "
+              f"{cpu_seconds / base_cpu:7.2f}")
 
 
 def memory(steps_list, repeats, rules=("stllr_online", "stllr")):

@@ -376,6 +376,98 @@ def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto"):
             "final": list(final)}
 
 
+def native_rule_ops(dtype):
+    """The op module for the local rules' native helper ops (``KspikeLinearFilter``,
+    ``KspikeSparseTransposeProduct``, ``KspikeStllrModulation``) in ``dtype``, or None
+    (use TensorFlow's ops): None outside CPU-only processes, inside XLA, for dtypes other
+    than float32/float64, and where the native library does not load."""
+    if tf.as_dtype(dtype) not in (tf.float32, tf.float64) or compat.in_xla_context():
+        return None
+    if tf.config.list_logical_devices("GPU"):
+        return None
+    return native_module.load()
+
+
+def _scan_filter(seq, decay, gain, initial, reverse):
+    if gain == 1.0:
+        step = lambda carry, s: decay * carry + s
+    else:
+        step = lambda carry, s: decay * carry + gain * s
+    return tf.scan(step, seq, initializer=initial, reverse=reverse)
+
+
+def linear_filter(seq, decay, gain=1.0, initial=None, reverse=False, native="auto"):
+    """y_t = decay y_{t-1} + gain s_t over the first (time) axis of ``seq`` (S, ...), from
+    y_{-1} = ``initial`` (default zeros); ``reverse=True`` runs backward in time, y_t =
+    decay y_{t+1} + gain s_t from y_S = ``initial``. Returns y, shaped like ``seq``.
+
+    The exponential filters of the local rules (traces, the readout filter moved onto the
+    learning signal). ``decay`` and ``gain`` are Python numbers. Where the native library
+    loads (CPU, float32/float64, outside XLA; ``native="auto"``) one C++ op
+    (``KspikeLinearFilter``) runs all steps, with the products and the sum of TensorFlow's
+    expression ``decay * carry + gain * s`` in its order, so the result is that of the
+    ``tf.scan`` it replaces bit for bit; else (or with ``native=False``) that ``tf.scan``.
+    Differentiable in ``seq`` and ``initial`` (the gradient is the same filter run the other
+    way). Not for functions that are exported: the op is kspike's own.
+    """
+    seq = tf.convert_to_tensor(seq)
+    decay, gain = float(decay), float(gain)
+    if initial is None:
+        initial = tf.zeros_like(seq[0])
+    initial = tf.cast(initial, seq.dtype)
+    if (seq.shape.rank is not None and initial.shape.rank is not None
+            and not initial.shape.is_compatible_with(seq.shape[1:])):
+        raise ValueError(f"linear_filter: initial must have the shape of seq without its time "
+                         f"axis, {tuple(seq.shape[1:])}, got {tuple(initial.shape)}")
+    ops = native_rule_ops(seq.dtype) if native is not False else None
+    if ops is None:
+        return _scan_filter(seq, decay, gain, initial, reverse)
+    return _native_filter(ops, seq, initial, decay, gain, reverse)
+
+
+def _native_filter(ops, seq, initial, decay, gain, reverse):
+    dtype = seq.dtype
+    d, g = tf.constant(decay, dtype), tf.constant(gain, dtype)
+
+    @tf.custom_gradient
+    def run(s, y0):
+        y = ops.kspike_linear_filter(s, y0, d, g, reverse=reverse)
+
+        def grad(upstream):
+            # dL/ds_t = gain G_t, G the upstream filtered the other way with gain 1;
+            # dL/dy0 = decay G at the step that read y0.
+            back = ops.kspike_linear_filter(upstream, tf.zeros_like(y0), d,
+                                            tf.constant(1.0, dtype), reverse=not reverse)
+            first = back[-1] if reverse else back[0]
+            return (back if gain == 1.0 else g * back), d * first
+
+        return y, grad
+
+    return run(seq, initial)
+
+
+def sparse_transpose_matmul(a, b, native="auto"):
+    """a^T b for a (R, p) with mostly zero entries (spikes, spike inputs) and b (R, q): the
+    weight gradients sum_t p_t^T m_t the local rules form from stored (T * B, .) sequences.
+
+    Where the native library loads (float32, CPU, outside XLA; ``native="auto"``) one C++ op
+    (``KspikeSparseTransposeProduct``) adds, for every nonzero a[r, i], a[r, i] b[r] to row i
+    of the result: nnz(a) * q multiply-adds instead of R * p * q (it runs a dense product
+    when more than an eighth of ``a`` is nonzero). The sums run in another order than
+    ``tf.matmul``'s (float round-off only). Else, and for narrow ``b`` (q < 64, whose rows
+    are too short to repay the sparse bookkeeping), ``tf.matmul(a, b, transpose_a=True)``. Not
+    differentiable and not for exported functions: for gradients formed by a rule.
+    """
+    a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)
+    ops = None
+    wide = b.shape.rank == 2 and b.shape[1] is not None and b.shape[1] >= 64
+    if native is not False and a.dtype == tf.float32 and b.dtype == tf.float32 and wide:
+        ops = native_rule_ops(a.dtype)
+    if ops is None:
+        return tf.matmul(a, b, transpose_a=True)
+    return ops.kspike_sparse_transpose_product(tf.stop_gradient(a), tf.stop_gradient(b))
+
+
 def native_neuron_attrs(cell, params):
     """The neuron attributes (keyword arguments) of kspike's native ops for ``cell`` with
     ``params``, for rules that call the native forward op themselves."""

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import dynamics
+from kspike import dynamics, engine
 from kspike.learning import online as online_rules
 from kspike.learning.base import LearningRule, RuleResult
 from kspike.regularizers import SpikeRate, firing_rate_logs
@@ -696,7 +696,6 @@ def _forward_states(layer, weights, inputs, batch, dtype, state0=None):
     Returns a dict of time-major (T, B, n) sequences: "z" (spikes), "v", "A" (the adaptive
     threshold, None for a LIF cell), "allowed" (0/1, None without refractoriness), "z0"
     (B, n) and "final" (the ``NeuronState`` after the last step)."""
-    from kspike import engine
     cell = layer.cell
     initial = (cell.get_initial_state(batch) if state0 is None
                else cell.unpack_state(state0))
@@ -775,8 +774,7 @@ def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batc
     n_out = plan.readout.units
     projected = tf.reshape(tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), kernel),
                            (steps, batch, n_out))
-    filtered = tf.scan(lambda acc, u: kappa * acc + (1.0 - kappa) * u, projected,
-                       initializer=tf.zeros_like(projected[0]))
+    filtered = engine.linear_filter(projected, kappa, 1.0 - kappa)
     predictions = tf.transpose(filtered, (1, 0, 2))
     if bias is not None:
         predictions = predictions + bias
@@ -898,8 +896,8 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
                            for n, r in zip(carry["counts"], records)]
         # The readout of the chunk (LeakyReadout.step), its loss terms and output errors.
         projected = tf.einsum("tbn,no->tbo", inputs, kernel)
-        filtered = tf.scan(lambda acc, u: kappa * acc + (1.0 - kappa) * u, projected,
-                           initializer=carry["filtered"])
+        filtered = engine.linear_filter(projected, kappa, 1.0 - kappa,
+                                        initial=carry["filtered"])
         carry["filtered"] = filtered[-1]
         outputs = filtered if bias is None else filtered + bias
         carry["ys"] = carry["ys"].write(c, outputs)
@@ -928,8 +926,8 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
                 lv["trace_sum"] = lv["trace_sum"] + trace_sum
             if i == last or net.adaptive_feedback:
                 # dE/dW_out^T = sum_t err_t^T zhat_t with zhat the readout-filtered spikes.
-                zhat = tf.scan(lambda acc, z: kappa * acc + (1.0 - kappa) * z, record["z"],
-                               initializer=lv["zhat"])
+                zhat = engine.linear_filter(record["z"], kappa, 1.0 - kappa,
+                                            initial=lv["zhat"])
                 lv["zhat"] = zhat[-1]
                 lv["feedback_grad"] = lv["feedback_grad"] + tf.matmul(
                     flat_error, tf.reshape(zhat, (-1, layer.units)), transpose_a=True)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import compat, dynamics, graph
+from kspike import compat, dynamics, engine, graph
 
 
 class LayerPlan(NamedTuple):
@@ -230,8 +230,7 @@ def backward_filter(error, kappa):
 
     The readout filter moved onto the learning signal: sum_t L_t ebar_t = sum_t Ltilde_t e_t."""
     seq = tf.transpose(error, (1, 0, 2))
-    out = tf.scan(lambda carry, e: kappa * carry + (1.0 - kappa) * e, seq,
-                  initializer=tf.zeros_like(seq[0]), reverse=True)
+    out = engine.linear_filter(seq, kappa, 1.0 - kappa, reverse=True)
     return tf.transpose(out, (1, 0, 2))
 
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kspike import dynamics
+from kspike import dynamics, engine
 from kspike.learning import online as online_rules
 from kspike.learning.base import RuleResult
 from kspike.learning.eprop import FeedbackRule
@@ -294,6 +294,30 @@ class STLLR(FeedbackRule):
             psi = psi * tf.cast(allowed, psi.dtype)
         return psi
 
+    def _native_psi(self, rec, params):
+        """psi of a layer's stored (T, B, n) sequences in one native op
+        (``KspikePseudoDerivative``, the float operations of ``_psi`` in its order) for the
+        paper's psi or a catalogue surrogate on float32 sequences of the native forward op;
+        None where that does not apply (``_psi`` then runs)."""
+        v = rec["v"]
+        ops = engine.native_rule_ops(v.dtype) if v.dtype == tf.float32 else None
+        if ops is None or (rec["allowed"] is not None and rec.get("allowed_u8") is None):
+            return None
+        if self.secondary_activation is None:
+            attrs = {"stllr": True}
+        elif self.secondary_activation == "surrogate":
+            attrs = engine.native_surrogate_attrs(params.spike_function)
+            if attrs is None:
+                return None
+        else:
+            return None
+        A = rec["A"]
+        threshold = tf.constant(A, tf.float32) if isinstance(A, float) else A
+        allowed = rec.get("allowed_u8")
+        if allowed is None:
+            allowed = tf.zeros((0,), tf.uint8)
+        return ops.kspike_pseudo_derivative(v, threshold, allowed, **attrs)
+
     @tf.autograph.experimental.do_not_convert
     def _compute_recurrent(self, plan, model, x, y, loss, sample_weight, regularizers,
                            training):
@@ -402,7 +426,7 @@ class STLLR(FeedbackRule):
         """
         dtype = plan.dtype
         kappa = plan.readout.kappa
-        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
+        lambda_post, lambda_pre = self.factors[:2]
         err = tf.transpose(error, (1, 0, 2))                                # (T, B, n_out)
         steps = tf.shape(err)[0]
         first = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
@@ -424,27 +448,29 @@ class STLLR(FeedbackRule):
         for rec, w, (_, state, A, allowed), signal in zip(records, weights, steps_out,
                                                            signals):
             shape = tf.shape(rec["v"])
-            psi = tf.reshape(self._psi(state, A, w.params, allowed), shape)   # (T, B, n)
+            psi = self._native_psi(rec, w.params)                              # (T, B, n)
+            if psi is None:
+                psi = tf.reshape(self._psi(state, A, w.params, allowed), shape)
             signal = tf.reshape(signal, shape)
             # trace_post(t0 - 1), then trace_post(t - 1) over the updated steps.
             post_before = _decayed_sum(psi[:first], lambda_post)
-            psi_late, signal_late = psi[first:], signal[first:]
-            post = _forward_filter(psi_late, lambda_post, post_before)
-            post_previous = tf.concat([post_before[None], post[:-1]], axis=0)
-            u_filtered = _backward_filter(alpha_pre * psi_late * signal_late, lambda_pre)
-            m = alpha_post * post_previous * signal_late + u_filtered
+            m, u_first = _modulation(psi[first:], signal[first:], post_before, self.factors)
             m_flat = tf.reshape(m, (-1, rec["units"]))
-            carried = u_filtered[0] if self.last_steps is not None else None
-            parts = [rec["x"]] + ([rec["z_previous"]] if w.recurrent_kernel is not None
-                                  else [])
+            carried = u_first if self.last_steps is not None else None
+            # (presynaptic sequence before the updated steps, kernel gradient): the input,
+            # and z_{t-1} (z0 at t = 0) as two products over views of z instead of one over
+            # a shifted copy of the whole sequence.
+            parts = [(rec["x"][:first], engine.sparse_transpose_matmul(
+                tf.reshape(rec["x"][first:], (-1, rec["x"].shape[-1])), m_flat))]
+            if w.recurrent_kernel is not None:
+                parts.append((_shifted(rec["z0"], rec["z"][:first])[:first],
+                              _shifted_product(rec["z0"], rec["z"], m, first)))
             kernel_grads = []
-            for part in parts:
-                g = tf.matmul(tf.reshape(part[first:], (-1, part.shape[-1])), m_flat,
-                              transpose_a=True)
+            for early, g in parts:
                 if carried is not None:
                     # trace_pre(t0) = lambda_pre trace_pre(t0 - 1) + p_t0: the earlier
                     # steps' part of the first updated step's trace.
-                    before = lambda_pre * _decayed_sum(part[:first], lambda_pre)
+                    before = lambda_pre * _decayed_sum(early, lambda_pre)
                     g = g + tf.matmul(before, carried, transpose_a=True)
                 kernel_grads.append(g)
             g_bias = None
@@ -458,9 +484,9 @@ class STLLR(FeedbackRule):
             grads.append((kernel_grads[0], g_rec, g_bias))
         z_last = records[-1]["z"]
         filtered = online_rules.backward_filter(error, kappa)              # (B, T, n_out)
-        readout_grad = tf.matmul(tf.reshape(z_last, (-1, z_last.shape[-1])),
-                                 tf.reshape(tf.transpose(filtered, (1, 0, 2)), (-1, n_out)),
-                                 transpose_a=True)
+        readout_grad = engine.sparse_transpose_matmul(
+            tf.reshape(z_last, (-1, z_last.shape[-1])),
+            tf.reshape(tf.transpose(filtered, (1, 0, 2)), (-1, n_out)))
         return grads, readout_grad
 
 
@@ -475,26 +501,61 @@ def _decayed_sum(seq, decay):
     return tf.reshape(out, tf.shape(seq)[1:])
 
 
+def _shifted(z0, z):
+    """z_{t-1} of every step t, (T, B, n): z0 then z_0 ... z_{T-2}."""
+    return tf.concat([z0[None], z[:-1]], axis=0)
+
+
+def _shifted_product(z0, z, m, first):
+    """sum_{t >= first} z_{t-1}^T m_{t - first} with z_{-1} = z0 and m over the steps from
+    ``first`` on: the recurrent kernel's gradient without a shifted copy of z."""
+    n, q = z.shape[-1], m.shape[-1]
+    # Steps t >= max(first, 1) read z_{t-1} from z; step 0 (when updated) reads z0.
+    start = tf.maximum(first, 1)
+    steps = tf.shape(z)[0]
+    rest = engine.sparse_transpose_matmul(tf.reshape(z[start - 1:steps - 1], (-1, n)),
+                                          tf.reshape(m[start - first:], (-1, q)))
+    head = tf.matmul(z0, m[0], transpose_a=True)
+    return rest + head * tf.cast(tf.equal(first, 0), head.dtype)
+
+
+def _modulation(psi, signal, post_before, factors):
+    """M_t = alpha_post trace_post(t-1) L_t + ubar_t over (S, B, n) sequences psi_t and L_t
+    from trace_post(-1) = ``post_before``, with ubar the backward filter (decay lambda_pre) of
+    alpha_pre psi_t L_t; returns (M, ubar_0). One native op where it loads (the same
+    products and sums in the same order, so the same result bit for bit), else TensorFlow's
+    filters and element-wise ops."""
+    lambda_post, lambda_pre, alpha_post, alpha_pre = factors
+    ops = engine.native_rule_ops(psi.dtype)
+    if ops is not None:
+        return ops.kspike_stllr_modulation(
+            psi, signal, post_before,
+            tf.constant([lambda_post, lambda_pre, alpha_post, alpha_pre], psi.dtype))
+    post = _forward_filter(psi, lambda_post, post_before)
+    post_previous = tf.concat([post_before[None], post[:-1]], axis=0)
+    u_filtered = _backward_filter(alpha_pre * psi * signal, lambda_pre)
+    return alpha_post * post_previous * signal + u_filtered, u_filtered[0]
+
+
 def _forward_filter(seq, decay, initial):
     """trace_t = decay trace_{t-1} + seq_t with trace_{-1} = initial, (S, B, n)."""
-    return tf.scan(lambda carry, s: decay * carry + s, seq, initializer=initial)
+    return engine.linear_filter(seq, decay, initial=initial)
 
 
 def _backward_filter(seq, decay):
     """out_t = sum_{t' >= t} decay^(t' - t) seq_t', (S, B, n)."""
-    return tf.scan(lambda carry, s: decay * carry + s, seq,
-                   initializer=tf.zeros_like(seq[0]), reverse=True)
+    return engine.linear_filter(seq, decay, reverse=True)
 
 
 def _recurrent_sequences(plan, model, weights, x):
     """One forward pass of the spiking layers keeping, time-major (T, B, n), what the rule
-    needs: each layer's input ``x``, spikes ``z``, ``z_previous`` (z_{t-1}), voltage ``v``,
-    threshold ``A`` (the float thr for LIF cells) and refractory mask ``allowed`` (or None).
+    needs: each layer's input ``x``, spikes ``z`` and ``z0`` (z_{-1}), voltage ``v``,
+    threshold ``A`` (the float thr for LIF cells) and refractory mask ``allowed`` (bool, or
+    None; ``allowed_u8``: the native forward op's uint8 mask, or None).
 
     The loops are kspike's engine (``kspike.engine``): its native C++ forward loop where it
     applies to the cell (float32, catalogue surrogate, CPU), else its TensorFlow loop; the
     weights are detached (gradients are formed by the rule, not by autodiff)."""
-    from kspike import engine
     records = []
     inputs = x                                                    # (B, T, n_in)
     batch = tf.shape(x)[0]
@@ -513,10 +574,11 @@ def _recurrent_sequences(plan, model, weights, x):
         z_batch = tf.transpose(z, (1, 0, 2))
         if A is None:
             A = float(params.thr)
+        allowed_u8 = allowed if allowed is not None and allowed.dtype == tf.uint8 else None
         if allowed is not None:
             allowed = tf.not_equal(tf.cast(allowed, dtype), 0.0)
-        records.append({"x": x_time, "z": z, "z_previous": tf.concat([z0[None], z[:-1]], 0),
-                        "v": v, "A": A, "allowed": allowed, "units": layer.units})
+        records.append({"x": x_time, "z": z, "z0": z0, "v": v, "A": A, "allowed": allowed,
+                        "allowed_u8": allowed_u8, "units": layer.units})
         inputs = z_batch
     return records
 
@@ -530,8 +592,7 @@ def _sequence_outputs(plan, readout, records):
     z = records[-1]["z"]                                             # (T, B, n)
     projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
                            tf.concat([tf.shape(z)[:2], tf.shape(kernel)[1:]], 0))
-    filtered = tf.scan(lambda carry, s: kappa * carry + (1.0 - kappa) * s, projected,
-                       initializer=tf.zeros_like(projected[0]))
+    filtered = engine.linear_filter(projected, kappa, 1.0 - kappa)
     if bias is not None:
         filtered = filtered + bias
     counts = [tf.reduce_sum(rec["z"], axis=(0, 1)) for rec in records]

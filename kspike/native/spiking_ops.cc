@@ -53,6 +53,7 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
+using tensorflow::TensorShapeUtils;
 using tensorflow::errors::InvalidArgument;
 using tensorflow::shape_inference::InferenceContext;
 
@@ -2962,5 +2963,378 @@ REGISTER_KERNEL_BUILDER(Name("KspikeEpropTraces").Device(DEVICE_CPU).TypeConstra
                         EpropTracesOp<double>);
 
 #pragma GCC pop_options
+
+// ------------------------------------------------------------------ linear filters over time
+// y_t = decay y_{t-1} + gain s_t along the first axis of a time-major sequence (S, ...), from
+// y_{-1} = initial (reverse: y_t = decay y_{t+1} + gain s_t from y_S = initial), the
+// exponential filters of the local rules' traces and learning signals
+// (kspike.engine.linear_filter). The same two products and one sum per entry, in the order of
+// TensorFlow's expression `decay * carry + gain * s`, so the result is that of a tf.scan
+// of it bit for bit. The columns are split over the intra-op threads; each runs every step
+// of its columns.
+REGISTER_OP("KspikeLinearFilter")
+    .Input("seq: T")       // (S, ...) time-major
+    .Input("initial: T")   // (...) the state before the first step taken
+    .Input("decay: T")     // scalar
+    .Input("gain: T")      // scalar
+    .Output("out: T")      // (S, ...)
+    .Attr("T: {float, double}")
+    .Attr("reverse: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return tensorflow::OkStatus();
+    });
+
+template <typename T>
+class LinearFilterOp : public OpKernel {
+ public:
+  explicit LinearFilterOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reverse", &reverse_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& seq = ctx->input(0);
+    const Tensor& initial = ctx->input(1);
+    OP_REQUIRES(ctx, seq.dims() >= 1,
+                InvalidArgument("seq must have a time axis, got shape ", seq.shape().DebugString()));
+    OP_REQUIRES(ctx, TensorShapeUtils::IsScalar(ctx->input(2).shape()) &&
+                         TensorShapeUtils::IsScalar(ctx->input(3).shape()),
+                InvalidArgument("decay and gain must be scalars"));
+    const int64_t S = seq.dim_size(0);
+    const int64_t M = S > 0 ? seq.NumElements() / S : 0;
+    TensorShape state_shape = seq.shape();
+    state_shape.RemoveDim(0);
+    OP_REQUIRES(ctx, initial.shape() == state_shape,
+                InvalidArgument("initial must have shape ", state_shape.DebugString(),
+                                " (seq without its time axis), got ",
+                                initial.shape().DebugString()));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, seq.shape(), &out));
+    if (S == 0 || M == 0) return;
+    const T decay = ctx->input(2).scalar<T>()();
+    const T gain = ctx->input(3).scalar<T>()();
+    const T* s = seq.flat<T>().data();
+    const T* y0 = initial.flat<T>().data();
+    T* y = out->flat<T>().data();
+    const bool reverse = reverse_;
+    // Column blocks of 512 entries keep a block's state in L1 while the steps run.
+    constexpr int64_t kBlock = 512;
+    const int64_t n_blocks = (M + kBlock - 1) / kBlock;
+    ForEachShard(ctx, n_blocks, 1, [&](int64_t first, int64_t last, int64_t) {
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t c0 = blk * kBlock, width = std::min(kBlock, M - c0);
+        const T* carry = y0 + c0;
+        for (int64_t k = 0; k < S; ++k) {
+          const int64_t t = reverse ? S - 1 - k : k;
+          const T* __restrict st = s + t * M + c0;
+          T* __restrict yt = y + t * M + c0;
+          for (int64_t c = 0; c < width; ++c) yt[c] = decay * carry[c] + gain * st[c];
+          carry = yt;
+        }
+      }
+    });
+  }
+
+ private:
+  bool reverse_ = false;
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeLinearFilter").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        LinearFilterOp<float>);
+REGISTER_KERNEL_BUILDER(Name("KspikeLinearFilter").Device(DEVICE_CPU).TypeConstraint<double>("T"),
+                        LinearFilterOp<double>);
+
+// ------------------------------------------------------------------ products with spikes
+// out (p, q) = P^T M for P (R, p) with mostly zero entries (spikes z_t, z_{t-1}, spike inputs)
+// and a dense M (R, q): the weight gradients sum_t p_t^T m_t of the local rules formed from
+// stored sequences (kspike.engine.sparse_transpose_matmul). Each row's nonzeros of P are
+// collected; the pairs (nonzero i of row r, r) of a block of rows are summed per output row i
+// in registers (WeightGradBlock), so the work is nnz(P) * q instead of R * p * q. The rows are
+// split over the intra-op threads (a (p, q) sum each, added in shard order). When more than an
+// eighth of P is nonzero (measured: the sparse sums then cost as much as a dense product),
+// Eigen's dense product runs instead.
+REGISTER_OP("KspikeSparseTransposeProduct")
+    .Input("a: float")   // (R, p)
+    .Input("b: float")   // (R, q)
+    .Output("out: float")  // (p, q)
+    .SetShapeFn([](InferenceContext* c) {
+      tensorflow::shape_inference::ShapeHandle a, b;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &a));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &b));
+      c->set_output(0, c->Matrix(c->Dim(a, 1), c->Dim(b, 1)));
+      return tensorflow::OkStatus();
+    });
+
+class SparseTransposeProductOp : public OpKernel {
+ public:
+  explicit SparseTransposeProductOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& a = ctx->input(0);
+    const Tensor& b = ctx->input(1);
+    OP_REQUIRES(ctx, a.dims() == 2 && b.dims() == 2 && a.dim_size(0) == b.dim_size(0),
+                InvalidArgument("a and b must be matrices with the same number of rows, got ",
+                                a.shape().DebugString(), " and ", b.shape().DebugString()));
+    const int64_t R = a.dim_size(0), P = a.dim_size(1), Q = b.dim_size(1);
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({P, Q}), &out));
+    float* result = out->flat<float>().data();
+    std::fill(result, result + P * Q, 0.0f);
+    if (R == 0 || P == 0 || Q == 0) return;
+    const float* A = a.flat<float>().data();
+    const float* M = b.flat<float>().data();
+    auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+    std::vector<std::vector<float>> sums(std::max<int64_t>(1, workers->NumThreads()));
+    std::vector<int64_t> counts(std::max<int64_t>(1, workers->NumThreads()), 0);
+    ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
+      counts[shard] = CountNonzeros(A + first * P, (last - first) * P);
+    });
+    int64_t nonzeros = 0;
+    for (int64_t c : counts) nonzeros += c;
+    if (8 * nonzeros > R * P) {
+      ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
+        sums[shard].assign(P * Q, 0.0f);
+        Eigen::Map<const RowMatrix> a_rows(A + first * P, last - first, P);
+        Eigen::Map<const RowMatrix> m_rows(M + first * Q, last - first, Q);
+        Eigen::Map<RowMatrix> sum(sums[shard].data(), P, Q);
+        sum.noalias() = a_rows.transpose() * m_rows;
+      });
+    } else {
+      // Blocks of rows whose rows of M stay in cache while their pairs are summed.
+      const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(Q, 1));
+      ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
+        sums[shard].assign(P * Q, 0.0f);
+        WeightGradBlock pairs(P, Q);
+        std::vector<int32_t> index(P);
+        std::vector<float> value(P);
+        for (int64_t r0 = first; r0 < last; r0 += block) {
+          const int64_t r1 = std::min(last, r0 + block);
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t count = Nonzeros(A + r * P, P, index.data(), value.data());
+            pairs.Add(index.data(), value.data(), count, r);
+          }
+          pairs.Flush(M, sums[shard].data());
+        }
+      });
+    }
+    SumShards(sums, P * Q, result);
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeSparseTransposeProduct").Device(DEVICE_CPU),
+                        SparseTransposeProductOp);
+
+// ------------------------------------------------------------------ S-TLLR modulation
+// The per-neuron factor M of S-TLLR's weight gradient P^T M from stored sequences
+// (kspike/learning/stllr.py, STLLR(online=False); docs/stllr.md), (S, B, n) time-major:
+//   post_t = lambda_post post_{t-1} + psi_t from post_{-1} = post_before,
+//   ubar_t = lambda_pre ubar_{t+1} + (alpha_pre psi_t) signal_t from ubar_S = 0,
+//   m_t    = (alpha_post post_{t-1}) signal_t + ubar_t,
+// and ubar_0. One forward sweep writes the first term of m, one backward sweep adds ubar, with
+// every product and sum in the order of the TensorFlow expressions they replace (so the result
+// is theirs bit for bit).
+REGISTER_OP("KspikeStllrModulation")
+    .Input("psi: T")           // (S, B, n)
+    .Input("signal: T")        // (S, B, n)
+    .Input("post_before: T")   // (B, n)
+    .Input("factors: T")       // (4,) lambda_post, lambda_pre, alpha_post, alpha_pre
+    .Output("m: T")            // (S, B, n)
+    .Output("ubar0: T")        // (B, n)
+    .Attr("T: {float, double}")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      c->set_output(1, c->input(2));
+      return tensorflow::OkStatus();
+    });
+
+template <typename T>
+class StllrModulationOp : public OpKernel {
+ public:
+  explicit StllrModulationOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& psi = ctx->input(0);
+    const Tensor& signal = ctx->input(1);
+    const Tensor& before = ctx->input(2);
+    const Tensor& factors = ctx->input(3);
+    OP_REQUIRES(ctx, psi.dims() >= 1 && psi.shape() == signal.shape(),
+                InvalidArgument("psi and signal must have the same shape, got ",
+                                psi.shape().DebugString(), " and ",
+                                signal.shape().DebugString()));
+    TensorShape state_shape = psi.shape();
+    state_shape.RemoveDim(0);
+    OP_REQUIRES(ctx, before.shape() == state_shape,
+                InvalidArgument("post_before must have shape ", state_shape.DebugString(),
+                                ", got ", before.shape().DebugString()));
+    OP_REQUIRES(ctx, factors.NumElements() == 4,
+                InvalidArgument("factors must hold 4 values, got ", factors.NumElements()));
+    const int64_t S = psi.dim_size(0);
+    const int64_t M = state_shape.num_elements();
+    Tensor *m_out = nullptr, *ubar_out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, psi.shape(), &m_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, state_shape, &ubar_out));
+    const T* f = factors.flat<T>().data();
+    const T lambda_post = f[0], lambda_pre = f[1], alpha_post = f[2], alpha_pre = f[3];
+    const T* ps = psi.flat<T>().data();
+    const T* sg = signal.flat<T>().data();
+    const T* pb = before.flat<T>().data();
+    T* m = m_out->flat<T>().data();
+    T* ubar0 = ubar_out->flat<T>().data();
+    if (M == 0) return;
+    if (S == 0) {
+      std::fill(ubar0, ubar0 + M, T(0));
+      return;
+    }
+    constexpr int64_t kBlock = 256;
+    const int64_t n_blocks = (M + kBlock - 1) / kBlock;
+    ForEachShard(ctx, n_blocks, 1, [&](int64_t first, int64_t last, int64_t) {
+      T post[kBlock], ubar[kBlock];
+      for (int64_t blk = first; blk < last; ++blk) {
+        const int64_t c0 = blk * kBlock, width = std::min(kBlock, M - c0);
+        std::copy_n(pb + c0, width, post);
+        for (int64_t t = 0; t < S; ++t) {
+          const T* __restrict pt = ps + t * M + c0;
+          const T* __restrict st = sg + t * M + c0;
+          T* __restrict mt = m + t * M + c0;
+          for (int64_t c = 0; c < width; ++c) {
+            mt[c] = (alpha_post * post[c]) * st[c];
+            post[c] = lambda_post * post[c] + pt[c];
+          }
+        }
+        std::fill(ubar, ubar + width, T(0));
+        for (int64_t t = S - 1; t >= 0; --t) {
+          const T* __restrict pt = ps + t * M + c0;
+          const T* __restrict st = sg + t * M + c0;
+          T* __restrict mt = m + t * M + c0;
+          for (int64_t c = 0; c < width; ++c) {
+            ubar[c] = lambda_pre * ubar[c] + (alpha_pre * pt[c]) * st[c];
+            mt[c] = mt[c] + ubar[c];
+          }
+        }
+        std::copy_n(ubar, width, ubar0 + c0);
+      }
+    });
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikeStllrModulation").Device(DEVICE_CPU).TypeConstraint<float>("T"),
+                        StllrModulationOp<float>);
+REGISTER_KERNEL_BUILDER(Name("KspikeStllrModulation").Device(DEVICE_CPU).TypeConstraint<double>("T"),
+                        StllrModulationOp<double>);
+
+// ------------------------------------------------------------------ pseudo-derivative sequences
+// psi((v - A) / A) of whole stored sequences, 0 where refractory: the cell's catalogue
+// surrogate (the attributes of the backward ops) or, with stllr=true, S-TLLR's secondary
+// activation 1 / (100 |x| + 1)^2 (kspike.learning.stllr_secondary_activation), each with
+// the float operations of its TensorFlow expression in their order. One pass instead of the
+// five to seven element-wise ops of the TensorFlow form; used by S-TLLR's stored-sequence form.
+REGISTER_OP("KspikePseudoDerivative")
+    .Input("v: float")          // (...)
+    .Input("threshold: float")  // like v (A_t), or a scalar (thr of LIF cells)
+    .Input("allowed: uint8")    // like v (refractory mask of the forward op), or (0,): none
+    .Output("psi: float")
+    .Attr("stllr: bool = false")
+    .Attr("surrogate: string = 'triangular'")
+    .Attr("dampening: float = 1.0")
+    .Attr("sharpness: float = 1.0")
+    .Attr("tail: float = 2.0")
+    .Attr("multi_gaussian: list(float) = []")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return tensorflow::OkStatus();
+    });
+
+static inline float StllrPsi(float x) {
+  const float d = 100.0f * std::fabs(x) + 1.0f;
+  return 1.0f / (d * d);
+}
+
+template <Surrogate S, bool SCALAR, bool STLLR>
+static void PseudoDerivativeRange(const SurrogateParams& sp, const float* __restrict v,
+                                  const float* __restrict A, float thr,
+                                  const uint8_t* __restrict allowed, int64_t count,
+                                  float* __restrict psi) {
+  for (int64_t e = 0; e < count; ++e) {
+    const float a = SCALAR ? thr : A[e];
+    const float x = (v[e] - a) / a;
+    const float value = STLLR ? StllrPsi(x) : PsiOf<S>(sp, x);
+    psi[e] = allowed == nullptr || allowed[e] ? value : 0.0f;
+  }
+}
+
+template <bool SCALAR, bool STLLR>
+static void PseudoDerivativeKind(const SurrogateParams& sp, const float* v, const float* A,
+                                 float thr, const uint8_t* allowed, int64_t count, float* psi) {
+  if (STLLR) {
+    return PseudoDerivativeRange<kTriangular, SCALAR, true>(sp, v, A, thr, allowed, count, psi);
+  }
+  switch (sp.kind) {
+#define KSPIKE_PSI_CASE(K) \
+    case K: return PseudoDerivativeRange<K, SCALAR, false>(sp, v, A, thr, allowed, count, psi);
+    KSPIKE_PSI_CASE(kRectangular)
+    KSPIKE_PSI_CASE(kTriangular)
+    KSPIKE_PSI_CASE(kExponential)
+    KSPIKE_PSI_CASE(kGaussian)
+    KSPIKE_PSI_CASE(kSigmoid)
+    KSPIKE_PSI_CASE(kFastSigmoid)
+    KSPIKE_PSI_CASE(kNTail)
+    KSPIKE_PSI_CASE(kCauchy)
+    KSPIKE_PSI_CASE(kMultiGaussian)
+#undef KSPIKE_PSI_CASE
+  }
+}
+
+class PseudoDerivativeOp : public OpKernel {
+ public:
+  explicit PseudoDerivativeOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("stllr", &stllr_));
+    ReadSurrogateAttrs(ctx, &sp_);
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& v = ctx->input(0);
+    const Tensor& threshold = ctx->input(1);
+    const Tensor& allowed = ctx->input(2);
+    const bool scalar = threshold.NumElements() == 1 && threshold.dims() == 0;
+    OP_REQUIRES(ctx, scalar || threshold.shape() == v.shape(),
+                InvalidArgument("threshold must be a scalar or shaped like v ",
+                                v.shape().DebugString(), ", got ",
+                                threshold.shape().DebugString()));
+    const bool masked = allowed.NumElements() > 0;
+    OP_REQUIRES(ctx, !masked || allowed.shape() == v.shape(),
+                InvalidArgument("allowed must be empty or shaped like v ",
+                                v.shape().DebugString(), ", got ",
+                                allowed.shape().DebugString()));
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, v.shape(), &out));
+    const int64_t count = v.NumElements();
+    if (count == 0) return;
+    const float* vp = v.flat<float>().data();
+    const float* ap = threshold.flat<float>().data();
+    const float thr = scalar ? ap[0] : 0.0f;
+    const uint8_t* al = masked ? allowed.flat<uint8_t>().data() : nullptr;
+    float* psi = out->flat<float>().data();
+    constexpr int64_t kChunk = 1 << 14;
+    const int64_t chunks = (count + kChunk - 1) / kChunk;
+    ForEachShard(ctx, chunks, 1, [&](int64_t first, int64_t last, int64_t) {
+      const int64_t begin = first * kChunk, size = std::min(count, last * kChunk) - begin;
+      const float* a_at = scalar ? nullptr : ap + begin;
+      const uint8_t* al_at = al ? al + begin : nullptr;
+      if (scalar) {
+        if (stllr_) PseudoDerivativeKind<true, true>(sp_, vp + begin, a_at, thr, al_at, size, psi + begin);
+        else PseudoDerivativeKind<true, false>(sp_, vp + begin, a_at, thr, al_at, size, psi + begin);
+      } else {
+        if (stllr_) PseudoDerivativeKind<false, true>(sp_, vp + begin, a_at, thr, al_at, size, psi + begin);
+        else PseudoDerivativeKind<false, false>(sp_, vp + begin, a_at, thr, al_at, size, psi + begin);
+      }
+    });
+  }
+
+ private:
+  bool stllr_ = false;
+  SurrogateParams sp_{};
+};
+
+REGISTER_KERNEL_BUILDER(Name("KspikePseudoDerivative").Device(DEVICE_CPU), PseudoDerivativeOp);
 
 }  // namespace kspike
