@@ -346,7 +346,7 @@ def _load_native(cell, native, state_dtype, compute_dtype, masked, jit_compile):
     return ops
 
 
-def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto"):
+def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto", spikes_only=False):
     """One forward pass of a LIF/ALIF layer for the local rules, returning time-major
     sequences: ``z`` (T, B, n), ``z0`` (B, n), ``v`` (T, B, n), ``A`` (T, B, n) or None for
     LIF cells, ``allowed`` (T, B, n) refractory mask or None, and ``final``, the cell's state
@@ -354,11 +354,19 @@ def forward_sequences(cell, x, w_in, w_rec, bias, initial, native="auto"):
 
     ``x`` is (B, T, n_in); ``initial`` the cell's state list to start from (its initial
     state, or where an earlier chunk ended). The native C++ forward loop runs where it
-    applies (``native`` as in ``SpikingRNN``), else the TensorFlow loop.
+    applies (``native`` as in ``SpikingRNN``), else the TensorFlow loop. ``spikes_only``:
+    only ``z``, ``z0`` and ``final`` are returned (the native op then writes no other
+    sequence; ``v``, ``A`` and ``allowed`` are None).
     """
     dtype = x.dtype
     params = cell.parameters(dtype)
     ops = _load_native(cell, "auto" if native is True else native, dtype, dtype, False, False)
+    if ops is not None and spikes_only:
+        buffers, _, final = _NativeBackend(ops, cell, params, False, True,
+                                           for_backward=False).forward(
+            _LoopInputs(x, w_in, w_rec, bias, initial, None))
+        return {"z": tf.transpose(buffers["z"], (1, 0, 2)), "z0": buffers["z0"], "v": None,
+                "A": None, "allowed": None, "final": list(final)}
     if ops is not None:
         # The sequences the rules read, without the packed spikes of the native backward op.
         buffers, _, final = _NativeBackend(ops, cell, params, False, True,

@@ -34,8 +34,8 @@ def scan_filter(seq, decay, gain, initial, reverse):
 
 
 CASES = [  # shape, decay, gain, reverse, with_initial
-    ((784, 4, 300), 0.75, 1.0, False, False),
-    ((784, 4, 300), 0.75, 1.0, True, False),
+    ((120, 4, 300), 0.75, 1.0, False, False),
+    ((120, 4, 300), 0.75, 1.0, True, False),
     ((50, 3, 10), 0.951229424500714, 1.0 - 0.951229424500714, False, True),
     ((50, 3, 10), 0.951229424500714, 1.0 - 0.951229424500714, True, True),
     ((1, 2, 5), 0.2, 1.0, False, True),
@@ -173,7 +173,7 @@ def numpy_modulation(psi, signal, before, factors):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape", [(300, 4, 70), (1, 2, 3), (40, 3, 600)])
+@pytest.mark.parametrize("shape", [(100, 4, 70), (1, 2, 3), (40, 3, 600)])
 def test_stllr_modulation_native_equals_its_tensorflow_form_bit_for_bit(dtype, shape):
     rng = np.random.default_rng(4)
     psi = rng.random(shape).astype(dtype)
@@ -195,8 +195,7 @@ def test_stllr_modulation_native_equals_its_tensorflow_form_bit_for_bit(dtype, s
     np.testing.assert_array_equal(tf_u0.numpy(), want_u0)
 
 
-@pytest.mark.parametrize("surrogate", [None, "triangular", "rectangular", "sigmoid",
-                                       "multi_gaussian"])
+@pytest.mark.parametrize("surrogate", [None, "triangular", "sigmoid", "multi_gaussian"])
 @pytest.mark.parametrize("adaptive,refractory", [(True, True), (False, False), (False, True)])
 def test_native_pseudo_derivative_equals_the_rule_psi(surrogate, adaptive, refractory):
     import kspike
@@ -220,7 +219,7 @@ def test_native_pseudo_derivative_equals_the_rule_psi(surrogate, adaptive, refra
     assert got is not None
     state = dynamics.NeuronState(v=rec["v"], b=None, z=None, r=None)
     want = rule._psi(state, rec["A"], params, rec["allowed"]).numpy()
-    if surrogate in (None, "triangular", "rectangular"):
+    if surrogate in (None, "triangular"):
         np.testing.assert_array_equal(got.numpy(), want)          # no transcendental functions
     else:
         # exp and 1 - sigmoid: float32 round-off of std::exp against Eigen's exp.

@@ -96,3 +96,15 @@ def test_online_argument():
     rule = STLLR(online=True)
     assert STLLR.from_config(rule.get_config()).online is True
     assert STLLR().online is True      # forward in time, memory independent of T
+
+
+def test_online_chunks_native_float32(monkeypatch):
+    """Native float32 layers, the online form in chunks of 8 steps (30 steps: the last chunk
+    has 6), with and without last_steps, against the stored-sequence form."""
+    from kspike.learning import stllr as stllr_module
+    monkeypatch.setattr(stllr_module, "_CHUNK_STEPS", 8)
+    model = make_model("float32", kspike.SpikingRNN, 2, False, 2)
+    x, y = data("float32")
+    for last_steps in (None, 11):
+        reference, fast = both_forms(model, x, y, last_steps=last_steps)
+        assert_same(reference, fast, 2e-5)

@@ -102,8 +102,9 @@ class STLLR(FeedbackRule):
             (``stllr_secondary_activation``); "surrogate": the cell's own pseudo-derivative;
             or a callable x -> psi. psi is 0 while a neuron is refractory.
         seed: seed of the DFA matrices (None: from NumPy's global generator).
-        online: recurrent chains only. True (default): the step-by-step loops, memory
-            independent of T (apart from the inputs and the outputs). False: one forward pass
+        online: recurrent chains only. True (default): forward in chunks of 64 steps with
+            the traces carried across chunks, memory independent of T (apart from the inputs
+            and the outputs); about 1.1x the stored form's time. False: one forward pass
             (kspike's native loop where it applies) stores the (T, B, n) sequences and the
             gradient is formed from them with per-neuron filters and one matmul per kernel:
             about BPTT's time, memory growing with T. Same gradient (docs/stllr.md).
@@ -330,9 +331,7 @@ class STLLR(FeedbackRule):
         x = tf.cast(x, dtype)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
         if self.online:
-            sequence = online_rules.time_major(x, dtype)
-            predictions, counts = online_rules.inference_pass(plan, weights, readout, x,
-                                                              sequence)
+            predictions, counts = _chunked_outputs(plan, weights, readout, x)
         else:
             records = _recurrent_sequences(plan, model, weights, x)
             predictions, counts = _sequence_outputs(plan, readout, records)
@@ -340,8 +339,8 @@ class STLLR(FeedbackRule):
         reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts, batch,
                                                                  steps, dtype)
         if self.online:
-            grads, readout_grad = self._trace_pass(plan, weights, readout, feedback, x, sequence,
-                                                   error, reg_signals)
+            grads, readout_grad = self._chunked_gradients(plan, weights, readout, feedback, x,
+                                                          error, reg_signals)
         else:
             grads, readout_grad = self._sequence_gradients(plan, weights, readout, feedback,
                                                            records, error, reg_signals)
@@ -356,62 +355,101 @@ class STLLR(FeedbackRule):
              for layer, c in zip(plan.layers, counts)])
         return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
 
-    def _trace_pass(self, plan, weights, readout, feedback, x, sequence, error, reg_signals):
+    def _chunked_gradients(self, plan, weights, readout, feedback, x, error, reg_signals):
+        """The online form: the gradient of ``_sequence_gradients`` accumulated chunk by chunk
+        of ``_CHUNK_STEPS`` steps, forward in time, with memory of one chunk.
+
+        Each chunk runs the layers forward from the carried states (``_chunk_records``) and
+        adds P^T M of its steps, M from ``_modulation`` started at the carried trace_post;
+        the steps before the chunk enter through the carried trace_pre(t0 - 1):
+        sum_{t in chunk} lambda_pre^(t - t0 + 1) trace_pre(t0 - 1)^T u_t =
+        lambda_pre trace_pre(t0 - 1)^T ubar_t0. Steps before ``last_steps`` have a zero
+        learning signal (their traces still run)."""
         dtype = plan.dtype
         kappa = plan.readout.kappa
-        lambda_post, lambda_pre, alpha_post, alpha_pre = self.factors
-        xs, steps = sequence
-        errors = tf.TensorArray(dtype, size=steps).unstack(tf.transpose(error, (1, 0, 2)))
+        lambda_post, lambda_pre = self.factors[:2]
+        err = tf.transpose(error, (1, 0, 2))                                # (T, B, n_out)
+        # The readout filter moved onto the errors (online_rules.backward_filter), time-major.
+        filtered_err = engine.linear_filter(err, kappa, 1.0 - kappa, reverse=True)
+        steps = tf.shape(err)[0]
         batch = tf.shape(x)[0]
-        first_update = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
-        sizes = [online_rules.presynaptic_size(layer, w) for layer, w in zip(plan.layers, weights)]
-        carried = []
-        for layer, size in zip(plan.layers, sizes):
-            carried.append({"trace_pre": tf.zeros((batch, size), dtype),
-                            "trace_post": tf.zeros((batch, layer.units), dtype),
-                            "grad": tf.zeros((size, layer.units), dtype)})
-        zhat = tf.zeros((batch, plan.layers[-1].units), dtype)
-        readout_grad = tf.zeros((plan.layers[-1].units, plan.readout.units), dtype)
-        w_out = readout[0]
+        n_out = int(err.shape[-1])
+        first = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
+        n_chunks = (steps + _CHUNK_STEPS - 1) // _CHUNK_STEPS
+        layers = []
+        for layer, w in zip(plan.layers, weights):
+            entry = {"post": tf.zeros((batch, layer.units), dtype),
+                     "pre_x": tf.zeros((batch, layer.n_in), dtype),
+                     "g_x": tf.zeros((layer.n_in, layer.units), dtype)}
+            if w.recurrent_kernel is not None:
+                entry["pre_z"] = tf.zeros((batch, layer.units), dtype)
+                entry["g_z"] = tf.zeros((layer.units, layer.units), dtype)
+            if w.bias is not None:
+                entry["pre_one"] = tf.zeros((), dtype)
+                entry["g_bias"] = tf.zeros((layer.units,), dtype)
+            layers.append(entry)
+        readout_grad = tf.zeros((plan.layers[-1].units, n_out), dtype)
+        states = [[tf.cast(s, dtype) for s in layer.cell.get_initial_state(batch)]
+                  for layer in plan.layers]
 
-        def body(t, flat, carried, zhat, readout_grad):
-            states = online_rules.nested_state(plan, flat)
-            inputs = xs.read(t)
-            err_t = errors.read(t)
-            steps_out = []
-            for layer, w, state in zip(plan.layers, weights, states):
-                p = online_rules.presynaptic(inputs, state.z, w)
-                new_state, A, allowed = online_rules.layer_step(inputs, state, w)
-                steps_out.append((p, new_state, A, allowed))
-                inputs = new_state.z
-            zhat = kappa * zhat + (1.0 - kappa) * inputs
-            readout_grad = readout_grad + tf.matmul(zhat, err_t, transpose_a=True)
+        def body(c, states, layers, readout_grad):
+            t0 = c * _CHUNK_STEPS
+            t1 = tf.minimum(t0 + _CHUNK_STEPS, steps)
+            length = t1 - t0
+            records, finals = _chunk_records(plan, weights, x[:, t0:t1], states)
+            err_c = err[t0:t1]
+            flat_err = tf.reshape(err_c, (-1, n_out))
+            steps_out = [_neuron_rows(rec) for rec in records]
             if self.feedback == "dfa":
-                signals = _dfa_signals(err_t, feedback, reg_signals)
+                signals = _dfa_signals(flat_err, feedback, reg_signals)
             else:
-                signals = _bp_signals(err_t, w_out, kappa, steps_out, weights, reg_signals)
-            active = tf.cast(t >= first_update, dtype)
-            new_carried = []
-            for i, (layer, w, c) in enumerate(zip(plan.layers, weights, carried)):
-                p, new_state, A, allowed = steps_out[i]
-                psi = self._psi(new_state, A, w.params, allowed)
-                trace_pre = lambda_pre * c["trace_pre"] + p
-                learning = active * signals[i]
-                update = (tf.matmul(p, alpha_post * c["trace_post"] * learning, transpose_a=True)
-                          + tf.matmul(trace_pre, alpha_pre * psi * learning, transpose_a=True))
-                new_carried.append({"trace_pre": trace_pre,
-                                    "trace_post": lambda_post * c["trace_post"] + psi,
-                                    "grad": c["grad"] + update})
-            new_states = [s[1] for s in steps_out]
-            return (t + 1, online_rules.flat_state(plan, new_states), new_carried, zhat,
-                    readout_grad)
+                signals = _bp_signals(flat_err, readout[0], kappa, steps_out, weights,
+                                      reg_signals)
+            active = tf.cast(tf.range(t0, t1) >= first, dtype)[:, None, None]   # (K, 1, 1)
+            decay_post = tf.pow(tf.constant(lambda_post, dtype), tf.cast(length, dtype))
+            decay_pre = tf.pow(tf.constant(lambda_pre, dtype), tf.cast(length, dtype))
+            new_layers = []
+            for rec, w, (_, state, A, allowed), signal, entry in zip(
+                    records, weights, steps_out, signals, layers):
+                shape = tf.shape(rec["v"])
+                psi = self._native_psi(rec, w.params)
+                if psi is None:
+                    psi = tf.reshape(self._psi(state, A, w.params, allowed), shape)
+                signal = tf.reshape(signal, shape) * active
+                m, ubar0 = _modulation(psi, signal, entry["post"], self.factors)
+                m_flat = tf.reshape(m, (-1, rec["units"]))
+                new = {"post": decay_post * entry["post"] + _decayed_sum(psi, lambda_post)}
+                x_c = rec["x"]
+                new["g_x"] = (entry["g_x"] + engine.sparse_transpose_matmul(
+                    tf.reshape(x_c, (-1, x_c.shape[-1])), m_flat)
+                    + lambda_pre * tf.matmul(entry["pre_x"], ubar0, transpose_a=True))
+                new["pre_x"] = decay_pre * entry["pre_x"] + _decayed_sum(x_c, lambda_pre)
+                if "g_z" in entry:
+                    new["g_z"] = (entry["g_z"] + _shifted_product(rec["z0"], rec["z"], m, 0)
+                                  + lambda_pre * tf.matmul(entry["pre_z"], ubar0,
+                                                           transpose_a=True))
+                    new["pre_z"] = (decay_pre * entry["pre_z"]
+                                    + _decayed_sum(_shifted(rec["z0"], rec["z"]), lambda_pre))
+                if "g_bias" in entry:
+                    new["g_bias"] = (entry["g_bias"] + tf.reduce_sum(m_flat, axis=0)
+                                     + lambda_pre * entry["pre_one"]
+                                     * tf.reduce_sum(ubar0, axis=0))
+                    ones = tf.reduce_sum(tf.pow(tf.constant(lambda_pre, dtype),
+                                                tf.cast(tf.range(length), dtype)))
+                    new["pre_one"] = decay_pre * entry["pre_one"] + ones
+                new_layers.append(new)
+            z_last = records[-1]["z"]
+            readout_grad = readout_grad + tf.matmul(
+                tf.reshape(z_last, (-1, z_last.shape[-1])),
+                tf.reshape(filtered_err[t0:t1], (-1, n_out)), transpose_a=True)
+            return c + 1, finals, new_layers, readout_grad
 
-        states = online_rules.initial_states(plan, batch)
-        _, _, carried, _, readout_grad = tf.while_loop(
-            lambda t, *_: t < steps, body,
-            (0, online_rules.flat_state(plan, states), carried, zhat, readout_grad))
-        grads = [online_rules.split_stacked(c["grad"], layer, w)
-                 for c, layer, w in zip(carried, plan.layers, weights)]
+        # parallel_iterations=1: later chunks' forward passes do not wait for the earlier
+        # chunks' products, and would otherwise run ahead with their sequences in memory.
+        _, _, layers, readout_grad = tf.while_loop(
+            lambda c, *_: c < n_chunks, body, (0, states, layers, readout_grad),
+            parallel_iterations=1)
+        grads = [(entry["g_x"], entry.get("g_z"), entry.get("g_bias")) for entry in layers]
         return grads, readout_grad
 
     def _sequence_gradients(self, plan, weights, readout, feedback, records, error,
@@ -432,14 +470,7 @@ class STLLR(FeedbackRule):
         first = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
         n_out = int(err.shape[-1])
         flat_err = tf.reshape(err, (-1, n_out))
-        steps_out = []
-        for rec, w in zip(records, weights):
-            v = tf.reshape(rec["v"], (-1, rec["units"]))
-            A = rec["A"] if isinstance(rec["A"], float) else tf.reshape(rec["A"], tf.shape(v))
-            allowed = None if rec["allowed"] is None else tf.reshape(rec["allowed"],
-                                                                      tf.shape(v))
-            steps_out.append((None, dynamics.NeuronState(v=v, b=None, z=None, r=None), A,
-                              allowed))
+        steps_out = [_neuron_rows(rec) for rec in records]
         if self.feedback == "dfa":
             signals = _dfa_signals(flat_err, feedback, reg_signals)
         else:
@@ -547,6 +578,96 @@ def _backward_filter(seq, decay):
     return engine.linear_filter(seq, decay, reverse=True)
 
 
+# Steps per chunk of the online form: its memory is a few (_CHUNK_STEPS, B, n) sequences
+# per layer, and its cost about that of the stored-sequence form (a few ops per chunk).
+_CHUNK_STEPS = 64
+
+
+def _neuron_rows(rec):
+    """(None, NeuronState(v), A, allowed) of a layer's (K, B, n) record, flattened to
+    (K B, n) rows: what ``_bp_signals`` and ``STLLR._psi`` read."""
+    v = tf.reshape(rec["v"], (-1, rec["units"]))
+    A = rec["A"] if isinstance(rec["A"], float) else tf.reshape(rec["A"], tf.shape(v))
+    allowed = None if rec["allowed"] is None else tf.reshape(rec["allowed"], tf.shape(v))
+    return None, dynamics.NeuronState(v=v, b=None, z=None, r=None), A, allowed
+
+
+def _chunk_records(plan, weights, x, states, spikes_only=False):
+    """The layers run forward over one chunk ``x`` (B, K, n_in) from ``states`` (each
+    layer's state list): the records of ``_recurrent_sequences`` for the chunk (with
+    ``spikes_only``, their spikes only) and the state lists at its end."""
+    records, finals = [], []
+    inputs = x
+    for layer, w, initial in zip(plan.layers, weights, states):
+        record, final = _layer_record(plan, layer, w, inputs, initial, spikes_only)
+        records.append(record)
+        finals.append(final)
+        inputs = tf.transpose(record["z"], (1, 0, 2))
+    return records, finals
+
+
+def _chunked_outputs(plan, weights, readout, x):
+    """The readout sequence (B, T, n_out) and every layer's spike counts (n,) from a forward
+    pass in chunks of ``_CHUNK_STEPS`` steps that keeps only the outputs."""
+    dtype = plan.dtype
+    kernel, bias = readout
+    kappa = plan.readout.kappa
+    batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+    n_chunks = (steps + _CHUNK_STEPS - 1) // _CHUNK_STEPS
+    n_out = plan.readout.units
+    states = [[tf.cast(s, dtype) for s in layer.cell.get_initial_state(batch)]
+              for layer in plan.layers]
+    counts = [tf.zeros((layer.units,), dtype) for layer in plan.layers]
+    zhat = tf.zeros((batch, n_out), dtype)
+    ys = tf.TensorArray(dtype, size=n_chunks, infer_shape=False)
+
+    def body(c, states, counts, zhat, ys):
+        t0 = c * _CHUNK_STEPS
+        t1 = tf.minimum(t0 + _CHUNK_STEPS, steps)
+        records, finals = _chunk_records(plan, weights, x[:, t0:t1], states, spikes_only=True)
+        counts = [n + tf.reduce_sum(r["z"], axis=(0, 1)) for n, r in zip(counts, records)]
+        z = records[-1]["z"]                                                 # (K, B, n)
+        projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
+                               tf.concat([tf.shape(z)[:2], [n_out]], 0))
+        filtered = engine.linear_filter(projected, kappa, 1.0 - kappa, initial=zhat)
+        return c + 1, finals, counts, filtered[-1], ys.write(c, filtered)
+
+    _, _, counts, _, ys = tf.while_loop(lambda c, *_: c < n_chunks, body,
+                                        (0, states, counts, zhat, ys), parallel_iterations=1)
+    y = ys.concat()
+    y.set_shape([x.shape[1], x.shape[0], n_out])
+    y = tf.transpose(y, (1, 0, 2))
+    if bias is not None:
+        y = y + bias
+    return y, counts
+
+
+def _layer_record(plan, layer, w, inputs, initial, spikes_only=False):
+    """One layer's forward pass over ``inputs`` (B, T, n_in) from the state list
+    ``initial``: its record of ``_recurrent_sequences`` (with ``spikes_only``: "z" only) and
+    its final state list."""
+    cell = layer.cell
+    dtype = plan.dtype
+    params = cell.parameters(dtype)
+    w_rec = None if w.recurrent_kernel is None else tf.stop_gradient(w.recurrent_kernel)
+    bias = None if w.bias is None else tf.stop_gradient(w.bias)
+    w_in = tf.stop_gradient(w.input_kernel)
+    seq = engine.forward_sequences(cell, tf.cast(inputs, dtype), w_in, w_rec, bias, initial,
+                                   native=getattr(layer.layer, "native", "auto"),
+                                   spikes_only=spikes_only)
+    if spikes_only:
+        return {"z": seq["z"]}, seq["final"]
+    x_time = tf.transpose(inputs, (1, 0, 2))
+    z, z0, v, A, allowed = seq["z"], seq["z0"], seq["v"], seq["A"], seq["allowed"]
+    if A is None:
+        A = float(params.thr)
+    allowed_u8 = allowed if allowed is not None and allowed.dtype == tf.uint8 else None
+    if allowed is not None:
+        allowed = tf.not_equal(tf.cast(allowed, dtype), 0.0)
+    return ({"x": x_time, "z": z, "z0": z0, "v": v, "A": A, "allowed": allowed,
+             "allowed_u8": allowed_u8, "units": layer.units}, seq["final"])
+
+
 def _recurrent_sequences(plan, model, weights, x):
     """One forward pass of the spiking layers keeping, time-major (T, B, n), what the rule
     needs: each layer's input ``x``, spikes ``z`` and ``z0`` (z_{-1}), voltage ``v``,
@@ -560,26 +681,10 @@ def _recurrent_sequences(plan, model, weights, x):
     inputs = x                                                    # (B, T, n_in)
     batch = tf.shape(x)[0]
     for layer, w in zip(plan.layers, weights):
-        cell = layer.cell
-        dtype = plan.dtype
-        params = cell.parameters(dtype)
-        initial = [tf.cast(s, dtype) for s in cell.get_initial_state(batch)]
-        w_rec = None if w.recurrent_kernel is None else tf.stop_gradient(w.recurrent_kernel)
-        bias = None if w.bias is None else tf.stop_gradient(w.bias)
-        w_in = tf.stop_gradient(w.input_kernel)
-        x_time = tf.transpose(inputs, (1, 0, 2))
-        seq = engine.forward_sequences(cell, tf.cast(inputs, dtype), w_in, w_rec, bias, initial,
-                                       native=getattr(layer.layer, "native", "auto"))
-        z, z0, v, A, allowed = seq["z"], seq["z0"], seq["v"], seq["A"], seq["allowed"]
-        z_batch = tf.transpose(z, (1, 0, 2))
-        if A is None:
-            A = float(params.thr)
-        allowed_u8 = allowed if allowed is not None and allowed.dtype == tf.uint8 else None
-        if allowed is not None:
-            allowed = tf.not_equal(tf.cast(allowed, dtype), 0.0)
-        records.append({"x": x_time, "z": z, "z0": z0, "v": v, "A": A, "allowed": allowed,
-                        "allowed_u8": allowed_u8, "units": layer.units})
-        inputs = z_batch
+        initial = [tf.cast(s, plan.dtype) for s in layer.cell.get_initial_state(batch)]
+        record, _ = _layer_record(plan, layer, w, inputs, initial)
+        records.append(record)
+        inputs = tf.transpose(record["z"], (1, 0, 2))
     return records
 
 
