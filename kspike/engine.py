@@ -691,14 +691,6 @@ class _XlaBackend(_TensorFlowBackend):
 _FORWARD_ROWS_PER_BLOCK = 0
 
 
-def _few_nonzero_inputs(x):
-    """True when at most a quarter of the entries of ``x`` are nonzero (counted exactly, the
-    rule of the native forward op's own count): the native loops then add the rows of W_in of
-    the active inputs instead of dense products."""
-    return (tf.math.count_nonzero(x, dtype=tf.int64) * 4
-            <= tf.size(x, out_type=tf.int64))
-
-
 # The native backward op forms dL/dz_{t-1} += dI_t W_rec^T from the rows of W_rec^T of the
 # neurons whose pseudo-derivative term dL/dz_t psi_t / A_t is nonzero, in a step where at most
 # this fraction of them is (compact surrogates, see spiking_ops.cc), else by the dense product.
@@ -740,13 +732,13 @@ class _NativeBackend(_Backend):
     def forward(self, inputs):
         x, w_rec, bias, n = inputs.x, inputs.w_rec, inputs.bias, self.cell.units
         state = self.cell.pack_state(inputs.initial)
-        # The backward op reads the decision, so a pass for it counts here; otherwise the op
-        # counts (one pass over x in C++ instead of TensorFlow ops over the whole sequence).
+        # The op counts the nonzero inputs itself (one pass over x in C++ instead of
+        # TensorFlow ops over the whole sequence) and returns its decision, which the
+        # backward op reads.
         for_backward_op = self.for_backward and self.packed_spikes
-        sparse_inputs = _few_nonzero_inputs(x) if for_backward_op else tf.constant(False)
-        z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final = \
-            self.ops.kspike_spiking_forward(
-                x=x, sparse_inputs=sparse_inputs, w_in=inputs.w_in,
+        (z, v, A, allowed, spike_bits, v_final, b_final, z_final, r_final,
+         sparse_inputs) = self.ops.kspike_spiking_forward(
+                x=x, sparse_inputs=tf.constant(False), w_in=inputs.w_in,
                 w_rec=w_rec if w_rec is not None else tf.zeros((0, 0)),
                 bias=bias if bias is not None else tf.zeros((0,)), beta=self._beta(),
                 v0=state.v, b0=state.b if self.adaptive else tf.zeros((0, n)), z0=state.z,
@@ -754,7 +746,7 @@ class _NativeBackend(_Backend):
                 store_z=self.for_backward or self.sequences,
                 store_v=self.for_backward or (self.sequences and self.output_all),
                 store_backward=self.for_backward, store_bits=for_backward_op,
-                count_inputs=not for_backward_op, rows_per_block=_FORWARD_ROWS_PER_BLOCK,
+                count_inputs=True, rows_per_block=_FORWARD_ROWS_PER_BLOCK,
                 **self.attrs)
         buffers = {"z": z, "z0": state.z, "x": x, "sparse_inputs": sparse_inputs, "v": v,
                    "spike_bits": spike_bits}

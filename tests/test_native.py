@@ -150,13 +150,13 @@ def _forward_op_v(x, sparse_inputs=None):
         beta=tf.constant(cell.beta_vector, tf.float32), v0=zeros, b0=zeros, z0=zeros,
         r0=zeros, recurrent=True, has_bias=False, store_backward=False,
         count_inputs=sparse_inputs is None, **engine.native_neuron_attrs(cell, params))
-    return outputs[1].numpy()
+    return outputs[1].numpy(), bool(outputs[9])
 
 
 @needs_compiler
 def test_forward_op_counts_its_inputs_like_the_training_pass():
-    # Inference lets the op decide sparse inputs (at most a quarter nonzero) by its own
-    # exact count, a training pass by engine._few_nonzero_inputs: the same decision on both
+    # The op decides sparse inputs (at most a quarter nonzero) by its own exact count and
+    # returns the decision, which a training pass hands to the backward op: right on both
     # sides of the boundary. The two products round differently on these inputs, so v tells
     # which one ran.
     assert native.available(), native._state["error"]
@@ -166,10 +166,13 @@ def test_forward_op_counts_its_inputs_like_the_training_pass():
         flat = np.zeros(size, "float32")
         flat[rng.permutation(size)[:nonzero]] = rng.uniform(0.1, 3.0, nonzero)
         x = tf.constant(flat.reshape(B, T, N_IN))
-        assert bool(engine._few_nonzero_inputs(x)) is sparse
-        decided = _forward_op_v(x)
-        np.testing.assert_array_equal(decided, _forward_op_v(x, sparse))
-        assert np.any(decided != _forward_op_v(x, not sparse))
+        decided, used = _forward_op_v(x)
+        assert used is sparse
+        told, told_used = _forward_op_v(x, sparse)
+        np.testing.assert_array_equal(decided, told)
+        assert told_used is sparse
+        other, other_used = _forward_op_v(x, not sparse)
+        assert np.any(decided != other) and other_used is (not sparse)
 
 
 SURROGATES = [("rectangular", {}), ("triangular", {}), ("exponential", {}), ("gaussian", {}),

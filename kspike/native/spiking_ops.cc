@@ -724,7 +724,9 @@ REGISTER_OP("KspikeSpikingForward")
     .Attr("store_v: bool = true")
     .Attr("store_backward: bool = true")
     // count_inputs: ignore the sparse_inputs input and decide it here, counting the nonzero
-    // inputs exactly (at most a quarter nonzero: sparse), as the caller's own count would.
+    // inputs exactly (at most a quarter nonzero: sparse), as the caller's own count would;
+    // the decision is the output sparse_inputs_used (one C++ pass over x instead of
+    // TensorFlow's three for a training pass, whose backward op reads it).
     .Attr("count_inputs: bool = false")
     // store_bits=false: with store_backward, the refractory masks without the packed spikes
     // (a caller that reads the spike sequence itself, e.g. the local learning rules).
@@ -742,6 +744,8 @@ REGISTER_OP("KspikeSpikingForward")
     .Output("b_final: float")       // (B, n) or (0, n)
     .Output("z_final: float")       // (B, n)
     .Output("r_final: float")       // (B, n)
+    .Output("sparse_inputs_used: bool")  // () the decision taken (counted or given), which
+                                         // the backward op is given in turn
     .SetShapeFn([](InferenceContext* c) {
       auto x = c->input(0);
       auto batch = c->Dim(x, 0), steps = c->Dim(x, 1), n = c->Dim(c->input(2), 1);
@@ -768,6 +772,7 @@ REGISTER_OP("KspikeSpikingForward")
       c->set_output(6, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(7, c->MakeShape({batch, n}));
       c->set_output(8, c->MakeShape({batch, n}));
+      c->set_output(9, c->Scalar());
       return tensorflow::OkStatus();
     });
 
@@ -930,6 +935,9 @@ class SpikingForwardOp : public OpKernel {
     const float* X = x.flat<float>().data();
     const bool sparse_inputs = count_inputs_ ? FewNonzeroInputs(ctx, X, B, T * n_in)
                                              : ctx->input(1).scalar<bool>()();
+    Tensor* used = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(9, TensorShape({}), &used));
+    used->scalar<bool>()() = sparse_inputs;
 
     const float* W_in = w_in.flat<float>().data();
     const float* W = a_.recurrent ? w_rec.flat<float>().data() : nullptr;
