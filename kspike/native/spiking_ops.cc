@@ -835,10 +835,14 @@ static inline void ForwardRowStep(const ForwardStepOutputs& out, int64_t t, int6
   if (out.bias_p != nullptr) {
     for (int64_t k = 0; k < n; ++k) cur[k] = cur[k] + out.bias_p[k];
   }
-  out.step(out.a, n, cur, out.beta_p, z_prev, v, b, r, out.store_v ? out.V + at : v_scratch,
-           out.a.adaptive ? (out.store_a ? out.Aseq + at : a_scratch) : nullptr,
+  // v_t and A_t go through the scratch rows (in L1) to their sequences by streaming stores
+  // (StoreRow): written once here, read back only by the backward op, after the step.
+  out.step(out.a, n, cur, out.beta_p, z_prev, v, b, r, v_scratch,
+           out.a.adaptive ? a_scratch : nullptr,
            out.refractory ? (out.store_allowed ? out.allowed + at : allowed_scratch) : nullptr,
            z_new);
+  if (out.store_v) StoreRow(out.V + at, v_scratch, n);
+  if (out.store_a) StoreRow(out.Aseq + at, a_scratch, n);
   if (out.store_z) StoreRow(out.Z + (row * out.T + t) * n, z_new, n);
   if (out.store_bits) PackBits(z_new, n, out.bits + (t * out.B + row) * out.n_words);
 }
