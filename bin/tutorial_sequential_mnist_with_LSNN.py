@@ -564,7 +564,7 @@ def main(argv=None):
               f"{int(np.argmax(probabilities[-args.readout_window:].mean(0)))}")
     written = plotting.save_figure(fig, os.path.join(out, "lsnn_activity"))
     fig = plotting.learning_curve(history, keys=["accuracy", "val_accuracy"],
-                                  steps=iterations)
+                                  steps=iterations, xlabel="iteration")
     written += plotting.save_figure(fig, os.path.join(out, "learning_curve"))
     utils.save_json(os.path.join(out, "results.json"), {
         "args": vars(args), "iterations": iterations, "history": history.history,
