@@ -108,3 +108,38 @@ def test_online_chunks_native_float32(monkeypatch):
     for last_steps in (None, 11):
         reference, fast = both_forms(model, x, y, last_steps=last_steps)
         assert_same(reference, fast, 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["mse", "sparse_ce"])
+def test_single_pass_for_per_step_losses_equals_two_passes(monkeypatch, kind):
+    """STLLR() with a per-step loss (here with a (B, T) sample weight) and no regulariser
+    forms outputs, errors and gradient in one chunked pass; the same loss hidden in a plain
+    function takes the two passes. Equal to float64 round-off, chunks of 8 steps."""
+    from kspike.learning import stllr as stllr_module
+    monkeypatch.setattr(stllr_module, "_CHUNK_STEPS", 8)
+    model = make_model("float64", keras.layers.RNN, 2, False, 1)
+    x, y = data("float64")
+    weight = np.ones((4, 30))
+    weight[:, :12] = 0.0
+    weight[1, 20:] = 0.5
+    weight = tf.constant(weight)
+    if kind == "mse":
+        loss = keras.losses.MeanSquaredError(dtype="float64")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+        y = tf.constant(np.random.default_rng(5).integers(0, 3, (4, 30)))
+    plain = lambda y_true, y_pred, sample_weight=None: loss(y_true, y_pred,
+                                                           sample_weight=sample_weight)
+    calls = []
+    outputs_pass = stllr_module._chunked_outputs
+    monkeypatch.setattr(stllr_module, "_chunked_outputs",
+                        lambda *a: calls.append(1) or outputs_pass(*a))
+    rule = STLLR(seed=3, last_steps=17)
+    single = rule.compute(model, x, y, loss, sample_weight=weight)
+    assert not calls                                   # no separate outputs pass
+    two = rule.compute(model, x, y, plain, sample_weight=weight)
+    assert calls
+    assert_same(two, single, 1e-12)
+    np.testing.assert_allclose(float(single.loss), float(loss(y, two.predictions,
+                                                              sample_weight=weight)),
+                               rtol=1e-12)

@@ -330,6 +330,21 @@ class STLLR(FeedbackRule):
             feedback = [tf.cast(v, dtype) for v in self._build_feedback(shapes, dtype, False)]
         x = tf.cast(x, dtype)
         batch, steps = tf.shape(x)[0], tf.shape(x)[1]
+        if self.online and not regularizers and online_rules.per_step_reason(
+                loss, y, sample_weight, x.shape[1]) is None:
+            # A per-step loss and no regulariser: every step's error is known when its chunk
+            # runs, so one pass forms outputs, errors and the gradient (docs/stllr.md).
+            stream = online_rules.PerStepLoss(loss, y, sample_weight, steps, dtype,
+                                              chunked=True)
+            (grads, readout_grad, bias_grad, task_loss, predictions,
+             counts) = self._chunked_gradients(plan, weights, readout, feedback, x, None,
+                                               [None] * len(plan.layers), stream=stream)
+            gradients, total = online_rules.model_gradients(
+                tape, model, weights, grads, readout, readout_grad, None, task_loss,
+                weight_loss, dtype, readout_bias_grad=bias_grad)
+            del tape
+            return RuleResult(loss=total, gradients=gradients, predictions=predictions,
+                              logs=self._rate_logs(plan, counts, batch, steps, dtype))
         if self.online:
             predictions, counts = _chunked_outputs(plan, weights, readout, x)
         else:
@@ -348,16 +363,27 @@ class STLLR(FeedbackRule):
                                                         readout_grad, error, task_loss + reg_loss,
                                                         weight_loss, dtype)
         del tape
-        rates = firing_rate_logs(
-            [SpikeRate(layer.layer.name,
-                                    tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
-                                    layer.cell.dt, layer.units)
-             for layer, c in zip(plan.layers, counts)])
-        return RuleResult(loss=total, gradients=gradients, predictions=predictions, logs=rates)
+        return RuleResult(loss=total, gradients=gradients, predictions=predictions,
+                          logs=self._rate_logs(plan, counts, batch, steps, dtype))
 
-    def _chunked_gradients(self, plan, weights, readout, feedback, x, error, reg_signals):
+    @staticmethod
+    def _rate_logs(plan, counts, batch, steps, dtype):
+        return firing_rate_logs(
+            [SpikeRate(layer.layer.name, tf.reduce_mean(c) / tf.cast(batch * steps, dtype),
+                       layer.cell.dt, layer.units)
+             for layer, c in zip(plan.layers, counts)])
+
+    def _chunked_gradients(self, plan, weights, readout, feedback, x, error, reg_signals,
+                           stream=None):
         """The online form: the gradient of ``_sequence_gradients`` accumulated chunk by chunk
         of ``_CHUNK_STEPS`` steps, forward in time, with memory of one chunk.
+
+        ``error``: dE/dy (B, T, n_out) from a first pass; returns (layer grads, readout grad).
+        With ``stream`` (an ``online.PerStepLoss`` with ``chunked=True``; ``error`` None)
+        the chunk's readout outputs, loss terms and errors are formed in the chunk itself (a
+        single pass; the readout gradient sum_t zhat_t^T dE/dy_t from the carried filter of
+        the spikes) and it returns (layer grads, readout grad, readout bias grad, loss,
+        predictions (B, T, n_out), spike counts per layer).
 
         Each chunk runs the layers forward from the carried states (``_chunk_records``) and
         adds P^T M of its steps, M from ``_modulation`` started at the carried trace_post;
@@ -368,12 +394,14 @@ class STLLR(FeedbackRule):
         dtype = plan.dtype
         kappa = plan.readout.kappa
         lambda_post, lambda_pre = self.factors[:2]
-        err = tf.transpose(error, (1, 0, 2))                                # (T, B, n_out)
-        # The readout filter moved onto the errors (online_rules.backward_filter), time-major.
-        filtered_err = engine.linear_filter(err, kappa, 1.0 - kappa, reverse=True)
-        steps = tf.shape(err)[0]
+        kernel, out_bias = readout
+        n_out = plan.readout.units
+        if stream is None:
+            err = tf.transpose(error, (1, 0, 2))                            # (T, B, n_out)
+            # The readout filter moved onto the errors (online_rules.backward_filter).
+            filtered_err = engine.linear_filter(err, kappa, 1.0 - kappa, reverse=True)
+        steps = tf.shape(x)[1]
         batch = tf.shape(x)[0]
-        n_out = int(err.shape[-1])
         first = 0 if self.last_steps is None else tf.maximum(steps - self.last_steps, 0)
         n_chunks = (steps + _CHUNK_STEPS - 1) // _CHUNK_STEPS
         layers = []
@@ -391,13 +419,39 @@ class STLLR(FeedbackRule):
         readout_grad = tf.zeros((plan.layers[-1].units, n_out), dtype)
         states = [[tf.cast(s, dtype) for s in layer.cell.get_initial_state(batch)]
                   for layer in plan.layers]
+        # Single pass: the readout's filter states (of the output and of the spikes), the
+        # loss, the bias gradient, the spike counts and the outputs.
+        outputs = {"filtered": tf.zeros((batch, n_out), dtype),
+                   "zhat": tf.zeros((batch, plan.layers[-1].units), dtype),
+                   "loss": tf.zeros((), dtype), "bias_grad": tf.zeros((n_out,), dtype),
+                   "counts": [tf.zeros((layer.units,), dtype) for layer in plan.layers],
+                   "ys": tf.TensorArray(dtype, size=(steps + _CHUNK_STEPS - 1) // _CHUNK_STEPS,
+                                        infer_shape=False)}
 
-        def body(c, states, layers, readout_grad):
+        def body(c, states, layers, readout_grad, outputs):
             t0 = c * _CHUNK_STEPS
             t1 = tf.minimum(t0 + _CHUNK_STEPS, steps)
             length = t1 - t0
             records, finals = _chunk_records(plan, weights, x[:, t0:t1], states)
-            err_c = err[t0:t1]
+            z_last = records[-1]["z"]                                          # (K, B, n)
+            if stream is None:
+                err_c = err[t0:t1]
+            else:
+                outputs = dict(outputs)
+                projected = tf.reshape(tf.matmul(tf.reshape(z_last, (-1, z_last.shape[-1])),
+                                                 kernel),
+                                       tf.concat([tf.shape(z_last)[:2], [n_out]], 0))
+                filtered = engine.linear_filter(projected, kappa, 1.0 - kappa,
+                                                initial=outputs["filtered"])
+                outputs["filtered"] = filtered[-1]
+                y_c = filtered if out_bias is None else filtered + out_bias
+                outputs["ys"] = outputs["ys"].write(c, y_c)
+                value, err_bm = stream.chunk(t0, t1, tf.transpose(y_c, (1, 0, 2)))
+                err_c = tf.transpose(err_bm, (1, 0, 2))
+                outputs["loss"] = outputs["loss"] + value
+                outputs["bias_grad"] = outputs["bias_grad"] + tf.reduce_sum(err_c, axis=(0, 1))
+                outputs["counts"] = [n + tf.reduce_sum(r["z"], axis=(0, 1))
+                                     for n, r in zip(outputs["counts"], records)]
             flat_err = tf.reshape(err_c, (-1, n_out))
             steps_out = [_neuron_rows(rec) for rec in records]
             if self.feedback == "dfa":
@@ -438,19 +492,30 @@ class STLLR(FeedbackRule):
                                                 tf.cast(tf.range(length), dtype)))
                     new["pre_one"] = decay_pre * entry["pre_one"] + ones
                 new_layers.append(new)
-            z_last = records[-1]["z"]
-            readout_grad = readout_grad + tf.matmul(
-                tf.reshape(z_last, (-1, z_last.shape[-1])),
-                tf.reshape(filtered_err[t0:t1], (-1, n_out)), transpose_a=True)
-            return c + 1, finals, new_layers, readout_grad
+            if stream is None:
+                readout_grad = readout_grad + tf.matmul(
+                    tf.reshape(z_last, (-1, z_last.shape[-1])),
+                    tf.reshape(filtered_err[t0:t1], (-1, n_out)), transpose_a=True)
+            else:
+                zhat = engine.linear_filter(z_last, kappa, 1.0 - kappa,
+                                            initial=outputs["zhat"])
+                outputs["zhat"] = zhat[-1]
+                readout_grad = readout_grad + tf.matmul(
+                    tf.reshape(zhat, (-1, zhat.shape[-1])), flat_err, transpose_a=True)
+            return c + 1, finals, new_layers, readout_grad, outputs
 
         # parallel_iterations=1: later chunks' forward passes do not wait for the earlier
         # chunks' products, and would otherwise run ahead with their sequences in memory.
-        _, _, layers, readout_grad = tf.while_loop(
-            lambda c, *_: c < n_chunks, body, (0, states, layers, readout_grad),
+        _, _, layers, readout_grad, outputs = tf.while_loop(
+            lambda c, *_: c < n_chunks, body, (0, states, layers, readout_grad, outputs),
             parallel_iterations=1)
         grads = [(entry["g_x"], entry.get("g_z"), entry.get("g_bias")) for entry in layers]
-        return grads, readout_grad
+        if stream is None:
+            return grads, readout_grad
+        predictions = outputs["ys"].concat()
+        predictions.set_shape([x.shape[1], x.shape[0], n_out])
+        return (grads, readout_grad, outputs["bias_grad"], outputs["loss"],
+                tf.transpose(predictions, (1, 0, 2)), outputs["counts"])
 
     def _sequence_gradients(self, plan, weights, readout, feedback, records, error,
                             reg_signals):
