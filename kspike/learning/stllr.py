@@ -104,7 +104,8 @@ class STLLR(FeedbackRule):
         seed: seed of the DFA matrices (None: from NumPy's global generator).
         online: recurrent chains only. True (default): forward in chunks of 64 steps with
             the traces carried across chunks, memory independent of T (apart from the inputs
-            and the outputs); about 1.1x the stored form's time. False: one forward pass
+            and the outputs); one pass for a per-step loss without regulariser (about the
+            stored form's time), else an outputs pass first. False: one forward pass
             (kspike's native loop where it applies) stores the (T, B, n) sequences and the
             gradient is formed from them with per-neuron filters and one matmul per kernel:
             about BPTT's time, memory growing with T. Same gradient (docs/stllr.md).
