@@ -895,11 +895,8 @@ def _native_single_pass_terms(ops, net, readout, loss, y, sample_weight, regular
         carry["counts"] = [n + tf.reduce_sum(r["z"], axis=(0, 1))
                            for n, r in zip(carry["counts"], records)]
         # The readout of the chunk (LeakyReadout.step), its loss terms and output errors.
-        projected = tf.einsum("tbn,no->tbo", inputs, kernel)
-        filtered = engine.linear_filter(projected, kappa, 1.0 - kappa,
-                                        initial=carry["filtered"])
-        carry["filtered"] = filtered[-1]
-        outputs = filtered if bias is None else filtered + bias
+        outputs, carry["filtered"] = online_rules.readout_chunk(inputs, kernel, bias, kappa,
+                                                               carry["filtered"])
         carry["ys"] = carry["ys"].write(c, outputs)
         value, error = stream.chunk(t0, t1, tf.transpose(outputs, (1, 0, 2)))
         carry["loss"] = carry["loss"] + value

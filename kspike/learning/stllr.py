@@ -439,13 +439,8 @@ class STLLR(FeedbackRule):
                 err_c = err[t0:t1]
             else:
                 outputs = dict(outputs)
-                projected = tf.reshape(tf.matmul(tf.reshape(z_last, (-1, z_last.shape[-1])),
-                                                 kernel),
-                                       tf.concat([tf.shape(z_last)[:2], [n_out]], 0))
-                filtered = engine.linear_filter(projected, kappa, 1.0 - kappa,
-                                                initial=outputs["filtered"])
-                outputs["filtered"] = filtered[-1]
-                y_c = filtered if out_bias is None else filtered + out_bias
+                y_c, outputs["filtered"] = online_rules.readout_chunk(
+                    z_last, kernel, out_bias, kappa, outputs["filtered"])
                 outputs["ys"] = outputs["ys"].write(c, y_c)
                 value, err_bm = stream.chunk(t0, t1, tf.transpose(y_c, (1, 0, 2)))
                 err_c = tf.transpose(err_bm, (1, 0, 2))
@@ -692,11 +687,9 @@ def _chunked_outputs(plan, weights, readout, x):
         t1 = tf.minimum(t0 + _CHUNK_STEPS, steps)
         records, finals = _chunk_records(plan, weights, x[:, t0:t1], states, spikes_only=True)
         counts = [n + tf.reduce_sum(r["z"], axis=(0, 1)) for n, r in zip(counts, records)]
-        z = records[-1]["z"]                                                 # (K, B, n)
-        projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
-                               tf.concat([tf.shape(z)[:2], [n_out]], 0))
-        filtered = engine.linear_filter(projected, kappa, 1.0 - kappa, initial=zhat)
-        return c + 1, finals, counts, filtered[-1], ys.write(c, filtered)
+        # The outputs without the bias, added once at the end.
+        filtered, end = online_rules.readout_chunk(records[-1]["z"], kernel, None, kappa, zhat)
+        return c + 1, finals, counts, end, ys.write(c, filtered)
 
     _, _, counts, _, ys = tf.while_loop(lambda c, *_: c < n_chunks, body,
                                         (0, states, counts, zhat, ys), parallel_iterations=1)
