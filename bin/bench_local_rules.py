@@ -15,7 +15,7 @@ wrapped in one ``tf.function``. Rules: "bptt", "eprop" (two passes: outputs, the
 "eprop1p" (e-prop in a single pass, ``EProp(single_pass=True)``: network, readout, per-step error
 and traces forward in time, the traces advanced by the native op in chunks of steps),
 "eprop1p_tf" (the same as one TensorFlow loop, ``native=False``), "stllr" (S-TLLR on the stored sequences) and "stllr_online"
-(``STLLR(online=True)``, the step-by-step form). The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
+(``STLLR(online=True)``, the chunked online form). The network: B x T Poisson inputs (n_in = 40 at 20 Hz), one layer of
 100 neurons (50 LIF + 50 ALIF, kspike.SpikingRNN), a 2-unit LeakyReadout, MSE on a random target.
 
 The machine may be shared: compare the ratios printed (each rule against BPTT at the same T, each

@@ -8,10 +8,11 @@ S-TLLR's two forms at growing T.
 Timing: B=64 Poisson inputs (80 channels, 5% per step), one kspike.SpikingRNN layer of 256
 neurons (128 LIF + 128 ALIF, the native C++ loops), LeakyReadout(10), MSE on the last 56
 steps (a (B, T) sample weight). Each gradient function is one ``tf.function``; the median over
-``--repeats`` calls after one warm-up call, the rules interleaved (each repeat times every rule once) so that all see the same load; wall and process CPU time. Rows: BPTT (``kspike.learning.BPTT``), STLLR(online=False)
-(the whole sequence at once), the same with ``last_steps=56`` and STLLR() (the default
-step-by-step loop whose memory does not depend on T); the ratio column is each time over
-BPTT's in this run.
+``--repeats`` calls after one warm-up call, the rules interleaved (each repeat times every
+rule once) so that all see the same load; wall and process CPU time. Rows: BPTT
+(``kspike.learning.BPTT``), STLLR(online=False) (the whole sequence at once), the same with
+``last_steps=56`` and STLLR() (the default online form in chunks, one pass for this MSE,
+whose memory does not depend on T); the ratio columns are each time over BPTT's in this run.
 
 Memory: ``bin/bench_local_rules.py`` (every configuration in its own subprocess, peak
 resident memory) for STLLR() (online, the default) and STLLR(online=False) at T = 300 and 3000, B=32, 128
