@@ -772,12 +772,8 @@ def _stored_state_terms(net, readout, loss, y, sample_weight, regularizers, batc
         records.append(record)
         inputs = record["z"]
     n_out = plan.readout.units
-    projected = tf.reshape(tf.matmul(tf.reshape(inputs, (-1, inputs.shape[-1])), kernel),
-                           (steps, batch, n_out))
-    filtered = engine.linear_filter(projected, kappa, 1.0 - kappa)
-    predictions = tf.transpose(filtered, (1, 0, 2))
-    if bias is not None:
-        predictions = predictions + bias
+    outputs, _ = online_rules.readout_chunk(inputs, kernel, bias, kappa)
+    predictions = tf.transpose(outputs, (1, 0, 2))
     counts = [tf.reduce_sum(r["z"], axis=(0, 1)) for r in records]
     task_loss, error = online_rules.output_errors(loss, y, predictions, sample_weight)
     reg_loss, reg_signals = online_rules.regularizer_signals(regularizers, plan, counts,

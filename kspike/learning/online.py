@@ -209,11 +209,11 @@ def inference_pass(plan, weights, readout, x, sequence=None):
     return y, counts
 
 
-def readout_chunk(z, kernel, bias, kappa, filtered):
-    """``kspike.LeakyReadout`` over a chunk of time-major spikes ``z`` (K, B, n) from the
-    filter state ``filtered`` (B, n_out) where the previous chunk ended: the outputs
-    (K, B, n_out) and the filter state at the chunk's end. The filter runs on z W_out, as the
-    whole-sequence forms do."""
+def readout_chunk(z, kernel, bias, kappa, filtered=None):
+    """``kspike.LeakyReadout`` over time-major spikes ``z`` (K, B, n), a chunk or the whole
+    sequence, from the filter state ``filtered`` (B, n_out) where the previous chunk ended
+    (None: zeros, the start of the sequence): the outputs (K, B, n_out) and the filter state
+    at the end. The filter runs on z W_out (it is linear, so this is zhat_t W_out)."""
     projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
                            tf.concat([tf.shape(z)[:2], tf.shape(kernel)[1:]], 0))
     filtered = engine.linear_filter(projected, kappa, 1.0 - kappa, initial=filtered)

@@ -478,8 +478,12 @@ class STLLR(FeedbackRule):
                     new["g_z"] = (entry["g_z"] + _shifted_product(rec["z0"], rec["z"], m, 0)
                                   + lambda_pre * tf.matmul(entry["pre_z"], ubar0,
                                                            transpose_a=True))
+                    # z_{t-1} over the chunk is z0, z_0 .. z_{K-2}: its decayed sum is
+                    # lambda_pre^(K-1) z0 + that of z[:-1] (no shifted copy).
                     new["pre_z"] = (decay_pre * entry["pre_z"]
-                                    + _decayed_sum(_shifted(rec["z0"], rec["z"]), lambda_pre))
+                                    + tf.pow(tf.constant(lambda_pre, dtype),
+                                             tf.cast(length - 1, dtype)) * rec["z0"]
+                                    + _decayed_sum(rec["z"][:-1], lambda_pre))
                 if "g_bias" in entry:
                     new["g_bias"] = (entry["g_bias"] + tf.reduce_sum(m_flat, axis=0)
                                      + lambda_pre * entry["pre_one"]
@@ -752,15 +756,9 @@ def _sequence_outputs(plan, readout, records):
     stored spikes: y_t = zhat_t W_out + b with zhat the leaky filter of the last layer's
     spikes (the filter applied after the product, which is linear)."""
     kernel, bias = readout
-    kappa = plan.readout.kappa
-    z = records[-1]["z"]                                             # (T, B, n)
-    projected = tf.reshape(tf.matmul(tf.reshape(z, (-1, z.shape[-1])), kernel),
-                           tf.concat([tf.shape(z)[:2], tf.shape(kernel)[1:]], 0))
-    filtered = engine.linear_filter(projected, kappa, 1.0 - kappa)
-    if bias is not None:
-        filtered = filtered + bias
+    y, _ = online_rules.readout_chunk(records[-1]["z"], kernel, bias, plan.readout.kappa)
     counts = [tf.reduce_sum(rec["z"], axis=(0, 1)) for rec in records]
-    return tf.transpose(filtered, (1, 0, 2)), counts
+    return tf.transpose(y, (1, 0, 2)), counts
 
 
 # ---------------------------------------------------------------------- feed-forward deep SNNs

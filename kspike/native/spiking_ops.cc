@@ -562,16 +562,25 @@ static int64_t CountNonzeros(const float* __restrict x, int64_t m) {
   return count;
 }
 
-// At most a quarter of the B x T x n_in inputs are nonzero (counted over the shards of the
-// batch in parallel): the rule by which x_t W_in adds the rows of the active inputs.
-static bool FewNonzeroInputs(OpKernelContext* ctx, const float* x, int64_t B, int64_t row_size) {
-  std::vector<int64_t> counts(std::max<int64_t>(B, 1), 0);
-  ForEachShard(ctx, B, 1, [&](int64_t first, int64_t last, int64_t shard) {
+// The nonzero entries of `rows` rows of row_size floats, counted over shards of the rows in
+// parallel.
+static int64_t CountNonzeroRows(OpKernelContext* ctx, const float* x, int64_t rows,
+                                int64_t row_size, int64_t min_rows) {
+  // One count per shard: ForEachShard makes at most one per intra-op thread.
+  const int64_t threads = ctx->device()->tensorflow_cpu_worker_threads()->workers->NumThreads();
+  std::vector<int64_t> counts(std::max<int64_t>(threads, 1), 0);
+  ForEachShard(ctx, rows, min_rows, [&](int64_t first, int64_t last, int64_t shard) {
     counts[shard] = CountNonzeros(x + first * row_size, (last - first) * row_size);
   });
   int64_t total = 0;
   for (int64_t c : counts) total += c;
-  return 4 * total <= B * row_size;
+  return total;
+}
+
+// At most a quarter of the B x T x n_in inputs are nonzero: the rule by which x_t W_in adds
+// the rows of the active inputs.
+static bool FewNonzeroInputs(OpKernelContext* ctx, const float* x, int64_t B, int64_t row_size) {
+  return 4 * CountNonzeroRows(ctx, x, B, row_size, 1) <= B * row_size;
 }
 
 // ------------------------------------------------------------------ small dense products
@@ -3097,13 +3106,7 @@ class SparseTransposeProductOp : public OpKernel {
     const float* M = b.flat<float>().data();
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> sums(std::max<int64_t>(1, workers->NumThreads()));
-    std::vector<int64_t> counts(std::max<int64_t>(1, workers->NumThreads()), 0);
-    ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
-      counts[shard] = CountNonzeros(A + first * P, (last - first) * P);
-    });
-    int64_t nonzeros = 0;
-    for (int64_t c : counts) nonzeros += c;
-    if (8 * nonzeros > R * P) {
+    if (8 * CountNonzeroRows(ctx, A, R, P, 256) > R * P) {
       ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
         sums[shard].assign(P * Q, 0.0f);
         Eigen::Map<const RowMatrix> a_rows(A + first * P, last - first, P);
