@@ -776,7 +776,7 @@ class _NativeBackend(_Backend):
         batch = tf.shape(x)[0]
         gz_out, gv_out, gA_out = [tf.zeros((batch, 0, n)) if g is None else g
                                   for g in out_grads]
-        g_current, gv0, gb0, gz0, g_w_rec, g_w_in_sparse = self.ops.kspike_spiking_backward(
+        g_current, gv0, gb0, gz0, g_w_rec, g_w_in = self.ops.kspike_spiking_backward(
             spike_bits=buffers["spike_bits"], z0=buffers["z0"], x=x,
             sparse_inputs=buffers["sparse_inputs"], v=buffers["v"],
             threshold=buffers.get("A", tf.zeros((0, batch, n))),
@@ -787,13 +787,10 @@ class _NativeBackend(_Backend):
             grad_z_final=g_final.z, recurrent=w_rec is not None, has_bias=False,
             sparse_fraction=_SPARSE_BACKWARD_FRACTION, weight_block_steps=_WEIGHT_BLOCK_STEPS,
             **self.attrs, **self.surrogate_attrs)
+        # dW_in and dW_rec are summed in the loop (over the active inputs for sparse ones);
+        # dL/dI_t is written only where an op reads it (here: the input gradient, which a
+        # training step that needs no gradient of its inputs prunes).
         g_flat = tf.reshape(g_current, (-1, n))                   # rows in (t, b) order
-        # Sparse inputs: dW_in was summed in the loop; dense ones: one product over all steps
-        # (x made time-major inside the branch, so sparse inputs are not transposed).
-        g_w_in = tf.cond(
-            buffers["sparse_inputs"], lambda: g_w_in_sparse,
-            lambda: tf.matmul(tf.reshape(tf.transpose(x, (1, 0, 2)), (-1, x.shape[-1])),
-                              g_flat, transpose_a=True))
         steps = tf.shape(g_current)[0]
         g_x = tf.transpose(tf.reshape(tf.matmul(g_flat, inputs.w_in, transpose_b=True),
                                       (steps, batch, tf.shape(x)[2])), (1, 0, 2))

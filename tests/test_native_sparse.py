@@ -9,11 +9,12 @@ product taken where a compact surrogate leaves most terms at zero, and dense oth
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kspike
 from kspike import engine, native, surrogates
 
-from test_engine import _inputs
+from test_engine import _assert_close, _inputs
 from test_native import B, N_IN, SURROGATES, T, UNITS, _check, needs_compiler
 
 COMPACT = ("rectangular", "triangular")
@@ -96,3 +97,50 @@ def test_nonzero_pseudo_derivatives_counted_exactly():
     # output="all" hands the backward op gradients of v: every step takes the dense product.
     assert stats["sparse_steps"] == 0 and stats["dense_steps"] >= T
     assert native.backward_stats()["entries"] == 0
+
+
+def _weight_gradients(layer, x, seed=7):
+    """The gradients of a weighted spike sum with respect to the layer's weights only, in a
+    tf.function (no gradient of the inputs, so no op of the graph reads dL/dI_t)."""
+    w = tf.constant(np.random.default_rng(seed).normal(
+        size=(x.shape[0], x.shape[1], layer.cell.units)).astype("float32"))
+
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x) * w)
+        return tape.gradient(loss, layer.trainable_variables)
+
+    return [g.numpy() for g in gradients()]
+
+
+@needs_compiler
+@pytest.mark.parametrize("density,use_bias,block_steps", [
+    (0.15, False, 0), (0.15, False, 3), (0.9, False, 0), (0.15, True, 0)],
+    ids=["sparse_inputs", "sparse_inputs_blocks_of_3", "dense_inputs", "bias"])
+def test_weight_gradients_without_stored_current_gradient(density, use_bias, block_steps,
+                                                          monkeypatch):
+    # A training step that needs no input gradient: the backward op leaves dL/dI_t unwritten
+    # (its weight sums read a buffer of one block of steps; dense inputs' dW_in is summed per
+    # step in the loop) unless the bias gradient reads it, and the weight gradients equal
+    # the TensorFlow loop's.
+    monkeypatch.setattr(engine, "_WEIGHT_BLOCK_STEPS", block_steps)
+    x = _inputs(batch=B, steps=T, features=N_IN, density=density, scale=3.0)
+    triangular = surrogates.get("triangular", sharpness=1.5)
+    bias = dict(use_bias=True, bias_initializer=keras.initializers.RandomUniform(
+        0.0, 0.05, seed=2)) if use_bias else {}
+    layers = [kspike.SpikingRNN(_alif(triangular, **bias)(), return_sequences=True,
+                                native=flag) for flag in (False, True)]
+    for layer in layers:
+        layer.build(x.shape)
+    layers[1].set_weights(layers[0].get_weights())
+    assert len(layers[1].trainable_variables) == (3 if use_bias else 2)   # W_in, W_rec[, b]
+    expected = _weight_gradients(layers[0], x)
+    native.backward_stats(reset=True)
+    result = _weight_gradients(layers[1], x)
+    stats = native.backward_stats()
+    assert stats["current_written"] + stats["current_skipped"] == 1
+    assert stats["current_written" if use_bias else "current_skipped"] == 1
+    for variable, a, b in zip(layers[1].trainable_variables, expected, result):
+        _assert_close(a, b, rtol=2e-5, what=variable.path)
+        assert np.abs(a).max() > 0, variable.path

@@ -151,7 +151,8 @@ def unavailable_reason():
     return None
 
 
-_STATS = ("sparse_steps", "dense_steps", "entries", "nonzero_psi", "nonzero_terms")
+_STATS = ("sparse_steps", "dense_steps", "entries", "nonzero_psi", "nonzero_terms",
+          "current_written", "current_skipped")
 
 
 def backward_stats(reset=False):
@@ -165,7 +166,12 @@ def backward_stats(reset=False):
     - ``nonzero_psi``: of those, the entries with a nonzero pseudo-derivative psi_t (0 in
       refractory periods); ``nonzero_terms``: with a nonzero dL/dz_t psi_t / A_t (layers
       with recurrent weights only);
-    - ``psi_fraction``, ``term_fraction``: the last two over ``entries`` (None before any call).
+    - ``current_written`` / ``current_skipped``: calls that wrote the gradient of the input
+      current dL/dI_t (T, B, n) as an output / did not, because no op of the graph reads it
+      (a training step that needs no gradient of the layer's inputs and has no bias: the
+      weight gradients are summed in the loop from one block of steps at a time);
+    - ``psi_fraction``, ``term_fraction``: nonzero_psi and nonzero_terms over ``entries``
+      (None before any call).
 
     The counts cover every backward call of the process (all layers, all threads); ``reset``
     returns them and sets them to zero.

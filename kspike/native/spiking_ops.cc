@@ -382,59 +382,123 @@ static void ScatterRows(const int32_t* __restrict index, const float* __restrict
   }
 }
 
-// Weight-gradient terms dW[i][0..n) += value * G[g][0..n) collected over a block of steps and
-// added per presynaptic row i at once: the pairs (i active before step t, row g = that step's
-// dL/dI_t row) of the block are sorted by i, and each row of dW is read and written once per
-// block instead of once per pair, its sum formed in registers (GatherRows) from the rows of G,
-// which a block keeps in cache. G = dL/dI (T, B, n) time-major, g = t * B + batch row.
+// Weight-gradient sums dW[i][0..n) = sum value * G[g][0..n) over pairs (i, g) collected in
+// blocks of steps and added column chunk by column chunk: for each chunk of 32 columns (16
+// when dW has more than 320 rows), every row g of G = dL/dI that the block names is loaded
+// once into registers and added to the chunk of each row i paired with it (the presynaptic
+// neurons active before that step). The sums are held chunk by chunk, each chunk's n_pre x 32
+// floats contiguous (at most 40 KB, in the L1 cache without cache-set conflicts while a
+// block's pairs are added; rows of a row-major dW lie 4 n bytes apart and would fall on a few
+// cache sets), and the rows of G, which a block keeps in the L2 cache, are read once per chunk
+// instead of once per pair. Each entry adds its pairs one at a time in the order they were
+// given (value 1: the row itself, exactly; other values by one fused multiply-add).
+// G = dL/dI (T, B, n) time-major, g = t * B + batch row.
 class WeightGradBlock {
  public:
-  WeightGradBlock(int64_t n_pre, int64_t n) : n_(n), count_(n_pre + 1, 0), sum_(n) {}
+  WeightGradBlock(int64_t n_pre, int64_t n)
+      : n_pre_(n_pre), n_(n),
+        width_(n_pre * 32 * static_cast<int64_t>(sizeof(float)) <= (40 << 10) ? 32 : 16),
+        sums_(((n + width_ - 1) / width_) * n_pre * width_, 0.0f) {}
 
   // The pairs (index[c], g) with values value[c] of one row of one step.
   void Add(const int32_t* index, const float* value, int64_t count, int64_t g) {
-    for (int64_t c = 0; c < count; ++c) {
-      pre_.push_back(index[c]);
-      row_.push_back(static_cast<int32_t>(g));
-      value_.push_back(value[c]);
-    }
+    if (count <= 0) return;
+    row_.push_back(static_cast<int32_t>(g));
+    pre_.insert(pre_.end(), index, index + count);
+    value_.insert(value_.end(), value, value + count);
+    end_.push_back(static_cast<int64_t>(pre_.size()));
   }
 
-  // dW += the block's terms; empties the block.
-  void Flush(const float* G, float* dW) {
-    const int64_t pairs = static_cast<int64_t>(pre_.size());
-    if (pairs == 0) return;
-    std::fill(count_.begin(), count_.end(), 0);
-    for (int64_t e = 0; e < pairs; ++e) ++count_[pre_[e] + 1];
-    const int64_t n_pre = static_cast<int64_t>(count_.size()) - 1;
-    for (int64_t i = 0; i < n_pre; ++i) count_[i + 1] += count_[i];
-    sorted_row_.resize(pairs);
-    sorted_value_.resize(pairs);
-    std::vector<int64_t> next(count_.begin(), count_.end() - 1);
-    for (int64_t e = 0; e < pairs; ++e) {
-      const int64_t at = next[pre_[e]]++;
-      sorted_row_[at] = row_[e];
-      sorted_value_[at] = value_[e];
+  // The sums += the block's terms; empties the block.
+  void Flush(const float* G) {
+    const int64_t groups = static_cast<int64_t>(row_.size());
+    if (groups == 0) return;
+    const int32_t* pre = pre_.data();
+    const float* value = value_.data();
+    for (int64_t c0 = 0; c0 < n_; c0 += width_) {
+      const int64_t cols = std::min(width_, n_ - c0);
+      float* chunk = sums_.data() + (c0 / width_) * n_pre_ * width_;
+#if defined(__AVX512F__)
+      const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+      const __mmask16 m1 = cols >= 32 ? 0xFFFF
+                           : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1) : 0;
+      int64_t e = 0;
+      for (int64_t r = 0; r < groups; ++r) {
+        const float* gr = G + static_cast<int64_t>(row_[r]) * n_ + c0;
+        const __m512 g0 = _mm512_maskz_loadu_ps(m0, gr);
+        const int64_t end = end_[r];
+        if (width_ == 32) {
+          const __m512 g1 = _mm512_maskz_loadu_ps(m1, gr + 16);
+          for (; e < end; ++e) {
+            float* w = chunk + static_cast<int64_t>(pre[e]) * 32;
+            const __m512 s = _mm512_set1_ps(value[e]);
+            _mm512_store_ps(w, _mm512_fmadd_ps(s, g0, _mm512_load_ps(w)));
+            _mm512_store_ps(w + 16, _mm512_fmadd_ps(s, g1, _mm512_load_ps(w + 16)));
+          }
+        } else {
+          for (; e < end; ++e) {
+            float* w = chunk + static_cast<int64_t>(pre[e]) * 16;
+            const __m512 s = _mm512_set1_ps(value[e]);
+            _mm512_store_ps(w, _mm512_fmadd_ps(s, g0, _mm512_load_ps(w)));
+          }
+        }
+      }
+#else
+      int64_t e = 0;
+      for (int64_t r = 0; r < groups; ++r) {
+        const float* __restrict gr = G + static_cast<int64_t>(row_[r]) * n_ + c0;
+        const int64_t end = end_[r];
+        for (; e < end; ++e) {
+          float* __restrict w = chunk + static_cast<int64_t>(pre[e]) * width_;
+          const float s = value[e];
+          if (s == 1.0f) {
+            for (int64_t k = 0; k < cols; ++k) w[k] += gr[k];
+          } else {
+            for (int64_t k = 0; k < cols; ++k) w[k] = std::fma(s, gr[k], w[k]);
+          }
+        }
+      }
+#endif
     }
-    for (int64_t i = 0; i < n_pre; ++i) {
-      const int64_t begin = count_[i], end = count_[i + 1];
-      if (begin == end) continue;
-      GatherRows(sorted_row_.data() + begin, sorted_value_.data() + begin, end - begin, G, n_,
-                 sum_.data());
-      float* __restrict w = dW + i * n_;
-      for (int64_t k = 0; k < n_; ++k) w[k] += sum_[k];
-    }
-    pre_.clear();
     row_.clear();
+    end_.clear();
+    pre_.clear();
     value_.clear();
   }
 
+  // dW (n_pre x n, row-major) = the sums.
+  void Store(float* dW) const {
+    for (int64_t c0 = 0; c0 < n_; c0 += width_) {
+      const int64_t cols = std::min(width_, n_ - c0);
+      const float* chunk = sums_.data() + (c0 / width_) * n_pre_ * width_;
+      for (int64_t i = 0; i < n_pre_; ++i) {
+        std::copy(chunk + i * width_, chunk + i * width_ + cols, dW + i * n_ + c0);
+      }
+    }
+  }
+
  private:
-  int64_t n_;
-  std::vector<int64_t> count_;
-  std::vector<float> sum_;
-  std::vector<int32_t> pre_, row_, sorted_row_;
-  std::vector<float> value_, sorted_value_;
+  // 64-byte aligned storage for the chunks (aligned vector loads and stores).
+  struct Aligned {
+    template <typename T>
+    struct Allocator {
+      using value_type = T;
+      Allocator() = default;
+      template <typename U>
+      Allocator(const Allocator<U>&) {}
+      T* allocate(std::size_t count) {
+        return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t(64)));
+      }
+      void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+      bool operator==(const Allocator&) const { return true; }
+      bool operator!=(const Allocator&) const { return false; }
+    };
+  };
+  int64_t n_pre_, n_, width_;
+  std::vector<float, Aligned::Allocator<float>> sums_;
+  std::vector<int32_t> row_, pre_;
+  std::vector<int64_t> end_;
+  std::vector<float> value_;
 };
 
 // h_r[0..n) = alpha h_r + sum_c value_r[c] * M[index_r[c]][0..n) for each of `rows` rows r
@@ -520,7 +584,7 @@ static void DecayAndGatherStep(const int32_t* index, const float* value, const i
 // shards taken sparse and dense, and of the neurons x steps x rows, those with a nonzero
 // pseudo-derivative (psi_t, 0 where refractory) and with a nonzero term dL/dz_t psi_t / A_t.
 static std::atomic<int64_t> g_sparse_steps{0}, g_dense_steps{0}, g_entries{0},
-    g_nonzero_psi{0}, g_nonzero_terms{0};
+    g_nonzero_psi{0}, g_nonzero_terms{0}, g_current_written{0}, g_current_skipped{0};
 
 // Prefetches the `bytes` bytes at p into the cache: the B rows of one step of a batch-major
 // (B, T, n) sequence lie 4 T n bytes apart, too many short streams for the hardware prefetcher.
@@ -1169,24 +1233,27 @@ REGISTER_OP("KspikeSpikingBackward")
     // Steps per block of the weight-gradient sums (WeightGradBlock); 0: as many as keep the
     // block's dL/dI rows within 512 KB.
     .Attr("weight_block_steps: int = 0")
-    .Output("grad_current: float")   // (T, B, n) dL/dI_t, time-major
+    // (T, B, n) dL/dI_t, time-major; (0, B, n) in a graph where no op reads it (the op then
+    // keeps only the rows of the current block of steps, for the weight gradients).
+    .Output("grad_current: float")
     .Output("grad_v0: float")        // (B, n)
     .Output("grad_b0: float")        // (B, n) or (0, n)
     .Output("grad_z0: float")        // (B, n)
     .Output("grad_w_rec: float")     // (n, n) or (0, 0)
-    .Output("grad_w_in: float")      // (n_in, n) with sparse inputs, else (0, n)
+    .Output("grad_w_in: float")      // (n_in, n)
     .SetShapeFn([](InferenceContext* c) {
       auto v = c->input(4);
       auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
       bool adaptive, recurrent;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
-      c->set_output(0, c->MakeShape({steps, batch, n}));
+      (void)steps;
+      c->set_output(0, c->MakeShape({c->UnknownDim(), batch, n}));
       c->set_output(1, c->MakeShape({batch, n}));
       c->set_output(2, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
       c->set_output(3, c->MakeShape({batch, n}));
       c->set_output(4, recurrent ? c->MakeShape({n, n}) : c->MakeShape({0, 0}));
-      c->set_output(5, c->MakeShape({c->UnknownDim(), n}));
+      c->set_output(5, c->MakeShape({c->Dim(c->input(2), 2), n}));
       return tensorflow::OkStatus();
     });
 
@@ -1232,15 +1299,19 @@ class SpikingBackwardOp : public OpKernel {
     const bool has_gz = T > 0 && ctx->input(9).dim_size(1) == T;
     const bool has_gv = T > 0 && ctx->input(10).dim_size(1) == T;
     const bool has_ga = a_.adaptive && T > 0 && ctx->input(11).dim_size(1) == T;
+    // dL/dI_t as an output only where an op reads it (always eagerly); else the weight
+    // gradients read it from a buffer of one block of steps per shard.
+    const bool store_current = ctx->output_required(0);
     Tensor *g_current, *gv0_t, *gb0_t, *gz0_t, *gw_t, *gw_in_t;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({T, B, n}), &g_current));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({store_current ? T : 0, B, n}),
+                                             &g_current));
+    ++(store_current ? g_current_written : g_current_skipped);
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, n}), &gv0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({a_.adaptive ? B : 0, n}), &gb0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({B, n}), &gz0_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             4, a_.recurrent ? TensorShape({n, n}) : TensorShape({0, 0}), &gw_t));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({sparse_inputs ? n_in : 0, n}),
-                                             &gw_in_t));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(5, TensorShape({n_in, n}), &gw_in_t));
 
     const uint64_t* bits = reinterpret_cast<const uint64_t*>(bits_t.flat<int64_t>().data());
     const float* z0 = ctx->input(1).flat<float>().data();
@@ -1281,7 +1352,7 @@ class SpikingBackwardOp : public OpKernel {
     // One dW_rec and one dW_in buffer per shard, summed at the end.
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
     std::vector<std::vector<float>> gw_shards(a.recurrent ? workers->NumThreads() + 1 : 0);
-    std::vector<std::vector<float>> gw_in_shards(sparse_inputs ? workers->NumThreads() + 1 : 0);
+    std::vector<std::vector<float>> gw_in_shards(workers->NumThreads() + 1);
     ForEachShard(ctx, B, 8, [&](int64_t first, int64_t last, int64_t shard) {
       const int64_t rows = last - first;
       std::vector<float> gv(gv_final + first * n, gv_final + last * n);
@@ -1295,19 +1366,26 @@ class SpikingBackwardOp : public OpKernel {
       std::vector<float> value(std::max(n, n_in));
       float* gw = nullptr;
       if (a.recurrent) {
-        gw_shards[shard].assign(n * n, 0.0f);
+        gw_shards[shard].resize(n * n);
         gw = gw_shards[shard].data();
       }
-      float* gw_in = nullptr;
+      // Sparse inputs: dW_in from the active inputs' pairs (WeightGradBlock, which writes
+      // it); dense ones: x_t^T dI_t per step, a product of the step's rows.
       if (sparse_inputs) {
+        gw_in_shards[shard].resize(n_in * n);
+      } else {
         gw_in_shards[shard].assign(n_in * n, 0.0f);
-        gw_in = gw_in_shards[shard].data();
       }
-      // dW_rec and dW_in summed per block of steps whose dL/dI rows (about 512 KB) stay
-      // in cache.
+      float* gw_in = gw_in_shards[shard].data();
+      // dW_rec and dW_in summed per block of steps whose dL/dI rows (about 64 KB) are still
+      // in the L2 cache (the stored sequences read in between would evict older rows).
       const int64_t block_steps =
           weight_block_steps > 0 ? weight_block_steps
-                                 : std::max<int64_t>(1, (int64_t{1} << 17) / (rows * n));
+                                 : std::max<int64_t>(1, (int64_t{1} << 14) / (rows * n));
+      // Where the rows of dL/dI live: the output (row g = t * B + batch row), or, when no op
+      // reads that, a buffer of one block of steps (row g = slot * rows + i).
+      std::vector<float> gi_block(store_current ? 0 : block_steps * rows * n);
+      float* G = store_current ? GI : gi_block.data();
       WeightGradBlock rec_block(a.recurrent ? n : 0, n), in_block(sparse_inputs ? n_in : 0, n);
       // The nonzero terms gxa of every row of a step, for the sparse recurrent product.
       std::vector<int32_t> gxa_index(a.recurrent ? rows * n : 0);
@@ -1316,6 +1394,7 @@ class SpikingBackwardOp : public OpKernel {
       int64_t sparse_steps = 0, dense_steps = 0, nonzero_psi = 0, nonzero_terms = 0;
       for (int64_t t = T - 1; t >= 0; --t) {
         const int64_t step_at = (t * B + first) * n;     // element (t, first, 0), time-major
+        const int64_t g0 = store_current ? t * B + first : ((T - 1 - t) % block_steps) * rows;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = first + i;
           const int64_t at = step_at + i * n;
@@ -1325,9 +1404,9 @@ class SpikingBackwardOp : public OpKernel {
             if (has_gz) Prefetch(GZ + out_at - n, bytes);
             if (has_gv) Prefetch(GV + out_at - n, bytes);
             if (has_ga) Prefetch(GA + out_at - n, bytes);
-            if (sparse_inputs) Prefetch(X + (row * T + t - 1) * n_in, n_in * sizeof(float));
+            Prefetch(X + (row * T + t - 1) * n_in, n_in * sizeof(float));
           }
-          float* gi = GI + at;
+          float* gi = G + (g0 + i) * n;
           const int64_t n_spikes = BackwardRowStep(
               in, t, row, at, out_at, index.data(), value.data(), z_row.data(), psi.data(),
               gz.data() + i * n, gv.data() + i * n, a.adaptive ? gb.data() + i * n : nullptr, gi,
@@ -1335,18 +1414,27 @@ class SpikingBackwardOp : public OpKernel {
           for (int64_t k = 0; k < n; ++k) nonzero_psi += psi[k] != 0.0f;
           if (a.recurrent) {
             // dW_rec += z_{t-1}^T dI_t, over the spikes only.
-            rec_block.Add(index.data(), value.data(), n_spikes, at / n);
+            rec_block.Add(index.data(), value.data(), n_spikes, g0 + i);
           }
           if (sparse_inputs) {
             // dW_in += x_t^T dI_t, over the active inputs only.
             const int64_t count = Nonzeros(X + (row * T + t) * n_in, n_in, index.data(),
                                            value.data());
-            in_block.Add(index.data(), value.data(), count, at / n);
+            in_block.Add(index.data(), value.data(), count, g0 + i);
           }
         }
+        if (!sparse_inputs && n_in > 0) {
+          // dW_in += x_t^T dI_t over the shard's rows (x batch-major: rows T n_in apart).
+          using Stride = Eigen::OuterStride<>;
+          Eigen::Map<const RowMatrix, 0, Stride> xt(X + (first * T + t) * n_in, rows, n_in,
+                                                    Stride(T * n_in));
+          Eigen::Map<const RowMatrix> gt(G + g0 * n, rows, n);
+          Eigen::Map<RowMatrix> acc(gw_in, n_in, n);
+          acc.noalias() += xt.transpose() * gt;
+        }
         if ((T - t) % block_steps == 0 || t == 0) {
-          if (a.recurrent) rec_block.Flush(GI, gw);
-          if (sparse_inputs) in_block.Flush(GI, gw_in);
+          if (a.recurrent) rec_block.Flush(G);
+          if (sparse_inputs) in_block.Flush(G);
         }
         if (a.recurrent) {
           // dL/dz_{t-1} += dI_t W_rec^T = (1 - alpha) h_t with h_t = gvt_t W_rec^T. The
@@ -1385,11 +1473,13 @@ class SpikingBackwardOp : public OpKernel {
       g_entries += T * rows * n;
       g_nonzero_psi += nonzero_psi;
       g_nonzero_terms += nonzero_terms;
+      if (a.recurrent) rec_block.Store(gw);
+      if (sparse_inputs) in_block.Store(gw_in);
       std::copy(gv.begin(), gv.end(), gv0 + first * n);
       std::copy(gz.begin(), gz.end(), gz0 + first * n);
       if (a.adaptive) std::copy(gb.begin(), gb.end(), gb0 + first * n);
     });
-    if (sparse_inputs) SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
+    SumShards(gw_in_shards, n_in * n, gw_in_t->flat<float>().data());
     if (a.recurrent) SumShards(gw_shards, n * n, gw_t->flat<float>().data());
   }
 
@@ -1403,14 +1493,15 @@ class SpikingBackwardOp : public OpKernel {
 REGISTER_KERNEL_BUILDER(Name("KspikeSpikingBackward").Device(DEVICE_CPU), SpikingBackwardOp);
 
 // The counts of KspikeSpikingBackward since the library was loaded (or last reset), in the
-// order [sparse steps, dense steps, entries, nonzero psi, nonzero terms] (steps counted per
-// shard; entries = neurons x steps x batch rows).
+// order [sparse steps, dense steps, entries, nonzero psi, nonzero terms, calls that wrote
+// dL/dI, calls that did not (no op read it)] (steps counted per shard; entries = neurons x
+// steps x batch rows).
 REGISTER_OP("KspikeBackwardStats")
     .Attr("reset: bool = false")
     .Output("counts: int64")
     .SetIsStateful()
     .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->MakeShape({5}));
+      c->set_output(0, c->MakeShape({7}));
       return tensorflow::OkStatus();
     });
 
@@ -1422,11 +1513,11 @@ class BackwardStatsOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     Tensor* out;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({5}), &out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({7}), &out));
     auto counts = out->flat<int64_t>();
     std::atomic<int64_t>* all[] = {&g_sparse_steps, &g_dense_steps, &g_entries, &g_nonzero_psi,
-                                   &g_nonzero_terms};
-    for (int i = 0; i < 5; ++i) counts(i) = reset_ ? all[i]->exchange(0) : all[i]->load();
+                                   &g_nonzero_terms, &g_current_written, &g_current_skipped};
+    for (int i = 0; i < 7; ++i) counts(i) = reset_ ? all[i]->exchange(0) : all[i]->load();
   }
 
  private:
@@ -3118,7 +3209,7 @@ class SparseTransposeProductOp : public OpKernel {
       // Blocks of rows whose rows of M stay in cache while their pairs are summed.
       const int64_t block = std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(Q, 1));
       ForEachShard(ctx, R, 256, [&](int64_t first, int64_t last, int64_t shard) {
-        sums[shard].assign(P * Q, 0.0f);
+        sums[shard].resize(P * Q);
         WeightGradBlock pairs(P, Q);
         std::vector<int32_t> index(P);
         std::vector<float> value(P);
@@ -3128,8 +3219,9 @@ class SparseTransposeProductOp : public OpKernel {
             const int64_t count = Nonzeros(A + r * P, P, index.data(), value.data());
             pairs.Add(index.data(), value.data(), count, r);
           }
-          pairs.Flush(M, sums[shard].data());
+          pairs.Flush(M);
         }
+        pairs.Store(sums[shard].data());
       });
     }
     SumShards(sums, P * Q, result);
