@@ -38,22 +38,49 @@ def _decay_scan(u, decay):
     return u
 
 
-def leaky_filter(x, kappa, initial=None):
+def _native_filter_allowed(dtype):
+    """True where ``leaky_filter`` may run kspike's native filter op: the op loads for
+    ``dtype`` (float32/float64, CPU, outside XLA) and the graph is one that is never exported
+    (a gradient tape may record, as in a training step, or ``compat.native_inference_allowed``:
+    eagerly and in Keras' fit / evaluate / predict functions) - the rule of SpikingRNN's native
+    loops, so that every SavedModel holds TensorFlow ops only."""
+    from kspike import compat, engine
+    if engine.native_rule_ops(dtype) is None:
+        return False
+    return compat.tape_may_record() or compat.native_inference_allowed()
+
+
+def leaky_filter(x, kappa, initial=None, native="auto"):
     """zhat_t = kappa zhat_{t-1} + (1 - kappa) x_t over the time axis.
 
     Args:
         x: (B, T, n) tensor.
         kappa: decay per step, a float in [0, 1).
         initial: optional (B, n) zhat_{-1} (default 0).
+        native: "auto" (default) runs the recursion as kspike's native filter op where it
+            may (see below); False always uses TensorFlow's ops.
 
     Returns:
         (B, T, n) filtered sequence.
 
-    With a static T the filter runs on blocks of 64 steps (one small Toeplitz product per block
-    and a logarithmic carry across blocks): the same sums as the recursion, in another order
-    (float round-off only); an unknown T uses a ``tf.scan`` of the recursion.
+    Native (``kspike.engine.linear_filter``, float32/float64 on the CPU outside XLA, in
+    graphs that are never exported: training steps, eager calls, Keras' fit / evaluate /
+    predict): one C++ op runs the recursion over all steps and its gradient runs it backward,
+    with TensorFlow's products and sums in their order, so the result is that of the
+    ``tf.scan`` of the recursion bit for bit (one training step of B=64, T=784 and 10 units:
+    1.8 ms for filter and gradient against 9.3 ms for the blocked form below). Elsewhere, with
+    a static T the filter runs on blocks of 64 steps (one small Toeplitz product per block and
+    a logarithmic carry across blocks): the same sums as the recursion, in another order (float
+    round-off only); an unknown T uses a ``tf.scan`` of the recursion.
     """
     x = tf.convert_to_tensor(x)
+    if native not in ("auto", False):
+        raise ValueError(f"leaky_filter: native must be 'auto' or False, received {native!r}")
+    if native == "auto" and x.shape.rank == 3 and _native_filter_allowed(x.dtype):
+        from kspike import engine
+        y = engine.linear_filter(tf.transpose(x, (1, 0, 2)), kappa, 1.0 - kappa,
+                                 initial=initial)
+        return tf.transpose(y, (1, 0, 2))
     steps = x.shape[1]
     if steps is None:
         start = tf.zeros_like(x[:, 0]) if initial is None else tf.cast(initial, x.dtype)

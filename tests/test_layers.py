@@ -50,15 +50,17 @@ def test_float64_exact_and_no_bias():
     np.testing.assert_allclose(layer(z).numpy(), want, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("native", ["auto", False])
 @pytest.mark.parametrize("steps", [1, 40, 64, 65, 200, 2100])
-def test_leaky_filter_initial_state(steps):
+def test_leaky_filter_initial_state(steps, native):
     keras.config.set_dtype_policy("float64")
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2, steps, 3))
     initial = rng.normal(size=(2, 3))
     kappa = 0.9
     want = numpy_readout(x, np.eye(3), None, -1.0 / np.log(kappa), 1.0, zhat0=initial)
-    got = leaky_filter(tf.constant(x), kappa, initial=tf.constant(initial)).numpy()
+    got = leaky_filter(tf.constant(x), kappa, initial=tf.constant(initial),
+                       native=native).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -96,7 +98,8 @@ def test_bad_arguments_and_inputs():
         kspike.LeakyReadout(2)(np.zeros((3, 4), "float32"))
 
 
-def test_leaky_filter_gradient_is_the_transposed_filter():
+@pytest.mark.parametrize("native", ["auto", False])
+def test_leaky_filter_gradient_is_the_transposed_filter(native):
     # The gradient of sum(g * filter(x)) with respect to x is the filter run backwards in time:
     # dx_s = (1 - kappa) sum_{t >= s} kappa^(t - s) g_t (NumPy loop), across block boundaries.
     keras.config.set_dtype_policy("float64")
@@ -106,7 +109,7 @@ def test_leaky_filter_gradient_is_the_transposed_filter():
     kappa = 0.93
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(leaky_filter(x, kappa) * g)
+        loss = tf.reduce_sum(leaky_filter(x, kappa, native=native) * g)
     got = tape.gradient(loss, x).numpy()
     want = np.zeros_like(g)
     acc = np.zeros((2, 3))
@@ -123,3 +126,49 @@ def test_leaky_filter_unknown_length_matches_static():
                           input_signature=[tf.TensorSpec((None, None, 3), tf.float32)])
     np.testing.assert_allclose(dynamic(x).numpy(), leaky_filter(tf.constant(x), 0.9).numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def _op_types(function, *args):
+    graph = function.get_concrete_function(*args).graph
+    types = {op.type for op in graph.get_operations()}
+    for f in graph._functions.values():
+        types |= {node.op for node in f.definition.node_def}
+    return types
+
+
+def test_leaky_filter_native_is_the_float32_recursion_and_never_exported():
+    # Where the native filter may run (eagerly, under a tape) it is the recursion in float32
+    # bit for bit: kappa zhat + (1 - kappa) x rounded as TensorFlow rounds it; a user's
+    # tf.function without a tape (one that could be exported) holds TensorFlow ops only, one
+    # recording a tape the native op.
+    from kspike import native as native_module
+    if native_module.load() is None:
+        pytest.skip("the native library does not load")
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(3, 130, 4)).astype("float32")
+    kappa = 0.95
+    k32, g32 = np.float32(kappa), np.float32(1.0 - kappa)
+    want = np.zeros_like(x)
+    zhat = np.zeros((3, 4), np.float32)
+    for t in range(130):
+        zhat = k32 * zhat + g32 * x[:, t]
+        want[:, t] = zhat
+    np.testing.assert_array_equal(leaky_filter(tf.constant(x), kappa).numpy(), want)
+    with tf.GradientTape() as tape:
+        xt = tf.constant(x)
+        tape.watch(xt)
+        y = leaky_filter(xt, kappa)
+    np.testing.assert_array_equal(y.numpy(), want)
+    np.testing.assert_allclose(leaky_filter(tf.constant(x), kappa, native=False).numpy(), want,
+                               rtol=1e-5, atol=1e-6)
+    plain = tf.function(lambda v: leaky_filter(v, kappa))
+    assert not any(t.startswith("Kspike") for t in _op_types(plain, tf.constant(x)))
+
+    def with_tape(v):
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            y = leaky_filter(v, kappa)
+        return tape.gradient(tf.reduce_sum(y), v)
+    assert "KspikeLinearFilter" in _op_types(tf.function(with_tape), tf.constant(x))
+    with pytest.raises(ValueError, match="native"):
+        leaky_filter(tf.constant(x), kappa, native=True)
