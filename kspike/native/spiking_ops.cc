@@ -503,13 +503,17 @@ class WeightGradBlock {
 
 // h_r[0..n) = alpha h_r + sum_c value_r[c] * M[index_r[c]][0..n) for each of `rows` rows r
 // (index_r = index + r * n, count[r] entries): DecayAndGatherRows for a whole step, swept in
-// blocks of 32 columns so that the 32 columns of M being read stay in the L1 cache for all
-// rows, each row's sum split into four partial sums (independent FMA chains). `packed` holds
-// M block by block (PackColumnBlocks), each block's n rows of 32 columns contiguous, so a block
-// is read without cache-set conflicts; `M` itself serves where AVX-512 is missing.
-static constexpr int64_t kColumnBlock = 32;
+// blocks of 64 columns (four vectors per nonzero, so each index and value read serves four
+// multiply-adds; 64 KB of M per block at n = 256, in the L2 cache, read without cache-set
+// conflicts), each row's sum split into two partial sums (every other nonzero; independent FMA
+// chains). Measured at B=64, 256 neurons, T=784, 15.7% nonzero terms, one thread: backward op
+// 0.093 s with blocks of 32 columns and four partial sums, 0.083-0.085 s with 64, 0.085-0.086 s
+// with 128. `packed` holds M block by block (PackColumnBlocks), each block's n rows of 64
+// columns contiguous; `M` itself serves where AVX-512 is missing.
+static constexpr int64_t kColumnBlock = 64;
 
-// M (n x n, row-major) as ceil(n / 32) blocks of n rows x 32 columns, zero-padded.
+// M (n x n, row-major) as ceil(n / kColumnBlock) blocks of n rows x kColumnBlock columns,
+// zero-padded.
 static std::vector<float> PackColumnBlocks(const float* M, int64_t n) {
   const int64_t blocks = (n + kColumnBlock - 1) / kColumnBlock;
   std::vector<float> packed(blocks * n * kColumnBlock, 0.0f);
@@ -526,50 +530,46 @@ static void DecayAndGatherStep(const int32_t* index, const float* value, const i
                                const float* __restrict packed, int64_t n, float alpha,
                                float* __restrict h) {
 #if defined(__AVX512F__)
+  constexpr int V = kColumnBlock / 16;
   const __m512 decay = _mm512_set1_ps(alpha);
   for (int64_t j0 = 0; j0 < n; j0 += kColumnBlock) {
     const int64_t left = n - j0;
-    const __mmask16 m0 = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 m1 = left >= 32 ? 0xFFFF
-                         : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
-    const float* Mj = packed + j0 * n;     // block j0 / 32: n rows of 32 columns
+    __mmask16 m[V];
+    for (int q = 0; q < V; ++q) {
+      const int64_t l = left - 16 * q;
+      m[q] = l >= 16 ? 0xFFFF : l > 0 ? static_cast<__mmask16>((1u << l) - 1) : 0;
+    }
+    const float* Mj = packed + j0 * n;     // block j0 / kColumnBlock: n rows of its columns
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t* idx = index + r * n;
       const float* val = value + r * n;
       float* hr = h + r * n + j0;
-      __m512 a0 = _mm512_mul_ps(decay, _mm512_maskz_loadu_ps(m0, hr));
-      __m512 a1 = _mm512_mul_ps(decay, _mm512_maskz_loadu_ps(m1, hr + 16));
-      __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-      __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
-      __m512 d0 = _mm512_setzero_ps(), d1 = _mm512_setzero_ps();
+      __m512 a[V], b[V];
+#pragma GCC unroll 4
+      for (int q = 0; q < V; ++q) {
+        a[q] = _mm512_mul_ps(decay, _mm512_maskz_loadu_ps(m[q], hr + 16 * q));
+        b[q] = _mm512_setzero_ps();
+      }
       const int64_t cnt = count[r];
       int64_t c = 0;
-      for (; c + 4 <= cnt; c += 4) {
+      for (; c + 2 <= cnt; c += 2) {
         const float* r0 = Mj + idx[c] * kColumnBlock;
         const float* r1 = Mj + idx[c + 1] * kColumnBlock;
-        const float* r2 = Mj + idx[c + 2] * kColumnBlock;
-        const float* r3 = Mj + idx[c + 3] * kColumnBlock;
         const __m512 s0 = _mm512_set1_ps(val[c]), s1 = _mm512_set1_ps(val[c + 1]);
-        const __m512 s2 = _mm512_set1_ps(val[c + 2]), s3 = _mm512_set1_ps(val[c + 3]);
-        a0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, r0), a0);
-        a1 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m1, r0 + 16), a1);
-        b0 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m0, r1), b0);
-        b1 = _mm512_fmadd_ps(s1, _mm512_maskz_loadu_ps(m1, r1 + 16), b1);
-        c0 = _mm512_fmadd_ps(s2, _mm512_maskz_loadu_ps(m0, r2), c0);
-        c1 = _mm512_fmadd_ps(s2, _mm512_maskz_loadu_ps(m1, r2 + 16), c1);
-        d0 = _mm512_fmadd_ps(s3, _mm512_maskz_loadu_ps(m0, r3), d0);
-        d1 = _mm512_fmadd_ps(s3, _mm512_maskz_loadu_ps(m1, r3 + 16), d1);
+#pragma GCC unroll 4
+        for (int q = 0; q < V; ++q) {
+          a[q] = _mm512_fmadd_ps(s0, _mm512_loadu_ps(r0 + 16 * q), a[q]);
+          b[q] = _mm512_fmadd_ps(s1, _mm512_loadu_ps(r1 + 16 * q), b[q]);
+        }
       }
-      for (; c < cnt; ++c) {
+      if (c < cnt) {
         const float* r0 = Mj + idx[c] * kColumnBlock;
         const __m512 s0 = _mm512_set1_ps(val[c]);
-        a0 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m0, r0), a0);
-        a1 = _mm512_fmadd_ps(s0, _mm512_maskz_loadu_ps(m1, r0 + 16), a1);
+#pragma GCC unroll 4
+        for (int q = 0; q < V; ++q) a[q] = _mm512_fmadd_ps(s0, _mm512_loadu_ps(r0 + 16 * q), a[q]);
       }
-      a0 = _mm512_add_ps(_mm512_add_ps(a0, b0), _mm512_add_ps(c0, d0));
-      a1 = _mm512_add_ps(_mm512_add_ps(a1, b1), _mm512_add_ps(c1, d1));
-      _mm512_mask_storeu_ps(hr, m0, a0);
-      _mm512_mask_storeu_ps(hr + 16, m1, a1);
+#pragma GCC unroll 4
+      for (int q = 0; q < V; ++q) _mm512_mask_storeu_ps(hr + 16 * q, m[q], _mm512_add_ps(a[q], b[q]));
     }
   }
 #else
@@ -1346,7 +1346,7 @@ class SpikingBackwardOp : public OpKernel {
       for (int64_t j = 0; j < n; ++j)
         for (int64_t k = 0; k < n; ++k) wt[k * n + j] = W[j * n + k];
     }
-    // And in blocks of 32 columns for the sparse steps (DecayAndGatherStep).
+    // And in blocks of kColumnBlock columns for the sparse steps (DecayAndGatherStep).
     std::vector<float> wt_blocks;
     if (a.recurrent) wt_blocks = PackColumnBlocks(wt.data(), n);
     // One dW_rec and one dW_in buffer per shard, summed at the end.
