@@ -1,4 +1,7 @@
 """LeakyReadout and leaky_filter against NumPy (docs/neurons.md, leaky readout)."""
+import os
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -136,14 +139,15 @@ def _op_types(function, *args):
     return types
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="no C++ compiler: the TensorFlow forms are used")
 def test_leaky_filter_native_is_the_float32_recursion_and_never_exported():
     # Where the native filter may run (eagerly, under a tape) it is the recursion in float32
     # bit for bit: kappa zhat + (1 - kappa) x rounded as TensorFlow rounds it; a user's
     # tf.function without a tape (one that could be exported) holds TensorFlow ops only, one
-    # recording a tape the native op.
+    # recording a tape the native op. Where a compiler exists the library must load.
     from kspike import native as native_module
-    if native_module.load() is None:
-        pytest.skip("the native library does not load")
+    assert native_module.load() is not None, native_module.unavailable_reason()
     rng = np.random.default_rng(6)
     x = rng.normal(size=(3, 130, 4)).astype("float32")
     kappa = 0.95

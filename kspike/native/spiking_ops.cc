@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -479,23 +480,21 @@ class WeightGradBlock {
 
  private:
   // 64-byte aligned storage for the chunks (aligned vector loads and stores).
+  template <typename T>
   struct Aligned {
-    template <typename T>
-    struct Allocator {
-      using value_type = T;
-      Allocator() = default;
-      template <typename U>
-      Allocator(const Allocator<U>&) {}
-      T* allocate(std::size_t count) {
-        return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t(64)));
-      }
-      void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
-      bool operator==(const Allocator&) const { return true; }
-      bool operator!=(const Allocator&) const { return false; }
-    };
+    using value_type = T;
+    Aligned() = default;
+    template <typename U>
+    Aligned(const Aligned<U>&) {}
+    T* allocate(std::size_t count) {
+      return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t(64)));
+    }
+    void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+    bool operator==(const Aligned&) const { return true; }
+    bool operator!=(const Aligned&) const { return false; }
   };
   int64_t n_pre_, n_, width_;
-  std::vector<float, Aligned::Allocator<float>> sums_;
+  std::vector<float, Aligned<float>> sums_;
   std::vector<int32_t> row_, pre_;
   std::vector<int64_t> end_;
   std::vector<float> value_;
@@ -1231,7 +1230,7 @@ REGISTER_OP("KspikeSpikingBackward")
     // recurrent product adds rows of W_rec^T instead of the dense product.
     .Attr("sparse_fraction: float = 0.3")
     // Steps per block of the weight-gradient sums (WeightGradBlock); 0: as many as keep the
-    // block's dL/dI rows within 512 KB.
+    // block's dL/dI rows within 64 KB (at least one).
     .Attr("weight_block_steps: int = 0")
     // (T, B, n) dL/dI_t, time-major; (0, B, n) in a graph where no op reads it (the op then
     // keeps only the rows of the current block of steps, for the weight gradients).
@@ -1243,11 +1242,11 @@ REGISTER_OP("KspikeSpikingBackward")
     .Output("grad_w_in: float")      // (n_in, n)
     .SetShapeFn([](InferenceContext* c) {
       auto v = c->input(4);
-      auto steps = c->Dim(v, 0), batch = c->Dim(v, 1), n = c->Dim(v, 2);
+      auto batch = c->Dim(v, 1), n = c->Dim(v, 2);
       bool adaptive, recurrent;
       TF_RETURN_IF_ERROR(c->GetAttr("adaptive", &adaptive));
       TF_RETURN_IF_ERROR(c->GetAttr("recurrent", &recurrent));
-      (void)steps;
+      // T steps, or 0 where no op reads dL/dI_t: known only when the op runs.
       c->set_output(0, c->MakeShape({c->UnknownDim(), batch, n}));
       c->set_output(1, c->MakeShape({batch, n}));
       c->set_output(2, adaptive ? c->MakeShape({batch, n}) : c->MakeShape({0, n}));
