@@ -220,13 +220,16 @@ class LeakyReadout(keras.layers.Layer):
 _NODE_OUTPUTS = ("spikes", "all")
 
 
-def _tape_may_record():
-    """True where a gradient tape may record the current computation (training)."""
-    try:
-        from tensorflow.python.eager import record
-    except ImportError:  # a TensorFlow without this internal: keep the hand-written backward
-        return True
-    return bool(record.could_possibly_record())
+def _node_loops_may_be_native():
+    """True where a neuron layer may hand its sequence to ``node_sequence``'s hand-written
+    form, whose loops run as kspike's native ops where ``native_node_ops`` allows: where a
+    gradient tape may record (training), or where the graph is one that is never exported
+    (``compat.native_inference_allowed``: eagerly and in Keras' fit / evaluate / predict
+    functions and the Trainer's steps), the rule of SpikingRNN's native loops. Elsewhere (a
+    user's ``tf.function`` without a tape, every export) the plain TensorFlow loop runs, so
+    that each SavedModel holds TensorFlow ops only and its graph can be differentiated."""
+    from kspike import compat
+    return compat.tape_may_record() or compat.native_inference_allowed()
 
 
 def native_node_ops(dtype, params, masked=False):
@@ -627,7 +630,7 @@ class _NeuronLayer(keras.layers.Layer):
         return_voltages = self.output_mode == "all"
         spikes, voltages, v_final = node_sequence(
             x, v0, params, mask=mask, return_voltages=return_voltages,
-            hand_written_backward=_tape_may_record(), time_major=False)
+            hand_written_backward=_node_loops_may_be_native(), time_major=False)
         if self.stateful:
             self.voltage.assign(v_final)
 

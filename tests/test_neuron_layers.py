@@ -621,3 +621,99 @@ def test_trainer_trains_on_image_sequences_and_logs_layer_rates(rng):
         kspike.Trainer(model, "adam", keras.losses.SparseCategoricalCrossentropy(
             from_logits=True), verbose=0).fit(
             tf.data.Dataset.from_tensor_slices((x.reshape(8, -1), y)).batch(8), epochs=1)
+
+
+def _node_op_calls(monkeypatch):
+    """One entry per neuron-layer sequence handed to the native ops from now on."""
+    from kspike import layers as kspike_layers
+    calls = []
+    original = kspike_layers._native_node_sequence
+
+    def run(*args, **kwargs):
+        calls.append(args[1].shape.as_list())
+        return original(*args, **kwargs)
+    monkeypatch.setattr(kspike_layers, "_native_node_sequence", run)
+    return calls
+
+
+def _saved_op_types(path):
+    """Every op type in the graph and function library of the SavedModel at ``path``."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    saved = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved.ParseFromString(f.read())
+    types = set()
+    for graph in saved.meta_graphs:
+        types.update(node.op for node in graph.graph_def.node)
+        for function in graph.graph_def.library.function:
+            types.update(node.op for node in function.node_def)
+    return types
+
+
+def test_inference_runs_the_native_node_ops_and_exports_hold_none(rng, monkeypatch, tmp_path):
+    """Eager calls, predict, evaluate and the Trainer's evaluation run IF/LIF layers on the
+    native ops, with the spikes and outputs of the TensorFlow loop (which a user's
+    tf.function without a tape traces); every export written after them holds TensorFlow ops
+    only."""
+    from kspike import native
+    assert native.available(), f"native loops unavailable: {native.unavailable_reason()}"
+    calls = _node_op_calls(monkeypatch)
+    keras.utils.set_random_seed(0)
+    steps = 20
+    model = keras.Sequential([
+        keras.Input((steps, 3, 4, 2)),
+        kspike.LIFNeurons(tau=3.0, thr=0.5, name="lif"),
+        keras.layers.TimeDistributed(keras.layers.Flatten()),
+        keras.layers.Dense(5, kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0)),
+        kspike.IFNeurons(thr=0.3, v_reset=None, name="if"),   # soft reset
+        keras.layers.GlobalAveragePooling1D()])
+    model.compile("adam", "mse")
+    probe = keras.Model(model.inputs[0], model.get_layer("lif").output)
+    x = currents(rng, (6, steps, 3, 4, 2), mean=0.6)
+    y = rng.random((6, 5)).astype(np.float32)
+    user = tf.function(lambda v: (model(v), probe(v)))
+    expected, expected_spikes = [t.numpy() for t in user(tf.constant(x))]
+    assert calls == []                                         # the TensorFlow loop
+    assert 0.05 < expected_spikes.mean() < 0.8 and expected.max() > 0.0
+    np.testing.assert_array_equal(probe(x).numpy(), expected_spikes)
+    np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert len(calls) == 3                                     # eager: lif, lif, if
+    np.testing.assert_allclose(model.predict(x, batch_size=4, verbose=0), expected,
+                               rtol=1e-6, atol=1e-7)
+    assert len(calls) >= 5                                     # predict's traces
+    before = len(calls)
+    loss = model.evaluate(x, y, verbose=0)
+    assert len(calls) > before
+    before = len(calls)
+    np.testing.assert_allclose(loss, np.mean((expected - y) ** 2), rtol=1e-5)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    trainer_loss = kspike.Trainer(model, "adam", "mse", verbose=0).evaluate(data)["loss"]
+    np.testing.assert_allclose(trainer_loss, loss, rtol=1e-5)
+    assert len(calls) > before
+    model.fit(x, y, epochs=1, batch_size=6, verbose=0)
+    served = model(x).numpy()
+
+    class UserModule(tf.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @tf.function(input_signature=[tf.TensorSpec((None, steps, 3, 4, 2))])
+        def serve(self, v):
+            return self.model(v)
+
+    paths = {"kspike": kspike.export.saved_model(model, str(tmp_path / "kspike_export")),
+             "keras": str(tmp_path / "keras_export"), "tf": str(tmp_path / "tf_saved_model"),
+             "user": str(tmp_path / "user_function")}
+    model.export(paths["keras"], verbose=False)
+    tf.saved_model.save(model, paths["tf"])
+    tf.saved_model.save(UserModule(model), paths["user"])
+    for route, path in paths.items():
+        types = _saved_op_types(path)
+        assert "While" in types or "StatelessWhile" in types, route   # the TensorFlow loop
+        assert not {t for t in types if t.startswith("Kspike")}, route
+        loaded = tf.saved_model.load(path)
+        out = (loaded.signatures["serving_default"](tf.constant(x)) if route == "tf"
+               else loaded.serve(tf.constant(x)))
+        out = list(out.values())[0] if isinstance(out, dict) else out
+        np.testing.assert_allclose(out.numpy(), served, rtol=1e-5, atol=1e-6, err_msg=route)
