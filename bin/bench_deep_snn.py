@@ -15,7 +15,9 @@ steps, of
 
 and the LIF layer alone on a (B, T, 28, 28, 16) map (the first LIF layer of the network),
 forward and backward, with kspike's hand-written backward pass and with TensorFlow's autodiff
-of the plain loop. The kspike LIF figures are taken twice: with the native C++ loops of the
+of the plain loop; and inference of 4 batches by the tutorial network, with
+``model.predict`` and with a user's ``tf.function`` of the model (the graph an export holds,
+the plain TensorFlow loop). The kspike LIF figures are taken twice: with the native C++ loops of the
 neuron layers (the default where they compile, docs/neuron_layers.md) and with KSPIKE_NATIVE=0,
 the TensorFlow loops. Every measurement runs in its own process (so each peak RSS is its own),
 one after another, with --threads intra-op threads in TensorFlow and torch alike. Figures are
@@ -47,7 +49,7 @@ PEER_SCRIPT = os.path.join(HERE, "_spikingjelly_conv_snn.py")
 # (kind, extra environment): "-tf" is the same measurement with KSPIKE_NATIVE=0, the
 # TensorFlow loops of the hand-written backward instead of the C++ ones.
 KINDS = ("kspike-relu", "kspike-lif", "kspike-lif-tf", "layer-hand", "layer-hand-tf",
-         "layer-autodiff")
+         "layer-autodiff", "predict-lif", "predict-lif-tf", "predict-lif-function")
 
 
 def parse_args(argv=None):
@@ -136,9 +138,33 @@ def layer_step(hand_written, batch, steps):
     return lambda: step().numpy()
 
 
+def predict_step(kind, batch, steps):
+    """Inference of 4 batches of the tutorial network: ``model.predict`` (the native loops
+    of the neuron layers, or with KSPIKE_NATIVE=0 the TensorFlow loops), or ("function") a
+    user's ``tf.function`` of the model over the same batches, the graph every export holds
+    (the plain TensorFlow loop)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import tutorial_conv_snn_mnist as tutorial
+    keras.utils.set_random_seed(0)
+    args = SimpleNamespace(time_steps=steps, channels=(16, 32), hidden=128, tau=2.0,
+                           fold_time=True)
+    model = tutorial.build_model(args)
+    rng = np.random.default_rng(0)
+    x = (rng.random((4 * batch,) + tuple(model.input.shape[1:])) < 0.3).astype(np.float32)
+    if kind == "predict-lif-function":
+        serve = tf.function(lambda v: model(v))
+        batches = [tf.constant(x[i:i + batch]) for i in range(0, len(x), batch)]
+        return lambda: [serve(b).numpy() for b in batches]
+    return lambda: model.predict(x, batch_size=batch, verbose=0)
+
+
 def child(args):
     steps = args.time_steps[0]
-    if args.child.startswith("kspike"):
+    if args.child.startswith("predict"):
+        fn = predict_step(args.child, args.batch_size, steps)
+    elif args.child.startswith("kspike"):
         fn = network_step(args.child.split("-")[1], args.batch_size, steps)
     else:
         fn = layer_step(args.child.startswith("layer-hand"), args.batch_size, steps)
@@ -237,6 +263,17 @@ def main(argv=None):
         row["layer_speedup"] = auto / hand if hand and auto else None
         print(f"| {row['T']} | " + " | ".join(f"{v:.4f}" if v else "-" for v in (
             hand, hand_tf, auto)) + f" | {row['layer_speedup'] or 0:.2f}x |")
+    print(f"\nInference of {4 * args.batch_size} images (4 batches of {args.batch_size}) by "
+          "the tutorial network (seconds)")
+    print("| T | model.predict, C++ loops | model.predict, TF loops | a user's tf.function "
+          "(the exported graph) | predict speed-up over the tf.function |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        native, tf_loops, function = (seconds(row, k) for k in (
+            "predict-lif", "predict-lif-tf", "predict-lif-function"))
+        row["predict_speedup"] = function / native if native and function else None
+        print(f"| {row['T']} | " + " | ".join(f"{v:.4f}" if v else "-" for v in (
+            native, tf_loops, function)) + f" | {row['predict_speedup'] or 0:.2f}x |")
     if args.output:
         with open(args.output, "x") as f:
             json.dump(rows, f, indent=2)

@@ -37,9 +37,11 @@ and a plain JAX ``lax.scan``, and the matmul bound: the Linear's forward and ker
 products done alone by TensorFlow (and ``torch_bound``: the same products done alone by
 torch, in the peers' Python). Figures are medians of ``--repeats`` steps after 2 warm-up
 steps, each library in its own process; the footnote of the table lists how the neurons differ.
-The kspike process also times the bound, one bound step before each kspike step, and prints
-kspike / bound from these pairs: on a loaded machine the load moves between processes, and
-the paired ratio is the one measured under the same load.
+The kspike process also times the bound and ``keras_dense`` (the same Keras graph without the
+LIF layer: Dense + the loss's sum and their gradients) one step each before each kspike step,
+and prints kspike / bound, keras_dense / bound and the LIF layer's own share (kspike -
+keras_dense) / bound from these steps: on a loaded machine the load moves between processes,
+and the paired ratios are the ones measured under the same load.
 
 The torch and JAX libraries run with ``--peer-python`` (default /work/peers-venv/bin/python
 when it exists), a Python that has them; kspike needs none of them. ``--threads 1`` pins every
@@ -150,7 +152,7 @@ def _cell_loop(cell, currents, state):
 
 def _lif_step(library, n, steps, batch, threads):
     """A function that runs one forward + backward pass and returns the number of spikes."""
-    if library in ("kspike", "bound"):
+    if library in ("kspike", "bound", "keras_dense"):
         import keras
         import tensorflow as tf
         keras.utils.set_random_seed(0)
@@ -169,9 +171,14 @@ def _lif_step(library, n, steps, batch, threads):
         import kspike
         # torch.nn.Linear's initialisation, as in the peers: U(-1/sqrt(n), 1/sqrt(n)).
         init = keras.initializers.RandomUniform(-n ** -0.5, n ** -0.5)
-        model = keras.Sequential([keras.Input((steps, n)), keras.layers.Dense(n, kernel_initializer=init,
-                                                     bias_initializer=init),
-                                  kspike.LIFNeurons(tau=TAU, thr=1.0, v_reset=0.0)])
+        # keras_dense: the same Keras graph without the LIF layer (the sum of the Dense's
+        # outputs): what TensorFlow spends around the products before any neuron runs (the
+        # bias add, the loss's sum and the broadcast of its gradient).
+        neurons = [] if library == "keras_dense" else [
+            kspike.LIFNeurons(tau=TAU, thr=1.0, v_reset=0.0)]
+        model = keras.Sequential([keras.Input((steps, n)),
+                                  keras.layers.Dense(n, kernel_initializer=init,
+                                                     bias_initializer=init)] + neurons)
 
         @tf.function
         def step():
@@ -282,19 +289,21 @@ def _time(step, repeats):
     return first, times
 
 
-def _time_paired(step, reference, repeats):
-    """_time of `step`, with a step of `reference` timed just before each of its steps:
-    (step's first result, step's seconds, reference's seconds), pair by pair under the same
-    machine load."""
+def _time_paired(step, references, repeats):
+    """_time of `step`, with a step of each of `references` timed just before each of its
+    steps: (step's first result, step's seconds, [each reference's seconds]), step by step
+    under the same machine load."""
     first = step()
     step()
-    reference()
-    reference()
-    times, reference_times = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for reference in references:
         reference()
-        reference_times.append(time.perf_counter() - start)
+        reference()
+    times, reference_times = [], [[] for _ in references]
+    for _ in range(repeats):
+        for reference, seconds in zip(references, reference_times):
+            start = time.perf_counter()
+            reference()
+            seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -307,10 +316,12 @@ def _lif_child(library, n, steps, batch, repeats, threads):
         sys.modules["tensorflow"] = None
     result = {}
     if library == "kspike":
-        # The bound again in this process, each of its steps next to one of kspike's.
-        spikes, times, result["bound_times"] = _time_paired(
+        # The bound and keras_dense again in this process, each of their steps next to one
+        # of kspike's.
+        spikes, times, (result["bound_times"], result["dense_times"]) = _time_paired(
             _lif_step(library, n, steps, batch, threads),
-            _lif_step("bound", n, steps, batch, threads), repeats)
+            [_lif_step("bound", n, steps, batch, threads),
+             _lif_step("keras_dense", n, steps, batch, threads)], repeats)
     else:
         spikes, times = _time(_lif_step(library, n, steps, batch, threads), repeats)
     print(json.dumps({"times": times, "rate": float(spikes) / (batch * steps * n), **result}))
@@ -427,6 +438,14 @@ def _lif_main(args):
                 ratios = sorted(t / b for t, b in zip(result["times"], result["bound_times"]))
                 row["times"]["bound_paired"] = result["bound_times"]
                 row["kspike_vs_bound_paired"] = ratios[len(ratios) // 2]
+                row["times"]["keras_dense_paired"] = result["dense_times"]
+                ratios = sorted(d / b for d, b in zip(result["dense_times"],
+                                                     result["bound_times"]))
+                row["keras_dense_vs_bound_paired"] = ratios[len(ratios) // 2]
+                # The LIF layer's own share: kspike's step less keras_dense's, over the bound.
+                ratios = sorted((t - d) / b for t, d, b in zip(
+                    result["times"], result["dense_times"], result["bound_times"]))
+                row["neurons_vs_bound_paired"] = ratios[len(ratios) // 2]
         rows.append(row)
 
     print(f"\nLinear({'n'} -> n) + LIF, B={args.batch}, T={args.steps}, forward + backward of "
@@ -449,7 +468,10 @@ def _lif_main(args):
         if "kspike_vs_bound_paired" in row:
             print(f"n = {row['n']}: kspike / bound with the bound timed in kspike's process, "
                   f"each kspike step next to a bound step (median of the pairs' ratios): "
-                  f"{row['kspike_vs_bound_paired']:.3f}x")
+                  f"{row['kspike_vs_bound_paired']:.3f}x; keras_dense (the same graph "
+                  f"without the LIF layer) / bound: {row['keras_dense_vs_bound_paired']:.3f}x; "
+                  f"the LIF layer's own time (kspike - keras_dense) / bound: "
+                  f"{row['neurons_vs_bound_paired']:.3f}x")
     print("\n" + LIF_NOTE)
     result = {"workload": "lif-layer", "rows": rows, "load_average": os.getloadavg()[0],
               "peer_python": peer}
