@@ -382,10 +382,10 @@ def _run_child(command, env):
 LIF_NOTE = """\
 Neurons (all per element, V_0 = 0, threshold 1, hard reset to 0, surrogate on H - 1):
 kspike LIFNeurons(tau=10), SpikingJelly LIFNode(tau=10, decay_input=True) and the JAX scan:
-H = V + (I - V)/10, sigmoid surrogate (alpha 4); norse LIFBoxCell stepped in Python (no synaptic current, dt/tau =
-0.1): the same charge, SuperSpike surrogate (alpha 100); snnTorch Leaky(beta=0.9,
-reset_mechanism="zero") on I/10: the same charge, but its reset comes from the previous step's
-membrane (one step late) and its surrogate is atan. kspike: keras.layers.Dense(n) on the whole
+H = V + (I - V)/10, sigmoid surrogate (alpha 4); norse LIFBoxCell stepped in Python (no
+synaptic current, dt/tau = 0.1): the same charge, SuperSpike surrogate (alpha 100); snnTorch
+Leaky(beta=0.9, reset_mechanism="zero") on I/10: the same charge, but its reset comes from
+the previous step's membrane (one step late) and its surrogate is atan. kspike: keras.layers.Dense(n) on the whole
 (B, T, n) tensor -> kspike.LIFNeurons; the peers' Linear is also one product over all steps
 (snnTorch and norse then step their neuron cells in Python). bound: the Linear's forward
 and kernel-gradient products (B*T, n) x (n, n) done alone by TensorFlow in the same run;
